@@ -1,0 +1,394 @@
+//! The command bus: load an aggregate, let it handle a command, append what it
+//! emitted, and return what was written.
+//!
+//! Any `cqrs-es` [`Aggregate`] runs unchanged. Unlike `cqrs-es`'s
+//! `PersistedEventStore`, events are applied exactly once: `EventSink::write`
+//! applies each event while `handle` runs, so the aggregate after `handle` *is*
+//! the new state, and that is what a snapshot stores.
+
+use std::sync::Arc;
+
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::Aggregate;
+use uuid::Uuid;
+
+use crate::error::{CommandError, EventRef, StoreError};
+use crate::event::{
+    deserialize_payload, AppendRequest, Checkpoint, Envelope, Metadata, NewEvent, Snapshot,
+};
+use crate::store::EventStore;
+use crate::upcast::Upcaster;
+
+/// Runs commands against aggregates of type `A` stored in `S`.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use outflow::{CommandBus, CommandContext, MemoryStore};
+/// # use outflow::doc_fixture::{Counter, CounterCommand};
+/// let bus = CommandBus::<Counter, _>::builder(MemoryStore::new(), ())
+///     .snapshot_every(100)
+///     .build();
+/// let done = bus
+///     .execute_with("c-1", CounterCommand::Increment { by: 3 }, CommandContext::new().with_metadata("user", "ann"))
+///     .await?;
+/// assert_eq!(done.version, 1);
+/// assert_eq!(done.events[0].metadata["user"], "ann");
+/// let (counter, version) = bus.load("c-1").await?;
+/// assert_eq!((counter.value, version), (3, 1));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// # }).unwrap();
+/// ```
+pub struct CommandBus<A: Aggregate, S: EventStore> {
+    store: S,
+    services: A::Services,
+    snapshot_every: Option<u64>,
+    upcasters: Arc<[Box<dyn Upcaster>]>,
+}
+
+/// Builds a [`CommandBus`].
+pub struct CommandBusBuilder<A: Aggregate, S: EventStore> {
+    store: S,
+    services: A::Services,
+    snapshot_every: Option<u64>,
+    upcasters: Vec<Box<dyn Upcaster>>,
+}
+
+impl<A: Aggregate, S: EventStore> CommandBusBuilder<A, S> {
+    /// Stores a snapshot each time an aggregate's version crosses a multiple
+    /// of `events` (0 turns snapshots off, the default).
+    pub fn snapshot_every(mut self, events: u64) -> Self {
+        self.snapshot_every = (events > 0).then_some(events);
+        self
+    }
+
+    /// Adds an upcaster, run on every event loaded.
+    pub fn upcaster(mut self, upcaster: Box<dyn Upcaster>) -> Self {
+        self.upcasters.push(upcaster);
+        self
+    }
+
+    /// The bus.
+    pub fn build(self) -> CommandBus<A, S> {
+        CommandBus {
+            store: self.store,
+            services: self.services,
+            snapshot_every: self.snapshot_every,
+            upcasters: self.upcasters.into(),
+        }
+    }
+}
+
+/// Who and what a command comes from: metadata, correlation and causation ids.
+///
+/// Every event the command writes carries the context's metadata, its
+/// correlation id, and its causation id. By default both ids are the command's
+/// own fresh id; [`caused_by`](Self::caused_by) continues the chain of an event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandContext {
+    /// Id of this command.
+    pub command_id: Uuid,
+    /// Correlation id for the events written.
+    pub correlation_id: Uuid,
+    /// Causation id for the events written.
+    pub causation_id: Uuid,
+    /// Metadata copied onto every event written.
+    pub metadata: Metadata,
+}
+
+impl Default for CommandContext {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CommandContext {
+    /// A context with a fresh command id, used as correlation and causation id.
+    pub fn new() -> Self {
+        let command_id = Uuid::now_v7();
+        CommandContext {
+            command_id,
+            correlation_id: command_id,
+            causation_id: command_id,
+            metadata: Metadata::new(),
+        }
+    }
+
+    /// A context for a command issued in reaction to `event`: same correlation
+    /// id, caused by the event.
+    pub fn caused_by<B: Aggregate>(event: &Envelope<B>) -> Self {
+        CommandContext {
+            correlation_id: event.correlation_id.unwrap_or(event.event_id),
+            causation_id: event.event_id,
+            ..Self::new()
+        }
+    }
+
+    /// Adds a metadata entry.
+    pub fn with_metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.metadata.insert(key.into(), value.into());
+        self
+    }
+
+    /// Sets the correlation id.
+    pub fn with_correlation_id(mut self, id: Uuid) -> Self {
+        self.correlation_id = id;
+        self
+    }
+}
+
+/// What a command wrote.
+#[derive(Debug)]
+pub struct Committed<A: Aggregate> {
+    /// The events written, with their positions (empty if the command emitted none).
+    pub events: Vec<Envelope<A>>,
+    /// The aggregate's version after the command.
+    pub version: u64,
+}
+
+impl<A: Aggregate> Committed<A> {
+    /// Checkpoint of the last event written; a reader that has passed it has
+    /// seen all of this command's events. `None` when nothing was written.
+    pub fn checkpoint(&self) -> Option<Checkpoint> {
+        self.events.last().map(Envelope::checkpoint)
+    }
+}
+
+impl<A, S> CommandBus<A, S>
+where
+    A: Aggregate,
+    A::Error: 'static,
+    S: EventStore,
+{
+    /// A bus with default settings (no snapshots, no upcasters).
+    pub fn new(store: S, services: A::Services) -> Self {
+        Self::builder(store, services).build()
+    }
+
+    /// A builder to set snapshots and upcasters.
+    pub fn builder(store: S, services: A::Services) -> CommandBusBuilder<A, S> {
+        CommandBusBuilder {
+            store,
+            services,
+            snapshot_every: None,
+            upcasters: Vec::new(),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Runs `command` on aggregate `aggregate_id` with a fresh [`CommandContext`].
+    ///
+    /// # Errors
+    ///
+    /// [`CommandError::Rejected`] when the aggregate refuses the command;
+    /// [`CommandError::Store`] when loading or appending fails, including a
+    /// concurrency conflict ([`CommandError::is_conflict`]).
+    pub async fn execute(
+        &self,
+        aggregate_id: &str,
+        command: A::Command,
+    ) -> Result<Committed<A>, CommandError<A::Error>> {
+        self.execute_with(aggregate_id, command, CommandContext::new())
+            .await
+    }
+
+    /// Runs `command` with the given context.
+    ///
+    /// # Errors
+    ///
+    /// As [`execute`](Self::execute).
+    pub async fn execute_with(
+        &self,
+        aggregate_id: &str,
+        command: A::Command,
+        context: CommandContext,
+    ) -> Result<Committed<A>, CommandError<A::Error>> {
+        let (mut aggregate, version) = self.load(aggregate_id).await?;
+        let sink = EventSink::<A>::default();
+        aggregate
+            .handle(command, &self.services, &sink)
+            .await
+            .map_err(CommandError::Rejected)?;
+        let payloads = sink.collect().await;
+        if payloads.is_empty() {
+            return Ok(Committed {
+                events: Vec::new(),
+                version,
+            });
+        }
+        let mut events = Vec::with_capacity(payloads.len());
+        for payload in &payloads {
+            let mut event = NewEvent::from_event::<A>(aggregate_id, payload)?;
+            event.metadata = context.metadata.clone();
+            event.correlation_id = Some(context.correlation_id);
+            event.causation_id = Some(context.causation_id);
+            events.push(event);
+        }
+        let recorded = self
+            .store
+            .append(AppendRequest {
+                aggregate_type: A::TYPE.to_owned(),
+                aggregate_id: aggregate_id.to_owned(),
+                expected_version: version,
+                events,
+            })
+            .await?;
+        let new_version = version + payloads.len() as u64;
+        let envelopes: Vec<Envelope<A>> = recorded
+            .into_iter()
+            .zip(payloads)
+            .map(|(r, payload)| Envelope {
+                event_id: r.event_id,
+                aggregate_id: r.aggregate_id,
+                sequence: r.sequence,
+                position: r.position,
+                transaction_id: r.transaction_id,
+                recorded_at: r.recorded_at,
+                event_type: r.event_type,
+                event_version: r.event_version,
+                correlation_id: r.correlation_id,
+                causation_id: r.causation_id,
+                metadata: r.metadata,
+                payload,
+            })
+            .collect();
+        if let Some(every) = self.snapshot_every {
+            if version / every != new_version / every {
+                self.snapshot(aggregate_id, &aggregate, new_version).await;
+            }
+        }
+        Ok(Committed {
+            events: envelopes,
+            version: new_version,
+        })
+    }
+
+    /// Runs `command`, retrying up to `attempts` times in all when it loses a
+    /// concurrency race (another writer appended to the aggregate first).
+    ///
+    /// # Errors
+    ///
+    /// As [`execute`](Self::execute); the conflict of the last attempt when all lose.
+    pub async fn execute_retrying(
+        &self,
+        aggregate_id: &str,
+        command: A::Command,
+        context: CommandContext,
+        attempts: u32,
+    ) -> Result<Committed<A>, CommandError<A::Error>>
+    where
+        A::Command: Clone,
+    {
+        let mut attempt = 1;
+        loop {
+            match self
+                .execute_with(aggregate_id, command.clone(), context.clone())
+                .await
+            {
+                Err(error) if error.is_conflict() && attempt < attempts.max(1) => {
+                    tracing::debug!(aggregate_id, attempt, "retrying after conflict: {error}");
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// Loads an aggregate: from its snapshot when snapshots are on and one is
+    /// stored, then the events after it. Returns the aggregate and its version.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when reading fails or a stored event does not decode.
+    pub async fn load(&self, aggregate_id: &str) -> Result<(A, u64), StoreError> {
+        let mut loaded = self
+            .store
+            .load(A::TYPE, aggregate_id, self.snapshot_every.is_some())
+            .await?;
+        let (mut aggregate, mut version) = match loaded.snapshot.take() {
+            Some(snapshot) => match serde_json::from_value::<A>(snapshot.state) {
+                Ok(aggregate) => (aggregate, snapshot.version),
+                Err(error) => {
+                    // A snapshot of an older shape of the aggregate: fold from the start.
+                    tracing::warn!(
+                        aggregate_type = A::TYPE,
+                        aggregate_id,
+                        version = snapshot.version,
+                        "snapshot does not deserialize, replaying all events: {error}"
+                    );
+                    loaded = self.store.load(A::TYPE, aggregate_id, false).await?;
+                    (A::default(), 0)
+                }
+            },
+            None => (A::default(), 0),
+        };
+        for event in loaded.events {
+            if event.sequence != version + 1 {
+                return Err(StoreError::Corrupt {
+                    table: "events".to_owned(),
+                    what: format!(
+                        "stream {} `{aggregate_id}` jumps from version {version} to {}",
+                        A::TYPE,
+                        event.sequence
+                    ),
+                });
+            }
+            version = event.sequence;
+            let (event_type, event_version, payload) = crate::upcast::apply(
+                &self.upcasters,
+                &event.aggregate_type,
+                &event.aggregate_id,
+                event.sequence,
+                Some(event.position),
+                event.event_type,
+                event.event_version,
+                event.payload,
+            )?;
+            let payload = deserialize_payload::<A>(payload, || EventRef {
+                aggregate_type: event.aggregate_type.clone(),
+                aggregate_id: event.aggregate_id.clone(),
+                sequence: event.sequence,
+                position: Some(event.position),
+                event_type,
+                event_version,
+            })?;
+            aggregate.apply(payload);
+        }
+        Ok((aggregate, version))
+    }
+
+    async fn snapshot(&self, aggregate_id: &str, aggregate: &A, version: u64) {
+        let state = match serde_json::to_value(aggregate) {
+            Ok(state) => state,
+            Err(error) => {
+                tracing::warn!(
+                    aggregate_type = A::TYPE,
+                    aggregate_id,
+                    "snapshot not serializable: {error}"
+                );
+                return;
+            }
+        };
+        // The events are committed; a failed snapshot only costs a longer load later.
+        if let Err(error) = self
+            .store
+            .save_snapshot(Snapshot {
+                aggregate_type: A::TYPE.to_owned(),
+                aggregate_id: aggregate_id.to_owned(),
+                version,
+                state,
+            })
+            .await
+        {
+            tracing::warn!(
+                aggregate_type = A::TYPE,
+                aggregate_id,
+                version,
+                "snapshot not saved: {error}"
+            );
+        }
+    }
+}

@@ -1,0 +1,66 @@
+//! # Outflow
+//!
+//! A CQRS / event-sourcing framework for services whose events must not be
+//! lost. Aggregates are plain [`cqrs-es`](cqrs_es) aggregates; Outflow stores
+//! their events in an event store with a gap-safe global log, runs commands
+//! through a [`CommandBus`] that returns what it wrote, and lets log readers
+//! follow every event in one total order.
+//!
+//! ```
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! use outflow::prelude::*;
+//! # use outflow::doc_fixture::{Counter, CounterCommand};
+//!
+//! // `Counter` is an ordinary `cqrs_es::Aggregate`.
+//! let store = MemoryStore::new();
+//! let bus = CommandBus::<Counter, _>::new(store.clone(), ());
+//! let committed = bus.execute("counter-1", CounterCommand::Increment { by: 2 }).await?;
+//! assert_eq!(committed.version, 1);
+//!
+//! // Every event has a place in the global log.
+//! let log = store.read_log(Checkpoint::START, &LogFilter::all(), 100).await?;
+//! assert_eq!(log[0].event_id, committed.events[0].event_id);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # }).unwrap();
+//! ```
+//!
+//! With the `postgres` feature (on by default), [`PostgresStore`] keeps the
+//! same guarantees in PostgreSQL 13+, compatible with `postgres-es`'s schema.
+#![cfg_attr(docsrs, feature(doc_cfg))]
+#![warn(missing_docs)]
+
+pub mod command;
+pub mod error;
+pub mod event;
+pub mod log;
+pub mod names;
+pub mod store;
+pub mod upcast;
+
+#[doc(hidden)]
+pub mod doc_fixture;
+
+pub use command::{CommandBus, CommandBusBuilder, CommandContext, Committed};
+pub use error::{CommandError, EventRef, StoreError};
+pub use event::{AppendRequest, Checkpoint, Envelope, Metadata, NewEvent, RecordedEvent, Snapshot};
+pub use log::{LogFilter, Wakeups};
+pub use store::memory::MemoryStore;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use store::postgres::{PostgresStore, PostgresStoreBuilder};
+pub use store::{EventStore, LoadedStream};
+
+/// Re-exports of `cqrs-es` so applications need one dependency.
+pub use cqrs_es;
+
+/// Everything an application usually needs: `use outflow::prelude::*;`.
+pub mod prelude {
+    #[cfg(feature = "postgres")]
+    pub use crate::PostgresStore;
+    pub use crate::{
+        Checkpoint, CommandBus, CommandContext, CommandError, Committed, Envelope, EventStore,
+        LogFilter, MemoryStore, RecordedEvent, StoreError,
+    };
+    pub use cqrs_es::event_sink::EventSink;
+    pub use cqrs_es::{Aggregate, DomainEvent, EventEnvelope, View};
+}

@@ -1,0 +1,884 @@
+//! The PostgreSQL event store (PostgreSQL 13 or newer).
+//!
+//! Every event row records the id of the transaction that wrote it (`xid8`).
+//! Log readers order by `(transaction_id, position)` and read only rows of
+//! transactions older than the oldest one still running, so a transaction
+//! that took a position early and commits late is never skipped. The schema
+//! keeps every `postgres-es` column with its meaning, and the first migration
+//! turns a `postgres-es` database into an Outflow one in place.
+//!
+//! Appends are one statement each (no `BEGIN`/`COMMIT` round trips). Readers
+//! in this process are woken directly after a commit; other nodes get one
+//! coalesced `NOTIFY` per node after commits, never from inside the append
+//! transaction (a `NOTIFY` there would serialize every commit on the server's
+//! notification queue lock).
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnection, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::Row;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::error::{EventRef, StoreError};
+use crate::event::{AppendRequest, Checkpoint, Metadata, RecordedEvent, Snapshot};
+use crate::log::{LogFilter, WakeSignal, Wakeups};
+use crate::names::Identifier;
+use crate::store::{EventStore, LoadedStream};
+
+/// Schema migrations, applied in order, each once per events table.
+const MIGRATIONS: &[(i32, &str, &str)] = &[(
+    1,
+    "events table with a gap-safe global log",
+    include_str!("postgres/001_events_log.sql"),
+)];
+
+/// Key of the advisory lock that serializes concurrent migrations.
+const MIGRATION_LOCK: i64 = 0x6f75_7466_6c6f_7701;
+
+/// An [`EventStore`] in PostgreSQL. Cloning is cheap and shares the pool.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use outflow::{CommandBus, PostgresStore};
+/// # use outflow::doc_fixture::{Counter, CounterCommand};
+/// let store = PostgresStore::connect("postgres://app@127.0.0.1/app").await?;
+/// let bus = CommandBus::<Counter, _>::new(store.clone(), ());
+/// let committed = bus.execute("c-1", CounterCommand::Increment { by: 1 }).await?;
+/// println!("written at position {}", committed.events[0].position);
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct PostgresStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    pool: PgPool,
+    sql: Queries,
+    events_table: String,
+    channel: String,
+    wake: WakeSignal,
+    poll_interval: Duration,
+    notify: Option<mpsc::Sender<()>>,
+    listener_started: OnceLock<()>,
+    shutdown: CancellationToken,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+#[derive(Debug)]
+struct Queries {
+    append: String,
+    stream_head: String,
+    read_stream: String,
+    load: String,
+    load_with_snapshot: String,
+    save_snapshot: String,
+    read_log: String,
+    head: String,
+}
+
+/// Builds a [`PostgresStore`] on an existing pool.
+///
+/// ```no_run
+/// # async fn demo(pool: sqlx::PgPool) -> Result<(), outflow::StoreError> {
+/// use std::time::Duration;
+/// let store = outflow::PostgresStore::builder(pool)
+///     .events_table("bank.events")
+///     .poll_interval(Duration::from_secs(1))
+///     .build()
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct PostgresStoreBuilder {
+    pool: PgPool,
+    events_table: String,
+    snapshots_table: Option<String>,
+    migrate: bool,
+    notify_other_nodes: bool,
+    notify_interval: Duration,
+    poll_interval: Duration,
+}
+
+impl PostgresStoreBuilder {
+    /// The events table (default `events`, the `postgres-es` name); may be
+    /// schema-qualified.
+    pub fn events_table(mut self, name: impl Into<String>) -> Self {
+        self.events_table = name.into();
+        self
+    }
+
+    /// The snapshots table (default: the events table's name + `_snapshots`).
+    pub fn snapshots_table(mut self, name: impl Into<String>) -> Self {
+        self.snapshots_table = Some(name.into());
+        self
+    }
+
+    /// Whether [`build`](Self::build) applies pending schema migrations
+    /// (default `true`). Turn off when migrations are run by deployment
+    /// tooling through [`PostgresStore::migrate`].
+    pub fn migrate(mut self, migrate: bool) -> Self {
+        self.migrate = migrate;
+        self
+    }
+
+    /// Whether to send a coalesced `NOTIFY` after commits so log readers on
+    /// other nodes wake at once (default `true`).
+    pub fn notify_other_nodes(mut self, notify: bool) -> Self {
+        self.notify_other_nodes = notify;
+        self
+    }
+
+    /// The least time between two `NOTIFY`s from this node (default 5 ms):
+    /// commits in between share one notification.
+    pub fn notify_interval(mut self, interval: Duration) -> Self {
+        self.notify_interval = interval;
+        self
+    }
+
+    /// How often log readers look for new events without a signal (default
+    /// 500 ms). Covers lost notifications and writers outside Outflow.
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
+        self
+    }
+
+    /// Validates the table names, applies pending migrations (unless turned
+    /// off) and starts the notifier.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::InvalidIdentifier`] for a bad table name;
+    /// [`StoreError::Migration`] when a migration fails.
+    pub async fn build(self) -> Result<PostgresStore, StoreError> {
+        let events = Identifier::parse(&self.events_table, "events table")?;
+        let snapshots = match &self.snapshots_table {
+            Some(name) => Identifier::parse(name, "snapshots table")?,
+            None => events.derived("snapshots", "snapshots table")?,
+        };
+        let log_idx = events.derived("log_idx", "events log index name")?;
+        let type_log_idx = events.derived("type_log_idx", "events type index name")?;
+        let channel = format!("outflow_{}", events.to_string().replace('.', "_"));
+        if channel.len() > 63 {
+            return Err(StoreError::InvalidIdentifier {
+                what: "notification channel derived from the events table",
+                name: channel,
+                reason: "longer than 63 bytes",
+            });
+        }
+        let render = |sql: &str| {
+            sql.replace("{columns}", include_str!("postgres/columns.sql").trim_end())
+                .replace("{events}", &events.quoted())
+                .replace("{snapshots}", &snapshots.quoted())
+        };
+        let sql = Queries {
+            append: render(include_str!("postgres/append.sql")),
+            stream_head: render(include_str!("postgres/stream_head.sql")),
+            read_stream: render(include_str!("postgres/read_stream.sql")),
+            load: render(include_str!("postgres/read_stream.sql")),
+            load_with_snapshot: render(include_str!("postgres/load_with_snapshot.sql")),
+            save_snapshot: render(include_str!("postgres/save_snapshot.sql")),
+            read_log: render(include_str!("postgres/read_log.sql")),
+            head: render(include_str!("postgres/head.sql")),
+        };
+        if self.migrate {
+            migrate(&self.pool, &events, &snapshots, &log_idx, &type_log_idx).await?;
+        }
+        let shutdown = CancellationToken::new();
+        let notify = self.notify_other_nodes.then(|| {
+            spawn_notifier(
+                self.pool.clone(),
+                channel.clone(),
+                self.notify_interval,
+                shutdown.clone(),
+            )
+        });
+        Ok(PostgresStore {
+            inner: Arc::new(Inner {
+                pool: self.pool,
+                sql,
+                events_table: events.to_string(),
+                channel,
+                wake: WakeSignal::new(),
+                poll_interval: self.poll_interval,
+                notify,
+                listener_started: OnceLock::new(),
+                shutdown,
+            }),
+        })
+    }
+}
+
+impl PostgresStore {
+    /// Connects with a pool tuned for Outflow's short statements and builds a
+    /// store with default settings, applying pending migrations.
+    ///
+    /// The pool does not ping the server before handing out a connection
+    /// (`test_before_acquire(false)`): a broken connection fails the
+    /// statement instead, with a [retryable](StoreError::is_retryable) error,
+    /// and that ping would otherwise cost a round trip per command.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Database`] when the server cannot be reached; as
+    /// [`PostgresStoreBuilder::build`] otherwise.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .test_before_acquire(false)
+            .connect(url)
+            .await
+            .map_err(|e| StoreError::database("connecting to PostgreSQL", e))?;
+        Self::builder(pool).build().await
+    }
+
+    /// A builder on an existing pool.
+    pub fn builder(pool: PgPool) -> PostgresStoreBuilder {
+        PostgresStoreBuilder {
+            pool,
+            events_table: "events".to_owned(),
+            snapshots_table: None,
+            migrate: true,
+            notify_other_nodes: true,
+            notify_interval: Duration::from_millis(5),
+            poll_interval: Duration::from_millis(500),
+        }
+    }
+
+    /// The connection pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    /// The `LISTEN`/`NOTIFY` channel this store signals new events on.
+    pub fn channel(&self) -> &str {
+        &self.inner.channel
+    }
+
+    /// Applies pending schema migrations (what [`PostgresStoreBuilder::build`]
+    /// does unless told not to). Safe to run from several processes at once.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Migration`].
+    pub async fn migrate(pool: &PgPool, events_table: &str) -> Result<(), StoreError> {
+        let events = Identifier::parse(events_table, "events table")?;
+        let snapshots = events.derived("snapshots", "snapshots table")?;
+        let log_idx = events.derived("log_idx", "events log index name")?;
+        let type_log_idx = events.derived("type_log_idx", "events type index name")?;
+        migrate(pool, &events, &snapshots, &log_idx, &type_log_idx).await
+    }
+
+    /// Appends inside the caller's transaction, so the events commit or roll
+    /// back with the caller's own writes. After committing, call
+    /// [`wake_readers`](Self::wake_readers) so log readers look at once
+    /// (otherwise they find the events at their next poll).
+    ///
+    /// If the transaction wrote before appending and another transaction
+    /// appended to the same stream and committed in between, the append
+    /// fails with [`StoreError::StaleTransaction`]: retry the whole
+    /// transaction.
+    ///
+    /// # Errors
+    ///
+    /// As [`EventStore::append`], plus [`StoreError::StaleTransaction`].
+    pub async fn append_in_transaction(
+        &self,
+        connection: &mut PgConnection,
+        request: AppendRequest,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.append_on(connection, request).await
+    }
+
+    /// Wakes log readers after a commit made outside [`EventStore::append`].
+    pub fn wake_readers(&self) {
+        self.signal_commit();
+    }
+
+    fn signal_commit(&self) {
+        self.inner.wake.wake();
+        if let Some(notify) = &self.inner.notify {
+            // Full means a NOTIFY is already pending: this commit rides on it.
+            let _ = notify.try_send(());
+        }
+    }
+
+    async fn append_on(
+        &self,
+        connection: &mut PgConnection,
+        request: AppendRequest,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        request.validate()?;
+        if request.events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let expected = to_i64(request.expected_version);
+        let count = request.events.len();
+        let mut types = Vec::with_capacity(count);
+        let mut versions = Vec::with_capacity(count);
+        let mut payloads = Vec::with_capacity(count);
+        let mut metadata = Vec::with_capacity(count);
+        let mut ids = Vec::with_capacity(count);
+        let mut correlations = Vec::with_capacity(count);
+        let mut causations = Vec::with_capacity(count);
+        for event in &request.events {
+            types.push(event.event_type.as_str());
+            versions.push(event.event_version.as_str());
+            payloads.push(event.payload.to_string());
+            metadata.push(serde_json::to_string(&event.metadata).map_err(|source| {
+                StoreError::Serialize {
+                    what: "event metadata",
+                    aggregate_type: request.aggregate_type.clone(),
+                    aggregate_id: request.aggregate_id.clone(),
+                    source,
+                }
+            })?);
+            ids.push(event.event_id);
+            correlations.push(event.correlation_id);
+            causations.push(event.causation_id);
+        }
+        let rows = sqlx::query(&self.inner.sql.append)
+            .bind(&request.aggregate_type)
+            .bind(&request.aggregate_id)
+            .bind(expected)
+            .bind(&types)
+            .bind(&versions)
+            .bind(&payloads)
+            .bind(&metadata)
+            .bind(&ids)
+            .bind(&correlations)
+            .bind(&causations)
+            .fetch_all(&mut *connection)
+            .await;
+        let rows = match rows {
+            Ok(rows) => rows,
+            Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
+                return Err(StoreError::Conflict {
+                    aggregate_type: request.aggregate_type,
+                    aggregate_id: request.aggregate_id,
+                    expected: request.expected_version,
+                    actual: None,
+                })
+            }
+            Err(e) => return Err(StoreError::database("appending events", e)),
+        };
+        if rows.len() != count {
+            return Err(self.refusal(connection, request).await);
+        }
+        let mut written: Vec<Option<(u64, u64, DateTime<Utc>)>> = vec![None; count];
+        for row in &rows {
+            let sequence = u64_column(row, "sequence", &self.inner.events_table)?;
+            let slot = sequence
+                .checked_sub(request.expected_version + 1)
+                .and_then(|i| usize::try_from(i).ok())
+                .filter(|&i| i < count)
+                .ok_or_else(|| {
+                    corrupt(
+                        &self.inner.events_table,
+                        "append returned a foreign sequence",
+                    )
+                })?;
+            written[slot] = Some((
+                u64_column(row, "position", &self.inner.events_table)?,
+                txid_column(row, &self.inner.events_table)?,
+                row.try_get("recorded_at")
+                    .map_err(|e| StoreError::database("reading appended rows", e))?,
+            ));
+        }
+        let AppendRequest {
+            aggregate_type,
+            aggregate_id,
+            expected_version,
+            events,
+        } = request;
+        events
+            .into_iter()
+            .zip(written)
+            .enumerate()
+            .map(|(i, (event, slot))| {
+                let (position, transaction_id, recorded_at) = slot.ok_or_else(|| {
+                    corrupt(&self.inner.events_table, "append returned too few rows")
+                })?;
+                Ok(RecordedEvent {
+                    event_id: event.event_id,
+                    aggregate_type: aggregate_type.clone(),
+                    aggregate_id: aggregate_id.clone(),
+                    sequence: expected_version + i as u64 + 1,
+                    position,
+                    transaction_id,
+                    recorded_at,
+                    event_type: event.event_type,
+                    event_version: event.event_version,
+                    payload: event.payload,
+                    metadata: event.metadata,
+                    correlation_id: event.correlation_id,
+                    causation_id: event.causation_id,
+                })
+            })
+            .collect()
+    }
+
+    /// Says why the append guard refused a write.
+    async fn refusal(&self, connection: &mut PgConnection, request: AppendRequest) -> StoreError {
+        let head = sqlx::query(&self.inner.sql.stream_head)
+            .bind(&request.aggregate_type)
+            .bind(&request.aggregate_id)
+            .fetch_optional(&mut *connection)
+            .await;
+        match head {
+            Ok(Some(row)) => {
+                let actual = row
+                    .try_get::<i64, _>("sequence")
+                    .ok()
+                    .and_then(|s| u64::try_from(s).ok());
+                let newer = row.try_get::<bool, _>("newer").unwrap_or(false);
+                if actual == Some(request.expected_version) && newer {
+                    StoreError::StaleTransaction {
+                        aggregate_type: request.aggregate_type,
+                        aggregate_id: request.aggregate_id,
+                    }
+                } else {
+                    StoreError::Conflict {
+                        aggregate_type: request.aggregate_type,
+                        aggregate_id: request.aggregate_id,
+                        expected: request.expected_version,
+                        actual,
+                    }
+                }
+            }
+            Ok(None) => StoreError::Conflict {
+                aggregate_type: request.aggregate_type,
+                aggregate_id: request.aggregate_id,
+                expected: request.expected_version,
+                actual: Some(0),
+            },
+            Err(e) => StoreError::database("reading the stream head after a refused append", e),
+        }
+    }
+
+    fn listen(&self) {
+        if self.inner.listener_started.set(()).is_err() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!("no tokio runtime: log readers fall back to polling");
+            return;
+        };
+        let pool = self.inner.pool.clone();
+        let channel = self.inner.channel.clone();
+        let shutdown = self.inner.shutdown.clone();
+        let wake = Arc::downgrade(&self.inner);
+        runtime.spawn(async move {
+            let mut backoff = Duration::from_millis(50);
+            loop {
+                if let Err(error) = listen_once(&pool, &channel, &shutdown, &wake).await {
+                    tracing::warn!(%channel, "listener failed, reconnecting: {error}");
+                }
+                if shutdown.is_cancelled() || wake.strong_count() == 0 {
+                    return;
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        });
+    }
+
+    fn decode_rows(&self, rows: Vec<PgRow>) -> Result<Vec<RecordedEvent>, StoreError> {
+        rows.iter()
+            .map(|row| decode_event(row, &self.inner.events_table))
+            .collect()
+    }
+}
+
+/// One `LISTEN` session: wakes readers on each notification, and once on
+/// connecting (notifications sent while it was away are lost).
+async fn listen_once(
+    pool: &PgPool,
+    channel: &str,
+    shutdown: &CancellationToken,
+    inner: &std::sync::Weak<Inner>,
+) -> Result<(), sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen(channel).await?;
+    let wake = |inner: &std::sync::Weak<Inner>| match inner.upgrade() {
+        Some(inner) => {
+            inner.wake.wake();
+            true
+        }
+        None => false,
+    };
+    if !wake(inner) {
+        return Ok(());
+    }
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            received = listener.try_recv() => {
+                // `Ok(None)`: the connection was lost; the next call reconnects
+                // and listens again. Wake anyway, something may have been missed.
+                received?;
+                if !wake(inner) {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+fn spawn_notifier(
+    pool: PgPool,
+    channel: String,
+    interval: Duration,
+    shutdown: CancellationToken,
+) -> mpsc::Sender<()> {
+    let (sender, mut receiver) = mpsc::channel::<()>(1);
+    let task = async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                signal = receiver.recv() => if signal.is_none() { return },
+            }
+            if let Err(error) = sqlx::query("SELECT pg_notify($1, '')")
+                .bind(&channel)
+                .execute(&pool)
+                .await
+            {
+                // Readers on other nodes still find the events at their next poll.
+                tracing::debug!(%channel, "NOTIFY failed: {error}");
+            }
+            tokio::time::sleep(interval).await;
+        }
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            runtime.spawn(task);
+        }
+        Err(_) => tracing::warn!("no tokio runtime: other nodes will not be notified"),
+    }
+    sender
+}
+
+async fn migrate(
+    pool: &PgPool,
+    events: &Identifier,
+    snapshots: &Identifier,
+    log_idx: &Identifier,
+    type_log_idx: &Identifier,
+) -> Result<(), StoreError> {
+    let failed = |version: i32, name: &'static str| {
+        move |e: sqlx::Error| StoreError::Migration {
+            version,
+            name,
+            source: Box::new(e),
+        }
+    };
+    let mut tx = pool.begin().await.map_err(failed(0, "begin"))?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(MIGRATION_LOCK)
+        .execute(&mut *tx)
+        .await
+        .map_err(failed(0, "lock"))?;
+    let ledger = match events.to_string().split_once('.') {
+        Some((schema, _)) => format!("\"{schema}\".\"outflow_migrations\""),
+        None => "\"outflow_migrations\"".to_owned(),
+    };
+    sqlx::raw_sql(&format!(
+        "CREATE TABLE IF NOT EXISTS {ledger} (
+            events_table text NOT NULL,
+            version integer NOT NULL,
+            name text NOT NULL,
+            applied_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (events_table, version))"
+    ))
+    .execute(&mut *tx)
+    .await
+    .map_err(failed(0, "migrations ledger"))?;
+    let applied: Vec<i32> = sqlx::query_scalar(&format!(
+        "SELECT version FROM {ledger} WHERE events_table = $1"
+    ))
+    .bind(events.to_string())
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(failed(0, "read ledger"))?;
+    for &(version, name, sql) in MIGRATIONS {
+        if applied.contains(&version) {
+            continue;
+        }
+        let sql = sql
+            .replace("{events_log_idx}", &format!("\"{}\"", log_idx.name()))
+            .replace(
+                "{events_type_log_idx}",
+                &format!("\"{}\"", type_log_idx.name()),
+            )
+            .replace("{events}", &events.quoted())
+            .replace("{snapshots}", &snapshots.quoted());
+        sqlx::raw_sql(&sql)
+            .execute(&mut *tx)
+            .await
+            .map_err(failed(version, name))?;
+        sqlx::query(&format!(
+            "INSERT INTO {ledger} (events_table, version, name) VALUES ($1, $2, $3)"
+        ))
+        .bind(events.to_string())
+        .bind(version)
+        .bind(name)
+        .execute(&mut *tx)
+        .await
+        .map_err(failed(version, name))?;
+        tracing::info!(table = %events, version, name, "applied migration");
+    }
+    tx.commit().await.map_err(failed(0, "commit"))
+}
+
+#[async_trait]
+impl EventStore for PostgresStore {
+    async fn append(&self, request: AppendRequest) -> Result<Vec<RecordedEvent>, StoreError> {
+        let mut connection = self
+            .inner
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| StoreError::database("acquiring a connection to append", e))?;
+        let written = self.append_on(&mut connection, request).await?;
+        if !written.is_empty() {
+            self.signal_commit();
+        }
+        Ok(written)
+    }
+
+    async fn read_stream(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        after_sequence: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let rows = sqlx::query(&self.inner.sql.read_stream)
+            .bind(aggregate_type)
+            .bind(aggregate_id)
+            .bind(to_i64(after_sequence))
+            .bind(to_i64(limit as u64))
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(|e| StoreError::database("reading a stream", e))?;
+        self.decode_rows(rows)
+    }
+
+    async fn load(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        use_snapshot: bool,
+    ) -> Result<LoadedStream, StoreError> {
+        if !use_snapshot {
+            let rows = sqlx::query(&self.inner.sql.load)
+                .bind(aggregate_type)
+                .bind(aggregate_id)
+                .bind(0_i64)
+                .bind(i64::MAX)
+                .fetch_all(&self.inner.pool)
+                .await
+                .map_err(|e| StoreError::database("loading a stream", e))?;
+            return Ok(LoadedStream {
+                snapshot: None,
+                events: self.decode_rows(rows)?,
+            });
+        }
+        let rows = sqlx::query(&self.inner.sql.load_with_snapshot)
+            .bind(aggregate_type)
+            .bind(aggregate_id)
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(|e| StoreError::database("loading a stream with its snapshot", e))?;
+        let mut loaded = LoadedStream::default();
+        for row in &rows {
+            let kind: i32 = row
+                .try_get("kind")
+                .map_err(|e| StoreError::database("loading a stream with its snapshot", e))?;
+            if kind == 0 {
+                loaded.snapshot = Some(Snapshot {
+                    aggregate_type: aggregate_type.to_owned(),
+                    aggregate_id: aggregate_id.to_owned(),
+                    version: u64_column(row, "sequence", &self.inner.events_table)?,
+                    state: row
+                        .try_get("payload")
+                        .map_err(|e| StoreError::database("reading a snapshot", e))?,
+                });
+            } else {
+                loaded
+                    .events
+                    .push(decode_event(row, &self.inner.events_table)?);
+            }
+        }
+        Ok(loaded)
+    }
+
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {
+        sqlx::query(&self.inner.sql.save_snapshot)
+            .bind(&snapshot.aggregate_type)
+            .bind(&snapshot.aggregate_id)
+            .bind(to_i64(snapshot.version))
+            .bind(snapshot.state.to_string())
+            .execute(&self.inner.pool)
+            .await
+            .map_err(|e| StoreError::database("saving a snapshot", e))?;
+        Ok(())
+    }
+
+    async fn read_log(
+        &self,
+        after: Checkpoint,
+        filter: &LogFilter,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let aggregate_types = filter.aggregate_type_list();
+        let event_types = filter.event_type_list();
+        let mut clause = String::new();
+        let mut next = 4;
+        if aggregate_types.len() == 1 {
+            // Equality keeps the (aggregate_type, transaction_id, position) index usable in order.
+            clause.push_str(&format!("AND e.aggregate_type = ${next} "));
+            next += 1;
+        } else if aggregate_types.len() > 1 {
+            clause.push_str(&format!("AND e.aggregate_type = ANY(${next}::text[]) "));
+            next += 1;
+        }
+        if !event_types.is_empty() {
+            clause.push_str(&format!("AND e.event_type = ANY(${next}::text[])"));
+        }
+        let sql = self.inner.sql.read_log.replace("{filter}", &clause);
+        let mut query = sqlx::query(&sql)
+            .bind(after.transaction_id.to_string())
+            .bind(to_i64(after.position))
+            .bind(to_i64(limit as u64));
+        if aggregate_types.len() == 1 {
+            query = query.bind(&aggregate_types[0]);
+        } else if aggregate_types.len() > 1 {
+            query = query.bind(aggregate_types);
+        }
+        if !event_types.is_empty() {
+            query = query.bind(event_types);
+        }
+        let rows = query
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(|e| StoreError::database("reading the global log", e))?;
+        self.decode_rows(rows)
+    }
+
+    async fn head(&self) -> Result<Checkpoint, StoreError> {
+        let row = sqlx::query(&self.inner.sql.head)
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(|e| StoreError::database("reading the head of the log", e))?;
+        match row {
+            None => Ok(Checkpoint::START),
+            Some(row) => Ok(Checkpoint::new(
+                txid_column(&row, &self.inner.events_table)?,
+                u64_column(&row, "position", &self.inner.events_table)?,
+            )),
+        }
+    }
+
+    fn wakeups(&self) -> Wakeups {
+        self.listen();
+        self.inner.wake.subscribe(self.inner.poll_interval)
+    }
+}
+
+fn decode_event(row: &PgRow, table: &str) -> Result<RecordedEvent, StoreError> {
+    let get_err = |e: sqlx::Error| StoreError::database("decoding an event row", e);
+    let aggregate_type: String = row.try_get("aggregate_type").map_err(get_err)?;
+    let aggregate_id: String = row.try_get("aggregate_id").map_err(get_err)?;
+    let sequence = u64_column(row, "sequence", table)?;
+    let position = u64_column(row, "position", table)?;
+    let event_type: String = row.try_get("event_type").map_err(get_err)?;
+    let event_version: String = row.try_get("event_version").map_err(get_err)?;
+    let metadata_value: Option<serde_json::Value> = row.try_get("metadata").map_err(get_err)?;
+    let metadata = match metadata_value {
+        None | Some(serde_json::Value::Null) => Metadata::new(),
+        Some(value) => serde_json::from_value(value).map_err(|source| StoreError::Deserialize {
+            event: Box::new(EventRef {
+                aggregate_type: aggregate_type.clone(),
+                aggregate_id: aggregate_id.clone(),
+                sequence,
+                position: Some(position),
+                event_type: event_type.clone(),
+                event_version: event_version.clone(),
+            }),
+            source,
+        })?,
+    };
+    Ok(RecordedEvent {
+        event_id: row.try_get::<Uuid, _>("event_id").map_err(get_err)?,
+        transaction_id: txid_column(row, table)?,
+        recorded_at: row.try_get("recorded_at").map_err(get_err)?,
+        payload: row.try_get("payload").map_err(get_err)?,
+        correlation_id: row.try_get("correlation_id").map_err(get_err)?,
+        causation_id: row.try_get("causation_id").map_err(get_err)?,
+        aggregate_type,
+        aggregate_id,
+        sequence,
+        position,
+        event_type,
+        event_version,
+        metadata,
+    })
+}
+
+fn u64_column(row: &PgRow, column: &'static str, table: &str) -> Result<u64, StoreError> {
+    let value: i64 = row
+        .try_get(column)
+        .map_err(|e| StoreError::database("decoding an event row", e))?;
+    u64::try_from(value).map_err(|_| corrupt(table, &format!("negative {column} {value}")))
+}
+
+fn txid_column(row: &PgRow, table: &str) -> Result<u64, StoreError> {
+    let text: String = row
+        .try_get("txid")
+        .map_err(|e| StoreError::database("decoding an event row", e))?;
+    text.parse()
+        .map_err(|_| corrupt(table, &format!("transaction id `{text}` is not a number")))
+}
+
+fn corrupt(table: &str, what: &str) -> StoreError {
+    StoreError::Corrupt {
+        table: table.to_owned(),
+        what: what.to_owned(),
+    }
+}
+
+/// Values above `i64::MAX` are clamped: PostgreSQL's `bigint` cannot hold them,
+/// and callers validate sequences before they get here.
+fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// Whether an error is worth retrying: a lost or refused connection, a pool
+/// timeout, a serialization failure or deadlock, a server shutting down.
+pub(crate) fn is_transient(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08") || code == "40001" || code == "40P01" || code.starts_with("57P")
+        }),
+        _ => false,
+    }
+}

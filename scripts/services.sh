@@ -1,0 +1,106 @@
+# Throwaway servers for tests and benchmarks. Source this file, then call
+# `start_postgres`; every server started here binds to 127.0.0.1 on a free
+# port, lives in a temporary directory, and is stopped by its own PID when the
+# calling script exits (`stop_services` runs from an EXIT trap).
+#
+# Exports: DATABASE_URL (a superuser URL to the `postgres` database).
+
+OUTFLOW_CLEANUPS=()
+
+stop_services() {
+    local i
+    for (( i=${#OUTFLOW_CLEANUPS[@]}-1; i>=0; i-- )); do
+        eval "${OUTFLOW_CLEANUPS[$i]}" || true
+    done
+    OUTFLOW_CLEANUPS=()
+}
+trap stop_services EXIT
+trap 'exit 130' INT TERM
+
+# Runs a command as the unprivileged user that owns the servers' files.
+as_service_user() {
+    if [ "$(id -u)" = 0 ]; then
+        runuser -u "$SERVICE_USER" -- "$@"
+    else
+        "$@"
+    fi
+}
+
+choose_service_user() {
+    if [ "$(id -u)" != 0 ]; then
+        SERVICE_USER="$(id -un)"
+    elif id postgres >/dev/null 2>&1; then
+        SERVICE_USER=postgres
+    else
+        id outflow-test >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin outflow-test
+        SERVICE_USER=outflow-test
+    fi
+}
+
+# A TCP port on 127.0.0.1 that nothing listens on.
+free_port() {
+    local port attempt
+    for attempt in $(seq 1 200); do
+        port=$(( 20000 + (RANDOM % 30000) ))
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            echo "$port"
+            return 0
+        fi
+    done
+    echo "no free port found" >&2
+    return 1
+}
+
+apt_install() {
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "installing Debian packages: $*" >&2
+        if [ -z "${OUTFLOW_APT_UPDATED:-}" ]; then
+            apt-get update -qq >&2
+            OUTFLOW_APT_UPDATED=1
+        fi
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >&2
+    else
+        echo "missing: $*. Install with: sudo apt-get install $*" >&2
+        return 1
+    fi
+}
+
+postgres_bin_dir() {
+    local dir
+    dir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+    if [ -n "$dir" ] && [ -x "$dir/initdb" ]; then
+        echo "$dir"
+    elif command -v initdb >/dev/null 2>&1 && command -v pg_ctl >/dev/null 2>&1; then
+        dirname "$(command -v initdb)"
+    fi
+}
+
+start_postgres() {
+    local bin port dir
+    bin=$(postgres_bin_dir)
+    if [ -z "$bin" ]; then
+        apt_install postgresql postgresql-contrib || return 1
+        bin=$(postgres_bin_dir)
+    fi
+    if [ -z "$bin" ]; then
+        echo "PostgreSQL server binaries still not found after installing" >&2
+        return 1
+    fi
+    choose_service_user
+    dir=$(mktemp -d "${TMPDIR:-/tmp}/outflow-pg.XXXXXX")
+    chmod 755 "$dir"
+    chown "$SERVICE_USER" "$dir"
+    OUTFLOW_CLEANUPS+=("rm -rf '$dir'")
+    as_service_user "$bin/initdb" -D "$dir/data" -U outflow --auth=trust -E UTF8 --no-instructions >"$dir/initdb.log" 2>&1 \
+        || { cat "$dir/initdb.log" >&2; return 1; }
+    port=$(free_port)
+    as_service_user "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
+        -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=400 -c shared_buffers=256MB" start >&2 \
+        || { cat "$dir/server.log" >&2; return 1; }
+    local pid
+    pid=$(head -n 1 "$dir/data/postmaster.pid")
+    OUTFLOW_CLEANUPS+=("kill -INT $pid 2>/dev/null; for _ in \$(seq 1 100); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done; kill -KILL $pid 2>/dev/null")
+    export DATABASE_URL="postgres://outflow@127.0.0.1:$port/postgres"
+    export OUTFLOW_PG_BIN="$bin"
+    echo "PostgreSQL $("$bin/postgres" --version | awk '{print $3}') on 127.0.0.1:$port (pid $pid)" >&2
+}
