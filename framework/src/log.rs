@@ -13,7 +13,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use futures::Stream;
+use futures::stream::{BoxStream, StreamExt};
 use tokio::sync::watch;
 
 use crate::error::StoreError;
@@ -112,7 +112,7 @@ pub fn read_log<S: EventStore + ?Sized>(
     after: Checkpoint,
     filter: LogFilter,
     batch_size: usize,
-) -> impl Stream<Item = Result<RecordedEvent, StoreError>> + Send + '_ {
+) -> BoxStream<'_, Result<RecordedEvent, StoreError>> {
     let cursor = Cursor {
         buffer: VecDeque::new(),
         done: false,
@@ -144,6 +144,7 @@ pub fn read_log<S: EventStore + ?Sized>(
             }
         },
     )
+    .boxed()
 }
 
 /// Streams one aggregate's events after `after_sequence` in sequence order,
@@ -154,7 +155,7 @@ pub fn read_stream<'a, S: EventStore + ?Sized>(
     aggregate_id: &'a str,
     after_sequence: u64,
     batch_size: usize,
-) -> impl Stream<Item = Result<RecordedEvent, StoreError>> + Send + 'a {
+) -> BoxStream<'a, Result<RecordedEvent, StoreError>> {
     let cursor = Cursor {
         buffer: VecDeque::new(),
         done: false,
@@ -189,6 +190,7 @@ pub fn read_stream<'a, S: EventStore + ?Sized>(
             }
         },
     )
+    .boxed()
 }
 
 struct Cursor {

@@ -1,0 +1,103 @@
+//! Shared set-up for the integration tests: each test gets a database of its
+//! own on the server that `scripts/test.sh` started (`DATABASE_URL`).
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use outflow::{Checkpoint, EventStore, LogFilter, PostgresStore, RecordedEvent};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool};
+
+/// A fresh, empty database.
+pub struct TestDb {
+    /// Its name.
+    pub name: String,
+    /// Connection options for it.
+    pub options: PgConnectOptions,
+}
+
+/// The server URL. Tests need a real server: a missing `DATABASE_URL` fails
+/// the test (run the suite through `scripts/test.sh`, which provides one).
+pub fn server_url() -> String {
+    std::env::var("DATABASE_URL").expect(
+        "DATABASE_URL is not set: run the tests with scripts/test.sh, which starts PostgreSQL",
+    )
+}
+
+impl TestDb {
+    /// Creates a database named after the test plus a random suffix.
+    pub async fn new(label: &str) -> TestDb {
+        let admin: PgConnectOptions = server_url().parse().expect("DATABASE_URL is a valid URL");
+        let name = format!(
+            "t_{}_{}",
+            label
+                .to_lowercase()
+                .replace(|c: char| !c.is_ascii_alphanumeric(), "_"),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let mut conn = admin.connect().await.expect("connect to the test server");
+        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&mut conn)
+            .await
+            .expect("create the test database");
+        TestDb {
+            options: admin.database(&name),
+            name,
+        }
+    }
+
+    /// A pool of up to `size` connections to this database.
+    pub async fn pool(&self, size: u32) -> PgPool {
+        PgPoolOptions::new()
+            .max_connections(size)
+            .acquire_timeout(Duration::from_secs(60))
+            .connect_with(self.options.clone())
+            .await
+            .expect("connect to the test database")
+    }
+
+    /// An Outflow store on a new pool, with migrations applied.
+    pub async fn store(&self) -> PostgresStore {
+        PostgresStore::builder(self.pool(40).await)
+            .build()
+            .await
+            .expect("build the store")
+    }
+}
+
+/// Reads the whole log after `after` (batches of `batch`), retrying until at
+/// least `expected` events arrived. Other tests on the same server may hold
+/// transactions open for a moment, which holds every reader back; waiting is
+/// right, asserting on the first read is not.
+pub async fn read_until<S: EventStore + ?Sized>(
+    store: &S,
+    after: Checkpoint,
+    filter: &LogFilter,
+    expected: usize,
+) -> Vec<RecordedEvent> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut events: Vec<RecordedEvent> = Vec::new();
+    let mut cursor = after;
+    loop {
+        let batch = store
+            .read_log(cursor, filter, 1000)
+            .await
+            .expect("read the log");
+        if let Some(last) = batch.last() {
+            cursor = last.checkpoint();
+        }
+        let empty = batch.is_empty();
+        events.extend(batch);
+        if events.len() >= expected {
+            return events;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of {expected} events became readable within 60 s",
+            events.len()
+        );
+        if empty {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

@@ -1,0 +1,302 @@
+//! The global log's guarantees on PostgreSQL, with the dangerous
+//! interleavings forced by holding transactions open on purpose:
+//! (a) a transaction that commits late is never skipped, (b) no event is
+//! delivered twice to a reader resuming from its checkpoint, (c) every
+//! aggregate's events stay in sequence order.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+
+use futures::TryStreamExt;
+use outflow::{AppendRequest, Checkpoint, EventStore, LogFilter, NewEvent, StoreError};
+use serde_json::json;
+
+fn event(n: u64) -> NewEvent {
+    NewEvent {
+        event_id: uuid::Uuid::now_v7(),
+        event_type: "Deposited".into(),
+        event_version: "1.0".into(),
+        payload: json!({ "Deposited": { "amount": n } }),
+        metadata: Default::default(),
+        correlation_id: None,
+        causation_id: None,
+    }
+}
+
+fn request(aggregate_type: &str, id: &str, expected: u64, count: u64) -> AppendRequest {
+    AppendRequest {
+        aggregate_type: aggregate_type.into(),
+        aggregate_id: id.into(),
+        expected_version: expected,
+        events: (0..count).map(|n| event(expected + n + 1)).collect(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_transaction_that_commits_late_is_delivered_exactly_once_and_never_skipped() {
+    let db = common::TestDb::new("held").await;
+    let store = db.store().await;
+    let all = LogFilter::all();
+    for i in 0..5 {
+        store
+            .append(request("account", &format!("before-{i}"), 0, 1))
+            .await
+            .expect("append before");
+    }
+    let before = common::read_until(&store, Checkpoint::START, &all, 5).await;
+    let checkpoint = before.last().expect("five events").checkpoint();
+
+    // Hold a transaction with an appended event open...
+    let mut held = store.pool().begin().await.expect("begin");
+    let held_events = store
+        .append_in_transaction(&mut held, request("account", "held", 0, 1))
+        .await
+        .expect("append in the held transaction");
+    let held_event = &held_events[0];
+    // ...while 100 later appends take higher positions and commit.
+    for i in 0..100 {
+        let written = store
+            .append(request("account", &format!("later-{i}"), 0, 1))
+            .await
+            .expect("append later");
+        assert!(written[0].position > held_event.position);
+    }
+
+    // A reader that trusts positions alone passes the held event: it has
+    // already seen positions after it, and will never look back.
+    let naive: Vec<i64> =
+        sqlx::query_scalar("SELECT position FROM events WHERE position > $1 ORDER BY position")
+            .bind(before.last().expect("five").position as i64)
+            .fetch_all(store.pool())
+            .await
+            .expect("naive read");
+    assert_eq!(
+        naive.len(),
+        100,
+        "the naive reader sees the 100 later events"
+    );
+    assert!(!naive.contains(&(held_event.position as i64)));
+
+    // Outflow's reader does not pass it, however often it looks.
+    for _ in 0..5 {
+        let seen = store
+            .read_log(checkpoint, &all, 1000)
+            .await
+            .expect("read while held");
+        assert!(
+            seen.is_empty(),
+            "the reader passed an open transaction: {:?}",
+            seen.iter().map(|e| e.position).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(store.head().await.expect("head") <= checkpoint);
+
+    held.commit().await.expect("commit the held transaction");
+    let after = common::read_until(&store, checkpoint, &all, 101).await;
+    assert_eq!(after.len(), 101);
+    assert_eq!(
+        after[0].event_id, held_event.event_id,
+        "the held event comes first"
+    );
+    let ids: HashSet<_> = after.iter().map(|e| e.event_id).collect();
+    assert_eq!(ids.len(), 101, "no event twice");
+    let rest = store
+        .read_log(after[100].checkpoint(), &all, 1000)
+        .await
+        .expect("read after the end");
+    assert!(rest.is_empty(), "nothing is delivered again");
+
+    // The naive reader, resuming from its own checkpoint, has lost the event.
+    let naive_rest: Vec<i64> =
+        sqlx::query_scalar("SELECT position FROM events WHERE position > $1 ORDER BY position")
+            .bind(naive.last().copied().unwrap_or_default())
+            .fetch_all(store.pool())
+            .await
+            .expect("naive read");
+    assert!(naive_rest.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_caller_transaction_that_wrote_first_cannot_put_a_stream_out_of_order() {
+    let db = common::TestDb::new("stale").await;
+    let store = db.store().await;
+    sqlx::query("CREATE TABLE orders (id bigint PRIMARY KEY)")
+        .execute(store.pool())
+        .await
+        .expect("create orders");
+
+    // A writes a row of its own first: its transaction id is taken now.
+    let mut a = store.pool().begin().await.expect("begin A");
+    sqlx::query("INSERT INTO orders VALUES (1)")
+        .execute(&mut *a)
+        .await
+        .expect("A's own row");
+    let a_xid: String = sqlx::query_scalar("SELECT pg_current_xact_id()::text")
+        .fetch_one(&mut *a)
+        .await
+        .expect("A's xid");
+
+    // B appends x#1 and commits meanwhile; its transaction id is newer.
+    let b = store
+        .append(request("account", "x", 0, 1))
+        .await
+        .expect("B appends");
+    assert!(
+        a_xid.parse::<u64>().expect("xid") < b[0].transaction_id,
+        "the interleaving that would invert the stream in (xid, position) order"
+    );
+
+    // A appends x#2: refused, because the log would order it before x#1.
+    match store
+        .append_in_transaction(&mut a, request("account", "x", 1, 1))
+        .await
+    {
+        Err(error @ StoreError::StaleTransaction { .. }) => {
+            assert!(error.is_retryable());
+            assert!(error.to_string().contains("`x`"), "{error}");
+        }
+        other => panic!("expected StaleTransaction, got {other:?}"),
+    }
+    a.rollback().await.expect("rollback A");
+
+    // Retrying the whole transaction works.
+    let mut retry = store.pool().begin().await.expect("begin retry");
+    sqlx::query("INSERT INTO orders VALUES (1)")
+        .execute(&mut *retry)
+        .await
+        .expect("own row again");
+    store
+        .append_in_transaction(&mut retry, request("account", "x", 1, 1))
+        .await
+        .expect("append x#2");
+    retry.commit().await.expect("commit retry");
+    store.wake_readers();
+
+    let log = common::read_until(&store, Checkpoint::START, &LogFilter::all(), 2).await;
+    let sequences: Vec<u64> = log.iter().map(|e| e.sequence).collect();
+    assert_eq!(sequences, vec![1, 2]);
+    let orders: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
+        .fetch_one(store.pool())
+        .await
+        .expect("count");
+    assert_eq!(
+        orders, 1,
+        "the refused transaction's own row rolled back with it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reader_restarted_from_any_checkpoint_gets_exactly_the_rest() {
+    const TASKS: usize = 8;
+    const COMMANDS: u64 = 125;
+    const PER_COMMAND: u64 = 10;
+    const TOTAL: usize = TASKS * COMMANDS as usize * PER_COMMAND as usize;
+    let db = common::TestDb::new("restart").await;
+    let store = db.store().await;
+
+    // Eight concurrent writers, so transactions interleave and commit out of
+    // position order; two aggregate types, 48 aggregates.
+    let mut writers = Vec::new();
+    for task in 0..TASKS {
+        let store = store.clone();
+        writers.push(tokio::spawn(async move {
+            let mut versions = [0u64; 6];
+            for n in 0..COMMANDS {
+                let k = (n as usize) % 6;
+                let kind = if k % 2 == 0 { "alpha" } else { "beta" };
+                store
+                    .append(request(
+                        kind,
+                        &format!("agg-{task}-{k}"),
+                        versions[k],
+                        PER_COMMAND,
+                    ))
+                    .await
+                    .expect("append");
+                versions[k] += PER_COMMAND;
+            }
+        }));
+    }
+    for writer in writers {
+        writer.await.expect("writer");
+    }
+
+    let all = LogFilter::all();
+    let log = common::read_until(&store, Checkpoint::START, &all, TOTAL).await;
+    assert_eq!(log.len(), TOTAL);
+    let ids: HashSet<_> = log.iter().map(|e| e.event_id).collect();
+    assert_eq!(ids.len(), TOTAL, "every event exactly once");
+    let mut last_sequence: HashMap<(&str, &str), u64> = HashMap::new();
+    for event in &log {
+        let last = last_sequence
+            .entry((&event.aggregate_type, &event.aggregate_id))
+            .or_default();
+        assert_eq!(
+            event.sequence,
+            *last + 1,
+            "stream order of {}",
+            event.aggregate_id
+        );
+        *last = event.sequence;
+    }
+    for pair in log.windows(2) {
+        assert!(
+            pair[0].checkpoint() < pair[1].checkpoint(),
+            "log order is strict"
+        );
+    }
+
+    // From every checkpoint, the next events are exactly the following ones.
+    let starts: Vec<Checkpoint> = std::iter::once(Checkpoint::START)
+        .chain(log.iter().map(|e| e.checkpoint()))
+        .collect();
+    for (i, start) in starts.iter().enumerate() {
+        let next = store.read_log(*start, &all, 7).await.expect("read");
+        let expected: Vec<_> = log[i..].iter().take(7).map(|e| e.event_id).collect();
+        let got: Vec<_> = next.iter().map(|e| e.event_id).collect();
+        assert_eq!(got, expected, "after checkpoint #{i} {start}");
+    }
+
+    // Whole-rest reads through the batching stream, from a spread of checkpoints.
+    for i in (0..=TOTAL).step_by(997) {
+        let rest: Vec<_> = outflow::log::read_log(&store, starts[i], all.clone(), 333)
+            .try_collect()
+            .await
+            .expect("stream the rest");
+        assert_eq!(rest.len(), TOTAL - i);
+        assert!(rest
+            .iter()
+            .zip(&log[i..])
+            .all(|(a, b)| a.event_id == b.event_id));
+    }
+
+    // The same holds for a reader of one aggregate type.
+    let beta = LogFilter::aggregate_types(["beta"]);
+    let beta_log: Vec<_> = log.iter().filter(|e| e.aggregate_type == "beta").collect();
+    for i in (0..beta_log.len()).step_by(211) {
+        let rest: Vec<_> =
+            outflow::log::read_log(&store, beta_log[i].checkpoint(), beta.clone(), 250)
+                .try_collect()
+                .await
+                .expect("stream beta");
+        assert_eq!(rest.len(), beta_log.len() - i - 1);
+        assert!(rest.iter().all(|e| e.aggregate_type == "beta"));
+        assert!(rest
+            .iter()
+            .zip(&beta_log[i + 1..])
+            .all(|(a, b)| a.event_id == b.event_id));
+    }
+    let deposits_of_alpha =
+        LogFilter::aggregate_types(["alpha", "gamma"]).with_event_types(["Deposited"]);
+    let alpha: Vec<_> = outflow::log::read_log(&store, Checkpoint::START, deposits_of_alpha, 500)
+        .try_collect()
+        .await
+        .expect("stream alpha");
+    assert_eq!(alpha.len(), TOTAL - beta_log.len());
+    assert_eq!(
+        store.head().await.expect("head"),
+        log[TOTAL - 1].checkpoint()
+    );
+}
