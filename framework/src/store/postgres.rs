@@ -86,6 +86,8 @@ struct Queries {
     save_snapshot: String,
     read_log: String,
     head: String,
+    ids_ahead: String,
+    rebase: String,
 }
 
 /// Builds a [`PostgresStore`] on an existing pool.
@@ -191,6 +193,11 @@ impl PostgresStoreBuilder {
             save_snapshot: render(include_str!("postgres/save_snapshot.sql")),
             read_log: render(include_str!("postgres/read_log.sql")),
             head: render(include_str!("postgres/head.sql")),
+            ids_ahead: render(
+                "SELECT COALESCE((SELECT e.transaction_id FROM {events} e \
+                  ORDER BY e.transaction_id DESC LIMIT 1) >= pg_current_xact_id(), false)",
+            ),
+            rebase: render(include_str!("postgres/rebase.sql")),
         };
         if self.migrate {
             migrate(&self.pool, &events, &snapshots, &log_idx, &type_log_idx).await?;
@@ -299,6 +306,42 @@ impl PostgresStore {
         request: AppendRequest,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         self.append_on(connection, request).await
+    }
+
+    /// Repairs the log after a logical dump and restore (`pg_dump` /
+    /// `pg_restore` into another cluster), where transaction ids start again
+    /// from a lower value: rows written by the old cluster would otherwise sort
+    /// after the new cluster's, and readers would miss new events.
+    ///
+    /// When the stored transaction ids are ahead of this cluster's, sets all of
+    /// them to 0 (every restored row is committed, so log order becomes
+    /// position order) and returns the number of rows changed; otherwise
+    /// changes nothing and returns 0. Run it once after the restore, before
+    /// writers start. A reader's checkpoint `(t, p)` from before the restore
+    /// continues as `Checkpoint::new(0, p)`. Physical backups, streaming
+    /// replicas and `pg_upgrade` keep transaction ids and need none of this.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Database`].
+    pub async fn rebase_after_restore(&self) -> Result<u64, StoreError> {
+        let failed = |e| StoreError::database("rebasing transaction ids after a restore", e);
+        let mut tx = self.inner.pool.begin().await.map_err(failed)?;
+        let ahead: bool = sqlx::query_scalar(&self.inner.sql.ids_ahead)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(failed)?;
+        if !ahead {
+            return Ok(0);
+        }
+        let changed = sqlx::raw_sql(&self.inner.sql.rebase)
+            .execute(&mut *tx)
+            .await
+            .map_err(failed)?
+            .rows_affected();
+        tx.commit().await.map_err(failed)?;
+        self.signal_commit();
+        Ok(changed)
     }
 
     /// Wakes log readers after a commit made outside [`EventStore::append`].
