@@ -26,11 +26,11 @@ async fn main() -> anyhow::Result<()> {
                 owner: "Bob".into(),
             },
         ),
-        ("acc-ann", BankCommand::Deposit { amount: 120_00 }),
-        ("acc-bob", BankCommand::Deposit { amount: 35_00 }),
-        ("acc-ann", BankCommand::Withdraw { amount: 20_00 }),
-        ("acc-bob", BankCommand::Withdraw { amount: 90_00 }),
-        ("acc-bob", BankCommand::Withdraw { amount: 35_00 }),
+        ("acc-ann", BankCommand::Deposit { amount: 12_000 }),
+        ("acc-bob", BankCommand::Deposit { amount: 3_500 }),
+        ("acc-ann", BankCommand::Withdraw { amount: 2_000 }),
+        ("acc-bob", BankCommand::Withdraw { amount: 9_000 }),
+        ("acc-bob", BankCommand::Withdraw { amount: 3_500 }),
         ("acc-bob", BankCommand::Close),
     ];
     for (account, command) in session {

@@ -205,7 +205,11 @@ async fn a_reader_restarted_from_any_checkpoint_gets_exactly_the_rest() {
             let mut versions = [0u64; 6];
             for n in 0..COMMANDS {
                 let k = (n as usize) % 6;
-                let kind = if k % 2 == 0 { "alpha" } else { "beta" };
+                let kind = if matches!(k, 0 | 2 | 4) {
+                    "alpha"
+                } else {
+                    "beta"
+                };
                 store
                     .append(request(
                         kind,
