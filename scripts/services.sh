@@ -58,7 +58,19 @@ apt_install() {
             apt-get update -qq >&2
             OUTFLOW_APT_UPDATED=1
         fi
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >&2
+        # Keep the packages from starting their own services (Debian's
+        # postgresql would start a cluster on port 5432): the tests start
+        # private servers, and nothing else on the machine should change.
+        local policy=/usr/sbin/policy-rc.d created_policy=""
+        if [ ! -e "$policy" ]; then
+            printf '#!/bin/sh\nexit 101\n' > "$policy"
+            chmod +x "$policy"
+            created_policy=1
+        fi
+        local status=0
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >&2 || status=$?
+        [ -n "$created_policy" ] && rm -f "$policy"
+        return "$status"
     else
         echo "missing: $*. Install with: sudo apt-get install $*" >&2
         return 1
