@@ -98,6 +98,10 @@ pub enum StoreError {
         /// What is wrong with it.
         reason: String,
     },
+    /// Configuration that contradicts what is stored (for example a projection
+    /// registered with another partition count than it has).
+    #[error("configuration: {0}")]
+    Config(String),
     /// A stored payload or metadata did not deserialize into the event type.
     #[error("{event} did not deserialize: {source}")]
     Deserialize {

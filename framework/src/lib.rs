@@ -34,6 +34,8 @@ pub mod error;
 pub mod event;
 pub mod log;
 pub mod names;
+pub mod projection;
+pub mod runner;
 pub mod store;
 pub mod upcast;
 

@@ -33,6 +33,31 @@ use crate::store::EventStore;
 pub struct LogFilter {
     aggregate_types: Vec<String>,
     event_types: Vec<String>,
+    partition: Option<Partition>,
+}
+
+/// One of `count` disjoint parts of the log, split by a hash of the
+/// aggregate id: every event of an aggregate falls into the same partition.
+/// The hash is the backend's own (PostgreSQL's `hashtext`, FNV-1a in memory).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Partition {
+    /// This partition, `0..count`.
+    pub index: u32,
+    /// Number of partitions.
+    pub count: u32,
+}
+
+impl Partition {
+    /// Whether an aggregate's events fall into this partition (in-memory hash).
+    pub fn contains(&self, aggregate_id: &str) -> bool {
+        if self.count <= 1 {
+            return true;
+        }
+        let hash = aggregate_id.bytes().fold(0x811c_9dc5_u32, |h, b| {
+            (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+        });
+        hash % self.count == self.index
+    }
 }
 
 impl LogFilter {
@@ -50,6 +75,7 @@ impl LogFilter {
         LogFilter {
             aggregate_types: types.into_iter().map(Into::into).collect(),
             event_types: Vec::new(),
+            partition: None,
         }
     }
 
@@ -61,6 +87,17 @@ impl LogFilter {
     {
         self.event_types = types.into_iter().map(Into::into).collect();
         self
+    }
+
+    /// Narrows the filter to one partition of `count` (no-op when `count` is 1).
+    pub fn with_partition(mut self, index: u32, count: u32) -> Self {
+        self.partition = (count > 1).then_some(Partition { index, count });
+        self
+    }
+
+    /// The partition asked for, if any.
+    pub fn partition(&self) -> Option<Partition> {
+        self.partition
     }
 
     /// The aggregate types asked for (empty: all).
@@ -75,13 +112,16 @@ impl LogFilter {
 
     /// `true` when the filter lets every event through.
     pub fn is_all(&self) -> bool {
-        self.aggregate_types.is_empty() && self.event_types.is_empty()
+        self.aggregate_types.is_empty() && self.event_types.is_empty() && self.partition.is_none()
     }
 
     /// Whether `event` passes the filter.
     pub fn matches(&self, event: &RecordedEvent) -> bool {
         (self.aggregate_types.is_empty() || self.aggregate_types.contains(&event.aggregate_type))
             && (self.event_types.is_empty() || self.event_types.contains(&event.event_type))
+            && self
+                .partition
+                .is_none_or(|p| p.contains(&event.aggregate_id))
     }
 }
 

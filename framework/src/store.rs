@@ -10,10 +10,16 @@ use crate::error::StoreError;
 use crate::event::{AppendRequest, Checkpoint, RecordedEvent, Snapshot};
 use crate::log::{LogFilter, Wakeups};
 
+pub use projections::{
+    DeadLetter, Lease, NewDeadLetter, OldestTransaction, ProjectionState, ProjectionStore, UnitId,
+    UnitRecord,
+};
+
 pub mod memory;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod postgres;
+pub mod projections;
 
 /// An aggregate's stream as loaded for a command: the newest snapshot, if
 /// asked for and present, and the events after it.

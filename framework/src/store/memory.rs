@@ -2,16 +2,19 @@
 //! checks as the durable ones. For unit tests and examples: it keeps
 //! everything in process memory and loses it on exit.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 
 use crate::error::StoreError;
 use crate::event::{AppendRequest, Checkpoint, RecordedEvent, Snapshot};
 use crate::log::{LogFilter, WakeSignal, Wakeups};
+use crate::store::projections::{
+    DeadLetter, Lease, NewDeadLetter, ProjectionState, ProjectionStore, UnitId, UnitRecord,
+};
 use crate::store::{EventStore, LoadedStream};
 
 /// An in-memory [`EventStore`]. Cloning is cheap and shares the same events.
@@ -37,6 +40,7 @@ pub struct MemoryStore {
 struct Inner {
     state: Mutex<State>,
     wake: WakeSignal,
+    checkpoint_wake: WakeSignal,
     poll_interval: Duration,
 }
 
@@ -48,6 +52,56 @@ struct State {
     streams: HashMap<(String, String), Vec<usize>>,
     snapshots: HashMap<(String, String), Snapshot>,
     transactions: u64,
+    units: BTreeMap<UnitId, Unit>,
+    nodes: HashMap<String, Instant>,
+    dead_letters: BTreeMap<u64, (DeadLetter, RecordedEvent)>,
+    next_dead_letter: u64,
+    inbox: HashSet<(String, String)>,
+}
+
+#[derive(Debug, Clone)]
+struct Unit {
+    partitions: u32,
+    checkpoint: Checkpoint,
+    owner: Option<String>,
+    lease_until: Option<Instant>,
+    epoch: u64,
+    state: ProjectionState,
+    paused: bool,
+    last_error: Option<String>,
+    processed: u64,
+    rebuild_total: Option<u64>,
+    updated_at: DateTime<Utc>,
+}
+
+impl Unit {
+    fn lease_valid(&self, now: Instant) -> bool {
+        self.owner.is_some() && self.lease_until.is_some_and(|until| until >= now)
+    }
+}
+
+/// The in-memory store's transaction: its writes are buffered and applied
+/// together at commit, and dropped on rollback (drop).
+#[derive(Debug, Default)]
+pub struct MemoryTransaction {
+    ops: Vec<PendingOp>,
+}
+
+#[derive(Debug)]
+enum PendingOp {
+    Checkpoint {
+        unit: UnitId,
+        epoch: u64,
+        checkpoint: Checkpoint,
+        processed: u64,
+    },
+    Park(Box<(DeadLetter, RecordedEvent)>),
+    Reset {
+        name: String,
+        total: u64,
+    },
+    Inbox(String, String),
+    RemoveDeadLetter(u64),
 }
 
 impl Default for MemoryStore {
@@ -63,6 +117,7 @@ impl MemoryStore {
             inner: Arc::new(Inner {
                 state: Mutex::new(State::default()),
                 wake: WakeSignal::new(),
+                checkpoint_wake: WakeSignal::new(),
                 poll_interval: Duration::from_millis(500),
             }),
         }
@@ -223,5 +278,398 @@ impl EventStore for MemoryStore {
 
     fn wakeups(&self) -> Wakeups {
         self.inner.wake.subscribe(self.inner.poll_interval)
+    }
+}
+
+#[async_trait]
+impl ProjectionStore for MemoryStore {
+    type Transaction = MemoryTransaction;
+
+    async fn begin(&self) -> Result<MemoryTransaction, StoreError> {
+        Ok(MemoryTransaction::default())
+    }
+
+    async fn commit(&self, tx: MemoryTransaction) -> Result<(), StoreError> {
+        let mut state = self.state();
+        let now = Utc::now();
+        // Like the database, commit everything or nothing: a checkpoint whose
+        // epoch moved meanwhile fails the whole transaction.
+        for op in &tx.ops {
+            if let PendingOp::Checkpoint { unit, epoch, .. } = op {
+                if state.units.get(unit).is_none_or(|u| u.epoch != *epoch) {
+                    return Err(StoreError::Conflict {
+                        aggregate_type: "projection".into(),
+                        aggregate_id: unit.to_string(),
+                        expected: *epoch,
+                        actual: state.units.get(unit).map(|u| u.epoch),
+                    });
+                }
+            }
+        }
+        for op in tx.ops {
+            match op {
+                PendingOp::Checkpoint {
+                    unit,
+                    checkpoint,
+                    processed,
+                    ..
+                } => {
+                    if let Some(u) = state.units.get_mut(&unit) {
+                        u.checkpoint = checkpoint;
+                        u.processed += processed;
+                        u.updated_at = now;
+                    }
+                }
+                PendingOp::Park(parked) => {
+                    state.next_dead_letter += 1;
+                    let id = state.next_dead_letter;
+                    let (mut dead_letter, event) = *parked;
+                    dead_letter.id = id;
+                    state.dead_letters.insert(id, (dead_letter, event));
+                }
+                PendingOp::Reset { name, total } => {
+                    for (unit, u) in state.units.iter_mut() {
+                        if unit.projection == name {
+                            u.checkpoint = Checkpoint::START;
+                            u.epoch += 1;
+                            u.processed = 0;
+                            u.rebuild_total = Some(total);
+                            u.state = ProjectionState::CatchingUp;
+                            u.last_error = None;
+                            u.updated_at = now;
+                        }
+                    }
+                }
+                PendingOp::Inbox(handler, id) => {
+                    state.inbox.insert((handler, id));
+                }
+                PendingOp::RemoveDeadLetter(id) => {
+                    state.dead_letters.remove(&id);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn register_projection(&self, name: &str, partitions: u32) -> Result<(), StoreError> {
+        let mut state = self.state();
+        if let Some((_, u)) = state
+            .units
+            .iter()
+            .find(|(unit, u)| unit.projection == name && u.partitions != partitions)
+        {
+            return Err(StoreError::Config(format!(
+                "projection `{name}` is stored with {} partitions, registered with {partitions}: \
+                 run it under a new name to change the partition count",
+                u.partitions
+            )));
+        }
+        for partition in 0..partitions {
+            state
+                .units
+                .entry(UnitId {
+                    projection: name.to_owned(),
+                    partition,
+                })
+                .or_insert_with(|| Unit {
+                    partitions,
+                    checkpoint: Checkpoint::START,
+                    owner: None,
+                    lease_until: None,
+                    epoch: 0,
+                    state: ProjectionState::Idle,
+                    paused: false,
+                    last_error: None,
+                    processed: 0,
+                    rebuild_total: None,
+                    updated_at: Utc::now(),
+                });
+        }
+        Ok(())
+    }
+
+    async fn node_heartbeat(&self, node: &str, ttl: Duration) -> Result<u32, StoreError> {
+        let mut state = self.state();
+        let now = Instant::now();
+        state.nodes.insert(node.to_owned(), now + ttl);
+        Ok(state
+            .nodes
+            .values()
+            .filter(|&&until| until >= now)
+            .count()
+            .max(1) as u32)
+    }
+
+    async fn claim(
+        &self,
+        unit: &UnitId,
+        node: &str,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, StoreError> {
+        let mut state = self.state();
+        let now = Instant::now();
+        let Some(u) = state.units.get_mut(unit) else {
+            return Ok(None);
+        };
+        let mine = u.owner.as_deref() == Some(node) && u.lease_valid(now);
+        if u.state == ProjectionState::Stopped || (u.lease_valid(now) && !mine) {
+            return Ok(None);
+        }
+        if !mine {
+            u.epoch += 1;
+        }
+        u.owner = Some(node.to_owned());
+        u.lease_until = Some(now + ttl);
+        Ok(Some(Lease {
+            unit: unit.clone(),
+            epoch: u.epoch,
+            checkpoint: u.checkpoint,
+            paused: u.paused,
+        }))
+    }
+
+    async fn renew(&self, node: &str, ttl: Duration) -> Result<Vec<Lease>, StoreError> {
+        let mut state = self.state();
+        let now = Instant::now();
+        Ok(state
+            .units
+            .iter_mut()
+            .filter(|(_, u)| u.owner.as_deref() == Some(node) && u.lease_valid(now))
+            .map(|(unit, u)| {
+                u.lease_until = Some(now + ttl);
+                Lease {
+                    unit: unit.clone(),
+                    epoch: u.epoch,
+                    checkpoint: u.checkpoint,
+                    paused: u.paused,
+                }
+            })
+            .collect())
+    }
+
+    async fn release(&self, lease: &Lease, node: &str) -> Result<(), StoreError> {
+        let mut state = self.state();
+        if let Some(u) = state.units.get_mut(&lease.unit) {
+            if u.epoch == lease.epoch && u.owner.as_deref() == Some(node) {
+                u.owner = None;
+                u.lease_until = None;
+            }
+        }
+        Ok(())
+    }
+
+    async fn save_checkpoint(
+        &self,
+        tx: &mut MemoryTransaction,
+        lease: &Lease,
+        checkpoint: Checkpoint,
+        processed: u64,
+    ) -> Result<bool, StoreError> {
+        let current = self.state().units.get(&lease.unit).map(|u| u.epoch);
+        if current != Some(lease.epoch) {
+            return Ok(false);
+        }
+        tx.ops.push(PendingOp::Checkpoint {
+            unit: lease.unit.clone(),
+            epoch: lease.epoch,
+            checkpoint,
+            processed,
+        });
+        Ok(true)
+    }
+
+    async fn set_state(
+        &self,
+        lease: &Lease,
+        new_state: ProjectionState,
+        error: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let mut state = self.state();
+        if let Some(u) = state.units.get_mut(&lease.unit) {
+            if u.epoch == lease.epoch {
+                u.state = new_state;
+                u.last_error = error.map(str::to_owned);
+                u.updated_at = Utc::now();
+            }
+        }
+        Ok(())
+    }
+
+    async fn units(&self, projection: Option<&str>) -> Result<Vec<UnitRecord>, StoreError> {
+        let state = self.state();
+        let now = Instant::now();
+        Ok(state
+            .units
+            .iter()
+            .filter(|(unit, _)| projection.is_none_or(|p| unit.projection == p))
+            .map(|(unit, u)| UnitRecord {
+                unit: unit.clone(),
+                partitions: u.partitions,
+                checkpoint: u.checkpoint,
+                owner: u.owner.clone(),
+                lease_valid: u.lease_valid(now),
+                epoch: u.epoch,
+                state: u.state,
+                paused: u.paused,
+                last_error: u.last_error.clone(),
+                processed: u.processed,
+                rebuild_total: u.rebuild_total,
+                updated_at: u.updated_at,
+            })
+            .collect())
+    }
+
+    async fn reset_projection(
+        &self,
+        tx: &mut MemoryTransaction,
+        name: &str,
+        rebuild_total: u64,
+    ) -> Result<(), StoreError> {
+        tx.ops.push(PendingOp::Reset {
+            name: name.to_owned(),
+            total: rebuild_total,
+        });
+        Ok(())
+    }
+
+    async fn set_paused(&self, name: &str, paused: bool) -> Result<(), StoreError> {
+        {
+            let mut state = self.state();
+            for (unit, u) in state.units.iter_mut() {
+                if unit.projection == name {
+                    u.paused = paused;
+                }
+            }
+        }
+        self.signal_checkpoints();
+        Ok(())
+    }
+
+    async fn restart_projection(&self, name: &str) -> Result<(), StoreError> {
+        let mut state = self.state();
+        for (unit, u) in state.units.iter_mut() {
+            if unit.projection == name && u.state == ProjectionState::Stopped {
+                u.state = ProjectionState::Idle;
+                u.last_error = None;
+                u.owner = None;
+                u.lease_until = None;
+            }
+        }
+        Ok(())
+    }
+
+    async fn count_events(
+        &self,
+        filter: &LogFilter,
+        after: Checkpoint,
+        upto: Checkpoint,
+        cap: u64,
+    ) -> Result<u64, StoreError> {
+        let state = self.state();
+        Ok(state
+            .log
+            .iter()
+            .filter(|e| e.checkpoint() > after && e.checkpoint() <= upto && filter.matches(e))
+            .take(usize::try_from(cap).unwrap_or(usize::MAX))
+            .count() as u64)
+    }
+
+    async fn first_pending_recorded_at(
+        &self,
+        filter: &LogFilter,
+        after: Checkpoint,
+    ) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let state = self.state();
+        Ok(state
+            .log
+            .iter()
+            .find(|e| e.checkpoint() > after && filter.matches(e))
+            .map(|e| e.recorded_at))
+    }
+
+    async fn park(
+        &self,
+        tx: &mut MemoryTransaction,
+        dead_letter: NewDeadLetter<'_>,
+    ) -> Result<(), StoreError> {
+        let event = dead_letter.event.clone();
+        tx.ops.push(PendingOp::Park(Box::new((
+            DeadLetter {
+                id: 0,
+                unit: dead_letter.unit.clone(),
+                event_id: event.event_id,
+                checkpoint: event.checkpoint(),
+                event: event.event_ref(),
+                error: dead_letter.error,
+                attempts: dead_letter.attempts,
+                first_failed_at: dead_letter.first_failed_at,
+                last_failed_at: Utc::now(),
+            },
+            event,
+        ))));
+        Ok(())
+    }
+
+    async fn dead_letters(&self, projection: &str) -> Result<Vec<DeadLetter>, StoreError> {
+        Ok(self
+            .state()
+            .dead_letters
+            .values()
+            .filter(|(d, _)| d.unit.projection == projection)
+            .map(|(d, _)| d.clone())
+            .collect())
+    }
+
+    async fn take_dead_letter(
+        &self,
+        tx: &mut MemoryTransaction,
+        id: u64,
+    ) -> Result<Option<(DeadLetter, RecordedEvent)>, StoreError> {
+        let found = self.state().dead_letters.get(&id).cloned();
+        if found.is_some() {
+            tx.ops.push(PendingOp::RemoveDeadLetter(id));
+        }
+        Ok(found)
+    }
+
+    async fn note_dead_letter_failure(&self, id: u64, error: &str) -> Result<(), StoreError> {
+        if let Some((d, _)) = self.state().dead_letters.get_mut(&id) {
+            d.attempts += 1;
+            d.error = error.to_owned();
+            d.last_failed_at = Utc::now();
+        }
+        Ok(())
+    }
+
+    async fn discard_dead_letter(&self, id: u64) -> Result<bool, StoreError> {
+        Ok(self.state().dead_letters.remove(&id).is_some())
+    }
+
+    async fn inbox_claim(
+        &self,
+        tx: &mut MemoryTransaction,
+        handler: &str,
+        message_id: &str,
+    ) -> Result<bool, StoreError> {
+        let key = (handler.to_owned(), message_id.to_owned());
+        let pending = tx
+            .ops
+            .iter()
+            .any(|op| matches!(op, PendingOp::Inbox(h, m) if *h == key.0 && *m == key.1));
+        if pending || self.state().inbox.contains(&key) {
+            return Ok(false);
+        }
+        tx.ops.push(PendingOp::Inbox(key.0, key.1));
+        Ok(true)
+    }
+
+    fn signal_checkpoints(&self) {
+        self.inner.checkpoint_wake.wake();
+    }
+
+    fn checkpoint_wakeups(&self) -> Wakeups {
+        self.inner
+            .checkpoint_wake
+            .subscribe(self.inner.poll_interval)
     }
 }

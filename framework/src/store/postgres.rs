@@ -31,11 +31,20 @@ use crate::names::Identifier;
 use crate::store::{EventStore, LoadedStream};
 
 /// Schema migrations, applied in order, each once per events table.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "events table with a gap-safe global log",
-    include_str!("postgres/001_events_log.sql"),
-)];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "events table with a gap-safe global log",
+        include_str!("postgres/001_events_log.sql"),
+    ),
+    (
+        2,
+        "projection state, nodes, dead letters, inbox",
+        include_str!("postgres/002_projections.sql"),
+    ),
+];
+
+mod projection_store;
 
 /// Key of the advisory lock that serializes concurrent migrations.
 const MIGRATION_LOCK: i64 = 0x6f75_7466_6c6f_7701;
@@ -63,9 +72,13 @@ struct Inner {
     sql: Queries,
     events_table: String,
     channel: String,
+    checkpoint_channel: String,
     wake: WakeSignal,
+    checkpoint_wake: WakeSignal,
     poll_interval: Duration,
     notify: Option<mpsc::Sender<()>>,
+    notify_checkpoints: Option<mpsc::Sender<()>>,
+    projection_sql: projection_store::Queries,
     listener_started: OnceLock<()>,
     shutdown: CancellationToken,
 }
@@ -88,6 +101,7 @@ struct Queries {
     head: String,
     ids_ahead: String,
     rebase: String,
+    rebase_projections: String,
 }
 
 /// Builds a [`PostgresStore`] on an existing pool.
@@ -164,26 +178,18 @@ impl PostgresStoreBuilder {
     /// [`StoreError::InvalidIdentifier`] for a bad table name;
     /// [`StoreError::Migration`] when a migration fails.
     pub async fn build(self) -> Result<PostgresStore, StoreError> {
-        let events = Identifier::parse(&self.events_table, "events table")?;
-        let snapshots = match &self.snapshots_table {
-            Some(name) => Identifier::parse(name, "snapshots table")?,
-            None => events.derived("snapshots", "snapshots table")?,
-        };
-        let log_idx = events.derived("log_idx", "events log index name")?;
-        let type_log_idx = events.derived("type_log_idx", "events type index name")?;
-        let channel = format!("outflow_{}", events.to_string().replace('.', "_"));
-        if channel.len() > 63 {
+        let names = Names::new(&self.events_table, self.snapshots_table.as_deref())?;
+        let channel = format!("outflow_{}", names.events.to_string().replace('.', "_"));
+        let checkpoint_channel = format!("{channel}_checkpoints");
+        if checkpoint_channel.len() > 63 {
             return Err(StoreError::InvalidIdentifier {
                 what: "notification channel derived from the events table",
-                name: channel,
+                name: checkpoint_channel,
                 reason: "longer than 63 bytes",
             });
         }
-        let render = |sql: &str| {
-            sql.replace("{columns}", include_str!("postgres/columns.sql").trim_end())
-                .replace("{events}", &events.quoted())
-                .replace("{snapshots}", &snapshots.quoted())
-        };
+        let events = names.events.clone();
+        let render = |sql: &str| names.render(sql);
         let sql = Queries {
             append: render(include_str!("postgres/append.sql")),
             stream_head: render(include_str!("postgres/stream_head.sql")),
@@ -198,28 +204,38 @@ impl PostgresStoreBuilder {
                   ORDER BY e.transaction_id DESC LIMIT 1) >= pg_current_xact_id(), false)",
             ),
             rebase: render(include_str!("postgres/rebase.sql")),
+            rebase_projections: render(include_str!("postgres/rebase_projections.sql")),
         };
         if self.migrate {
-            migrate(&self.pool, &events, &snapshots, &log_idx, &type_log_idx).await?;
+            migrate(&self.pool, &names).await?;
         }
+        let projection_sql = projection_store::Queries::new(&names);
         let shutdown = CancellationToken::new();
-        let notify = self.notify_other_nodes.then(|| {
+        let notifier = |channel: &String| {
             spawn_notifier(
                 self.pool.clone(),
                 channel.clone(),
                 self.notify_interval,
                 shutdown.clone(),
             )
-        });
+        };
+        let notify = self.notify_other_nodes.then(|| notifier(&channel));
+        let notify_checkpoints = self
+            .notify_other_nodes
+            .then(|| notifier(&checkpoint_channel));
         Ok(PostgresStore {
             inner: Arc::new(Inner {
                 pool: self.pool,
                 sql,
                 events_table: events.to_string(),
                 channel,
+                checkpoint_channel,
                 wake: WakeSignal::new(),
+                checkpoint_wake: WakeSignal::new(),
                 poll_interval: self.poll_interval,
                 notify,
+                notify_checkpoints,
+                projection_sql,
                 listener_started: OnceLock::new(),
                 shutdown,
             }),
@@ -280,11 +296,7 @@ impl PostgresStore {
     ///
     /// [`StoreError::Migration`].
     pub async fn migrate(pool: &PgPool, events_table: &str) -> Result<(), StoreError> {
-        let events = Identifier::parse(events_table, "events table")?;
-        let snapshots = events.derived("snapshots", "snapshots table")?;
-        let log_idx = events.derived("log_idx", "events log index name")?;
-        let type_log_idx = events.derived("type_log_idx", "events type index name")?;
-        migrate(pool, &events, &snapshots, &log_idx, &type_log_idx).await
+        migrate(pool, &Names::new(events_table, None)?).await
     }
 
     /// Appends inside the caller's transaction, so the events commit or roll
@@ -339,6 +351,10 @@ impl PostgresStore {
             .await
             .map_err(failed)?
             .rows_affected();
+        sqlx::raw_sql(&self.inner.sql.rebase_projections)
+            .execute(&mut *tx)
+            .await
+            .map_err(failed)?;
         tx.commit().await.map_err(failed)?;
         self.signal_commit();
         Ok(changed)
@@ -520,12 +536,14 @@ impl PostgresStore {
         };
         let pool = self.inner.pool.clone();
         let channel = self.inner.channel.clone();
+        let checkpoint_channel = self.inner.checkpoint_channel.clone();
         let shutdown = self.inner.shutdown.clone();
         let wake = Arc::downgrade(&self.inner);
         runtime.spawn(async move {
             let mut backoff = Duration::from_millis(50);
             loop {
-                if let Err(error) = listen_once(&pool, &channel, &shutdown, &wake).await {
+                let channels = [channel.as_str(), checkpoint_channel.as_str()];
+                if let Err(error) = listen_once(&pool, channels, &shutdown, &wake).await {
                     tracing::warn!(%channel, "listener failed, reconnecting: {error}");
                 }
                 if shutdown.is_cancelled() || wake.strong_count() == 0 {
@@ -551,20 +569,29 @@ impl PostgresStore {
 /// connecting (notifications sent while it was away are lost).
 async fn listen_once(
     pool: &PgPool,
-    channel: &str,
+    [events_channel, checkpoint_channel]: [&str; 2],
     shutdown: &CancellationToken,
     inner: &std::sync::Weak<Inner>,
 ) -> Result<(), sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
-    listener.listen(channel).await?;
-    let wake = |inner: &std::sync::Weak<Inner>| match inner.upgrade() {
+    listener
+        .listen_all([events_channel, checkpoint_channel])
+        .await?;
+    // Which signals to raise: `None` wakes both (after connecting or losing
+    // the connection, anything may have been missed).
+    let wake = |channel: Option<&str>| match inner.upgrade() {
         Some(inner) => {
-            inner.wake.wake();
+            if channel != Some(checkpoint_channel) {
+                inner.wake.wake();
+            }
+            if channel != Some(events_channel) {
+                inner.checkpoint_wake.wake();
+            }
             true
         }
         None => false,
     };
-    if !wake(inner) {
+    if !wake(None) {
         return Ok(());
     }
     loop {
@@ -572,9 +599,9 @@ async fn listen_once(
             _ = shutdown.cancelled() => return Ok(()),
             received = listener.try_recv() => {
                 // `Ok(None)`: the connection was lost; the next call reconnects
-                // and listens again. Wake anyway, something may have been missed.
-                received?;
-                if !wake(inner) {
+                // and listens again.
+                let channel = received?;
+                if !wake(channel.as_ref().map(|n| n.channel())) {
                     return Ok(());
                 }
             }
@@ -615,13 +642,67 @@ fn spawn_notifier(
     sender
 }
 
-async fn migrate(
-    pool: &PgPool,
-    events: &Identifier,
-    snapshots: &Identifier,
-    log_idx: &Identifier,
-    type_log_idx: &Identifier,
-) -> Result<(), StoreError> {
+/// The validated names of every table and index a store uses, and the
+/// rendering of SQL templates with them.
+#[derive(Debug, Clone)]
+struct Names {
+    events: Identifier,
+    replacements: Vec<(&'static str, String)>,
+}
+
+impl Names {
+    fn new(events_table: &str, snapshots_table: Option<&str>) -> Result<Self, StoreError> {
+        let events = Identifier::parse(events_table, "events table")?;
+        let snapshots = match snapshots_table {
+            Some(name) => Identifier::parse(name, "snapshots table")?,
+            None => events.derived("snapshots", "snapshots table")?,
+        };
+        let unqualified = |id: Identifier| format!("\"{}\"", id.name());
+        let dead_letters = events.derived("dead_letters", "dead letters table")?;
+        let replacements = vec![
+            (
+                "{columns}",
+                include_str!("postgres/columns.sql").trim_end().to_owned(),
+            ),
+            (
+                "{events_log_idx}",
+                unqualified(events.derived("log_idx", "events log index name")?),
+            ),
+            (
+                "{events_type_log_idx}",
+                unqualified(events.derived("type_log_idx", "events type index name")?),
+            ),
+            (
+                "{dead_letters_projection_idx}",
+                unqualified(dead_letters.derived("projection_idx", "dead letters index name")?),
+            ),
+            ("{dead_letters}", dead_letters.quoted()),
+            (
+                "{projections}",
+                events.derived("projections", "projections table")?.quoted(),
+            ),
+            ("{nodes}", events.derived("nodes", "nodes table")?.quoted()),
+            ("{inbox}", events.derived("inbox", "inbox table")?.quoted()),
+            ("{snapshots}", snapshots.quoted()),
+            ("{events}", events.quoted()),
+        ];
+        Ok(Names {
+            events,
+            replacements,
+        })
+    }
+
+    fn render(&self, sql: &str) -> String {
+        self.replacements
+            .iter()
+            .fold(sql.to_owned(), |sql, (placeholder, value)| {
+                sql.replace(placeholder, value)
+            })
+    }
+}
+
+async fn migrate(pool: &PgPool, names: &Names) -> Result<(), StoreError> {
+    let events = &names.events;
     let failed = |version: i32, name: &'static str| {
         move |e: sqlx::Error| StoreError::Migration {
             version,
@@ -661,14 +742,7 @@ async fn migrate(
         if applied.contains(&version) {
             continue;
         }
-        let sql = sql
-            .replace("{events_log_idx}", &format!("\"{}\"", log_idx.name()))
-            .replace(
-                "{events_type_log_idx}",
-                &format!("\"{}\"", type_log_idx.name()),
-            )
-            .replace("{events}", &events.quoted())
-            .replace("{snapshots}", &snapshots.quoted());
+        let sql = names.render(sql);
         sqlx::raw_sql(&sql)
             .execute(&mut *tx)
             .await
@@ -788,34 +862,13 @@ impl EventStore for PostgresStore {
         filter: &LogFilter,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let aggregate_types = filter.aggregate_type_list();
-        let event_types = filter.event_type_list();
-        let mut clause = String::new();
-        let mut next = 4;
-        if aggregate_types.len() == 1 {
-            // Equality keeps the (aggregate_type, transaction_id, position) index usable in order.
-            clause.push_str(&format!("AND e.aggregate_type = ${next} "));
-            next += 1;
-        } else if aggregate_types.len() > 1 {
-            clause.push_str(&format!("AND e.aggregate_type = ANY(${next}::text[]) "));
-            next += 1;
-        }
-        if !event_types.is_empty() {
-            clause.push_str(&format!("AND e.event_type = ANY(${next}::text[])"));
-        }
+        let (clause, binds) = filter_sql(filter, 4);
         let sql = self.inner.sql.read_log.replace("{filter}", &clause);
-        let mut query = sqlx::query(&sql)
+        let query = sqlx::query(&sql)
             .bind(after.transaction_id.to_string())
             .bind(to_i64(after.position))
             .bind(to_i64(limit as u64));
-        if aggregate_types.len() == 1 {
-            query = query.bind(&aggregate_types[0]);
-        } else if aggregate_types.len() > 1 {
-            query = query.bind(aggregate_types);
-        }
-        if !event_types.is_empty() {
-            query = query.bind(event_types);
-        }
+        let query = bind_filter(query, binds);
         let rows = query
             .fetch_all(&self.inner.pool)
             .await
@@ -841,6 +894,67 @@ impl EventStore for PostgresStore {
         self.listen();
         self.inner.wake.subscribe(self.inner.poll_interval)
     }
+}
+
+/// A value bound for a [`filter_sql`] clause.
+enum FilterBind {
+    Text(String),
+    Texts(Vec<String>),
+    Int(i64),
+}
+
+/// The `AND ...` conditions for a filter, numbering parameters from `first`.
+/// One aggregate type is compared with `=`, so the planner can walk the
+/// `(aggregate_type, transaction_id, position)` index in log order.
+fn filter_sql(filter: &LogFilter, first: usize) -> (String, Vec<FilterBind>) {
+    let mut clause = String::new();
+    let mut binds = Vec::new();
+    let mut next = first;
+    let mut param = |binds: &mut Vec<FilterBind>, bind: FilterBind| {
+        binds.push(bind);
+        next += 1;
+        next - 1
+    };
+    match filter.aggregate_type_list() {
+        [] => {}
+        [one] => {
+            let n = param(&mut binds, FilterBind::Text(one.clone()));
+            clause.push_str(&format!(" AND e.aggregate_type = ${n}"));
+        }
+        many => {
+            let n = param(&mut binds, FilterBind::Texts(many.to_vec()));
+            clause.push_str(&format!(" AND e.aggregate_type = ANY(${n}::text[])"));
+        }
+    }
+    if !filter.event_type_list().is_empty() {
+        let n = param(
+            &mut binds,
+            FilterBind::Texts(filter.event_type_list().to_vec()),
+        );
+        clause.push_str(&format!(" AND e.event_type = ANY(${n}::text[])"));
+    }
+    if let Some(partition) = filter.partition() {
+        let count = param(&mut binds, FilterBind::Int(i64::from(partition.count)));
+        let index = param(&mut binds, FilterBind::Int(i64::from(partition.index)));
+        clause.push_str(&format!(
+            " AND mod(abs(hashtext(e.aggregate_id)::bigint), ${count}) = ${index}"
+        ));
+    }
+    (clause, binds)
+}
+
+fn bind_filter<'q>(
+    mut query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    binds: Vec<FilterBind>,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    for bind in binds {
+        query = match bind {
+            FilterBind::Text(value) => query.bind(value),
+            FilterBind::Texts(values) => query.bind(values),
+            FilterBind::Int(value) => query.bind(value),
+        };
+    }
+    query
 }
 
 fn decode_event(row: &PgRow, table: &str) -> Result<RecordedEvent, StoreError> {

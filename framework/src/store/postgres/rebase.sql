@@ -5,4 +5,4 @@
 -- readable, in position order, which keeps each stream in sequence order.
 UPDATE {events} AS e
    SET transaction_id = '0'::xid8
- WHERE e.transaction_id <> '0'::xid8
+ WHERE e.transaction_id <> '0'::xid8;
