@@ -17,6 +17,8 @@
 //! # }).unwrap();
 //! ```
 
+pub mod projections;
+
 use outflow::cqrs_es::event_sink::EventSink;
 use outflow::cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};

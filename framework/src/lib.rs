@@ -38,6 +38,9 @@ pub mod projection;
 pub mod runner;
 pub mod store;
 pub mod upcast;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub mod view;
 
 #[doc(hidden)]
 pub mod doc_fixture;

@@ -911,6 +911,18 @@ impl<S: ProjectionStore> UnitWorker<S> {
                 continue;
             }
             let caught_up = events.len() < self.registered.batch_size;
+            let mut events = events;
+            if !caught_up {
+                // Keep whole transactions together: a handler then always sees
+                // all events of a command in one batch (unless one command
+                // alone fills a batch).
+                if let Some(last_tx) = events.last().map(|e| e.transaction_id) {
+                    let cut = events.partition_point(|e| e.transaction_id != last_tx);
+                    if cut > 0 {
+                        events.truncate(cut);
+                    }
+                }
+            }
             let last = events.last().map_or(checkpoint, RecordedEvent::checkpoint);
             let target = if caught_up { last.max(head) } else { last };
             if !caught_up {
