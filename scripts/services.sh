@@ -106,8 +106,14 @@ start_postgres() {
     as_service_user "$bin/initdb" -D "$dir/data" -U outflow --auth=trust -E UTF8 --no-instructions >"$dir/initdb.log" 2>&1 \
         || { cat "$dir/initdb.log" >&2; return 1; }
     port=$(free_port)
+    # Tests open many connections at once; benchmarks keep the server's
+    # defaults (OUTFLOW_PG_DEFAULTS=1) apart from what they need to connect.
+    local settings="-c max_connections=400 -c shared_buffers=256MB"
+    if [ -n "${OUTFLOW_PG_DEFAULTS:-}" ]; then
+        settings="-c max_connections=200"
+    fi
     as_service_user "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
-        -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=400 -c shared_buffers=256MB" start >&2 \
+        -o "-p $port -k $dir -c listen_addresses=127.0.0.1 $settings" start >&2 \
         || { cat "$dir/server.log" >&2; return 1; }
     local pid
     pid=$(head -n 1 "$dir/data/postmaster.pid")

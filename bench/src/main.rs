@@ -1,0 +1,869 @@
+//! Measures Outflow against postgres-es 0.5 on the same PostgreSQL server, in
+//! the same run, with the same bank-account aggregate, and writes the results
+//! as Markdown. Run it through `scripts/bench.sh`, which starts the server.
+//!
+//! ```text
+//! outflow-bench [--quick] [--out docs/benchmarks.md]   # all scenarios
+//! outflow-bench rebuild-child URL batch|view            # one rebuild, in a child process
+//! ```
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use cqrs_es::persist::{GenericQuery, PersistedEventStore, QueryReplay};
+use cqrs_es::{EventEnvelope, EventStore as _, Query, View};
+use example_accounts::projections::Balances;
+use example_accounts::{BankAccount, BankCommand, BankEvent};
+use outflow::projection::ProjectionOptions;
+use outflow::runner::ProjectionRunner;
+use outflow::view::ViewProjection;
+use outflow::{CommandBus, EventStore as _, PostgresStore};
+use postgres_es::{PostgresEventRepository, PostgresViewRepository};
+use serde::{Deserialize, Serialize};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool};
+use tokio_util::sync::CancellationToken;
+
+/// A balance view for both systems (cqrs-es `View`).
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+struct BalanceView {
+    balance: i64,
+    movements: u64,
+}
+
+impl View<BankAccount> for BalanceView {
+    fn update(&mut self, event: &EventEnvelope<BankAccount>) {
+        self.movements += 1;
+        match &event.payload {
+            BankEvent::Deposited { amount } => self.balance += amount,
+            BankEvent::Withdrawn { amount } => self.balance -= amount,
+            BankEvent::AccountOpened { .. } | BankEvent::AccountClosed => {}
+        }
+    }
+}
+
+struct Size {
+    quick: bool,
+    accounts: usize,
+    deposits: usize,
+    rebuild_events: usize,
+    rebuild_accounts: usize,
+    replay_events: usize,
+    steady_seconds: u64,
+    pgbench_seconds: u64,
+    loads: usize,
+}
+
+impl Size {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Size {
+                quick,
+                accounts: 200,
+                deposits: 10,
+                rebuild_events: 200_000,
+                rebuild_accounts: 2_000,
+                replay_events: 10_000,
+                steady_seconds: 5,
+                pgbench_seconds: 5,
+                loads: 30,
+            }
+        } else {
+            Size {
+                quick,
+                accounts: 2_000,
+                deposits: 10,
+                rebuild_events: 1_000_000,
+                rebuild_accounts: 10_000,
+                replay_events: 100_000,
+                steady_seconds: 20,
+                pgbench_seconds: 15,
+                loads: 100,
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct Rate {
+    per_second: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn rate(latencies: &mut [Duration], elapsed: Duration) -> Rate {
+    latencies.sort_unstable();
+    let pick = |q: f64| {
+        if latencies.is_empty() {
+            0.0
+        } else {
+            let i = ((latencies.len() as f64 - 1.0) * q).round() as usize;
+            latencies[i].as_secs_f64() * 1000.0
+        }
+    };
+    Rate {
+        per_second: latencies.len() as f64 / elapsed.as_secs_f64(),
+        p50_ms: pick(0.50),
+        p99_ms: pick(0.99),
+    }
+}
+
+struct Server {
+    admin: PgConnectOptions,
+    counter: std::sync::atomic::AtomicU32,
+}
+
+impl Server {
+    async fn fresh_db(&self, label: &str) -> Result<(PgConnectOptions, String)> {
+        let n = self
+            .counter
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("bench_{label}_{n}_{}", std::process::id());
+        let mut conn = self.admin.connect().await?;
+        sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\""))
+            .execute(&mut conn)
+            .await?;
+        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&mut conn)
+            .await?;
+        let options = self.admin.clone().database(&name);
+        Ok((options, name))
+    }
+}
+
+async fn pool(options: &PgConnectOptions, size: u32, ping: bool) -> Result<PgPool> {
+    Ok(PgPoolOptions::new()
+        .max_connections(size)
+        .test_before_acquire(ping)
+        .connect_with(options.clone())
+        .await?)
+}
+
+async fn postgres_es_schema(pool: &PgPool) -> Result<()> {
+    sqlx::raw_sql(
+        "CREATE TABLE events (
+            aggregate_type text NOT NULL, aggregate_id text NOT NULL,
+            sequence bigint CHECK (sequence >= 0) NOT NULL,
+            event_type text NOT NULL, event_version text NOT NULL,
+            payload json NOT NULL, metadata json NOT NULL,
+            PRIMARY KEY (aggregate_type, aggregate_id, sequence));
+         CREATE TABLE snapshots (
+            aggregate_type text NOT NULL, aggregate_id text NOT NULL,
+            last_sequence bigint CHECK (last_sequence >= 0) NOT NULL,
+            current_snapshot bigint CHECK (current_snapshot >= 0) NOT NULL,
+            payload json NOT NULL,
+            PRIMARY KEY (aggregate_type, aggregate_id, last_sequence));
+         CREATE TABLE balance_view (
+            view_id text NOT NULL, version bigint CHECK (version >= 0) NOT NULL,
+            payload json NOT NULL, PRIMARY KEY (view_id));",
+    )
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// The two systems' command paths behind one interface.
+#[derive(Clone)]
+enum System {
+    Outflow(Arc<CommandBus<BankAccount, PostgresStore>>),
+    PostgresEs(Arc<postgres_es::PostgresCqrs<BankAccount>>),
+}
+
+impl System {
+    async fn execute(&self, id: &str, command: BankCommand) -> Result<()> {
+        match self {
+            System::Outflow(bus) => {
+                bus.execute(id, command).await?;
+            }
+            System::PostgresEs(cqrs) => cqrs.execute(id, command).await?,
+        }
+        Ok(())
+    }
+}
+
+async fn outflow_system(server: &Server, label: &str) -> Result<(System, PostgresStore)> {
+    let (options, _) = server.fresh_db(label).await?;
+    let store = PostgresStore::builder(pool(&options, 20, false).await?)
+        .build()
+        .await?;
+    let bus = CommandBus::<BankAccount, _>::new(store.clone(), ());
+    Ok((System::Outflow(Arc::new(bus)), store))
+}
+
+async fn postgres_es_system(
+    server: &Server,
+    label: &str,
+    with_view: bool,
+) -> Result<(System, PgPool)> {
+    let (options, _) = server.fresh_db(label).await?;
+    // postgres-es's own defaults: sqlx pool with its standard settings.
+    let pool = pool(&options, 20, true).await?;
+    postgres_es_schema(&pool).await?;
+    let mut queries: Vec<Box<dyn Query<BankAccount>>> = Vec::new();
+    if with_view {
+        let repo = Arc::new(PostgresViewRepository::<BalanceView, BankAccount>::new(
+            "balance_view",
+            pool.clone(),
+        ));
+        queries.push(Box::new(GenericQuery::new(repo)));
+    }
+    let cqrs = postgres_es::postgres_cqrs(pool.clone(), queries, ());
+    Ok((System::PostgresEs(Arc::new(cqrs)), pool))
+}
+
+/// Opens `accounts` accounts, then runs `deposits` rounds of one deposit per
+/// account from `clients` concurrent clients (each on its own accounts).
+async fn commands(
+    system: &System,
+    accounts: usize,
+    deposits: usize,
+    clients: usize,
+) -> Result<Rate> {
+    let ids: Vec<String> = (0..accounts).map(|i| format!("acc-{i:05}")).collect();
+    for id in &ids {
+        system
+            .execute(id, BankCommand::Open { owner: id.clone() })
+            .await?;
+    }
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for client in 0..clients {
+        let mine: Vec<String> = ids.iter().skip(client).step_by(clients).cloned().collect();
+        let system = system.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(mine.len() * deposits);
+            for _ in 0..deposits {
+                for id in &mine {
+                    let t = Instant::now();
+                    system
+                        .execute(id, BankCommand::Deposit { amount: 7 })
+                        .await?;
+                    latencies.push(t.elapsed());
+                }
+            }
+            Ok::<_, anyhow::Error>(latencies)
+        }));
+    }
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await??);
+    }
+    Ok(rate(&mut latencies, started.elapsed()))
+}
+
+fn spawn_runner(
+    runner: &ProjectionRunner<PostgresStore>,
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let shutdown = CancellationToken::new();
+    let handle = tokio::spawn({
+        let runner = runner.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            if let Err(error) = runner.run(shutdown).await {
+                eprintln!("runner failed: {error}");
+            }
+        }
+    });
+    (shutdown, handle)
+}
+
+struct ReadModelResult {
+    outflow: Rate,
+    outflow_caught_up_ms: f64,
+    postgres_es: Rate,
+}
+
+async fn commands_with_read_model(server: &Server, size: &Size) -> Result<ReadModelResult> {
+    let (system, store) = outflow_system(server, "rm_outflow").await?;
+    let view = ViewProjection::<BankAccount, BalanceView>::new("balance_view", "balance_view")?;
+    view.create_table(store.pool()).await?;
+    let runner = ProjectionRunner::builder(store.clone())
+        .projection(ProjectionOptions::new(view))
+        .build()?;
+    let (shutdown, handle) = spawn_runner(&runner);
+    let outflow = commands(&system, size.accounts, size.deposits, 1).await?;
+    let head = store.head().await?;
+    let t = Instant::now();
+    runner
+        .wait_for(head, &["balance_view"], Duration::from_secs(120))
+        .await?;
+    let outflow_caught_up_ms = t.elapsed().as_secs_f64() * 1000.0;
+    shutdown.cancel();
+    handle.await?;
+
+    let (system, _) = postgres_es_system(server, "rm_pges", true).await?;
+    let postgres_es = commands(&system, size.accounts, size.deposits, 1).await?;
+    Ok(ReadModelResult {
+        outflow,
+        outflow_caught_up_ms,
+        postgres_es,
+    })
+}
+
+/// Writes `events` bank events over `accounts` accounts straight into an
+/// events table with SQL (Outflow's columns come from their defaults).
+async fn seed_events(pool: &PgPool, events: usize, accounts: usize) -> Result<()> {
+    let per_account = events / accounts;
+    let chunk = 1_000.min(accounts);
+    for start in (0..accounts).step_by(chunk) {
+        sqlx::query(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+             SELECT 'account', 'acc-' || lpad(a::text, 6, '0'), s,
+                    CASE WHEN s = 1 THEN 'AccountOpened' ELSE 'Deposited' END, '1.0',
+                    CASE WHEN s = 1 THEN json_build_object('AccountOpened', json_build_object('owner', 'owner ' || a))
+                         ELSE json_build_object('Deposited', json_build_object('amount', s % 100 + 1)) END,
+                    '{}'::json
+               FROM generate_series($1::int, $2::int) a, generate_series(1, $3::int) s
+              ORDER BY s, a",
+        )
+        .bind(start as i32)
+        .bind((start + chunk).min(accounts) as i32 - 1)
+        .bind(per_account as i32)
+        .execute(pool)
+        .await?;
+    }
+    sqlx::query("ANALYZE events").execute(pool).await?;
+    Ok(())
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct RebuildReport {
+    events: u64,
+    seconds: f64,
+    peak_rss_mb: f64,
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// In a child process: replays the whole log into one projection and reports.
+async fn rebuild_child(url: &str, kind: &str) -> Result<()> {
+    let options: PgConnectOptions = url.parse()?;
+    let store = PostgresStore::builder(pool(&options, 4, false).await?)
+        .build()
+        .await?;
+    let options = match kind {
+        "batch" => {
+            Balances::create_table(store.pool()).await?;
+            ProjectionOptions::new(Balances::named("rebuild_batch")).batch_size(2000)
+        }
+        "view" => {
+            let view =
+                ViewProjection::<BankAccount, BalanceView>::new("rebuild_view", "rebuild_view")?;
+            view.create_table(store.pool()).await?;
+            ProjectionOptions::new(view).batch_size(2000)
+        }
+        other => bail!("unknown rebuild kind `{other}`"),
+    };
+    let runner = ProjectionRunner::builder(store.clone())
+        .projection(options)
+        .build()?;
+    let head = store.head().await?;
+    let started = Instant::now();
+    let (shutdown, handle) = spawn_runner(&runner);
+    let name = if kind == "batch" {
+        "rebuild_batch"
+    } else {
+        "rebuild_view"
+    };
+    runner
+        .wait_for(head, &[name], Duration::from_secs(1800))
+        .await?;
+    let seconds = started.elapsed().as_secs_f64();
+    let events = runner.status().await?.iter().map(|s| s.processed).sum();
+    shutdown.cancel();
+    handle.await?;
+    let report = RebuildReport {
+        events,
+        seconds,
+        peak_rss_mb: peak_rss_mb(),
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+async fn run_rebuild_child(url: &str, kind: &str) -> Result<RebuildReport> {
+    let exe = std::env::current_exe()?;
+    let output = tokio::process::Command::new(exe)
+        .args(["rebuild-child", url, kind])
+        .output()
+        .await?;
+    if !output.status.success() {
+        bail!(
+            "rebuild child failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    let line = text
+        .lines()
+        .last()
+        .context("no report from the rebuild child")?;
+    Ok(serde_json::from_str(line)?)
+}
+
+struct RebuildResult {
+    batch: RebuildReport,
+    view: RebuildReport,
+    replay_events: usize,
+    replay_per_second: f64,
+}
+
+async fn rebuilds(server: &Server, size: &Size) -> Result<RebuildResult> {
+    let (options, _) = server.fresh_db("rebuild").await?;
+    let url = options.to_url_lossy().to_string();
+    {
+        let store = PostgresStore::builder(pool(&options, 4, false).await?)
+            .build()
+            .await?;
+        seed_events(store.pool(), size.rebuild_events, size.rebuild_accounts).await?;
+    }
+    let batch = run_rebuild_child(&url, "batch").await?;
+    let view = run_rebuild_child(&url, "view").await?;
+
+    let (options, _) = server.fresh_db("replay_pges").await?;
+    let pges_pool = pool(&options, 4, true).await?;
+    postgres_es_schema(&pges_pool).await?;
+    seed_events(&pges_pool, size.replay_events, size.replay_events / 100).await?;
+    let repo = Arc::new(PostgresViewRepository::<BalanceView, BankAccount>::new(
+        "balance_view",
+        pges_pool.clone(),
+    ));
+    let replay = QueryReplay::new(
+        PostgresEventRepository::new(pges_pool.clone()),
+        GenericQuery::new(repo),
+    );
+    let started = Instant::now();
+    replay
+        .replay_all()
+        .await
+        .map_err(|e| anyhow::anyhow!("postgres-es replay failed: {e}"))?;
+    let replay_per_second = size.replay_events as f64 / started.elapsed().as_secs_f64();
+    Ok(RebuildResult {
+        batch,
+        view,
+        replay_events: size.replay_events,
+        replay_per_second,
+    })
+}
+
+/// Commands at a steady rate; latency from sending a command until the read
+/// model shows it (`wait_for` returns).
+async fn visible_latency(server: &Server, per_second: u32, seconds: u64) -> Result<Rate> {
+    let (system, store) = outflow_system(server, "latency").await?;
+    let view = ViewProjection::<BankAccount, BalanceView>::new("balance_view", "balance_view")?;
+    view.create_table(store.pool()).await?;
+    let runner = ProjectionRunner::builder(store.clone())
+        .projection(ProjectionOptions::new(view))
+        .build()?;
+    let (shutdown, handle) = spawn_runner(&runner);
+    let accounts = 1_000;
+    let ids: Vec<String> = (0..accounts).map(|i| format!("acc-{i:05}")).collect();
+    for id in &ids {
+        system
+            .execute(id, BankCommand::Open { owner: id.clone() })
+            .await?;
+    }
+    runner
+        .wait_for(
+            store.head().await?,
+            &["balance_view"],
+            Duration::from_secs(60),
+        )
+        .await?;
+    let System::Outflow(bus) = system else {
+        bail!("not outflow")
+    };
+    let total = per_second as u64 * seconds;
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(per_second)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(total as usize);
+    for i in 0..total {
+        ticker.tick().await;
+        let bus = bus.clone();
+        let runner = runner.clone();
+        let id = ids[i as usize % accounts].clone();
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            let done = loop {
+                match bus.execute(&id, BankCommand::Deposit { amount: 1 }).await {
+                    Err(e) if e.is_conflict() => continue,
+                    other => break other?,
+                }
+            };
+            if let Some(checkpoint) = done.checkpoint() {
+                runner
+                    .wait_for(checkpoint, &["balance_view"], Duration::from_secs(60))
+                    .await?;
+            }
+            Ok::<_, anyhow::Error>(t.elapsed())
+        }));
+    }
+    let mut latencies = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        latencies.push(task.await??);
+    }
+    let elapsed = started.elapsed();
+    shutdown.cancel();
+    handle.await?;
+    Ok(rate(&mut latencies, elapsed))
+}
+
+struct LoadResult {
+    outflow_events_ms: f64,
+    outflow_snapshot_ms: f64,
+    postgres_es_events_ms: f64,
+    postgres_es_snapshot_ms: f64,
+}
+
+async fn aggregate_loads(server: &Server, size: &Size) -> Result<LoadResult> {
+    const EVENTS: usize = 1_000;
+    // Outflow: one account with 1,000 events, written through a bus that
+    // snapshots at 1,000.
+    let (options, _) = server.fresh_db("load_outflow").await?;
+    let store = PostgresStore::builder(pool(&options, 4, false).await?)
+        .build()
+        .await?;
+    let snapshotting = CommandBus::<BankAccount, _>::builder(store.clone(), ())
+        .snapshot_every(EVENTS as u64)
+        .build();
+    snapshotting
+        .execute(
+            "big",
+            BankCommand::Open {
+                owner: "big".into(),
+            },
+        )
+        .await?;
+    for _ in 1..EVENTS {
+        snapshotting
+            .execute("big", BankCommand::Deposit { amount: 1 })
+            .await?;
+    }
+    let plain = CommandBus::<BankAccount, _>::new(store.clone(), ());
+    let time = |n: usize, elapsed: Duration| elapsed.as_secs_f64() * 1000.0 / n as f64;
+    let started = Instant::now();
+    for _ in 0..size.loads {
+        let (_, version) = plain.load("big").await?;
+        assert_eq!(version, EVENTS as u64);
+    }
+    let outflow_events_ms = time(size.loads, started.elapsed());
+    let started = Instant::now();
+    for _ in 0..size.loads {
+        let (_, version) = snapshotting.load("big").await?;
+        assert_eq!(version, EVENTS as u64);
+    }
+    let outflow_snapshot_ms = time(size.loads, started.elapsed());
+
+    // postgres-es: the same, through its PersistedEventStore.
+    let (options, _) = server.fresh_db("load_pges").await?;
+    let pges_pool = pool(&options, 4, true).await?;
+    postgres_es_schema(&pges_pool).await?;
+    let cqrs =
+        postgres_es::postgres_snapshot_cqrs::<BankAccount>(pges_pool.clone(), vec![], EVENTS, ());
+    cqrs.execute(
+        "big",
+        BankCommand::Open {
+            owner: "big".into(),
+        },
+    )
+    .await?;
+    for _ in 1..EVENTS {
+        cqrs.execute("big", BankCommand::Deposit { amount: 1 })
+            .await?;
+    }
+    let events_store = PersistedEventStore::<_, BankAccount>::new_event_store(
+        PostgresEventRepository::new(pges_pool.clone()),
+    );
+    let snapshot_store = PersistedEventStore::<_, BankAccount>::new_snapshot_store(
+        PostgresEventRepository::new(pges_pool.clone()),
+        EVENTS,
+    );
+    let started = Instant::now();
+    for _ in 0..size.loads {
+        events_store.load_aggregate("big").await?;
+    }
+    let postgres_es_events_ms = time(size.loads, started.elapsed());
+    let started = Instant::now();
+    for _ in 0..size.loads {
+        snapshot_store.load_aggregate("big").await?;
+    }
+    let postgres_es_snapshot_ms = time(size.loads, started.elapsed());
+    Ok(LoadResult {
+        outflow_events_ms,
+        outflow_snapshot_ms,
+        postgres_es_events_ms,
+        postgres_es_snapshot_ms,
+    })
+}
+
+/// The server's own limit: single-row autocommit inserts with pgbench.
+async fn pgbench(server: &Server, clients: u32, seconds: u64) -> Result<f64> {
+    let (options, name) = server.fresh_db("pgbench").await?;
+    let pool = pool(&options, 2, true).await?;
+    sqlx::query("CREATE TABLE raw_inserts (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, payload json NOT NULL)")
+        .execute(&pool)
+        .await?;
+    let script = std::env::temp_dir().join(format!("outflow-pgbench-{}.sql", std::process::id()));
+    std::fs::write(
+        &script,
+        "INSERT INTO raw_inserts (payload) VALUES ('{\"Deposited\":{\"amount\":7}}');\n",
+    )?;
+    let bin = std::env::var("OUTFLOW_PG_BIN").unwrap_or_else(|_| "/usr/bin".into());
+    let host = options.get_host().to_owned();
+    let port = options.get_port().to_string();
+    let user = options.get_username().to_owned();
+    let output = tokio::process::Command::new(format!("{bin}/pgbench"))
+        .args([
+            "-n",
+            "-h",
+            &host,
+            "-p",
+            &port,
+            "-U",
+            &user,
+            "-c",
+            &clients.to_string(),
+            "-j",
+            &clients.min(2).to_string(),
+            "-T",
+            &seconds.to_string(),
+            "-f",
+        ])
+        .arg(&script)
+        .arg(&name)
+        .output()
+        .await
+        .context("running pgbench")?;
+    let _ = std::fs::remove_file(&script);
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.lines()
+        .find(|l| l.starts_with("tps = "))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|n| n.parse::<f64>().ok())
+        .with_context(|| {
+            format!(
+                "no tps in pgbench output: {text}{}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        })
+}
+
+async fn server_facts(server: &Server) -> Result<Vec<(String, String)>> {
+    let mut conn = server.admin.connect().await?;
+    let mut facts = Vec::new();
+    let version: String = sqlx::query_scalar("SHOW server_version")
+        .fetch_one(&mut conn)
+        .await?;
+    facts.push(("PostgreSQL".to_owned(), version));
+    for setting in [
+        "fsync",
+        "synchronous_commit",
+        "shared_buffers",
+        "max_connections",
+        "wal_level",
+    ] {
+        let value: String = sqlx::query_scalar(&format!("SHOW {setting}"))
+            .fetch_one(&mut conn)
+            .await?;
+        facts.push((setting.to_owned(), value));
+    }
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    facts.push(("cores".to_owned(), cores.to_string()));
+    if let Ok(cpuinfo) = std::fs::read_to_string("/proc/cpuinfo") {
+        if let Some(model) = cpuinfo.lines().find(|l| l.starts_with("model name")) {
+            facts.push((
+                "CPU".to_owned(),
+                model.split(':').nth(1).unwrap_or("").trim().to_owned(),
+            ));
+        }
+    }
+    Ok(facts)
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 {
+        format!("{:.2}×", a / b)
+    } else {
+        "–".to_owned()
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("rebuild-child") {
+        let (Some(url), Some(kind)) = (args.get(1), args.get(2)) else {
+            bail!("usage: outflow-bench rebuild-child URL batch|view");
+        };
+        return rebuild_child(url, kind).await;
+    }
+    let quick = args.iter().any(|a| a == "--quick");
+    let out = args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| "docs/benchmarks.md".to_owned());
+    let url =
+        std::env::var("DATABASE_URL").context("DATABASE_URL is not set (run scripts/bench.sh)")?;
+    let server = Server {
+        admin: url.parse()?,
+        counter: Default::default(),
+    };
+    let size = Size::new(quick);
+    let started = Instant::now();
+    let mut results: HashMap<&str, String> = HashMap::new();
+
+    eprintln!("1/7 commands, 1 client");
+    let (outflow, _) = outflow_system(&server, "c1").await?;
+    let o1 = commands(&outflow, size.accounts, size.deposits, 1).await?;
+    let (pges, _) = postgres_es_system(&server, "c1", false).await?;
+    let p1 = commands(&pges, size.accounts, size.deposits, 1).await?;
+
+    eprintln!("2/7 commands, 16 clients");
+    let (outflow, _) = outflow_system(&server, "c16").await?;
+    let o16 = commands(&outflow, size.accounts, size.deposits, 16).await?;
+    let (pges, _) = postgres_es_system(&server, "c16", false).await?;
+    let p16 = commands(&pges, size.accounts, size.deposits, 16).await?;
+
+    eprintln!("3/7 commands with a read model");
+    let rm = commands_with_read_model(&server, &size).await?;
+
+    eprintln!("4/7 rebuilds");
+    let rb = rebuilds(&server, &size).await?;
+
+    eprintln!("5/7 append → visible latency");
+    let l500 = visible_latency(&server, 500, size.steady_seconds).await?;
+    let l2000 = visible_latency(&server, 2000, size.steady_seconds).await?;
+
+    eprintln!("6/7 aggregate loads");
+    let loads = aggregate_loads(&server, &size).await?;
+
+    eprintln!("7/7 pgbench");
+    let raw1 = pgbench(&server, 1, size.pgbench_seconds).await?;
+    let raw16 = pgbench(&server, 16, size.pgbench_seconds).await?;
+
+    let facts = server_facts(&server).await?;
+    let mut md = String::new();
+    let _ = writeln!(md, "# Benchmarks\n");
+    let _ = writeln!(
+        md,
+        "Outflow and postgres-es 0.5 on the same PostgreSQL server in the same run \
+         (`scripts/bench.sh{}`, {:.0} s), with the bank-account aggregate of \
+         `example-accounts`. Release build; the server runs with its default settings \
+         (fsync on) in a throwaway cluster on this machine. postgres-es uses its own \
+         defaults (sqlx pool, which pings the server on each checkout); Outflow uses \
+         `PostgresStore::connect`'s pool settings.\n",
+        if size.quick { " --quick" } else { "" },
+        started.elapsed().as_secs_f64()
+    );
+    let _ = writeln!(md, "## Machine\n\n| | |\n|---|---|");
+    for (k, v) in &facts {
+        let _ = writeln!(md, "| {k} | {v} |");
+    }
+    let _ = writeln!(md, "\n## Commands (load + handle + append)\n");
+    let _ = writeln!(
+        md,
+        "{} accounts × {} deposits.\n\n| scenario | Outflow cmd/s | postgres-es cmd/s | ratio | Outflow p50 / p99 ms | postgres-es p50 / p99 ms |\n|---|---|---|---|---|---|",
+        size.accounts, size.deposits
+    );
+    for (label, o, p) in [
+        ("1 client", &o1, &p1),
+        ("16 clients", &o16, &p16),
+        (
+            "1 client, with read model (postgres-es: synchronous view; Outflow: async projection)",
+            &rm.outflow,
+            &rm.postgres_es,
+        ),
+    ] {
+        let _ = writeln!(
+            md,
+            "| {label} | {:.0} | {:.0} | {} | {:.2} / {:.2} | {:.2} / {:.2} |",
+            o.per_second,
+            p.per_second,
+            ratio(o.per_second, p.per_second),
+            o.p50_ms,
+            o.p99_ms,
+            p.p50_ms,
+            p.p99_ms
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nOutflow's asynchronous read model had caught up {:.1} ms after the last command returned.\n",
+        rm.outflow_caught_up_ms
+    );
+    let _ = writeln!(md, "## Projection rebuild\n");
+    let _ = writeln!(
+        md,
+        "Replay of the whole log from the start in a fresh process (peak RSS is that process's).\n\n| what | events | events/s | peak RSS MB |\n|---|---|---|---|"
+    );
+    let _ = writeln!(
+        md,
+        "| Outflow, hand-written batch projection (`Balances`) | {} | {:.0} | {:.0} |",
+        rb.batch.events,
+        rb.batch.events as f64 / rb.batch.seconds,
+        rb.batch.peak_rss_mb
+    );
+    let _ = writeln!(
+        md,
+        "| Outflow, cqrs-es `View` through `ViewProjection` | {} | {:.0} | {:.0} |",
+        rb.view.events,
+        rb.view.events as f64 / rb.view.seconds,
+        rb.view.peak_rss_mb
+    );
+    let _ = writeln!(
+        md,
+        "| postgres-es `QueryReplay::replay_all` into `GenericQuery` | {} | {:.0} | – |",
+        rb.replay_events, rb.replay_per_second
+    );
+    let _ = writeln!(md, "\n## Append → read model visible (Outflow)\n");
+    let _ = writeln!(
+        md,
+        "Deposits at a steady rate for {} s each, 1,000 accounts; latency from sending the command until `wait_for` sees the projection past it.\n\n| rate | achieved cmd/s | p50 ms | p99 ms |\n|---|---|---|---|",
+        size.steady_seconds
+    );
+    for (label, l) in [("500 cmd/s", &l500), ("2,000 cmd/s", &l2000)] {
+        let _ = writeln!(
+            md,
+            "| {label} | {:.0} | {:.2} | {:.2} |",
+            l.per_second, l.p50_ms, l.p99_ms
+        );
+    }
+    let _ = writeln!(md, "\n## Aggregate load, 1,000 events\n");
+    let _ = writeln!(
+        md,
+        "| | Outflow ms | postgres-es ms | ratio (postgres-es / Outflow) |\n|---|---|---|---|\n| from events | {:.3} | {:.3} | {} |\n| with a snapshot | {:.3} | {:.3} | {} |",
+        loads.outflow_events_ms,
+        loads.postgres_es_events_ms,
+        ratio(loads.postgres_es_events_ms, loads.outflow_events_ms),
+        loads.outflow_snapshot_ms,
+        loads.postgres_es_snapshot_ms,
+        ratio(loads.postgres_es_snapshot_ms, loads.outflow_snapshot_ms)
+    );
+    let _ = writeln!(md, "\n## The server's own limit (pgbench)\n");
+    let _ = writeln!(
+        md,
+        "Single-row autocommit inserts, {} s each.\n\n| clients | inserts/s |\n|---|---|\n| 1 | {raw1:.0} |\n| 16 | {raw16:.0} |",
+        size.pgbench_seconds
+    );
+    results.insert("done", String::new());
+    std::fs::write(&out, md).with_context(|| format!("writing {out}"))?;
+    eprintln!("wrote {out} in {:.0} s", started.elapsed().as_secs_f64());
+    Ok(())
+}

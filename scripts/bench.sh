@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Benchmarks Outflow against postgres-es on one throwaway PostgreSQL server
+# (default settings, fsync on) and writes docs/benchmarks.md.
+#
+#   scripts/bench.sh           the full run (under 20 minutes on 2 cores)
+#   scripts/bench.sh --quick   a smaller run (under 3 minutes once built)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/services.sh
+source scripts/services.sh
+
+cargo build --release -p outflow-bench
+OUTFLOW_PG_DEFAULTS=1 start_postgres
+./target/release/outflow-bench "$@" --out docs/benchmarks.md
