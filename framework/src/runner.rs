@@ -638,6 +638,16 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
         projections: &[&str],
         timeout: Duration,
     ) -> Result<(), WaitError> {
+        // A runner may be waited on before `run` has registered its
+        // projections (right after start-up): register those it knows.
+        for name in projections {
+            if let Some(registered) = self.shared.projections.get(*name) {
+                self.shared
+                    .store
+                    .register_projection(&registered.name, registered.partitions)
+                    .await?;
+            }
+        }
         wait_for(&self.shared.store, target, projections, timeout).await
     }
 
@@ -666,9 +676,11 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
         store
             .register_projection(&registered.name, registered.partitions)
             .await?;
-        let head = store.head().await?;
+        // Every committed event, including those a transaction still open
+        // elsewhere keeps readers from (the head would leave them out).
+        let end = Checkpoint::new(i64::MAX as u64, i64::MAX as u64);
         let total = store
-            .count_events(&registered.filter, Checkpoint::START, head, u64::MAX >> 1)
+            .count_events(&registered.filter, Checkpoint::START, end, i64::MAX as u64)
             .await?;
         let mut tx = store.begin().await?;
         store.reset_projection(&mut tx, name, total).await?;
@@ -868,8 +880,10 @@ impl<S: ProjectionStore> UnitWorker<S> {
             }
             let read = async {
                 let head = store.head().await?;
+                // One event more than a batch tells whether the batch's last
+                // transaction continues past it.
                 let events = store
-                    .read_log(checkpoint, &filter, self.registered.batch_size)
+                    .read_log(checkpoint, &filter, self.registered.batch_size + 1)
                     .await?;
                 Ok::<_, StoreError>((head, events))
             };
@@ -910,14 +924,17 @@ impl<S: ProjectionStore> UnitWorker<S> {
                 }
                 continue;
             }
-            let caught_up = events.len() < self.registered.batch_size;
+            let batch_size = self.registered.batch_size;
+            let caught_up = events.len() <= batch_size;
             let mut events = events;
             if !caught_up {
                 // Keep whole transactions together: a handler then always sees
                 // all events of a command in one batch (unless one command
                 // alone fills a batch).
-                if let Some(last_tx) = events.last().map(|e| e.transaction_id) {
-                    let cut = events.partition_point(|e| e.transaction_id != last_tx);
+                let next_tx = events[batch_size].transaction_id;
+                events.truncate(batch_size);
+                if events[batch_size - 1].transaction_id == next_tx {
+                    let cut = events.partition_point(|e| e.transaction_id != next_tx);
                     if cut > 0 {
                         events.truncate(cut);
                     }
