@@ -181,6 +181,13 @@ impl PostgresStoreBuilder {
         let names = Names::new(&self.events_table, self.snapshots_table.as_deref())?;
         let channel = format!("outflow_{}", names.events.to_string().replace('.', "_"));
         let checkpoint_channel = format!("{channel}_checkpoints");
+        if channel.len() > 63 {
+            return Err(StoreError::InvalidIdentifier {
+                what: "notification channel derived from the events table",
+                name: channel,
+                reason: "longer than 63 bytes",
+            });
+        }
         if checkpoint_channel.len() > 63 {
             return Err(StoreError::InvalidIdentifier {
                 what: "notification channel derived from the events table",
@@ -658,31 +665,27 @@ impl Names {
             None => events.derived("snapshots", "snapshots table")?,
         };
         let unqualified = |id: Identifier| format!("\"{}\"", id.name());
-        let dead_letters = events.derived("dead_letters", "dead letters table")?;
+        let log_idx = unqualified(events.derived("log_idx", "events log index name")?);
+        let type_log_idx = unqualified(events.derived("type_log_idx", "events type index name")?);
+        let projections = events.derived("projections", "projections table")?.quoted();
+        let nodes = events.derived("nodes", "nodes table")?.quoted();
+        let dead_letters = events
+            .derived("dead_letters", "dead letters table")?
+            .quoted();
+        let dead_letters_idx = unqualified(events.derived("dl_idx", "dead letters index name")?);
+        let inbox = events.derived("inbox", "inbox table")?.quoted();
         let replacements = vec![
             (
                 "{columns}",
                 include_str!("postgres/columns.sql").trim_end().to_owned(),
             ),
-            (
-                "{events_log_idx}",
-                unqualified(events.derived("log_idx", "events log index name")?),
-            ),
-            (
-                "{events_type_log_idx}",
-                unqualified(events.derived("type_log_idx", "events type index name")?),
-            ),
-            (
-                "{dead_letters_projection_idx}",
-                unqualified(dead_letters.derived("projection_idx", "dead letters index name")?),
-            ),
-            ("{dead_letters}", dead_letters.quoted()),
-            (
-                "{projections}",
-                events.derived("projections", "projections table")?.quoted(),
-            ),
-            ("{nodes}", events.derived("nodes", "nodes table")?.quoted()),
-            ("{inbox}", events.derived("inbox", "inbox table")?.quoted()),
+            ("{events_log_idx}", log_idx),
+            ("{events_type_log_idx}", type_log_idx),
+            ("{dead_letters_projection_idx}", dead_letters_idx),
+            ("{dead_letters}", dead_letters),
+            ("{projections}", projections),
+            ("{nodes}", nodes),
+            ("{inbox}", inbox),
             ("{snapshots}", snapshots.quoted()),
             ("{events}", events.quoted()),
         ];

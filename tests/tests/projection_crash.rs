@@ -1,0 +1,311 @@
+//! A projection survives its process being killed at random moments: 30
+//! worker processes (`src/bin/projection_worker.rs`) run the
+//! `account_balances` projection one after another while events keep being
+//! appended, each killed with SIGKILL after a random 50–400 ms of owning the
+//! projection. A final worker then catches up, and the table equals a fresh
+//! fold of every event in the log — including each account's event count,
+//! which would show an event applied twice or never.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use example_accounts::projections::{BalanceRow, Balances};
+use example_accounts::{BankAccount, BankEvent};
+use futures::TryStreamExt;
+use outflow::store::projections::{ProjectionStore, UnitRecord};
+use outflow::{AppendRequest, Checkpoint, EventStore, LogFilter, NewEvent, PostgresStore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+const PROJECTION: &str = "account_balances";
+const WORKERS: usize = 30;
+const ACCOUNTS: usize = 20;
+/// Appends of 10 events before the first worker starts.
+const BACKLOG_APPENDS: usize = 1000;
+/// The worker's batch size.
+const BATCH: u64 = 20;
+
+/// A worker process; killed (SIGKILL) and reaped when dropped, so a failing
+/// test leaves none behind. It also exits when its stdin (held here) closes.
+struct Worker {
+    child: Child,
+    node: String,
+}
+
+impl Worker {
+    fn spawn(url: &str) -> Worker {
+        let child = Command::new(env!("CARGO_BIN_EXE_projection_worker"))
+            .arg(url)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the worker");
+        let node = format!("worker-{}", child.id());
+        Worker { child, node }
+    }
+
+    fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("poll the worker")
+    }
+
+    /// SIGKILL, then waits for the process to be gone.
+    fn kill(&mut self) {
+        self.child.kill().expect("kill the worker");
+        self.child.wait().expect("reap the worker");
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The URL of database `name` on the test server.
+fn database_url(name: &str) -> String {
+    let server = common::server_url();
+    let (base, query) = match server.split_once('?') {
+        Some((base, query)) => (base, format!("?{query}")),
+        None => (server.as_str(), String::new()),
+    };
+    let authority_start = base.find("://").map_or(0, |i| i + 3);
+    let path_start = base[authority_start..]
+        .find('/')
+        .map_or(base.len(), |i| authority_start + i);
+    format!("{}/{name}{query}", &base[..path_start])
+}
+
+/// Appends to `ACCOUNTS` accounts, keeping each stream's version.
+struct Appender {
+    versions: Vec<u64>,
+    appended: usize,
+    round: usize,
+}
+
+impl Appender {
+    async fn append(&mut self, store: &PostgresStore, count: usize) {
+        let account = self.round % ACCOUNTS;
+        let id = format!("acc-{account:02}");
+        let events = (0..count)
+            .map(|i| {
+                let event = if self.versions[account] == 0 && i == 0 {
+                    BankEvent::AccountOpened {
+                        owner: format!("owner {account}"),
+                    }
+                } else if (self.round + i) % 4 == 3 {
+                    BankEvent::Withdrawn { amount: 2 }
+                } else {
+                    BankEvent::Deposited {
+                        amount: (self.round % 11 + 1) as i64,
+                    }
+                };
+                NewEvent::from_event::<BankAccount>(&id, &event).expect("serialize")
+            })
+            .collect();
+        store
+            .append(AppendRequest {
+                aggregate_type: "account".into(),
+                aggregate_id: id,
+                expected_version: self.versions[account],
+                events,
+            })
+            .await
+            .expect("append");
+        self.versions[account] += count as u64;
+        self.appended += count;
+        self.round += 1;
+    }
+}
+
+async fn unit(store: &PostgresStore) -> Option<UnitRecord> {
+    store
+        .units(Some(PROJECTION))
+        .await
+        .expect("read the projection's state")
+        .into_iter()
+        .next()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killed_workers_apply_every_event_exactly_once() {
+    let started = Instant::now();
+    let db = common::TestDb::new("projection_crash").await;
+    let url = database_url(&db.name);
+    let store = db.store().await;
+    Balances::create_table(store.pool())
+        .await
+        .expect("create account_balances");
+
+    // A backlog, so that the first workers are killed while catching up in
+    // batches; then appends all along.
+    let mut appender = Appender {
+        versions: vec![0; ACCOUNTS],
+        appended: 0,
+        round: 0,
+    };
+    for _ in 0..BACKLOG_APPENDS {
+        appender.append(&store, 10).await;
+    }
+    let stop_appending = CancellationToken::new();
+    let appending = tokio::spawn({
+        let store = store.clone();
+        let stop = stop_appending.clone();
+        async move {
+            while !stop.is_cancelled() {
+                let count = 1 + appender.round % 3;
+                appender.append(&store, count).await;
+                tokio::time::sleep(Duration::from_millis(4)).await;
+            }
+            appender.appended
+        }
+    });
+
+    let mut last_processed = 0;
+    let mut last_checkpoint = Checkpoint::START;
+    let mut progressed = 0;
+    let mut mid_way = 0;
+    let mut mid_catch_up = 0;
+    let account_events = LogFilter::aggregate_types(["account"]);
+    for round in 0..WORKERS {
+        let mut worker = Worker::spawn(&url);
+        // The previous worker's lease runs out within 1 s; then this one claims.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = worker.exited() {
+                panic!("worker {round} exited by itself: {status}");
+            }
+            let unit = unit(&store).await;
+            if unit
+                .as_ref()
+                .is_some_and(|u| u.lease_valid && u.owner.as_deref() == Some(&worker.node))
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "worker {round} ({}) did not get the projection within 20 s: {unit:?}",
+                worker.node
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let lifetime = Duration::from_millis(rand::random_range(50..=400));
+        tokio::time::sleep(lifetime).await;
+        worker.kill();
+
+        let unit = unit(&store).await.expect("the projection is registered");
+        let head = store.head().await.expect("head");
+        assert!(
+            unit.processed >= last_processed && unit.checkpoint >= last_checkpoint,
+            "the projection went backwards: {unit:?}, before: {last_processed} at {last_checkpoint}"
+        );
+        if unit.processed > last_processed {
+            progressed += 1;
+            if unit.checkpoint < head {
+                mid_way += 1;
+            }
+            let left = store
+                .count_events(&account_events, unit.checkpoint, head, BATCH + 1)
+                .await
+                .expect("count the events left");
+            if left > BATCH {
+                mid_catch_up += 1;
+            }
+        }
+        last_processed = unit.processed;
+        last_checkpoint = unit.checkpoint;
+    }
+    stop_appending.cancel();
+    let appended = appending.await.expect("the appender failed");
+    // The last event written, committed and visible: the log's head could lag
+    // behind it while any transaction on the server is open.
+    let (txid, position): (String, i64) = sqlx::query_as(
+        // Ordered by the columns themselves: a bare `transaction_id` here would
+        // sort the text the select list makes of it ('9999' > '15828').
+        "SELECT e.transaction_id::text AS txid, e.position FROM events e
+          ORDER BY e.transaction_id DESC, e.position DESC LIMIT 1",
+    )
+    .fetch_one(store.pool())
+    .await
+    .expect("the last event written");
+    let head = Checkpoint::new(
+        txid.parse().expect("a transaction id"),
+        u64::try_from(position).expect("a position"),
+    );
+    println!(
+        "{WORKERS} workers killed after {:?}: {progressed} made progress, {mid_way} of them \
+         with work left, {mid_catch_up} while catching up (more than a batch behind); \
+         {last_processed} of {appended} events processed before the final run",
+        started.elapsed()
+    );
+    assert!(
+        mid_way > 0 && mid_catch_up > 0,
+        "no worker was killed between making progress and catching up \
+         ({mid_way} with work left, {mid_catch_up} more than a batch behind)"
+    );
+
+    let mut last = Worker::spawn(&url);
+    outflow::runner::wait_for(&store, head, &[PROJECTION], Duration::from_secs(60))
+        .await
+        .expect("the final worker catches up");
+    last.kill();
+
+    let events: Vec<_> = outflow::log::read_log(&store, Checkpoint::START, account_events, 1000)
+        .try_collect()
+        .await
+        .expect("read the log");
+    assert_eq!(events.len(), appended, "account events in the log");
+    let mut expected: BTreeMap<String, BalanceRow> = BTreeMap::new();
+    for event in events {
+        let id = event.aggregate_id.clone();
+        let envelope = event
+            .decode::<BankAccount>(&[])
+            .expect("decode an account event");
+        let row = expected.entry(id.clone()).or_default();
+        Balances::fold([&envelope.payload], &id, row);
+    }
+    let rows = Balances::rows(store.pool()).await.expect("read the table");
+    let actual: BTreeMap<String, BalanceRow> = rows
+        .into_iter()
+        .map(|row| (row.account_id.clone(), row))
+        .collect();
+    let wrong: Vec<_> = expected
+        .keys()
+        .chain(actual.keys())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .filter(|id| expected.get(*id) != actual.get(*id))
+        .map(|id| {
+            format!(
+                "{id}: table {:?}, fold {:?}",
+                actual.get(id),
+                expected.get(id)
+            )
+        })
+        .collect();
+    let dead_letters = store.dead_letters(PROJECTION).await.expect("dead letters");
+    let final_unit = unit(&store).await.expect("the projection is registered");
+    assert!(
+        wrong.is_empty(),
+        "account_balances differs from a fold of the log in {} of {} accounts:\n{}\n\
+         target {head}, unit {final_unit:?}, parked {dead_letters:#?}",
+        wrong.len(),
+        expected.len(),
+        wrong.join("\n")
+    );
+    assert_eq!(actual.len(), ACCOUNTS, "accounts in the table");
+
+    let unit = unit(&store).await.expect("the projection is registered");
+    assert_eq!(
+        unit.processed, appended as u64,
+        "events counted by committed batches"
+    );
+    let dead_letters = store.dead_letters(PROJECTION).await.expect("dead letters");
+    assert!(dead_letters.is_empty(), "parked: {dead_letters:#?}");
+    println!("done after {:?}", started.elapsed());
+}
