@@ -16,8 +16,55 @@ use crate::error::{CommandError, EventRef, StoreError};
 use crate::event::{
     deserialize_payload, AppendRequest, Checkpoint, Envelope, Metadata, NewEvent, Snapshot,
 };
-use crate::store::EventStore;
+use crate::projection::HandlerError;
+use crate::pubsub::EventBus;
+use crate::store::ProjectionStore;
 use crate::upcast::Upcaster;
+
+/// Reacts to a command's events inside the transaction that appends them:
+/// exactly once, all or nothing. If it fails, the events and every write it
+/// made roll back, and the command's caller gets
+/// [`CommandError::Inline`]. Use it for strong consistency inside one
+/// database — unique constraints across aggregates, a table that must never
+/// lag behind the events.
+///
+/// ```
+/// use outflow::command::InlineHandler;
+/// use outflow::projection::HandlerError;
+/// use outflow::store::memory::MemoryTransaction;
+/// use outflow::{Envelope, MemoryStore};
+/// # use outflow::doc_fixture::Counter;
+///
+/// /// Refuses increments past a total of 100 across all counters.
+/// struct Budget(std::sync::Mutex<i64>);
+///
+/// #[async_trait::async_trait]
+/// impl InlineHandler<Counter, MemoryStore> for Budget {
+///     fn name(&self) -> &str { "budget" }
+///     async fn handle(&self, events: &[Envelope<Counter>], _tx: &mut MemoryTransaction) -> Result<(), HandlerError> {
+///         let mut total = self.0.lock().map_err(|_| HandlerError::msg("poisoned"))?;
+///         for event in events {
+///             let outflow::doc_fixture::CounterEvent::Incremented { by } = event.payload;
+///             if *total + by > 100 { return Err(HandlerError::msg("over budget")); }
+///             *total += by;
+///         }
+///         Ok(())
+///     }
+/// }
+/// ```
+#[async_trait::async_trait]
+pub trait InlineHandler<A: Aggregate, S: ProjectionStore>: Send + Sync + 'static {
+    /// A name for errors.
+    fn name(&self) -> &str;
+
+    /// Handles the events of one command inside the append transaction.
+    ///
+    /// # Errors
+    ///
+    /// Any [`HandlerError`]; the command then writes nothing.
+    async fn handle(&self, events: &[Envelope<A>], tx: &mut S::Transaction)
+        -> Result<(), HandlerError>;
+}
 
 /// Runs commands against aggregates of type `A` stored in `S`.
 ///
@@ -38,22 +85,54 @@ use crate::upcast::Upcaster;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// # }).unwrap();
 /// ```
-pub struct CommandBus<A: Aggregate, S: EventStore> {
+pub struct CommandBus<A: Aggregate, S: ProjectionStore> {
     store: S,
     services: A::Services,
     snapshot_every: Option<u64>,
     upcasters: Arc<[Box<dyn Upcaster>]>,
+    inline: Vec<Box<dyn InlineHandler<A, S>>>,
+    publish: Option<EventBus>,
+    cache: Option<std::sync::Mutex<AggregateCache<A>>>,
 }
 
 /// Builds a [`CommandBus`].
-pub struct CommandBusBuilder<A: Aggregate, S: EventStore> {
+pub struct CommandBusBuilder<A: Aggregate, S: ProjectionStore> {
     store: S,
     services: A::Services,
     snapshot_every: Option<u64>,
     upcasters: Vec<Box<dyn Upcaster>>,
+    inline: Vec<Box<dyn InlineHandler<A, S>>>,
+    publish: Option<EventBus>,
+    cache: usize,
 }
 
-impl<A: Aggregate, S: EventStore> CommandBusBuilder<A, S> {
+impl<A: Aggregate, S: ProjectionStore> CommandBusBuilder<A, S> {
+    /// Keeps up to `capacity` aggregates in memory after their commands, so a
+    /// command on a recently used aggregate skips loading it (default 0: off).
+    ///
+    /// A cached aggregate is checked by the append itself: if another writer
+    /// appended meanwhile (another process, or a bus without this cache), the
+    /// command fails with a [conflict](CommandError::is_conflict), the entry is
+    /// dropped, and a retry ([`CommandBus::execute_retrying`]) loads it fresh.
+    /// So turn it on where each aggregate is written mostly through one bus.
+    pub fn cache_aggregates(mut self, capacity: usize) -> Self {
+        self.cache = capacity;
+        self
+    }
+
+    /// Adds a handler run inside the append transaction (see [`InlineHandler`]).
+    pub fn inline(mut self, handler: impl InlineHandler<A, S>) -> Self {
+        self.inline.push(Box::new(handler));
+        self
+    }
+
+    /// Publishes every committed command's events to an in-memory
+    /// [`EventBus`] (at most once, after the commit).
+    pub fn publish_to(mut self, bus: EventBus) -> Self {
+        self.publish = Some(bus);
+        self
+    }
+
     /// Stores a snapshot each time an aggregate's version crosses a multiple
     /// of `events` (0 turns snapshots off, the default).
     pub fn snapshot_every(mut self, events: u64) -> Self {
@@ -74,6 +153,10 @@ impl<A: Aggregate, S: EventStore> CommandBusBuilder<A, S> {
             services: self.services,
             snapshot_every: self.snapshot_every,
             upcasters: self.upcasters.into(),
+            inline: self.inline,
+            publish: self.publish,
+            cache: (self.cache > 0)
+                .then(|| std::sync::Mutex::new(AggregateCache::new(self.cache))),
         }
     }
 }
@@ -155,9 +238,9 @@ impl<A: Aggregate> Committed<A> {
 
 impl<A, S> CommandBus<A, S>
 where
-    A: Aggregate,
+    A: Aggregate + 'static,
     A::Error: 'static,
-    S: EventStore,
+    S: ProjectionStore,
 {
     /// A bus with default settings (no snapshots, no upcasters).
     pub fn new(store: S, services: A::Services) -> Self {
@@ -171,6 +254,9 @@ where
             services,
             snapshot_every: None,
             upcasters: Vec::new(),
+            inline: Vec::new(),
+            publish: None,
+            cache: 0,
         }
     }
 
@@ -206,7 +292,18 @@ where
         command: A::Command,
         context: CommandContext,
     ) -> Result<Committed<A>, CommandError<A::Error>> {
-        let (mut aggregate, version) = self.load(aggregate_id).await?;
+        // A cached aggregate is taken out while its command runs: a rejected
+        // or failed command drops it (its state may hold half a command).
+        let cached = self.cache.as_ref().and_then(|cache| {
+            cache
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .take(aggregate_id)
+        });
+        let (mut aggregate, version) = match cached {
+            Some(cached) => cached,
+            None => self.load(aggregate_id).await?,
+        };
         let sink = EventSink::<A>::default();
         aggregate
             .handle(command, &self.services, &sink)
@@ -214,6 +311,7 @@ where
             .map_err(CommandError::Rejected)?;
         let payloads = sink.collect().await;
         if payloads.is_empty() {
+            self.keep(aggregate_id, aggregate, version);
             return Ok(Committed {
                 events: Vec::new(),
                 version,
@@ -227,39 +325,44 @@ where
             event.causation_id = Some(context.causation_id);
             events.push(event);
         }
-        let recorded = self
-            .store
-            .append(AppendRequest {
-                aggregate_type: A::TYPE.to_owned(),
-                aggregate_id: aggregate_id.to_owned(),
-                expected_version: version,
-                events,
-            })
-            .await?;
+        let request = AppendRequest {
+            aggregate_type: A::TYPE.to_owned(),
+            aggregate_id: aggregate_id.to_owned(),
+            expected_version: version,
+            events,
+        };
         let new_version = version + payloads.len() as u64;
-        let envelopes: Vec<Envelope<A>> = recorded
-            .into_iter()
-            .zip(payloads)
-            .map(|(r, payload)| Envelope {
-                event_id: r.event_id,
-                aggregate_id: r.aggregate_id,
-                sequence: r.sequence,
-                position: r.position,
-                transaction_id: r.transaction_id,
-                recorded_at: r.recorded_at,
-                event_type: r.event_type,
-                event_version: r.event_version,
-                correlation_id: r.correlation_id,
-                causation_id: r.causation_id,
-                metadata: r.metadata,
-                payload,
-            })
-            .collect();
+        let (envelopes, recorded) = if self.inline.is_empty() {
+            let recorded = self.store.append(request).await?;
+            (envelopes(recorded.clone(), payloads), recorded)
+        } else {
+            let mut tx = self.store.begin().await?;
+            let recorded = self.store.append_in(&mut tx, request).await?;
+            let envelopes = envelopes(recorded.clone(), payloads);
+            for handler in &self.inline {
+                if let Err(error) = handler.handle(&envelopes, &mut tx).await {
+                    // Dropping the transaction rolls back the events and the
+                    // handlers' writes.
+                    drop(tx);
+                    return Err(CommandError::Inline {
+                        handler: handler.name().to_owned(),
+                        error,
+                    });
+                }
+            }
+            self.store.commit(tx).await?;
+            self.store.events_committed();
+            (envelopes, recorded)
+        };
+        if let Some(bus) = &self.publish {
+            bus.publish(recorded);
+        }
         if let Some(every) = self.snapshot_every {
             if version / every != new_version / every {
                 self.snapshot(aggregate_id, &aggregate, new_version).await;
             }
         }
+        self.keep(aggregate_id, aggregate, new_version);
         Ok(Committed {
             events: envelopes,
             version: new_version,
@@ -337,30 +440,65 @@ where
                 });
             }
             version = event.sequence;
-            let (event_type, event_version, payload) = crate::upcast::apply(
-                &self.upcasters,
-                &event.aggregate_type,
-                &event.aggregate_id,
-                event.sequence,
-                Some(event.position),
-                event.event_type,
-                event.event_version,
-                event.payload,
-            )?;
-            let payload = deserialize_payload::<A>(payload, || EventRef {
-                aggregate_type: event.aggregate_type.clone(),
-                aggregate_id: event.aggregate_id.clone(),
-                sequence: event.sequence,
-                position: Some(event.position),
-                event_type,
-                event_version,
-            })?;
-            aggregate.apply(payload);
+            aggregate.apply(self.decode_stream_event(aggregate_id, event)?);
         }
         Ok((aggregate, version))
     }
 
+    fn keep(&self, aggregate_id: &str, aggregate: A, version: u64) {
+        if let Some(cache) = &self.cache {
+            cache
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .put(aggregate_id, aggregate, version);
+        }
+    }
+
+    /// Deserializes a loaded event: straight from its JSON text when no
+    /// upcaster wants it, through a JSON value and the upcasters otherwise.
+    fn decode_stream_event(
+        &self,
+        aggregate_id: &str,
+        event: crate::store::StreamEvent,
+    ) -> Result<A::Event, StoreError> {
+        let event_ref = |event_type: &str, event_version: &str| EventRef {
+            aggregate_type: A::TYPE.to_owned(),
+            aggregate_id: aggregate_id.to_owned(),
+            sequence: event.sequence,
+            position: Some(event.position),
+            event_type: event_type.to_owned(),
+            event_version: event_version.to_owned(),
+        };
+        let wanted = self
+            .upcasters
+            .iter()
+            .any(|u| u.can_upcast(&event.event_type, &event.event_version));
+        if !wanted {
+            return crate::event::deserialize_payload_str::<A>(&event.payload, || {
+                event_ref(&event.event_type, &event.event_version)
+            });
+        }
+        let value: serde_json::Value = serde_json::from_str(&event.payload).map_err(|source| {
+            StoreError::Deserialize {
+                event: Box::new(event_ref(&event.event_type, &event.event_version)),
+                source,
+            }
+        })?;
+        let (event_type, event_version, payload) = crate::upcast::apply(
+            &self.upcasters,
+            A::TYPE,
+            aggregate_id,
+            event.sequence,
+            Some(event.position),
+            event.event_type.clone(),
+            event.event_version.clone(),
+            value,
+        )?;
+        deserialize_payload::<A>(payload, || event_ref(&event_type, &event_version))
+    }
+
     async fn snapshot(&self, aggregate_id: &str, aggregate: &A, version: u64) {
+        // (kept below the command path: a failed snapshot never fails a command)
         let state = match serde_json::to_value(aggregate) {
             Ok(state) => state,
             Err(error) => {
@@ -390,5 +528,66 @@ where
                 "snapshot not saved: {error}"
             );
         }
+    }
+}
+
+fn envelopes<A: Aggregate>(recorded: Vec<crate::event::RecordedEvent>, payloads: Vec<A::Event>) -> Vec<Envelope<A>> {
+    recorded
+        .into_iter()
+        .zip(payloads)
+        .map(|(r, payload)| Envelope {
+            event_id: r.event_id,
+            aggregate_id: r.aggregate_id,
+            sequence: r.sequence,
+            position: r.position,
+            transaction_id: r.transaction_id,
+            recorded_at: r.recorded_at,
+            event_type: r.event_type,
+            event_version: r.event_version,
+            correlation_id: r.correlation_id,
+            causation_id: r.causation_id,
+            metadata: r.metadata,
+            payload,
+        })
+        .collect()
+}
+
+/// Aggregates kept after their commands, least recently used evicted first.
+struct AggregateCache<A> {
+    capacity: usize,
+    entries: std::collections::HashMap<String, (A, u64, u64)>,
+    by_use: std::collections::BTreeMap<u64, String>,
+    tick: u64,
+}
+
+impl<A> AggregateCache<A> {
+    fn new(capacity: usize) -> Self {
+        AggregateCache {
+            capacity,
+            entries: std::collections::HashMap::new(),
+            by_use: std::collections::BTreeMap::new(),
+            tick: 0,
+        }
+    }
+
+    fn take(&mut self, id: &str) -> Option<(A, u64)> {
+        let (aggregate, version, tick) = self.entries.remove(id)?;
+        self.by_use.remove(&tick);
+        Some((aggregate, version))
+    }
+
+    fn put(&mut self, id: &str, aggregate: A, version: u64) {
+        if let Some((_, _, tick)) = self.entries.remove(id) {
+            self.by_use.remove(&tick);
+        }
+        while self.entries.len() >= self.capacity {
+            let Some((_, oldest)) = self.by_use.pop_first() else {
+                break;
+            };
+            self.entries.remove(&oldest);
+        }
+        self.tick += 1;
+        self.by_use.insert(self.tick, id.to_owned());
+        self.entries.insert(id.to_owned(), (aggregate, version, self.tick));
     }
 }

@@ -216,6 +216,14 @@ pub enum CommandError<E: std::error::Error + 'static> {
     /// concurrency conflicts.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// An inline handler failed; the events and its writes were rolled back.
+    #[error("inline handler `{handler}` failed: {error}")]
+    Inline {
+        /// The handler's name.
+        handler: String,
+        /// Its error.
+        error: crate::projection::HandlerError,
+    },
 }
 
 impl<E: std::error::Error + 'static> CommandError<E> {
@@ -228,7 +236,7 @@ impl<E: std::error::Error + 'static> CommandError<E> {
     pub fn rejection(&self) -> Option<&E> {
         match self {
             CommandError::Rejected(e) => Some(e),
-            CommandError::Store(_) => None,
+            CommandError::Store(_) | CommandError::Inline { .. } => None,
         }
     }
 }

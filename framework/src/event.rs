@@ -111,6 +111,42 @@ impl RecordedEvent {
         }
     }
 
+    /// As [`decode`](Self::decode), without consuming the event: when no
+    /// upcaster applies, the payload is deserialized in place, without copying
+    /// it (what batch projections want).
+    ///
+    /// # Errors
+    ///
+    /// As [`decode`](Self::decode).
+    pub fn decode_ref<A: Aggregate>(
+        &self,
+        upcasters: &[Box<dyn Upcaster>],
+    ) -> Result<Envelope<A>, StoreError> {
+        if upcasters
+            .iter()
+            .any(|u| u.can_upcast(&self.event_type, &self.event_version))
+        {
+            return self.clone().decode(upcasters);
+        }
+        use serde::Deserialize as _;
+        let payload = A::Event::deserialize(&self.payload)
+            .map_err(|source| classify(source, || self.event_ref()))?;
+        Ok(Envelope {
+            event_id: self.event_id,
+            aggregate_id: self.aggregate_id.clone(),
+            sequence: self.sequence,
+            position: self.position,
+            transaction_id: self.transaction_id,
+            recorded_at: self.recorded_at,
+            event_type: self.event_type.clone(),
+            event_version: self.event_version.clone(),
+            correlation_id: self.correlation_id,
+            causation_id: self.causation_id,
+            metadata: self.metadata.clone(),
+            payload,
+        })
+    }
+
     /// Upcasts (when an upcaster applies) and deserializes the payload into
     /// `A::Event`.
     ///
@@ -178,14 +214,24 @@ pub(crate) fn deserialize_payload<A: Aggregate>(
     payload: serde_json::Value,
     event: impl FnOnce() -> EventRef,
 ) -> Result<A::Event, StoreError> {
-    serde_json::from_value::<A::Event>(payload).map_err(|source| {
-        let event = Box::new(event());
-        if source.to_string().starts_with("unknown variant") {
-            StoreError::UnknownEventType { event, source }
-        } else {
-            StoreError::Deserialize { event, source }
-        }
-    })
+    serde_json::from_value::<A::Event>(payload).map_err(|source| classify(source, event))
+}
+
+/// As [`deserialize_payload`], from JSON text.
+pub(crate) fn deserialize_payload_str<A: Aggregate>(
+    payload: &str,
+    event: impl FnOnce() -> EventRef,
+) -> Result<A::Event, StoreError> {
+    serde_json::from_str::<A::Event>(payload).map_err(|source| classify(source, event))
+}
+
+fn classify(source: serde_json::Error, event: impl FnOnce() -> EventRef) -> StoreError {
+    let event = Box::new(event());
+    if source.to_string().starts_with("unknown variant") {
+        StoreError::UnknownEventType { event, source }
+    } else {
+        StoreError::Deserialize { event, source }
+    }
 }
 
 /// A typed event of aggregate `A` with everything Outflow knows about it.

@@ -30,11 +30,13 @@
 #![warn(missing_docs)]
 
 pub mod command;
+pub mod delivery;
 pub mod error;
 pub mod event;
 pub mod log;
 pub mod names;
 pub mod projection;
+pub mod pubsub;
 pub mod runner;
 pub mod store;
 pub mod upcast;
@@ -53,7 +55,7 @@ pub use store::memory::MemoryStore;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use store::postgres::{PostgresStore, PostgresStoreBuilder};
-pub use store::{EventStore, LoadedStream};
+pub use store::{EventStore, LoadedStream, StreamEvent};
 
 /// Re-exports of `cqrs-es` so applications need one dependency.
 pub use cqrs_es;

@@ -197,7 +197,7 @@ where
         tx: &mut S::Transaction,
     ) -> Result<(), HandlerError> {
         for event in events {
-            let envelope = event.clone().decode::<A>(&self.upcasters)?;
+            let envelope = event.decode_ref::<A>(&self.upcasters)?;
             self.handler.handle(&envelope, tx).await?;
         }
         Ok(())
@@ -214,6 +214,7 @@ where
 /// sqlx, serde and Outflow errors inside handlers.
 pub struct HandlerError {
     source: BoxError,
+    transient: bool,
 }
 
 impl HandlerError {
@@ -221,6 +222,18 @@ impl HandlerError {
     pub fn msg(message: impl Into<String>) -> Self {
         HandlerError {
             source: message.into().into(),
+            transient: false,
+        }
+    }
+
+    /// An error the handler marks as the infrastructure's (a broker that is
+    /// down, an acknowledgement that timed out): the runner retries the batch
+    /// with backoff for as long as it takes, never parks its events, and never
+    /// moves the checkpoint past them.
+    pub fn transient(error: impl Into<BoxError>) -> Self {
+        HandlerError {
+            source: error.into(),
+            transient: true,
         }
     }
 
@@ -248,6 +261,9 @@ impl HandlerError {
     /// serialization failure) rather than the event's: the runner then retries
     /// without counting towards parking the event.
     pub fn is_transient(&self) -> bool {
+        if self.transient {
+            return true;
+        }
         let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&*self.source);
         while let Some(error) = cause {
             if let Some(store) = error.downcast_ref::<crate::StoreError>() {
@@ -271,6 +287,7 @@ impl<E: std::error::Error + Send + Sync + 'static> From<E> for HandlerError {
     fn from(error: E) -> Self {
         HandlerError {
             source: Box::new(error),
+            transient: false,
         }
     }
 }

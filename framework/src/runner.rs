@@ -289,9 +289,13 @@ pub async fn wait_for<S: ProjectionStore>(
     timeout: Duration,
 ) -> Result<(), WaitError> {
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut wakeups = store.checkpoint_wakeups();
+    // One read of our own, then the view that one task keeps fresh for every
+    // waiter of this store: many waiters cost one query per change, not one
+    // each.
+    let mut view = store.waiters().view.subscribe();
+    ensure_refresher(store);
+    let mut units = Arc::new(store.units(None).await?);
     loop {
-        let units = store.units(None).await?;
         let mut behind = None;
         for &name in projections {
             let mine: Vec<_> = units.iter().filter(|u| u.unit.projection == name).collect();
@@ -315,7 +319,17 @@ pub async fn wait_for<S: ProjectionStore>(
             return Ok(());
         };
         tokio::select! {
-            _ = wakeups.wait() => {}
+            changed = view.changed() => {
+                if changed.is_err() {
+                    units = Arc::new(store.units(None).await?);
+                    continue;
+                }
+                let latest = view.borrow_and_update().clone();
+                // The shared view may predate our own read; never go back.
+                if !latest.is_empty() {
+                    units = latest;
+                }
+            }
             _ = tokio::time::sleep_until(deadline) => {
                 return Err(WaitError::Timeout {
                     projection: name.to_owned(),
@@ -326,6 +340,39 @@ pub async fn wait_for<S: ProjectionStore>(
             }
         }
     }
+}
+
+/// Starts the task that refreshes a store's shared checkpoint view while
+/// anyone waits, if it is not running.
+fn ensure_refresher<S: ProjectionStore>(store: &S) {
+    use std::sync::atomic::Ordering;
+    let waiters = store.waiters();
+    if waiters.refreshing.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let store = store.clone();
+    tokio::spawn(async move {
+        let mut wakeups = store.checkpoint_wakeups();
+        loop {
+            match store.units(None).await {
+                Ok(units) => {
+                    store.waiters().view.send_replace(Arc::new(units));
+                }
+                Err(error) => tracing::debug!("refreshing checkpoints failed: {error}"),
+            }
+            wakeups.wait().await;
+            let waiters = store.waiters();
+            if waiters.view.receiver_count() == 0 {
+                waiters.refreshing.store(false, Ordering::Release);
+                // A waiter may have arrived between the check and the store.
+                if waiters.view.receiver_count() == 0
+                    || waiters.refreshing.swap(true, Ordering::AcqRel)
+                {
+                    return;
+                }
+            }
+        }
+    });
 }
 
 /// A unit running in this process.

@@ -12,7 +12,7 @@ use crate::log::{LogFilter, Wakeups};
 
 pub use projections::{
     DeadLetter, Lease, NewDeadLetter, OldestTransaction, ProjectionState, ProjectionStore, UnitId,
-    UnitRecord,
+    UnitRecord, Waiters,
 };
 
 pub mod memory;
@@ -28,7 +28,24 @@ pub struct LoadedStream {
     /// The snapshot the events continue from.
     pub snapshot: Option<Snapshot>,
     /// Events after the snapshot (or all events), in sequence order.
-    pub events: Vec<RecordedEvent>,
+    pub events: Vec<StreamEvent>,
+}
+
+/// An event as a command needs it to rebuild its aggregate: no envelope,
+/// and the payload as the JSON text it is stored as, so that it can be
+/// deserialized straight into the event type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamEvent {
+    /// Sequence within the stream.
+    pub sequence: u64,
+    /// Global position (for error messages).
+    pub position: u64,
+    /// Event type.
+    pub event_type: String,
+    /// Event version.
+    pub event_version: String,
+    /// The payload as JSON text.
+    pub payload: String,
 }
 
 /// A backend that stores events and serves the global log.

@@ -176,7 +176,7 @@ where
         let mut views: Vec<(String, V, i64, Option<(String, u64)>)> = Vec::new();
         let mut decoded = Vec::with_capacity(events.len());
         for event in events {
-            let envelope = event.clone().decode::<A>(&self.upcasters)?;
+            let envelope = event.decode_ref::<A>(&self.upcasters)?;
             if let Some(key) = (self.key)(&envelope) {
                 decoded.push((key, envelope));
             }

@@ -14,8 +14,9 @@ use crate::event::{AppendRequest, Checkpoint, RecordedEvent, Snapshot};
 use crate::log::{LogFilter, WakeSignal, Wakeups};
 use crate::store::projections::{
     DeadLetter, Lease, NewDeadLetter, ProjectionState, ProjectionStore, UnitId, UnitRecord,
+    Waiters,
 };
-use crate::store::{EventStore, LoadedStream};
+use crate::store::{EventStore, LoadedStream, StreamEvent};
 
 /// An in-memory [`EventStore`]. Cloning is cheap and shares the same events.
 ///
@@ -42,6 +43,7 @@ struct Inner {
     wake: WakeSignal,
     checkpoint_wake: WakeSignal,
     poll_interval: Duration,
+    waiters: Waiters,
 }
 
 #[derive(Debug, Default)]
@@ -102,6 +104,11 @@ enum PendingOp {
     },
     Inbox(String, String),
     RemoveDeadLetter(u64),
+    Append {
+        events: Vec<RecordedEvent>,
+        log_len: usize,
+        expected_version: u64,
+    },
 }
 
 impl Default for MemoryStore {
@@ -119,6 +126,7 @@ impl MemoryStore {
                 wake: WakeSignal::new(),
                 checkpoint_wake: WakeSignal::new(),
                 poll_interval: Duration::from_millis(500),
+                waiters: Waiters::default(),
             }),
         }
     }
@@ -232,7 +240,16 @@ impl EventStore for MemoryStore {
         let after = snapshot.as_ref().map_or(0, |s| s.version);
         let events = self
             .read_stream(aggregate_type, aggregate_id, after, usize::MAX)
-            .await?;
+            .await?
+            .into_iter()
+            .map(|e| StreamEvent {
+                sequence: e.sequence,
+                position: e.position,
+                event_type: e.event_type,
+                event_version: e.event_version,
+                payload: e.payload.to_string(),
+            })
+            .collect();
         Ok(LoadedStream { snapshot, events })
     }
 
@@ -293,8 +310,28 @@ impl ProjectionStore for MemoryStore {
         let mut state = self.state();
         let now = Utc::now();
         // Like the database, commit everything or nothing: a checkpoint whose
-        // epoch moved meanwhile fails the whole transaction.
+        // epoch moved meanwhile, or an append overtaken by another writer,
+        // fails the whole transaction.
         for op in &tx.ops {
+            if let PendingOp::Append {
+                events,
+                log_len,
+                expected_version,
+            } = op
+            {
+                if let Some(first) = events.first() {
+                    let key = (first.aggregate_type.clone(), first.aggregate_id.clone());
+                    let actual = state.streams.get(&key).map_or(0, |s| s.len() as u64);
+                    if state.log.len() != *log_len || actual != *expected_version {
+                        return Err(StoreError::Conflict {
+                            aggregate_type: key.0,
+                            aggregate_id: key.1,
+                            expected: *expected_version,
+                            actual: Some(actual),
+                        });
+                    }
+                }
+            }
             if let PendingOp::Checkpoint { unit, epoch, .. } = op {
                 if state.units.get(unit).is_none_or(|u| u.epoch != *epoch) {
                     return Err(StoreError::Conflict {
@@ -345,6 +382,14 @@ impl ProjectionStore for MemoryStore {
                 }
                 PendingOp::RemoveDeadLetter(id) => {
                     state.dead_letters.remove(&id);
+                }
+                PendingOp::Append { events, .. } => {
+                    for event in events {
+                        let index = state.log.len();
+                        let key = (event.aggregate_type.clone(), event.aggregate_id.clone());
+                        state.log.push(event);
+                        state.streams.entry(key).or_default().push(index);
+                    }
                 }
             }
         }
@@ -661,6 +706,83 @@ impl ProjectionStore for MemoryStore {
         }
         tx.ops.push(PendingOp::Inbox(key.0, key.1));
         Ok(true)
+    }
+
+    async fn append_in(
+        &self,
+        tx: &mut MemoryTransaction,
+        request: AppendRequest,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        request.validate()?;
+        if request.events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut state = self.state();
+        let key = (request.aggregate_type.clone(), request.aggregate_id.clone());
+        let actual = state.streams.get(&key).map_or(0, |s| s.len() as u64);
+        if actual != request.expected_version {
+            return Err(StoreError::Conflict {
+                aggregate_type: request.aggregate_type,
+                aggregate_id: request.aggregate_id,
+                expected: request.expected_version,
+                actual: Some(actual),
+            });
+        }
+        // Positions as they will be at commit; the commit fails with a
+        // conflict if anything was appended in between.
+        let pending: usize = tx
+            .ops
+            .iter()
+            .map(|op| match op {
+                PendingOp::Append { events, .. } => events.len(),
+                _ => 0,
+            })
+            .sum();
+        if pending > 0 {
+            return Err(StoreError::InvalidAppend {
+                aggregate_type: request.aggregate_type,
+                aggregate_id: request.aggregate_id,
+                reason: "the in-memory store takes one append per transaction".into(),
+            });
+        }
+        let log_len = state.log.len();
+        state.transactions += 1;
+        let transaction_id = state.transactions;
+        let recorded_at = Utc::now();
+        let events: Vec<RecordedEvent> = request
+            .events
+            .into_iter()
+            .enumerate()
+            .map(|(offset, event)| RecordedEvent {
+                event_id: event.event_id,
+                aggregate_type: request.aggregate_type.clone(),
+                aggregate_id: request.aggregate_id.clone(),
+                sequence: request.expected_version + offset as u64 + 1,
+                position: (log_len + offset) as u64 + 1,
+                transaction_id,
+                recorded_at,
+                event_type: event.event_type,
+                event_version: event.event_version,
+                payload: event.payload,
+                metadata: event.metadata,
+                correlation_id: event.correlation_id,
+                causation_id: event.causation_id,
+            })
+            .collect();
+        tx.ops.push(PendingOp::Append {
+            events: events.clone(),
+            log_len,
+            expected_version: request.expected_version,
+        });
+        Ok(events)
+    }
+
+    fn events_committed(&self) {
+        self.inner.wake.wake();
+    }
+
+    fn waiters(&self) -> &Waiters {
+        &self.inner.waiters
     }
 
     fn signal_checkpoints(&self) {

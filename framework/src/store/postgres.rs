@@ -28,7 +28,7 @@ use crate::error::{EventRef, StoreError};
 use crate::event::{AppendRequest, Checkpoint, Metadata, RecordedEvent, Snapshot};
 use crate::log::{LogFilter, WakeSignal, Wakeups};
 use crate::names::Identifier;
-use crate::store::{EventStore, LoadedStream};
+use crate::store::{EventStore, LoadedStream, StreamEvent};
 
 /// Schema migrations, applied in order, each once per events table.
 const MIGRATIONS: &[(i32, &str, &str)] = &[
@@ -79,6 +79,7 @@ struct Inner {
     notify: Option<mpsc::Sender<()>>,
     notify_checkpoints: Option<mpsc::Sender<()>>,
     projection_sql: projection_store::Queries,
+    waiters: crate::store::Waiters,
     listener_started: OnceLock<()>,
     shutdown: CancellationToken,
 }
@@ -201,7 +202,7 @@ impl PostgresStoreBuilder {
             append: render(include_str!("postgres/append.sql")),
             stream_head: render(include_str!("postgres/stream_head.sql")),
             read_stream: render(include_str!("postgres/read_stream.sql")),
-            load: render(include_str!("postgres/read_stream.sql")),
+            load: render(include_str!("postgres/load.sql")),
             load_with_snapshot: render(include_str!("postgres/load_with_snapshot.sql")),
             save_snapshot: render(include_str!("postgres/save_snapshot.sql")),
             read_log: render(include_str!("postgres/read_log.sql")),
@@ -243,6 +244,7 @@ impl PostgresStoreBuilder {
                 notify,
                 notify_checkpoints,
                 projection_sql,
+                waiters: crate::store::Waiters::default(),
                 listener_started: OnceLock::new(),
                 shutdown,
             }),
@@ -804,44 +806,44 @@ impl EventStore for PostgresStore {
         aggregate_id: &str,
         use_snapshot: bool,
     ) -> Result<LoadedStream, StoreError> {
-        if !use_snapshot {
-            let rows = sqlx::query(&self.inner.sql.load)
-                .bind(aggregate_type)
-                .bind(aggregate_id)
-                .bind(0_i64)
-                .bind(i64::MAX)
-                .fetch_all(&self.inner.pool)
-                .await
-                .map_err(|e| StoreError::database("loading a stream", e))?;
-            return Ok(LoadedStream {
-                snapshot: None,
-                events: self.decode_rows(rows)?,
-            });
-        }
-        let rows = sqlx::query(&self.inner.sql.load_with_snapshot)
+        let query = if use_snapshot {
+            &self.inner.sql.load_with_snapshot
+        } else {
+            &self.inner.sql.load
+        };
+        let rows = sqlx::query(query)
             .bind(aggregate_type)
             .bind(aggregate_id)
             .fetch_all(&self.inner.pool)
             .await
-            .map_err(|e| StoreError::database("loading a stream with its snapshot", e))?;
+            .map_err(|e| StoreError::database("loading a stream", e))?;
+        let table = &self.inner.events_table;
+        let get = |e| StoreError::database("loading a stream", e);
         let mut loaded = LoadedStream::default();
+        loaded.events.reserve(rows.len());
         for row in &rows {
-            let kind: i32 = row
-                .try_get("kind")
-                .map_err(|e| StoreError::database("loading a stream with its snapshot", e))?;
+            let kind: i32 = row.try_get("kind").map_err(get)?;
+            let sequence = u64_column(row, "sequence", table)?;
+            let payload: String = row.try_get("payload").map_err(get)?;
             if kind == 0 {
+                let state = serde_json::from_str(&payload).map_err(|e| StoreError::Corrupt {
+                    table: table.clone(),
+                    what: format!("snapshot of {aggregate_type} `{aggregate_id}` is not JSON: {e}"),
+                })?;
                 loaded.snapshot = Some(Snapshot {
                     aggregate_type: aggregate_type.to_owned(),
                     aggregate_id: aggregate_id.to_owned(),
-                    version: u64_column(row, "sequence", &self.inner.events_table)?,
-                    state: row
-                        .try_get("payload")
-                        .map_err(|e| StoreError::database("reading a snapshot", e))?,
+                    version: sequence,
+                    state,
                 });
             } else {
-                loaded
-                    .events
-                    .push(decode_event(row, &self.inner.events_table)?);
+                loaded.events.push(StreamEvent {
+                    sequence,
+                    position: u64_column(row, "position", table)?,
+                    event_type: row.try_get("event_type").map_err(get)?,
+                    event_version: row.try_get("event_version").map_err(get)?,
+                    payload,
+                });
             }
         }
         Ok(loaded)

@@ -386,12 +386,35 @@ pub trait ProjectionStore: EventStore + Clone {
         message_id: &str,
     ) -> Result<bool, StoreError>;
 
+    /// Appends one command's events inside `tx`, so they commit or roll back
+    /// with everything else the transaction writes (inline handlers, the
+    /// caller's own rows). Call [`events_committed`](Self::events_committed)
+    /// after committing.
+    ///
+    /// # Errors
+    ///
+    /// As [`EventStore::append`]; a backend may also report a conflict at
+    /// commit instead.
+    async fn append_in(
+        &self,
+        tx: &mut Self::Transaction,
+        request: crate::event::AppendRequest,
+    ) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// Wakes log readers after a transaction with appended events committed.
+    fn events_committed(&self);
+
     /// Wakes waiters of [`checkpoint_wakeups`](Self::checkpoint_wakeups) here
     /// and on other nodes after checkpoints moved.
     fn signal_checkpoints(&self);
 
     /// A handle woken when projection checkpoints may have moved.
     fn checkpoint_wakeups(&self) -> Wakeups;
+
+    /// Shared state of the [`wait_for`](crate::runner::wait_for) callers of
+    /// this store (one refreshed view of the checkpoints for all of them).
+    #[doc(hidden)]
+    fn waiters(&self) -> &Waiters;
 
     /// The oldest transaction holding log readers back, where the backend
     /// can tell.
@@ -401,5 +424,23 @@ pub trait ProjectionStore: EventStore + Clone {
     /// [`StoreError::Database`].
     async fn oldest_open_transaction(&self) -> Result<Option<OldestTransaction>, StoreError> {
         Ok(None)
+    }
+}
+
+/// The checkpoints as last read, shared by every waiter of a store, and
+/// whether a task is refreshing them.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Waiters {
+    pub(crate) view: tokio::sync::watch::Sender<std::sync::Arc<Vec<UnitRecord>>>,
+    pub(crate) refreshing: std::sync::atomic::AtomicBool,
+}
+
+impl Default for Waiters {
+    fn default() -> Self {
+        Waiters {
+            view: tokio::sync::watch::Sender::new(std::sync::Arc::new(Vec::new())),
+            refreshing: std::sync::atomic::AtomicBool::new(false),
+        }
     }
 }

@@ -507,6 +507,22 @@ impl ProjectionStore for PostgresStore {
         Ok(inserted == 1)
     }
 
+    async fn append_in(
+        &self,
+        tx: &mut Self::Transaction,
+        request: crate::event::AppendRequest,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.append_in_transaction(&mut **tx, request).await
+    }
+
+    fn events_committed(&self) {
+        self.wake_readers();
+    }
+
+    fn waiters(&self) -> &crate::store::Waiters {
+        &self.inner.waiters
+    }
+
     fn signal_checkpoints(&self) {
         self.inner.checkpoint_wake.wake();
         if let Some(notify) = &self.inner.notify_checkpoints {
