@@ -185,11 +185,21 @@ impl System {
 }
 
 async fn outflow_system(server: &Server, label: &str) -> Result<(System, PostgresStore)> {
+    outflow_system_with(server, label, 0).await
+}
+
+async fn outflow_system_with(
+    server: &Server,
+    label: &str,
+    cache: usize,
+) -> Result<(System, PostgresStore)> {
     let (options, _) = server.fresh_db(label).await?;
     let store = PostgresStore::builder(pool(&options, 20, false).await?)
         .build()
         .await?;
-    let bus = CommandBus::<BankAccount, _>::new(store.clone(), ());
+    let bus = CommandBus::<BankAccount, _>::builder(store.clone(), ())
+        .cache_aggregates(cache)
+        .build();
     Ok((System::Outflow(Arc::new(bus)), store))
 }
 
@@ -732,12 +742,16 @@ async fn main() -> Result<()> {
     eprintln!("1/7 commands, 1 client");
     let (outflow, _) = outflow_system(&server, "c1").await?;
     let o1 = commands(&outflow, size.accounts, size.deposits, 1).await?;
+    let (outflow, _) = outflow_system_with(&server, "c1c", 100_000).await?;
+    let oc1 = commands(&outflow, size.accounts, size.deposits, 1).await?;
     let (pges, _) = postgres_es_system(&server, "c1", false).await?;
     let p1 = commands(&pges, size.accounts, size.deposits, 1).await?;
 
     eprintln!("2/7 commands, 16 clients");
     let (outflow, _) = outflow_system(&server, "c16").await?;
     let o16 = commands(&outflow, size.accounts, size.deposits, 16).await?;
+    let (outflow, _) = outflow_system_with(&server, "c16c", 100_000).await?;
+    let oc16 = commands(&outflow, size.accounts, size.deposits, 16).await?;
     let (pges, _) = postgres_es_system(&server, "c16", false).await?;
     let p16 = commands(&pges, size.accounts, size.deposits, 16).await?;
 
@@ -784,7 +798,9 @@ async fn main() -> Result<()> {
     );
     for (label, o, p) in [
         ("1 client", &o1, &p1),
+        ("1 client, Outflow with its aggregate cache", &oc1, &p1),
         ("16 clients", &o16, &p16),
+        ("16 clients, Outflow with its aggregate cache", &oc16, &p16),
         (
             "1 client, with read model (postgres-es: synchronous view; Outflow: async projection)",
             &rm.outflow,

@@ -512,7 +512,7 @@ impl ProjectionStore for PostgresStore {
         tx: &mut Self::Transaction,
         request: crate::event::AppendRequest,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        self.append_in_transaction(&mut **tx, request).await
+        self.append_in_transaction(tx, request).await
     }
 
     fn events_committed(&self) {
