@@ -62,8 +62,11 @@ pub trait InlineHandler<A: Aggregate, S: ProjectionStore>: Send + Sync + 'static
     /// # Errors
     ///
     /// Any [`HandlerError`]; the command then writes nothing.
-    async fn handle(&self, events: &[Envelope<A>], tx: &mut S::Transaction)
-        -> Result<(), HandlerError>;
+    async fn handle(
+        &self,
+        events: &[Envelope<A>],
+        tx: &mut S::Transaction,
+    ) -> Result<(), HandlerError>;
 }
 
 /// Runs commands against aggregates of type `A` stored in `S`.
@@ -155,8 +158,7 @@ impl<A: Aggregate, S: ProjectionStore> CommandBusBuilder<A, S> {
             upcasters: self.upcasters.into(),
             inline: self.inline,
             publish: self.publish,
-            cache: (self.cache > 0)
-                .then(|| std::sync::Mutex::new(AggregateCache::new(self.cache))),
+            cache: (self.cache > 0).then(|| std::sync::Mutex::new(AggregateCache::new(self.cache))),
         }
     }
 }
@@ -478,12 +480,11 @@ where
                 event_ref(&event.event_type, &event.event_version)
             });
         }
-        let value: serde_json::Value = serde_json::from_str(&event.payload).map_err(|source| {
-            StoreError::Deserialize {
+        let value: serde_json::Value =
+            serde_json::from_str(&event.payload).map_err(|source| StoreError::Deserialize {
                 event: Box::new(event_ref(&event.event_type, &event.event_version)),
                 source,
-            }
-        })?;
+            })?;
         let (event_type, event_version, payload) = crate::upcast::apply(
             &self.upcasters,
             A::TYPE,
@@ -531,7 +532,10 @@ where
     }
 }
 
-fn envelopes<A: Aggregate>(recorded: Vec<crate::event::RecordedEvent>, payloads: Vec<A::Event>) -> Vec<Envelope<A>> {
+fn envelopes<A: Aggregate>(
+    recorded: Vec<crate::event::RecordedEvent>,
+    payloads: Vec<A::Event>,
+) -> Vec<Envelope<A>> {
     recorded
         .into_iter()
         .zip(payloads)
@@ -588,6 +592,7 @@ impl<A> AggregateCache<A> {
         }
         self.tick += 1;
         self.by_use.insert(self.tick, id.to_owned());
-        self.entries.insert(id.to_owned(), (aggregate, version, self.tick));
+        self.entries
+            .insert(id.to_owned(), (aggregate, version, self.tick));
     }
 }

@@ -35,6 +35,9 @@ pub mod error;
 pub mod event;
 pub mod log;
 pub mod names;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub mod outbox;
 pub mod projection;
 pub mod pubsub;
 pub mod runner;

@@ -154,6 +154,7 @@ impl NodeEvents {
         let mut wakeups = store.wakeups();
         tokio::spawn(async move {
             let filter = LogFilter::all();
+            let mut recheck: Option<std::time::Duration> = None;
             loop {
                 match store.read_log(checkpoint, &filter, 1000).await {
                     Ok(events) if !events.is_empty() => {
@@ -161,14 +162,24 @@ impl NodeEvents {
                             checkpoint = last.checkpoint();
                         }
                         bus.publish(events);
+                        recheck = None;
                         continue;
                     }
                     Ok(_) => {}
                     Err(error) => tracing::warn!("node events: reading the log failed: {error}"),
                 }
+                // As projection runners do: after a signal that found nothing,
+                // look again soon (an older transaction may hold it back).
+                let recheck_in = recheck.unwrap_or(std::time::Duration::from_secs(3600));
                 tokio::select! {
                     _ = token.cancelled() => return,
-                    _ = wakeups.wait() => {}
+                    wake = wakeups.wait() => {
+                        recheck = (wake == crate::log::Wake::Signalled)
+                            .then_some(std::time::Duration::from_millis(1));
+                    }
+                    _ = tokio::time::sleep(recheck_in), if recheck.is_some() => {
+                        recheck = recheck.map(|d| d * 2).filter(|d| *d < wakeups.poll_interval());
+                    }
                 }
             }
         });

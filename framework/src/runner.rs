@@ -46,7 +46,7 @@ use tracing::Instrument;
 
 use crate::error::StoreError;
 use crate::event::{Checkpoint, RecordedEvent};
-use crate::log::LogFilter;
+use crate::log::{LogFilter, Wake};
 use crate::projection::{HandlerError, OnError, Projection, ProjectionOptions, RetryPolicy};
 use crate::store::projections::{
     DeadLetter, Lease, NewDeadLetter, OldestTransaction, ProjectionState, ProjectionStore, UnitId,
@@ -913,6 +913,7 @@ impl<S: ProjectionStore> UnitWorker<S> {
         let mut checkpoint = self.lease.checkpoint;
         let mut wakeups = store.wakeups();
         let mut failures = 0u32;
+        let mut recheck: Option<Duration> = None;
         loop {
             if self.stop.is_cancelled() {
                 return false;
@@ -964,13 +965,25 @@ impl<S: ProjectionStore> UnitWorker<S> {
                     }
                 }
                 self.set_state(ProjectionState::Live, None).await;
+                // A signal that found nothing new usually means the events are
+                // held back by an older transaction still running: look again
+                // soon (1, 2, 4 ms ...) rather than at the next poll.
+                let recheck_in = recheck.unwrap_or(Duration::from_secs(3600));
                 tokio::select! {
                     _ = self.stop.cancelled() => return false,
-                    _ = wakeups.wait() => {}
+                    wake = wakeups.wait() => {
+                        recheck = (wake == Wake::Signalled).then_some(Duration::from_millis(1));
+                    }
+                    _ = tokio::time::sleep(recheck_in), if recheck.is_some() => {
+                        recheck = recheck
+                            .map(|d| d * 2)
+                            .filter(|d| *d < wakeups.poll_interval());
+                    }
                     _ = self.paused.changed() => {}
                 }
                 continue;
             }
+            recheck = None;
             let batch_size = self.registered.batch_size;
             let caught_up = events.len() <= batch_size;
             let mut events = events;

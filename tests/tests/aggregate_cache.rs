@@ -14,7 +14,12 @@ async fn cached_bus_behaves<S: outflow::store::ProjectionStore>(store: S) {
     let other = CommandBus::<BankAccount, _>::new(store.clone(), ());
 
     cached
-        .execute("a", BankCommand::Open { owner: "Ann".into() })
+        .execute(
+            "a",
+            BankCommand::Open {
+                owner: "Ann".into(),
+            },
+        )
         .await
         .expect("open");
     for _ in 0..5 {
@@ -24,7 +29,10 @@ async fn cached_bus_behaves<S: outflow::store::ProjectionStore>(store: S) {
             .expect("deposit");
     }
     // A rejected command: the aggregate it ran on is dropped, not cached.
-    match cached.execute("a", BankCommand::Withdraw { amount: 1_000 }).await {
+    match cached
+        .execute("a", BankCommand::Withdraw { amount: 1_000 })
+        .await
+    {
         Err(CommandError::Rejected(BankError::InsufficientFunds { balance, .. })) => {
             assert_eq!(balance, 50)
         }

@@ -194,9 +194,17 @@ async fn inline_handlers_roll_back_on_the_memory_store_too() {
         .inline(Refuse)
         .build();
     let result = bus
-        .execute("acc", BankCommand::Open { owner: "Ann".into() })
+        .execute(
+            "acc",
+            BankCommand::Open {
+                owner: "Ann".into(),
+            },
+        )
         .await;
-    assert!(matches!(result, Err(CommandError::Inline { .. })), "{result:?}");
+    assert!(
+        matches!(result, Err(CommandError::Inline { .. })),
+        "{result:?}"
+    );
     assert!(store.is_empty());
 }
 
@@ -212,9 +220,14 @@ async fn pubsub_publishes_after_commit_and_tells_a_lagging_subscriber_what_it_mi
         .publish_to(events.clone())
         .build();
 
-    bus.execute("acc", BankCommand::Open { owner: "Ann".into() })
-        .await
-        .expect("open");
+    bus.execute(
+        "acc",
+        BankCommand::Open {
+            owner: "Ann".into(),
+        },
+    )
+    .await
+    .expect("open");
     // When a subscriber sees an event, it is committed: another connection
     // can read it.
     let seen = fast.recv().await.expect("the open event");
@@ -242,9 +255,7 @@ async fn pubsub_publishes_after_commit_and_tells_a_lagging_subscriber_what_it_mi
         other => panic!("expected Lagged, got {other:?}"),
     }
     let mut rest = Vec::new();
-    while let Ok(Ok(event)) =
-        tokio::time::timeout(Duration::from_millis(100), slow.recv()).await
-    {
+    while let Ok(Ok(event)) = tokio::time::timeout(Duration::from_millis(100), slow.recv()).await {
         rest.push(event.sequence);
     }
     assert_eq!(rest, vec![8, 9, 10, 11], "the newest four remain");
@@ -275,11 +286,21 @@ async fn events_committed_on_one_node_reach_subscribers_on_every_node() {
     let commands = CommandBus::<BankAccount, _>::new(node_a.clone(), ());
     let big_owner = "x".repeat(20_000);
     commands
-        .execute("small", BankCommand::Open { owner: "Ann".into() })
+        .execute(
+            "small",
+            BankCommand::Open {
+                owner: "Ann".into(),
+            },
+        )
         .await
         .expect("small");
     commands
-        .execute("big", BankCommand::Open { owner: big_owner.clone() })
+        .execute(
+            "big",
+            BankCommand::Open {
+                owner: big_owner.clone(),
+            },
+        )
         .await
         .expect("an event far above NOTIFY's 8000 bytes");
     for subscription in [&mut on_a, &mut on_b] {

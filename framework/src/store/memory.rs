@@ -13,8 +13,7 @@ use crate::error::StoreError;
 use crate::event::{AppendRequest, Checkpoint, RecordedEvent, Snapshot};
 use crate::log::{LogFilter, WakeSignal, Wakeups};
 use crate::store::projections::{
-    DeadLetter, Lease, NewDeadLetter, ProjectionState, ProjectionStore, UnitId, UnitRecord,
-    Waiters,
+    DeadLetter, Lease, NewDeadLetter, ProjectionState, ProjectionStore, UnitId, UnitRecord, Waiters,
 };
 use crate::store::{EventStore, LoadedStream, StreamEvent};
 

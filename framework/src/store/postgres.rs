@@ -42,6 +42,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "projection state, nodes, dead letters, inbox",
         include_str!("postgres/002_projections.sql"),
     ),
+    (
+        3,
+        "transactional outbox",
+        include_str!("postgres/003_outbox.sql"),
+    ),
 ];
 
 mod projection_store;
@@ -291,6 +296,11 @@ impl PostgresStore {
     /// The connection pool.
     pub fn pool(&self) -> &PgPool {
         &self.inner.pool
+    }
+
+    /// The events table, as configured (possibly schema-qualified).
+    pub fn events_table(&self) -> &str {
+        &self.inner.events_table
     }
 
     /// The `LISTEN`/`NOTIFY` channel this store signals new events on.
@@ -676,6 +686,9 @@ impl Names {
             .quoted();
         let dead_letters_idx = unqualified(events.derived("dl_idx", "dead letters index name")?);
         let inbox = events.derived("inbox", "inbox table")?.quoted();
+        let outbox = events.derived("outbox", "outbox table")?.quoted();
+        let outbox_log_idx = unqualified(events.derived("ob_log_idx", "outbox log index name")?);
+        let outbox_key_idx = unqualified(events.derived("ob_key_idx", "outbox key index name")?);
         let replacements = vec![
             (
                 "{columns}",
@@ -688,6 +701,9 @@ impl Names {
             ("{projections}", projections),
             ("{nodes}", nodes),
             ("{inbox}", inbox),
+            ("{outbox_log_idx}", outbox_log_idx),
+            ("{outbox_key_idx}", outbox_key_idx),
+            ("{outbox}", outbox),
             ("{snapshots}", snapshots.quoted()),
             ("{events}", events.quoted()),
         ];
