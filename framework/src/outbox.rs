@@ -321,9 +321,9 @@ pub struct OutboxBuilder {
 }
 
 impl OutboxBuilder {
-    /// The store's events table, when it is not the default `events`: the
-    /// outbox table is `<events table>_outbox`. [`build`](Self::build)
-    /// checks that it is the store's.
+    /// The store's events table (the default: the store's own); the outbox
+    /// table is `<events table>_outbox`. [`build`](Self::build) checks that it
+    /// is the store's.
     pub fn events_table(mut self, name: impl Into<String>) -> Self {
         self.events_table = name.into();
         self
@@ -355,11 +355,11 @@ impl OutboxBuilder {
     pub async fn build(self) -> Result<Outbox, StoreError> {
         let events = Identifier::parse(&self.events_table, "events table")?;
         let store_channel = self.store.channel().to_owned();
-        if format!("outflow_{}", events.to_string().replace('.', "_")) != store_channel {
+        if events.to_string() != self.store.events_table() {
             return Err(StoreError::Config(format!(
                 "the outbox was given the events table `{events}`, which is not the store's \
-                 (whose channel is `{store_channel}`): pass the store's events table to \
-                 OutboxBuilder::events_table"
+                 (`{}`)",
+                self.store.events_table()
             )));
         }
         let table = events.derived("outbox", "outbox table")?;
@@ -411,8 +411,8 @@ impl OutboxBuilder {
 }
 
 impl Outbox {
-    /// The outbox of `store`, whose events table must be the default
-    /// `events`; see [`builder`](Self::builder) otherwise.
+    /// The outbox of `store`: the table `<events table>_outbox` its
+    /// migrations created.
     ///
     /// # Errors
     ///
@@ -425,7 +425,7 @@ impl Outbox {
     pub fn builder(store: &PostgresStore) -> OutboxBuilder {
         OutboxBuilder {
             store: store.clone(),
-            events_table: "events".to_owned(),
+            events_table: store.events_table().to_owned(),
             notify_other_nodes: true,
             notify_interval: Duration::from_millis(5),
         }

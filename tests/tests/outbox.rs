@@ -319,9 +319,13 @@ async fn bad_messages_and_names_are_refused() {
         .await
         .expect("store");
 
-    match Outbox::new(&store).await {
+    // By default the outbox follows the store's own events table...
+    let default = Outbox::new(&store).await.expect("the store's outbox");
+    assert_eq!(default.table(), "bank.events_outbox");
+    // ...and refuses another store's table.
+    match Outbox::builder(&store).events_table("events").build().await {
         Err(StoreError::Config(message)) => assert!(message.contains("`events`"), "{message}"),
-        other => panic!("the default events table is not this store's: {other:?}"),
+        other => panic!("an events table that is not the store's was accepted: {other:?}"),
     }
     match Outbox::builder(&store)
         .events_table("bank.events; DROP TABLE x")
