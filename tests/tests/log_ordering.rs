@@ -304,3 +304,45 @@ async fn a_reader_restarted_from_any_checkpoint_gets_exactly_the_rest() {
         log[TOTAL - 1].checkpoint()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streaming_read_reports_a_database_error_instead_of_ending() {
+    let db = common::TestDb::new("stream_error").await;
+    let store = db.store().await;
+    for i in 0..10 {
+        store
+            .append(request("account", &format!("s-{i}"), 0, 1))
+            .await
+            .expect("append");
+    }
+    common::read_until(&store, Checkpoint::START, &LogFilter::all(), 10).await;
+    let mut stream = outflow::log::read_log(&store, Checkpoint::START, LogFilter::all(), 3);
+    for _ in 0..3 {
+        stream
+            .try_next()
+            .await
+            .expect("the first batch reads")
+            .expect("an event");
+    }
+    // The table disappears between two batches.
+    sqlx::query("ALTER TABLE events RENAME TO events_gone")
+        .execute(store.pool())
+        .await
+        .expect("rename");
+    match stream.try_next().await {
+        Err(StoreError::Database { operation, .. }) => {
+            assert_eq!(operation, "reading the global log")
+        }
+        other => panic!("the stream must report the failure, got {other:?}"),
+    }
+    assert!(
+        stream.try_next().await.expect("ended").is_none(),
+        "then it ends"
+    );
+
+    let mut one = outflow::log::read_stream(&store, "account", "s-1", 0, 10);
+    assert!(
+        matches!(one.try_next().await, Err(StoreError::Database { .. })),
+        "a stream read reports it too"
+    );
+}
