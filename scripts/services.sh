@@ -1,9 +1,12 @@
 # Throwaway servers for tests and benchmarks. Source this file, then call
-# `start_postgres`; every server started here binds to 127.0.0.1 on a free
-# port, lives in a temporary directory, and is stopped by its own PID when the
-# calling script exits (`stop_services` runs from an EXIT trap).
+# `start_postgres` (and `start_nats`); every server started here binds to
+# 127.0.0.1 on a free port, lives in a temporary directory, and is stopped by
+# its own PID when the calling script exits (`stop_services` runs from an EXIT
+# trap).
 #
-# Exports: DATABASE_URL (a superuser URL to the `postgres` database).
+# Exports: DATABASE_URL (a superuser URL to the `postgres` database);
+# NATS_URL and OUTFLOW_NATS_BIN (the `nats-server` binary, so a test can start
+# servers of its own).
 
 OUTFLOW_CLEANUPS=()
 
@@ -121,4 +124,65 @@ start_postgres() {
     export DATABASE_URL="postgres://outflow@127.0.0.1:$port/postgres"
     export OUTFLOW_PG_BIN="$bin"
     echo "PostgreSQL $("$bin/postgres" --version | awk '{print $3}') on 127.0.0.1:$port (pid $pid)" >&2
+}
+
+nats_server_bin() {
+    if command -v nats-server >/dev/null 2>&1; then
+        command -v nats-server
+    elif [ -x /usr/sbin/nats-server ]; then
+        echo /usr/sbin/nats-server
+    fi
+}
+
+# A JetStream-enabled nats-server (Debian's `nats-server` package) on a free
+# loopback port, storing its streams in a temporary directory.
+start_nats() {
+    local bin port dir pid
+    bin=$(nats_server_bin)
+    if [ -z "$bin" ]; then
+        apt_install nats-server || return 1
+        bin=$(nats_server_bin)
+    fi
+    if [ -z "$bin" ]; then
+        echo "nats-server still not found after installing" >&2
+        return 1
+    fi
+    choose_service_user
+    dir=$(mktemp -d "${TMPDIR:-/tmp}/outflow-nats.XXXXXX")
+    chmod 755 "$dir"
+    chown "$SERVICE_USER" "$dir"
+    OUTFLOW_CLEANUPS+=("rm -rf '$dir'")
+    port=$(free_port)
+    # The server writes its own PID (`-P`): `$!` would be runuser's or a
+    # subshell's, and killing those leaves the server running.
+    as_service_user "$bin" -js -a 127.0.0.1 -p "$port" -sd "$dir/store" -P "$dir/nats.pid" \
+        >"$dir/server.log" 2>&1 &
+    local launcher=$! attempt
+    # Not a job of the caller's shell: a bare `wait` there must not wait for it.
+    disown "$launcher" 2>/dev/null || true
+    for attempt in $(seq 1 100); do
+        [ -s "$dir/nats.pid" ] && break
+        kill -0 "$launcher" 2>/dev/null || break
+        sleep 0.1
+    done
+    pid=$(cat "$dir/nats.pid" 2>/dev/null || true)
+    if [ -z "$pid" ]; then
+        cat "$dir/server.log" >&2
+        echo "nats-server did not start" >&2
+        return 1
+    fi
+    OUTFLOW_CLEANUPS+=("kill -TERM $pid 2>/dev/null; for _ in \$(seq 1 100); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done; kill -KILL $pid 2>/dev/null")
+    for attempt in $(seq 1 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+        cat "$dir/server.log" >&2
+        echo "nats-server did not accept connections within 10 s" >&2
+        return 1
+    fi
+    export NATS_URL="nats://127.0.0.1:$port"
+    export OUTFLOW_NATS_BIN="$bin"
+    echo "nats-server $("$bin" --version | awk '{print $2}') on 127.0.0.1:$port (pid $pid)" >&2
 }

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Runs Outflow's whole test suite against real, throwaway servers.
 #
-# Installs what is missing (Debian's `postgresql` when run as root with
-# apt-get), starts a PostgreSQL cluster in a temporary directory on a free
-# loopback port, runs `cargo test --workspace`, and stops the servers by their
-# own PIDs whatever happens. Extra arguments go to `cargo test`.
+# Installs what is missing (Debian's `postgresql` and `nats-server` when run
+# as root with apt-get), starts a PostgreSQL cluster and a JetStream-enabled
+# nats-server in temporary directories on free loopback ports, runs
+# `cargo test --workspace`, and stops the servers by their own PIDs whatever
+# happens. Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/services.sh
 source scripts/services.sh
 
 start_postgres
+start_nats
 cargo test --workspace "$@"

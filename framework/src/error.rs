@@ -196,6 +196,7 @@ impl StoreError {
         )
     }
 
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) fn database(operation: &'static str, source: impl Into<BoxError>) -> Self {
         StoreError::Database {
             operation,

@@ -40,6 +40,9 @@ pub mod names;
 pub mod outbox;
 pub mod projection;
 pub mod pubsub;
+#[cfg(feature = "nats")]
+#[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
+pub mod relay;
 pub mod runner;
 pub mod store;
 pub mod upcast;

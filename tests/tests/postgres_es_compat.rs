@@ -507,10 +507,13 @@ async fn migrating_twice_changes_nothing() {
                 )
             })
             .collect();
-    // One row per migration (1: events log, 2: projection tables), each once.
+    // One row per migration (events log, projection tables, outbox, dead
+    // messages), each once.
     assert_eq!(
         ledger,
-        vec![("events".to_owned(), 1), ("events".to_owned(), 2)]
+        (1..=4)
+            .map(|v| ("events".to_owned(), v))
+            .collect::<Vec<_>>()
     );
     assert_eq!(rows_by_position(&pool).await, before, "positions unchanged");
     assert_eq!(columns(pool.clone()).await, columns_before);

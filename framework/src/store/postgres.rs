@@ -47,6 +47,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "transactional outbox",
         include_str!("postgres/003_outbox.sql"),
     ),
+    (
+        4,
+        "dead letters of broker messages",
+        include_str!("postgres/004_message_dead_letters.sql"),
+    ),
 ];
 
 mod projection_store;
@@ -689,6 +694,9 @@ impl Names {
         let outbox = events.derived("outbox", "outbox table")?.quoted();
         let outbox_log_idx = unqualified(events.derived("ob_log_idx", "outbox log index name")?);
         let outbox_key_idx = unqualified(events.derived("ob_key_idx", "outbox key index name")?);
+        let dead_messages = events
+            .derived("dead_messages", "dead messages table")?
+            .quoted();
         let replacements = vec![
             (
                 "{columns}",
@@ -704,6 +712,7 @@ impl Names {
             ("{outbox_log_idx}", outbox_log_idx),
             ("{outbox_key_idx}", outbox_key_idx),
             ("{outbox}", outbox),
+            ("{dead_messages}", dead_messages),
             ("{snapshots}", snapshots.quoted()),
             ("{events}", events.quoted()),
         ];
