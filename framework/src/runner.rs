@@ -292,11 +292,18 @@ pub async fn wait_for<S: ProjectionStore>(
     // One read of our own, then the view that one task keeps fresh for every
     // waiter of this store: many waiters cost one query per change, not one
     // each.
+    // One read of our own (admin changes such as a restart reach the shared
+    // view only at its next refresh), then the view that one task keeps fresh
+    // for every waiter of this store: many waiters cost one query per change,
+    // not one each.
     let mut view = store.waiters().view.subscribe();
     ensure_refresher(store);
     let mut units = Arc::new(store.units(None).await?);
+    // Whether `units` comes from our own read (the shared view may lag).
+    let mut fresh = true;
     loop {
         let mut behind = None;
+        let mut stopped = None;
         for &name in projections {
             let mine: Vec<_> = units.iter().filter(|u| u.unit.projection == name).collect();
             if mine.is_empty() {
@@ -307,10 +314,7 @@ pub async fn wait_for<S: ProjectionStore>(
                     continue;
                 }
                 if unit.state == ProjectionState::Stopped {
-                    return Err(WaitError::Stopped {
-                        projection: name.to_owned(),
-                        error: unit.last_error.clone().unwrap_or_default(),
-                    });
+                    stopped.get_or_insert((name, unit.last_error.clone().unwrap_or_default()));
                 }
                 behind.get_or_insert((name, unit.checkpoint));
             }
@@ -318,16 +322,29 @@ pub async fn wait_for<S: ProjectionStore>(
         let Some((name, reached)) = behind else {
             return Ok(());
         };
+        if let Some((projection, error)) = stopped {
+            if fresh {
+                return Err(WaitError::Stopped {
+                    projection: projection.to_owned(),
+                    error,
+                });
+            }
+            // Confirm with a read of our own before giving up.
+            units = Arc::new(store.units(None).await?);
+            fresh = true;
+            continue;
+        }
         tokio::select! {
             changed = view.changed() => {
                 if changed.is_err() {
                     units = Arc::new(store.units(None).await?);
+                    fresh = true;
                     continue;
                 }
                 let latest = view.borrow_and_update().clone();
-                // The shared view may predate our own read; never go back.
                 if !latest.is_empty() {
                     units = latest;
+                    fresh = false;
                 }
             }
             _ = tokio::time::sleep_until(deadline) => {
@@ -343,12 +360,12 @@ pub async fn wait_for<S: ProjectionStore>(
 }
 
 /// Starts the task that refreshes a store's shared checkpoint view while
-/// anyone waits, if it is not running.
-fn ensure_refresher<S: ProjectionStore>(store: &S) {
+/// anyone waits, if it is not running; `true` when it started one.
+fn ensure_refresher<S: ProjectionStore>(store: &S) -> bool {
     use std::sync::atomic::Ordering;
     let waiters = store.waiters();
     if waiters.refreshing.swap(true, Ordering::AcqRel) {
-        return;
+        return false;
     }
     let store = store.clone();
     tokio::spawn(async move {
@@ -373,6 +390,7 @@ fn ensure_refresher<S: ProjectionStore>(store: &S) {
             }
         }
     });
+    true
 }
 
 /// A unit running in this process.

@@ -590,15 +590,18 @@ impl ProjectionStore for MemoryStore {
     }
 
     async fn restart_projection(&self, name: &str) -> Result<(), StoreError> {
-        let mut state = self.state();
-        for (unit, u) in state.units.iter_mut() {
-            if unit.projection == name && u.state == ProjectionState::Stopped {
-                u.state = ProjectionState::Idle;
-                u.last_error = None;
-                u.owner = None;
-                u.lease_until = None;
+        {
+            let mut state = self.state();
+            for (unit, u) in state.units.iter_mut() {
+                if unit.projection == name && u.state == ProjectionState::Stopped {
+                    u.state = ProjectionState::Idle;
+                    u.last_error = None;
+                    u.owner = None;
+                    u.lease_until = None;
+                }
             }
         }
+        self.signal_checkpoints();
         Ok(())
     }
 

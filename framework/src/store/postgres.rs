@@ -103,6 +103,7 @@ impl Drop for Inner {
 #[derive(Debug)]
 struct Queries {
     append: String,
+    append_one: String,
     stream_head: String,
     read_stream: String,
     load: String,
@@ -210,6 +211,7 @@ impl PostgresStoreBuilder {
         let render = |sql: &str| names.render(sql);
         let sql = Queries {
             append: render(include_str!("postgres/append.sql")),
+            append_one: render(include_str!("postgres/append_one.sql")),
             stream_head: render(include_str!("postgres/stream_head.sql")),
             read_stream: render(include_str!("postgres/read_stream.sql")),
             load: render(include_str!("postgres/load.sql")),
@@ -431,19 +433,35 @@ impl PostgresStore {
             correlations.push(event.correlation_id);
             causations.push(event.causation_id);
         }
-        let rows = sqlx::query(&self.inner.sql.append)
-            .bind(&request.aggregate_type)
-            .bind(&request.aggregate_id)
-            .bind(expected)
-            .bind(&types)
-            .bind(&versions)
-            .bind(&payloads)
-            .bind(&metadata)
-            .bind(&ids)
-            .bind(&correlations)
-            .bind(&causations)
-            .fetch_all(&mut *connection)
-            .await;
+        let rows = if count == 1 {
+            sqlx::query(&self.inner.sql.append_one)
+                .bind(&request.aggregate_type)
+                .bind(&request.aggregate_id)
+                .bind(expected)
+                .bind(types[0])
+                .bind(versions[0])
+                .bind(&payloads[0])
+                .bind(&metadata[0])
+                .bind(ids[0])
+                .bind(correlations[0])
+                .bind(causations[0])
+                .fetch_all(&mut *connection)
+                .await
+        } else {
+            sqlx::query(&self.inner.sql.append)
+                .bind(&request.aggregate_type)
+                .bind(&request.aggregate_id)
+                .bind(expected)
+                .bind(&types)
+                .bind(&versions)
+                .bind(&payloads)
+                .bind(&metadata)
+                .bind(&ids)
+                .bind(&correlations)
+                .bind(&causations)
+                .fetch_all(&mut *connection)
+                .await
+        };
         let rows = match rows {
             Ok(rows) => rows,
             Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {

@@ -349,6 +349,7 @@ impl ProjectionStore for PostgresStore {
             .execute(&self.inner.pool)
             .await
             .map_err(db("restarting a projection"))?;
+        self.signal_checkpoints();
         Ok(())
     }
 
