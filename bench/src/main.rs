@@ -473,6 +473,15 @@ async fn rebuilds(server: &Server, size: &Size) -> Result<RebuildResult> {
 /// Commands at a steady rate; latency from sending a command until the read
 /// model shows it (`wait_for` returns).
 async fn visible_latency(server: &Server, per_second: u32, seconds: u64) -> Result<Rate> {
+    Ok(visible_latency_split(server, per_second, seconds).await?.0)
+}
+
+/// As [`visible_latency`], also split into the command and the wait.
+async fn visible_latency_split(
+    server: &Server,
+    per_second: u32,
+    seconds: u64,
+) -> Result<(Rate, Rate, Rate)> {
     let (system, store) = outflow_system(server, "latency").await?;
     let view = ViewProjection::<BankAccount, BalanceView>::new("balance_view", "balance_view")?;
     view.create_table(store.pool()).await?;
@@ -515,22 +524,32 @@ async fn visible_latency(server: &Server, per_second: u32, seconds: u64) -> Resu
                     other => break other?,
                 }
             };
+            let command = t.elapsed();
             if let Some(checkpoint) = done.checkpoint() {
                 runner
                     .wait_for(checkpoint, &["balance_view"], Duration::from_secs(60))
                     .await?;
             }
-            Ok::<_, anyhow::Error>(t.elapsed())
+            Ok::<_, anyhow::Error>((t.elapsed(), command))
         }));
     }
-    let mut latencies = Vec::with_capacity(tasks.len());
+    let mut totals = Vec::with_capacity(tasks.len());
+    let mut commands = Vec::with_capacity(tasks.len());
+    let mut waits = Vec::with_capacity(tasks.len());
     for task in tasks {
-        latencies.push(task.await??);
+        let (total, command) = task.await??;
+        totals.push(total);
+        commands.push(command);
+        waits.push(total.saturating_sub(command));
     }
     let elapsed = started.elapsed();
     shutdown.cancel();
     handle.await?;
-    Ok(rate(&mut latencies, elapsed))
+    Ok((
+        rate(&mut totals, elapsed),
+        rate(&mut commands, elapsed),
+        rate(&mut waits, elapsed),
+    ))
 }
 
 struct LoadResult {
@@ -716,6 +735,22 @@ fn ratio(a: f64, b: f64) -> String {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("latency") {
+        // outflow-bench latency RATE SECONDS: one scenario, split into the
+        // command's own time and the wait for the projection.
+        let rate: u32 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(500);
+        let seconds: u64 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(10);
+        let url = std::env::var("DATABASE_URL").context("DATABASE_URL is not set")?;
+        let server = Server {
+            admin: url.parse()?,
+            counter: Default::default(),
+        };
+        let (total, command, wait) = visible_latency_split(&server, rate, seconds).await?;
+        for (label, r) in [("total", total), ("command", command), ("wait", wait)] {
+            println!("{label:>8}: p50 {:.2} ms  p99 {:.2} ms", r.p50_ms, r.p99_ms);
+        }
+        return Ok(());
+    }
     if args.first().map(String::as_str) == Some("rebuild-child") {
         let (Some(url), Some(kind)) = (args.get(1), args.get(2)) else {
             bail!("usage: outflow-bench rebuild-child URL batch|view");

@@ -74,6 +74,8 @@ struct Shared<S: ProjectionStore> {
 }
 
 struct Registered<S: ProjectionStore> {
+    /// Whether this runner has registered the projection in the store.
+    stored: std::sync::atomic::AtomicBool,
     name: String,
     projection: Arc<dyn Projection<S>>,
     filter: LogFilter,
@@ -139,6 +141,7 @@ impl<S: ProjectionStore> ProjectionRunnerBuilder<S> {
                 return Err(StoreError::Config("a projection has an empty name".into()));
             }
             let registered = Registered {
+                stored: std::sync::atomic::AtomicBool::new(false),
                 filter: options.projection.filter(),
                 name: name.clone(),
                 projection: options.projection,
@@ -453,7 +456,12 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
                     .register_projection(&registered.name, registered.partitions)
                     .await
                 {
-                    Ok(()) => break,
+                    Ok(()) => {
+                        registered
+                            .stored
+                            .store(true, std::sync::atomic::Ordering::Release);
+                        break;
+                    }
                     Err(error @ StoreError::Config(_)) => return Err(error),
                     Err(error) => {
                         tracing::warn!(projection = %registered.name, "registering: {error}");
@@ -707,10 +715,15 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
         // projections (right after start-up): register those it knows.
         for name in projections {
             if let Some(registered) = self.shared.projections.get(*name) {
-                self.shared
-                    .store
-                    .register_projection(&registered.name, registered.partitions)
-                    .await?;
+                if !registered.stored.load(std::sync::atomic::Ordering::Acquire) {
+                    self.shared
+                        .store
+                        .register_projection(&registered.name, registered.partitions)
+                        .await?;
+                    registered
+                        .stored
+                        .store(true, std::sync::atomic::Ordering::Release);
+                }
             }
         }
         wait_for(&self.shared.store, target, projections, timeout).await
