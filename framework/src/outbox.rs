@@ -46,7 +46,7 @@ use crate::event::Checkpoint;
 use crate::log::{WakeSignal, Wakeups};
 use crate::names::Identifier;
 use crate::projection::HandlerError;
-use crate::store::postgres::PostgresStore;
+use crate::store::postgres::{spawn_notifier, to_i64, PostgresStore};
 use crate::store::projections::{Lease, ProjectionState, ProjectionStore, UnitId};
 
 mod relay;
@@ -849,45 +849,6 @@ fn record_from_row(row: &PgRow, table: &str) -> Result<OutboxMessageRecord, Stor
 
 fn db(operation: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
     move |e| StoreError::database(operation, e)
-}
-
-/// Values above `i64::MAX` are clamped (PostgreSQL's `bigint` cannot hold
-/// them).
-fn to_i64(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
-}
-
-fn spawn_notifier(
-    pool: PgPool,
-    channel: String,
-    interval: Duration,
-    shutdown: CancellationToken,
-) -> mpsc::Sender<()> {
-    let (sender, mut receiver) = mpsc::channel::<()>(1);
-    let task = async move {
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                signal = receiver.recv() => if signal.is_none() { return },
-            }
-            if let Err(error) = sqlx::query("SELECT pg_notify($1, '')")
-                .bind(&channel)
-                .execute(&pool)
-                .await
-            {
-                // Relays on other nodes still find the messages at their next poll.
-                tracing::debug!(%channel, "NOTIFY failed: {error}");
-            }
-            tokio::time::sleep(interval).await;
-        }
-    };
-    match tokio::runtime::Handle::try_current() {
-        Ok(runtime) => {
-            runtime.spawn(task);
-        }
-        Err(_) => tracing::warn!("no tokio runtime: relays on other nodes will not be notified"),
-    }
-    sender
 }
 
 #[cfg(test)]

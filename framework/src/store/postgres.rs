@@ -651,7 +651,9 @@ async fn listen_once(
     }
 }
 
-fn spawn_notifier(
+/// Sends one `NOTIFY` on `channel` per signal received, at most one per
+/// `interval` (signals in between share it), always outside any transaction.
+pub(crate) fn spawn_notifier(
     pool: PgPool,
     channel: String,
     interval: Duration,
@@ -669,7 +671,7 @@ fn spawn_notifier(
                 .execute(&pool)
                 .await
             {
-                // Readers on other nodes still find the events at their next poll.
+                // Readers on other nodes still find the rows at their next poll.
                 tracing::debug!(%channel, "NOTIFY failed: {error}");
             }
             tokio::time::sleep(interval).await;
@@ -1069,7 +1071,7 @@ fn corrupt(table: &str, what: &str) -> StoreError {
 
 /// Values above `i64::MAX` are clamped: PostgreSQL's `bigint` cannot hold them,
 /// and callers validate sequences before they get here.
-fn to_i64(value: u64) -> i64 {
+pub(crate) fn to_i64(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 
