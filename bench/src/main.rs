@@ -7,7 +7,6 @@
 //! outflow-bench rebuild-child URL batch|view            # one rebuild, in a child process
 //! ```
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -801,7 +800,6 @@ async fn main() -> Result<()> {
     };
     let size = Size::new(quick);
     let started = Instant::now();
-    let mut results: HashMap<&str, String> = HashMap::new();
 
     eprintln!("1/7 commands, 1 client");
     let (outflow, _) = outflow_system(&server, "c1").await?;
@@ -943,7 +941,6 @@ async fn main() -> Result<()> {
         size.pgbench_seconds
     );
     md.push_str(READING);
-    results.insert("done", String::new());
     std::fs::write(&out, md).with_context(|| format!("writing {out}"))?;
     eprintln!("wrote {out} in {:.0} s", started.elapsed().as_secs_f64());
     Ok(())

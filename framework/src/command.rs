@@ -334,13 +334,16 @@ where
             events,
         };
         let new_version = version + payloads.len() as u64;
-        let (envelopes, recorded) = if self.inline.is_empty() {
+        // The written events are copied only for a bus that publishes them.
+        let (envelopes, published) = if self.inline.is_empty() {
             let recorded = self.store.append(request).await?;
-            (envelopes(recorded.clone(), payloads), recorded)
+            let published = self.publish.is_some().then(|| recorded.clone());
+            (into_envelopes(recorded, payloads), published)
         } else {
             let mut tx = self.store.begin().await?;
             let recorded = self.store.append_in(&mut tx, request).await?;
-            let envelopes = envelopes(recorded.clone(), payloads);
+            let published = self.publish.is_some().then(|| recorded.clone());
+            let envelopes = into_envelopes(recorded, payloads);
             for handler in &self.inline {
                 if let Err(error) = handler.handle(&envelopes, &mut tx).await {
                     // Dropping the transaction rolls back the events and the
@@ -354,10 +357,10 @@ where
             }
             self.store.commit(tx).await?;
             self.store.events_committed();
-            (envelopes, recorded)
+            (envelopes, published)
         };
-        if let Some(bus) = &self.publish {
-            bus.publish(recorded);
+        if let (Some(bus), Some(events)) = (&self.publish, published) {
+            bus.publish(events);
         }
         if let Some(every) = self.snapshot_every {
             if version / every != new_version / every {
@@ -532,27 +535,14 @@ where
     }
 }
 
-fn envelopes<A: Aggregate>(
+fn into_envelopes<A: Aggregate>(
     recorded: Vec<crate::event::RecordedEvent>,
     payloads: Vec<A::Event>,
 ) -> Vec<Envelope<A>> {
     recorded
         .into_iter()
         .zip(payloads)
-        .map(|(r, payload)| Envelope {
-            event_id: r.event_id,
-            aggregate_id: r.aggregate_id,
-            sequence: r.sequence,
-            position: r.position,
-            transaction_id: r.transaction_id,
-            recorded_at: r.recorded_at,
-            event_type: r.event_type,
-            event_version: r.event_version,
-            correlation_id: r.correlation_id,
-            causation_id: r.causation_id,
-            metadata: r.metadata,
-            payload,
-        })
+        .map(|(event, payload)| event.into_envelope(payload))
         .collect()
 }
 

@@ -155,56 +155,41 @@ impl RecordedEvent {
     /// [`StoreError::Upcast`], [`StoreError::UnknownEventType`] or
     /// [`StoreError::Deserialize`], each naming the event.
     pub fn decode<A: Aggregate>(
-        self,
+        mut self,
         upcasters: &[Box<dyn Upcaster>],
     ) -> Result<Envelope<A>, StoreError> {
-        let RecordedEvent {
-            event_id,
-            aggregate_type,
-            aggregate_id,
-            sequence,
-            position,
-            transaction_id,
-            recorded_at,
-            event_type,
-            event_version,
-            payload,
-            metadata,
-            correlation_id,
-            causation_id,
-        } = self;
         let (event_type, event_version, payload) = crate::upcast::apply(
             upcasters,
-            &aggregate_type,
-            &aggregate_id,
-            sequence,
-            Some(position),
-            event_type,
-            event_version,
-            payload,
+            &self.aggregate_type,
+            &self.aggregate_id,
+            self.sequence,
+            Some(self.position),
+            std::mem::take(&mut self.event_type),
+            std::mem::take(&mut self.event_version),
+            std::mem::take(&mut self.payload),
         )?;
-        let payload = deserialize_payload::<A>(payload, || EventRef {
-            aggregate_type: aggregate_type.clone(),
-            aggregate_id: aggregate_id.clone(),
-            sequence,
-            position: Some(position),
-            event_type: event_type.clone(),
-            event_version: event_version.clone(),
-        })?;
-        Ok(Envelope {
-            event_id,
-            aggregate_id,
-            sequence,
-            position,
-            transaction_id,
-            recorded_at,
-            event_type,
-            event_version,
-            correlation_id,
-            causation_id,
-            metadata,
+        self.event_type = event_type;
+        self.event_version = event_version;
+        let payload = deserialize_payload::<A>(payload, || self.event_ref())?;
+        Ok(self.into_envelope(payload))
+    }
+
+    /// The typed envelope of this event with an already decoded payload.
+    pub(crate) fn into_envelope<A: Aggregate>(self, payload: A::Event) -> Envelope<A> {
+        Envelope {
+            event_id: self.event_id,
+            aggregate_id: self.aggregate_id,
+            sequence: self.sequence,
+            position: self.position,
+            transaction_id: self.transaction_id,
+            recorded_at: self.recorded_at,
+            event_type: self.event_type,
+            event_version: self.event_version,
+            correlation_id: self.correlation_id,
+            causation_id: self.causation_id,
+            metadata: self.metadata,
             payload,
-        })
+        }
     }
 }
 

@@ -153,38 +153,16 @@ pub fn read_log<S: EventStore + ?Sized>(
     filter: LogFilter,
     batch_size: usize,
 ) -> BoxStream<'_, Result<RecordedEvent, StoreError>> {
-    let cursor = Cursor {
-        buffer: VecDeque::new(),
-        done: false,
-        batch_size: batch_size.max(1),
-    };
-    futures::stream::unfold(
-        (cursor, after, filter),
-        move |(mut cursor, mut after, filter)| async move {
-            loop {
-                if let Some(event) = cursor.buffer.pop_front() {
-                    return Some((Ok(event), (cursor, after, filter)));
-                }
-                if cursor.done {
-                    return None;
-                }
-                match store.read_log(after, &filter, cursor.batch_size).await {
-                    Ok(batch) => {
-                        cursor.done = batch.len() < cursor.batch_size;
-                        if let Some(last) = batch.last() {
-                            after = last.checkpoint();
-                        }
-                        cursor.buffer.extend(batch);
-                    }
-                    Err(error) => {
-                        cursor.done = true;
-                        return Some((Err(error), (cursor, after, filter)));
-                    }
-                }
-            }
+    let filter = std::sync::Arc::new(filter);
+    batched(
+        after,
+        batch_size,
+        move |after, limit| {
+            let filter = filter.clone();
+            async move { store.read_log(after, &filter, limit).await }
         },
+        RecordedEvent::checkpoint,
     )
-    .boxed()
 }
 
 /// Streams one aggregate's events after `after_sequence` in sequence order,
@@ -196,47 +174,57 @@ pub fn read_stream<'a, S: EventStore + ?Sized>(
     after_sequence: u64,
     batch_size: usize,
 ) -> BoxStream<'a, Result<RecordedEvent, StoreError>> {
-    let cursor = Cursor {
-        buffer: VecDeque::new(),
-        done: false,
-        batch_size: batch_size.max(1),
-    };
+    batched(
+        after_sequence,
+        batch_size,
+        move |after, limit| store.read_stream(aggregate_type, aggregate_id, after, limit),
+        |event| event.sequence,
+    )
+}
+
+/// Reads batch after batch with `fetch` from a cursor that `next` moves to
+/// the last event read, until a batch comes back short; an error is yielded
+/// once and ends the stream.
+fn batched<'a, C, F, Fut, N>(
+    start: C,
+    batch_size: usize,
+    fetch: F,
+    next: N,
+) -> BoxStream<'a, Result<RecordedEvent, StoreError>>
+where
+    C: Copy + Send + 'a,
+    F: Fn(C, usize) -> Fut + Send + 'a,
+    Fut: std::future::Future<Output = Result<Vec<RecordedEvent>, StoreError>> + Send + 'a,
+    N: Fn(&RecordedEvent) -> C + Send + 'a,
+{
+    let batch_size = batch_size.max(1);
+    let state = (VecDeque::new(), false, start, fetch, next);
     futures::stream::unfold(
-        (cursor, after_sequence),
-        move |(mut cursor, mut after)| async move {
+        state,
+        move |(mut buffer, mut done, mut cursor, fetch, next)| async move {
             loop {
-                if let Some(event) = cursor.buffer.pop_front() {
-                    return Some((Ok(event), (cursor, after)));
+                if let Some(event) = buffer.pop_front() {
+                    return Some((Ok(event), (buffer, done, cursor, fetch, next)));
                 }
-                if cursor.done {
+                if done {
                     return None;
                 }
-                match store
-                    .read_stream(aggregate_type, aggregate_id, after, cursor.batch_size)
-                    .await
-                {
+                match fetch(cursor, batch_size).await {
                     Ok(batch) => {
-                        cursor.done = batch.len() < cursor.batch_size;
+                        done = batch.len() < batch_size;
                         if let Some(last) = batch.last() {
-                            after = last.sequence;
+                            cursor = next(last);
                         }
-                        cursor.buffer.extend(batch);
+                        buffer.extend(batch);
                     }
                     Err(error) => {
-                        cursor.done = true;
-                        return Some((Err(error), (cursor, after)));
+                        return Some((Err(error), (buffer, true, cursor, fetch, next)));
                     }
                 }
             }
         },
     )
     .boxed()
-}
-
-struct Cursor {
-    buffer: VecDeque<RecordedEvent>,
-    done: bool,
-    batch_size: usize,
 }
 
 /// Tells a tailing log reader when new events may be readable: at once after

@@ -46,7 +46,7 @@ use crate::event::Checkpoint;
 use crate::log::{WakeSignal, Wakeups};
 use crate::names::Identifier;
 use crate::projection::HandlerError;
-use crate::store::postgres::{spawn_notifier, to_i64, PostgresStore};
+use crate::store::postgres::{db, spawn_notifier, to_i64, PostgresStore};
 use crate::store::projections::{Lease, ProjectionState, ProjectionStore, UnitId};
 
 mod relay;
@@ -845,10 +845,6 @@ fn record_from_row(row: &PgRow, table: &str) -> Result<OutboxMessageRecord, Stor
         headers,
         created_at: row.try_get("created_at").map_err(get)?,
     })
-}
-
-fn db(operation: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
-    move |e| StoreError::database(operation, e)
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! commands applied to it. So a `cqrs-es` view moves to Outflow unchanged,
 //! and becomes durable and rebuildable.
 
+use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::Arc;
 
@@ -201,14 +202,16 @@ where
             let view: V = serde_json::from_value(payload)?;
             views.push((key, view, version, None));
         }
+        let mut index_of: HashMap<String, usize> = views
+            .iter()
+            .enumerate()
+            .map(|(i, (key, ..))| (key.clone(), i))
+            .collect();
         for (key, envelope) in &decoded {
-            let index = match views.iter().position(|(k, ..)| k == key) {
-                Some(index) => index,
-                None => {
-                    views.push((key.clone(), V::default(), 0, None));
-                    views.len() - 1
-                }
-            };
+            let index = *index_of.entry(key.clone()).or_insert_with(|| {
+                views.push((key.clone(), V::default(), 0, None));
+                views.len() - 1
+            });
             let (_, view, version, last_command) = &mut views[index];
             // postgres-es bumps a view's version once per command dispatched
             // to it; a command's events share aggregate and transaction.

@@ -19,7 +19,7 @@ use outflow::doc_fixture::{Counter, CounterCommand, CounterEvent};
 use outflow::projection::{
     typed, EventHandler, HandlerError, OnError, Projection, ProjectionOptions, RetryPolicy,
 };
-use outflow::runner::{ProjectionRunner, ProjectionStatus, RebuildProgress, WaitError};
+use outflow::runner::{ProjectionRunner, RebuildProgress, WaitError};
 use outflow::store::memory::MemoryTransaction;
 use outflow::store::projections::{ProjectionState, ProjectionStore};
 use outflow::{
@@ -27,7 +27,6 @@ use outflow::{
     PostgresStore, RecordedEvent,
 };
 use sqlx::{PgPool, Postgres, Transaction};
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -38,55 +37,10 @@ const FAST_RETRY: RetryPolicy = RetryPolicy {
     max_backoff: Duration::from_millis(50),
 };
 
-fn spawn_runner<S: ProjectionStore>(
-    runner: &ProjectionRunner<S>,
-) -> (CancellationToken, tokio::task::JoinHandle<()>) {
-    let shutdown = CancellationToken::new();
-    let handle = tokio::spawn({
-        let runner = runner.clone();
-        let shutdown = shutdown.clone();
-        async move { runner.run(shutdown).await.expect("the runner runs") }
-    });
-    (shutdown, handle)
-}
-
 fn runner_builder<S: ProjectionStore>(store: &S) -> outflow::runner::ProjectionRunnerBuilder<S> {
     ProjectionRunner::builder(store.clone())
         .heartbeat_interval(Duration::from_millis(200))
         .lease_ttl(Duration::from_secs(3))
-}
-
-/// Polls the status of `name` until `done` holds (60 s at most).
-async fn wait_for_status<S: ProjectionStore>(
-    runner: &ProjectionRunner<S>,
-    name: &str,
-    done: impl Fn(&ProjectionStatus) -> bool,
-) -> ProjectionStatus {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let status = runner
-            .status()
-            .await
-            .expect("status")
-            .into_iter()
-            .find(|s| s.projection == name);
-        if let Some(status) = &status {
-            if done(status) {
-                return status.clone();
-            }
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "`{name}` never reached the expected status; last: {status:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Waits until the runner has registered `name` (`wait_for` does not know a
-/// projection before that).
-async fn started<S: ProjectionStore>(runner: &ProjectionRunner<S>, name: &str) {
-    wait_for_status(runner, name, |_| true).await;
 }
 
 /// Waits until the store's head (what log readers may read up to) has
@@ -237,8 +191,8 @@ async fn rebuild_reports_progress_and_ends_with_the_same_read_model() {
         )
         .build()
         .expect("runner");
-    let (shutdown, handle) = spawn_runner(&runner);
-    started(&runner, "account_balances").await;
+    let (shutdown, handle) = common::start_runner(&runner);
+    common::started(&runner, &["account_balances"]).await;
     runner
         .wait_for(target, &["account_balances"], WAIT)
         .await
@@ -264,7 +218,7 @@ async fn rebuild_reports_progress_and_ends_with_the_same_read_model() {
         },
         "the total counts the account events only"
     );
-    let held = wait_for_status(&runner, "account_balances", |s| {
+    let held = common::wait_for_status(&runner, "account_balances", |s| {
         waiting.load(Ordering::SeqCst) && s.rebuild.is_some_and(|p| p.done > 0)
     })
     .await;
@@ -316,7 +270,7 @@ async fn rebuild_reports_progress_and_ends_with_the_same_read_model() {
         .await
         .expect("rebuilt");
     assert_eq!(Balances::rows(store.pool()).await.expect("rows"), expected);
-    let status = wait_for_status(&runner, "account_balances", |s| {
+    let status = common::wait_for_status(&runner, "account_balances", |s| {
         s.state == ProjectionState::Live
     })
     .await;
@@ -353,8 +307,8 @@ async fn a_paused_projection_applies_nothing_until_resumed() {
         .projection(ProjectionOptions::new(Balances::new()))
         .build()
         .expect("runner");
-    let (shutdown, handle) = spawn_runner(&runner);
-    started(&runner, "account_balances").await;
+    let (shutdown, handle) = common::start_runner(&runner);
+    common::started(&runner, &["account_balances"]).await;
     runner
         .wait_for(
             deposit.checkpoint().expect("written"),
@@ -411,7 +365,7 @@ async fn a_paused_projection_applies_nothing_until_resumed() {
         .await
         .expect("resumed");
     assert_eq!(balance_of(store.pool(), "acc-1").await, Some(15));
-    let status = wait_for_status(&runner, "account_balances", |s| {
+    let status = common::wait_for_status(&runner, "account_balances", |s| {
         s.state == ProjectionState::Live
     })
     .await;
@@ -472,8 +426,8 @@ async fn a_killed_listen_connection_is_replaced_and_polling_covers_the_gap() {
         .projection(ProjectionOptions::new(Balances::new()))
         .build()
         .expect("runner");
-    let (shutdown, handle) = spawn_runner(&runner);
-    started(&runner, "account_balances").await;
+    let (shutdown, handle) = common::start_runner(&runner);
+    common::started(&runner, &["account_balances"]).await;
     let opened = bus
         .execute(
             "acc-1",
@@ -659,8 +613,8 @@ async fn the_inbox_makes_an_outside_effect_happen_once_per_event() {
         )
         .build()
         .expect("runner");
-    let (shutdown, handle) = spawn_runner(&runner);
-    started(&runner, "mailer").await;
+    let (shutdown, handle) = common::start_runner(&runner);
+    common::started(&runner, &["mailer"]).await;
     runner
         .wait_for(target, &["mailer"], WAIT)
         .await
@@ -838,8 +792,8 @@ async fn the_memory_store_runs_projections_like_postgres() {
         )
         .build()
         .expect("runner");
-    let (shutdown, handle) = spawn_runner(&runner);
-    started(&runner, "memory_ledger").await;
+    let (shutdown, handle) = common::start_runner(&runner);
+    common::started(&runner, &["memory_ledger"]).await;
 
     // Catch-up past the poison event, which is parked.
     let target = written.last().expect("written").checkpoint();
@@ -863,7 +817,7 @@ async fn the_memory_store_runs_projections_like_postgres() {
     assert!(ledger.calls_of(poison.event_id) >= 3);
     // The typed handler only gets its aggregate's events.
     assert!(others.iter().all(|id| ledger.calls_of(*id) == 0));
-    let status = wait_for_status(&runner, "memory_ledger", |s| {
+    let status = common::wait_for_status(&runner, "memory_ledger", |s| {
         s.state == ProjectionState::Live
     })
     .await;

@@ -11,8 +11,7 @@ use example_accounts::projections::{BalanceRow, Balances};
 use example_accounts::{BankAccount, BankCommand, BankEvent};
 use outflow::projection::ProjectionOptions;
 use outflow::runner::{ProjectionRunner, WaitError};
-use outflow::{AppendRequest, CommandBus, EventStore, NewEvent, PostgresStore};
-use tokio_util::sync::CancellationToken;
+use outflow::{AppendRequest, CommandBus, EventStore, NewEvent};
 
 const ACCOUNTS: usize = 50;
 const EVENTS: usize = 100_000;
@@ -34,18 +33,6 @@ fn events_for(account: usize, round: usize) -> Vec<BankEvent> {
             }
         })
         .collect()
-}
-
-fn spawn_runner(
-    runner: &ProjectionRunner<PostgresStore>,
-) -> (CancellationToken, tokio::task::JoinHandle<()>) {
-    let shutdown = CancellationToken::new();
-    let handle = tokio::spawn({
-        let runner = runner.clone();
-        let shutdown = shutdown.clone();
-        async move { runner.run(shutdown).await.expect("runner") }
-    });
-    (shutdown, handle)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -101,7 +88,7 @@ async fn catch_up_of_100k_events_equals_a_direct_fold() {
         .projection(ProjectionOptions::new(Balances::new()).batch_size(1000))
         .build()
         .expect("runner");
-    let (shutdown, handle) = spawn_runner(&runner);
+    let (shutdown, handle) = common::start_runner(&runner);
 
     // The status can be read while it catches up.
     let mut saw_progress = false;

@@ -15,11 +15,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use example_accounts::{BankAccount, BankCommand, BankEvent};
 use outflow::projection::{HandlerError, OnError, Projection, ProjectionOptions, RetryPolicy};
-use outflow::runner::{ProjectionRunner, ProjectionStatus, RetryError, WaitError};
+use outflow::runner::{ProjectionRunner, RetryError, WaitError};
 use outflow::store::projections::ProjectionState;
 use outflow::{Checkpoint, CommandBus, EventStore, LogFilter, PostgresStore, RecordedEvent};
 use sqlx::{PgPool, Postgres, Transaction};
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// The deposit amount the broken ledger refuses.
@@ -217,86 +216,12 @@ fn ids(written: &[Written]) -> Vec<Uuid> {
     written.iter().map(|w| w.event_id).collect()
 }
 
-fn spawn_runner(
-    runner: &ProjectionRunner<PostgresStore>,
-) -> (CancellationToken, tokio::task::JoinHandle<()>) {
-    let shutdown = CancellationToken::new();
-    let handle = tokio::spawn({
-        let runner = runner.clone();
-        let shutdown = shutdown.clone();
-        async move { runner.run(shutdown).await.expect("the runner runs") }
-    });
-    (shutdown, handle)
-}
-
 fn runner_builder(
     store: &PostgresStore,
 ) -> outflow::runner::ProjectionRunnerBuilder<PostgresStore> {
     ProjectionRunner::builder(store.clone())
         .heartbeat_interval(Duration::from_millis(200))
         .lease_ttl(Duration::from_secs(3))
-}
-
-async fn status_of(runner: &ProjectionRunner<PostgresStore>, name: &str) -> ProjectionStatus {
-    runner
-        .status()
-        .await
-        .expect("status")
-        .into_iter()
-        .find(|s| s.projection == name)
-        .unwrap_or_else(|| panic!("no status for `{name}`"))
-}
-
-/// Waits until the runner has registered its projections: `wait_for` does
-/// not know a projection before that.
-async fn started(runner: &ProjectionRunner<PostgresStore>, names: &[&str]) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let status = runner.status().await.expect("status");
-        if names
-            .iter()
-            .all(|name| status.iter().any(|s| s.projection == *name))
-        {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{names:?} were never registered"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Polls the status of `name` until `done` holds (60 s at most).
-async fn wait_for_status(
-    runner: &ProjectionRunner<PostgresStore>,
-    name: &str,
-    done: impl Fn(&ProjectionStatus) -> bool,
-) -> ProjectionStatus {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let status = runner
-            .status()
-            .await
-            .expect("status")
-            .into_iter()
-            .find(|s| s.projection == name);
-        if let Some(status) = status {
-            if done(&status) {
-                return status;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "`{name}` never reached the expected status; last: {status:?}"
-            );
-        } else {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "`{name}` was never registered"
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -342,8 +267,8 @@ async fn a_poison_event_is_retried_parked_and_skipped_then_retried_or_discarded(
         )
         .build()
         .expect("runner");
-    let (shutdown, handle) = spawn_runner(&runner);
-    started(&runner, &["ledger"]).await;
+    let (shutdown, handle) = common::start_runner(&runner);
+    common::started(&runner, &["ledger"]).await;
 
     runner
         .wait_for(head, &["ledger"], WAIT)
@@ -376,7 +301,7 @@ async fn a_poison_event_is_retried_parked_and_skipped_then_retried_or_discarded(
             calls_of(&calls, event.event_id)
         );
     }
-    let status = status_of(&runner, "ledger").await;
+    let status = common::status_of(&runner, "ledger").await;
     assert_eq!(status.parked, 3, "{status:?}");
     assert!(status.checkpoint >= head, "{status:?}");
     assert_eq!(status.lag_events, 0, "{status:?}");
@@ -421,7 +346,7 @@ async fn a_poison_event_is_retried_parked_and_skipped_then_retried_or_discarded(
         .map(|d| d.id)
         .collect();
     assert_eq!(after, vec![parked[0].id, parked[2].id]);
-    assert_eq!(status_of(&runner, "ledger").await.parked, 2);
+    assert_eq!(common::status_of(&runner, "ledger").await.parked, 2);
 
     // After the fix, a retry applies the event and removes its dead letter.
     broken.store(false, Ordering::SeqCst);
@@ -448,7 +373,7 @@ async fn a_poison_event_is_retried_parked_and_skipped_then_retried_or_discarded(
         .await
         .expect("dead letters")
         .is_empty());
-    assert_eq!(status_of(&runner, "ledger").await.parked, 0);
+    assert_eq!(common::status_of(&runner, "ledger").await.parked, 0);
 
     // Every event but the discarded one is in the read model, exactly once.
     let expected: Vec<Uuid> = written
@@ -525,10 +450,10 @@ async fn on_error_stop_halts_only_that_projection_until_restarted() {
         )
         .build()
         .expect("runner");
-    let (shutdown, handle) = spawn_runner(&runner);
+    let (shutdown, handle) = common::start_runner(&runner);
 
     // The projection stops at the poison event, with that event in its error.
-    let status = wait_for_status(&runner, "ledger_stop", |s| {
+    let status = common::wait_for_status(&runner, "ledger_stop", |s| {
         s.state == ProjectionState::Stopped
     })
     .await;
@@ -599,7 +524,7 @@ async fn on_error_stop_halts_only_that_projection_until_restarted() {
         .await
         .expect("the healthy projection follows new events");
     assert_eq!(ledger_ids(store.pool(), "ledger_live").await, ids(&written));
-    let status = status_of(&runner, "ledger_stop").await;
+    let status = common::status_of(&runner, "ledger_stop").await;
     assert_eq!(status.state, ProjectionState::Stopped);
     assert_eq!(status.checkpoint, written[poison_at - 1].checkpoint);
     assert_eq!(
@@ -624,7 +549,7 @@ async fn on_error_stop_halts_only_that_projection_until_restarted() {
         .expect("the restarted projection catches up");
     assert_eq!(ledger_ids(store.pool(), "ledger_stop").await, ids(&written));
     let status =
-        wait_for_status(&runner, "ledger_stop", |s| s.state == ProjectionState::Live).await;
+        common::wait_for_status(&runner, "ledger_stop", |s| s.state == ProjectionState::Live).await;
     assert_eq!(status.last_error, None);
     assert_eq!(status.parked, 0);
 
@@ -765,8 +690,8 @@ async fn transient_failures_are_retried_without_limit_and_never_park() {
         );
     }
     let runner = builder.build().expect("runner");
-    let (shutdown, handle) = spawn_runner(&runner);
-    started(
+    let (shutdown, handle) = common::start_runner(&runner);
+    common::started(
         &runner,
         &["flaky_sqlx", "flaky_store", "flaky_wrapped", "flaky_plain"],
     )
@@ -798,7 +723,7 @@ async fn transient_failures_are_retried_without_limit_and_never_park() {
             counter.load(Ordering::SeqCst) > FAILURES,
             "{name}: retried past max_attempts until it succeeded"
         );
-        let status = status_of(&runner, name).await;
+        let status = common::status_of(&runner, name).await;
         assert_eq!(status.parked, 0, "{status:?}");
     }
 

@@ -108,16 +108,6 @@ fn runner(store: &PostgresStore, node: &str, partitions: u32) -> ProjectionRunne
         .expect("build the runner")
 }
 
-fn start(runner: &ProjectionRunner<PostgresStore>) -> (CancellationToken, JoinHandle<()>) {
-    let shutdown = CancellationToken::new();
-    let handle = tokio::spawn({
-        let runner = runner.clone();
-        let shutdown = shutdown.clone();
-        async move { runner.run(shutdown).await.expect("the runner failed") }
-    });
-    (shutdown, handle)
-}
-
 async fn stop(shutdown: CancellationToken, handle: JoinHandle<()>) {
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(30), handle)
@@ -415,8 +405,8 @@ async fn one_owner_at_a_time_and_failover_after_a_crash() {
 
     let runner_a = runner(&store_a, "node-a", 1);
     let runner_b = runner(&store_b, "node-b", 1);
-    let (shutdown_a, handle_a) = start(&runner_a);
-    let (shutdown_b, handle_b) = start(&runner_b);
+    let (shutdown_a, handle_a) = common::start_runner(&runner_a);
+    let (shutdown_b, handle_b) = common::start_runner(&runner_b);
 
     let (owner, _) = eventually(
         "a node claims the unit",
@@ -540,8 +530,8 @@ async fn four_partitions_spread_over_two_nodes() {
 
     let runner_a = runner(&store_a, "node-a", 4);
     let runner_b = runner(&store_b, "node-b", 4);
-    let (shutdown_a, handle_a) = start(&runner_a);
-    let (shutdown_b, handle_b) = start(&runner_b);
+    let (shutdown_a, handle_a) = common::start_runner(&runner_a);
+    let (shutdown_b, handle_b) = common::start_runner(&runner_b);
 
     let expected: BTreeMap<String, usize> = [("node-a".to_owned(), 2), ("node-b".to_owned(), 2)]
         .into_iter()
@@ -596,7 +586,7 @@ async fn a_node_joining_later_takes_over_half_the_work() {
     let appender = Appender::start(writer.clone(), "jn", 24);
 
     let runner_a = runner(&store_a, "node-a", 4);
-    let (shutdown_a, handle_a) = start(&runner_a);
+    let (shutdown_a, handle_a) = common::start_runner(&runner_a);
     let all_a = vec![Some("node-a".to_owned()); 4];
     eventually(
         "node-a alone owns all four units",
@@ -619,7 +609,7 @@ async fn a_node_joining_later_takes_over_half_the_work() {
     );
 
     let runner_b = runner(&store_b, "node-b", 4);
-    let (shutdown_b, handle_b) = start(&runner_b);
+    let (shutdown_b, handle_b) = common::start_runner(&runner_b);
     let expected: BTreeMap<String, usize> = [("node-a".to_owned(), 2), ("node-b".to_owned(), 2)]
         .into_iter()
         .collect();

@@ -19,7 +19,6 @@ use outflow::view::ViewProjection;
 use outflow::{Checkpoint, CommandBus, EventStore, LogFilter, PostgresStore};
 use postgres_es::{PostgresCqrs, PostgresViewRepository};
 use sqlx::{PgPool, Row};
-use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -188,18 +187,6 @@ fn view_projection() -> ViewProjection<BankAccount, AccountView> {
         .expect("a valid table name")
 }
 
-fn spawn_runner(
-    runner: &ProjectionRunner<PostgresStore>,
-) -> (CancellationToken, tokio::task::JoinHandle<()>) {
-    let shutdown = CancellationToken::new();
-    let handle = tokio::spawn({
-        let runner = runner.clone();
-        let shutdown = shutdown.clone();
-        async move { runner.run(shutdown).await.expect("the runner runs") }
-    });
-    (shutdown, handle)
-}
-
 /// Waits until the store's head (what log readers may read up to) has
 /// passed `target`.
 async fn head_reaches(store: &PostgresStore, target: Checkpoint) {
@@ -213,31 +200,12 @@ async fn head_reaches(store: &PostgresStore, target: Checkpoint) {
     }
 }
 
-/// Waits until the runner has registered its projections: `wait_for` does
-/// not know a projection before that.
-async fn started(runner: &ProjectionRunner<PostgresStore>, name: &str) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !runner
-        .status()
-        .await
-        .expect("status")
-        .iter()
-        .any(|s| s.projection == name)
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "`{name}` was never registered"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn view_projection_writes_the_rows_generic_query_writes() {
     let fixture = Fixture::new("view_same_rows").await;
     let runner = fixture.runner();
-    let (shutdown, handle) = spawn_runner(&runner);
-    started(&runner, "account_view").await;
+    let (shutdown, handle) = common::start_runner(&runner);
+    common::started(&runner, &["account_view"]).await;
 
     // Catch-up over what postgres-es wrote before the runner started.
     let target = fixture.last_checkpoint(fixture.accepted).await;
@@ -282,8 +250,8 @@ async fn view_projection_writes_the_rows_generic_query_writes() {
 async fn rebuilding_a_view_produces_the_same_rows_again() {
     let fixture = Fixture::new("view_rebuild").await;
     let runner = fixture.runner();
-    let (shutdown, handle) = spawn_runner(&runner);
-    started(&runner, "account_view").await;
+    let (shutdown, handle) = common::start_runner(&runner);
+    common::started(&runner, &["account_view"]).await;
     let target = fixture.last_checkpoint(fixture.accepted).await;
     runner
         .wait_for(target, &["account_view"], WAIT)
@@ -421,8 +389,8 @@ async fn keyed_by_gathers_several_accounts_into_one_row() {
         .projection(ProjectionOptions::new(view).batch_size(3))
         .build()
         .expect("runner");
-    let (shutdown, handle) = spawn_runner(&runner);
-    started(&runner, "by_initial").await;
+    let (shutdown, handle) = common::start_runner(&runner);
+    common::started(&runner, &["by_initial"]).await;
     runner
         .wait_for(target, &["by_initial"], WAIT)
         .await

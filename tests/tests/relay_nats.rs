@@ -128,18 +128,6 @@ async fn jetstream(url: &str) -> Context {
     async_nats::jetstream::new(client)
 }
 
-fn spawn_runner(
-    runner: &ProjectionRunner<PostgresStore>,
-) -> (CancellationToken, tokio::task::JoinHandle<()>) {
-    let shutdown = CancellationToken::new();
-    let handle = tokio::spawn({
-        let runner = runner.clone();
-        let shutdown = shutdown.clone();
-        async move { runner.run(shutdown).await.expect("runner") }
-    });
-    (shutdown, handle)
-}
-
 fn spawn_consumer(
     consumer: JetStreamConsumer<PostgresStore>,
 ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
@@ -304,7 +292,7 @@ async fn relay_publishes_10k_events_exactly_once_across_two_server_kills() {
         )
         .build()
         .expect("runner");
-    let (runner_stop, runner_task) = spawn_runner(&runner);
+    let (runner_stop, runner_task) = common::start_runner(&runner);
     let consumer = JetStreamConsumer::builder(
         consumer_js,
         "RELAY_KILL",
@@ -553,7 +541,7 @@ async fn headers_and_subjects_are_as_documented() {
         .projection(ProjectionOptions::new(custom_relay).on_error(OnError::Stop))
         .build()
         .expect("runner");
-    let (stop, task) = spawn_runner(&runner);
+    let (stop, task) = common::start_runner(&runner);
     runner
         .wait_for(
             full.checkpoint().max(plain.checkpoint()),

@@ -1069,6 +1069,11 @@ fn corrupt(table: &str, what: &str) -> StoreError {
     }
 }
 
+/// Maps a sqlx error to [`StoreError::Database`] naming the operation.
+pub(crate) fn db(operation: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |e| StoreError::database(operation, e)
+}
+
 /// Values above `i64::MAX` are clamped: PostgreSQL's `bigint` cannot hold them,
 /// and callers validate sequences before they get here.
 pub(crate) fn to_i64(value: u64) -> i64 {

@@ -4,9 +4,13 @@
 
 use std::time::Duration;
 
+use outflow::runner::{ProjectionRunner, ProjectionStatus};
+use outflow::store::ProjectionStore;
 use outflow::{Checkpoint, EventStore, LogFilter, PostgresStore, RecordedEvent};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 /// A fresh, empty database.
 pub struct TestDb {
@@ -99,5 +103,75 @@ pub async fn read_until<S: EventStore + ?Sized>(
         if empty {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+/// Runs `runner` in a task until the returned token is cancelled.
+pub fn start_runner<S: ProjectionStore>(
+    runner: &ProjectionRunner<S>,
+) -> (CancellationToken, JoinHandle<()>) {
+    let shutdown = CancellationToken::new();
+    let handle = tokio::spawn({
+        let runner = runner.clone();
+        let shutdown = shutdown.clone();
+        async move { runner.run(shutdown).await.expect("the runner runs") }
+    });
+    (shutdown, handle)
+}
+
+/// How long the status helpers wait.
+pub const STATUS_WAIT: Duration = Duration::from_secs(60);
+
+/// Polls the status of `name` until `done` holds (60 s at most).
+pub async fn wait_for_status<S: ProjectionStore>(
+    runner: &ProjectionRunner<S>,
+    name: &str,
+    done: impl Fn(&ProjectionStatus) -> bool,
+) -> ProjectionStatus {
+    let deadline = tokio::time::Instant::now() + STATUS_WAIT;
+    loop {
+        let status = runner
+            .status()
+            .await
+            .expect("status")
+            .into_iter()
+            .find(|s| s.projection == name);
+        if let Some(status) = status {
+            if done(&status) {
+                return status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "`{name}` never reached the expected status; last: {status:?}"
+            );
+        } else {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "`{name}` was never registered"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The status of `name` now (it must be registered).
+pub async fn status_of<S: ProjectionStore>(
+    runner: &ProjectionRunner<S>,
+    name: &str,
+) -> ProjectionStatus {
+    runner
+        .status()
+        .await
+        .expect("status")
+        .into_iter()
+        .find(|s| s.projection == name)
+        .unwrap_or_else(|| panic!("no status for `{name}`"))
+}
+
+/// Waits until the running runner has registered `names`, so that their
+/// status can be read.
+pub async fn started<S: ProjectionStore>(runner: &ProjectionRunner<S>, names: &[&str]) {
+    for name in names {
+        wait_for_status(runner, name, |_| true).await;
     }
 }

@@ -10,7 +10,8 @@ use sqlx::postgres::PgRow;
 use sqlx::{Postgres, Row, Transaction};
 
 use super::{
-    bind_filter, decode_event, filter_sql, to_i64, txid_column, u64_column, Names, PostgresStore,
+    bind_filter, db, decode_event, filter_sql, to_i64, txid_column, u64_column, Names,
+    PostgresStore,
 };
 use crate::error::{EventRef, StoreError};
 use crate::event::{Checkpoint, RecordedEvent};
@@ -63,10 +64,6 @@ impl Queries {
         // `every_projection_query_exists` checks it.
         self.by_name.get(name).map_or("", String::as_str)
     }
-}
-
-fn db(operation: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
-    move |e| StoreError::database(operation, e)
 }
 
 fn lease_from_row(row: &PgRow, unit: UnitId, table: &str) -> Result<Lease, StoreError> {
