@@ -1036,8 +1036,23 @@ impl<S: ProjectionStore> UnitWorker<S> {
             if !caught_up {
                 self.set_state(ProjectionState::CatchingUp, None).await;
             }
-            match self.process(&events, target, true).await {
-                Outcome::Committed => checkpoint = target,
+            let batch = tracing::info_span!(
+                "batch",
+                events = events.len(),
+                from = %checkpoint,
+                to = %target
+            );
+            match self.process(&events, target, true).instrument(batch).await {
+                Outcome::Committed => {
+                    checkpoint = target;
+                    // Positions between the head and the checkpoint: a cheap
+                    // bound on the lag (`status` counts the wanted events).
+                    metrics::gauge!(
+                        "outflow_projection_lag_positions",
+                        "projection" => self.registered.name.clone()
+                    )
+                    .set(head.position.saturating_sub(target.position) as f64);
+                }
                 Outcome::Lost => return true,
                 Outcome::Stopped => return false,
             }
