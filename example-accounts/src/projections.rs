@@ -138,10 +138,10 @@ impl Projection<PostgresStore> for Balances {
         // Fold the batch per account in memory, then write once.
         let mut changes: HashMap<&str, (Option<String>, i64, i64, bool)> = HashMap::new();
         for event in events {
-            let envelope = event.decode_ref::<BankAccount>(&[])?;
+            let payload = event.decode_payload::<BankAccount>(&[])?;
             let change = changes.entry(&event.aggregate_id).or_default();
             change.2 += 1;
-            match envelope.payload {
+            match payload {
                 BankEvent::AccountOpened { owner } => change.0 = Some(owner),
                 BankEvent::Deposited { amount } => change.1 += amount,
                 BankEvent::Withdrawn { amount } => change.1 -= amount,

@@ -111,9 +111,30 @@ impl RecordedEvent {
         }
     }
 
+    /// Only the typed payload, upcast if needed: what a batch projection that
+    /// needs nothing else from the envelope wants. When no upcaster applies,
+    /// the payload is deserialized in place, without copying it.
+    ///
+    /// # Errors
+    ///
+    /// As [`decode`](Self::decode).
+    pub fn decode_payload<A: Aggregate>(
+        &self,
+        upcasters: &[Box<dyn Upcaster>],
+    ) -> Result<A::Event, StoreError> {
+        if upcasters
+            .iter()
+            .any(|u| u.can_upcast(&self.event_type, &self.event_version))
+        {
+            return self.clone().decode::<A>(upcasters).map(|e| e.payload);
+        }
+        use serde::Deserialize as _;
+        A::Event::deserialize(&self.payload).map_err(|source| classify(source, || self.event_ref()))
+    }
+
     /// As [`decode`](Self::decode), without consuming the event: when no
     /// upcaster applies, the payload is deserialized in place, without copying
-    /// it (what batch projections want).
+    /// it.
     ///
     /// # Errors
     ///
@@ -128,9 +149,7 @@ impl RecordedEvent {
         {
             return self.clone().decode(upcasters);
         }
-        use serde::Deserialize as _;
-        let payload = A::Event::deserialize(&self.payload)
-            .map_err(|source| classify(source, || self.event_ref()))?;
+        let payload = self.decode_payload::<A>(&[])?;
         Ok(Envelope {
             event_id: self.event_id,
             aggregate_id: self.aggregate_id.clone(),
