@@ -218,8 +218,18 @@ async fn rebuild_reports_progress_and_ends_with_the_same_read_model() {
         },
         "the total counts the account events only"
     );
+    // Once the gate holds the fourth batch, nothing more can commit: only
+    // then is a status read comparable with the table.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !waiting.load(Ordering::SeqCst) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the replay never reached the gate"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let held = common::wait_for_status(&runner, "account_balances", |s| {
-        waiting.load(Ordering::SeqCst) && s.rebuild.is_some_and(|p| p.done > 0)
+        s.rebuild.is_some_and(|p| p.done > 0)
     })
     .await;
     let mid = held.rebuild.expect("progress while rebuilding");
