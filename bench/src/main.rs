@@ -7,6 +7,7 @@
 //! outflow-bench rebuild-child URL batch|view            # one rebuild, in a child process
 //! ```
 
+use outflow::EventLog;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,7 +20,7 @@ use example_accounts::{BankAccount, BankCommand, BankEvent};
 use outflow::projection::ProjectionOptions;
 use outflow::runner::ProjectionRunner;
 use outflow::view::ViewProjection;
-use outflow::{CommandBus, EventStore as _, PostgresStore};
+use outflow::{CommandBus, PostgresStore};
 use postgres_es::{PostgresEventRepository, PostgresViewRepository};
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};

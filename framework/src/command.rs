@@ -12,13 +12,14 @@ use cqrs_es::event_sink::EventSink;
 use cqrs_es::Aggregate;
 use uuid::Uuid;
 
+use crate::error::HandlerError;
 use crate::error::{CommandError, EventRef, StoreError};
+use crate::event::RecordedEvent;
 use crate::event::{
     deserialize_payload, AppendRequest, Checkpoint, Envelope, Metadata, NewEvent, Snapshot,
 };
-use crate::projection::HandlerError;
 use crate::pubsub::EventBus;
-use crate::store::ProjectionStore;
+use crate::store::{AppendInTransaction, EventStore, Transactional};
 use crate::upcast::Upcaster;
 
 /// Reacts to a command's events inside the transaction that appends them:
@@ -53,7 +54,7 @@ use crate::upcast::Upcaster;
 /// }
 /// ```
 #[async_trait::async_trait]
-pub trait InlineHandler<A: Aggregate, S: ProjectionStore>: Send + Sync + 'static {
+pub trait InlineHandler<A: Aggregate, S: Transactional>: Send + Sync + 'static {
     /// A name for errors.
     fn name(&self) -> &str;
 
@@ -88,28 +89,28 @@ pub trait InlineHandler<A: Aggregate, S: ProjectionStore>: Send + Sync + 'static
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// # }).unwrap();
 /// ```
-pub struct CommandBus<A: Aggregate, S: ProjectionStore> {
+pub struct CommandBus<A: Aggregate, S: EventStore> {
     store: S,
     services: A::Services,
     snapshot_every: Option<u64>,
     upcasters: Arc<[Box<dyn Upcaster>]>,
-    inline: Vec<Box<dyn InlineHandler<A, S>>>,
+    inline: Option<Box<dyn InlinePath<A>>>,
     publish: Option<EventBus>,
     cache: Option<std::sync::Mutex<AggregateCache<A>>>,
 }
 
 /// Builds a [`CommandBus`].
-pub struct CommandBusBuilder<A: Aggregate, S: ProjectionStore> {
+pub struct CommandBusBuilder<A: Aggregate, S: EventStore> {
     store: S,
     services: A::Services,
     snapshot_every: Option<u64>,
     upcasters: Vec<Box<dyn Upcaster>>,
-    inline: Vec<Box<dyn InlineHandler<A, S>>>,
+    inline: Option<Box<dyn InlinePath<A>>>,
     publish: Option<EventBus>,
     cache: usize,
 }
 
-impl<A: Aggregate, S: ProjectionStore> CommandBusBuilder<A, S> {
+impl<A: Aggregate, S: EventStore> CommandBusBuilder<A, S> {
     /// Keeps up to `capacity` aggregates in memory after their commands, so a
     /// command on a recently used aggregate skips loading it (default 0: off).
     ///
@@ -120,12 +121,6 @@ impl<A: Aggregate, S: ProjectionStore> CommandBusBuilder<A, S> {
     /// So turn it on where each aggregate is written mostly through one bus.
     pub fn cache_aggregates(mut self, capacity: usize) -> Self {
         self.cache = capacity;
-        self
-    }
-
-    /// Adds a handler run inside the append transaction (see [`InlineHandler`]).
-    pub fn inline(mut self, handler: impl InlineHandler<A, S>) -> Self {
-        self.inline.push(Box::new(handler));
         self
     }
 
@@ -238,11 +233,97 @@ impl<A: Aggregate> Committed<A> {
     }
 }
 
+impl<A, S> CommandBusBuilder<A, S>
+where
+    A: Aggregate + 'static,
+    S: AppendInTransaction + Clone,
+{
+    /// Adds a handler run inside the append transaction (see
+    /// [`InlineHandler`]); needs a backend whose append can join a
+    /// transaction.
+    pub fn inline(mut self, handler: impl InlineHandler<A, S>) -> Self {
+        let handler: Box<dyn InlineHandler<A, S>> = Box::new(handler);
+        match self
+            .inline
+            .as_mut()
+            .and_then(|inline| inline.as_any_mut().downcast_mut::<InlineHandlers<A, S>>())
+        {
+            Some(handlers) => handlers.handlers.push(handler),
+            None => {
+                self.inline = Some(Box::new(InlineHandlers {
+                    store: self.store.clone(),
+                    handlers: vec![handler],
+                }))
+            }
+        }
+        self
+    }
+}
+
+/// How a bus with inline handlers appends: in a transaction of the backend,
+/// with the handlers, all or nothing. Boxed so that a bus over a store
+/// without transactions needs no such bound.
+#[async_trait::async_trait]
+trait InlinePath<A: Aggregate>: Send + Sync {
+    /// Appends, runs the handlers and commits; returns the envelopes and, when
+    /// `publish`, the recorded events for the in-memory bus.
+    async fn append(
+        &self,
+        request: AppendRequest,
+        payloads: Vec<A::Event>,
+        publish: bool,
+    ) -> Result<(Vec<Envelope<A>>, Option<Vec<RecordedEvent>>), CommandError<A::Error>>;
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
+}
+
+struct InlineHandlers<A: Aggregate, S: AppendInTransaction> {
+    store: S,
+    handlers: Vec<Box<dyn InlineHandler<A, S>>>,
+}
+
+#[async_trait::async_trait]
+impl<A, S> InlinePath<A> for InlineHandlers<A, S>
+where
+    A: Aggregate + 'static,
+    S: AppendInTransaction,
+{
+    async fn append(
+        &self,
+        request: AppendRequest,
+        payloads: Vec<A::Event>,
+        publish: bool,
+    ) -> Result<(Vec<Envelope<A>>, Option<Vec<RecordedEvent>>), CommandError<A::Error>> {
+        let mut tx = self.store.begin().await?;
+        let recorded = self.store.append_in(&mut tx, request).await?;
+        let published = publish.then(|| recorded.clone());
+        let envelopes = into_envelopes(recorded, payloads);
+        for handler in &self.handlers {
+            if let Err(error) = handler.handle(&envelopes, &mut tx).await {
+                // Dropping the transaction rolls back the events and the
+                // handlers' writes.
+                drop(tx);
+                return Err(CommandError::Inline {
+                    handler: handler.name().to_owned(),
+                    error,
+                });
+            }
+        }
+        // The commit wakes log readers (the transaction appended).
+        self.store.commit(tx).await?;
+        Ok((envelopes, published))
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+}
+
 impl<A, S> CommandBus<A, S>
 where
     A: Aggregate + 'static,
     A::Error: 'static,
-    S: ProjectionStore,
+    S: EventStore,
 {
     /// A bus with default settings (no snapshots, no upcasters).
     pub fn new(store: S, services: A::Services) -> Self {
@@ -256,7 +337,7 @@ where
             services,
             snapshot_every: None,
             upcasters: Vec::new(),
-            inline: Vec::new(),
+            inline: None,
             publish: None,
             cache: 0,
         }
@@ -335,29 +416,14 @@ where
         };
         let new_version = version + payloads.len() as u64;
         // The written events are copied only for a bus that publishes them.
-        let (envelopes, published) = if self.inline.is_empty() {
-            let recorded = self.store.append(request).await?;
-            let published = self.publish.is_some().then(|| recorded.clone());
-            (into_envelopes(recorded, payloads), published)
-        } else {
-            let mut tx = self.store.begin().await?;
-            let recorded = self.store.append_in(&mut tx, request).await?;
-            let published = self.publish.is_some().then(|| recorded.clone());
-            let envelopes = into_envelopes(recorded, payloads);
-            for handler in &self.inline {
-                if let Err(error) = handler.handle(&envelopes, &mut tx).await {
-                    // Dropping the transaction rolls back the events and the
-                    // handlers' writes.
-                    drop(tx);
-                    return Err(CommandError::Inline {
-                        handler: handler.name().to_owned(),
-                        error,
-                    });
-                }
+        let publish = self.publish.is_some();
+        let (envelopes, published) = match &self.inline {
+            None => {
+                let recorded = self.store.append(request).await?;
+                let published = publish.then(|| recorded.clone());
+                (into_envelopes(recorded, payloads), published)
             }
-            self.store.commit(tx).await?;
-            self.store.events_committed();
-            (envelopes, published)
+            Some(inline) => inline.append(request, payloads, publish).await?,
         };
         if let (Some(bus), Some(events)) = (&self.publish, published) {
             bus.publish(events);
@@ -536,7 +602,7 @@ where
 }
 
 fn into_envelopes<A: Aggregate>(
-    recorded: Vec<crate::event::RecordedEvent>,
+    recorded: Vec<RecordedEvent>,
     payloads: Vec<A::Event>,
 ) -> Vec<Envelope<A>> {
     recorded

@@ -1,12 +1,71 @@
-//! Errors of the event store and of command execution.
+//! Errors of the event store, of command execution and of handlers.
 //!
 //! Every failure names what went wrong and with which input: the event (type,
-//! version, aggregate, sequence, position), the table, the operation.
+//! version, aggregate, sequence, position), the table, the operation. Whether
+//! a failure is worth retrying is decided by the backend that raised it
+//! ([`ErrorKind`]): the core never looks at a driver's error codes.
+//!
+//! This module is the bottom floor of the crate: it names no other module.
 
 use std::fmt;
 
 /// A boxed error from a storage backend, kept as the source of a [`StoreError`].
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Whose fault a failure is, as the backend that raised it classifies it.
+/// Long-running loops (projection runners, relays) decide with it whether to
+/// retry, wait, or blame the event.
+///
+/// ```
+/// use outflow::error::ErrorKind;
+/// assert!(ErrorKind::Transient.is_retryable());
+/// assert!(!ErrorKind::Infrastructure.is_events_fault());
+/// assert!(ErrorKind::Data.is_events_fault());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// Passes by itself: a lost connection, a server restarting, a
+    /// serialization failure or deadlock, a busy database file, a pool
+    /// exhausted. Retry soon, with backoff.
+    Transient,
+    /// The environment is wrong and someone must fix it: a missing table or
+    /// column, a permission, a syntax error in the handler's SQL, bad
+    /// configuration. Never the event's fault: wait with backoff and say so
+    /// in status, never park the event for it.
+    Infrastructure,
+    /// The data is at fault: a payload that does not decode, a constraint the
+    /// event's effect violates. Retrying the same event will not help; the
+    /// event may be parked.
+    Data,
+}
+
+impl ErrorKind {
+    /// `true` for [`ErrorKind::Transient`].
+    pub fn is_retryable(self) -> bool {
+        self == ErrorKind::Transient
+    }
+
+    /// `true` for [`ErrorKind::Data`]: only then may an event be parked.
+    pub fn is_events_fault(self) -> bool {
+        self == ErrorKind::Data
+    }
+
+    /// A short name (`transient`, `infrastructure`, `data`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Transient => "transient",
+            ErrorKind::Infrastructure => "infrastructure",
+            ErrorKind::Data => "data",
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// Names one stored event in error messages: which aggregate, which sequence,
 /// where in the global log, of which type and version.
@@ -98,10 +157,10 @@ pub enum StoreError {
         /// What is wrong with it.
         reason: String,
     },
-    /// Configuration that contradicts what is stored (for example a projection
-    /// registered with another partition count than it has).
+    /// Configuration that is invalid, or contradicts what is stored (for
+    /// example a projection registered with another partition count).
     #[error("configuration: {0}")]
-    Config(String),
+    Config(#[from] ConfigError),
     /// A stored payload or metadata did not deserialize into the event type.
     #[error("{event} did not deserialize: {source}")]
     Deserialize {
@@ -164,10 +223,12 @@ pub enum StoreError {
         source: BoxError,
     },
     /// The database reported an error or the connection failed.
-    #[error("{operation} failed: {source}")]
+    #[error("{operation} failed ({kind}): {source}")]
     Database {
         /// What Outflow was doing.
         operation: &'static str,
+        /// Whose fault it is, as the backend classified it.
+        kind: ErrorKind,
         /// The backend error.
         #[source]
         source: BoxError,
@@ -175,17 +236,33 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whose fault the error is: concurrency conflicts are
+    /// [transient](ErrorKind::Transient); events that do not decode or
+    /// upcast are the [data's](ErrorKind::Data); configuration, names and
+    /// migrations are the [infrastructure's](ErrorKind::Infrastructure);
+    /// database errors carry the backend's own classification.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            StoreError::Conflict { .. } | StoreError::StaleTransaction { .. } => {
+                ErrorKind::Transient
+            }
+            StoreError::Database { kind, .. } => *kind,
+            StoreError::InvalidIdentifier { .. }
+            | StoreError::Config(_)
+            | StoreError::Migration { .. } => ErrorKind::Infrastructure,
+            StoreError::InvalidAppend { .. }
+            | StoreError::Deserialize { .. }
+            | StoreError::UnknownEventType { .. }
+            | StoreError::Upcast { .. }
+            | StoreError::Serialize { .. }
+            | StoreError::Corrupt { .. } => ErrorKind::Data,
+        }
+    }
+
     /// `true` for errors that a fresh attempt may not meet: a concurrency
     /// conflict, a stale transaction, or a lost connection.
     pub fn is_retryable(&self) -> bool {
-        match self {
-            StoreError::Conflict { .. } | StoreError::StaleTransaction { .. } => true,
-            #[cfg(feature = "postgres")]
-            StoreError::Database { source, .. } => source
-                .downcast_ref::<sqlx::Error>()
-                .is_some_and(crate::store::postgres::is_transient),
-            _ => false,
-        }
+        self.kind().is_retryable()
     }
 
     /// `true` when another writer appended to the stream first.
@@ -196,13 +273,71 @@ impl StoreError {
         )
     }
 
-    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
-    pub(crate) fn database(operation: &'static str, source: impl Into<BoxError>) -> Self {
+    /// A database error with the backend's classification.
+    pub fn database(operation: &'static str, kind: ErrorKind, source: impl Into<BoxError>) -> Self {
         StoreError::Database {
             operation,
+            kind,
             source: source.into(),
         }
     }
+}
+
+/// Configuration that is invalid or contradicts what is stored: reported at
+/// start-up (or by the call that met it), never retried.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A projection (or relay) is stored with another partition count than
+    /// configured; changing it needs a rebuild.
+    #[error(
+        "`{name}` is stored with {stored} partition(s) but configured with {configured}; \
+         rebuild it to change the count"
+    )]
+    PartitionCount {
+        /// The projection or relay.
+        name: String,
+        /// The counts found in the store.
+        stored: String,
+        /// The count configured.
+        configured: u32,
+    },
+    /// Two projections (or relays) of one runner have the same name.
+    #[error("`{0}` is registered twice")]
+    DuplicateName(String),
+    /// A name that must not be empty is.
+    #[error("{0} has an empty name")]
+    EmptyName(&'static str),
+    /// No projection of that name belongs to this runner.
+    #[error("no projection `{0}` in this runner")]
+    UnknownProjection(String),
+    /// A setting is out of its range.
+    #[error("{setting}: {reason}")]
+    Invalid {
+        /// The setting.
+        setting: &'static str,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// A table Outflow needs does not exist (its migrations were not applied).
+    #[error("the table `{table}` does not exist: {hint}")]
+    MissingTable {
+        /// The table.
+        table: String,
+        /// How to create it.
+        hint: &'static str,
+    },
+    /// Something that may run once per process is running already.
+    #[error("`{0}` is running already")]
+    AlreadyRunning(String),
+    /// A projection's reset hook failed, so its rebuild was not started.
+    #[error("the reset hook of `{name}` failed: {error}")]
+    ResetHook {
+        /// The projection.
+        name: String,
+        /// The hook's error.
+        error: HandlerError,
+    },
 }
 
 /// The error of [`CommandBus::execute`](crate::CommandBus::execute): the
@@ -223,7 +358,7 @@ pub enum CommandError<E: std::error::Error + 'static> {
         /// The handler's name.
         handler: String,
         /// Its error.
-        error: crate::projection::HandlerError,
+        error: HandlerError,
     },
 }
 
@@ -239,5 +374,191 @@ impl<E: std::error::Error + 'static> CommandError<E> {
             CommandError::Rejected(e) => Some(e),
             CommandError::Store(_) | CommandError::Inline { .. } => None,
         }
+    }
+}
+
+/// The error of a handler (projection, inline handler, message handler): any
+/// error, with its chain of causes, and optionally a classification.
+///
+/// Any `std::error::Error + Send + Sync` converts into it, so `?` works on
+/// sqlx, serde and Outflow errors inside handlers; so do `anyhow::Error` and
+/// `Box<dyn Error + Send + Sync>` through [`HandlerError::new`].
+///
+/// Whose fault a failure is decides what the runner does: the backend that
+/// ran the handler's transaction classifies its own errors (a missing table
+/// is the infrastructure's, a lost connection is transient), and a handler
+/// can say so itself with [`transient`](Self::transient) or
+/// [`infrastructure`](Self::infrastructure). Only errors left as the data's
+/// fault may get an event parked.
+///
+/// ```
+/// use outflow::error::{ErrorKind, HandlerError};
+/// let e = HandlerError::msg("amount is negative");
+/// assert_eq!(e.declared_kind(), None);
+/// let e = HandlerError::transient(std::io::Error::other("broker down"));
+/// assert_eq!(e.declared_kind(), Some(ErrorKind::Transient));
+/// assert_eq!(e.to_string(), "broker down");
+/// ```
+pub struct HandlerError {
+    source: BoxError,
+    kind: Option<ErrorKind>,
+}
+
+impl HandlerError {
+    /// Wraps any boxed error (an `anyhow::Error` converts with `.into()`).
+    pub fn new(error: impl Into<BoxError>) -> Self {
+        HandlerError {
+            source: error.into(),
+            kind: None,
+        }
+    }
+
+    /// An error with a message.
+    pub fn msg(message: impl Into<String>) -> Self {
+        HandlerError {
+            source: message.into().into(),
+            kind: None,
+        }
+    }
+
+    /// An error the handler marks as passing by itself (a broker that is
+    /// down, an acknowledgement that timed out): the runner retries the batch
+    /// with backoff for as long as it takes, never parks its events, and never
+    /// moves the checkpoint past them.
+    pub fn transient(error: impl Into<BoxError>) -> Self {
+        HandlerError {
+            source: error.into(),
+            kind: Some(ErrorKind::Transient),
+        }
+    }
+
+    /// An error the handler marks as the environment's (a service it needs
+    /// is misconfigured): like [`transient`](Self::transient), the events are
+    /// never parked for it, and the status shows it until it is fixed.
+    pub fn infrastructure(error: impl Into<BoxError>) -> Self {
+        HandlerError {
+            source: error.into(),
+            kind: Some(ErrorKind::Infrastructure),
+        }
+    }
+
+    /// An error the handler marks as the event's fault.
+    pub fn data(error: impl Into<BoxError>) -> Self {
+        HandlerError {
+            source: error.into(),
+            kind: Some(ErrorKind::Data),
+        }
+    }
+
+    /// The underlying error.
+    pub fn source(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.source
+    }
+
+    /// Turns it back into the boxed error it wraps.
+    pub fn into_inner(self) -> BoxError {
+        self.source
+    }
+
+    /// The error and its causes, outermost first, joined with `: `.
+    pub fn chain(&self) -> String {
+        let mut text = self.source.to_string();
+        let mut cause = self.source.source();
+        while let Some(error) = cause {
+            let next = error.to_string();
+            if !text.ends_with(&next) {
+                text.push_str(": ");
+                text.push_str(&next);
+            }
+            cause = error.source();
+        }
+        text
+    }
+
+    /// The classification the handler gave, or that an Outflow error in the
+    /// chain carries; `None` when only the backend can tell (see
+    /// [`kind_with`](Self::kind_with)).
+    pub fn declared_kind(&self) -> Option<ErrorKind> {
+        if self.kind.is_some() {
+            return self.kind;
+        }
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&*self.source);
+        while let Some(error) = cause {
+            if let Some(store) = error.downcast_ref::<StoreError>() {
+                return Some(store.kind());
+            }
+            cause = error.source();
+        }
+        None
+    }
+
+    /// The classification: the handler's own, else an Outflow error's in the
+    /// chain, else what `classify` (the backend) says of any error in the
+    /// chain, else [`ErrorKind::Data`].
+    pub fn kind_with(
+        &self,
+        classify: impl Fn(&(dyn std::error::Error + 'static)) -> Option<ErrorKind>,
+    ) -> ErrorKind {
+        if let Some(kind) = self.declared_kind() {
+            return kind;
+        }
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&*self.source);
+        while let Some(error) = cause {
+            if let Some(kind) = classify(error) {
+                return kind;
+            }
+            cause = error.source();
+        }
+        ErrorKind::Data
+    }
+
+    /// `true` when the handler or an Outflow error in the chain says the
+    /// failure passes by itself.
+    pub fn is_transient(&self) -> bool {
+        self.declared_kind() == Some(ErrorKind::Transient)
+    }
+}
+
+impl<E: std::error::Error + Send + Sync + 'static> From<E> for HandlerError {
+    fn from(error: E) -> Self {
+        HandlerError {
+            source: Box::new(error),
+            kind: None,
+        }
+    }
+}
+
+impl From<HandlerError> for BoxError {
+    fn from(error: HandlerError) -> Self {
+        Box::new(HandlerErrorChain(error))
+    }
+}
+
+/// [`HandlerError`] as a `std::error::Error`, for `?` into
+/// `Box<dyn Error + Send + Sync>` and `anyhow::Error`.
+#[derive(Debug)]
+struct HandlerErrorChain(HandlerError);
+
+impl fmt::Display for HandlerErrorChain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0.source, f)
+    }
+}
+
+impl std::error::Error for HandlerErrorChain {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source.source()
+    }
+}
+
+impl fmt::Debug for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "HandlerError({})", self.chain())
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.chain())
     }
 }

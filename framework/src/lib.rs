@@ -24,15 +24,34 @@
 //! # }).unwrap();
 //! ```
 //!
-//! With the `postgres` feature (on by default), [`PostgresStore`] keeps the
-//! same guarantees in PostgreSQL 13+, compatible with `postgres-es`'s schema.
+//! # The five parts
+//!
+//! - **Commands** ([`command`]): a [`CommandBus`] loads a cqrs-es aggregate,
+//!   lets it handle a command, appends what it emitted with optimistic
+//!   concurrency, and returns the envelopes and positions it wrote.
+//! - **The log** ([`log`]): every event in one total order that never skips a
+//!   late commit; [`EventLog`] is what a reader needs from a backend.
+//! - **Projections** ([`projection`], [`runner`]): durable readers that commit
+//!   each batch's read-model writes with their checkpoint, on one node or
+//!   many, with retries, dead letters, rebuilds, status and `wait_for`.
+//! - **Delivery** ([`delivery`]): the guarantee each reaction gets — inline
+//!   in the append's transaction, in-memory or multi-node pub/sub
+//!   ([`pubsub`]), projections with effects, a broker relay, the outbox.
+//! - **Backends** ([`store`]): small role traits ([`EventStore`],
+//!   [`EventLog`], [`Transactional`], [`AppendInTransaction`],
+//!   [`ProjectionStore`]) implemented by [`MemoryStore`] and, with the
+//!   `postgres` feature (on by default), [`PostgresStore`] (PostgreSQL 13+,
+//!   compatible with `postgres-es`'s schema). Errors say whose fault they
+//!   are ([`ErrorKind`]), as classified by the backend that raised them.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs)]
 
+pub mod backoff;
 pub mod command;
 pub mod delivery;
 pub mod error;
 pub mod event;
+pub mod lease;
 pub mod log;
 pub mod names;
 #[cfg(feature = "postgres")]
@@ -49,30 +68,39 @@ pub mod upcast;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod view;
+mod wake;
 
 #[doc(hidden)]
 pub mod doc_fixture;
 
 pub use command::{CommandBus, CommandBusBuilder, CommandContext, Committed};
-pub use error::{CommandError, EventRef, StoreError};
+pub use error::{CommandError, ConfigError, ErrorKind, EventRef, HandlerError, StoreError};
 pub use event::{AppendRequest, Checkpoint, Envelope, Metadata, NewEvent, RecordedEvent, Snapshot};
-pub use log::{LogFilter, Wakeups};
+pub use log::{EventLog, LogFilter, Wakeups};
 pub use store::memory::MemoryStore;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use store::postgres::{PostgresStore, PostgresStoreBuilder};
-pub use store::{EventStore, LoadedStream, StreamEvent};
+pub use store::{
+    AppendInTransaction, Backend, EventStore, LoadedStream, ProjectionStore, StreamEvent,
+    Transactional,
+};
 
 /// Re-exports of `cqrs-es` so applications need one dependency.
 pub use cqrs_es;
 
 /// Everything an application usually needs: `use outflow::prelude::*;`.
 pub mod prelude {
+    pub use crate::projection::{
+        typed, EventHandler, OnError, Projection, ProjectionOptions, RetryPolicy,
+    };
+    pub use crate::runner::{ProjectionRunner, ProjectionStatus, WaitError};
     #[cfg(feature = "postgres")]
     pub use crate::PostgresStore;
     pub use crate::{
-        Checkpoint, CommandBus, CommandContext, CommandError, Committed, Envelope, EventStore,
-        LogFilter, MemoryStore, RecordedEvent, StoreError,
+        AppendInTransaction, Backend, Checkpoint, CommandBus, CommandContext, CommandError,
+        Committed, Envelope, EventLog, EventStore, HandlerError, LogFilter, MemoryStore,
+        ProjectionStore, RecordedEvent, StoreError, Transactional,
     };
     pub use cqrs_es::event_sink::EventSink;
     pub use cqrs_es::{Aggregate, DomainEvent, EventEnvelope, View};

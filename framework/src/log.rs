@@ -10,15 +10,177 @@
 //! [`read_log`] / [`read_stream`] streams that never hold the whole log in
 //! memory, and [`Wakeups`], which tells a tailing reader when to look again.
 
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures::stream::{BoxStream, StreamExt};
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use futures::stream::{BoxStream, StreamExt};
-use tokio::sync::watch;
-
 use crate::error::StoreError;
 use crate::event::{Checkpoint, RecordedEvent};
-use crate::store::EventStore;
+pub use crate::wake::{Wake, Wakeups};
+
+/// What a log reader needs from a backend: the global log in order, its
+/// head, wake-ups, and the counts that status reports. Object safe: a
+/// [`ProjectionRunner`](crate::runner::ProjectionRunner) can read the log of
+/// one backend while it commits read models and checkpoints in another.
+///
+/// Implemented by [`MemoryStore`](crate::MemoryStore) and, with the
+/// `postgres` feature, [`PostgresStore`](crate::PostgresStore).
+#[async_trait]
+pub trait EventLog: Send + Sync + 'static {
+    /// Reads up to `limit` events of the global log after `after`, in log
+    /// order, filtered by `filter`. Never returns an event a concurrent
+    /// transaction could still place before the last one returned.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Database`] or [`StoreError::Corrupt`].
+    async fn read_log(
+        &self,
+        after: Checkpoint,
+        filter: &LogFilter,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// The checkpoint of the last event a log reader can see now
+    /// ([`Checkpoint::START`] for an empty log).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Database`].
+    async fn head(&self) -> Result<Checkpoint, StoreError>;
+
+    /// A handle that wakes a log reader when new events may be readable.
+    fn wakeups(&self) -> Wakeups;
+
+    /// Counts the events matching `filter` after `after`, up to `upto`,
+    /// stopping at `cap`.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Database`].
+    async fn count_events(
+        &self,
+        filter: &LogFilter,
+        after: Checkpoint,
+        upto: Checkpoint,
+        cap: u64,
+    ) -> Result<u64, StoreError>;
+
+    /// When the first event after `after` matching `filter` was recorded.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Database`].
+    async fn first_pending_recorded_at(
+        &self,
+        filter: &LogFilter,
+        after: Checkpoint,
+    ) -> Result<Option<DateTime<Utc>>, StoreError>;
+
+    /// The oldest transaction holding log readers back, where the backend
+    /// can tell (the default says nothing).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Database`].
+    async fn oldest_open_transaction(&self) -> Result<Option<OldestTransaction>, StoreError> {
+        Ok(None)
+    }
+}
+
+/// The oldest transaction still running on the server: it holds every log
+/// reader back (readers never pass a transaction that may still commit).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct OldestTransaction {
+    /// Server process id.
+    pub pid: i32,
+    /// Its database.
+    pub database: Option<String>,
+    /// How long it has been open.
+    pub age: Duration,
+    /// Its state (`active`, `idle in transaction`, ...).
+    pub state: Option<String>,
+    /// The start of its current query.
+    pub query: Option<String>,
+}
+
+impl OldestTransaction {
+    /// A transaction as a backend reports it.
+    pub fn new(
+        pid: i32,
+        database: Option<String>,
+        age: Duration,
+        state: Option<String>,
+        query: Option<String>,
+    ) -> Self {
+        OldestTransaction {
+            pid,
+            database,
+            age,
+            state,
+            query,
+        }
+    }
+}
+
+/// Reads the one event at `checkpoint`, if it is still in the log and visible.
+///
+/// # Errors
+///
+/// As [`EventLog::read_log`].
+pub async fn read_event<L: EventLog + ?Sized>(
+    log: &L,
+    checkpoint: Checkpoint,
+) -> Result<Option<RecordedEvent>, StoreError> {
+    let Some(before) = checkpoint.position.checked_sub(1) else {
+        return Ok(None);
+    };
+    let after = Checkpoint::new(checkpoint.transaction_id, before);
+    let mut events = log.read_log(after, &LogFilter::all(), 1).await?;
+    Ok(events
+        .pop()
+        .filter(|event| event.checkpoint() == checkpoint))
+}
+
+#[async_trait]
+impl<L: EventLog + ?Sized> EventLog for std::sync::Arc<L> {
+    async fn read_log(
+        &self,
+        after: Checkpoint,
+        filter: &LogFilter,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        (**self).read_log(after, filter, limit).await
+    }
+    async fn head(&self) -> Result<Checkpoint, StoreError> {
+        (**self).head().await
+    }
+    fn wakeups(&self) -> Wakeups {
+        (**self).wakeups()
+    }
+    async fn count_events(
+        &self,
+        filter: &LogFilter,
+        after: Checkpoint,
+        upto: Checkpoint,
+        cap: u64,
+    ) -> Result<u64, StoreError> {
+        (**self).count_events(filter, after, upto, cap).await
+    }
+    async fn first_pending_recorded_at(
+        &self,
+        filter: &LogFilter,
+        after: Checkpoint,
+    ) -> Result<Option<DateTime<Utc>>, StoreError> {
+        (**self).first_pending_recorded_at(filter, after).await
+    }
+    async fn oldest_open_transaction(&self) -> Result<Option<OldestTransaction>, StoreError> {
+        (**self).oldest_open_transaction().await
+    }
+}
 
 /// Which events a log reader wants. The store applies it in its query, so
 /// unwanted events are never loaded.
@@ -147,7 +309,7 @@ impl LogFilter {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// # }).unwrap();
 /// ```
-pub fn read_log<S: EventStore + ?Sized>(
+pub fn read_log<S: EventLog + ?Sized>(
     store: &S,
     after: Checkpoint,
     filter: LogFilter,
@@ -167,7 +329,7 @@ pub fn read_log<S: EventStore + ?Sized>(
 
 /// Streams one aggregate's events after `after_sequence` in sequence order,
 /// `batch_size` at a time, with the same error behaviour as [`read_log`].
-pub fn read_stream<'a, S: EventStore + ?Sized>(
+pub fn read_stream<'a, S: crate::store::EventStore + ?Sized>(
     store: &'a S,
     aggregate_type: &'a str,
     aggregate_id: &'a str,
@@ -225,75 +387,4 @@ where
         },
     )
     .boxed()
-}
-
-/// Tells a tailing log reader when new events may be readable: at once after
-/// an append in this process, within milliseconds after one on another node
-/// (PostgreSQL `LISTEN`), and at least every poll interval, because
-/// notifications can be lost and writers outside Outflow send none.
-#[derive(Debug, Clone)]
-pub struct Wakeups {
-    changes: watch::Receiver<u64>,
-    poll_interval: Duration,
-}
-
-/// Why [`Wakeups::wait`] returned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Wake {
-    /// An append or a notification signalled new events.
-    Signalled,
-    /// The poll interval passed without a signal.
-    Poll,
-}
-
-impl Wakeups {
-    pub(crate) fn new(changes: watch::Receiver<u64>, poll_interval: Duration) -> Self {
-        Wakeups {
-            changes,
-            poll_interval,
-        }
-    }
-
-    /// Waits for the next signal or the poll interval, whichever comes first.
-    /// Signals that arrived since the last call return at once (none is lost
-    /// between two calls).
-    pub async fn wait(&mut self) -> Wake {
-        tokio::select! {
-            changed = self.changes.changed() => match changed {
-                Ok(()) => Wake::Signalled,
-                Err(_) => {
-                    tokio::time::sleep(self.poll_interval).await;
-                    Wake::Poll
-                }
-            },
-            _ = tokio::time::sleep(self.poll_interval) => Wake::Poll,
-        }
-    }
-
-    /// The poll interval.
-    pub fn poll_interval(&self) -> Duration {
-        self.poll_interval
-    }
-}
-
-/// The sending side of [`Wakeups`], owned by a store.
-#[derive(Debug)]
-pub(crate) struct WakeSignal {
-    sender: watch::Sender<u64>,
-}
-
-impl WakeSignal {
-    pub(crate) fn new() -> Self {
-        WakeSignal {
-            sender: watch::Sender::new(0),
-        }
-    }
-
-    pub(crate) fn wake(&self) {
-        self.sender.send_modify(|n| *n = n.wrapping_add(1));
-    }
-
-    pub(crate) fn subscribe(&self, poll_interval: Duration) -> Wakeups {
-        Wakeups::new(self.sender.subscribe(), poll_interval)
-    }
 }

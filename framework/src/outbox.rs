@@ -41,13 +41,15 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::error::ConfigError;
 use crate::error::StoreError;
 use crate::event::Checkpoint;
-use crate::log::{WakeSignal, Wakeups};
 use crate::names::Identifier;
 use crate::projection::HandlerError;
-use crate::store::postgres::{db, spawn_notifier, to_i64, PostgresStore};
-use crate::store::projections::{Lease, ProjectionState, ProjectionStore, UnitId};
+use crate::store::postgres::{db, pg_error, spawn_notifier, to_i64, PostgresStore};
+use crate::store::projections::{Checkpoints, Lease, ProjectionState, UnitId};
+use crate::store::Transactional;
+use crate::wake::{WakeSignal, Wakeups};
 
 mod relay;
 
@@ -356,11 +358,15 @@ impl OutboxBuilder {
         let events = Identifier::parse(&self.events_table, "events table")?;
         let store_channel = self.store.channel().to_owned();
         if events.to_string() != self.store.events_table() {
-            return Err(StoreError::Config(format!(
-                "the outbox was given the events table `{events}`, which is not the store's \
-                 (`{}`)",
-                self.store.events_table()
-            )));
+            return Err(ConfigError::Invalid {
+                setting: "outbox events table",
+                reason: format!(
+                    "the outbox was given the events table `{events}`, which is not the store's \
+                     (`{}`)",
+                    self.store.events_table()
+                ),
+            }
+            .into());
         }
         let table = events.derived("outbox", "outbox table")?;
         let channel = format!("{store_channel}_outbox");
@@ -378,10 +384,12 @@ impl OutboxBuilder {
             .await
             .map_err(db("looking for the outbox table"))?;
         if !exists {
-            return Err(StoreError::Config(format!(
-                "the outbox table `{table}` does not exist: apply the store's migrations \
-                 (PostgresStoreBuilder::migrate or PostgresStore::migrate)"
-            )));
+            return Err(ConfigError::MissingTable {
+                table: table.to_string(),
+                hint: "apply the store's migrations (PostgresStoreBuilder::migrate or \
+                       PostgresStore::migrate)",
+            }
+            .into());
         }
         let shutdown = CancellationToken::new();
         let notify = self.notify_other_nodes.then(|| {
@@ -712,22 +720,31 @@ impl Outbox {
 
     /// Records a delivered batch: moves the cursor (only while `lease` is
     /// current) and marks the messages delivered, in one transaction.
-    /// `false` when the lease was lost (nothing is written).
+    /// `false` when the lease was lost (nothing is written). The cursor
+    /// moves only from `from`: when an earlier attempt of this very batch
+    /// committed but its acknowledgement was lost, the retry finds the cursor
+    /// at the batch's end and reports success without writing again.
     pub(crate) async fn commit_delivery(
         &self,
         lease: &Lease,
+        from: Checkpoint,
         batch: &[OutboxMessageRecord],
     ) -> Result<bool, StoreError> {
         let Some(last) = batch.last() else {
             return Ok(true);
         };
+        let to = last.checkpoint();
         let store = &self.inner.store;
         let mut tx = store.begin().await?;
         if !store
-            .save_checkpoint(&mut tx, lease, last.checkpoint(), batch.len() as u64)
+            .save_checkpoint(&mut tx, lease, from, to, batch.len() as u64)
             .await?
         {
-            return Ok(false);
+            drop(tx);
+            let units = store.units(Some(&lease.unit.projection)).await?;
+            return Ok(units
+                .iter()
+                .any(|u| u.unit == lease.unit && u.epoch == lease.epoch && u.checkpoint == to));
         }
         let ids: Vec<i64> = batch.iter().map(|m| to_i64(m.id)).collect();
         sqlx::query(&self.inner.sql.mark_delivered)
@@ -818,7 +835,7 @@ impl Queries {
 }
 
 fn record_from_row(row: &PgRow, table: &str) -> Result<OutboxMessageRecord, StoreError> {
-    let get = |e| StoreError::database("decoding an outbox message", e);
+    let get = |e| pg_error("decoding an outbox message", e);
     let corrupt = |what: String| StoreError::Corrupt {
         table: table.to_owned(),
         what,

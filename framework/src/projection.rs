@@ -18,19 +18,19 @@
 //! - run an existing `cqrs-es` `View` through
 //!   [`ViewProjection`](crate::view::ViewProjection) (PostgreSQL).
 
-use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use cqrs_es::Aggregate;
 
-use crate::error::BoxError;
 use crate::event::{Envelope, RecordedEvent};
 use crate::log::LogFilter;
-use crate::store::ProjectionStore;
+use crate::store::Transactional;
 use crate::upcast::Upcaster;
+
+pub use crate::backoff::RetryPolicy;
+pub use crate::error::HandlerError;
 
 /// A read model built from the global log.
 ///
@@ -57,13 +57,33 @@ use crate::upcast::Upcaster;
 /// }
 /// ```
 #[async_trait]
-pub trait Projection<S: ProjectionStore>: Send + Sync + 'static {
+pub trait Projection<S: Transactional>: Send + Sync + 'static {
     /// The stable name; the checkpoint is stored under it.
     fn name(&self) -> &str;
 
     /// The events this projection wants (default: all). Applied by the store.
     fn filter(&self) -> LogFilter {
         LogFilter::all()
+    }
+
+    /// Runs a batch's effects outside the database, before its transaction
+    /// begins and with no transaction open: publishing to a broker, calling
+    /// a service. The default does nothing.
+    ///
+    /// Effects are at least once: when the batch's transaction then fails
+    /// (or the process dies before it commits), the batch and its effects
+    /// run again, so make them idempotent (each event's `event_id` is a
+    /// stable key). Running them here rather than in
+    /// [`handle`](Self::handle) keeps a slow call from holding a
+    /// transaction open, which on PostgreSQL would hold back every log
+    /// reader on the server.
+    ///
+    /// # Errors
+    ///
+    /// Any [`HandlerError`]; the batch is retried under the projection's
+    /// policy and its checkpoint does not move.
+    async fn effects(&self, _events: &[RecordedEvent]) -> Result<(), HandlerError> {
+        Ok(())
     }
 
     /// Applies a batch of events, in log order, inside `tx`. An error rolls
@@ -115,7 +135,7 @@ pub trait Projection<S: ProjectionStore>: Send + Sync + 'static {
 /// let projection = typed::<Counter, _, _>(Total::default());
 /// ```
 #[async_trait]
-pub trait EventHandler<A: Aggregate, S: ProjectionStore>: Send + Sync + 'static {
+pub trait EventHandler<A: Aggregate, S: Transactional>: Send + Sync + 'static {
     /// The stable name.
     fn name(&self) -> &str;
 
@@ -158,7 +178,7 @@ pub struct Typed<A, S, H> {
 pub fn typed<A, S, H>(handler: H) -> Typed<A, S, H>
 where
     A: Aggregate,
-    S: ProjectionStore,
+    S: Transactional,
     H: EventHandler<A, S>,
 {
     Typed {
@@ -180,7 +200,7 @@ impl<A, S, H> Typed<A, S, H> {
 impl<A, S, H> Projection<S> for Typed<A, S, H>
 where
     A: Aggregate + 'static,
-    S: ProjectionStore,
+    S: Transactional,
     H: EventHandler<A, S>,
 {
     fn name(&self) -> &str {
@@ -208,135 +228,6 @@ where
     }
 }
 
-/// The error of a projection's handler: any error, with its chain of causes.
-///
-/// Any `std::error::Error + Send + Sync` converts into it, so `?` works on
-/// sqlx, serde and Outflow errors inside handlers.
-pub struct HandlerError {
-    source: BoxError,
-    transient: bool,
-}
-
-impl HandlerError {
-    /// An error with a message.
-    pub fn msg(message: impl Into<String>) -> Self {
-        HandlerError {
-            source: message.into().into(),
-            transient: false,
-        }
-    }
-
-    /// An error the handler marks as the infrastructure's (a broker that is
-    /// down, an acknowledgement that timed out): the runner retries the batch
-    /// with backoff for as long as it takes, never parks its events, and never
-    /// moves the checkpoint past them.
-    pub fn transient(error: impl Into<BoxError>) -> Self {
-        HandlerError {
-            source: error.into(),
-            transient: true,
-        }
-    }
-
-    /// The underlying error.
-    pub fn source(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
-        &*self.source
-    }
-
-    /// The error and its causes, outermost first, joined with `: `.
-    pub fn chain(&self) -> String {
-        let mut text = self.source.to_string();
-        let mut cause = self.source.source();
-        while let Some(error) = cause {
-            let next = error.to_string();
-            if !text.ends_with(&next) {
-                text.push_str(": ");
-                text.push_str(&next);
-            }
-            cause = error.source();
-        }
-        text
-    }
-
-    /// `true` when the failure is the infrastructure's (a lost connection, a
-    /// serialization failure) rather than the event's: the runner then retries
-    /// without counting towards parking the event.
-    pub fn is_transient(&self) -> bool {
-        if self.transient {
-            return true;
-        }
-        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&*self.source);
-        while let Some(error) = cause {
-            if let Some(store) = error.downcast_ref::<crate::StoreError>() {
-                if matches!(store, crate::StoreError::Database { .. }) && store.is_retryable() {
-                    return true;
-                }
-            }
-            #[cfg(feature = "postgres")]
-            if let Some(sql) = error.downcast_ref::<sqlx::Error>() {
-                if crate::store::postgres::is_transient(sql) {
-                    return true;
-                }
-            }
-            cause = error.source();
-        }
-        false
-    }
-}
-
-impl<E: std::error::Error + Send + Sync + 'static> From<E> for HandlerError {
-    fn from(error: E) -> Self {
-        HandlerError {
-            source: Box::new(error),
-            transient: false,
-        }
-    }
-}
-
-impl fmt::Debug for HandlerError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "HandlerError({})", self.chain())
-    }
-}
-
-impl fmt::Display for HandlerError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.chain())
-    }
-}
-
-/// How often and how patiently a failing batch is retried.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RetryPolicy {
-    /// Attempts in all before the event counts as poison (at least 1).
-    pub max_attempts: u32,
-    /// Wait after the first failure; doubles after each further one.
-    pub initial_backoff: Duration,
-    /// The longest wait.
-    pub max_backoff: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        RetryPolicy {
-            max_attempts: 5,
-            initial_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(30),
-        }
-    }
-}
-
-impl RetryPolicy {
-    /// The wait before attempt `attempt + 1`, with full jitter in the upper half.
-    pub fn backoff(&self, attempt: u32) -> Duration {
-        let exp = self
-            .initial_backoff
-            .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1)))
-            .min(self.max_backoff);
-        let half = exp / 2;
-        half + half.mul_f64(rand::random::<f64>())
-    }
-}
-
 /// What happens to an event whose handler still fails after every retry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OnError {
@@ -350,7 +241,7 @@ pub enum OnError {
 }
 
 /// A projection with its runner settings.
-pub struct ProjectionOptions<S: ProjectionStore> {
+pub struct ProjectionOptions<S: Transactional> {
     pub(crate) projection: Arc<dyn Projection<S>>,
     pub(crate) partitions: u32,
     pub(crate) batch_size: usize,
@@ -358,7 +249,7 @@ pub struct ProjectionOptions<S: ProjectionStore> {
     pub(crate) on_error: OnError,
 }
 
-impl<S: ProjectionStore> ProjectionOptions<S> {
+impl<S: Transactional> ProjectionOptions<S> {
     /// Default settings: one partition, batches of 500, [`RetryPolicy::default`], [`OnError::Park`].
     pub fn new(projection: impl Projection<S>) -> Self {
         Self::from_arc(Arc::new(projection))

@@ -19,9 +19,11 @@ use std::sync::Arc;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::{Backoff, Recheck};
 use crate::event::{Checkpoint, RecordedEvent};
 use crate::log::LogFilter;
-use crate::store::EventStore;
+use crate::log::{EventLog, Wake};
+use std::time::Duration;
 
 /// An in-process bus of committed events. Cloning shares the bus.
 ///
@@ -144,7 +146,7 @@ impl NodeEvents {
     /// # Errors
     ///
     /// [`StoreError`](crate::StoreError) when the head cannot be read.
-    pub async fn start<S: EventStore + Clone>(
+    pub async fn start<S: EventLog + Clone>(
         store: S,
         bus: EventBus,
     ) -> Result<NodeEvents, crate::StoreError> {
@@ -154,7 +156,8 @@ impl NodeEvents {
         let mut wakeups = store.wakeups();
         tokio::spawn(async move {
             let filter = LogFilter::all();
-            let mut recheck: Option<std::time::Duration> = None;
+            let mut recheck = Recheck::default();
+            let mut failures = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
             loop {
                 match store.read_log(checkpoint, &filter, 1000).await {
                     Ok(events) if !events.is_empty() => {
@@ -162,23 +165,32 @@ impl NodeEvents {
                             checkpoint = last.checkpoint();
                         }
                         bus.publish(events);
-                        recheck = None;
+                        recheck.found();
+                        failures.reset();
                         continue;
                     }
-                    Ok(_) => {}
-                    Err(error) => tracing::warn!("node events: reading the log failed: {error}"),
+                    Ok(_) => failures.reset(),
+                    Err(error) => {
+                        tracing::warn!(%error, "node events: reading the log failed");
+                        if !failures.wait(&token).await {
+                            return;
+                        }
+                        continue;
+                    }
                 }
                 // As projection runners do: after a signal that found nothing,
                 // look again soon (an older transaction may hold it back).
-                let recheck_in = recheck.unwrap_or(std::time::Duration::from_secs(3600));
                 tokio::select! {
                     _ = token.cancelled() => return,
                     wake = wakeups.wait() => {
-                        recheck = (wake == crate::log::Wake::Signalled)
-                            .then_some(std::time::Duration::from_millis(1));
+                        if wake == Wake::Signalled {
+                            recheck.signalled();
+                        } else {
+                            recheck.found();
+                        }
                     }
-                    _ = tokio::time::sleep(recheck_in), if recheck.is_some() => {
-                        recheck = recheck.map(|d| d * 2).filter(|d| *d < wakeups.poll_interval());
+                    _ = recheck.sleep(), if recheck.due().is_some() => {
+                        recheck.missed(wakeups.poll_interval());
                     }
                 }
             }

@@ -1,18 +1,36 @@
-//! The event store: the trait every backend implements, and its backends.
+//! The event store: the role traits backends implement, and the backends.
 //!
 //! A store appends each command's events to their aggregate's stream in one
 //! atomic write, with optimistic concurrency on the stream's version, and
-//! gives every event a place in one global log (see [`crate::log`]).
+//! gives every event a place in one global log (see [`crate::log`]). Each
+//! role is a small trait, so a backend implements only what it supports:
+//!
+//! | role | trait | methods |
+//! | --- | --- | --- |
+//! | run commands | [`EventStore`] | 4 |
+//! | read the log | [`EventLog`](crate::log::EventLog) | 6 (1 optional) |
+//! | write in transactions | [`Transactional`] | 3 (1 optional) |
+//! | inline handlers | [`AppendInTransaction`] | 1 |
+//! | projections | [`ProjectionStore`] = [`Checkpoints`] + [`Leases`] + [`DeadLetters`] + [`Inbox`] | 10 + 4 + 5 + 1 |
 
 use async_trait::async_trait;
 
-use crate::error::StoreError;
-use crate::event::{AppendRequest, Checkpoint, RecordedEvent, Snapshot};
-use crate::log::{LogFilter, Wakeups};
+use crate::error::{ErrorKind, StoreError};
+use crate::event::{AppendRequest, RecordedEvent, Snapshot};
+use crate::log::EventLog;
+
+/// A backend that does it all: runs commands, serves the log, appends inside
+/// transactions and keeps read models, checkpoints, leases, dead letters and
+/// the inbox in the same database — [`MemoryStore`](memory::MemoryStore) and
+/// [`PostgresStore`](postgres::PostgresStore). Write code generic over the
+/// backend with it (a behaviour suite, a service that runs on either).
+pub trait Backend: EventStore + EventLog + AppendInTransaction + ProjectionStore + Clone {}
+
+impl<S> Backend for S where S: EventStore + EventLog + AppendInTransaction + ProjectionStore + Clone {}
 
 pub use projections::{
-    DeadLetter, Lease, NewDeadLetter, OldestTransaction, ProjectionState, ProjectionStore, UnitId,
-    UnitRecord, Waiters,
+    Checkpoints, DeadLetter, DeadLetters, Inbox, Lease, Leases, NewDeadLetter, ProjectionState,
+    ProjectionStore, UnitId, UnitRecord,
 };
 
 pub mod memory;
@@ -48,11 +66,14 @@ pub struct StreamEvent {
     pub payload: String,
 }
 
-/// A backend that stores events and serves the global log.
+/// What a command needs from a backend: load an aggregate's stream (with
+/// its snapshot), append one command's events atomically with optimistic
+/// concurrency, and store snapshots.
 ///
 /// Implemented by [`memory::MemoryStore`] and, with the `postgres` feature,
 /// [`postgres::PostgresStore`]. Users rarely call it directly: the
-/// [`CommandBus`](crate::CommandBus) appends, and log readers read.
+/// [`CommandBus`](crate::CommandBus) appends and loads. Reading the global
+/// log is the other role, [`EventLog`](crate::log::EventLog).
 #[async_trait]
 pub trait EventStore: Send + Sync + 'static {
     /// Appends one command's events to one stream, atomically.
@@ -97,31 +118,6 @@ pub trait EventStore: Send + Sync + 'static {
     ///
     /// [`StoreError::Database`].
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError>;
-
-    /// Reads up to `limit` events of the global log after `after`, in log
-    /// order, filtered by `filter`. Never returns an event a concurrent
-    /// transaction could still place before the last one returned.
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError::Database`] or [`StoreError::Corrupt`].
-    async fn read_log(
-        &self,
-        after: Checkpoint,
-        filter: &LogFilter,
-        limit: usize,
-    ) -> Result<Vec<RecordedEvent>, StoreError>;
-
-    /// The checkpoint of the last event a log reader can see now
-    /// ([`Checkpoint::START`] for an empty log).
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError::Database`].
-    async fn head(&self) -> Result<Checkpoint, StoreError>;
-
-    /// A handle that wakes a log reader when new events may be readable.
-    fn wakeups(&self) -> Wakeups;
 }
 
 #[async_trait]
@@ -153,18 +149,58 @@ impl<S: EventStore + ?Sized> EventStore for std::sync::Arc<S> {
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {
         (**self).save_snapshot(snapshot).await
     }
-    async fn read_log(
+}
+
+/// A backend with transactions that handlers write in: read models
+/// (projections), inline handlers, inbox records. The backend also
+/// classifies the errors raised inside its transactions, so the core can
+/// tell a lost connection from a missing table from a bad event without
+/// knowing the driver.
+#[async_trait]
+pub trait Transactional: Send + Sync + 'static {
+    /// The transaction handlers write in.
+    type Transaction: Send + 'static;
+
+    /// Starts a transaction.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Database`].
+    async fn begin(&self) -> Result<Self::Transaction, StoreError>;
+
+    /// Commits a transaction. When it appended events
+    /// ([`AppendInTransaction::append_in`]), log readers are woken.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Database`]; the transaction's writes are then lost.
+    async fn commit(&self, tx: Self::Transaction) -> Result<(), StoreError>;
+
+    /// Whose fault an error raised by this backend's driver is (a handler's
+    /// `?` on a driver error, for example); `None` when the error is not this
+    /// backend's. The default knows no driver.
+    fn classify(&self, error: &(dyn std::error::Error + 'static)) -> Option<ErrorKind> {
+        let _ = error;
+        None
+    }
+}
+
+/// A backend whose append can join a transaction, so events commit or roll
+/// back with everything else the transaction writes: what
+/// [inline handlers](crate::command::InlineHandler) and code that appends
+/// next to its own rows need.
+#[async_trait]
+pub trait AppendInTransaction: EventStore + Transactional {
+    /// Appends one command's events inside `tx`;
+    /// [`commit`](Transactional::commit) then wakes log readers.
+    ///
+    /// # Errors
+    ///
+    /// As [`EventStore::append`]; a backend may also report a conflict at
+    /// commit instead.
+    async fn append_in(
         &self,
-        after: Checkpoint,
-        filter: &LogFilter,
-        limit: usize,
-    ) -> Result<Vec<RecordedEvent>, StoreError> {
-        (**self).read_log(after, filter, limit).await
-    }
-    async fn head(&self) -> Result<Checkpoint, StoreError> {
-        (**self).head().await
-    }
-    fn wakeups(&self) -> Wakeups {
-        (**self).wakeups()
-    }
+        tx: &mut Self::Transaction,
+        request: AppendRequest,
+    ) -> Result<Vec<RecordedEvent>, StoreError>;
 }

@@ -19,7 +19,7 @@ use crate::event::{Envelope, RecordedEvent};
 use crate::log::LogFilter;
 use crate::names::Identifier;
 use crate::projection::{HandlerError, Projection};
-use crate::store::postgres::PostgresStore;
+use crate::store::postgres::{pg_error, PostgresStore};
 use crate::upcast::Upcaster;
 
 type KeyFn<A> = dyn Fn(&Envelope<A>) -> Option<String> + Send + Sync;
@@ -121,7 +121,7 @@ where
         ))
         .execute(executor)
         .await
-        .map_err(|e| StoreError::database("creating a view table", e))?;
+        .map_err(|e| pg_error("creating a view table", e))?;
         Ok(())
     }
 
@@ -140,11 +140,11 @@ where
             .bind(vec![view_id.to_owned()])
             .fetch_optional(executor)
             .await
-            .map_err(|e| StoreError::database("reading a view", e))?;
+            .map_err(|e| pg_error("reading a view", e))?;
         row.map(|row| {
             let payload: serde_json::Value = row
                 .try_get("payload")
-                .map_err(|e| StoreError::database("reading a view", e))?;
+                .map_err(|e| pg_error("reading a view", e))?;
             serde_json::from_value(payload).map_err(|e| StoreError::Corrupt {
                 table: self.table.clone(),
                 what: format!("view `{view_id}` does not deserialize: {e}"),

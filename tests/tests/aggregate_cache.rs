@@ -7,7 +7,7 @@ mod common;
 use example_accounts::{BankAccount, BankCommand, BankError};
 use outflow::{CommandBus, CommandContext, CommandError, MemoryStore, PostgresStore};
 
-async fn cached_bus_behaves<S: outflow::store::ProjectionStore>(store: S) {
+async fn cached_bus_behaves<S: outflow::Backend>(store: S) {
     let cached = CommandBus::<BankAccount, _>::builder(store.clone(), ())
         .cache_aggregates(2)
         .build();

@@ -361,7 +361,7 @@ fn assert_names(error: &StoreError, bad: &RecordedEvent, context: &str) {
 }
 
 /// Runs every case on `store`; returns one summary line per error seen.
-async fn undecodable_events<S: outflow::store::ProjectionStore>(store: S) -> Vec<String> {
+async fn undecodable_events<S: outflow::Backend>(store: S) -> Vec<String> {
     let mut summaries = Vec::new();
     for case in cases() {
         let written = seed(&store, case.id, (case.last)()).await;
@@ -505,7 +505,7 @@ fn working_chain() -> Vec<Box<dyn Upcaster>> {
     vec![Box::new(CreditedIsDeposited), cents_to_amount()]
 }
 
-async fn old_shapes_upcast<S: outflow::store::ProjectionStore>(store: S) {
+async fn old_shapes_upcast<S: outflow::Backend>(store: S) {
     let old_deposit = json!({"Deposited": {"cents": "250"}});
     let written = store
         .append(AppendRequest {

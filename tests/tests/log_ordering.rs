@@ -6,6 +6,8 @@
 
 mod common;
 
+use outflow::EventLog;
+use outflow::{AppendInTransaction, Transactional};
 use std::collections::{HashMap, HashSet};
 
 use futures::TryStreamExt;
@@ -50,7 +52,7 @@ async fn a_transaction_that_commits_late_is_delivered_exactly_once_and_never_ski
     // Hold a transaction with an appended event open...
     let mut held = store.pool().begin().await.expect("begin");
     let held_events = store
-        .append_in_transaction(&mut held, request("account", "held", 0, 1))
+        .append_in(&mut held, request("account", "held", 0, 1))
         .await
         .expect("append in the held transaction");
     let held_event = &held_events[0];
@@ -149,10 +151,7 @@ async fn a_caller_transaction_that_wrote_first_cannot_put_a_stream_out_of_order(
     );
 
     // A appends x#2: refused, because the log would order it before x#1.
-    match store
-        .append_in_transaction(&mut a, request("account", "x", 1, 1))
-        .await
-    {
+    match store.append_in(&mut a, request("account", "x", 1, 1)).await {
         Err(error @ StoreError::StaleTransaction { .. }) => {
             assert!(error.is_retryable());
             assert!(error.to_string().contains("`x`"), "{error}");
@@ -168,11 +167,10 @@ async fn a_caller_transaction_that_wrote_first_cannot_put_a_stream_out_of_order(
         .await
         .expect("own row again");
     store
-        .append_in_transaction(&mut retry, request("account", "x", 1, 1))
+        .append_in(&mut retry, request("account", "x", 1, 1))
         .await
         .expect("append x#2");
-    retry.commit().await.expect("commit retry");
-    store.wake_readers();
+    store.commit(retry).await.expect("commit retry");
 
     let log = common::read_until(&store, Checkpoint::START, &LogFilter::all(), 2).await;
     let sequences: Vec<u64> = log.iter().map(|e| e.sequence).collect();

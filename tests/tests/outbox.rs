@@ -324,7 +324,9 @@ async fn bad_messages_and_names_are_refused() {
     assert_eq!(default.table(), "bank.events_outbox");
     // ...and refuses another store's table.
     match Outbox::builder(&store).events_table("events").build().await {
-        Err(StoreError::Config(message)) => assert!(message.contains("`events`"), "{message}"),
+        Err(StoreError::Config(message)) => {
+            assert!(message.to_string().contains("`events`"), "{message}")
+        }
         other => panic!("an events table that is not the store's was accepted: {other:?}"),
     }
     match Outbox::builder(&store)
@@ -386,7 +388,9 @@ async fn a_held_transaction_keeps_its_key_in_order() {
     // One loop per relay: a clone cannot run a second one under the same
     // node id.
     match relay_a.run(CancellationToken::new()).await {
-        Err(StoreError::Config(message)) => assert!(message.contains("relay-a"), "{message}"),
+        Err(StoreError::Config(message)) => {
+            assert!(message.to_string().contains("relay-a"), "{message}")
+        }
         other => panic!("a second run of one relay was not refused: {other:?}"),
     }
 

@@ -7,6 +7,7 @@
 
 mod common;
 
+use outflow::store::{Checkpoints, Inbox};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,7 +22,7 @@ use outflow::projection::{
 };
 use outflow::runner::{ProjectionRunner, RebuildProgress, WaitError};
 use outflow::store::memory::MemoryTransaction;
-use outflow::store::projections::{ProjectionState, ProjectionStore};
+use outflow::store::projections::ProjectionState;
 use outflow::{
     AppendRequest, Checkpoint, CommandBus, Envelope, EventStore, LogFilter, MemoryStore, NewEvent,
     PostgresStore, RecordedEvent,
@@ -37,7 +38,7 @@ const FAST_RETRY: RetryPolicy = RetryPolicy {
     max_backoff: Duration::from_millis(50),
 };
 
-fn runner_builder<S: ProjectionStore>(store: &S) -> outflow::runner::ProjectionRunnerBuilder<S> {
+fn runner_builder<S: outflow::Backend>(store: &S) -> outflow::runner::ProjectionRunnerBuilder<S> {
     ProjectionRunner::builder(store.clone())
         .heartbeat_interval(Duration::from_millis(200))
         .lease_ttl(Duration::from_secs(3))
@@ -46,7 +47,7 @@ fn runner_builder<S: ProjectionStore>(store: &S) -> outflow::runner::ProjectionR
 /// Waits until the store's head (what log readers may read up to) has
 /// passed `target`: an open transaction anywhere on the server holds it back
 /// for a moment.
-async fn head_reaches<S: EventStore>(store: &S, target: Checkpoint) {
+async fn head_reaches<S: outflow::EventLog>(store: &S, target: Checkpoint) {
     let deadline = tokio::time::Instant::now() + WAIT;
     while store.head().await.expect("head") < target {
         assert!(

@@ -8,6 +8,8 @@
 
 mod common;
 
+use outflow::store::{Checkpoints, DeadLetters};
+use outflow::EventLog;
 use std::collections::BTreeMap;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
@@ -15,7 +17,7 @@ use std::time::Duration;
 use example_accounts::projections::{BalanceRow, Balances};
 use example_accounts::{BankAccount, BankEvent};
 use futures::TryStreamExt;
-use outflow::store::projections::{ProjectionStore, UnitRecord};
+use outflow::store::projections::UnitRecord;
 use outflow::{AppendRequest, Checkpoint, EventStore, LogFilter, NewEvent, PostgresStore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;

@@ -12,6 +12,7 @@
 
 mod common;
 
+use outflow::EventLog;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::time::Duration;

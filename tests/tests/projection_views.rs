@@ -5,6 +5,7 @@
 
 mod common;
 
+use outflow::EventLog;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +17,7 @@ use example_accounts::{BankAccount, BankCommand};
 use outflow::projection::ProjectionOptions;
 use outflow::runner::ProjectionRunner;
 use outflow::view::ViewProjection;
-use outflow::{Checkpoint, CommandBus, EventStore, LogFilter, PostgresStore};
+use outflow::{Checkpoint, CommandBus, LogFilter, PostgresStore};
 use postgres_es::{PostgresCqrs, PostgresViewRepository};
 use sqlx::{PgPool, Row};
 

@@ -131,10 +131,7 @@ async fn snapshot_row(pool: &PgPool, id: &str) -> Option<(u64, serde_json::Value
 /// checks, after each, that the snapshot bus loads what a replay loads, what
 /// the fold says, and that the stored snapshot is the right one. With `pool`,
 /// also checks the PostgreSQL snapshots table itself.
-async fn snapshot_loads_equal_replays<S: outflow::store::ProjectionStore>(
-    store: S,
-    pool: Option<&PgPool>,
-) {
+async fn snapshot_loads_equal_replays<S: outflow::Backend>(store: S, pool: Option<&PgPool>) {
     let snapshotting = CommandBus::<Tally, _>::builder(store.clone(), ())
         .snapshot_every(EVERY)
         .build();

@@ -3,9 +3,7 @@
 
 mod common;
 
-use outflow::{
-    AppendRequest, Checkpoint, EventStore, LogFilter, MemoryStore, NewEvent, Snapshot, StoreError,
-};
+use outflow::{AppendRequest, Checkpoint, LogFilter, MemoryStore, NewEvent, Snapshot, StoreError};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -38,7 +36,7 @@ fn request(id: &str, expected: u64, events: Vec<NewEvent>) -> AppendRequest {
     }
 }
 
-async fn behaves_like_an_event_store<S: EventStore + Clone>(store: S) {
+async fn behaves_like_an_event_store<S: outflow::Backend>(store: S) {
     let all = LogFilter::all();
     // An empty store.
     assert_eq!(store.head().await.expect("head"), Checkpoint::START);

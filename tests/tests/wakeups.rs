@@ -5,6 +5,7 @@
 
 mod common;
 
+use outflow::EventLog;
 use std::time::Duration;
 
 use outflow::log::Wake;

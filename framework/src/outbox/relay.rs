@@ -17,10 +17,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::{Outbox, OutboxMessageRecord, OutboxSink};
+use crate::error::ConfigError;
 use crate::error::StoreError;
+use crate::event::Checkpoint;
 use crate::log::{Wake, Wakeups};
 use crate::projection::RetryPolicy;
-use crate::store::projections::{Lease, ProjectionState, ProjectionStore};
+use crate::store::projections::{Checkpoints, Lease, Leases, ProjectionState};
 
 /// How long one cleanup round may run before the relay delivers again.
 const CLEANUP_BUDGET: Duration = Duration::from_millis(500);
@@ -178,10 +180,14 @@ impl OutboxRelayBuilder {
     /// lease.
     pub fn build(self) -> Result<OutboxRelay, StoreError> {
         if self.heartbeat >= self.lease_ttl {
-            return Err(StoreError::Config(format!(
-                "outbox relay heartbeat interval {:?} must be shorter than the lease {:?}",
-                self.heartbeat, self.lease_ttl
-            )));
+            return Err(ConfigError::Invalid {
+                setting: "outbox relay heartbeat interval",
+                reason: format!(
+                    "{:?} must be shorter than the lease {:?}",
+                    self.heartbeat, self.lease_ttl
+                ),
+            }
+            .into());
         }
         Ok(OutboxRelay {
             shared: Arc::new(Shared {
@@ -294,10 +300,9 @@ impl OutboxRelay {
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), StoreError> {
         let shared = &self.shared;
         if shared.running.swap(true, Ordering::SeqCst) {
-            return Err(StoreError::Config(format!(
-                "outbox relay `{}` is running already",
-                shared.node_id
-            )));
+            return Err(
+                ConfigError::AlreadyRunning(format!("outbox relay `{}`", shared.node_id)).into(),
+            );
         }
         let _running = RunningGuard(&shared.running);
         let unit = shared.outbox.unit().clone();
@@ -511,7 +516,10 @@ impl OutboxRelay {
                 Sent::Failed => continue,
                 Sent::Stop(exit) => return exit,
             }
-            if let Some(exit) = self.record(held, shutdown, &batch, &mut state).await {
+            if let Some(exit) = self
+                .record(held, shutdown, cursor, &batch, &mut state)
+                .await
+            {
                 return exit;
             }
             if let Some(last) = batch.last() {
@@ -587,12 +595,18 @@ impl OutboxRelay {
         &self,
         held: &Held,
         shutdown: &CancellationToken,
+        from: Checkpoint,
         batch: &[OutboxMessageRecord],
         state: &mut StateCache,
     ) -> Option<Exit> {
         let mut failures = 0u32;
         loop {
-            match self.shared.outbox.commit_delivery(&held.lease, batch).await {
+            match self
+                .shared
+                .outbox
+                .commit_delivery(&held.lease, from, batch)
+                .await
+            {
                 Ok(true) => return None,
                 Ok(false) => {
                     held.lost.cancel();

@@ -548,7 +548,10 @@ impl<S: ProjectionStore> JetStreamConsumer<S> {
             Ok(()) => return self.ack(delivery, AckKind::Ack).await,
             Err(error) => error,
         };
-        let transient = error.is_transient();
+        // Only the data's fault may park a message: a lost connection or a
+        // missing table is redelivered until it passes or is fixed.
+        let transient =
+            error.kind_with(|e| self.store.classify(e)) != crate::error::ErrorKind::Data;
         if !transient && message.deliveries >= u64::from(self.max_deliver) {
             match self.park(message, &error).await {
                 Ok(()) => {

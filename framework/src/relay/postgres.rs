@@ -10,6 +10,7 @@ use sqlx::{Postgres, Row, Transaction};
 use super::consumer::{DeadMessageStore, ReceivedMessage};
 use crate::error::StoreError;
 use crate::names::Identifier;
+use crate::store::postgres::pg_error;
 use crate::PostgresStore;
 
 /// A parked message, as [`PostgresDeadMessages::list`] returns it.
@@ -107,7 +108,7 @@ impl PostgresDeadMessages {
         store: &PostgresStore,
         consumer: &str,
     ) -> Result<Vec<DeadMessage>, StoreError> {
-        let failed = |e| StoreError::database("reading dead messages", e);
+        let failed = |e| pg_error("reading dead messages", e);
         let rows = sqlx::query(&self.list)
             .bind(consumer)
             .fetch_all(store.pool())
@@ -150,7 +151,7 @@ impl PostgresDeadMessages {
             .bind(i64::try_from(id).unwrap_or(i64::MAX))
             .execute(store.pool())
             .await
-            .map_err(|e| StoreError::database("discarding a dead message", e))?
+            .map_err(|e| pg_error("discarding a dead message", e))?
             .rows_affected();
         Ok(deleted == 1)
     }
@@ -188,7 +189,7 @@ impl DeadMessageStore<PostgresStore> for PostgresDeadMessages {
             .bind(error)
             .execute(&mut **tx)
             .await
-            .map_err(|e| StoreError::database("parking a message", e))?;
+            .map_err(|e| pg_error("parking a message", e))?;
         Ok(())
     }
 }

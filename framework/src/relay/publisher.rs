@@ -14,7 +14,7 @@ use super::{headers, subject_token, validate_subject, RelayError};
 use crate::event::RecordedEvent;
 use crate::log::LogFilter;
 use crate::projection::{HandlerError, Projection};
-use crate::store::ProjectionStore;
+use crate::store::Transactional;
 
 /// Maps an event to the subject it is published on.
 pub type SubjectFn = Arc<dyn Fn(&RecordedEvent) -> String + Send + Sync>;
@@ -357,7 +357,7 @@ impl JetStreamRelay {
 }
 
 #[async_trait]
-impl<S: ProjectionStore> Projection<S> for JetStreamRelay {
+impl<S: Transactional> Projection<S> for JetStreamRelay {
     fn name(&self) -> &str {
         &self.name
     }
@@ -366,11 +366,10 @@ impl<S: ProjectionStore> Projection<S> for JetStreamRelay {
         self.filter.clone()
     }
 
-    async fn handle(
-        &self,
-        events: &[RecordedEvent],
-        _tx: &mut S::Transaction,
-    ) -> Result<(), HandlerError> {
+    /// Publishes the batch and awaits every acknowledgement before the
+    /// checkpoint's transaction begins: no transaction is open while
+    /// JetStream is slow or away.
+    async fn effects(&self, events: &[RecordedEvent]) -> Result<(), HandlerError> {
         let prepared = events
             .iter()
             .map(|event| self.prepare(event))
@@ -394,6 +393,16 @@ impl<S: ProjectionStore> Projection<S> for JetStreamRelay {
         }
         metrics::counter!("outflow_relay_published_total", "relay" => self.name.clone())
             .increment(events.len() as u64);
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        _events: &[RecordedEvent],
+        _tx: &mut S::Transaction,
+    ) -> Result<(), HandlerError> {
+        // Everything happened in `effects`; the transaction only moves the
+        // checkpoint.
         Ok(())
     }
 }

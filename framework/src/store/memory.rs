@@ -9,13 +9,16 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use crate::error::StoreError;
+use crate::error::{ConfigError, StoreError};
 use crate::event::{AppendRequest, Checkpoint, RecordedEvent, Snapshot};
-use crate::log::{LogFilter, WakeSignal, Wakeups};
+use crate::log::EventLog;
+use crate::log::LogFilter;
 use crate::store::projections::{
-    DeadLetter, Lease, NewDeadLetter, ProjectionState, ProjectionStore, UnitId, UnitRecord, Waiters,
+    Checkpoints, DeadLetter, DeadLetters, Inbox, Lease, Leases, NewDeadLetter, ProjectionState,
+    UnitId, UnitRecord,
 };
-use crate::store::{EventStore, LoadedStream, StreamEvent};
+use crate::store::{AppendInTransaction, EventStore, LoadedStream, StreamEvent, Transactional};
+use crate::wake::{WakeSignal, Wakeups};
 
 /// An in-memory [`EventStore`]. Cloning is cheap and shares the same events.
 ///
@@ -42,7 +45,6 @@ struct Inner {
     wake: WakeSignal,
     checkpoint_wake: WakeSignal,
     poll_interval: Duration,
-    waiters: Waiters,
 }
 
 #[derive(Debug, Default)]
@@ -55,7 +57,7 @@ struct State {
     transactions: u64,
     units: BTreeMap<UnitId, Unit>,
     nodes: HashMap<String, Instant>,
-    dead_letters: BTreeMap<u64, (DeadLetter, RecordedEvent)>,
+    dead_letters: BTreeMap<u64, DeadLetter>,
     next_dead_letter: u64,
     inbox: HashSet<(String, String)>,
 }
@@ -93,10 +95,11 @@ enum PendingOp {
     Checkpoint {
         unit: UnitId,
         epoch: u64,
+        from: Checkpoint,
         checkpoint: Checkpoint,
         processed: u64,
     },
-    Park(Box<(DeadLetter, RecordedEvent)>),
+    Park(Box<DeadLetter>),
     Reset {
         name: String,
         total: u64,
@@ -125,7 +128,6 @@ impl MemoryStore {
                 wake: WakeSignal::new(),
                 checkpoint_wake: WakeSignal::new(),
                 poll_interval: Duration::from_millis(500),
-                waiters: Waiters::default(),
             }),
         }
     }
@@ -266,7 +268,10 @@ impl EventStore for MemoryStore {
         }
         Ok(())
     }
+}
 
+#[async_trait]
+impl EventLog for MemoryStore {
     async fn read_log(
         &self,
         after: Checkpoint,
@@ -295,10 +300,39 @@ impl EventStore for MemoryStore {
     fn wakeups(&self) -> Wakeups {
         self.inner.wake.subscribe(self.inner.poll_interval)
     }
+
+    async fn count_events(
+        &self,
+        filter: &LogFilter,
+        after: Checkpoint,
+        upto: Checkpoint,
+        cap: u64,
+    ) -> Result<u64, StoreError> {
+        let state = self.state();
+        Ok(state
+            .log
+            .iter()
+            .filter(|e| e.checkpoint() > after && e.checkpoint() <= upto && filter.matches(e))
+            .take(usize::try_from(cap).unwrap_or(usize::MAX))
+            .count() as u64)
+    }
+
+    async fn first_pending_recorded_at(
+        &self,
+        filter: &LogFilter,
+        after: Checkpoint,
+    ) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let state = self.state();
+        Ok(state
+            .log
+            .iter()
+            .find(|e| e.checkpoint() > after && filter.matches(e))
+            .map(|e| e.recorded_at))
+    }
 }
 
 #[async_trait]
-impl ProjectionStore for MemoryStore {
+impl Transactional for MemoryStore {
     type Transaction = MemoryTransaction;
 
     async fn begin(&self) -> Result<MemoryTransaction, StoreError> {
@@ -331,8 +365,15 @@ impl ProjectionStore for MemoryStore {
                     }
                 }
             }
-            if let PendingOp::Checkpoint { unit, epoch, .. } = op {
-                if state.units.get(unit).is_none_or(|u| u.epoch != *epoch) {
+            if let PendingOp::Checkpoint {
+                unit, epoch, from, ..
+            } = op
+            {
+                if state
+                    .units
+                    .get(unit)
+                    .is_none_or(|u| u.epoch != *epoch || u.checkpoint != *from)
+                {
                     return Err(StoreError::Conflict {
                         aggregate_type: "projection".into(),
                         aggregate_id: unit.to_string(),
@@ -342,6 +383,7 @@ impl ProjectionStore for MemoryStore {
                 }
             }
         }
+        let mut appended = false;
         for op in tx.ops {
             match op {
                 PendingOp::Checkpoint {
@@ -359,9 +401,9 @@ impl ProjectionStore for MemoryStore {
                 PendingOp::Park(parked) => {
                     state.next_dead_letter += 1;
                     let id = state.next_dead_letter;
-                    let (mut dead_letter, event) = *parked;
+                    let mut dead_letter = *parked;
                     dead_letter.id = id;
-                    state.dead_letters.insert(id, (dead_letter, event));
+                    state.dead_letters.insert(id, dead_letter);
                 }
                 PendingOp::Reset { name, total } => {
                     for (unit, u) in state.units.iter_mut() {
@@ -383,6 +425,7 @@ impl ProjectionStore for MemoryStore {
                     state.dead_letters.remove(&id);
                 }
                 PendingOp::Append { events, .. } => {
+                    appended = true;
                     for event in events {
                         let index = state.log.len();
                         let key = (event.aggregate_type.clone(), event.aggregate_id.clone());
@@ -392,9 +435,88 @@ impl ProjectionStore for MemoryStore {
                 }
             }
         }
+        drop(state);
+        if appended {
+            self.inner.wake.wake();
+        }
         Ok(())
     }
+}
 
+#[async_trait]
+impl AppendInTransaction for MemoryStore {
+    async fn append_in(
+        &self,
+        tx: &mut MemoryTransaction,
+        request: AppendRequest,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        request.validate()?;
+        if request.events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut state = self.state();
+        let key = (request.aggregate_type.clone(), request.aggregate_id.clone());
+        let actual = state.streams.get(&key).map_or(0, |s| s.len() as u64);
+        if actual != request.expected_version {
+            return Err(StoreError::Conflict {
+                aggregate_type: request.aggregate_type,
+                aggregate_id: request.aggregate_id,
+                expected: request.expected_version,
+                actual: Some(actual),
+            });
+        }
+        // Positions as they will be at commit; the commit fails with a
+        // conflict if anything was appended in between.
+        let pending: usize = tx
+            .ops
+            .iter()
+            .map(|op| match op {
+                PendingOp::Append { events, .. } => events.len(),
+                _ => 0,
+            })
+            .sum();
+        if pending > 0 {
+            return Err(StoreError::InvalidAppend {
+                aggregate_type: request.aggregate_type,
+                aggregate_id: request.aggregate_id,
+                reason: "the in-memory store takes one append per transaction".into(),
+            });
+        }
+        let log_len = state.log.len();
+        state.transactions += 1;
+        let transaction_id = state.transactions;
+        let recorded_at = Utc::now();
+        let events: Vec<RecordedEvent> = request
+            .events
+            .into_iter()
+            .enumerate()
+            .map(|(offset, event)| RecordedEvent {
+                event_id: event.event_id,
+                aggregate_type: request.aggregate_type.clone(),
+                aggregate_id: request.aggregate_id.clone(),
+                sequence: request.expected_version + offset as u64 + 1,
+                position: (log_len + offset) as u64 + 1,
+                transaction_id,
+                recorded_at,
+                event_type: event.event_type,
+                event_version: event.event_version,
+                payload: event.payload,
+                metadata: event.metadata,
+                correlation_id: event.correlation_id,
+                causation_id: event.causation_id,
+            })
+            .collect();
+        tx.ops.push(PendingOp::Append {
+            events: events.clone(),
+            log_len,
+            expected_version: request.expected_version,
+        });
+        Ok(events)
+    }
+}
+
+#[async_trait]
+impl Checkpoints for MemoryStore {
     async fn register_projection(&self, name: &str, partitions: u32) -> Result<(), StoreError> {
         let mut state = self.state();
         if let Some((_, u)) = state
@@ -402,11 +524,12 @@ impl ProjectionStore for MemoryStore {
             .iter()
             .find(|(unit, u)| unit.projection == name && u.partitions != partitions)
         {
-            return Err(StoreError::Config(format!(
-                "projection `{name}` is stored with {} partitions, registered with {partitions}: \
-                 run it under a new name to change the partition count",
-                u.partitions
-            )));
+            return Err(ConfigError::PartitionCount {
+                name: name.to_owned(),
+                stored: u.partitions.to_string(),
+                configured: partitions,
+            }
+            .into());
         }
         for partition in 0..partitions {
             state
@@ -432,91 +555,32 @@ impl ProjectionStore for MemoryStore {
         Ok(())
     }
 
-    async fn node_heartbeat(&self, node: &str, ttl: Duration) -> Result<u32, StoreError> {
-        let mut state = self.state();
-        let now = Instant::now();
-        state.nodes.insert(node.to_owned(), now + ttl);
-        Ok(state
-            .nodes
-            .values()
-            .filter(|&&until| until >= now)
-            .count()
-            .max(1) as u32)
-    }
-
-    async fn claim(
-        &self,
-        unit: &UnitId,
-        node: &str,
-        ttl: Duration,
-    ) -> Result<Option<Lease>, StoreError> {
-        let mut state = self.state();
-        let now = Instant::now();
-        let Some(u) = state.units.get_mut(unit) else {
-            return Ok(None);
-        };
-        let mine = u.owner.as_deref() == Some(node) && u.lease_valid(now);
-        if u.state == ProjectionState::Stopped || (u.lease_valid(now) && !mine) {
-            return Ok(None);
-        }
-        if !mine {
-            u.epoch += 1;
-        }
-        u.owner = Some(node.to_owned());
-        u.lease_until = Some(now + ttl);
-        Ok(Some(Lease {
-            unit: unit.clone(),
-            epoch: u.epoch,
-            checkpoint: u.checkpoint,
-            paused: u.paused,
-        }))
-    }
-
-    async fn renew(&self, node: &str, ttl: Duration) -> Result<Vec<Lease>, StoreError> {
-        let mut state = self.state();
-        let now = Instant::now();
-        Ok(state
-            .units
-            .iter_mut()
-            .filter(|(_, u)| u.owner.as_deref() == Some(node) && u.lease_valid(now))
-            .map(|(unit, u)| {
-                u.lease_until = Some(now + ttl);
-                Lease {
-                    unit: unit.clone(),
-                    epoch: u.epoch,
-                    checkpoint: u.checkpoint,
-                    paused: u.paused,
-                }
-            })
-            .collect())
-    }
-
-    async fn release(&self, lease: &Lease, node: &str) -> Result<(), StoreError> {
-        let mut state = self.state();
-        if let Some(u) = state.units.get_mut(&lease.unit) {
-            if u.epoch == lease.epoch && u.owner.as_deref() == Some(node) {
-                u.owner = None;
-                u.lease_until = None;
-            }
-        }
-        Ok(())
+    async fn begin_batch(&self, lease: &Lease) -> Result<Option<MemoryTransaction>, StoreError> {
+        let current = self.state().units.get(&lease.unit).map(|u| u.epoch);
+        Ok((current == Some(lease.epoch)).then(MemoryTransaction::default))
     }
 
     async fn save_checkpoint(
         &self,
         tx: &mut MemoryTransaction,
         lease: &Lease,
-        checkpoint: Checkpoint,
+        from: Checkpoint,
+        to: Checkpoint,
         processed: u64,
     ) -> Result<bool, StoreError> {
-        let current = self.state().units.get(&lease.unit).map(|u| u.epoch);
-        if current != Some(lease.epoch) {
+        let current = self
+            .state()
+            .units
+            .get(&lease.unit)
+            .map(|u| (u.epoch, u.checkpoint));
+        if current != Some((lease.epoch, from)) {
             return Ok(false);
         }
         tx.ops.push(PendingOp::Checkpoint {
             unit: lease.unit.clone(),
             epoch: lease.epoch,
-            checkpoint,
+            from,
+            checkpoint: to,
             processed,
         });
         Ok(true)
@@ -605,55 +669,111 @@ impl ProjectionStore for MemoryStore {
         Ok(())
     }
 
-    async fn count_events(
-        &self,
-        filter: &LogFilter,
-        after: Checkpoint,
-        upto: Checkpoint,
-        cap: u64,
-    ) -> Result<u64, StoreError> {
-        let state = self.state();
-        Ok(state
-            .log
-            .iter()
-            .filter(|e| e.checkpoint() > after && e.checkpoint() <= upto && filter.matches(e))
-            .take(usize::try_from(cap).unwrap_or(usize::MAX))
-            .count() as u64)
+    fn signal_checkpoints(&self) {
+        self.inner.checkpoint_wake.wake();
     }
 
-    async fn first_pending_recorded_at(
-        &self,
-        filter: &LogFilter,
-        after: Checkpoint,
-    ) -> Result<Option<DateTime<Utc>>, StoreError> {
-        let state = self.state();
-        Ok(state
-            .log
+    fn checkpoint_wakeups(&self) -> Wakeups {
+        self.inner
+            .checkpoint_wake
+            .subscribe(self.inner.poll_interval)
+    }
+}
+
+#[async_trait]
+impl Leases for MemoryStore {
+    async fn node_heartbeat(&self, node: &str, ttl: Duration) -> Result<Vec<String>, StoreError> {
+        let mut state = self.state();
+        let now = Instant::now();
+        state.nodes.insert(node.to_owned(), now + ttl);
+        let mut live: Vec<String> = state
+            .nodes
             .iter()
-            .find(|e| e.checkpoint() > after && filter.matches(e))
-            .map(|e| e.recorded_at))
+            .filter(|(_, &until)| until >= now)
+            .map(|(node, _)| node.clone())
+            .collect();
+        live.sort();
+        Ok(live)
     }
 
+    async fn claim(
+        &self,
+        unit: &UnitId,
+        node: &str,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, StoreError> {
+        let mut state = self.state();
+        let now = Instant::now();
+        let Some(u) = state.units.get_mut(unit) else {
+            return Ok(None);
+        };
+        let mine = u.owner.as_deref() == Some(node) && u.lease_valid(now);
+        if u.state == ProjectionState::Stopped || (u.lease_valid(now) && !mine) {
+            return Ok(None);
+        }
+        if !mine {
+            u.epoch += 1;
+        }
+        u.owner = Some(node.to_owned());
+        u.lease_until = Some(now + ttl);
+        Ok(Some(Lease {
+            unit: unit.clone(),
+            epoch: u.epoch,
+            checkpoint: u.checkpoint,
+            paused: u.paused,
+        }))
+    }
+
+    async fn renew(&self, node: &str, ttl: Duration) -> Result<Vec<Lease>, StoreError> {
+        let mut state = self.state();
+        let now = Instant::now();
+        Ok(state
+            .units
+            .iter_mut()
+            .filter(|(_, u)| u.owner.as_deref() == Some(node) && u.lease_valid(now))
+            .map(|(unit, u)| {
+                u.lease_until = Some(now + ttl);
+                Lease {
+                    unit: unit.clone(),
+                    epoch: u.epoch,
+                    checkpoint: u.checkpoint,
+                    paused: u.paused,
+                }
+            })
+            .collect())
+    }
+
+    async fn release(&self, lease: &Lease, node: &str) -> Result<(), StoreError> {
+        let mut state = self.state();
+        if let Some(u) = state.units.get_mut(&lease.unit) {
+            if u.epoch == lease.epoch && u.owner.as_deref() == Some(node) {
+                u.owner = None;
+                u.lease_until = None;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl DeadLetters for MemoryStore {
     async fn park(
         &self,
         tx: &mut MemoryTransaction,
         dead_letter: NewDeadLetter<'_>,
     ) -> Result<(), StoreError> {
-        let event = dead_letter.event.clone();
-        tx.ops.push(PendingOp::Park(Box::new((
-            DeadLetter {
-                id: 0,
-                unit: dead_letter.unit.clone(),
-                event_id: event.event_id,
-                checkpoint: event.checkpoint(),
-                event: event.event_ref(),
-                error: dead_letter.error,
-                attempts: dead_letter.attempts,
-                first_failed_at: dead_letter.first_failed_at,
-                last_failed_at: Utc::now(),
-            },
-            event,
-        ))));
+        let event = dead_letter.event;
+        tx.ops.push(PendingOp::Park(Box::new(DeadLetter {
+            id: 0,
+            unit: dead_letter.unit.clone(),
+            event_id: event.event_id,
+            checkpoint: event.checkpoint(),
+            event: event.event_ref(),
+            error: dead_letter.error,
+            attempts: dead_letter.attempts,
+            first_failed_at: dead_letter.first_failed_at,
+            last_failed_at: Utc::now(),
+        })));
         Ok(())
     }
 
@@ -662,8 +782,8 @@ impl ProjectionStore for MemoryStore {
             .state()
             .dead_letters
             .values()
-            .filter(|(d, _)| d.unit.projection == projection)
-            .map(|(d, _)| d.clone())
+            .filter(|d| d.unit.projection == projection)
+            .cloned()
             .collect())
     }
 
@@ -671,7 +791,7 @@ impl ProjectionStore for MemoryStore {
         &self,
         tx: &mut MemoryTransaction,
         id: u64,
-    ) -> Result<Option<(DeadLetter, RecordedEvent)>, StoreError> {
+    ) -> Result<Option<DeadLetter>, StoreError> {
         let found = self.state().dead_letters.get(&id).cloned();
         if found.is_some() {
             tx.ops.push(PendingOp::RemoveDeadLetter(id));
@@ -680,7 +800,7 @@ impl ProjectionStore for MemoryStore {
     }
 
     async fn note_dead_letter_failure(&self, id: u64, error: &str) -> Result<(), StoreError> {
-        if let Some((d, _)) = self.state().dead_letters.get_mut(&id) {
+        if let Some(d) = self.state().dead_letters.get_mut(&id) {
             d.attempts += 1;
             d.error = error.to_owned();
             d.last_failed_at = Utc::now();
@@ -691,7 +811,10 @@ impl ProjectionStore for MemoryStore {
     async fn discard_dead_letter(&self, id: u64) -> Result<bool, StoreError> {
         Ok(self.state().dead_letters.remove(&id).is_some())
     }
+}
 
+#[async_trait]
+impl Inbox for MemoryStore {
     async fn inbox_claim(
         &self,
         tx: &mut MemoryTransaction,
@@ -708,92 +831,5 @@ impl ProjectionStore for MemoryStore {
         }
         tx.ops.push(PendingOp::Inbox(key.0, key.1));
         Ok(true)
-    }
-
-    async fn append_in(
-        &self,
-        tx: &mut MemoryTransaction,
-        request: AppendRequest,
-    ) -> Result<Vec<RecordedEvent>, StoreError> {
-        request.validate()?;
-        if request.events.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut state = self.state();
-        let key = (request.aggregate_type.clone(), request.aggregate_id.clone());
-        let actual = state.streams.get(&key).map_or(0, |s| s.len() as u64);
-        if actual != request.expected_version {
-            return Err(StoreError::Conflict {
-                aggregate_type: request.aggregate_type,
-                aggregate_id: request.aggregate_id,
-                expected: request.expected_version,
-                actual: Some(actual),
-            });
-        }
-        // Positions as they will be at commit; the commit fails with a
-        // conflict if anything was appended in between.
-        let pending: usize = tx
-            .ops
-            .iter()
-            .map(|op| match op {
-                PendingOp::Append { events, .. } => events.len(),
-                _ => 0,
-            })
-            .sum();
-        if pending > 0 {
-            return Err(StoreError::InvalidAppend {
-                aggregate_type: request.aggregate_type,
-                aggregate_id: request.aggregate_id,
-                reason: "the in-memory store takes one append per transaction".into(),
-            });
-        }
-        let log_len = state.log.len();
-        state.transactions += 1;
-        let transaction_id = state.transactions;
-        let recorded_at = Utc::now();
-        let events: Vec<RecordedEvent> = request
-            .events
-            .into_iter()
-            .enumerate()
-            .map(|(offset, event)| RecordedEvent {
-                event_id: event.event_id,
-                aggregate_type: request.aggregate_type.clone(),
-                aggregate_id: request.aggregate_id.clone(),
-                sequence: request.expected_version + offset as u64 + 1,
-                position: (log_len + offset) as u64 + 1,
-                transaction_id,
-                recorded_at,
-                event_type: event.event_type,
-                event_version: event.event_version,
-                payload: event.payload,
-                metadata: event.metadata,
-                correlation_id: event.correlation_id,
-                causation_id: event.causation_id,
-            })
-            .collect();
-        tx.ops.push(PendingOp::Append {
-            events: events.clone(),
-            log_len,
-            expected_version: request.expected_version,
-        });
-        Ok(events)
-    }
-
-    fn events_committed(&self) {
-        self.inner.wake.wake();
-    }
-
-    fn waiters(&self) -> &Waiters {
-        &self.inner.waiters
-    }
-
-    fn signal_checkpoints(&self) {
-        self.inner.checkpoint_wake.wake();
-    }
-
-    fn checkpoint_wakeups(&self) -> Wakeups {
-        self.inner
-            .checkpoint_wake
-            .subscribe(self.inner.poll_interval)
     }
 }

@@ -13,6 +13,7 @@
 //! transaction (a `NOTIFY` there would serialize every commit on the server's
 //! notification queue lock).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -24,33 +25,39 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::error::{EventRef, StoreError};
+use crate::error::{ErrorKind, EventRef, StoreError};
 use crate::event::{AppendRequest, Checkpoint, Metadata, RecordedEvent, Snapshot};
-use crate::log::{LogFilter, WakeSignal, Wakeups};
+use crate::log::{EventLog, LogFilter, OldestTransaction};
 use crate::names::Identifier;
 use crate::store::{EventStore, LoadedStream, StreamEvent};
+use crate::wake::{WakeSignal, Wakeups};
 
 /// Schema migrations, applied in order, each once per events table.
 const MIGRATIONS: &[(i32, &str, &str)] = &[
     (
         1,
         "events table with a gap-safe global log",
-        include_str!("postgres/001_events_log.sql"),
+        include_str!("postgres/migrations/001_events_log.sql"),
     ),
     (
         2,
         "projection state, nodes, dead letters, inbox",
-        include_str!("postgres/002_projections.sql"),
+        include_str!("postgres/migrations/002_projections.sql"),
     ),
     (
         3,
         "transactional outbox",
-        include_str!("postgres/003_outbox.sql"),
+        include_str!("postgres/migrations/003_outbox.sql"),
     ),
     (
         4,
         "dead letters of broker messages",
-        include_str!("postgres/004_message_dead_letters.sql"),
+        include_str!("postgres/migrations/004_message_dead_letters.sql"),
+    ),
+    (
+        5,
+        "lease fence: the epoch is part of a key",
+        include_str!("postgres/migrations/005_lease_fence.sql"),
     ),
 ];
 
@@ -89,7 +96,10 @@ struct Inner {
     notify: Option<mpsc::Sender<()>>,
     notify_checkpoints: Option<mpsc::Sender<()>>,
     projection_sql: projection_store::Queries,
-    waiters: crate::store::Waiters,
+    /// Appends made inside callers' transactions, and how many of them a
+    /// commit has woken readers for.
+    appends_in_transactions: AtomicU64,
+    appends_woken: AtomicU64,
     listener_started: OnceLock<()>,
     shutdown: CancellationToken,
 }
@@ -210,21 +220,21 @@ impl PostgresStoreBuilder {
         let events = names.events.clone();
         let render = |sql: &str| names.render(sql);
         let sql = Queries {
-            append: render(include_str!("postgres/append.sql")),
-            append_one: render(include_str!("postgres/append_one.sql")),
-            stream_head: render(include_str!("postgres/stream_head.sql")),
-            read_stream: render(include_str!("postgres/read_stream.sql")),
-            load: render(include_str!("postgres/load.sql")),
-            load_with_snapshot: render(include_str!("postgres/load_with_snapshot.sql")),
-            save_snapshot: render(include_str!("postgres/save_snapshot.sql")),
-            read_log: render(include_str!("postgres/read_log.sql")),
-            head: render(include_str!("postgres/head.sql")),
+            append: render(include_str!("postgres/queries/append.sql")),
+            append_one: render(include_str!("postgres/queries/append_one.sql")),
+            stream_head: render(include_str!("postgres/queries/stream_head.sql")),
+            read_stream: render(include_str!("postgres/queries/read_stream.sql")),
+            load: render(include_str!("postgres/queries/load.sql")),
+            load_with_snapshot: render(include_str!("postgres/queries/load_with_snapshot.sql")),
+            save_snapshot: render(include_str!("postgres/queries/save_snapshot.sql")),
+            read_log: render(include_str!("postgres/queries/read_log.sql")),
+            head: render(include_str!("postgres/queries/head.sql")),
             ids_ahead: render(
                 "SELECT COALESCE((SELECT e.transaction_id FROM {events} e \
                   ORDER BY e.transaction_id DESC LIMIT 1) >= pg_current_xact_id(), false)",
             ),
-            rebase: render(include_str!("postgres/rebase.sql")),
-            rebase_projections: render(include_str!("postgres/rebase_projections.sql")),
+            rebase: render(include_str!("postgres/queries/rebase.sql")),
+            rebase_projections: render(include_str!("postgres/queries/rebase_projections.sql")),
         };
         if self.migrate {
             migrate(&self.pool, &names).await?;
@@ -256,7 +266,8 @@ impl PostgresStoreBuilder {
                 notify,
                 notify_checkpoints,
                 projection_sql,
-                waiters: crate::store::Waiters::default(),
+                appends_in_transactions: AtomicU64::new(0),
+                appends_woken: AtomicU64::new(0),
                 listener_started: OnceLock::new(),
                 shutdown,
             }),
@@ -283,7 +294,7 @@ impl PostgresStore {
             .test_before_acquire(false)
             .connect(url)
             .await
-            .map_err(|e| StoreError::database("connecting to PostgreSQL", e))?;
+            .map_err(|e| pg_error("connecting to PostgreSQL", e))?;
         Self::builder(pool).build().await
     }
 
@@ -325,27 +336,6 @@ impl PostgresStore {
         migrate(pool, &Names::new(events_table, None)?).await
     }
 
-    /// Appends inside the caller's transaction, so the events commit or roll
-    /// back with the caller's own writes. After committing, call
-    /// [`wake_readers`](Self::wake_readers) so log readers look at once
-    /// (otherwise they find the events at their next poll).
-    ///
-    /// If the transaction wrote before appending and another transaction
-    /// appended to the same stream and committed in between, the append
-    /// fails with [`StoreError::StaleTransaction`]: retry the whole
-    /// transaction.
-    ///
-    /// # Errors
-    ///
-    /// As [`EventStore::append`], plus [`StoreError::StaleTransaction`].
-    pub async fn append_in_transaction(
-        &self,
-        connection: &mut PgConnection,
-        request: AppendRequest,
-    ) -> Result<Vec<RecordedEvent>, StoreError> {
-        self.append_on(connection, request).await
-    }
-
     /// Repairs the log after a logical dump and restore (`pg_dump` /
     /// `pg_restore` into another cluster), where transaction ids start again
     /// from a lower value: rows written by the old cluster would otherwise sort
@@ -363,7 +353,7 @@ impl PostgresStore {
     ///
     /// [`StoreError::Database`].
     pub async fn rebase_after_restore(&self) -> Result<u64, StoreError> {
-        let failed = |e| StoreError::database("rebasing transaction ids after a restore", e);
+        let failed = |e| pg_error("rebasing transaction ids after a restore", e);
         let mut tx = self.inner.pool.begin().await.map_err(failed)?;
         let ahead: bool = sqlx::query_scalar(&self.inner.sql.ids_ahead)
             .fetch_one(&mut *tx)
@@ -386,9 +376,24 @@ impl PostgresStore {
         Ok(changed)
     }
 
-    /// Wakes log readers after a commit made outside [`EventStore::append`].
-    pub fn wake_readers(&self) {
-        self.signal_commit();
+    /// Counts an append made inside a caller's transaction, for
+    /// [`appends_committed`](Self::appends_committed).
+    fn appended_in_transaction(&self) {
+        self.inner
+            .appends_in_transactions
+            .fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// After a commit: wakes readers when appends were made in transactions
+    /// since the last such wake-up. The driver's transaction type cannot say
+    /// whether this very transaction appended; a wake-up that comes early
+    /// (another transaction's commit) is followed by the readers' quick
+    /// re-checks, so none is lost.
+    fn appends_committed(&self) {
+        let appended = self.inner.appends_in_transactions.load(Ordering::Acquire);
+        if self.inner.appends_woken.swap(appended, Ordering::AcqRel) != appended {
+            self.signal_commit();
+        }
     }
 
     fn signal_commit(&self) {
@@ -472,7 +477,7 @@ impl PostgresStore {
                     actual: None,
                 })
             }
-            Err(e) => return Err(StoreError::database("appending events", e)),
+            Err(e) => return Err(pg_error("appending events", e)),
         };
         if rows.len() != count {
             return Err(self.refusal(connection, request).await);
@@ -494,7 +499,7 @@ impl PostgresStore {
                 u64_column(row, "position", &self.inner.events_table)?,
                 txid_column(row, &self.inner.events_table)?,
                 row.try_get("recorded_at")
-                    .map_err(|e| StoreError::database("reading appended rows", e))?,
+                    .map_err(|e| pg_error("reading appended rows", e))?,
             ));
         }
         let AppendRequest {
@@ -564,7 +569,7 @@ impl PostgresStore {
                 expected: request.expected_version,
                 actual: Some(0),
             },
-            Err(e) => StoreError::database("reading the stream head after a refused append", e),
+            Err(e) => pg_error("reading the stream head after a refused append", e),
         }
     }
 
@@ -710,6 +715,7 @@ impl Names {
             .derived("dead_letters", "dead letters table")?
             .quoted();
         let dead_letters_idx = unqualified(events.derived("dl_idx", "dead letters index name")?);
+        let epoch_key = unqualified(events.derived("epoch_key", "projections epoch key name")?);
         let inbox = events.derived("inbox", "inbox table")?.quoted();
         let outbox = events.derived("outbox", "outbox table")?.quoted();
         let outbox_log_idx = unqualified(events.derived("ob_log_idx", "outbox log index name")?);
@@ -720,11 +726,14 @@ impl Names {
         let replacements = vec![
             (
                 "{columns}",
-                include_str!("postgres/columns.sql").trim_end().to_owned(),
+                include_str!("postgres/queries/columns.sql")
+                    .trim_end()
+                    .to_owned(),
             ),
             ("{events_log_idx}", log_idx),
             ("{events_type_log_idx}", type_log_idx),
             ("{dead_letters_projection_idx}", dead_letters_idx),
+            ("{projections_epoch_key}", epoch_key),
             ("{dead_letters}", dead_letters),
             ("{projections}", projections),
             ("{nodes}", nodes),
@@ -819,7 +828,7 @@ impl EventStore for PostgresStore {
             .pool
             .acquire()
             .await
-            .map_err(|e| StoreError::database("acquiring a connection to append", e))?;
+            .map_err(|e| pg_error("acquiring a connection to append", e))?;
         let written = self.append_on(&mut connection, request).await?;
         if !written.is_empty() {
             self.signal_commit();
@@ -841,7 +850,7 @@ impl EventStore for PostgresStore {
             .bind(to_i64(limit as u64))
             .fetch_all(&self.inner.pool)
             .await
-            .map_err(|e| StoreError::database("reading a stream", e))?;
+            .map_err(|e| pg_error("reading a stream", e))?;
         self.decode_rows(rows)
     }
 
@@ -861,9 +870,9 @@ impl EventStore for PostgresStore {
             .bind(aggregate_id)
             .fetch_all(&self.inner.pool)
             .await
-            .map_err(|e| StoreError::database("loading a stream", e))?;
+            .map_err(|e| pg_error("loading a stream", e))?;
         let table = &self.inner.events_table;
-        let get = |e| StoreError::database("loading a stream", e);
+        let get = |e| pg_error("loading a stream", e);
         let mut loaded = LoadedStream::default();
         loaded.events.reserve(rows.len());
         for row in &rows {
@@ -902,10 +911,13 @@ impl EventStore for PostgresStore {
             .bind(snapshot.state.to_string())
             .execute(&self.inner.pool)
             .await
-            .map_err(|e| StoreError::database("saving a snapshot", e))?;
+            .map_err(|e| pg_error("saving a snapshot", e))?;
         Ok(())
     }
+}
 
+#[async_trait]
+impl EventLog for PostgresStore {
     async fn read_log(
         &self,
         after: Checkpoint,
@@ -922,7 +934,7 @@ impl EventStore for PostgresStore {
         let rows = query
             .fetch_all(&self.inner.pool)
             .await
-            .map_err(|e| StoreError::database("reading the global log", e))?;
+            .map_err(|e| pg_error("reading the global log", e))?;
         self.decode_rows(rows)
     }
 
@@ -930,7 +942,7 @@ impl EventStore for PostgresStore {
         let row = sqlx::query(&self.inner.sql.head)
             .fetch_optional(&self.inner.pool)
             .await
-            .map_err(|e| StoreError::database("reading the head of the log", e))?;
+            .map_err(|e| pg_error("reading the head of the log", e))?;
         match row {
             None => Ok(Checkpoint::START),
             Some(row) => Ok(Checkpoint::new(
@@ -943,6 +955,28 @@ impl EventStore for PostgresStore {
     fn wakeups(&self) -> Wakeups {
         self.listen();
         self.inner.wake.subscribe(self.inner.poll_interval)
+    }
+
+    async fn count_events(
+        &self,
+        filter: &LogFilter,
+        after: Checkpoint,
+        upto: Checkpoint,
+        cap: u64,
+    ) -> Result<u64, StoreError> {
+        self.count_log_events(filter, after, upto, cap).await
+    }
+
+    async fn first_pending_recorded_at(
+        &self,
+        filter: &LogFilter,
+        after: Checkpoint,
+    ) -> Result<Option<DateTime<Utc>>, StoreError> {
+        self.first_pending(filter, after).await
+    }
+
+    async fn oldest_open_transaction(&self) -> Result<Option<OldestTransaction>, StoreError> {
+        self.oldest_transaction().await
     }
 }
 
@@ -1008,7 +1042,7 @@ fn bind_filter<'q>(
 }
 
 fn decode_event(row: &PgRow, table: &str) -> Result<RecordedEvent, StoreError> {
-    let get_err = |e: sqlx::Error| StoreError::database("decoding an event row", e);
+    let get_err = |e: sqlx::Error| pg_error("decoding an event row", e);
     let aggregate_type: String = row.try_get("aggregate_type").map_err(get_err)?;
     let aggregate_id: String = row.try_get("aggregate_id").map_err(get_err)?;
     let sequence = u64_column(row, "sequence", table)?;
@@ -1050,14 +1084,14 @@ fn decode_event(row: &PgRow, table: &str) -> Result<RecordedEvent, StoreError> {
 fn u64_column(row: &PgRow, column: &'static str, table: &str) -> Result<u64, StoreError> {
     let value: i64 = row
         .try_get(column)
-        .map_err(|e| StoreError::database("decoding an event row", e))?;
+        .map_err(|e| pg_error("decoding an event row", e))?;
     u64::try_from(value).map_err(|_| corrupt(table, &format!("negative {column} {value}")))
 }
 
 fn txid_column(row: &PgRow, table: &str) -> Result<u64, StoreError> {
     let text: String = row
         .try_get("txid")
-        .map_err(|e| StoreError::database("decoding an event row", e))?;
+        .map_err(|e| pg_error("decoding an event row", e))?;
     text.parse()
         .map_err(|_| corrupt(table, &format!("transaction id `{text}` is not a number")))
 }
@@ -1071,7 +1105,12 @@ fn corrupt(table: &str, what: &str) -> StoreError {
 
 /// Maps a sqlx error to [`StoreError::Database`] naming the operation.
 pub(crate) fn db(operation: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
-    move |e| StoreError::database(operation, e)
+    move |e| pg_error(operation, e)
+}
+
+/// A sqlx error as [`StoreError::Database`], classified by [`classify`].
+pub(crate) fn pg_error(operation: &'static str, error: sqlx::Error) -> StoreError {
+    StoreError::database(operation, classify(&error), error)
 }
 
 /// Values above `i64::MAX` are clamped: PostgreSQL's `bigint` cannot hold them,
@@ -1080,17 +1119,48 @@ pub(crate) fn to_i64(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 
-/// Whether an error is worth retrying: a lost or refused connection, a pool
-/// timeout, a serialization failure or deadlock, a server shutting down.
-pub(crate) fn is_transient(error: &sqlx::Error) -> bool {
+/// Whose fault a sqlx error is, from its kind and SQLSTATE class.
+///
+/// - transient: lost or refused connections, pool timeouts, serialization
+///   failures and deadlocks (`40001`, `40P01`), a server shutting down or
+///   starting (`57P*`), too many connections and other exhausted resources
+///   (`53*`), lock and statement timeouts (`55P03`, `57014`);
+/// - infrastructure: what someone must fix: undefined tables and columns,
+///   syntax and permission errors (`42*`), unsupported features (`0A*`),
+///   authentication (`28*`), unknown database or schema (`3D*`, `3F*`),
+///   server-side errors (`58*`, `XX*`), program limits (`54*`), and sqlx's
+///   configuration and column-mapping errors;
+/// - data: everything else: constraint violations (`23*`), bad values
+///   (`22*`), errors raised by triggers, rows that do not decode.
+pub(crate) fn classify(error: &sqlx::Error) -> ErrorKind {
     match error {
         sqlx::Error::Io(_)
         | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
         | sqlx::Error::Protocol(_)
-        | sqlx::Error::Tls(_) => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            code.starts_with("08") || code == "40001" || code == "40P01" || code.starts_with("57P")
-        }),
-        _ => false,
+        | sqlx::Error::Tls(_) => ErrorKind::Transient,
+        sqlx::Error::Configuration(_)
+        | sqlx::Error::ColumnNotFound(_)
+        | sqlx::Error::ColumnIndexOutOfBounds { .. }
+        | sqlx::Error::TypeNotFound { .. }
+        | sqlx::Error::Migrate(_) => ErrorKind::Infrastructure,
+        sqlx::Error::Database(db) => db
+            .code()
+            .map_or(ErrorKind::Data, |code| classify_sqlstate(&code)),
+        _ => ErrorKind::Data,
+    }
+}
+
+/// Whose fault a PostgreSQL error is, by its SQLSTATE (see [`classify`]).
+pub(crate) fn classify_sqlstate(code: &str) -> ErrorKind {
+    let class = code.get(..2).unwrap_or(code);
+    match class {
+        "08" | "40" | "53" | "57" => ErrorKind::Transient,
+        "55" if code == "55P03" => ErrorKind::Transient,
+        "42" | "0A" | "28" | "3D" | "3F" | "58" | "XX" | "54" | "0L" | "0P" | "2F" | "39" => {
+            ErrorKind::Infrastructure
+        }
+        _ => ErrorKind::Data,
     }
 }

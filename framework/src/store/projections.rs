@@ -1,5 +1,5 @@
-//! The backend side of projections: transactions for read-model writes,
-//! checkpoints guarded by leases, dead letters and the inbox.
+//! The backend side of projections: checkpoints guarded by leases, dead
+//! letters and the inbox, each a small role trait.
 //!
 //! Each projection partition (a *unit*) has one row of state: its checkpoint,
 //! its owner and lease, an `epoch` that grows with every change of owner, its
@@ -18,8 +18,8 @@ use uuid::Uuid;
 
 use crate::error::{EventRef, StoreError};
 use crate::event::{Checkpoint, RecordedEvent};
-use crate::log::{LogFilter, Wakeups};
-use crate::store::EventStore;
+use crate::store::Transactional;
+use crate::wake::Wakeups;
 
 /// One projection partition: the unit of work a runner owns.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -161,89 +161,35 @@ pub struct NewDeadLetter<'a> {
     pub first_failed_at: DateTime<Utc>,
 }
 
-/// The oldest transaction still running on the server: it holds every log
-/// reader back (readers never pass a transaction that may still commit).
-#[derive(Debug, Clone, PartialEq)]
-pub struct OldestTransaction {
-    /// Server process id.
-    pub pid: i32,
-    /// Its database.
-    pub database: Option<String>,
-    /// How long it has been open.
-    pub age: Duration,
-    /// Its state (`active`, `idle in transaction`, ...).
-    pub state: Option<String>,
-    /// The start of its current query.
-    pub query: Option<String>,
-}
-
-/// A store that can run projections: the [`EventStore`] plus transactions,
-/// checkpoints, leases, dead letters and an inbox.
+/// What a projection runner needs to keep a unit's place: the units'
+/// state rows, their checkpoints (moved inside the read model's
+/// transaction), resets, pause and restart, and the signal that tells
+/// `wait_for` callers that checkpoints moved.
 #[async_trait]
-pub trait ProjectionStore: EventStore + Clone {
-    /// The transaction handlers write their read models in.
-    type Transaction: Send + 'static;
-
-    /// Starts a transaction.
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError::Database`].
-    async fn begin(&self) -> Result<Self::Transaction, StoreError>;
-
-    /// Commits a transaction.
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError::Database`]; the transaction's writes are then lost.
-    async fn commit(&self, tx: Self::Transaction) -> Result<(), StoreError>;
-
+pub trait Checkpoints: Transactional + Clone {
     /// Creates the state rows of a projection's partitions if missing.
     ///
     /// # Errors
     ///
-    /// [`StoreError::InvalidAppend`]-like configuration errors when the
-    /// projection exists with another partition count; database errors.
+    /// [`ConfigError::PartitionCount`](crate::error::ConfigError::PartitionCount)
+    /// when the projection exists with another partition count; database errors.
     async fn register_projection(&self, name: &str, partitions: u32) -> Result<(), StoreError>;
 
-    /// Records that `node` is alive; returns the number of live nodes.
+    /// Starts the transaction of one batch of `lease`'s unit, fenced: the
+    /// unit can change owner only after it ends, while the owner's lease
+    /// renewals never wait for it. `None` (nothing started) when the unit's
+    /// epoch is no longer `lease.epoch`.
     ///
     /// # Errors
     ///
     /// [`StoreError::Database`].
-    async fn node_heartbeat(&self, node: &str, ttl: Duration) -> Result<u32, StoreError>;
+    async fn begin_batch(&self, lease: &Lease) -> Result<Option<Self::Transaction>, StoreError>;
 
-    /// Claims a unit for `node` if it is free, its lease expired, or `node`
-    /// holds it already; stopped units are not claimed.
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError::Database`].
-    async fn claim(
-        &self,
-        unit: &UnitId,
-        node: &str,
-        ttl: Duration,
-    ) -> Result<Option<Lease>, StoreError>;
-
-    /// Extends the leases of every unit `node` holds; returns them with their
-    /// epochs and paused flags. A unit missing from the answer was lost.
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError::Database`].
-    async fn renew(&self, node: &str, ttl: Duration) -> Result<Vec<Lease>, StoreError>;
-
-    /// Gives a unit up (graceful shutdown, rebalancing).
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError::Database`].
-    async fn release(&self, lease: &Lease, node: &str) -> Result<(), StoreError>;
-
-    /// Moves a unit's checkpoint inside `tx`, counting `processed` events.
-    /// Returns `false` (and writes nothing) when the unit's epoch is no
-    /// longer `lease.epoch`: the caller must roll back.
+    /// Moves a unit's checkpoint from `from` to `to` inside `tx`, counting
+    /// `processed` events. Returns `false` (and writes nothing) when the
+    /// unit's epoch is no longer `lease.epoch` or its checkpoint is no longer
+    /// `from` (a retried batch that had in fact committed): the caller must
+    /// roll back.
     ///
     /// # Errors
     ///
@@ -252,7 +198,8 @@ pub trait ProjectionStore: EventStore + Clone {
         &self,
         tx: &mut Self::Transaction,
         lease: &Lease,
-        checkpoint: Checkpoint,
+        from: Checkpoint,
+        to: Checkpoint,
         processed: u64,
     ) -> Result<bool, StoreError>;
 
@@ -303,31 +250,59 @@ pub trait ProjectionStore: EventStore + Clone {
     /// [`StoreError::Database`].
     async fn restart_projection(&self, name: &str) -> Result<(), StoreError>;
 
-    /// Counts the events matching `filter` after `after`, up to `upto`,
-    /// stopping at `cap`.
+    /// Wakes waiters of [`checkpoint_wakeups`](Self::checkpoint_wakeups) here
+    /// and on other nodes after checkpoints moved.
+    fn signal_checkpoints(&self);
+
+    /// A handle woken when projection checkpoints may have moved.
+    fn checkpoint_wakeups(&self) -> Wakeups;
+}
+
+/// Leases on units: which node runs which unit, renewed by the owner's
+/// heartbeat, fenced by an epoch that grows with every change of owner.
+#[async_trait]
+pub trait Leases: Send + Sync + 'static {
+    /// Records that `node` is alive; returns the ids of the live nodes
+    /// (`node` among them), in order.
     ///
     /// # Errors
     ///
     /// [`StoreError::Database`].
-    async fn count_events(
-        &self,
-        filter: &LogFilter,
-        after: Checkpoint,
-        upto: Checkpoint,
-        cap: u64,
-    ) -> Result<u64, StoreError>;
+    async fn node_heartbeat(&self, node: &str, ttl: Duration) -> Result<Vec<String>, StoreError>;
 
-    /// When the first event after `after` matching `filter` was recorded.
+    /// Claims a unit for `node` if it is free, its lease expired, or `node`
+    /// holds it already (then the epoch stays); stopped units are not claimed.
     ///
     /// # Errors
     ///
     /// [`StoreError::Database`].
-    async fn first_pending_recorded_at(
+    async fn claim(
         &self,
-        filter: &LogFilter,
-        after: Checkpoint,
-    ) -> Result<Option<DateTime<Utc>>, StoreError>;
+        unit: &UnitId,
+        node: &str,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, StoreError>;
 
+    /// Extends the leases of every unit `node` holds; returns them with their
+    /// epochs and paused flags. A unit missing from the answer was lost.
+    /// Never waits for a batch in progress.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Database`].
+    async fn renew(&self, node: &str, ttl: Duration) -> Result<Vec<Lease>, StoreError>;
+
+    /// Gives a unit up (graceful shutdown, rebalancing).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Database`].
+    async fn release(&self, lease: &Lease, node: &str) -> Result<(), StoreError>;
+}
+
+/// Parked events: what a unit could not handle, kept for an operator.
+#[async_trait]
+pub trait DeadLetters: Transactional {
     /// Parks an event inside `tx`.
     ///
     /// # Errors
@@ -346,8 +321,8 @@ pub trait ProjectionStore: EventStore + Clone {
     /// [`StoreError::Database`].
     async fn dead_letters(&self, projection: &str) -> Result<Vec<DeadLetter>, StoreError>;
 
-    /// Removes a dead letter inside `tx` and returns it with its event, for a
-    /// retry that commits or rolls back together with the handler's writes.
+    /// Removes a dead letter inside `tx` and returns it, for a retry that
+    /// commits or rolls back together with the handler's writes.
     ///
     /// # Errors
     ///
@@ -356,7 +331,7 @@ pub trait ProjectionStore: EventStore + Clone {
         &self,
         tx: &mut Self::Transaction,
         id: u64,
-    ) -> Result<Option<(DeadLetter, RecordedEvent)>, StoreError>;
+    ) -> Result<Option<DeadLetter>, StoreError>;
 
     /// Records another failed attempt on a dead letter.
     ///
@@ -371,7 +346,12 @@ pub trait ProjectionStore: EventStore + Clone {
     ///
     /// [`StoreError::Database`].
     async fn discard_dead_letter(&self, id: u64) -> Result<bool, StoreError>;
+}
 
+/// The inbox: which messages a handler has already handled, recorded in the
+/// handler's own transaction.
+#[async_trait]
+pub trait Inbox: Transactional {
     /// Records inside `tx` that `handler` handled `message_id`; `false` when
     /// it already had (the caller then skips the message). The record commits
     /// or rolls back with the handler's own writes.
@@ -385,62 +365,13 @@ pub trait ProjectionStore: EventStore + Clone {
         handler: &str,
         message_id: &str,
     ) -> Result<bool, StoreError>;
-
-    /// Appends one command's events inside `tx`, so they commit or roll back
-    /// with everything else the transaction writes (inline handlers, the
-    /// caller's own rows). Call [`events_committed`](Self::events_committed)
-    /// after committing.
-    ///
-    /// # Errors
-    ///
-    /// As [`EventStore::append`]; a backend may also report a conflict at
-    /// commit instead.
-    async fn append_in(
-        &self,
-        tx: &mut Self::Transaction,
-        request: crate::event::AppendRequest,
-    ) -> Result<Vec<RecordedEvent>, StoreError>;
-
-    /// Wakes log readers after a transaction with appended events committed.
-    fn events_committed(&self);
-
-    /// Wakes waiters of [`checkpoint_wakeups`](Self::checkpoint_wakeups) here
-    /// and on other nodes after checkpoints moved.
-    fn signal_checkpoints(&self);
-
-    /// A handle woken when projection checkpoints may have moved.
-    fn checkpoint_wakeups(&self) -> Wakeups;
-
-    /// Shared state of the [`wait_for`](crate::runner::wait_for) callers of
-    /// this store (one refreshed view of the checkpoints for all of them).
-    #[doc(hidden)]
-    fn waiters(&self) -> &Waiters;
-
-    /// The oldest transaction holding log readers back, where the backend
-    /// can tell.
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError::Database`].
-    async fn oldest_open_transaction(&self) -> Result<Option<OldestTransaction>, StoreError> {
-        Ok(None)
-    }
 }
 
-/// The checkpoints as last read, shared by every waiter of a store, and
-/// whether a task is refreshing them.
-#[doc(hidden)]
-#[derive(Debug)]
-pub struct Waiters {
-    pub(crate) view: tokio::sync::watch::Sender<std::sync::Arc<Vec<UnitRecord>>>,
-    pub(crate) refreshing: std::sync::atomic::AtomicBool,
-}
+/// Everything a projection needs from the database its read model lives
+/// in: [`Checkpoints`], [`Leases`], [`DeadLetters`] and the [`Inbox`]. The
+/// events may come from another backend (see
+/// [`ProjectionRunner::with_log`](crate::runner::ProjectionRunner::with_log)).
+/// Implemented for every backend that implements the four.
+pub trait ProjectionStore: Checkpoints + Leases + DeadLetters + Inbox {}
 
-impl Default for Waiters {
-    fn default() -> Self {
-        Waiters {
-            view: tokio::sync::watch::Sender::new(std::sync::Arc::new(Vec::new())),
-            refreshing: std::sync::atomic::AtomicBool::new(false),
-        }
-    }
-}
+impl<S: Checkpoints + Leases + DeadLetters + Inbox> ProjectionStore for S {}

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use outflow::runner::{ProjectionRunner, ProjectionStatus};
 use outflow::store::ProjectionStore;
-use outflow::{Checkpoint, EventStore, LogFilter, PostgresStore, RecordedEvent};
+use outflow::{Checkpoint, LogFilter, PostgresStore, RecordedEvent};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};
 use tokio::task::JoinHandle;
@@ -73,7 +73,7 @@ impl TestDb {
 /// least `expected` events arrived. Other tests on the same server may hold
 /// transactions open for a moment, which holds every reader back; waiting is
 /// right, asserting on the first read is not.
-pub async fn read_until<S: EventStore + ?Sized>(
+pub async fn read_until<S: outflow::EventLog + ?Sized>(
     store: &S,
     after: Checkpoint,
     filter: &LogFilter,

@@ -1,7 +1,6 @@
 //! [`ProjectionStore`] for PostgreSQL: projection state rows with leases and
 //! epochs, dead letters and the inbox, all in the events table's schema.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -10,59 +9,74 @@ use sqlx::postgres::PgRow;
 use sqlx::{Postgres, Row, Transaction};
 
 use super::{
-    bind_filter, db, decode_event, filter_sql, to_i64, txid_column, u64_column, Names,
+    bind_filter, classify, db, filter_sql, pg_error, to_i64, txid_column, u64_column, Names,
     PostgresStore,
 };
-use crate::error::{EventRef, StoreError};
-use crate::event::{Checkpoint, RecordedEvent};
-use crate::log::{LogFilter, Wakeups};
+use crate::error::{ConfigError, ErrorKind, EventRef, StoreError};
+use crate::event::{AppendRequest, Checkpoint, RecordedEvent};
+use crate::log::{LogFilter, OldestTransaction};
 use crate::store::projections::{
-    DeadLetter, Lease, NewDeadLetter, OldestTransaction, ProjectionState, ProjectionStore, UnitId,
-    UnitRecord,
+    Checkpoints, DeadLetter, DeadLetters, Inbox, Lease, Leases, NewDeadLetter, ProjectionState,
+    UnitId, UnitRecord,
 };
+use crate::store::{AppendInTransaction, Transactional};
+use crate::wake::Wakeups;
 
-/// The projection queries, read from `projections.sql` (sections headed
-/// `-- name: ...`) and rendered with the store's table names.
+/// The projection side's queries, one `.sql` file each under `queries/`,
+/// rendered with the store's table names.
 #[derive(Debug)]
 pub(super) struct Queries {
-    by_name: HashMap<&'static str, String>,
+    pub(super) register: String,
+    pub(super) partition_counts: String,
+    pub(super) node_heartbeat: String,
+    pub(super) claim: String,
+    pub(super) renew: String,
+    pub(super) release: String,
+    pub(super) fence: String,
+    pub(super) save_checkpoint: String,
+    pub(super) set_state: String,
+    pub(super) units: String,
+    pub(super) reset: String,
+    pub(super) set_paused: String,
+    pub(super) restart: String,
+    pub(super) park: String,
+    pub(super) dead_letters: String,
+    pub(super) take_dead_letter: String,
+    pub(super) note_dead_letter_failure: String,
+    pub(super) discard_dead_letter: String,
+    pub(super) inbox_claim: String,
+    pub(super) oldest_transaction: String,
     count_events: String,
     first_pending: String,
 }
 
 impl Queries {
     pub(super) fn new(names: &Names) -> Self {
-        let mut by_name = HashMap::new();
-        let text = include_str!("projections.sql");
-        let mut sections = text.split("-- name: ").skip(1);
-        for section in sections.by_ref() {
-            let (name, body) = section.split_once('\n').unwrap_or((section, ""));
-            by_name.insert(name.trim(), names.render(body.trim()));
-        }
         Queries {
-            by_name,
-            count_events: names.render(
-                "SELECT count(*) FROM (SELECT 1 FROM {events} e
-                  WHERE (e.transaction_id, e.position) > ($1::text::xid8, $2)
-                    AND (e.transaction_id, e.position) <= ($3::text::xid8, $4)
-                    {filter}
-                  LIMIT $5) c",
-            ),
-            first_pending: names.render(
-                "SELECT e.recorded_at FROM {events} e
-                  WHERE (e.transaction_id, e.position) > ($1::text::xid8, $2)
-                    AND e.transaction_id < (SELECT pg_snapshot_xmin(pg_current_snapshot()))
-                    {filter}
-                  ORDER BY e.transaction_id, e.position
-                  LIMIT 1",
-            ),
+            register: names.render(include_str!("queries/register.sql")),
+            partition_counts: names.render(include_str!("queries/partition_counts.sql")),
+            node_heartbeat: names.render(include_str!("queries/node_heartbeat.sql")),
+            claim: names.render(include_str!("queries/claim.sql")),
+            renew: names.render(include_str!("queries/renew.sql")),
+            release: names.render(include_str!("queries/release.sql")),
+            fence: names.render(include_str!("queries/fence.sql")),
+            save_checkpoint: names.render(include_str!("queries/save_checkpoint.sql")),
+            set_state: names.render(include_str!("queries/set_state.sql")),
+            units: names.render(include_str!("queries/units.sql")),
+            reset: names.render(include_str!("queries/reset.sql")),
+            set_paused: names.render(include_str!("queries/set_paused.sql")),
+            restart: names.render(include_str!("queries/restart.sql")),
+            park: names.render(include_str!("queries/park.sql")),
+            dead_letters: names.render(include_str!("queries/dead_letters.sql")),
+            take_dead_letter: names.render(include_str!("queries/take_dead_letter.sql")),
+            note_dead_letter_failure: names
+                .render(include_str!("queries/note_dead_letter_failure.sql")),
+            discard_dead_letter: names.render(include_str!("queries/discard_dead_letter.sql")),
+            inbox_claim: names.render(include_str!("queries/inbox_claim.sql")),
+            oldest_transaction: names.render(include_str!("queries/oldest_transaction.sql")),
+            count_events: names.render(include_str!("queries/count_events.sql")),
+            first_pending: names.render(include_str!("queries/first_pending.sql")),
         }
-    }
-
-    fn get(&self, name: &str) -> &str {
-        // Every name used below is a section of projections.sql; the unit test
-        // `every_projection_query_exists` checks it.
-        self.by_name.get(name).map_or("", String::as_str)
     }
 }
 
@@ -134,17 +148,13 @@ fn dead_letter_from_row(row: &PgRow, table: &str) -> Result<DeadLetter, StoreErr
 }
 
 impl PostgresStore {
-    fn q(&self, name: &str) -> &str {
-        self.inner.projection_sql.get(name)
-    }
-
     fn table(&self) -> &str {
         &self.inner.events_table
     }
 }
 
 #[async_trait]
-impl ProjectionStore for PostgresStore {
+impl Transactional for PostgresStore {
     type Transaction = Transaction<'static, Postgres>;
 
     async fn begin(&self) -> Result<Self::Transaction, StoreError> {
@@ -156,22 +166,56 @@ impl ProjectionStore for PostgresStore {
     }
 
     async fn commit(&self, tx: Self::Transaction) -> Result<(), StoreError> {
-        tx.commit().await.map_err(db("committing a transaction"))
+        tx.commit().await.map_err(db("committing a transaction"))?;
+        self.appends_committed();
+        Ok(())
     }
 
+    fn classify(&self, error: &(dyn std::error::Error + 'static)) -> Option<ErrorKind> {
+        error.downcast_ref::<sqlx::Error>().map(classify)
+    }
+}
+
+#[async_trait]
+impl AppendInTransaction for PostgresStore {
+    /// Appends inside the caller's transaction, so the events commit or
+    /// roll back with the caller's own writes; commit with
+    /// [`Transactional::commit`] so log readers look at once.
+    ///
+    /// If the transaction wrote before appending and another transaction
+    /// appended to the same stream and committed in between, the append
+    /// fails with [`StoreError::StaleTransaction`]: retry the whole
+    /// transaction.
+    async fn append_in(
+        &self,
+        tx: &mut Self::Transaction,
+        request: AppendRequest,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let written = self.append_on(tx, request).await?;
+        if !written.is_empty() {
+            self.appended_in_transaction();
+        }
+        Ok(written)
+    }
+}
+
+#[async_trait]
+impl Checkpoints for PostgresStore {
     async fn register_projection(&self, name: &str, partitions: u32) -> Result<(), StoreError> {
-        let stored: Vec<i32> = sqlx::query_scalar(self.q("partition_counts"))
+        let stored: Vec<i32> = sqlx::query_scalar(&self.inner.projection_sql.partition_counts)
             .bind(name)
             .fetch_all(&self.inner.pool)
             .await
             .map_err(db("reading a projection's partitions"))?;
         if let Some(other) = stored.iter().find(|&&n| n != partitions as i32) {
-            return Err(StoreError::Config(format!(
-                "projection `{name}` is stored with {other} partitions, registered with \
-                 {partitions}: run it under a new name to change the partition count"
-            )));
+            return Err(ConfigError::PartitionCount {
+                name: name.to_owned(),
+                stored: other.to_string(),
+                configured: partitions,
+            }
+            .into());
         }
-        sqlx::query(self.q("register"))
+        sqlx::query(&self.inner.projection_sql.register)
             .bind(name)
             .bind(partitions as i32)
             .execute(&self.inner.pool)
@@ -180,77 +224,34 @@ impl ProjectionStore for PostgresStore {
         Ok(())
     }
 
-    async fn node_heartbeat(&self, node: &str, ttl: Duration) -> Result<u32, StoreError> {
-        let live: i64 = sqlx::query_scalar(self.q("node_heartbeat"))
-            .bind(node)
-            .bind(ttl.as_secs_f64())
-            .fetch_one(&self.inner.pool)
-            .await
-            .map_err(db("recording a node heartbeat"))?;
-        Ok(u32::try_from(live).unwrap_or(1).max(1))
-    }
-
-    async fn claim(
-        &self,
-        unit: &UnitId,
-        node: &str,
-        ttl: Duration,
-    ) -> Result<Option<Lease>, StoreError> {
-        let row = sqlx::query(self.q("claim"))
-            .bind(&unit.projection)
-            .bind(unit.partition as i32)
-            .bind(node)
-            .bind(ttl.as_secs_f64())
-            .fetch_optional(&self.inner.pool)
-            .await
-            .map_err(db("claiming a projection"))?;
-        row.map(|row| lease_from_row(&row, unit.clone(), self.table()))
-            .transpose()
-    }
-
-    async fn renew(&self, node: &str, ttl: Duration) -> Result<Vec<Lease>, StoreError> {
-        let rows = sqlx::query(self.q("renew"))
-            .bind(node)
-            .bind(ttl.as_secs_f64())
-            .fetch_all(&self.inner.pool)
-            .await
-            .map_err(db("renewing leases"))?;
-        rows.iter()
-            .map(|row| {
-                let unit = UnitId {
-                    projection: row.try_get("projection").map_err(db("renewing leases"))?,
-                    partition: partition_of(row)?,
-                };
-                lease_from_row(row, unit, self.table())
-            })
-            .collect()
-    }
-
-    async fn release(&self, lease: &Lease, node: &str) -> Result<(), StoreError> {
-        sqlx::query(self.q("release"))
+    async fn begin_batch(&self, lease: &Lease) -> Result<Option<Self::Transaction>, StoreError> {
+        let mut tx = self.begin().await?;
+        let held = sqlx::query(&self.inner.projection_sql.fence)
             .bind(&lease.unit.projection)
             .bind(lease.unit.partition as i32)
             .bind(to_i64(lease.epoch))
-            .bind(node)
-            .execute(&self.inner.pool)
+            .fetch_optional(&mut *tx)
             .await
-            .map_err(db("releasing a projection"))?;
-        Ok(())
+            .map_err(db("fencing a projection batch"))?;
+        Ok(held.map(|_| tx))
     }
 
     async fn save_checkpoint(
         &self,
         tx: &mut Self::Transaction,
         lease: &Lease,
-        checkpoint: Checkpoint,
+        from: Checkpoint,
+        to: Checkpoint,
         processed: u64,
     ) -> Result<bool, StoreError> {
-        let updated = sqlx::query(self.q("save_checkpoint"))
+        let updated = sqlx::query(&self.inner.projection_sql.save_checkpoint)
             .bind(&lease.unit.projection)
             .bind(lease.unit.partition as i32)
             .bind(to_i64(lease.epoch))
-            .bind(checkpoint.transaction_id.to_string())
-            .bind(to_i64(checkpoint.position))
+            .bind(from.transaction_id.to_string())
+            .bind(to_i64(from.position))
+            .bind(to.transaction_id.to_string())
+            .bind(to_i64(to.position))
             .bind(to_i64(processed))
             .execute(&mut **tx)
             .await
@@ -265,7 +266,7 @@ impl ProjectionStore for PostgresStore {
         state: ProjectionState,
         error: Option<&str>,
     ) -> Result<(), StoreError> {
-        sqlx::query(self.q("set_state"))
+        sqlx::query(&self.inner.projection_sql.set_state)
             .bind(&lease.unit.projection)
             .bind(lease.unit.partition as i32)
             .bind(to_i64(lease.epoch))
@@ -278,7 +279,7 @@ impl ProjectionStore for PostgresStore {
     }
 
     async fn units(&self, projection: Option<&str>) -> Result<Vec<UnitRecord>, StoreError> {
-        let rows = sqlx::query(self.q("units"))
+        let rows = sqlx::query(&self.inner.projection_sql.units)
             .bind(projection)
             .fetch_all(&self.inner.pool)
             .await
@@ -286,7 +287,7 @@ impl ProjectionStore for PostgresStore {
         let table = self.table();
         rows.iter()
             .map(|row| {
-                let get = |e| StoreError::database("reading projection states", e);
+                let get = |e| pg_error("reading projection states", e);
                 let state: String = row.try_get("state").map_err(get)?;
                 let partitions: i32 = row.try_get("partitions").map_err(get)?;
                 let rebuild_total: Option<i64> = row.try_get("rebuild_total").map_err(get)?;
@@ -320,7 +321,7 @@ impl ProjectionStore for PostgresStore {
         name: &str,
         rebuild_total: u64,
     ) -> Result<(), StoreError> {
-        sqlx::query(self.q("reset"))
+        sqlx::query(&self.inner.projection_sql.reset)
             .bind(name)
             .bind(to_i64(rebuild_total))
             .execute(&mut **tx)
@@ -330,7 +331,7 @@ impl ProjectionStore for PostgresStore {
     }
 
     async fn set_paused(&self, name: &str, paused: bool) -> Result<(), StoreError> {
-        sqlx::query(self.q("set_paused"))
+        sqlx::query(&self.inner.projection_sql.set_paused)
             .bind(name)
             .bind(paused)
             .execute(&self.inner.pool)
@@ -341,7 +342,7 @@ impl ProjectionStore for PostgresStore {
     }
 
     async fn restart_projection(&self, name: &str) -> Result<(), StoreError> {
-        sqlx::query(self.q("restart"))
+        sqlx::query(&self.inner.projection_sql.restart)
             .bind(name)
             .execute(&self.inner.pool)
             .await
@@ -350,7 +351,178 @@ impl ProjectionStore for PostgresStore {
         Ok(())
     }
 
-    async fn count_events(
+    fn signal_checkpoints(&self) {
+        self.inner.checkpoint_wake.wake();
+        if let Some(notify) = &self.inner.notify_checkpoints {
+            let _ = notify.try_send(());
+        }
+    }
+
+    fn checkpoint_wakeups(&self) -> Wakeups {
+        self.listen();
+        self.inner
+            .checkpoint_wake
+            .subscribe(self.inner.poll_interval)
+    }
+}
+
+#[async_trait]
+impl Leases for PostgresStore {
+    async fn node_heartbeat(&self, node: &str, ttl: Duration) -> Result<Vec<String>, StoreError> {
+        sqlx::query_scalar(&self.inner.projection_sql.node_heartbeat)
+            .bind(node)
+            .bind(ttl.as_secs_f64())
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(db("recording a node heartbeat"))
+    }
+
+    async fn claim(
+        &self,
+        unit: &UnitId,
+        node: &str,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, StoreError> {
+        let row = sqlx::query(&self.inner.projection_sql.claim)
+            .bind(&unit.projection)
+            .bind(unit.partition as i32)
+            .bind(node)
+            .bind(ttl.as_secs_f64())
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(db("claiming a projection"))?;
+        row.map(|row| lease_from_row(&row, unit.clone(), self.table()))
+            .transpose()
+    }
+
+    async fn renew(&self, node: &str, ttl: Duration) -> Result<Vec<Lease>, StoreError> {
+        let rows = sqlx::query(&self.inner.projection_sql.renew)
+            .bind(node)
+            .bind(ttl.as_secs_f64())
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(db("renewing leases"))?;
+        rows.iter()
+            .map(|row| {
+                let unit = UnitId {
+                    projection: row.try_get("projection").map_err(db("renewing leases"))?,
+                    partition: partition_of(row)?,
+                };
+                lease_from_row(row, unit, self.table())
+            })
+            .collect()
+    }
+
+    async fn release(&self, lease: &Lease, node: &str) -> Result<(), StoreError> {
+        sqlx::query(&self.inner.projection_sql.release)
+            .bind(&lease.unit.projection)
+            .bind(lease.unit.partition as i32)
+            .bind(to_i64(lease.epoch))
+            .bind(node)
+            .execute(&self.inner.pool)
+            .await
+            .map_err(db("releasing a projection"))?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl DeadLetters for PostgresStore {
+    async fn park(
+        &self,
+        tx: &mut Self::Transaction,
+        dead_letter: NewDeadLetter<'_>,
+    ) -> Result<(), StoreError> {
+        let event = dead_letter.event;
+        sqlx::query(&self.inner.projection_sql.park)
+            .bind(&dead_letter.unit.projection)
+            .bind(dead_letter.unit.partition as i32)
+            .bind(event.event_id)
+            .bind(event.transaction_id.to_string())
+            .bind(to_i64(event.position))
+            .bind(&event.aggregate_type)
+            .bind(&event.aggregate_id)
+            .bind(to_i64(event.sequence))
+            .bind(&event.event_type)
+            .bind(&event.event_version)
+            .bind(&dead_letter.error)
+            .bind(i32::try_from(dead_letter.attempts).unwrap_or(i32::MAX))
+            .bind(dead_letter.first_failed_at)
+            .execute(&mut **tx)
+            .await
+            .map_err(db("parking an event"))?;
+        Ok(())
+    }
+
+    async fn dead_letters(&self, projection: &str) -> Result<Vec<DeadLetter>, StoreError> {
+        let rows = sqlx::query(&self.inner.projection_sql.dead_letters)
+            .bind(projection)
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(db("listing dead letters"))?;
+        rows.iter()
+            .map(|row| dead_letter_from_row(row, self.table()))
+            .collect()
+    }
+
+    async fn take_dead_letter(
+        &self,
+        tx: &mut Self::Transaction,
+        id: u64,
+    ) -> Result<Option<DeadLetter>, StoreError> {
+        let Some(row) = sqlx::query(&self.inner.projection_sql.take_dead_letter)
+            .bind(to_i64(id))
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(db("taking a dead letter"))?
+        else {
+            return Ok(None);
+        };
+        dead_letter_from_row(&row, self.table()).map(Some)
+    }
+
+    async fn note_dead_letter_failure(&self, id: u64, error: &str) -> Result<(), StoreError> {
+        sqlx::query(&self.inner.projection_sql.note_dead_letter_failure)
+            .bind(to_i64(id))
+            .bind(error)
+            .execute(&self.inner.pool)
+            .await
+            .map_err(db("recording a failed retry"))?;
+        Ok(())
+    }
+
+    async fn discard_dead_letter(&self, id: u64) -> Result<bool, StoreError> {
+        let deleted = sqlx::query(&self.inner.projection_sql.discard_dead_letter)
+            .bind(to_i64(id))
+            .execute(&self.inner.pool)
+            .await
+            .map_err(db("discarding a dead letter"))?
+            .rows_affected();
+        Ok(deleted == 1)
+    }
+}
+
+#[async_trait]
+impl Inbox for PostgresStore {
+    async fn inbox_claim(
+        &self,
+        tx: &mut Self::Transaction,
+        handler: &str,
+        message_id: &str,
+    ) -> Result<bool, StoreError> {
+        let inserted = sqlx::query(&self.inner.projection_sql.inbox_claim)
+            .bind(handler)
+            .bind(message_id)
+            .execute(&mut **tx)
+            .await
+            .map_err(db("recording a message in the inbox"))?
+            .rows_affected();
+        Ok(inserted == 1)
+    }
+}
+
+impl PostgresStore {
+    pub(super) async fn count_log_events(
         &self,
         filter: &LogFilter,
         after: Checkpoint,
@@ -377,7 +549,7 @@ impl ProjectionStore for PostgresStore {
         Ok(u64::try_from(count).unwrap_or(0))
     }
 
-    async fn first_pending_recorded_at(
+    pub(super) async fn first_pending(
         &self,
         filter: &LogFilter,
         after: Checkpoint,
@@ -402,154 +574,21 @@ impl ProjectionStore for PostgresStore {
         .transpose()
     }
 
-    async fn park(
-        &self,
-        tx: &mut Self::Transaction,
-        dead_letter: NewDeadLetter<'_>,
-    ) -> Result<(), StoreError> {
-        let event = dead_letter.event;
-        sqlx::query(self.q("park"))
-            .bind(&dead_letter.unit.projection)
-            .bind(dead_letter.unit.partition as i32)
-            .bind(event.event_id)
-            .bind(event.transaction_id.to_string())
-            .bind(to_i64(event.position))
-            .bind(&event.aggregate_type)
-            .bind(&event.aggregate_id)
-            .bind(to_i64(event.sequence))
-            .bind(&event.event_type)
-            .bind(&event.event_version)
-            .bind(&dead_letter.error)
-            .bind(i32::try_from(dead_letter.attempts).unwrap_or(i32::MAX))
-            .bind(dead_letter.first_failed_at)
-            .execute(&mut **tx)
-            .await
-            .map_err(db("parking an event"))?;
-        Ok(())
-    }
-
-    async fn dead_letters(&self, projection: &str) -> Result<Vec<DeadLetter>, StoreError> {
-        let rows = sqlx::query(self.q("dead_letters"))
-            .bind(projection)
-            .fetch_all(&self.inner.pool)
-            .await
-            .map_err(db("listing dead letters"))?;
-        rows.iter()
-            .map(|row| dead_letter_from_row(row, self.table()))
-            .collect()
-    }
-
-    async fn take_dead_letter(
-        &self,
-        tx: &mut Self::Transaction,
-        id: u64,
-    ) -> Result<Option<(DeadLetter, RecordedEvent)>, StoreError> {
-        let Some(row) = sqlx::query(self.q("take_dead_letter"))
-            .bind(to_i64(id))
-            .fetch_optional(&mut **tx)
-            .await
-            .map_err(db("taking a dead letter"))?
-        else {
-            return Ok(None);
-        };
-        let dead_letter = dead_letter_from_row(&row, self.table())?;
-        let event_row = sqlx::query(self.q("event_at"))
-            .bind(dead_letter.checkpoint.transaction_id.to_string())
-            .bind(to_i64(dead_letter.checkpoint.position))
-            .fetch_optional(&mut **tx)
-            .await
-            .map_err(db("reading a parked event"))?;
-        let Some(event_row) = event_row else {
-            return Err(StoreError::Corrupt {
-                table: self.table().to_owned(),
-                what: format!("parked event at {} is missing", dead_letter.checkpoint),
-            });
-        };
-        let event = decode_event(&event_row, self.table())?;
-        Ok(Some((dead_letter, event)))
-    }
-
-    async fn note_dead_letter_failure(&self, id: u64, error: &str) -> Result<(), StoreError> {
-        sqlx::query(self.q("note_dead_letter_failure"))
-            .bind(to_i64(id))
-            .bind(error)
-            .execute(&self.inner.pool)
-            .await
-            .map_err(db("recording a failed retry"))?;
-        Ok(())
-    }
-
-    async fn discard_dead_letter(&self, id: u64) -> Result<bool, StoreError> {
-        let deleted = sqlx::query(self.q("discard_dead_letter"))
-            .bind(to_i64(id))
-            .execute(&self.inner.pool)
-            .await
-            .map_err(db("discarding a dead letter"))?
-            .rows_affected();
-        Ok(deleted == 1)
-    }
-
-    async fn inbox_claim(
-        &self,
-        tx: &mut Self::Transaction,
-        handler: &str,
-        message_id: &str,
-    ) -> Result<bool, StoreError> {
-        let inserted = sqlx::query(self.q("inbox_claim"))
-            .bind(handler)
-            .bind(message_id)
-            .execute(&mut **tx)
-            .await
-            .map_err(db("recording a message in the inbox"))?
-            .rows_affected();
-        Ok(inserted == 1)
-    }
-
-    async fn append_in(
-        &self,
-        tx: &mut Self::Transaction,
-        request: crate::event::AppendRequest,
-    ) -> Result<Vec<RecordedEvent>, StoreError> {
-        self.append_in_transaction(tx, request).await
-    }
-
-    fn events_committed(&self) {
-        self.wake_readers();
-    }
-
-    fn waiters(&self) -> &crate::store::Waiters {
-        &self.inner.waiters
-    }
-
-    fn signal_checkpoints(&self) {
-        self.inner.checkpoint_wake.wake();
-        if let Some(notify) = &self.inner.notify_checkpoints {
-            let _ = notify.try_send(());
-        }
-    }
-
-    fn checkpoint_wakeups(&self) -> Wakeups {
-        self.listen();
-        self.inner
-            .checkpoint_wake
-            .subscribe(self.inner.poll_interval)
-    }
-
-    async fn oldest_open_transaction(&self) -> Result<Option<OldestTransaction>, StoreError> {
-        let row = sqlx::query(self.q("oldest_transaction"))
+    pub(super) async fn oldest_transaction(&self) -> Result<Option<OldestTransaction>, StoreError> {
+        let row = sqlx::query(&self.inner.projection_sql.oldest_transaction)
             .fetch_optional(&self.inner.pool)
             .await
             .map_err(db("reading pg_stat_activity"))?;
         let Some(row) = row else { return Ok(None) };
-        let get = |e| StoreError::database("reading pg_stat_activity", e);
+        let get = |e| pg_error("reading pg_stat_activity", e);
         let age: f64 = row.try_get("age_seconds").map_err(get)?;
-        Ok(Some(OldestTransaction {
-            pid: row.try_get("pid").map_err(get)?,
-            database: row.try_get("datname").map_err(get)?,
-            age: Duration::try_from_secs_f64(age.max(0.0)).unwrap_or_default(),
-            state: row.try_get("state").map_err(get)?,
-            query: row.try_get("query").map_err(get)?,
-        }))
+        Ok(Some(OldestTransaction::new(
+            row.try_get("pid").map_err(get)?,
+            row.try_get("datname").map_err(get)?,
+            Duration::try_from_secs_f64(age.max(0.0)).unwrap_or_default(),
+            row.try_get("state").map_err(get)?,
+            row.try_get("query").map_err(get)?,
+        )))
     }
 }
 
@@ -558,37 +597,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_projection_query_exists() {
+    fn every_projection_query_is_rendered() {
         let names = Names::new("events", None).expect("valid");
-        let queries = Queries::new(&names);
-        for name in [
-            "register",
-            "partition_counts",
-            "node_heartbeat",
-            "claim",
-            "renew",
-            "release",
-            "save_checkpoint",
-            "set_state",
-            "units",
-            "reset",
-            "set_paused",
-            "restart",
-            "park",
-            "dead_letters",
-            "take_dead_letter",
-            "note_dead_letter_failure",
-            "discard_dead_letter",
-            "event_at",
-            "inbox_claim",
-            "oldest_transaction",
+        let queries = format!("{:?}", Queries::new(&names));
+        for placeholder in [
+            "{events}",
+            "{projections}",
+            "{nodes}",
+            "{dead_letters}",
+            "{inbox}",
         ] {
-            let sql = queries.get(name);
-            assert!(!sql.is_empty(), "query `{name}` missing");
-            assert!(
-                !sql.contains('{'),
-                "query `{name}` has an unrendered placeholder: {sql}"
-            );
+            assert!(!queries.contains(placeholder), "unrendered {placeholder}");
         }
     }
 }

@@ -1,0 +1,222 @@
+//! Waiting between attempts: one policy type and one helper for every loop
+//! that retries (projection batches, reconnects, relays, leases).
+//!
+//! Each wait doubles from the policy's first backoff up to its longest, and
+//! is drawn at random from the upper half of that value ("equal jitter"), so
+//! runners that failed together do not retry together. Kept in-house rather
+//! than taken from a crate: the policy is part of the public configuration,
+//! and every loop also has to stop at once when it is cancelled.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+/// How often and how patiently a failing operation is retried.
+///
+/// ```
+/// use outflow::projection::RetryPolicy;
+/// use std::time::Duration;
+/// let policy = RetryPolicy { max_attempts: 3, ..RetryPolicy::default() };
+/// let wait = policy.backoff(2);
+/// assert!(wait >= Duration::from_millis(100) && wait <= Duration::from_millis(200));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in all before the event counts as poison (at least 1).
+    pub max_attempts: u32,
+    /// Wait after the first failure; doubles after each further one.
+    pub initial_backoff: Duration,
+    /// The longest wait.
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait after failure number `attempt` (1-based), with jitter in the
+    /// upper half: between half and all of `initial_backoff * 2^(attempt-1)`,
+    /// capped at `max_backoff`.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        jittered(ceiling(self.initial_backoff, self.max_backoff, attempt))
+    }
+}
+
+/// The un-jittered wait after failure number `attempt` (1-based).
+fn ceiling(initial: Duration, max: Duration, attempt: u32) -> Duration {
+    let doublings = attempt.saturating_sub(1).min(31);
+    initial.saturating_mul(1u32 << doublings).min(max)
+}
+
+fn jittered(ceiling: Duration) -> Duration {
+    let half = ceiling / 2;
+    half + half.mul_f64(rand::random::<f64>())
+}
+
+/// A running count of failures with the wait that goes with it: the one
+/// backoff loop of the crate.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use outflow::backoff::Backoff;
+/// use std::time::Duration;
+/// use tokio_util::sync::CancellationToken;
+///
+/// let mut backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(8));
+/// let stop = CancellationToken::new();
+/// assert!(backoff.wait(&stop).await); // waited about 1 ms
+/// assert_eq!(backoff.failures(), 1);
+/// backoff.reset();
+/// stop.cancel();
+/// assert!(!backoff.wait(&stop).await); // cancelled: returns at once
+/// # });
+/// ```
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    failures: u32,
+}
+
+impl Backoff {
+    /// Waits that start at `initial` and double up to `max`.
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Backoff {
+            initial,
+            max: max.max(initial),
+            failures: 0,
+        }
+    }
+
+    /// The waits of a [`RetryPolicy`].
+    pub fn from_policy(policy: &RetryPolicy) -> Self {
+        Backoff::new(policy.initial_backoff, policy.max_backoff)
+    }
+
+    /// Failures counted since the last [`reset`](Self::reset).
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    /// Counts a failure and returns the wait that follows it.
+    pub fn next_delay(&mut self) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        jittered(ceiling(self.initial, self.max, self.failures))
+    }
+
+    /// Forgets the failures (after a success).
+    pub fn reset(&mut self) {
+        self.failures = 0;
+    }
+
+    /// Counts a failure and sleeps its wait, unless `stop` is cancelled
+    /// first; `false` when cancelled.
+    pub async fn wait(&mut self, stop: &CancellationToken) -> bool {
+        let delay = self.next_delay();
+        tokio::select! {
+            _ = stop.cancelled() => false,
+            _ = tokio::time::sleep(delay) => true,
+        }
+    }
+}
+
+/// Looks again soon after a wake-up that found nothing (the events it
+/// announced may still be held back by an older transaction): 1, 2, 4 ms ...
+/// up to `limit`, then gives up until the next wake-up.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Recheck {
+    next: Option<Duration>,
+}
+
+impl Recheck {
+    /// A wake-up arrived: look again in 1 ms if it finds nothing.
+    pub(crate) fn signalled(&mut self) {
+        self.next = Some(Duration::from_millis(1));
+    }
+
+    /// Something was found: stop rechecking.
+    pub(crate) fn found(&mut self) {
+        self.next = None;
+    }
+
+    /// The wait before the next look, if one is due.
+    pub(crate) fn due(&self) -> Option<Duration> {
+        self.next
+    }
+
+    /// A recheck found nothing: double the wait, up to `limit`.
+    pub(crate) fn missed(&mut self, limit: Duration) {
+        self.next = self.next.map(|d| d * 2).filter(|d| *d < limit);
+    }
+
+    /// Sleeps until the recheck is due, or forever when none is.
+    pub(crate) async fn sleep(&self) {
+        match self.next {
+            Some(delay) => tokio::time::sleep(delay).await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ceiling_doubles_and_caps() {
+        let (i, m) = (Duration::from_millis(100), Duration::from_secs(1));
+        assert_eq!(ceiling(i, m, 0), i);
+        assert_eq!(ceiling(i, m, 1), i);
+        assert_eq!(ceiling(i, m, 2), Duration::from_millis(200));
+        assert_eq!(ceiling(i, m, 4), Duration::from_millis(800));
+        assert_eq!(ceiling(i, m, 5), m);
+        assert_eq!(ceiling(i, m, u32::MAX), m);
+    }
+
+    #[test]
+    fn jitter_stays_in_the_upper_half() {
+        let policy = RetryPolicy::default();
+        for attempt in 1..12 {
+            let top = ceiling(policy.initial_backoff, policy.max_backoff, attempt);
+            for _ in 0..50 {
+                let wait = policy.backoff(attempt);
+                assert!(wait >= top / 2 && wait <= top, "{wait:?} outside {top:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn backoff_counts_and_resets() {
+        let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_millis(40));
+        let delays: Vec<_> = (0..4).map(|_| backoff.next_delay()).collect();
+        assert_eq!(backoff.failures(), 4);
+        assert!(delays[3] >= Duration::from_millis(20) && delays[3] <= Duration::from_millis(40));
+        backoff.reset();
+        assert_eq!(backoff.failures(), 0);
+        assert!(backoff.next_delay() <= Duration::from_millis(10));
+    }
+
+    #[test]
+    fn recheck_doubles_until_the_limit() {
+        let mut recheck = Recheck::default();
+        assert_eq!(recheck.due(), None);
+        recheck.signalled();
+        assert_eq!(recheck.due(), Some(Duration::from_millis(1)));
+        recheck.missed(Duration::from_millis(5));
+        assert_eq!(recheck.due(), Some(Duration::from_millis(2)));
+        recheck.missed(Duration::from_millis(5));
+        assert_eq!(recheck.due(), Some(Duration::from_millis(4)));
+        recheck.missed(Duration::from_millis(5));
+        assert_eq!(recheck.due(), None);
+        recheck.signalled();
+        recheck.found();
+        assert_eq!(recheck.due(), None);
+    }
+}

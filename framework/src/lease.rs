@@ -1,0 +1,247 @@
+//! Leases on units of work, shared by every loop that must run somewhere
+//! exactly once at a time: projection units, the outbox relay.
+//!
+//! A node claims a unit and renews its lease on a heartbeat; every change of
+//! owner bumps the unit's epoch, and writes fenced by the epoch fail for a
+//! node that lost its claim. Renewals never wait for a batch in progress, so
+//! a slow batch cannot lose its own lease. Work is spread by a pure rule,
+//! [`balance`], that every node applies the same way to the live nodes and
+//! what each owns.
+
+use std::time::{Duration, Instant};
+
+use crate::error::StoreError;
+use crate::store::projections::{Lease, Leases, UnitId};
+
+/// What a node should do about its share of the units, decided from the
+/// live nodes and how many units each of them owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    /// Claim free units until owning this many.
+    ClaimUpTo(usize),
+    /// Give one unit back (another node is short of its share).
+    GiveOneBack,
+    /// Keep what it has.
+    Keep,
+}
+
+/// The fair-share rule every node applies the same way. With `units` units
+/// and `n` live nodes, every node is owed at least `units / n` (the floor)
+/// and holds at most that plus one (the ceiling). A node below the floor
+/// claims up to it; a node above the ceiling, or above the floor while
+/// another live node is below its floor, gives one unit back per heartbeat;
+/// a node between the two claims free units up to the ceiling only while no
+/// other node is short. So no live node stays idle while another holds two
+/// more than it (a runner that joins later, or the replacement of one that
+/// died, gets work), and nothing moves when the spread is already fair.
+///
+/// `owned` lists how many units each node owns (nodes missing own none).
+///
+/// ```
+/// use outflow::lease::{balance, Balance};
+/// use std::collections::HashMap;
+/// let live = ["a", "b", "c"].map(String::from);
+/// // 4 units owned 2/2/0: the newcomer `c` claims, `a` and `b` give back.
+/// let owned = HashMap::from([("a".to_string(), 2), ("b".to_string(), 2)]);
+/// assert_eq!(balance(4, &live, &owned, "c"), Balance::ClaimUpTo(1));
+/// assert_eq!(balance(4, &live, &owned, "a"), Balance::GiveOneBack);
+/// // 1 unit on 2 nodes: its owner keeps it.
+/// let live = ["a", "b"].map(String::from);
+/// let owned = HashMap::from([("b".to_string(), 1)]);
+/// assert_eq!(balance(1, &live, &owned, "b"), Balance::Keep);
+/// ```
+pub fn balance(
+    units: usize,
+    live: &[String],
+    owned: &std::collections::HashMap<String, usize>,
+    me: &str,
+) -> Balance {
+    let nodes = live.len() + usize::from(!live.iter().any(|n| n == me));
+    let floor = units / nodes.max(1);
+    let ceiling = floor + usize::from(units % nodes.max(1) != 0);
+    let count = |node: &str| owned.get(node).copied().unwrap_or(0);
+    let mine = count(me);
+    let others_short = live.iter().any(|n| n != me && count(n) < floor);
+    if mine < floor {
+        Balance::ClaimUpTo(if others_short { floor } else { ceiling })
+    } else if mine > ceiling || (mine > floor && others_short) {
+        Balance::GiveOneBack
+    } else if mine < ceiling && !others_short {
+        Balance::ClaimUpTo(ceiling)
+    } else {
+        Balance::Keep
+    }
+}
+
+/// The leases one node holds, kept alive by [`renew`](Self::renew).
+#[derive(Debug)]
+pub(crate) struct Holder {
+    node: String,
+    ttl: Duration,
+    last_renewal: Instant,
+}
+
+/// What a renewal found for one held lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Renewed {
+    /// Still ours, under the same epoch; carries the fresh lease.
+    Held(Lease),
+    /// Gone: another node claimed it, or it was reset.
+    Lost,
+}
+
+impl Holder {
+    pub(crate) fn new(node: impl Into<String>, ttl: Duration) -> Self {
+        Holder {
+            node: node.into(),
+            ttl,
+            last_renewal: Instant::now(),
+        }
+    }
+
+    pub(crate) fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Whether the last successful renewal is older than the lease: other
+    /// nodes may own our units now, so their work must stop.
+    pub(crate) fn expired(&self) -> bool {
+        self.last_renewal.elapsed() > self.ttl
+    }
+
+    /// Records the node as alive; returns the live nodes' ids in order.
+    pub(crate) async fn heartbeat<L: Leases + ?Sized>(
+        &self,
+        leases: &L,
+    ) -> Result<Vec<String>, StoreError> {
+        leases.node_heartbeat(&self.node, self.ttl).await
+    }
+
+    /// Claims a unit for this node.
+    pub(crate) async fn claim<L: Leases + ?Sized>(
+        &self,
+        leases: &L,
+        unit: &UnitId,
+    ) -> Result<Option<Lease>, StoreError> {
+        leases.claim(unit, &self.node, self.ttl).await
+    }
+
+    /// Renews every lease of this node and tells, for each of `held`,
+    /// whether it is still ours under the same epoch.
+    pub(crate) async fn renew<'a, L, I>(
+        &mut self,
+        leases: &L,
+        held: I,
+    ) -> Result<Vec<(&'a UnitId, Renewed)>, StoreError>
+    where
+        L: Leases + ?Sized,
+        I: IntoIterator<Item = &'a Lease>,
+    {
+        let renewed = leases.renew(&self.node, self.ttl).await?;
+        self.last_renewal = Instant::now();
+        Ok(held
+            .into_iter()
+            .map(|lease| {
+                let found = renewed
+                    .iter()
+                    .find(|r| r.unit == lease.unit && r.epoch == lease.epoch);
+                let outcome = match found {
+                    Some(current) => Renewed::Held(current.clone()),
+                    None => Renewed::Lost,
+                };
+                (&lease.unit, outcome)
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn ids(names: &[&str]) -> Vec<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
+    /// Applies the rule round by round, as the nodes' heartbeats do, from
+    /// `owned`, until nothing changes; returns the final counts.
+    fn settle(units: usize, live: &[String], mut owned: HashMap<String, usize>) -> Vec<usize> {
+        for _ in 0..100 {
+            let mut changed = false;
+            for me in live {
+                let free = units - owned.values().sum::<usize>();
+                match balance(units, live, &owned, me) {
+                    Balance::ClaimUpTo(n) => {
+                        let mine = owned.entry(me.clone()).or_default();
+                        let take = n.saturating_sub(*mine).min(free);
+                        *mine += take;
+                        changed |= take > 0;
+                    }
+                    Balance::GiveOneBack => {
+                        *owned.entry(me.clone()).or_default() -= 1;
+                        changed = true;
+                    }
+                    Balance::Keep => {}
+                }
+            }
+            if !changed {
+                break;
+            }
+        }
+        live.iter()
+            .map(|n| owned.get(n).copied().unwrap_or(0))
+            .collect()
+    }
+
+    #[test]
+    fn three_runners_on_four_partitions_all_get_work() {
+        let live = ids(&["a", "b", "c"]);
+        let mut counts = settle(4, &live, HashMap::new());
+        counts.sort();
+        assert_eq!(counts, [1, 1, 2]);
+        // From the stuck 2/2/0 spread as well.
+        let owned = HashMap::from([("a".to_string(), 2), ("b".to_string(), 2)]);
+        let mut counts = settle(4, &live, owned);
+        counts.sort();
+        assert_eq!(counts, [1, 1, 2]);
+    }
+
+    #[test]
+    fn a_late_joiner_and_a_replacement_get_work() {
+        let owned = HashMap::from([
+            ("a".to_string(), 2),
+            ("b".to_string(), 1),
+            ("c".to_string(), 1),
+        ]);
+        assert_eq!(settle(4, &ids(&["a", "b", "c", "d"]), owned), [1, 1, 1, 1]);
+        // `b` died and `e` replaced it: b's unit is free.
+        let owned = HashMap::from([("a".to_string(), 2), ("c".to_string(), 1)]);
+        let counts = settle(4, &ids(&["a", "c", "e"]), owned);
+        assert!(counts.iter().all(|&c| c >= 1), "{counts:?}");
+    }
+
+    #[test]
+    fn shares_stay_within_one_and_cover_every_unit() {
+        for units in 0..12 {
+            for nodes in 1..6 {
+                let live: Vec<String> = (0..nodes).map(|i| format!("n{i}")).collect();
+                let counts = settle(units, &live, HashMap::new());
+                assert_eq!(counts.iter().sum::<usize>(), units, "{units} on {nodes}");
+                let (min, max) = (counts.iter().min(), counts.iter().max());
+                assert!(max.zip(min).is_some_and(|(a, b)| a - b <= 1), "{counts:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_fair_spread_does_not_move() {
+        let live = ids(&["a", "b"]);
+        let owned = HashMap::from([("b".to_string(), 1)]);
+        assert_eq!(balance(1, &live, &owned, "a"), Balance::Keep);
+        assert_eq!(balance(1, &live, &owned, "b"), Balance::Keep);
+        let owned = HashMap::from([("a".to_string(), 1), ("b".to_string(), 2)]);
+        assert_eq!(balance(3, &live, &owned, "a"), Balance::Keep);
+        assert_eq!(balance(3, &live, &owned, "b"), Balance::Keep);
+    }
+}

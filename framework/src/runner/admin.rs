@@ -1,0 +1,276 @@
+//! Operating projections: status, rebuilds, pause and restart, dead letters.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::sync::watch;
+
+use super::status::{ProjectionStatus, RebuildProgress, RetryError};
+use super::ProjectionRunner;
+use crate::error::{ConfigError, StoreError};
+use crate::event::Checkpoint;
+use crate::log::{read_event, OldestTransaction};
+use crate::store::projections::{DeadLetter, ProjectionState, ProjectionStore};
+
+impl<S: ProjectionStore> ProjectionRunner<S> {
+    /// The status of every unit of this runner's projections (all nodes').
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the store cannot be read.
+    pub async fn status(&self) -> Result<Vec<ProjectionStatus>, StoreError> {
+        let store = &self.shared.store;
+        let log = &self.shared.log;
+        let head = log.head().await?;
+        let mut statuses = Vec::new();
+        let mut parked: HashMap<String, Vec<DeadLetter>> = HashMap::new();
+        let mut oldest: Option<Option<OldestTransaction>> = None;
+        for record in store.units(None).await? {
+            let Some(registered) = self.shared.projections.get(&record.unit.projection) else {
+                continue;
+            };
+            let filter = registered.filter_for(record.unit.partition, record.partitions);
+            let lag_events = log
+                .count_events(&filter, record.checkpoint, head, 10_000_000)
+                .await?;
+            let lag = if lag_events == 0 {
+                Duration::ZERO
+            } else {
+                log.first_pending_recorded_at(&filter, record.checkpoint)
+                    .await?
+                    .and_then(|t| (Utc::now() - t).to_std().ok())
+                    .unwrap_or_default()
+            };
+            if !parked.contains_key(&registered.name) {
+                parked.insert(
+                    registered.name.clone(),
+                    store.dead_letters(&registered.name).await?,
+                );
+            }
+            let parked_here = parked
+                .get(&registered.name)
+                .map_or(0, |d| d.iter().filter(|d| d.unit == record.unit).count());
+            let held_back_by = if lag_events > 0 {
+                if oldest.is_none() {
+                    oldest = Some(log.oldest_open_transaction().await?);
+                }
+                oldest.clone().flatten()
+            } else {
+                None
+            };
+            let rebuild = record.rebuild_total.and_then(|total| {
+                let progress = RebuildProgress {
+                    done: record.processed.min(total),
+                    total,
+                };
+                (!progress.is_complete() || lag_events > 0).then_some(progress)
+            });
+            statuses.push(ProjectionStatus {
+                projection: record.unit.projection,
+                partition: record.unit.partition,
+                partitions: record.partitions,
+                checkpoint: record.checkpoint,
+                state: if record.paused {
+                    ProjectionState::Paused
+                } else {
+                    record.state
+                },
+                owner: record.owner.filter(|_| record.lease_valid),
+                paused: record.paused,
+                lag_events,
+                lag,
+                parked: parked_here,
+                last_error: record.last_error,
+                processed: record.processed,
+                rebuild,
+                held_back_by,
+            });
+        }
+        Ok(statuses)
+    }
+
+    /// Rebuilds a projection: in one transaction, resets its checkpoints and
+    /// calls its [`reset`](Projection::reset) hook; the runners owning it then
+    /// replay the log from the start. Returns a channel of progress updates
+    /// (events replayed of the total counted now), which ends when the replay
+    /// has caught up.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the reset fails (nothing is changed then).
+    pub async fn rebuild(
+        &self,
+        name: &str,
+    ) -> Result<watch::Receiver<RebuildProgress>, StoreError> {
+        let registered = self.registered(name)?.clone();
+        let store = &self.shared.store;
+        store
+            .register_projection(&registered.name, registered.partitions)
+            .await?;
+        // Every committed event, including those a transaction still open
+        // elsewhere keeps readers from (the head would leave them out).
+        let end = Checkpoint::new(i64::MAX as u64, i64::MAX as u64);
+        let total = self
+            .shared
+            .log
+            .count_events(&registered.filter, Checkpoint::START, end, i64::MAX as u64)
+            .await?;
+        let mut tx = store.begin().await?;
+        store.reset_projection(&mut tx, name, total).await?;
+        registered
+            .projection
+            .reset(&mut tx)
+            .await
+            .map_err(|error| ConfigError::ResetHook {
+                name: name.to_owned(),
+                error,
+            })?;
+        store.commit(tx).await?;
+        store.signal_checkpoints();
+        tracing::info!(projection = name, total, "rebuild started");
+        let (sender, receiver) = watch::channel(RebuildProgress { done: 0, total });
+        let store = store.clone();
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            let mut wakeups = store.checkpoint_wakeups();
+            loop {
+                tokio::select! {
+                    _ = wakeups.wait() => {}
+                    _ = sender.closed() => return,
+                }
+                let Ok(units) = store.units(Some(&name)).await else {
+                    continue;
+                };
+                let done: u64 = units.iter().map(|u| u.processed).sum();
+                let progress = RebuildProgress {
+                    done: done.min(total),
+                    total,
+                };
+                let _ = sender.send(progress);
+                if progress.is_complete() {
+                    return;
+                }
+            }
+        });
+        Ok(receiver)
+    }
+
+    /// Pauses a projection on every node (within one heartbeat).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`].
+    pub async fn pause(&self, name: &str) -> Result<(), StoreError> {
+        self.registered(name)?;
+        self.shared.store.set_paused(name, true).await
+    }
+
+    /// Resumes a paused projection.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`].
+    pub async fn resume(&self, name: &str) -> Result<(), StoreError> {
+        self.registered(name)?;
+        self.shared.store.set_paused(name, false).await
+    }
+
+    /// Lets a projection stopped on an error run again (after a fix).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`].
+    pub async fn restart(&self, name: &str) -> Result<(), StoreError> {
+        self.registered(name)?;
+        self.shared.store.restart_projection(name).await
+    }
+
+    /// The parked events of a projection.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`].
+    pub async fn dead_letters(&self, name: &str) -> Result<Vec<DeadLetter>, StoreError> {
+        self.shared.store.dead_letters(name).await
+    }
+
+    /// Runs the projection's handler on one parked event again; on success
+    /// the dead letter is removed in the same transaction as the handler's
+    /// writes. Retried events are applied out of log order: the handler must
+    /// tolerate that (most upserts do).
+    ///
+    /// # Errors
+    ///
+    /// [`RetryError::NotFound`], [`RetryError::Handler`] (the event stays
+    /// parked, its attempt counted), [`RetryError::Store`].
+    pub async fn retry_dead_letter(&self, name: &str, id: u64) -> Result<(), RetryError> {
+        let registered = self.registered(name)?.clone();
+        let store = &self.shared.store;
+        let mut tx = store.begin().await?;
+        let Some(dead_letter) = store.take_dead_letter(&mut tx, id).await? else {
+            return Err(RetryError::NotFound {
+                projection: name.to_owned(),
+                id,
+            });
+        };
+        if dead_letter.unit.projection != name {
+            return Err(RetryError::NotFound {
+                projection: name.to_owned(),
+                id,
+            });
+        }
+        let Some(event) = read_event(&*self.shared.log, dead_letter.checkpoint).await? else {
+            return Err(RetryError::Store(StoreError::Corrupt {
+                table: "dead letters".into(),
+                what: format!("parked {} is no longer in the log", dead_letter.event),
+            }));
+        };
+        let events = [event];
+        let outcome = match registered.projection.effects(&events).await {
+            Ok(()) => registered.projection.handle(&events, &mut tx).await,
+            Err(error) => Err(error),
+        };
+        match outcome {
+            Ok(()) => {
+                store.commit(tx).await?;
+                Ok(())
+            }
+            Err(error) => {
+                drop(tx);
+                store.note_dead_letter_failure(id, &error.chain()).await?;
+                Err(RetryError::Handler(error))
+            }
+        }
+    }
+
+    /// Retries every parked event of a projection, oldest first; returns how
+    /// many succeeded and the failures.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when listing fails.
+    pub async fn retry_dead_letters(
+        &self,
+        name: &str,
+    ) -> Result<(usize, Vec<(u64, RetryError)>), StoreError> {
+        let mut succeeded = 0;
+        let mut failed = Vec::new();
+        for dead_letter in self.dead_letters(name).await? {
+            match self.retry_dead_letter(name, dead_letter.id).await {
+                Ok(()) => succeeded += 1,
+                Err(error) => failed.push((dead_letter.id, error)),
+            }
+        }
+        Ok((succeeded, failed))
+    }
+
+    /// Drops a parked event without handling it.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`].
+    pub async fn discard_dead_letter(&self, id: u64) -> Result<bool, StoreError> {
+        self.shared.store.discard_dead_letter(id).await
+    }
+}

@@ -1,0 +1,245 @@
+//! The node loop: registers the projections, keeps this node's leases alive,
+//! takes its fair share of the units and gives back what exceeds it.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rand::seq::SliceRandom;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::worker::UnitWorker;
+use super::ProjectionRunner;
+use crate::backoff::Backoff;
+use crate::error::{ErrorKind, StoreError};
+use crate::lease::{balance, Balance, Holder, Renewed};
+use crate::store::projections::{Lease, ProjectionState, ProjectionStore, UnitId};
+
+/// A unit running in this process.
+struct Running {
+    lease: Lease,
+    stop: CancellationToken,
+    paused: watch::Sender<bool>,
+}
+
+impl<S: ProjectionStore> ProjectionRunner<S> {
+    /// Runs the projections until `shutdown` is cancelled: registers them,
+    /// claims this node's share of their units, and runs each owned unit
+    /// (catch up in batches, then tail the log). On shutdown each unit
+    /// finishes or abandons its current batch (an abandoned batch rolls
+    /// back) and gives its lease back.
+    ///
+    /// Database outages are waited out with backoff; this only returns early
+    /// when the configuration is refused, and then also logs the error at
+    /// `ERROR` level. Keep the join handle of the task running it and await
+    /// it (or watch [`status`](Self::status)): a service that drops it would
+    /// not see that error otherwise.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Config`] when a projection is stored with another
+    /// partition count; any error the backend classifies as the
+    /// infrastructure's fault while registering (for example missing tables)
+    /// after it has been logged and retried for a while.
+    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), StoreError> {
+        let result = self.run_node(shutdown).await;
+        if let Err(error) = &result {
+            tracing::error!(node = %self.shared.node_id, %error, "projection runner stopped");
+        }
+        result
+    }
+
+    async fn run_node(&self, shutdown: CancellationToken) -> Result<(), StoreError> {
+        let shared = &self.shared;
+        for registered in shared.projections.values() {
+            let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+            loop {
+                match self.ensure_registered(registered).await {
+                    Ok(()) => break,
+                    Err(error @ StoreError::Config(_)) => return Err(error),
+                    Err(error) => {
+                        tracing::warn!(projection = %registered.name, %error, "registering failed");
+                        if error.kind() == ErrorKind::Infrastructure && backoff.failures() >= 10 {
+                            return Err(error);
+                        }
+                        if !backoff.wait(&shutdown).await {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        }
+        let total_units: u32 = shared.projections.values().map(|r| r.partitions).sum();
+        let mut holder = Holder::new(shared.node_id.clone(), shared.lease_ttl);
+        let mut tasks: JoinSet<UnitId> = JoinSet::new();
+        let mut running: HashMap<UnitId, Running> = HashMap::new();
+        loop {
+            while let Some(done) = tasks.try_join_next() {
+                if let Ok(unit) = done {
+                    running.remove(&unit);
+                }
+            }
+            match self.heartbeat(&mut holder, &mut running).await {
+                Ok(live) => {
+                    if let Err(error) = self
+                        .rebalance(
+                            &holder,
+                            total_units as usize,
+                            &live,
+                            &mut running,
+                            &mut tasks,
+                        )
+                        .await
+                    {
+                        tracing::warn!(node = %shared.node_id, %error, "claiming units failed");
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(node = %shared.node_id, %error, "heartbeat failed");
+                    if holder.expired() {
+                        // Our leases have run out: others may own the units now.
+                        for unit in running.values() {
+                            unit.stop.cancel();
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(shared.heartbeat) => {}
+            }
+        }
+        for unit in running.values() {
+            unit.stop.cancel();
+        }
+        while tasks.join_next().await.is_some() {}
+        Ok(())
+    }
+
+    /// Renews leases; stops units whose claim is gone; forwards pause flags.
+    /// Returns the live nodes.
+    async fn heartbeat(
+        &self,
+        holder: &mut Holder,
+        running: &mut HashMap<UnitId, Running>,
+    ) -> Result<Vec<String>, StoreError> {
+        let store = &self.shared.store;
+        let live = holder.heartbeat(store).await?;
+        let renewed = holder
+            .renew(store, running.values().map(|r| &r.lease))
+            .await?;
+        for (unit, outcome) in renewed {
+            let Some(r) = running.get(unit) else { continue };
+            match outcome {
+                Renewed::Held(lease) => {
+                    r.paused.send_if_modified(|p| {
+                        let changed = *p != lease.paused;
+                        *p = lease.paused;
+                        changed
+                    });
+                }
+                Renewed::Lost => {
+                    tracing::info!(%unit, "claim lost");
+                    r.stop.cancel();
+                }
+            }
+        }
+        Ok(live)
+    }
+
+    /// Applies the fair-share rule: claims free units, or gives one back.
+    async fn rebalance(
+        &self,
+        holder: &Holder,
+        total_units: usize,
+        live: &[String],
+        running: &mut HashMap<UnitId, Running>,
+        tasks: &mut JoinSet<UnitId>,
+    ) -> Result<(), StoreError> {
+        let shared = &self.shared;
+        let units = shared.store.units(None).await?;
+        let mut owned: HashMap<String, usize> = HashMap::new();
+        for unit in units
+            .iter()
+            .filter(|u| shared.projections.contains_key(&u.unit.projection) && u.lease_valid)
+        {
+            if let Some(owner) = &unit.owner {
+                *owned.entry(owner.clone()).or_default() += 1;
+            }
+        }
+        // What this node runs counts, whatever the last renewal recorded.
+        owned.insert(holder.node().to_owned(), running.len());
+        match balance(total_units, live, &owned, holder.node()) {
+            Balance::ClaimUpTo(share) if running.len() < share => {
+                self.claim_free_units(holder, share, units, running, tasks)
+                    .await
+            }
+            Balance::GiveOneBack => {
+                // Give one unit back per round so newcomers get work.
+                if let Some(unit) = running.keys().max().cloned() {
+                    if let Some(r) = running.get(&unit) {
+                        tracing::info!(%unit, "handing over to spread the work");
+                        r.stop.cancel();
+                    }
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn claim_free_units(
+        &self,
+        holder: &Holder,
+        share: usize,
+        units: Vec<crate::store::projections::UnitRecord>,
+        running: &mut HashMap<UnitId, Running>,
+        tasks: &mut JoinSet<UnitId>,
+    ) -> Result<(), StoreError> {
+        let shared = &self.shared;
+        let mut candidates: Vec<_> = units
+            .into_iter()
+            .filter(|u| {
+                shared.projections.contains_key(&u.unit.projection)
+                    && !running.contains_key(&u.unit)
+                    && u.state != ProjectionState::Stopped
+                    && (!u.lease_valid || u.owner.as_deref() == Some(holder.node()))
+            })
+            .map(|u| u.unit)
+            .collect();
+        // Runners starting together should not all race for the same unit.
+        candidates.shuffle(&mut rand::rng());
+        for unit in candidates {
+            if running.len() >= share {
+                break;
+            }
+            let Some(registered) = shared.projections.get(&unit.projection).cloned() else {
+                continue;
+            };
+            let Some(lease) = holder.claim(&shared.store, &unit).await? else {
+                continue;
+            };
+            tracing::info!(%unit, epoch = lease.epoch, node = %shared.node_id, "claimed");
+            let stop = CancellationToken::new();
+            let (paused, paused_rx) = watch::channel(lease.paused);
+            let worker = UnitWorker::new(
+                shared.clone(),
+                registered,
+                lease.clone(),
+                stop.clone(),
+                paused_rx,
+            );
+            tasks.spawn(worker.run());
+            running.insert(
+                unit,
+                Running {
+                    lease,
+                    stop,
+                    paused,
+                },
+            );
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,80 @@
+//! What [`ProjectionRunner::status`](super::ProjectionRunner::status) and
+//! the admin calls report.
+
+use std::time::Duration;
+
+use crate::error::{HandlerError, StoreError};
+use crate::event::Checkpoint;
+use crate::log::OldestTransaction;
+use crate::store::projections::ProjectionState;
+
+/// Where a projection unit stands, as [`ProjectionRunner::status`](super::ProjectionRunner::status) reports it.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct ProjectionStatus {
+    /// Projection name.
+    pub projection: String,
+    /// Partition index.
+    pub partition: u32,
+    /// Number of partitions.
+    pub partitions: u32,
+    /// The checkpoint.
+    pub checkpoint: Checkpoint,
+    /// What it is doing.
+    pub state: ProjectionState,
+    /// The node running it, while its lease is valid.
+    pub owner: Option<String>,
+    /// Whether an operator paused it.
+    pub paused: bool,
+    /// Events it still has to handle (up to 10 million; counted exactly).
+    pub lag_events: u64,
+    /// How long ago the oldest event it still has to handle was written.
+    pub lag: Duration,
+    /// Parked events of this unit.
+    pub parked: usize,
+    /// The last error while retrying or stopped.
+    pub last_error: Option<String>,
+    /// Events handled since the last reset.
+    pub processed: u64,
+    /// Progress of a rebuild, while one is running.
+    pub rebuild: Option<RebuildProgress>,
+    /// When the unit lags: the oldest open transaction on the server, which
+    /// holds every log reader back until it ends.
+    pub held_back_by: Option<OldestTransaction>,
+}
+
+/// How far a rebuild has come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RebuildProgress {
+    /// Events replayed.
+    pub done: u64,
+    /// Events to replay, counted when the rebuild started.
+    pub total: u64,
+}
+
+impl RebuildProgress {
+    /// `true` once every event counted at the start was replayed.
+    pub fn is_complete(&self) -> bool {
+        self.done >= self.total
+    }
+}
+
+/// Why a dead letter could not be retried.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RetryError {
+    /// No dead letter with that id (for that projection).
+    #[error("no dead letter {id} for projection `{projection}`")]
+    NotFound {
+        /// The projection.
+        projection: String,
+        /// The id.
+        id: u64,
+    },
+    /// The handler failed again; the event stays parked.
+    #[error("the handler failed again: {0}")]
+    Handler(HandlerError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}

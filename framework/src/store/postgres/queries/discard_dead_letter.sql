@@ -1,0 +1,1 @@
+DELETE FROM {dead_letters} AS d WHERE d.id = $1

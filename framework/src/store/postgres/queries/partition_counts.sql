@@ -1,0 +1,1 @@
+SELECT DISTINCT partitions FROM {projections} WHERE projection = $1

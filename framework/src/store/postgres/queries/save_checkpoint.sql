@@ -1,0 +1,8 @@
+-- Only the holder of the current epoch may move the checkpoint, and only from
+-- where it stands: a batch retried after a commit whose acknowledgement was
+-- lost finds the checkpoint moved and writes nothing.
+UPDATE {projections} AS p
+   SET transaction_id = $6::text::xid8, position = $7,
+       processed = p.processed + $8, updated_at = now()
+ WHERE p.projection = $1 AND p.partition = $2 AND p.epoch = $3
+   AND p.transaction_id = $4::text::xid8 AND p.position = $5
