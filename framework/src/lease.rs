@@ -41,9 +41,10 @@ pub enum Balance {
 /// use outflow::lease::{balance, Balance};
 /// use std::collections::HashMap;
 /// let live = ["a", "b", "c"].map(String::from);
-/// // 4 units owned 2/2/0: the newcomer `c` claims, `a` and `b` give back.
+/// // 4 units owned 2/2/0: `a` and `b` give one back, and the newcomer `c`
+/// // claims what comes free (up to the ceiling of 2).
 /// let owned = HashMap::from([("a".to_string(), 2), ("b".to_string(), 2)]);
-/// assert_eq!(balance(4, &live, &owned, "c"), Balance::ClaimUpTo(1));
+/// assert_eq!(balance(4, &live, &owned, "c"), Balance::ClaimUpTo(2));
 /// assert_eq!(balance(4, &live, &owned, "a"), Balance::GiveOneBack);
 /// // 1 unit on 2 nodes: its owner keeps it.
 /// let live = ["a", "b"].map(String::from);
@@ -58,7 +59,7 @@ pub fn balance(
 ) -> Balance {
     let nodes = live.len() + usize::from(!live.iter().any(|n| n == me));
     let floor = units / nodes.max(1);
-    let ceiling = floor + usize::from(units % nodes.max(1) != 0);
+    let ceiling = floor + usize::from(!units.is_multiple_of(nodes.max(1)));
     let count = |node: &str| owned.get(node).copied().unwrap_or(0);
     let mine = count(me);
     let others_short = live.iter().any(|n| n != me && count(n) < floor);

@@ -8,7 +8,7 @@
 //! | role | trait | methods |
 //! | --- | --- | --- |
 //! | run commands | [`EventStore`] | 4 |
-//! | read the log | [`EventLog`](crate::log::EventLog) | 6 (1 optional) |
+//! | read the log | [`EventLog`] | 6 (1 optional) |
 //! | write in transactions | [`Transactional`] | 3 (1 optional) |
 //! | inline handlers | [`AppendInTransaction`] | 1 |
 //! | projections | [`ProjectionStore`] = [`Checkpoints`] + [`Leases`] + [`DeadLetters`] + [`Inbox`] | 10 + 4 + 5 + 1 |
@@ -73,7 +73,7 @@ pub struct StreamEvent {
 /// Implemented by [`memory::MemoryStore`] and, with the `postgres` feature,
 /// [`postgres::PostgresStore`]. Users rarely call it directly: the
 /// [`CommandBus`](crate::CommandBus) appends and loads. Reading the global
-/// log is the other role, [`EventLog`](crate::log::EventLog).
+/// log is the other role, [`EventLog`].
 #[async_trait]
 pub trait EventStore: Send + Sync + 'static {
     /// Appends one command's events to one stream, atomically.

@@ -91,7 +91,7 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
     }
 
     /// Rebuilds a projection: in one transaction, resets its checkpoints and
-    /// calls its [`reset`](Projection::reset) hook; the runners owning it then
+    /// calls its [`reset`](crate::projection::Projection::reset) hook; the runners owning it then
     /// replay the log from the start. Returns a channel of progress updates
     /// (events replayed of the total counted now), which ends when the replay
     /// has caught up.
