@@ -7,7 +7,7 @@
 //! aggregate's events in sequence order.
 //!
 //! This module holds the reader-side tools: [`LogFilter`], batch-wise
-//! [`read_log`] / [`read_stream`] streams that never hold the whole log in
+//! [`read_log`] streams (and [`read_stream`](crate::store::read_stream)) that never hold the whole log in
 //! memory, and [`Wakeups`], which tells a tailing reader when to look again.
 
 use async_trait::async_trait;
@@ -327,27 +327,10 @@ pub fn read_log<S: EventLog + ?Sized>(
     )
 }
 
-/// Streams one aggregate's events after `after_sequence` in sequence order,
-/// `batch_size` at a time, with the same error behaviour as [`read_log`].
-pub fn read_stream<'a, S: crate::store::EventStore + ?Sized>(
-    store: &'a S,
-    aggregate_type: &'a str,
-    aggregate_id: &'a str,
-    after_sequence: u64,
-    batch_size: usize,
-) -> BoxStream<'a, Result<RecordedEvent, StoreError>> {
-    batched(
-        after_sequence,
-        batch_size,
-        move |after, limit| store.read_stream(aggregate_type, aggregate_id, after, limit),
-        |event| event.sequence,
-    )
-}
-
 /// Reads batch after batch with `fetch` from a cursor that `next` moves to
 /// the last event read, until a batch comes back short; an error is yielded
 /// once and ends the stream.
-fn batched<'a, C, F, Fut, N>(
+pub(crate) fn batched<'a, C, F, Fut, N>(
     start: C,
     batch_size: usize,
     fetch: F,

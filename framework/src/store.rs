@@ -14,6 +14,7 @@
 //! | projections | [`ProjectionStore`] = [`Checkpoints`] + [`Leases`] + [`DeadLetters`] + [`Inbox`] | 10 + 4 + 5 + 1 |
 
 use async_trait::async_trait;
+use futures::stream::BoxStream;
 
 use crate::error::{ErrorKind, StoreError};
 use crate::event::{AppendRequest, RecordedEvent, Snapshot};
@@ -118,6 +119,23 @@ pub trait EventStore: Send + Sync + 'static {
     ///
     /// [`StoreError::Database`].
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError>;
+}
+
+/// Streams one aggregate's events after `after_sequence` in sequence order,
+/// `batch_size` at a time, with the same error behaviour as [`read_log`](crate::log::read_log).
+pub fn read_stream<'a, S: EventStore + ?Sized>(
+    store: &'a S,
+    aggregate_type: &'a str,
+    aggregate_id: &'a str,
+    after_sequence: u64,
+    batch_size: usize,
+) -> BoxStream<'a, Result<RecordedEvent, StoreError>> {
+    crate::log::batched(
+        after_sequence,
+        batch_size,
+        move |after, limit| store.read_stream(aggregate_type, aggregate_id, after, limit),
+        |event| event.sequence,
+    )
 }
 
 #[async_trait]

@@ -338,7 +338,7 @@ async fn a_streaming_read_reports_a_database_error_instead_of_ending() {
         "then it ends"
     );
 
-    let mut one = outflow::log::read_stream(&store, "account", "s-1", 0, 10);
+    let mut one = outflow::store::read_stream(&store, "account", "s-1", 0, 10);
     assert!(
         matches!(one.try_next().await, Err(StoreError::Database { .. })),
         "a stream read reports it too"
