@@ -238,11 +238,14 @@ mod tests {
     #[test]
     fn a_fair_spread_does_not_move() {
         let live = ids(&["a", "b"]);
+        // `a` may take a unit only if one comes free; `b` keeps its own.
         let owned = HashMap::from([("b".to_string(), 1)]);
-        assert_eq!(balance(1, &live, &owned, "a"), Balance::Keep);
+        assert_eq!(balance(1, &live, &owned, "a"), Balance::ClaimUpTo(1));
         assert_eq!(balance(1, &live, &owned, "b"), Balance::Keep);
+        assert_eq!(settle(1, &live, owned), [0, 1]);
         let owned = HashMap::from([("a".to_string(), 1), ("b".to_string(), 2)]);
-        assert_eq!(balance(3, &live, &owned, "a"), Balance::Keep);
+        assert_eq!(balance(3, &live, &owned, "a"), Balance::ClaimUpTo(2));
         assert_eq!(balance(3, &live, &owned, "b"), Balance::Keep);
+        assert_eq!(settle(3, &live, owned), [1, 2]);
     }
 }
