@@ -127,44 +127,6 @@ impl Backoff {
     }
 }
 
-/// Looks again soon after a wake-up that found nothing (the events it
-/// announced may still be held back by an older transaction): 1, 2, 4 ms ...
-/// up to `limit`, then gives up until the next wake-up.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct Recheck {
-    next: Option<Duration>,
-}
-
-impl Recheck {
-    /// A wake-up arrived: look again in 1 ms if it finds nothing.
-    pub(crate) fn signalled(&mut self) {
-        self.next = Some(Duration::from_millis(1));
-    }
-
-    /// Something was found: stop rechecking.
-    pub(crate) fn found(&mut self) {
-        self.next = None;
-    }
-
-    /// The wait before the next look, if one is due.
-    pub(crate) fn due(&self) -> Option<Duration> {
-        self.next
-    }
-
-    /// A recheck found nothing: double the wait, up to `limit`.
-    pub(crate) fn missed(&mut self, limit: Duration) {
-        self.next = self.next.map(|d| d * 2).filter(|d| *d < limit);
-    }
-
-    /// Sleeps until the recheck is due, or forever when none is.
-    pub(crate) async fn sleep(&self) {
-        match self.next {
-            Some(delay) => tokio::time::sleep(delay).await,
-            None => std::future::pending().await,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,22 +163,5 @@ mod tests {
         backoff.reset();
         assert_eq!(backoff.failures(), 0);
         assert!(backoff.next_delay() <= Duration::from_millis(10));
-    }
-
-    #[test]
-    fn recheck_doubles_until_the_limit() {
-        let mut recheck = Recheck::default();
-        assert_eq!(recheck.due(), None);
-        recheck.signalled();
-        assert_eq!(recheck.due(), Some(Duration::from_millis(1)));
-        recheck.missed(Duration::from_millis(5));
-        assert_eq!(recheck.due(), Some(Duration::from_millis(2)));
-        recheck.missed(Duration::from_millis(5));
-        assert_eq!(recheck.due(), Some(Duration::from_millis(4)));
-        recheck.missed(Duration::from_millis(5));
-        assert_eq!(recheck.due(), None);
-        recheck.signalled();
-        recheck.found();
-        assert_eq!(recheck.due(), None);
     }
 }

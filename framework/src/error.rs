@@ -462,17 +462,7 @@ impl HandlerError {
 
     /// The error and its causes, outermost first, joined with `: `.
     pub fn chain(&self) -> String {
-        let mut text = self.source.to_string();
-        let mut cause = self.source.source();
-        while let Some(error) = cause {
-            let next = error.to_string();
-            if !text.ends_with(&next) {
-                text.push_str(": ");
-                text.push_str(&next);
-            }
-            cause = error.source();
-        }
-        text
+        error_chain(&*self.source)
     }
 
     /// The classification the handler gave, or that an Outflow error in the
@@ -482,14 +472,9 @@ impl HandlerError {
         if self.kind.is_some() {
             return self.kind;
         }
-        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&*self.source);
-        while let Some(error) = cause {
-            if let Some(store) = error.downcast_ref::<StoreError>() {
-                return Some(store.kind());
-            }
-            cause = error.source();
-        }
-        None
+        causes(&*self.source)
+            .find_map(|error| error.downcast_ref::<StoreError>())
+            .map(StoreError::kind)
     }
 
     /// The classification: the handler's own, else an Outflow error's in the
@@ -499,17 +484,9 @@ impl HandlerError {
         &self,
         classify: impl Fn(&(dyn std::error::Error + 'static)) -> Option<ErrorKind>,
     ) -> ErrorKind {
-        if let Some(kind) = self.declared_kind() {
-            return kind;
-        }
-        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&*self.source);
-        while let Some(error) = cause {
-            if let Some(kind) = classify(error) {
-                return kind;
-            }
-            cause = error.source();
-        }
-        ErrorKind::Data
+        self.declared_kind()
+            .or_else(|| causes(&*self.source).find_map(classify))
+            .unwrap_or(ErrorKind::Data)
     }
 
     /// `true` when the handler or an Outflow error in the chain says the
@@ -561,4 +538,27 @@ impl fmt::Display for HandlerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.chain())
     }
+}
+
+/// An error and its causes, outermost first.
+fn causes<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(error), |error| error.source())
+}
+
+/// An error and its causes, outermost first, joined with `: ` (a cause whose
+/// text its wrapper already ends with is not repeated).
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = String::new();
+    for cause in causes(error) {
+        let next = cause.to_string();
+        if text.is_empty() {
+            text = next;
+        } else if !text.ends_with(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+    }
+    text
 }

@@ -10,8 +10,52 @@
 
 use std::time::{Duration, Instant};
 
-use crate::error::StoreError;
-use crate::store::projections::{Lease, Leases, UnitId};
+use crate::error::{ConfigError, StoreError};
+use crate::store::projections::{Checkpoints, Lease, Leases, ProjectionState, UnitId};
+
+/// The state last recorded for a leased unit: the store is written only when
+/// the state or its error changes.
+#[derive(Debug, Default)]
+pub(crate) struct RecordedState {
+    current: Option<(ProjectionState, Option<String>)>,
+}
+
+impl RecordedState {
+    /// Records `state` and `error` for `lease`'s unit unless they are what was
+    /// recorded last; a failure is logged and tried again at the next change.
+    pub(crate) async fn set<C: Checkpoints>(
+        &mut self,
+        store: &C,
+        lease: &Lease,
+        state: ProjectionState,
+        error: Option<String>,
+    ) {
+        let next = (state, error);
+        if self.current.as_ref() == Some(&next) {
+            return;
+        }
+        match store.set_state(lease, next.0, next.1.as_deref()).await {
+            Ok(()) => self.current = Some(next),
+            Err(error) => tracing::debug!(unit = %lease.unit, %error, "recording the state failed"),
+        }
+    }
+}
+
+/// Refuses a heartbeat that is not shorter than the lease it renews (the
+/// lease would run out between two renewals).
+pub(crate) fn check_timing(
+    setting: &'static str,
+    heartbeat: Duration,
+    lease_ttl: Duration,
+) -> Result<(), ConfigError> {
+    if heartbeat < lease_ttl {
+        return Ok(());
+    }
+    Err(ConfigError::Invalid {
+        setting,
+        reason: format!("{heartbeat:?} must be shorter than the lease {lease_ttl:?}"),
+    })
+}
 
 /// What a node should do about its share of the units, decided from the
 /// live nodes and how many units each of them owns.
@@ -108,6 +152,15 @@ impl Holder {
     /// nodes may own our units now, so their work must stop.
     pub(crate) fn expired(&self) -> bool {
         self.last_renewal.elapsed() > self.ttl
+    }
+
+    /// Gives a unit up.
+    pub(crate) async fn release<L: Leases + ?Sized>(
+        &self,
+        leases: &L,
+        lease: &Lease,
+    ) -> Result<(), StoreError> {
+        leases.release(lease, &self.node).await
     }
 
     /// Records the node as alive; returns the live nodes' ids in order.

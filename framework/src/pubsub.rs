@@ -15,15 +15,16 @@
 //! does not apply), and no `NOTIFY` is ever sent inside a transaction.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use crate::backoff::{Backoff, Recheck};
+use crate::backoff::Backoff;
 use crate::event::{Checkpoint, RecordedEvent};
+use crate::log::EventLog;
 use crate::log::LogFilter;
-use crate::log::{EventLog, Wake};
-use std::time::Duration;
+use crate::wake::Recheck;
 
 /// An in-process bus of committed events. Cloning shares the bus.
 ///
@@ -156,7 +157,7 @@ impl NodeEvents {
         let mut wakeups = store.wakeups();
         tokio::spawn(async move {
             let filter = LogFilter::all();
-            let mut recheck = Recheck::default();
+            let mut recheck = Recheck::new(Duration::from_millis(1));
             let mut failures = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
             loop {
                 match store.read_log(checkpoint, &filter, 1000).await {
@@ -178,20 +179,9 @@ impl NodeEvents {
                         continue;
                     }
                 }
-                // As projection runners do: after a signal that found nothing,
-                // look again soon (an older transaction may hold it back).
                 tokio::select! {
                     _ = token.cancelled() => return,
-                    wake = wakeups.wait() => {
-                        if wake == Wake::Signalled {
-                            recheck.signalled();
-                        } else {
-                            recheck.found();
-                        }
-                    }
-                    _ = recheck.sleep(), if recheck.due().is_some() => {
-                        recheck.missed(wakeups.poll_interval());
-                    }
+                    _ = recheck.idle(&mut wakeups) => {}
                 }
             }
         });

@@ -77,3 +77,85 @@ impl WakeSignal {
         Wakeups::new(self.sender.subscribe(), poll_interval)
     }
 }
+
+/// Waits for the next look of a tailing reader: a wake-up signal, the poll
+/// interval, or a re-check soon after a signal that found nothing (the
+/// events it announced may still be held back by an older transaction, and
+/// no further signal comes when that one ends): `first`, then doubling up to
+/// the poll interval.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Recheck {
+    first: Duration,
+    next: Option<Duration>,
+}
+
+impl Recheck {
+    /// Re-checks starting `first` after a signal that found nothing.
+    pub(crate) fn new(first: Duration) -> Self {
+        Recheck { first, next: None }
+    }
+
+    /// A look found something: no re-check is due.
+    pub(crate) fn found(&mut self) {
+        self.next = None;
+    }
+
+    /// Waits until it is time to look again. Cancel safe: dropping it
+    /// changes nothing.
+    pub(crate) async fn idle(&mut self, wakeups: &mut Wakeups) {
+        let due = self.next;
+        tokio::select! {
+            wake = wakeups.wait() => self.woke(wake),
+            _ = tokio::time::sleep(due.unwrap_or_default()), if due.is_some() => {
+                self.missed(wakeups.poll_interval());
+            }
+        }
+    }
+
+    fn woke(&mut self, wake: Wake) {
+        self.next = (wake == Wake::Signalled).then_some(self.first);
+    }
+
+    fn missed(&mut self, limit: Duration) {
+        self.next = self.next.map(|d| d * 2).filter(|d| *d < limit);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recheck_doubles_until_the_poll_interval() {
+        let mut recheck = Recheck::new(Duration::from_millis(1));
+        assert_eq!(recheck.next, None);
+        recheck.woke(Wake::Signalled);
+        assert_eq!(recheck.next, Some(Duration::from_millis(1)));
+        recheck.missed(Duration::from_millis(5));
+        assert_eq!(recheck.next, Some(Duration::from_millis(2)));
+        recheck.missed(Duration::from_millis(5));
+        assert_eq!(recheck.next, Some(Duration::from_millis(4)));
+        recheck.missed(Duration::from_millis(5));
+        assert_eq!(recheck.next, None);
+        recheck.woke(Wake::Signalled);
+        recheck.woke(Wake::Poll);
+        assert_eq!(recheck.next, None);
+        recheck.woke(Wake::Signalled);
+        recheck.found();
+        assert_eq!(recheck.next, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_signal_then_rechecks_then_quiet() {
+        let signal = WakeSignal::new();
+        let mut wakeups = signal.subscribe(Duration::from_millis(100));
+        let mut recheck = Recheck::new(Duration::from_millis(10));
+        signal.wake();
+        recheck.idle(&mut wakeups).await;
+        assert_eq!(recheck.next, Some(Duration::from_millis(10)));
+        let started = tokio::time::Instant::now();
+        recheck.idle(&mut wakeups).await;
+        assert_eq!(started.elapsed(), Duration::from_millis(10));
+        assert_eq!(recheck.next, Some(Duration::from_millis(20)));
+    }
+}

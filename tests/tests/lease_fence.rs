@@ -9,7 +9,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,9 +20,7 @@ use outflow::store::{Checkpoints, ProjectionState};
 use outflow::{AppendRequest, EventStore, LogFilter, NewEvent, PostgresStore, RecordedEvent};
 use serde_json::json;
 use sqlx::{Postgres, Transaction};
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 const LEASE: Duration = Duration::from_secs(1);
@@ -130,35 +127,6 @@ fn runner(
         .expect("build the runner")
 }
 
-async fn stop(shutdown: CancellationToken, handle: JoinHandle<()>) {
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(30), handle)
-        .await
-        .expect("the runner stops within 30 s")
-        .expect("the runner task ends cleanly");
-}
-
-/// Polls `probe` every 50 ms until it returns `Ok`; panics after `timeout`
-/// with the last thing it saw.
-async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let started = Instant::now();
-    loop {
-        let last = match probe().await {
-            Ok(value) => return value,
-            Err(last) => last,
-        };
-        assert!(
-            started.elapsed() < timeout,
-            "{what}: not within {timeout:?}; last seen: {last}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Checks the single unit of `slow`: owned by node-a under epoch 1 with a
 /// valid lease.
 async fn assert_held_by_a(store: &PostgresStore, when: &str) {
@@ -217,7 +185,7 @@ async fn a_slow_batch_keeps_its_lease(slow_in: SlowIn, label: &str) {
     );
     let started = Instant::now();
     let (shutdown_a, handle_a) = common::start_runner(&runner_a);
-    eventually(
+    common::eventually(
         "node-a claims the unit",
         Duration::from_secs(10),
         || async {
@@ -285,8 +253,8 @@ async fn a_slow_batch_keeps_its_lease(slow_in: SlowIn, label: &str) {
         .await
         .expect("dead letters")
         .is_empty());
-    stop(shutdown_b, handle_b).await;
-    stop(shutdown_a, handle_a).await;
+    common::stop_runner(shutdown_b, handle_b).await;
+    common::stop_runner(shutdown_a, handle_a).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -329,7 +297,7 @@ async fn three_runners_on_four_partitions_all_get_work() {
     // Every runner gets work: counts 2, 1, 1 (which node holds two is not
     // fixed), every unit owned.
     let nodes = ["node-a", "node-b", "node-c"];
-    eventually("a 2/1/1 spread", Duration::from_secs(15), || async {
+    common::eventually("a 2/1/1 spread", Duration::from_secs(15), || async {
         let now = spread(&watcher).await;
         let mut counts: Vec<usize> = now.values().copied().collect();
         counts.sort_unstable();
@@ -351,7 +319,7 @@ async fn three_runners_on_four_partitions_all_get_work() {
     let four: BTreeMap<String, usize> = ["node-a", "node-b", "node-c", "node-d"]
         .map(|n| (n.to_owned(), 1))
         .into();
-    eventually(
+    common::eventually(
         "one unit each after node-d joined",
         Duration::from_secs(15),
         || async {
@@ -370,6 +338,6 @@ async fn three_runners_on_four_partitions_all_get_work() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for (shutdown, handle) in running {
-        stop(shutdown, handle).await;
+        common::stop_runner(shutdown, handle).await;
     }
 }

@@ -14,7 +14,6 @@ mod common;
 
 use outflow::EventLog;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::future::Future;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -107,14 +106,6 @@ fn runner(store: &PostgresStore, node: &str, partitions: u32) -> ProjectionRunne
         )
         .build()
         .expect("build the runner")
-}
-
-async fn stop(shutdown: CancellationToken, handle: JoinHandle<()>) {
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(30), handle)
-        .await
-        .expect("the runner stops within 30 s")
-        .expect("the runner task ends cleanly");
 }
 
 /// Appends to `account` streams (1 to 3 events per append, the first opening
@@ -222,27 +213,6 @@ async fn append_marker(store: &PostgresStore, id: &str) -> (Checkpoint, Uuid) {
         .await
         .expect("append the marker");
     (recorded[0].checkpoint(), recorded[0].event_id)
-}
-
-/// Polls `probe` every 50 ms until it returns `Ok`; panics after `timeout`
-/// with the last thing it saw. Returns the value and the time it took.
-async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> (T, Duration)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let started = Instant::now();
-    loop {
-        let last = match probe().await {
-            Ok(value) => return (value, started.elapsed()),
-            Err(last) => last,
-        };
-        assert!(
-            started.elapsed() < timeout,
-            "{what}: not within {timeout:?}; last seen: {last}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// The owner of each partition, per `status()`.
@@ -409,7 +379,7 @@ async fn one_owner_at_a_time_and_failover_after_a_crash() {
     let (shutdown_a, handle_a) = common::start_runner(&runner_a);
     let (shutdown_b, handle_b) = common::start_runner(&runner_b);
 
-    let (owner, _) = eventually(
+    let (owner, _) = common::eventually(
         "a node claims the unit",
         Duration::from_secs(10),
         || async {
@@ -457,7 +427,7 @@ async fn one_owner_at_a_time_and_failover_after_a_crash() {
     drop(victim_shutdown);
     let (marker, marker_id) = append_marker(&writer, "fo-after-crash").await;
 
-    let (_, took) = eventually(
+    let (_, took) = common::eventually(
         "the survivor takes the unit over",
         Duration::from_secs(10).saturating_sub(killed.elapsed()),
         || async {
@@ -517,7 +487,7 @@ async fn one_owner_at_a_time_and_failover_after_a_crash() {
 
     let per_node = assert_exactly_once(&writer, &survivor_runner, appended, 1).await;
     println!("rows per node: {per_node:?}");
-    stop(survivor_shutdown, survivor_handle).await;
+    common::stop_runner(survivor_shutdown, survivor_handle).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -537,7 +507,7 @@ async fn four_partitions_spread_over_two_nodes() {
     let expected: BTreeMap<String, usize> = [("node-a".to_owned(), 2), ("node-b".to_owned(), 2)]
         .into_iter()
         .collect();
-    let (_, took) = eventually("two units per node", Duration::from_secs(15), || async {
+    let (_, took) = common::eventually("two units per node", Duration::from_secs(15), || async {
         let owners = owners(&runner_a).await;
         if spread(&owners) == expected {
             Ok(())
@@ -573,8 +543,8 @@ async fn four_partitions_spread_over_two_nodes() {
         "both nodes should have handled events: {per_node:?}"
     );
     println!("rows per node: {per_node:?}");
-    stop(shutdown_a, handle_a).await;
-    stop(shutdown_b, handle_b).await;
+    common::stop_runner(shutdown_a, handle_a).await;
+    common::stop_runner(shutdown_b, handle_b).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -589,7 +559,7 @@ async fn a_node_joining_later_takes_over_half_the_work() {
     let runner_a = runner(&store_a, "node-a", 4);
     let (shutdown_a, handle_a) = common::start_runner(&runner_a);
     let all_a = vec![Some("node-a".to_owned()); 4];
-    eventually(
+    common::eventually(
         "node-a alone owns all four units",
         Duration::from_secs(10),
         || async {
@@ -614,7 +584,7 @@ async fn a_node_joining_later_takes_over_half_the_work() {
     let expected: BTreeMap<String, usize> = [("node-a".to_owned(), 2), ("node-b".to_owned(), 2)]
         .into_iter()
         .collect();
-    let (_, took) = eventually(
+    let (_, took) = common::eventually(
         "the units spread 2/2 after node-b joined",
         Duration::from_secs(10),
         || async {
@@ -676,6 +646,6 @@ async fn a_node_joining_later_takes_over_half_the_work() {
         "an event of node-b's partitions appended after the handover"
     );
     println!("rows per node: {per_node:?}");
-    stop(shutdown_a, handle_a).await;
-    stop(shutdown_b, handle_b).await;
+    common::stop_runner(shutdown_a, handle_a).await;
+    common::stop_runner(shutdown_b, handle_b).await;
 }

@@ -2,8 +2,9 @@
 //! at a time across all nodes.
 //!
 //! The relay holds the lease of the projection unit `outbox:<table>` through
-//! the [`ProjectionStore`] machinery (claim, renew, release) and stores its
-//! cursor as that unit's checkpoint. The cursor moves, and the batch is marked
+//! the same lease engine as projection runners ([`crate::lease`]: claim,
+//! renew, release, state, re-checks) and stores its cursor as that unit's
+//! checkpoint. The cursor moves, and the batch is marked
 //! delivered, in one transaction that only commits while the relay's claim
 //! (its epoch) is current: a relay that lost its lease can never move the
 //! cursor after another took over.
@@ -17,12 +18,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::{Outbox, OutboxMessageRecord, OutboxSink};
+use crate::backoff::Backoff;
 use crate::error::ConfigError;
 use crate::error::StoreError;
 use crate::event::Checkpoint;
-use crate::log::{Wake, Wakeups};
+use crate::lease::{check_timing, Holder, RecordedState, Renewed};
+use crate::log::Wakeups;
 use crate::projection::RetryPolicy;
-use crate::store::projections::{Checkpoints, Lease, Leases, ProjectionState};
+use crate::store::projections::{Checkpoints, Lease, ProjectionState};
+use crate::wake::Recheck;
 
 /// How long one cleanup round may run before the relay delivers again.
 const CLEANUP_BUDGET: Duration = Duration::from_millis(500);
@@ -179,16 +183,11 @@ impl OutboxRelayBuilder {
     /// [`StoreError::Config`] when the heartbeat is not shorter than the
     /// lease.
     pub fn build(self) -> Result<OutboxRelay, StoreError> {
-        if self.heartbeat >= self.lease_ttl {
-            return Err(ConfigError::Invalid {
-                setting: "outbox relay heartbeat interval",
-                reason: format!(
-                    "{:?} must be shorter than the lease {:?}",
-                    self.heartbeat, self.lease_ttl
-                ),
-            }
-            .into());
-        }
+        check_timing(
+            "outbox relay heartbeat interval",
+            self.heartbeat,
+            self.lease_ttl,
+        )?;
         Ok(OutboxRelay {
             shared: Arc::new(Shared {
                 outbox: self.outbox,
@@ -338,13 +337,14 @@ impl OutboxRelay {
         let shared = &self.shared;
         let store = shared.outbox.store();
         let unit = shared.outbox.unit();
+        let mut holder = Holder::new(shared.node_id.clone(), shared.lease_ttl);
         let mut wakeups = shared.outbox.wakeups(shared.poll_interval);
         loop {
             if shutdown.is_cancelled() {
                 return;
             }
             let started = Instant::now();
-            match store.claim(unit, &shared.node_id, shared.lease_ttl).await {
+            match holder.claim(store, unit).await {
                 Ok(Some(lease)) => {
                     tracing::info!(epoch = lease.epoch, cursor = %lease.checkpoint, "outbox relay leads");
                     let held = Held {
@@ -352,10 +352,10 @@ impl OutboxRelay {
                         valid_until: Mutex::new(started + shared.lease_ttl),
                         lost: CancellationToken::new(),
                     };
-                    let exit = self.lead(&held, shutdown, &mut wakeups).await;
+                    let exit = self.lead(&mut holder, &held, shutdown, &mut wakeups).await;
                     match exit {
                         Exit::Shutdown => {
-                            if let Err(error) = store.release(&held.lease, &shared.node_id).await {
+                            if let Err(error) = holder.release(store, &held.lease).await {
                                 tracing::warn!(
                                     "releasing the outbox lease failed (it will expire): {error}"
                                 );
@@ -376,9 +376,15 @@ impl OutboxRelay {
     }
 
     /// Renews the lease and delivers, until shutdown or the lease is lost.
-    async fn lead(&self, held: &Held, shutdown: &CancellationToken, wakeups: &mut Wakeups) -> Exit {
+    async fn lead(
+        &self,
+        holder: &mut Holder,
+        held: &Held,
+        shutdown: &CancellationToken,
+        wakeups: &mut Wakeups,
+    ) -> Exit {
         let done = CancellationToken::new();
-        let renew = self.keep_lease(held, &done);
+        let renew = self.keep_lease(holder, held, &done);
         let deliver = async {
             let exit = self.deliver(held, shutdown, wakeups).await;
             done.cancel();
@@ -389,7 +395,7 @@ impl OutboxRelay {
     }
 
     /// Renews the lease every heartbeat; cancels `held.lost` when it is gone.
-    async fn keep_lease(&self, held: &Held, done: &CancellationToken) {
+    async fn keep_lease(&self, holder: &mut Holder, held: &Held, done: &CancellationToken) {
         let shared = &self.shared;
         let store = shared.outbox.store();
         loop {
@@ -400,22 +406,17 @@ impl OutboxRelay {
             let started = Instant::now();
             let renewed = tokio::time::timeout(
                 shared.lease_ttl,
-                store.renew(&shared.node_id, shared.lease_ttl),
+                holder.renew(store, std::iter::once(&held.lease)),
             )
             .await;
             match renewed {
-                Ok(Ok(leases)) => {
-                    let mine = leases.iter().find(|l| l.unit == held.lease.unit);
-                    match mine {
-                        Some(lease) if lease.epoch == held.lease.epoch => {
-                            held.extend(started + shared.lease_ttl);
-                        }
-                        _ => {
-                            held.lost.cancel();
-                            return;
-                        }
+                Ok(Ok(outcomes)) => match outcomes.first() {
+                    Some((_, Renewed::Held(_))) => held.extend(started + shared.lease_ttl),
+                    _ => {
+                        held.lost.cancel();
+                        return;
                     }
-                }
+                },
                 Ok(Err(error)) => tracing::warn!("renewing the outbox lease failed: {error}"),
                 Err(_) => tracing::warn!("renewing the outbox lease timed out"),
             }
@@ -436,14 +437,10 @@ impl OutboxRelay {
         let shared = &self.shared;
         let outbox = &shared.outbox;
         let mut cursor = held.lease.checkpoint;
-        let mut state = StateCache::default();
+        let mut state = RecordedState::default();
         let mut next_cleanup = Instant::now();
         let mut failures = 0u32;
-        // After a wake-up that found nothing, look again after this delay,
-        // doubling up to the poll interval: the message that caused it may be
-        // held back for a moment by an older transaction (anywhere on the
-        // server), and no further signal comes when that one ends.
-        let mut recheck: Option<Duration> = None;
+        let mut recheck = Recheck::new(FIRST_RECHECK);
         let mut sink_failures = 0u32;
         loop {
             if shutdown.is_cancelled() {
@@ -472,8 +469,8 @@ impl OutboxRelay {
                     tracing::warn!("reading the outbox failed: {error}");
                     state
                         .set(
-                            self,
-                            held,
+                            self.shared.outbox.store(),
+                            &held.lease,
                             ProjectionState::Retrying,
                             Some(error.to_string()),
                         )
@@ -488,24 +485,23 @@ impl OutboxRelay {
                 }
             };
             if batch.is_empty() {
-                state.set(self, held, ProjectionState::Live, None).await;
-                let delay = recheck;
+                state
+                    .set(
+                        self.shared.outbox.store(),
+                        &held.lease,
+                        ProjectionState::Live,
+                        None,
+                    )
+                    .await;
                 tokio::select! {
                     _ = shutdown.cancelled() => return Exit::Shutdown,
                     _ = held.lost.cancelled() => return Exit::Lost,
-                    woke = wakeups.wait() => {
-                        recheck = (woke == Wake::Signalled).then_some(FIRST_RECHECK);
-                    }
-                    _ = tokio::time::sleep(delay.unwrap_or_default()), if delay.is_some() => {
-                        recheck = delay
-                            .map(|d| d * 2)
-                            .filter(|d| *d < shared.poll_interval);
-                    }
+                    _ = recheck.idle(wakeups) => {}
                     _ = tokio::time::sleep_until(next_cleanup.into()) => {}
                 }
                 continue;
             }
-            recheck = None;
+            recheck.found();
             match self
                 .send(held, shutdown, &batch, &mut sink_failures, &mut state)
                 .await
@@ -532,7 +528,9 @@ impl OutboxRelay {
             } else {
                 ProjectionState::Live
             };
-            state.set(self, held, next, None).await;
+            state
+                .set(self.shared.outbox.store(), &held.lease, next, None)
+                .await;
         }
     }
 
@@ -544,7 +542,7 @@ impl OutboxRelay {
         shutdown: &CancellationToken,
         batch: &[OutboxMessageRecord],
         attempts: &mut u32,
-        state: &mut StateCache,
+        state: &mut RecordedState,
     ) -> Sent {
         let shared = &self.shared;
         if let Some(exit) = self.until_fresh(held, shutdown).await {
@@ -575,7 +573,12 @@ impl OutboxRelay {
                     error.chain()
                 );
                 state
-                    .set(self, held, ProjectionState::Retrying, Some(error.chain()))
+                    .set(
+                        self.shared.outbox.store(),
+                        &held.lease,
+                        ProjectionState::Retrying,
+                        Some(error.chain()),
+                    )
                     .await;
                 match self
                     .pause(held, shutdown, shared.retry.backoff((*attempts).min(30)))
@@ -597,7 +600,7 @@ impl OutboxRelay {
         shutdown: &CancellationToken,
         from: Checkpoint,
         batch: &[OutboxMessageRecord],
-        state: &mut StateCache,
+        state: &mut RecordedState,
     ) -> Option<Exit> {
         let mut failures = 0u32;
         loop {
@@ -617,8 +620,8 @@ impl OutboxRelay {
                     tracing::warn!("recording an outbox delivery failed: {error}");
                     state
                         .set(
-                            self,
-                            held,
+                            self.shared.outbox.store(),
+                            &held.lease,
                             ProjectionState::Retrying,
                             Some(error.to_string()),
                         )
@@ -673,57 +676,21 @@ impl OutboxRelay {
     }
 }
 
-/// Writes the relay's state to its unit row only when it changes.
-#[derive(Default)]
-struct StateCache {
-    current: Option<(ProjectionState, Option<String>)>,
-}
-
-impl StateCache {
-    async fn set(
-        &mut self,
-        relay: &OutboxRelay,
-        held: &Held,
-        state: ProjectionState,
-        error: Option<String>,
-    ) {
-        let next = (state, error);
-        if self.current.as_ref() == Some(&next) {
-            return;
-        }
-        match relay
-            .shared
-            .outbox
-            .store()
-            .set_state(&held.lease, next.0, next.1.as_deref())
-            .await
-        {
-            Ok(()) => self.current = Some(next),
-            Err(error) => tracing::debug!("recording the outbox relay's state failed: {error}"),
-        }
-    }
-}
-
 /// `LISTEN`s on the outbox channel until `stop`, waking the relay on each
 /// notification and once on every (re)connection (notifications sent while
 /// it was away are lost).
 async fn listen(outbox: &Outbox, stop: &CancellationToken) {
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
     loop {
         match listen_once(outbox, stop).await {
-            Ok(()) => backoff = Duration::from_millis(50),
+            Ok(()) => backoff.reset(),
             Err(error) => {
                 tracing::warn!(channel = %outbox.channel(), "outbox listener failed, reconnecting: {error}");
             }
         }
-        if stop.is_cancelled() {
+        if stop.is_cancelled() || !backoff.wait(stop).await {
             return;
         }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 

@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
 use super::{headers, RelayError};
-use crate::error::StoreError;
+use crate::error::{error_chain, StoreError};
 use crate::projection::{HandlerError, RetryPolicy};
 use crate::store::ProjectionStore;
 
@@ -612,18 +612,4 @@ impl<S: ProjectionStore> JetStreamConsumer<S> {
             tracing::debug!(consumer = %self.name, message_id = %delivery.message.message_id, "acknowledging: {error}");
         }
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(next) = cause {
-        let next_text = next.to_string();
-        if !text.ends_with(&next_text) {
-            text.push_str(": ");
-            text.push_str(&next_text);
-        }
-        cause = next.source();
-    }
-    text
 }

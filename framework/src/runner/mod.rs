@@ -42,6 +42,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{ConfigError, StoreError};
+use crate::lease::check_timing;
 use crate::log::{EventLog, LogFilter};
 use crate::projection::{OnError, Projection, ProjectionOptions, RetryPolicy};
 use crate::store::projections::ProjectionStore;
@@ -176,16 +177,7 @@ impl<S: ProjectionStore> ProjectionRunnerBuilder<S> {
     /// [`StoreError::Config`] for an empty or duplicate projection name, or a
     /// heartbeat not shorter than the lease.
     pub fn build(self) -> Result<ProjectionRunner<S>, StoreError> {
-        if self.heartbeat >= self.lease_ttl {
-            return Err(ConfigError::Invalid {
-                setting: "heartbeat interval",
-                reason: format!(
-                    "{:?} must be shorter than the lease {:?}",
-                    self.heartbeat, self.lease_ttl
-                ),
-            }
-            .into());
-        }
+        check_timing("heartbeat interval", self.heartbeat, self.lease_ttl)?;
         let mut projections = HashMap::new();
         for options in self.projections {
             let name = options.projection.name().to_owned();

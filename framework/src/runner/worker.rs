@@ -18,12 +18,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::{Registered, Shared};
-use crate::backoff::{Backoff, Recheck};
+use crate::backoff::Backoff;
 use crate::error::{ErrorKind, HandlerError, StoreError};
 use crate::event::{Checkpoint, RecordedEvent};
-use crate::log::Wake;
+use crate::lease::RecordedState;
 use crate::projection::OnError;
 use crate::store::projections::{Lease, NewDeadLetter, ProjectionState, ProjectionStore, UnitId};
+use crate::wake::Recheck;
 
 /// How a batch ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +66,7 @@ pub(super) struct UnitWorker<S: ProjectionStore> {
     lease: Lease,
     stop: CancellationToken,
     paused: watch::Receiver<bool>,
-    state: Option<(ProjectionState, Option<String>)>,
+    state: RecordedState,
 }
 
 impl<S: ProjectionStore> UnitWorker<S> {
@@ -82,7 +83,7 @@ impl<S: ProjectionStore> UnitWorker<S> {
             lease,
             stop,
             paused,
-            state: None,
+            state: RecordedState::default(),
         }
     }
 
@@ -108,7 +109,7 @@ impl<S: ProjectionStore> UnitWorker<S> {
         let mut checkpoint = self.lease.checkpoint;
         let mut wakeups = log.wakeups();
         let mut read_failures = Backoff::from_policy(&self.registered.retry);
-        let mut recheck = Recheck::default();
+        let mut recheck = Recheck::new(Duration::from_millis(1));
         let batch_size = self.registered.batch_size;
         loop {
             if self.stop.is_cancelled() {
@@ -163,21 +164,9 @@ impl<S: ProjectionStore> UnitWorker<S> {
                     }
                 }
                 self.set_state(ProjectionState::Live, None).await;
-                // A signal that found nothing new usually means the events are
-                // held back by an older transaction still running: look again
-                // soon rather than at the next poll.
                 tokio::select! {
                     _ = self.stop.cancelled() => return false,
-                    wake = wakeups.wait() => {
-                        if wake == Wake::Signalled {
-                            recheck.signalled();
-                        } else {
-                            recheck.found();
-                        }
-                    }
-                    _ = recheck.sleep(), if recheck.due().is_some() => {
-                        recheck.missed(wakeups.poll_interval());
-                    }
+                    _ = recheck.idle(&mut wakeups) => {}
                     _ = self.paused.changed() => {}
                 }
                 continue;
@@ -442,19 +431,9 @@ impl<S: ProjectionStore> UnitWorker<S> {
     }
 
     async fn set_state(&mut self, state: ProjectionState, error: Option<String>) {
-        let next = (state, error);
-        if self.state.as_ref() == Some(&next) {
-            return;
-        }
-        match self
-            .shared
-            .store
-            .set_state(&self.lease, next.0, next.1.as_deref())
-            .await
-        {
-            Ok(()) => self.state = Some(next),
-            Err(error) => tracing::debug!(%error, "recording the state failed"),
-        }
+        self.state
+            .set(&self.shared.store, &self.lease, state, error)
+            .await;
     }
 
     /// Sleeps unless stopped first; `false` when stopped.

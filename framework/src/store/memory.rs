@@ -83,6 +83,62 @@ impl Unit {
     }
 }
 
+impl State {
+    /// Fails with a conflict unless the request's stream is at its expected version.
+    fn check_version(&self, request: &AppendRequest) -> Result<(), StoreError> {
+        let key = (request.aggregate_type.clone(), request.aggregate_id.clone());
+        let actual = self.streams.get(&key).map_or(0, |s| s.len() as u64);
+        if actual == request.expected_version {
+            return Ok(());
+        }
+        Err(StoreError::Conflict {
+            aggregate_type: request.aggregate_type.clone(),
+            aggregate_id: request.aggregate_id.clone(),
+            expected: request.expected_version,
+            actual: Some(actual),
+        })
+    }
+
+    /// The request's events as they will stand at the end of the log, under
+    /// a new transaction id (not yet in the log: see [`push`](Self::push)).
+    fn recorded(&mut self, request: AppendRequest) -> Vec<RecordedEvent> {
+        self.transactions += 1;
+        let transaction_id = self.transactions;
+        let log_len = self.log.len();
+        let recorded_at = Utc::now();
+        request
+            .events
+            .into_iter()
+            .enumerate()
+            .map(|(offset, event)| RecordedEvent {
+                event_id: event.event_id,
+                aggregate_type: request.aggregate_type.clone(),
+                aggregate_id: request.aggregate_id.clone(),
+                sequence: request.expected_version + offset as u64 + 1,
+                position: (log_len + offset) as u64 + 1,
+                transaction_id,
+                recorded_at,
+                event_type: event.event_type,
+                event_version: event.event_version,
+                payload: event.payload,
+                metadata: event.metadata,
+                correlation_id: event.correlation_id,
+                causation_id: event.causation_id,
+            })
+            .collect()
+    }
+
+    /// Appends recorded events to the log and to their streams.
+    fn push(&mut self, events: Vec<RecordedEvent>) {
+        for event in events {
+            let index = self.log.len();
+            let key = (event.aggregate_type.clone(), event.aggregate_id.clone());
+            self.log.push(event);
+            self.streams.entry(key).or_default().push(index);
+        }
+    }
+}
+
 /// The in-memory store's transaction: its writes are buffered and applied
 /// together at commit, and dropped on rollback (drop).
 #[derive(Debug, Default)]
@@ -161,41 +217,9 @@ impl EventStore for MemoryStore {
         }
         let written = {
             let mut state = self.state();
-            let key = (request.aggregate_type.clone(), request.aggregate_id.clone());
-            let actual = state.streams.get(&key).map_or(0, |s| s.len() as u64);
-            if actual != request.expected_version {
-                return Err(StoreError::Conflict {
-                    aggregate_type: request.aggregate_type,
-                    aggregate_id: request.aggregate_id,
-                    expected: request.expected_version,
-                    actual: Some(actual),
-                });
-            }
-            state.transactions += 1;
-            let transaction_id = state.transactions;
-            let recorded_at = Utc::now();
-            let mut written = Vec::with_capacity(request.events.len());
-            for (offset, event) in request.events.into_iter().enumerate() {
-                let index = state.log.len();
-                let recorded = RecordedEvent {
-                    event_id: event.event_id,
-                    aggregate_type: request.aggregate_type.clone(),
-                    aggregate_id: request.aggregate_id.clone(),
-                    sequence: request.expected_version + offset as u64 + 1,
-                    position: index as u64 + 1,
-                    transaction_id,
-                    recorded_at,
-                    event_type: event.event_type,
-                    event_version: event.event_version,
-                    payload: event.payload,
-                    metadata: event.metadata,
-                    correlation_id: event.correlation_id,
-                    causation_id: event.causation_id,
-                };
-                state.log.push(recorded.clone());
-                state.streams.entry(key.clone()).or_default().push(index);
-                written.push(recorded);
-            }
+            state.check_version(&request)?;
+            let written = state.recorded(request);
+            state.push(written.clone());
             written
         };
         self.inner.wake.wake();
@@ -426,12 +450,7 @@ impl Transactional for MemoryStore {
                 }
                 PendingOp::Append { events, .. } => {
                     appended = true;
-                    for event in events {
-                        let index = state.log.len();
-                        let key = (event.aggregate_type.clone(), event.aggregate_id.clone());
-                        state.log.push(event);
-                        state.streams.entry(key).or_default().push(index);
-                    }
+                    state.push(events);
                 }
             }
         }
@@ -455,61 +474,27 @@ impl AppendInTransaction for MemoryStore {
             return Ok(Vec::new());
         }
         let mut state = self.state();
-        let key = (request.aggregate_type.clone(), request.aggregate_id.clone());
-        let actual = state.streams.get(&key).map_or(0, |s| s.len() as u64);
-        if actual != request.expected_version {
-            return Err(StoreError::Conflict {
-                aggregate_type: request.aggregate_type,
-                aggregate_id: request.aggregate_id,
-                expected: request.expected_version,
-                actual: Some(actual),
-            });
-        }
-        // Positions as they will be at commit; the commit fails with a
-        // conflict if anything was appended in between.
-        let pending: usize = tx
+        state.check_version(&request)?;
+        if tx
             .ops
             .iter()
-            .map(|op| match op {
-                PendingOp::Append { events, .. } => events.len(),
-                _ => 0,
-            })
-            .sum();
-        if pending > 0 {
+            .any(|op| matches!(op, PendingOp::Append { .. }))
+        {
             return Err(StoreError::InvalidAppend {
                 aggregate_type: request.aggregate_type,
                 aggregate_id: request.aggregate_id,
                 reason: "the in-memory store takes one append per transaction".into(),
             });
         }
+        // Positions as they will be at commit; the commit fails with a
+        // conflict if anything was appended in between.
         let log_len = state.log.len();
-        state.transactions += 1;
-        let transaction_id = state.transactions;
-        let recorded_at = Utc::now();
-        let events: Vec<RecordedEvent> = request
-            .events
-            .into_iter()
-            .enumerate()
-            .map(|(offset, event)| RecordedEvent {
-                event_id: event.event_id,
-                aggregate_type: request.aggregate_type.clone(),
-                aggregate_id: request.aggregate_id.clone(),
-                sequence: request.expected_version + offset as u64 + 1,
-                position: (log_len + offset) as u64 + 1,
-                transaction_id,
-                recorded_at,
-                event_type: event.event_type,
-                event_version: event.event_version,
-                payload: event.payload,
-                metadata: event.metadata,
-                correlation_id: event.correlation_id,
-                causation_id: event.causation_id,
-            })
-            .collect();
+        let expected_version = request.expected_version;
+        let events = state.recorded(request);
         tx.ops.push(PendingOp::Append {
             events: events.clone(),
             log_len,
-            expected_version: request.expected_version,
+            expected_version,
         });
         Ok(events)
     }

@@ -119,6 +119,37 @@ pub fn start_runner<S: ProjectionStore>(
     (shutdown, handle)
 }
 
+/// Stops a runner started with [`start_runner`] and waits for it (30 s at
+/// most).
+pub async fn stop_runner(shutdown: CancellationToken, handle: JoinHandle<()>) {
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(30), handle)
+        .await
+        .expect("the runner stops within 30 s")
+        .expect("the runner task ends cleanly");
+}
+
+/// Polls `probe` every 50 ms until it returns `Ok`; panics after `timeout`
+/// with the last thing it saw. Returns the value and how long it took.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> (T, Duration)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let started = std::time::Instant::now();
+    loop {
+        let last = match probe().await {
+            Ok(value) => return (value, started.elapsed()),
+            Err(last) => last,
+        };
+        assert!(
+            started.elapsed() < timeout,
+            "{what}: not within {timeout:?}; last seen: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// How long the status helpers wait.
 pub const STATUS_WAIT: Duration = Duration::from_secs(60);
 

@@ -1,20 +1,16 @@
-//! [`ProjectionStore`] for PostgreSQL: projection state rows with leases and
-//! epochs, dead letters and the inbox, all in the events table's schema.
+//! Transactions and the projection side for PostgreSQL: projection state
+//! rows with leases and epochs, dead letters and the inbox, all in the events
+//! table's schema.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 use sqlx::postgres::PgRow;
 use sqlx::{Postgres, Row, Transaction};
 
-use super::{
-    bind_filter, classify, db, filter_sql, pg_error, to_i64, txid_column, u64_column, Names,
-    PostgresStore,
-};
+use super::{classify, db, pg_error, to_i64, txid_column, u64_column, Names, PostgresStore};
 use crate::error::{ConfigError, ErrorKind, EventRef, StoreError};
 use crate::event::{AppendRequest, Checkpoint, RecordedEvent};
-use crate::log::{LogFilter, OldestTransaction};
 use crate::store::projections::{
     Checkpoints, DeadLetter, DeadLetters, Inbox, Lease, Leases, NewDeadLetter, ProjectionState,
     UnitId, UnitRecord,
@@ -45,9 +41,6 @@ pub(super) struct Queries {
     pub(super) note_dead_letter_failure: String,
     pub(super) discard_dead_letter: String,
     pub(super) inbox_claim: String,
-    pub(super) oldest_transaction: String,
-    count_events: String,
-    first_pending: String,
 }
 
 impl Queries {
@@ -73,9 +66,6 @@ impl Queries {
                 .render(include_str!("queries/note_dead_letter_failure.sql")),
             discard_dead_letter: names.render(include_str!("queries/discard_dead_letter.sql")),
             inbox_claim: names.render(include_str!("queries/inbox_claim.sql")),
-            oldest_transaction: names.render(include_str!("queries/oldest_transaction.sql")),
-            count_events: names.render(include_str!("queries/count_events.sql")),
-            first_pending: names.render(include_str!("queries/first_pending.sql")),
         }
     }
 }
@@ -518,77 +508,6 @@ impl Inbox for PostgresStore {
             .map_err(db("recording a message in the inbox"))?
             .rows_affected();
         Ok(inserted == 1)
-    }
-}
-
-impl PostgresStore {
-    pub(super) async fn count_log_events(
-        &self,
-        filter: &LogFilter,
-        after: Checkpoint,
-        upto: Checkpoint,
-        cap: u64,
-    ) -> Result<u64, StoreError> {
-        let (clause, binds) = filter_sql(filter, 6);
-        let sql = self
-            .inner
-            .projection_sql
-            .count_events
-            .replace("{filter}", &clause);
-        let query = sqlx::query(&sql)
-            .bind(after.transaction_id.to_string())
-            .bind(to_i64(after.position))
-            .bind(upto.transaction_id.to_string())
-            .bind(to_i64(upto.position))
-            .bind(to_i64(cap));
-        let row = bind_filter(query, binds)
-            .fetch_one(&self.inner.pool)
-            .await
-            .map_err(db("counting events"))?;
-        let count: i64 = row.try_get(0).map_err(db("counting events"))?;
-        Ok(u64::try_from(count).unwrap_or(0))
-    }
-
-    pub(super) async fn first_pending(
-        &self,
-        filter: &LogFilter,
-        after: Checkpoint,
-    ) -> Result<Option<DateTime<Utc>>, StoreError> {
-        let (clause, binds) = filter_sql(filter, 3);
-        let sql = self
-            .inner
-            .projection_sql
-            .first_pending
-            .replace("{filter}", &clause);
-        let query = sqlx::query(&sql)
-            .bind(after.transaction_id.to_string())
-            .bind(to_i64(after.position));
-        let row = bind_filter(query, binds)
-            .fetch_optional(&self.inner.pool)
-            .await
-            .map_err(db("reading the oldest pending event"))?;
-        row.map(|row| {
-            row.try_get(0)
-                .map_err(db("reading the oldest pending event"))
-        })
-        .transpose()
-    }
-
-    pub(super) async fn oldest_transaction(&self) -> Result<Option<OldestTransaction>, StoreError> {
-        let row = sqlx::query(&self.inner.projection_sql.oldest_transaction)
-            .fetch_optional(&self.inner.pool)
-            .await
-            .map_err(db("reading pg_stat_activity"))?;
-        let Some(row) = row else { return Ok(None) };
-        let get = |e| pg_error("reading pg_stat_activity", e);
-        let age: f64 = row.try_get("age_seconds").map_err(get)?;
-        Ok(Some(OldestTransaction::new(
-            row.try_get("pid").map_err(get)?,
-            row.try_get("datname").map_err(get)?,
-            Duration::try_from_secs_f64(age.max(0.0)).unwrap_or_default(),
-            row.try_get("state").map_err(get)?,
-            row.try_get("query").map_err(get)?,
-        )))
     }
 }
 

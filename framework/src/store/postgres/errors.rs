@@ -1,0 +1,66 @@
+//! PostgreSQL errors as Outflow errors: the backend classifies its own
+//! driver's errors, so the core never reads a SQLSTATE.
+
+use crate::error::{ErrorKind, StoreError};
+
+/// Maps a sqlx error to [`StoreError::Database`] naming the operation.
+pub(crate) fn db(operation: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |e| pg_error(operation, e)
+}
+
+/// A sqlx error as [`StoreError::Database`], classified by [`classify`].
+pub(crate) fn pg_error(operation: &'static str, error: sqlx::Error) -> StoreError {
+    StoreError::database(operation, classify(&error), error)
+}
+
+/// Values above `i64::MAX` are clamped: PostgreSQL's `bigint` cannot hold them,
+/// and callers validate sequences before they get here.
+pub(crate) fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// Whose fault a sqlx error is, from its kind and SQLSTATE class.
+///
+/// - transient: lost or refused connections, pool timeouts, serialization
+///   failures and deadlocks (`40001`, `40P01`), a server shutting down or
+///   starting (`57P*`), too many connections and other exhausted resources
+///   (`53*`), lock and statement timeouts (`55P03`, `57014`);
+/// - infrastructure: what someone must fix: undefined tables and columns,
+///   syntax and permission errors (`42*`), unsupported features (`0A*`),
+///   authentication (`28*`), unknown database or schema (`3D*`, `3F*`),
+///   server-side errors (`58*`, `XX*`), program limits (`54*`), and sqlx's
+///   configuration and column-mapping errors;
+/// - data: everything else: constraint violations (`23*`), bad values
+///   (`22*`), errors raised by triggers, rows that do not decode.
+pub(crate) fn classify(error: &sqlx::Error) -> ErrorKind {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::Tls(_) => ErrorKind::Transient,
+        sqlx::Error::Configuration(_)
+        | sqlx::Error::ColumnNotFound(_)
+        | sqlx::Error::ColumnIndexOutOfBounds { .. }
+        | sqlx::Error::TypeNotFound { .. }
+        | sqlx::Error::Migrate(_) => ErrorKind::Infrastructure,
+        sqlx::Error::Database(db) => db
+            .code()
+            .map_or(ErrorKind::Data, |code| classify_sqlstate(&code)),
+        _ => ErrorKind::Data,
+    }
+}
+
+/// Whose fault a PostgreSQL error is, by its SQLSTATE (see [`classify`]).
+pub(crate) fn classify_sqlstate(code: &str) -> ErrorKind {
+    let class = code.get(..2).unwrap_or(code);
+    match class {
+        "08" | "40" | "53" | "57" => ErrorKind::Transient,
+        "55" if code == "55P03" => ErrorKind::Transient,
+        "42" | "0A" | "28" | "3D" | "3F" | "58" | "XX" | "54" | "0L" | "0P" | "2F" | "39" => {
+            ErrorKind::Infrastructure
+        }
+        _ => ErrorKind::Data,
+    }
+}

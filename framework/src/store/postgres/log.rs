@@ -1,0 +1,179 @@
+//! The global log on PostgreSQL: reads in `(transaction id, position)`
+//! order below the oldest running transaction, the head, counts for status,
+//! and the filter clauses the reads share.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::Row;
+
+use super::{db, pg_error, to_i64, txid_column, u64_column, PostgresStore};
+use crate::error::StoreError;
+use crate::event::{Checkpoint, RecordedEvent};
+use crate::log::{EventLog, LogFilter, OldestTransaction};
+use crate::wake::Wakeups;
+
+#[async_trait]
+impl EventLog for PostgresStore {
+    async fn read_log(
+        &self,
+        after: Checkpoint,
+        filter: &LogFilter,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let (clause, binds) = filter_sql(filter, 4);
+        let sql = self.inner.sql.read_log.replace("{filter}", &clause);
+        let query = sqlx::query(&sql)
+            .bind(after.transaction_id.to_string())
+            .bind(to_i64(after.position))
+            .bind(to_i64(limit as u64));
+        let query = bind_filter(query, binds);
+        let rows = query
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(|e| pg_error("reading the global log", e))?;
+        self.decode_rows(rows)
+    }
+
+    async fn head(&self) -> Result<Checkpoint, StoreError> {
+        let row = sqlx::query(&self.inner.sql.head)
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(|e| pg_error("reading the head of the log", e))?;
+        match row {
+            None => Ok(Checkpoint::START),
+            Some(row) => Ok(Checkpoint::new(
+                txid_column(&row, &self.inner.events_table)?,
+                u64_column(&row, "position", &self.inner.events_table)?,
+            )),
+        }
+    }
+
+    fn wakeups(&self) -> Wakeups {
+        self.listen();
+        self.inner.wake.subscribe(self.inner.poll_interval)
+    }
+
+    async fn count_events(
+        &self,
+        filter: &LogFilter,
+        after: Checkpoint,
+        upto: Checkpoint,
+        cap: u64,
+    ) -> Result<u64, StoreError> {
+        let (clause, binds) = filter_sql(filter, 6);
+        let sql = self.inner.sql.count_events.replace("{filter}", &clause);
+        let query = sqlx::query(&sql)
+            .bind(after.transaction_id.to_string())
+            .bind(to_i64(after.position))
+            .bind(upto.transaction_id.to_string())
+            .bind(to_i64(upto.position))
+            .bind(to_i64(cap));
+        let row = bind_filter(query, binds)
+            .fetch_one(&self.inner.pool)
+            .await
+            .map_err(db("counting events"))?;
+        let count: i64 = row.try_get(0).map_err(db("counting events"))?;
+        Ok(u64::try_from(count).unwrap_or(0))
+    }
+
+    async fn first_pending_recorded_at(
+        &self,
+        filter: &LogFilter,
+        after: Checkpoint,
+    ) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let (clause, binds) = filter_sql(filter, 3);
+        let sql = self.inner.sql.first_pending.replace("{filter}", &clause);
+        let query = sqlx::query(&sql)
+            .bind(after.transaction_id.to_string())
+            .bind(to_i64(after.position));
+        let row = bind_filter(query, binds)
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(db("reading the oldest pending event"))?;
+        row.map(|row| {
+            row.try_get(0)
+                .map_err(db("reading the oldest pending event"))
+        })
+        .transpose()
+    }
+
+    async fn oldest_open_transaction(&self) -> Result<Option<OldestTransaction>, StoreError> {
+        let row = sqlx::query(&self.inner.sql.oldest_transaction)
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(db("reading pg_stat_activity"))?;
+        let Some(row) = row else { return Ok(None) };
+        let get = |e| pg_error("reading pg_stat_activity", e);
+        let age: f64 = row.try_get("age_seconds").map_err(get)?;
+        Ok(Some(OldestTransaction::new(
+            row.try_get("pid").map_err(get)?,
+            row.try_get("datname").map_err(get)?,
+            Duration::try_from_secs_f64(age.max(0.0)).unwrap_or_default(),
+            row.try_get("state").map_err(get)?,
+            row.try_get("query").map_err(get)?,
+        )))
+    }
+}
+
+/// A value bound for a [`filter_sql`] clause.
+pub(super) enum FilterBind {
+    Text(String),
+    Texts(Vec<String>),
+    Int(i64),
+}
+
+/// The `AND ...` conditions for a filter, numbering parameters from `first`.
+/// One aggregate type is compared with `=`, so the planner can walk the
+/// `(aggregate_type, transaction_id, position)` index in log order.
+pub(super) fn filter_sql(filter: &LogFilter, first: usize) -> (String, Vec<FilterBind>) {
+    let mut clause = String::new();
+    let mut binds = Vec::new();
+    let mut next = first;
+    let mut param = |binds: &mut Vec<FilterBind>, bind: FilterBind| {
+        binds.push(bind);
+        next += 1;
+        next - 1
+    };
+    match filter.aggregate_type_list() {
+        [] => {}
+        [one] => {
+            let n = param(&mut binds, FilterBind::Text(one.clone()));
+            clause.push_str(&format!(" AND e.aggregate_type = ${n}"));
+        }
+        many => {
+            let n = param(&mut binds, FilterBind::Texts(many.to_vec()));
+            clause.push_str(&format!(" AND e.aggregate_type = ANY(${n}::text[])"));
+        }
+    }
+    if !filter.event_type_list().is_empty() {
+        let n = param(
+            &mut binds,
+            FilterBind::Texts(filter.event_type_list().to_vec()),
+        );
+        clause.push_str(&format!(" AND e.event_type = ANY(${n}::text[])"));
+    }
+    if let Some(partition) = filter.partition() {
+        let count = param(&mut binds, FilterBind::Int(i64::from(partition.count)));
+        let index = param(&mut binds, FilterBind::Int(i64::from(partition.index)));
+        clause.push_str(&format!(
+            " AND mod(abs(hashtext(e.aggregate_id)::bigint), ${count}) = ${index}"
+        ));
+    }
+    (clause, binds)
+}
+
+pub(super) fn bind_filter<'q>(
+    mut query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    binds: Vec<FilterBind>,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    for bind in binds {
+        query = match bind {
+            FilterBind::Text(value) => query.bind(value),
+            FilterBind::Texts(values) => query.bind(values),
+            FilterBind::Int(value) => query.bind(value),
+        };
+    }
+    query
+}

@@ -1,0 +1,84 @@
+//! Decoding rows of the events table into [`RecordedEvent`]s, with typed
+//! errors for values Outflow cannot represent.
+
+use sqlx::postgres::PgRow;
+use sqlx::Row;
+use uuid::Uuid;
+
+use super::{pg_error, PostgresStore};
+use crate::error::{EventRef, StoreError};
+use crate::event::{Metadata, RecordedEvent};
+
+impl PostgresStore {
+    pub(super) fn decode_rows(&self, rows: Vec<PgRow>) -> Result<Vec<RecordedEvent>, StoreError> {
+        rows.iter()
+            .map(|row| decode_event(row, &self.inner.events_table))
+            .collect()
+    }
+}
+
+pub(super) fn decode_event(row: &PgRow, table: &str) -> Result<RecordedEvent, StoreError> {
+    let get_err = |e: sqlx::Error| pg_error("decoding an event row", e);
+    let aggregate_type: String = row.try_get("aggregate_type").map_err(get_err)?;
+    let aggregate_id: String = row.try_get("aggregate_id").map_err(get_err)?;
+    let sequence = u64_column(row, "sequence", table)?;
+    let position = u64_column(row, "position", table)?;
+    let event_type: String = row.try_get("event_type").map_err(get_err)?;
+    let event_version: String = row.try_get("event_version").map_err(get_err)?;
+    let metadata_value: Option<serde_json::Value> = row.try_get("metadata").map_err(get_err)?;
+    let metadata = match metadata_value {
+        None | Some(serde_json::Value::Null) => Metadata::new(),
+        Some(value) => serde_json::from_value(value).map_err(|source| StoreError::Deserialize {
+            event: Box::new(EventRef {
+                aggregate_type: aggregate_type.clone(),
+                aggregate_id: aggregate_id.clone(),
+                sequence,
+                position: Some(position),
+                event_type: event_type.clone(),
+                event_version: event_version.clone(),
+            }),
+            source,
+        })?,
+    };
+    Ok(RecordedEvent {
+        event_id: row.try_get::<Uuid, _>("event_id").map_err(get_err)?,
+        transaction_id: txid_column(row, table)?,
+        recorded_at: row.try_get("recorded_at").map_err(get_err)?,
+        payload: row.try_get("payload").map_err(get_err)?,
+        correlation_id: row.try_get("correlation_id").map_err(get_err)?,
+        causation_id: row.try_get("causation_id").map_err(get_err)?,
+        aggregate_type,
+        aggregate_id,
+        sequence,
+        position,
+        event_type,
+        event_version,
+        metadata,
+    })
+}
+
+pub(super) fn u64_column(
+    row: &PgRow,
+    column: &'static str,
+    table: &str,
+) -> Result<u64, StoreError> {
+    let value: i64 = row
+        .try_get(column)
+        .map_err(|e| pg_error("decoding an event row", e))?;
+    u64::try_from(value).map_err(|_| corrupt(table, &format!("negative {column} {value}")))
+}
+
+pub(super) fn txid_column(row: &PgRow, table: &str) -> Result<u64, StoreError> {
+    let text: String = row
+        .try_get("txid")
+        .map_err(|e| pg_error("decoding an event row", e))?;
+    text.parse()
+        .map_err(|_| corrupt(table, &format!("transaction id `{text}` is not a number")))
+}
+
+pub(super) fn corrupt(table: &str, what: &str) -> StoreError {
+    StoreError::Corrupt {
+        table: table.to_owned(),
+        what: what.to_owned(),
+    }
+}
