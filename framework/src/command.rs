@@ -12,11 +12,10 @@ use cqrs_es::event_sink::EventSink;
 use cqrs_es::Aggregate;
 use uuid::Uuid;
 
-use crate::error::HandlerError;
-use crate::error::{CommandError, EventRef, StoreError};
-use crate::event::RecordedEvent;
+use crate::error::{CommandError, EventRef, HandlerError, StoreError};
 use crate::event::{
-    deserialize_payload, AppendRequest, Checkpoint, Envelope, Metadata, NewEvent, Snapshot,
+    deserialize_payload, AppendRequest, Checkpoint, Envelope, Metadata, NewEvent, RecordedEvent,
+    Snapshot,
 };
 use crate::pubsub::EventBus;
 use crate::store::{AppendInTransaction, EventStore, Transactional};

@@ -19,8 +19,7 @@ use tracing::Instrument;
 
 use super::{Outbox, OutboxMessageRecord, OutboxSink};
 use crate::backoff::Backoff;
-use crate::error::ConfigError;
-use crate::error::StoreError;
+use crate::error::{ConfigError, StoreError};
 use crate::event::Checkpoint;
 use crate::lease::{check_timing, Holder, RecordedState, Renewed};
 use crate::log::Wakeups;
