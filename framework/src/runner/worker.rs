@@ -155,7 +155,9 @@ impl<S: ProjectionStore> UnitWorker<S> {
                         Ok(Outcome::Lost) => return true,
                         Ok(Outcome::Stopped) => return false,
                         Err(error) => {
-                            tracing::debug!(%error, "moving an idle checkpoint failed");
+                            tracing::warn!(error = %error.chain(), "moving an idle checkpoint failed");
+                            self.set_state(ProjectionState::Retrying, Some(error.chain()))
+                                .await;
                             if !read_failures.wait(&self.stop).await {
                                 return false;
                             }
