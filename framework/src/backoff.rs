@@ -62,24 +62,8 @@ fn jittered(ceiling: Duration) -> Duration {
 
 /// A running count of failures with the wait that goes with it: the one
 /// backoff loop of the crate.
-///
-/// ```
-/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-/// use outflow::backoff::Backoff;
-/// use std::time::Duration;
-/// use tokio_util::sync::CancellationToken;
-///
-/// let mut backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(8));
-/// let stop = CancellationToken::new();
-/// assert!(backoff.wait(&stop).await); // waited about 1 ms
-/// assert_eq!(backoff.failures(), 1);
-/// backoff.reset();
-/// stop.cancel();
-/// assert!(!backoff.wait(&stop).await); // cancelled: returns at once
-/// # });
-/// ```
 #[derive(Debug, Clone)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     initial: Duration,
     max: Duration,
     failures: u32,
@@ -87,7 +71,7 @@ pub struct Backoff {
 
 impl Backoff {
     /// Waits that start at `initial` and double up to `max`.
-    pub fn new(initial: Duration, max: Duration) -> Self {
+    pub(crate) fn new(initial: Duration, max: Duration) -> Self {
         Backoff {
             initial,
             max: max.max(initial),
@@ -96,29 +80,29 @@ impl Backoff {
     }
 
     /// The waits of a [`RetryPolicy`].
-    pub fn from_policy(policy: &RetryPolicy) -> Self {
+    pub(crate) fn from_policy(policy: &RetryPolicy) -> Self {
         Backoff::new(policy.initial_backoff, policy.max_backoff)
     }
 
     /// Failures counted since the last [`reset`](Self::reset).
-    pub fn failures(&self) -> u32 {
+    pub(crate) fn failures(&self) -> u32 {
         self.failures
     }
 
     /// Counts a failure and returns the wait that follows it.
-    pub fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         self.failures = self.failures.saturating_add(1);
         jittered(ceiling(self.initial, self.max, self.failures))
     }
 
     /// Forgets the failures (after a success).
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.failures = 0;
     }
 
     /// Counts a failure and sleeps its wait, unless `stop` is cancelled
     /// first; `false` when cancelled.
-    pub async fn wait(&mut self, stop: &CancellationToken) -> bool {
+    pub(crate) async fn wait(&mut self, stop: &CancellationToken) -> bool {
         let delay = self.next_delay();
         tokio::select! {
             _ = stop.cancelled() => false,
@@ -152,6 +136,19 @@ mod tests {
                 assert!(wait >= top / 2 && wait <= top, "{wait:?} outside {top:?}");
             }
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_sleeps_unless_cancelled() {
+        let mut backoff = Backoff::new(Duration::from_millis(8), Duration::from_millis(8));
+        let stop = CancellationToken::new();
+        let started = tokio::time::Instant::now();
+        assert!(backoff.wait(&stop).await);
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(4) && waited <= Duration::from_millis(8));
+        stop.cancel();
+        assert!(!backoff.wait(&stop).await);
+        assert_eq!(backoff.failures(), 2);
     }
 
     #[test]

@@ -46,7 +46,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs)]
 
-pub mod backoff;
+mod backoff;
 pub mod command;
 pub mod delivery;
 pub mod error;
@@ -73,6 +73,7 @@ mod wake;
 #[doc(hidden)]
 pub mod doc_fixture;
 
+pub use backoff::RetryPolicy;
 pub use command::{CommandBus, CommandBusBuilder, CommandContext, Committed};
 pub use error::{CommandError, ConfigError, ErrorKind, EventRef, HandlerError, StoreError};
 pub use event::{AppendRequest, Checkpoint, Envelope, Metadata, NewEvent, RecordedEvent, Snapshot};

@@ -43,7 +43,9 @@ pub(crate) use notify::spawn_notifier;
 use rows::{txid_column, u64_column};
 use schema::{migrate, Names};
 
-/// An [`EventStore`] in PostgreSQL. Cloning is cheap and shares the pool.
+/// An event store in PostgreSQL: every role trait ([`EventStore`](crate::EventStore),
+/// [`EventLog`](crate::EventLog), [`ProjectionStore`](crate::ProjectionStore), ...).
+/// Cloning is cheap and shares the pool.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
