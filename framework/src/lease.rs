@@ -10,7 +10,10 @@
 
 use std::time::{Duration, Instant};
 
-use crate::error::{ConfigError, StoreError};
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::error::{ConfigError, ErrorKind, StoreError};
 use crate::store::projections::{Checkpoints, Lease, Leases, ProjectionState, UnitId};
 
 /// The state last recorded for a leased unit: the store is written only when
@@ -37,6 +40,36 @@ impl RecordedState {
         match store.set_state(lease, next.0, next.1.as_deref()).await {
             Ok(()) => self.current = Some(next),
             Err(error) => tracing::debug!(unit = %lease.unit, %error, "recording the state failed"),
+        }
+    }
+}
+
+/// Creates a unit's state rows, waiting out outages with backoff: `Ok(false)`
+/// when `shutdown` came first. Configuration the store contradicts fails at
+/// once; an error the backend blames on the environment (missing tables, no
+/// permission) fails after ten attempts (some twenty seconds), so a service
+/// started against a database without its tables stops with that error
+/// instead of waiting forever.
+pub(crate) async fn register<C: Checkpoints>(
+    store: &C,
+    name: &str,
+    partitions: u32,
+    shutdown: &CancellationToken,
+) -> Result<bool, StoreError> {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        match store.register_projection(name, partitions).await {
+            Ok(()) => return Ok(true),
+            Err(error @ StoreError::Config(_)) => return Err(error),
+            Err(error) => {
+                tracing::warn!(unit = name, %error, "registering failed");
+                if error.kind() == ErrorKind::Infrastructure && backoff.failures() >= 10 {
+                    return Err(error);
+                }
+                if !backoff.wait(shutdown).await {
+                    return Ok(false);
+                }
+            }
         }
     }
 }

@@ -21,10 +21,10 @@ use super::{Outbox, OutboxMessageRecord, OutboxSink};
 use crate::backoff::Backoff;
 use crate::error::{ConfigError, StoreError};
 use crate::event::Checkpoint;
-use crate::lease::{check_timing, Holder, RecordedState, Renewed};
+use crate::lease::{check_timing, register, Holder, RecordedState, Renewed};
 use crate::log::Wakeups;
 use crate::projection::RetryPolicy;
-use crate::store::projections::{Checkpoints, Lease, ProjectionState};
+use crate::store::projections::{Lease, ProjectionState};
 use crate::wake::Recheck;
 
 /// How long one cleanup round may run before the relay delivers again.
@@ -287,14 +287,16 @@ impl OutboxRelay {
     /// all (the lease then runs out after its time to live).
     ///
     /// Database outages are waited out with backoff; this only returns early
-    /// when registration is refused.
+    /// when registration is refused, or keeps failing for a reason the
+    /// backend blames on the environment (the store's tables are missing).
     ///
     /// # Errors
     ///
     /// [`StoreError::Config`] when this relay (or a clone) is running
     /// already — start another relay, with its own node id, instead — or
     /// when the relay's unit is registered with several partitions (by
-    /// something else than a relay).
+    /// something else than a relay); an infrastructure
+    /// [`StoreError::Database`] after about twenty seconds of failed attempts.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), StoreError> {
         let shared = &self.shared;
         if shared.running.swap(true, Ordering::SeqCst) {
@@ -305,20 +307,8 @@ impl OutboxRelay {
         let _running = RunningGuard(&shared.running);
         let unit = shared.outbox.unit().clone();
         let store = shared.outbox.store();
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match store.register_projection(&unit.projection, 1).await {
-                Ok(()) => break,
-                Err(error @ StoreError::Config(_)) => return Err(error),
-                Err(error) => {
-                    tracing::warn!(%unit, "registering the outbox relay: {error}");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
+        if !register(store, &unit.projection, 1, &shutdown).await? {
+            return Ok(());
         }
         let span = tracing::info_span!("outbox_relay", table = %shared.outbox.table(), node = %shared.node_id);
         let stop_listening = CancellationToken::new();

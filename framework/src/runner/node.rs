@@ -2,7 +2,7 @@
 //! takes its fair share of the units and gives back what exceeds it.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::sync::atomic::Ordering;
 
 use rand::seq::SliceRandom;
 use tokio::sync::watch;
@@ -11,9 +11,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::worker::UnitWorker;
 use super::ProjectionRunner;
-use crate::backoff::Backoff;
-use crate::error::{ErrorKind, StoreError};
-use crate::lease::{balance, Balance, Holder, Renewed};
+use crate::error::StoreError;
+use crate::lease::{balance, register, Balance, Holder, Renewed};
 use crate::store::projections::{Lease, ProjectionState, ProjectionStore, UnitId};
 
 /// A unit running in this process.
@@ -53,22 +52,20 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
     async fn run_node(&self, shutdown: CancellationToken) -> Result<(), StoreError> {
         let shared = &self.shared;
         for registered in shared.projections.values() {
-            let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-            loop {
-                match self.ensure_registered(registered).await {
-                    Ok(()) => break,
-                    Err(error @ StoreError::Config(_)) => return Err(error),
-                    Err(error) => {
-                        tracing::warn!(projection = %registered.name, %error, "registering failed");
-                        if error.kind() == ErrorKind::Infrastructure && backoff.failures() >= 10 {
-                            return Err(error);
-                        }
-                        if !backoff.wait(&shutdown).await {
-                            return Ok(());
-                        }
-                    }
-                }
+            if registered.stored.load(Ordering::Acquire) {
+                continue;
             }
+            if !register(
+                &shared.store,
+                &registered.name,
+                registered.partitions,
+                &shutdown,
+            )
+            .await?
+            {
+                return Ok(());
+            }
+            registered.stored.store(true, Ordering::Release);
         }
         let total_units: u32 = shared.projections.values().map(|r| r.partitions).sum();
         let mut holder = Holder::new(shared.node_id.clone(), shared.lease_ttl);
