@@ -428,7 +428,7 @@ where
             bus.publish(events);
         }
         if let Some(every) = self.snapshot_every {
-            if version / every != new_version / every {
+            if crosses_snapshot(version, new_version, every) {
                 self.snapshot(aggregate_id, &aggregate, new_version).await;
             }
         }
@@ -611,6 +611,13 @@ fn into_envelopes<A: Aggregate>(
         .collect()
 }
 
+/// Whether a command that took an aggregate from `version` to `new_version`
+/// crossed a multiple of `every`, so a snapshot is due (a command of several
+/// events may jump over the multiple itself).
+fn crosses_snapshot(version: u64, new_version: u64, every: u64) -> bool {
+    every > 0 && version / every != new_version / every
+}
+
 /// Aggregates kept after their commands, least recently used evicted first.
 struct AggregateCache<A> {
     capacity: usize,
@@ -649,5 +656,48 @@ impl<A> AggregateCache<A> {
         self.by_use.insert(self.tick, id.to_owned());
         self.entries
             .insert(id.to_owned(), (aggregate, version, self.tick));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_is_due_when_a_command_crosses_a_multiple() {
+        assert!(!crosses_snapshot(0, 99, 100));
+        assert!(crosses_snapshot(99, 100, 100));
+        assert!(crosses_snapshot(98, 103, 100), "jumped over 100");
+        assert!(!crosses_snapshot(100, 101, 100), "just after one");
+        assert!(crosses_snapshot(150, 350, 100));
+        assert!(!crosses_snapshot(5, 9, 0), "snapshots off");
+    }
+
+    #[test]
+    fn the_cache_evicts_the_least_recently_used() {
+        let mut cache = AggregateCache::new(2);
+        cache.put("a", 'a', 1);
+        cache.put("b", 'b', 1);
+        // Using `a` again makes `b` the oldest.
+        let (aggregate, version) = cache.take("a").expect("a cached");
+        cache.put("a", aggregate, version + 1);
+        cache.put("c", 'c', 1);
+        assert!(cache.take("b").is_none(), "b was evicted");
+        assert_eq!(cache.take("a"), Some(('a', 2)));
+        assert_eq!(cache.take("c"), Some(('c', 1)));
+        assert_eq!(cache.entries.len(), 0);
+        assert!(cache.by_use.is_empty());
+    }
+
+    #[test]
+    fn a_taken_aggregate_is_gone_until_put_back() {
+        let mut cache = AggregateCache::new(4);
+        cache.put("a", 1u8, 3);
+        assert_eq!(cache.take("a"), Some((1, 3)));
+        assert_eq!(
+            cache.take("a"),
+            None,
+            "a failed command leaves nothing stale"
+        );
     }
 }

@@ -27,7 +27,7 @@
 //!
 //! PostgreSQL only.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -791,8 +791,8 @@ impl Outbox {
     }
 }
 
-/// The outbox queries, read from `outbox.sql` (sections headed
-/// `-- name: ...`) and rendered with the outbox table's name.
+/// The outbox queries, one `.sql` file each under
+/// `store/postgres/queries/outbox/`, rendered with the outbox table's name.
 #[derive(Debug)]
 struct Queries {
     table_exists: String,
@@ -808,28 +808,25 @@ struct Queries {
 
 impl Queries {
     fn new(outbox: &str) -> Self {
-        let text = include_str!("store/postgres/outbox.sql");
-        let sections: HashMap<&str, String> = text
-            .split("-- name: ")
-            .skip(1)
-            .map(|section| {
-                let (name, body) = section.split_once('\n').unwrap_or((section, ""));
-                (name.trim(), body.trim().replace("{outbox}", outbox))
-            })
-            .collect();
-        // Every name is a section of outbox.sql; the unit test
-        // `every_outbox_query_exists` checks it.
-        let get = |name: &str| sections.get(name).cloned().unwrap_or_default();
+        let render = |sql: &str| sql.trim().replace("{outbox}", outbox);
         Queries {
-            table_exists: get("table_exists"),
-            enqueue: get("enqueue"),
-            read: get("read"),
-            mark_delivered: get("mark_delivered"),
-            cleanup: get("cleanup"),
-            pending: get("pending"),
-            ahead: get("ahead"),
-            rebase_delivered: get("rebase_delivered"),
-            rebase_pending: get("rebase_pending"),
+            table_exists: render(include_str!(
+                "store/postgres/queries/outbox/table_exists.sql"
+            )),
+            enqueue: render(include_str!("store/postgres/queries/outbox/enqueue.sql")),
+            read: render(include_str!("store/postgres/queries/outbox/read.sql")),
+            mark_delivered: render(include_str!(
+                "store/postgres/queries/outbox/mark_delivered.sql"
+            )),
+            cleanup: render(include_str!("store/postgres/queries/outbox/cleanup.sql")),
+            pending: render(include_str!("store/postgres/queries/outbox/pending.sql")),
+            ahead: render(include_str!("store/postgres/queries/outbox/ahead.sql")),
+            rebase_delivered: render(include_str!(
+                "store/postgres/queries/outbox/rebase_delivered.sql"
+            )),
+            rebase_pending: render(include_str!(
+                "store/postgres/queries/outbox/rebase_pending.sql"
+            )),
         }
     }
 }
@@ -869,7 +866,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_outbox_query_exists() {
+    fn every_outbox_query_is_rendered() {
         let queries = Queries::new("\"events_outbox\"");
         for (name, sql) in [
             ("table_exists", &queries.table_exists),

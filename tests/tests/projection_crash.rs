@@ -39,8 +39,14 @@ struct Worker {
 
 impl Worker {
     fn spawn(url: &str) -> Worker {
+        Worker::spawn_with(url, 1)
+    }
+
+    /// A worker running the projection in `partitions` partitions.
+    fn spawn_with(url: &str, partitions: u32) -> Worker {
         let child = Command::new(env!("CARGO_BIN_EXE_projection_worker"))
             .arg(url)
+            .arg(partitions.to_string())
             .env_remove("RUST_LOG")
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
@@ -310,4 +316,80 @@ async fn killed_workers_apply_every_event_exactly_once() {
     let dead_letters = store.dead_letters(PROJECTION).await.expect("dead letters");
     assert!(dead_letters.is_empty(), "parked: {dead_letters:#?}");
     println!("done after {:?}", started.elapsed());
+}
+
+/// How many of the projection's units each live owner holds.
+async fn owners(store: &PostgresStore) -> std::collections::BTreeMap<String, usize> {
+    let mut owners = std::collections::BTreeMap::new();
+    for unit in store
+        .units(Some(PROJECTION))
+        .await
+        .expect("read the projection's state")
+    {
+        if let (Some(owner), true) = (unit.owner, unit.lease_valid) {
+            *owners.entry(owner).or_insert(0) += 1;
+        }
+    }
+    owners
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_replacement_of_a_killed_runner_gets_work() {
+    let db = common::TestDb::new("projection_replacement").await;
+    let url = database_url(&db.name);
+    let store = db.store().await;
+    Balances::create_table(store.pool())
+        .await
+        .expect("create account_balances");
+    let mut workers: Vec<Worker> = (0..3).map(|_| Worker::spawn_with(&url, 4)).collect();
+    let live =
+        |workers: &[Worker]| -> Vec<String> { workers.iter().map(|w| w.node.clone()).collect() };
+
+    // Three runners on four partitions: every one of them gets work.
+    let expect_all_working = |names: Vec<String>, what: &'static str| {
+        let store = store.clone();
+        async move {
+            common::eventually(what, Duration::from_secs(20), || {
+                let store = store.clone();
+                let names = names.clone();
+                async move {
+                    let owners = owners(&store).await;
+                    let owned: usize = owners.values().sum();
+                    let all_busy = names.iter().all(|n| owners.get(n).is_some_and(|&c| c >= 1));
+                    let only_live = owners.keys().all(|n| names.contains(n));
+                    if owned == 4 && all_busy && only_live {
+                        Ok(owners)
+                    } else {
+                        Err(format!("{owners:?}"))
+                    }
+                }
+            })
+            .await
+            .0
+        }
+    };
+    let spread = expect_all_working(live(&workers), "3 workers on 4 partitions all working").await;
+    let mut counts: Vec<usize> = spread.values().copied().collect();
+    counts.sort();
+    assert_eq!(counts, [1, 1, 2], "{spread:?}");
+
+    // SIGKILL the one holding two units, start a replacement: once the dead
+    // worker's leases run out, the survivors and the newcomer share the four
+    // units, and the newcomer is not left idle.
+    let (busiest, _) = spread
+        .iter()
+        .max_by_key(|(_, &count)| count)
+        .expect("an owner");
+    let index = workers
+        .iter()
+        .position(|w| &w.node == busiest)
+        .expect("the busiest worker is ours");
+    let mut killed = workers.remove(index);
+    killed.kill();
+    workers.push(Worker::spawn_with(&url, 4));
+    let after = expect_all_working(live(&workers), "the replacement gets work").await;
+    assert!(!after.contains_key(&killed.node), "{after:?}");
+    for worker in &mut workers {
+        assert!(worker.exited().is_none(), "{} exited", worker.node);
+    }
 }

@@ -1,5 +1,6 @@
 //! A projection node for `tests/projection_crash.rs`: runs the example's
-//! `account_balances` projection on the database given as its only argument
+//! `account_balances` projection on the database given as its first argument
+//! (split into the partition count given as the optional second, default 1)
 //! until it is killed. Its node id is `worker-<pid>`; its lease is short (1 s)
 //! so that another worker can take over soon after it dies.
 //!
@@ -19,8 +20,16 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> ExitCode {
     let Some(url) = std::env::args().nth(1) else {
-        eprintln!("usage: projection_worker <database-url>");
+        eprintln!("usage: projection_worker <database-url> [partitions]");
         return ExitCode::from(2);
+    };
+    let partitions = match std::env::args().nth(2).map(|n| n.parse::<u32>()) {
+        None => 1,
+        Some(Ok(n)) if n > 0 => n,
+        Some(_) => {
+            eprintln!("projection_worker: the partition count must be a positive integer");
+            return ExitCode::from(2);
+        }
     };
     std::thread::spawn(|| {
         let mut stdin = std::io::stdin();
@@ -43,7 +52,11 @@ async fn main() -> ExitCode {
         .node_id(format!("worker-{}", std::process::id()))
         .lease_ttl(Duration::from_secs(1))
         .heartbeat_interval(Duration::from_millis(150))
-        .projection(ProjectionOptions::new(Balances::new()).batch_size(20))
+        .projection(
+            ProjectionOptions::new(Balances::new())
+                .batch_size(20)
+                .partitions(partitions),
+        )
         .build()
     {
         Ok(runner) => runner,
