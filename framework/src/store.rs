@@ -11,7 +11,7 @@
 //! | read the log | [`EventLog`] | 6 (1 optional) |
 //! | write in transactions | [`Transactional`] | 3 (1 optional) |
 //! | inline handlers | [`AppendInTransaction`] | 1 |
-//! | projections | [`ProjectionStore`] = [`Checkpoints`] + [`Leases`] + [`DeadLetters`] + [`Inbox`] | 10 + 4 + 5 + 1 |
+//! | projections | [`ProjectionStore`] = [`Checkpoints`] + [`Leases`] + [`DeadLetters`] + [`Inbox`] | 9 + 4 + 5 + 1 |
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;

@@ -89,10 +89,6 @@ async fn units<S: Backend>(store: &S, projection: Option<&str>) -> Vec<UnitRecor
     store.units(projection).await.expect("read the units")
 }
 
-async fn batch<S: Backend>(store: &S, lease: &Lease) -> Option<S::Transaction> {
-    store.begin_batch(lease).await.expect("begin a batch")
-}
-
 async fn inbox<S: Backend>(store: &S, tx: &mut S::Transaction, handler: &str, id: &str) -> bool {
     store
         .inbox_claim(tx, handler, id)
@@ -229,12 +225,8 @@ async fn suite_checkpoints<S: Backend>(store: S) {
         epoch: lease.epoch - 1,
         ..lease.clone()
     };
-    assert!(batch(&store, &stale).await.is_none(), "stale epoch");
-
     let x = one_event(&store, "cp-1").await.checkpoint();
-    let mut tx = batch(&store, &lease)
-        .await
-        .expect("a batch under the epoch");
+    let mut tx = store.begin().await.expect("begin");
     assert!(save(&store, &mut tx, &lease, (Checkpoint::START, x)).await);
     assert_eq!(
         record(&store, &u0).await.checkpoint,
@@ -247,7 +239,7 @@ async fn suite_checkpoints<S: Backend>(store: S) {
 
     // Compare-and-set on the checkpoint, and on the epoch.
     let y = Checkpoint::new(x.transaction_id + 1, x.position + 1);
-    let mut tx = batch(&store, &lease).await.expect("a batch");
+    let mut tx = store.begin().await.expect("begin");
     assert!(
         !save(&store, &mut tx, &lease, (Checkpoint::START, y)).await,
         "a save from a checkpoint that moved is refused"
@@ -328,8 +320,15 @@ async fn suite_checkpoints<S: Backend>(store: S) {
         assert_eq!((u.epoch, u.rebuild_total), (old.epoch + 1, Some(7)));
     }
     assert_eq!(record(&store, &unit("other", 0)).await.epoch, 0);
+    let mut tx = store.begin().await.expect("begin");
     assert!(
-        batch(&store, &lease).await.is_none(),
+        !save(
+            &store,
+            &mut tx,
+            &lease,
+            (Checkpoint::START, Checkpoint::new(1, 1))
+        )
+        .await,
         "the reset fenced the owner"
     );
 }

@@ -3,8 +3,9 @@
 //! error policy.
 //!
 //! A batch's effects outside the database run first, with no transaction
-//! open; then one transaction fences the unit (its epoch), lets the handler
-//! write, and moves the checkpoint from where the batch started. Failures are
+//! open; then one transaction moves the checkpoint from where the batch
+//! started (only under the runner's epoch: the fence), lets the handler
+//! write, and commits. Failures are
 //! classified by the backend: transient and infrastructure failures are
 //! retried with backoff for as long as they last (and shown in status), and
 //! only failures that are the data's fault count towards parking an event.
@@ -313,8 +314,9 @@ impl<S: ProjectionStore> UnitWorker<S> {
         }
     }
 
-    /// The effects, then one transaction: fence the unit, let the handler
-    /// write, move the checkpoint from `from` to `to`, commit.
+    /// The effects, then one transaction: move the checkpoint from `from` to
+    /// `to` under our epoch (first, so the unit is held before the read
+    /// model's rows), let the handler write, commit.
     async fn commit(
         &self,
         events: &[RecordedEvent],
@@ -326,18 +328,16 @@ impl<S: ProjectionStore> UnitWorker<S> {
         if !events.is_empty() {
             self.registered.projection.effects(events).await?;
         }
-        let Some(mut tx) = store.begin_batch(&self.lease).await? else {
-            return Ok(Outcome::Lost);
-        };
-        if !events.is_empty() {
-            self.registered.projection.handle(events, &mut tx).await?;
-        }
+        let mut tx = store.begin().await?;
         if !store
             .save_checkpoint(&mut tx, &self.lease, from, to, events.len() as u64)
             .await?
         {
             drop(tx);
             return Ok(self.refused().await?);
+        }
+        if !events.is_empty() {
+            self.registered.projection.handle(events, &mut tx).await?;
         }
         store.commit(tx).await?;
         store.signal_checkpoints();
@@ -387,9 +387,7 @@ impl<S: ProjectionStore> UnitWorker<S> {
         let mut failures = Backoff::from_policy(&self.registered.retry);
         loop {
             let attempt = async {
-                let Some(mut tx) = store.begin_batch(&self.lease).await? else {
-                    return Ok(Outcome::Lost);
-                };
+                let mut tx = store.begin().await?;
                 if !store
                     .save_checkpoint(&mut tx, &self.lease, from, target, 1)
                     .await?

@@ -540,11 +540,6 @@ impl Checkpoints for MemoryStore {
         Ok(())
     }
 
-    async fn begin_batch(&self, lease: &Lease) -> Result<Option<MemoryTransaction>, StoreError> {
-        let current = self.state().units.get(&lease.unit).map(|u| u.epoch);
-        Ok((current == Some(lease.epoch)).then(MemoryTransaction::default))
-    }
-
     async fn save_checkpoint(
         &self,
         tx: &mut MemoryTransaction,

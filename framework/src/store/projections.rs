@@ -175,21 +175,17 @@ pub trait Checkpoints: Transactional + Clone {
     /// when the projection exists with another partition count; database errors.
     async fn register_projection(&self, name: &str, partitions: u32) -> Result<(), StoreError>;
 
-    /// Starts the transaction of one batch of `lease`'s unit, fenced: the
-    /// unit can change owner only after it ends, while the owner's lease
-    /// renewals never wait for it. `None` (nothing started) when the unit's
-    /// epoch is no longer `lease.epoch`.
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError::Database`].
-    async fn begin_batch(&self, lease: &Lease) -> Result<Option<Self::Transaction>, StoreError>;
-
     /// Moves a unit's checkpoint from `from` to `to` inside `tx`, counting
     /// `processed` events. Returns `false` (and writes nothing) when the
     /// unit's epoch is no longer `lease.epoch` or its checkpoint is no longer
     /// `from` (a retried batch that had in fact committed): the caller must
     /// roll back.
+    ///
+    /// A runner calls it first in a batch's transaction, before the
+    /// handler writes: the unit is then held until the batch ends (a claim
+    /// by another node or a reset waits for it, or skips the unit), while
+    /// lease renewals must not wait for it (keep leases apart from the
+    /// checkpoint, as the PostgreSQL backend's `<events>_leases` table does).
     ///
     /// # Errors
     ///

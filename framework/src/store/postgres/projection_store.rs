@@ -28,7 +28,6 @@ pub(super) struct Queries {
     pub(super) claim: String,
     pub(super) renew: String,
     pub(super) release: String,
-    pub(super) fence: String,
     pub(super) save_checkpoint: String,
     pub(super) set_state: String,
     pub(super) units: String,
@@ -52,7 +51,6 @@ impl Queries {
             claim: names.render(include_str!("queries/claim.sql")),
             renew: names.render(include_str!("queries/renew.sql")),
             release: names.render(include_str!("queries/release.sql")),
-            fence: names.render(include_str!("queries/fence.sql")),
             save_checkpoint: names.render(include_str!("queries/save_checkpoint.sql")),
             set_state: names.render(include_str!("queries/set_state.sql")),
             units: names.render(include_str!("queries/units.sql")),
@@ -212,18 +210,6 @@ impl Checkpoints for PostgresStore {
             .await
             .map_err(db("registering a projection"))?;
         Ok(())
-    }
-
-    async fn begin_batch(&self, lease: &Lease) -> Result<Option<Self::Transaction>, StoreError> {
-        let mut tx = self.begin().await?;
-        let held = sqlx::query(&self.inner.projection_sql.fence)
-            .bind(&lease.unit.projection)
-            .bind(lease.unit.partition as i32)
-            .bind(to_i64(lease.epoch))
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db("fencing a projection batch"))?;
-        Ok(held.map(|_| tx))
     }
 
     async fn save_checkpoint(
@@ -522,6 +508,7 @@ mod tests {
         for placeholder in [
             "{events}",
             "{projections}",
+            "{leases}",
             "{nodes}",
             "{dead_letters}",
             "{inbox}",

@@ -30,8 +30,8 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     ),
     (
         5,
-        "lease fence: the epoch is part of a key",
-        include_str!("migrations/005_lease_fence.sql"),
+        "leases in a table of their own",
+        include_str!("migrations/005_leases.sql"),
     ),
 ];
 
@@ -65,7 +65,7 @@ impl Names {
             .derived("dead_letters", "dead letters table")?
             .quoted();
         let dead_letters_idx = unqualified(events.derived("dl_idx", "dead letters index name")?);
-        let epoch_key = unqualified(events.derived("epoch_key", "projections epoch key name")?);
+        let leases = events.derived("leases", "leases table")?.quoted();
         let inbox = events.derived("inbox", "inbox table")?.quoted();
         let outbox = events.derived("outbox", "outbox table")?.quoted();
         let outbox_log_idx = unqualified(events.derived("ob_log_idx", "outbox log index name")?);
@@ -81,7 +81,7 @@ impl Names {
             ("{events_log_idx}", log_idx),
             ("{events_type_log_idx}", type_log_idx),
             ("{dead_letters_projection_idx}", dead_letters_idx),
-            ("{projections_epoch_key}", epoch_key),
+            ("{leases}", leases),
             ("{dead_letters}", dead_letters),
             ("{projections}", projections),
             ("{nodes}", nodes),

@@ -1,21 +1,27 @@
 -- Takes a unit that is free, whose lease ran out, or that this node holds.
 -- A new owner gets a new epoch, which fences the previous owner's commits.
--- A unit whose batch is still running (its row is locked) is skipped, not
--- waited for: the claim is tried again at the next heartbeat.
-WITH target AS (
-    SELECT p.projection, p.partition
+-- A unit whose batch is in flight (its row is locked) is skipped, not waited
+-- for: the claim is tried again at the next heartbeat.
+WITH unit AS (
+    SELECT p.projection, p.partition,
+           COALESCE(l.owner = $3 AND l.lease_until > now(), false) AS held
       FROM {projections} p
+      LEFT JOIN {leases} l ON l.projection = p.projection AND l.partition = p.partition
      WHERE p.projection = $1 AND p.partition = $2
        AND p.state <> 'stopped'
-       AND (p.owner IS NULL OR p.lease_until IS NULL OR p.lease_until < now() OR p.owner = $3)
-       FOR UPDATE SKIP LOCKED
+       AND (l.owner IS NULL OR l.lease_until IS NULL OR l.lease_until < now() OR l.owner = $3)
+       FOR UPDATE OF p SKIP LOCKED
+), claimed AS (
+    UPDATE {projections} AS p
+       SET epoch = CASE WHEN u.held THEN p.epoch ELSE p.epoch + 1 END,
+           updated_at = now()
+      FROM unit u
+     WHERE p.projection = u.projection AND p.partition = u.partition
+    RETURNING p.projection, p.partition, p.epoch, p.transaction_id, p.position, p.paused
+), leased AS (
+    INSERT INTO {leases} (projection, partition, owner, lease_until)
+    SELECT c.projection, c.partition, $3, now() + make_interval(secs => $4) FROM claimed c
+    ON CONFLICT (projection, partition)
+    DO UPDATE SET owner = EXCLUDED.owner, lease_until = EXCLUDED.lease_until
 )
-UPDATE {projections} AS p
-   SET owner = $3,
-       epoch = CASE WHEN p.owner IS NOT DISTINCT FROM $3 AND p.lease_until > now()
-                    THEN p.epoch ELSE p.epoch + 1 END,
-       lease_until = now() + make_interval(secs => $4),
-       updated_at = now()
-  FROM target t
- WHERE p.projection = t.projection AND p.partition = t.partition
-RETURNING p.epoch, p.transaction_id::text AS txid, p.position, p.paused
+SELECT c.epoch, c.transaction_id::text AS txid, c.position, c.paused FROM claimed c

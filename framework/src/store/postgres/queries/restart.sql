@@ -1,3 +1,10 @@
-UPDATE {projections} AS p
-   SET state = 'idle', last_error = NULL, owner = NULL, lease_until = NULL, updated_at = now()
- WHERE p.projection = $1 AND p.state = 'stopped'
+WITH restarted AS (
+    UPDATE {projections} AS p
+       SET state = 'idle', last_error = NULL, updated_at = now()
+     WHERE p.projection = $1 AND p.state = 'stopped'
+    RETURNING p.projection, p.partition
+)
+UPDATE {leases} AS l
+   SET owner = NULL, lease_until = NULL
+  FROM restarted r
+ WHERE l.projection = r.projection AND l.partition = r.partition
