@@ -1,13 +1,16 @@
 //! The backend side of projections: checkpoints guarded by leases, dead
 //! letters and the inbox, each a small role trait.
 //!
-//! Each projection partition (a *unit*) has one row of state: its checkpoint,
-//! its owner and lease, an `epoch` that grows with every change of owner, its
-//! state and last error. A runner writes a batch's read-model changes and the
-//! unit's new checkpoint in one transaction, and the checkpoint write only
-//! succeeds while the unit's epoch is still the one the runner claimed: a
+//! Each projection partition (a *unit*) has its state: its checkpoint, an
+//! `epoch` that grows with every change of owner, its state and last error;
+//! and its lease: the owner and until when (kept apart from the checkpoint,
+//! so that renewing it never waits for a batch). A runner writes a batch's
+//! read-model changes and the unit's new checkpoint in one transaction, and
+//! the checkpoint write only succeeds while the unit's epoch is still the one
+//! the runner claimed and the checkpoint is still where the batch started: a
 //! runner that lost its lease (it stalled, its node was cut off) cannot commit
-//! a batch after another runner took over, so no event is applied twice.
+//! a batch after another runner took over, and a batch retried after a lost
+//! commit acknowledgement is not applied twice.
 
 use std::time::Duration;
 
