@@ -138,7 +138,7 @@ impl Projection<PostgresStore> for Balances {
         // Fold the batch per account in memory, then write once.
         let mut changes: HashMap<&str, (Option<String>, i64, i64, bool)> = HashMap::new();
         for event in events {
-            let payload = event.decode_payload::<BankAccount>(&[])?;
+            let payload = event.decode_payload::<BankAccount>()?;
             let change = changes.entry(&event.aggregate_id).or_default();
             change.2 += 1;
             match payload {

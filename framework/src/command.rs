@@ -6,10 +6,13 @@
 //! applies each event while `handle` runs, so the aggregate after `handle` *is*
 //! the new state, and that is what a snapshot stores.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::Aggregate;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::error::{CommandError, EventRef, HandlerError, StoreError};
@@ -98,7 +101,22 @@ pub struct CommandBus<A: Aggregate, S: EventStore> {
     cache: Option<std::sync::Mutex<AggregateCache<A>>>,
 }
 
+impl<A: Aggregate, S: EventStore + std::fmt::Debug> std::fmt::Debug for CommandBus<A, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CommandBus")
+            .field("aggregate_type", &A::TYPE)
+            .field("store", &self.store)
+            .field("snapshot_every", &self.snapshot_every)
+            .field("upcasters", &self.upcasters.len())
+            .field("inline", &self.inline.is_some())
+            .field("publishes", &self.publish.is_some())
+            .field("cache", &self.cache.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 /// Builds a [`CommandBus`].
+#[must_use = "a builder does nothing until it is built"]
 pub struct CommandBusBuilder<A: Aggregate, S: EventStore> {
     store: S,
     services: A::Services,
@@ -107,6 +125,20 @@ pub struct CommandBusBuilder<A: Aggregate, S: EventStore> {
     inline: Option<Box<dyn InlinePath<A>>>,
     publish: Option<EventBus>,
     cache: usize,
+}
+
+impl<A: Aggregate, S: EventStore + std::fmt::Debug> std::fmt::Debug for CommandBusBuilder<A, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CommandBusBuilder")
+            .field("aggregate_type", &A::TYPE)
+            .field("store", &self.store)
+            .field("snapshot_every", &self.snapshot_every)
+            .field("upcasters", &self.upcasters.len())
+            .field("inline", &self.inline.is_some())
+            .field("publishes", &self.publish.is_some())
+            .field("cache", &self.cache)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<A: Aggregate, S: EventStore> CommandBusBuilder<A, S> {
@@ -374,6 +406,73 @@ where
         command: A::Command,
         context: CommandContext,
     ) -> Result<Committed<A>, CommandError<A::Error>> {
+        let span = tracing::info_span!(
+            "command",
+            aggregate_type = A::TYPE,
+            aggregate_id,
+            outcome = tracing::field::Empty,
+            events = tracing::field::Empty,
+        );
+        let started = Instant::now();
+        let result = self
+            .run_command(aggregate_id, command, context)
+            .instrument(span.clone())
+            .await;
+        let outcome = match &result {
+            Ok(_) => "committed",
+            Err(CommandError::Rejected(_)) => "rejected",
+            Err(error) if error.is_conflict() => "conflict",
+            Err(_) => "failed",
+        };
+        span.record("outcome", outcome);
+        if let Ok(committed) = &result {
+            span.record("events", committed.events.len());
+        }
+        metrics::counter!("outflow_commands_total", "aggregate_type" => A::TYPE, "outcome" => outcome)
+            .increment(1);
+        metrics::histogram!("outflow_command_seconds", "aggregate_type" => A::TYPE)
+            .record(started.elapsed().as_secs_f64());
+        if let Err(error) = &result {
+            match error {
+                CommandError::Rejected(_) => {
+                    tracing::debug!(parent: &span, error = %crate::error::error_chain(error), "command rejected");
+                }
+                _ if error.is_conflict() => {
+                    metrics::counter!("outflow_command_conflicts_total", "aggregate_type" => A::TYPE)
+                        .increment(1);
+                    tracing::debug!(parent: &span, error = %crate::error::error_chain(error), "command lost a concurrency race");
+                }
+                _ => {
+                    tracing::warn!(parent: &span, error = %crate::error::error_chain(error), "command failed");
+                }
+            }
+        }
+        result
+    }
+
+    /// Runs `command` with `metadata` on every event it writes (the
+    /// cqrs-es `execute_with_metadata`).
+    ///
+    /// # Errors
+    ///
+    /// As [`execute`](Self::execute).
+    pub async fn execute_with_metadata(
+        &self,
+        aggregate_id: &str,
+        command: A::Command,
+        metadata: HashMap<String, String>,
+    ) -> Result<Committed<A>, CommandError<A::Error>> {
+        let mut context = CommandContext::new();
+        context.metadata = metadata;
+        self.execute_with(aggregate_id, command, context).await
+    }
+
+    async fn run_command(
+        &self,
+        aggregate_id: &str,
+        command: A::Command,
+        context: CommandContext,
+    ) -> Result<Committed<A>, CommandError<A::Error>> {
         // A cached aggregate is taken out while its command runs: a rejected
         // or failed command drops it (its state may hold half a command).
         let cached = self.cache.as_ref().and_then(|cache| {
@@ -439,8 +538,23 @@ where
         })
     }
 
-    /// Runs `command`, retrying up to `attempts` times in all when it loses a
-    /// concurrency race (another writer appended to the aggregate first).
+    /// Runs the command that `command` makes, retrying up to `attempts`
+    /// times in all when it loses a concurrency race (another writer appended
+    /// to the aggregate first): each attempt reloads the aggregate and makes
+    /// the command anew, so commands need not be `Clone`.
+    ///
+    /// ```
+    /// # use outflow::doc_fixture::*;
+    /// # use outflow::{CommandBus, MemoryStore};
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let bus: CommandBus<Counter, _> = CommandBus::new(MemoryStore::new(), ());
+    /// let done = bus
+    ///     .execute_retrying("c-1", 3, || CounterCommand::Increment { by: 1 })
+    ///     .await?;
+    /// assert_eq!(done.version, 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
     ///
     /// # Errors
     ///
@@ -448,21 +562,34 @@ where
     pub async fn execute_retrying(
         &self,
         aggregate_id: &str,
-        command: A::Command,
+        attempts: u32,
+        command: impl FnMut() -> A::Command,
+    ) -> Result<Committed<A>, CommandError<A::Error>> {
+        self.execute_retrying_with(aggregate_id, CommandContext::new(), attempts, command)
+            .await
+    }
+
+    /// As [`execute_retrying`](Self::execute_retrying), with a context (the
+    /// same correlation and causation on every attempt).
+    ///
+    /// # Errors
+    ///
+    /// As [`execute`](Self::execute); the conflict of the last attempt when all lose.
+    pub async fn execute_retrying_with(
+        &self,
+        aggregate_id: &str,
         context: CommandContext,
         attempts: u32,
-    ) -> Result<Committed<A>, CommandError<A::Error>>
-    where
-        A::Command: Clone,
-    {
+        mut command: impl FnMut() -> A::Command,
+    ) -> Result<Committed<A>, CommandError<A::Error>> {
         let mut attempt = 1;
         loop {
             match self
-                .execute_with(aggregate_id, command.clone(), context.clone())
+                .execute_with(aggregate_id, command(), context.clone())
                 .await
             {
                 Err(error) if error.is_conflict() && attempt < attempts.max(1) => {
-                    tracing::debug!(aggregate_id, attempt, "retrying after conflict: {error}");
+                    tracing::debug!(error = %crate::error::error_chain(&error), aggregate_id, attempt, "retrying after conflict");
                     attempt += 1;
                 }
                 result => return result,
@@ -486,11 +613,11 @@ where
                 Ok(aggregate) => (aggregate, snapshot.version),
                 Err(error) => {
                     // A snapshot of an older shape of the aggregate: fold from the start.
-                    tracing::warn!(
+                    tracing::warn!(error = %crate::error::error_chain(&error),
                         aggregate_type = A::TYPE,
                         aggregate_id,
                         version = snapshot.version,
-                        "snapshot does not deserialize, replaying all events: {error}"
+                        "snapshot does not deserialize, replaying all events"
                     );
                     loaded = self.store.load(A::TYPE, aggregate_id, false).await?;
                     (A::default(), 0)
@@ -571,10 +698,10 @@ where
         let state = match serde_json::to_value(aggregate) {
             Ok(state) => state,
             Err(error) => {
-                tracing::warn!(
+                tracing::warn!(error = %crate::error::error_chain(&error),
                     aggregate_type = A::TYPE,
                     aggregate_id,
-                    "snapshot not serializable: {error}"
+                    "snapshot not serializable"
                 );
                 return;
             }
@@ -590,11 +717,11 @@ where
             })
             .await
         {
-            tracing::warn!(
+            tracing::warn!(error = %crate::error::error_chain(&error),
                 aggregate_type = A::TYPE,
                 aggregate_id,
                 version,
-                "snapshot not saved: {error}"
+                "snapshot not saved"
             );
         }
     }

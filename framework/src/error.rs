@@ -162,7 +162,7 @@ pub enum StoreError {
     #[error("configuration: {0}")]
     Config(#[from] ConfigError),
     /// A stored payload or metadata did not deserialize into the event type.
-    #[error("{event} did not deserialize: {source}")]
+    #[error("{event} did not deserialize")]
     Deserialize {
         /// The event.
         event: Box<EventRef>,
@@ -170,8 +170,29 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
+    /// A stored row whose payload or metadata is not JSON that Outflow can
+    /// read (the database accepted what `serde_json` refuses: a lone
+    /// surrogate escape, a number out of range, nesting deeper than 128, a
+    /// metadata value that is not a string). The log treats it as a poison
+    /// event: a projection parks it or stops on it, per its policy, and
+    /// handles the events around it.
+    #[error("the {what} of {event} (event {event_id}) does not decode")]
+    Undecodable {
+        /// The event.
+        event: Box<EventRef>,
+        /// The event's id.
+        event_id: uuid::Uuid,
+        /// The id of the transaction that wrote it (with
+        /// [`EventRef::position`], its place in the global log).
+        transaction_id: u64,
+        /// `"payload"` or `"metadata"`.
+        what: &'static str,
+        /// The JSON error.
+        #[source]
+        source: serde_json::Error,
+    },
     /// The stored event type is not a variant of the aggregate's event enum.
-    #[error("{event} has an event type the aggregate does not know: {source}")]
+    #[error("{event} has an event type the aggregate does not know")]
     UnknownEventType {
         /// The event.
         event: Box<EventRef>,
@@ -190,7 +211,7 @@ pub enum StoreError {
         message: String,
     },
     /// An event or aggregate did not serialize to JSON.
-    #[error("{what} of {aggregate_type} `{aggregate_id}` did not serialize: {source}")]
+    #[error("{what} of {aggregate_type} `{aggregate_id}` did not serialize")]
     Serialize {
         /// What was serialized (event payload, snapshot, metadata).
         what: &'static str,
@@ -212,7 +233,7 @@ pub enum StoreError {
         what: String,
     },
     /// A schema migration failed.
-    #[error("migration {version} ({name}) failed: {source}")]
+    #[error("migration {version} ({name}) failed")]
     Migration {
         /// Migration version.
         version: i32,
@@ -223,7 +244,7 @@ pub enum StoreError {
         source: BoxError,
     },
     /// The database reported an error or the connection failed.
-    #[error("{operation} failed ({kind}): {source}")]
+    #[error("{operation} failed ({kind} error)")]
     Database {
         /// What Outflow was doing.
         operation: &'static str,
@@ -252,6 +273,7 @@ impl StoreError {
             | StoreError::Migration { .. } => ErrorKind::Infrastructure,
             StoreError::InvalidAppend { .. }
             | StoreError::Deserialize { .. }
+            | StoreError::Undecodable { .. }
             | StoreError::UnknownEventType { .. }
             | StoreError::Upcast { .. }
             | StoreError::Serialize { .. }
@@ -346,7 +368,7 @@ pub enum ConfigError {
 #[non_exhaustive]
 pub enum CommandError<E: std::error::Error + 'static> {
     /// The aggregate's `handle` returned an error; nothing was written.
-    #[error("command rejected: {0}")]
+    #[error("command rejected")]
     Rejected(#[source] E),
     /// Loading or appending failed; see [`StoreError::is_conflict`] for
     /// concurrency conflicts.
@@ -380,9 +402,32 @@ impl<E: std::error::Error + 'static> CommandError<E> {
 /// The error of a handler (projection, inline handler, message handler): any
 /// error, with its chain of causes, and optionally a classification.
 ///
-/// Any `std::error::Error + Send + Sync` converts into it, so `?` works on
-/// sqlx, serde and Outflow errors inside handlers; so do `anyhow::Error` and
-/// `Box<dyn Error + Send + Sync>` through [`HandlerError::new`].
+/// `?` converts any error into it inside handlers: every
+/// `std::error::Error + Send + Sync` (sqlx, serde, Outflow's own),
+/// `anyhow::Error`, `Box<dyn Error + Send + Sync>`, and plain messages. Out
+/// of a handler, `?` turns it into `anyhow::Error` or `Box<dyn Error>`, and
+/// [`into_error`](Self::into_error) into `Box<dyn Error + Send + Sync>`; the
+/// causes are kept either way.
+///
+/// ```
+/// use outflow::error::HandlerError;
+///
+/// fn with_anyhow() -> Result<(), HandlerError> {
+///     Err(anyhow::anyhow!("remote said no"))?;
+///     Ok(())
+/// }
+/// fn with_box() -> Result<(), HandlerError> {
+///     let boxed: Box<dyn std::error::Error + Send + Sync> = "bad amount".into();
+///     Err(boxed)?;
+///     Ok(())
+/// }
+/// fn caller() -> anyhow::Result<()> {
+///     with_anyhow()?;
+///     Ok(())
+/// }
+/// assert_eq!(with_box().unwrap_err().to_string(), "bad amount");
+/// assert_eq!(caller().unwrap_err().to_string(), "remote said no");
+/// ```
 ///
 /// Whose fault a failure is decides what the runner does: the backend that
 /// ran the handler's transaction classifies its own errors (a missing table
@@ -455,9 +500,17 @@ impl HandlerError {
         &*self.source
     }
 
-    /// Turns it back into the boxed error it wraps.
+    /// Turns it back into the boxed error it wraps (without the kind).
     pub fn into_inner(self) -> BoxError {
         self.source
+    }
+
+    /// Turns it into a boxed `std::error::Error` whose causes are the
+    /// wrapped error's: for functions that return
+    /// `Box<dyn Error + Send + Sync>`. (`?` converts it into `anyhow::Error`
+    /// and `Box<dyn Error>` directly.)
+    pub fn into_error(self) -> BoxError {
+        Box::new(HandlerErrorChain(self))
     }
 
     /// The error and its causes, outermost first, joined with `: `.
@@ -496,18 +549,26 @@ impl HandlerError {
     }
 }
 
-impl<E: std::error::Error + Send + Sync + 'static> From<E> for HandlerError {
+impl<E: Into<BoxError>> From<E> for HandlerError {
+    /// Any error converts: `std::error::Error` types, `anyhow::Error`,
+    /// `Box<dyn Error + Send + Sync>`, and messages (`String`, `&str`).
     fn from(error: E) -> Self {
         HandlerError {
-            source: Box::new(error),
+            source: error.into(),
             kind: None,
         }
     }
 }
 
-impl From<HandlerError> for BoxError {
+impl From<HandlerError> for anyhow::Error {
     fn from(error: HandlerError) -> Self {
-        Box::new(HandlerErrorChain(error))
+        anyhow::Error::from_boxed(error.into_error())
+    }
+}
+
+impl From<HandlerError> for Box<dyn std::error::Error + 'static> {
+    fn from(error: HandlerError) -> Self {
+        error.into_error()
     }
 }
 
@@ -547,9 +608,29 @@ fn causes<'a>(
     std::iter::successors(Some(error), |error| error.source())
 }
 
-/// An error and its causes, outermost first, joined with `: ` (a cause whose
-/// text its wrapper already ends with is not repeated).
-pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+/// An error and its causes, outermost first, joined with `: `: how Outflow
+/// writes errors into logs and status.
+///
+/// Outflow's errors follow one convention: `Display` is the error's own
+/// message, and the cause comes from [`source`](std::error::Error::source),
+/// so every message appears once (also with `anyhow`'s `{:#}`). A cause
+/// whose text its wrapper already ends with (some drivers print their cause
+/// as well) is not repeated.
+///
+/// ```
+/// use outflow::error::{error_chain, ErrorKind, StoreError};
+/// let error = StoreError::database(
+///     "appending events",
+///     ErrorKind::Transient,
+///     std::io::Error::other("connection reset"),
+/// );
+/// assert_eq!(error.to_string(), "appending events failed (transient error)");
+/// assert_eq!(
+///     error_chain(&error),
+///     "appending events failed (transient error): connection reset"
+/// );
+/// ```
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = String::new();
     for cause in causes(error) {
         let next = cause.to_string();

@@ -111,14 +111,26 @@ impl RecordedEvent {
         }
     }
 
-    /// Only the typed payload, upcast if needed: what a batch projection that
-    /// needs nothing else from the envelope wants. When no upcaster applies,
+    /// Only the typed payload: what a batch projection that needs nothing
+    /// else from the envelope wants. Deserialized in place, without copying
+    /// it; see [`decode_payload_with`](Self::decode_payload_with) for stored
+    /// events of older versions.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Deserialize`] or [`StoreError::UnknownEventType`], naming
+    /// the event.
+    pub fn decode_payload<A: Aggregate>(&self) -> Result<A::Event, StoreError> {
+        self.decode_payload_with::<A>(&[])
+    }
+
+    /// Only the typed payload, upcast if needed. When no upcaster applies,
     /// the payload is deserialized in place, without copying it.
     ///
     /// # Errors
     ///
     /// As [`decode`](Self::decode).
-    pub fn decode_payload<A: Aggregate>(
+    pub fn decode_payload_with<A: Aggregate>(
         &self,
         upcasters: &[Box<dyn Upcaster>],
     ) -> Result<A::Event, StoreError> {
@@ -149,7 +161,7 @@ impl RecordedEvent {
         {
             return self.clone().decode(upcasters);
         }
-        let payload = self.decode_payload::<A>(&[])?;
+        let payload = self.decode_payload::<A>()?;
         Ok(Envelope {
             event_id: self.event_id,
             aggregate_id: self.aggregate_id.clone(),

@@ -39,7 +39,9 @@ impl RecordedState {
         }
         match store.set_state(lease, next.0, next.1.as_deref()).await {
             Ok(()) => self.current = Some(next),
-            Err(error) => tracing::debug!(unit = %lease.unit, %error, "recording the state failed"),
+            Err(error) => {
+                tracing::debug!(unit = %lease.unit, error = %crate::error::error_chain(&error), "recording the state failed")
+            }
         }
     }
 }
@@ -62,7 +64,7 @@ pub(crate) async fn register<C: Checkpoints>(
             Ok(()) => return Ok(true),
             Err(error @ StoreError::Config(_)) => return Err(error),
             Err(error) => {
-                tracing::warn!(unit = name, %error, "registering failed");
+                tracing::warn!(unit = name, error = %crate::error::error_chain(&error), "registering failed");
                 if error.kind() == ErrorKind::Infrastructure && backoff.failures() >= 10 {
                     return Err(error);
                 }

@@ -43,6 +43,7 @@
 //!   `postgres` feature (on by default), [`PostgresStore`] (PostgreSQL 13+,
 //!   compatible with `postgres-es`'s schema). Errors say whose fault they
 //!   are ([`ErrorKind`]), as classified by the backend that raised them.
+#![warn(missing_debug_implementations)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs)]
 

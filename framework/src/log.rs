@@ -33,9 +33,16 @@ pub trait EventLog: Send + Sync + 'static {
     /// order, filtered by `filter`. Never returns an event a concurrent
     /// transaction could still place before the last one returned.
     ///
+    /// A stored row whose payload or metadata does not decode ends the read
+    /// early: the events before it are returned (fewer than `limit`, although
+    /// more follow), and a read that starts at it fails with
+    /// [`StoreError::Undecodable`] naming it. A reader can then handle every
+    /// good event and treat the bad one as a poison event.
+    ///
     /// # Errors
     ///
-    /// [`StoreError::Database`] or [`StoreError::Corrupt`].
+    /// [`StoreError::Undecodable`] when the first row after `after` does not
+    /// decode; [`StoreError::Database`] or [`StoreError::Corrupt`].
     async fn read_log(
         &self,
         after: Checkpoint,
@@ -103,8 +110,10 @@ pub struct OldestTransaction {
     pub age: Duration,
     /// Its state (`active`, `idle in transaction`, ...).
     pub state: Option<String>,
-    /// The start of its current query.
+    /// The start of its current (or last) query's text.
     pub query: Option<String>,
+    /// When its current (or last) query started.
+    pub query_start: Option<DateTime<Utc>>,
 }
 
 impl OldestTransaction {
@@ -122,8 +131,34 @@ impl OldestTransaction {
             age,
             state,
             query,
+            query_start: None,
         }
     }
+
+    /// The same, with when its current query started.
+    #[must_use]
+    pub fn with_query_start(mut self, query_start: Option<DateTime<Utc>>) -> Self {
+        self.query_start = query_start;
+        self
+    }
+}
+
+/// A checkpoint after every position: counting up to it counts every
+/// committed event, also those that an open transaction still hides from
+/// log readers.
+pub(crate) const END: Checkpoint = Checkpoint::new(i64::MAX as u64, i64::MAX as u64);
+
+/// The open transaction that committed events matching `filter` wait
+/// behind, if any do (events after the readable `head`).
+pub(crate) async fn holding_back<L: EventLog + ?Sized>(
+    log: &L,
+    filter: &LogFilter,
+    head: Checkpoint,
+) -> Result<Option<OldestTransaction>, StoreError> {
+    if log.count_events(filter, head, END, 1).await? == 0 {
+        return Ok(None);
+    }
+    log.oldest_open_transaction().await
 }
 
 /// Reads the one event at `checkpoint`, if it is still in the log and visible.

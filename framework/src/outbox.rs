@@ -315,6 +315,7 @@ impl Drop for Inner {
 
 /// Builds an [`Outbox`].
 #[derive(Debug)]
+#[must_use = "a builder does nothing until it is built"]
 pub struct OutboxBuilder {
     store: PostgresStore,
     events_table: String,

@@ -174,6 +174,16 @@ pub struct Typed<A, S, H> {
     _types: PhantomData<fn() -> (A, S)>,
 }
 
+impl<A: Aggregate, S, H> std::fmt::Debug for Typed<A, S, H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Typed")
+            .field("aggregate_type", &A::TYPE)
+            .field("handler", &std::any::type_name::<H>())
+            .field("upcasters", &self.upcasters.len())
+            .finish()
+    }
+}
+
 /// Wraps a typed handler as a projection.
 pub fn typed<A, S, H>(handler: H) -> Typed<A, S, H>
 where
@@ -230,6 +240,7 @@ where
 
 /// What happens to an event whose handler still fails after every retry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum OnError {
     /// Park it in the dead-letter table and go on with the next event
     /// (list, retry or discard it later).
@@ -241,12 +252,25 @@ pub enum OnError {
 }
 
 /// A projection with its runner settings.
+#[must_use = "a builder does nothing until it is built"]
 pub struct ProjectionOptions<S: Transactional> {
     pub(crate) projection: Arc<dyn Projection<S>>,
     pub(crate) partitions: u32,
     pub(crate) batch_size: usize,
     pub(crate) retry: RetryPolicy,
     pub(crate) on_error: OnError,
+}
+
+impl<S: Transactional> std::fmt::Debug for ProjectionOptions<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProjectionOptions")
+            .field("name", &self.projection.name())
+            .field("partitions", &self.partitions)
+            .field("batch_size", &self.batch_size)
+            .field("retry", &self.retry)
+            .field("on_error", &self.on_error)
+            .finish()
+    }
 }
 
 impl<S: Transactional> ProjectionOptions<S> {

@@ -172,7 +172,7 @@ impl NodeEvents {
                     }
                     Ok(_) => failures.reset(),
                     Err(error) => {
-                        tracing::warn!(%error, "node events: reading the log failed");
+                        tracing::warn!(error = %crate::error::error_chain(&error), "node events: reading the log failed");
                         if !failures.wait(&token).await {
                             return;
                         }

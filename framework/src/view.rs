@@ -59,6 +59,17 @@ pub struct ViewProjection<A: Aggregate, V> {
     _view: PhantomData<fn() -> V>,
 }
 
+impl<A: Aggregate, V> std::fmt::Debug for ViewProjection<A, V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ViewProjection")
+            .field("name", &self.name)
+            .field("table", &self.table)
+            .field("aggregate_type", &A::TYPE)
+            .field("view", &std::any::type_name::<V>())
+            .finish_non_exhaustive()
+    }
+}
+
 impl<A, V> ViewProjection<A, V>
 where
     A: Aggregate + 'static,

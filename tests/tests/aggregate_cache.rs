@@ -5,7 +5,7 @@
 mod common;
 
 use example_accounts::{BankAccount, BankCommand, BankError};
-use outflow::{CommandBus, CommandContext, CommandError, MemoryStore, PostgresStore};
+use outflow::{CommandBus, CommandError, MemoryStore, PostgresStore};
 
 async fn cached_bus_behaves<S: outflow::Backend>(store: S) {
     let cached = CommandBus::<BankAccount, _>::builder(store.clone(), ())
@@ -58,12 +58,7 @@ async fn cached_bus_behaves<S: outflow::Backend>(store: S) {
         "a stale cached aggregate must conflict, got {stale:?}"
     );
     let retried = cached
-        .execute_retrying(
-            "a",
-            BankCommand::Withdraw { amount: 130 },
-            CommandContext::new(),
-            3,
-        )
+        .execute_retrying("a", 3, || BankCommand::Withdraw { amount: 130 })
         .await
         .expect("the retry sees the other writer's deposit");
     assert_eq!(retried.version, 9);

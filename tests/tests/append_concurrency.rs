@@ -108,12 +108,9 @@ async fn retrying_writers_all_get_through_without_losing_a_deposit() {
         let barrier = barrier.clone();
         tasks.push(tokio::spawn(async move {
             barrier.wait().await;
-            bus.execute_retrying(
-                "acc",
-                BankCommand::Deposit { amount: 1 },
-                CommandContext::new(),
-                200,
-            )
+            bus.execute_retrying_with("acc", CommandContext::new(), 200, || BankCommand::Deposit {
+                amount: 1,
+            })
             .await
         }));
     }

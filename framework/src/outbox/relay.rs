@@ -93,6 +93,7 @@ impl Drop for RunningGuard<'_> {
 }
 
 /// Builds an [`OutboxRelay`].
+#[must_use = "a builder does nothing until it is built"]
 pub struct OutboxRelayBuilder {
     outbox: Outbox,
     sink: Arc<dyn OutboxSink>,
@@ -345,8 +346,8 @@ impl OutboxRelay {
                     match exit {
                         Exit::Shutdown => {
                             if let Err(error) = holder.release(store, &held.lease).await {
-                                tracing::warn!(
-                                    "releasing the outbox lease failed (it will expire): {error}"
+                                tracing::warn!(error = %crate::error::error_chain(&error),
+                                    "releasing the outbox lease failed (it will expire)"
                                 );
                             }
                             return;
@@ -355,7 +356,9 @@ impl OutboxRelay {
                     }
                 }
                 Ok(None) => {}
-                Err(error) => tracing::warn!("claiming the outbox lease failed: {error}"),
+                Err(error) => {
+                    tracing::warn!(error = %crate::error::error_chain(&error), "claiming the outbox lease failed")
+                }
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -406,7 +409,9 @@ impl OutboxRelay {
                         return;
                     }
                 },
-                Ok(Err(error)) => tracing::warn!("renewing the outbox lease failed: {error}"),
+                Ok(Err(error)) => {
+                    tracing::warn!(error = %crate::error::error_chain(&error), "renewing the outbox lease failed")
+                }
                 Err(_) => tracing::warn!("renewing the outbox lease timed out"),
             }
             if Instant::now() >= held.valid_until() {
@@ -443,7 +448,7 @@ impl OutboxRelay {
                     Ok(true) => Instant::now(),
                     Ok(false) => Instant::now() + shared.cleanup_interval,
                     Err(error) => {
-                        tracing::warn!("outbox cleanup failed: {error}");
+                        tracing::warn!(error = %crate::error::error_chain(&error), "outbox cleanup failed");
                         Instant::now() + shared.cleanup_interval
                     }
                 };
@@ -455,13 +460,13 @@ impl OutboxRelay {
                 }
                 Err(error) => {
                     failures += 1;
-                    tracing::warn!("reading the outbox failed: {error}");
+                    tracing::warn!(error = %crate::error::error_chain(&error), "reading the outbox failed");
                     state
                         .set(
                             self.shared.outbox.store(),
                             &held.lease,
                             ProjectionState::Retrying,
-                            Some(error.to_string()),
+                            Some(crate::error::error_chain(&error)),
                         )
                         .await;
                     if let Some(exit) = self
@@ -606,13 +611,13 @@ impl OutboxRelay {
                 }
                 Err(error) => {
                     failures += 1;
-                    tracing::warn!("recording an outbox delivery failed: {error}");
+                    tracing::warn!(error = %crate::error::error_chain(&error), "recording an outbox delivery failed");
                     state
                         .set(
                             self.shared.outbox.store(),
                             &held.lease,
                             ProjectionState::Retrying,
-                            Some(error.to_string()),
+                            Some(crate::error::error_chain(&error)),
                         )
                         .await;
                     if let Some(exit) = self
@@ -674,7 +679,7 @@ async fn listen(outbox: &Outbox, stop: &CancellationToken) {
         match listen_once(outbox, stop).await {
             Ok(()) => backoff.reset(),
             Err(error) => {
-                tracing::warn!(channel = %outbox.channel(), "outbox listener failed, reconnecting: {error}");
+                tracing::warn!(error = %crate::error::error_chain(&error), channel = %outbox.channel(), "outbox listener failed, reconnecting");
             }
         }
         if stop.is_cancelled() || !backoff.wait(stop).await {

@@ -173,6 +173,7 @@ impl<S: ProjectionStore> std::fmt::Debug for JetStreamConsumer<S> {
 }
 
 /// Builds a [`JetStreamConsumer`].
+#[must_use = "a builder does nothing until it is built"]
 pub struct JetStreamConsumerBuilder<S: ProjectionStore> {
     context: Context,
     stream: String,
@@ -186,6 +187,20 @@ pub struct JetStreamConsumerBuilder<S: ProjectionStore> {
     batch_size: usize,
     backoff: RetryPolicy,
     pull_expires: Duration,
+}
+
+impl<S: ProjectionStore> std::fmt::Debug for JetStreamConsumerBuilder<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JetStreamConsumerBuilder")
+            .field("stream", &self.stream)
+            .field("name", &self.name)
+            .field("filter_subject", &self.filter_subject)
+            .field("max_deliver", &self.max_deliver)
+            .field("ack_wait", &self.ack_wait)
+            .field("batch_size", &self.batch_size)
+            .field("dead_letters", &self.dead_letters.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl<S: ProjectionStore> JetStreamConsumerBuilder<S> {
@@ -438,7 +453,7 @@ impl<S: ProjectionStore> JetStreamConsumer<S> {
                         return Ended::Broken(format!("{errors} errors in a row; last: {error}"));
                     }
                     // The client reconnects and pulls again by itself.
-                    tracing::debug!(consumer = %self.name, "pulling: {error}");
+                    tracing::debug!(error = %crate::error::error_chain(&error), consumer = %self.name, "pulling");
                     tokio::select! {
                         _ = shutdown.cancelled() => return Ended::Shutdown,
                         _ = tokio::time::sleep(self.backoff.initial_backoff.min(Duration::from_millis(500))) => {}
@@ -467,7 +482,7 @@ impl<S: ProjectionStore> JetStreamConsumer<S> {
                 u64::try_from(info.delivered).unwrap_or(0),
             ),
             Err(error) => {
-                tracing::warn!(consumer = %self.name, subject = %message.subject, "not a JetStream delivery, skipped: {error}");
+                tracing::warn!(error = %crate::error::error_chain(&*error), consumer = %self.name, subject = %message.subject, "not a JetStream delivery, skipped");
                 return None;
             }
         };
@@ -609,7 +624,7 @@ impl<S: ProjectionStore> JetStreamConsumer<S> {
     /// the inbox turns into a no-op.
     async fn ack(&self, delivery: &Delivery, kind: AckKind) {
         if let Err(error) = delivery.acker.ack_with(kind).await {
-            tracing::debug!(consumer = %self.name, message_id = %delivery.message.message_id, "acknowledging: {error}");
+            tracing::debug!(error = %crate::error::error_chain(&*error), consumer = %self.name, message_id = %delivery.message.message_id, "acknowledging");
         }
     }
 }

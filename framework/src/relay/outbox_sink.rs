@@ -32,6 +32,14 @@ pub struct JetStreamOutboxSink {
     ack_timeout: Duration,
 }
 
+impl std::fmt::Debug for JetStreamOutboxSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JetStreamOutboxSink")
+            .field("ack_timeout", &self.ack_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
 impl JetStreamOutboxSink {
     /// Publishes through `context`, waiting up to 5 s for each acknowledgement.
     pub fn new(context: Context) -> Self {

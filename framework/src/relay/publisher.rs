@@ -98,6 +98,7 @@ impl std::fmt::Debug for JetStreamRelay {
 }
 
 /// Builds a [`JetStreamRelay`].
+#[must_use = "a builder does nothing until it is built"]
 pub struct JetStreamRelayBuilder {
     name: String,
     context: Context,
@@ -106,6 +107,19 @@ pub struct JetStreamRelayBuilder {
     filter: LogFilter,
     ack_timeout: Duration,
     max_in_flight: usize,
+}
+
+impl std::fmt::Debug for JetStreamRelayBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JetStreamRelayBuilder")
+            .field("name", &self.name)
+            .field("prefix", &self.prefix)
+            .field("custom_subject", &self.subject.is_some())
+            .field("filter", &self.filter)
+            .field("ack_timeout", &self.ack_timeout)
+            .field("max_in_flight", &self.max_in_flight)
+            .finish_non_exhaustive()
+    }
 }
 
 impl JetStreamRelay {

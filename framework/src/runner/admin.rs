@@ -10,7 +10,7 @@ use super::status::{ProjectionStatus, RebuildProgress, RetryError};
 use super::ProjectionRunner;
 use crate::error::{ConfigError, StoreError};
 use crate::event::Checkpoint;
-use crate::log::{read_event, OldestTransaction};
+use crate::log::{holding_back, read_event, END};
 use crate::store::projections::{DeadLetter, ProjectionState, ProjectionStore};
 
 impl<S: ProjectionStore> ProjectionRunner<S> {
@@ -25,14 +25,15 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
         let head = log.head().await?;
         let mut statuses = Vec::new();
         let mut parked: HashMap<String, Vec<DeadLetter>> = HashMap::new();
-        let mut oldest: Option<Option<OldestTransaction>> = None;
         for record in store.units(None).await? {
             let Some(registered) = self.shared.projections.get(&record.unit.projection) else {
                 continue;
             };
             let filter = registered.filter_for(record.unit.partition, record.partitions);
+            // Every committed event counts, also those an open transaction
+            // still hides from the log readers (the head leaves them out).
             let lag_events = log
-                .count_events(&filter, record.checkpoint, head, 10_000_000)
+                .count_events(&filter, record.checkpoint, END, 10_000_000)
                 .await?;
             let lag = if lag_events == 0 {
                 Duration::ZERO
@@ -52,10 +53,7 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
                 .get(&registered.name)
                 .map_or(0, |d| d.iter().filter(|d| d.unit == record.unit).count());
             let held_back_by = if lag_events > 0 {
-                if oldest.is_none() {
-                    oldest = Some(log.oldest_open_transaction().await?);
-                }
-                oldest.clone().flatten()
+                holding_back(log.as_ref(), &filter, head.max(record.checkpoint)).await?
             } else {
                 None
             };
@@ -110,11 +108,10 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
             .await?;
         // Every committed event, including those a transaction still open
         // elsewhere keeps readers from (the head would leave them out).
-        let end = Checkpoint::new(i64::MAX as u64, i64::MAX as u64);
         let total = self
             .shared
             .log
-            .count_events(&registered.filter, Checkpoint::START, end, i64::MAX as u64)
+            .count_events(&registered.filter, Checkpoint::START, END, i64::MAX as u64)
             .await?;
         let mut tx = store.begin().await?;
         store.reset_projection(&mut tx, name, total).await?;

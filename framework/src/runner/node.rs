@@ -13,6 +13,7 @@ use super::worker::UnitWorker;
 use super::ProjectionRunner;
 use crate::error::StoreError;
 use crate::lease::{balance, register, Balance, Holder, Renewed};
+use crate::log::{holding_back, LogFilter};
 use crate::store::projections::{Lease, ProjectionState, ProjectionStore, UnitId};
 
 /// A unit running in this process.
@@ -44,7 +45,7 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), StoreError> {
         let result = self.run_node(shutdown).await;
         if let Err(error) = &result {
-            tracing::error!(node = %self.shared.node_id, %error, "projection runner stopped");
+            tracing::error!(node = %self.shared.node_id, error = %crate::error::error_chain(error), "projection runner stopped");
         }
         result
     }
@@ -71,6 +72,7 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
         let mut holder = Holder::new(shared.node_id.clone(), shared.lease_ttl);
         let mut tasks: JoinSet<UnitId> = JoinSet::new();
         let mut running: HashMap<UnitId, Running> = HashMap::new();
+        let mut warned_about = None;
         loop {
             while let Some(done) = tasks.try_join_next() {
                 if let Ok(unit) = done {
@@ -79,6 +81,9 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
             }
             match self.heartbeat(&mut holder, &mut running).await {
                 Ok(live) => {
+                    if !running.is_empty() {
+                        self.watch_held_back(&mut warned_about).await;
+                    }
                     if let Err(error) = self
                         .rebalance(
                             &holder,
@@ -89,11 +94,11 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
                         )
                         .await
                     {
-                        tracing::warn!(node = %shared.node_id, %error, "claiming units failed");
+                        tracing::warn!(node = %shared.node_id, error = %crate::error::error_chain(&error), "claiming units failed");
                     }
                 }
                 Err(error) => {
-                    tracing::warn!(node = %shared.node_id, %error, "heartbeat failed");
+                    tracing::warn!(node = %shared.node_id, error = %crate::error::error_chain(&error), "heartbeat failed");
                     if holder.expired() {
                         // Our leases have run out: others may own the units now.
                         for unit in running.values() {
@@ -112,6 +117,39 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
         }
         while tasks.join_next().await.is_some() {}
         Ok(())
+    }
+
+    /// Whether committed events wait behind an open transaction: sets the
+    /// `outflow_log_held_back_seconds` gauge to its age (0 when none) and
+    /// warns once per holding transaction.
+    async fn watch_held_back(&self, warned_about: &mut Option<i32>) {
+        let log = &self.shared.log;
+        let holder = async {
+            let head = log.head().await?;
+            holding_back(log.as_ref(), &LogFilter::all(), head).await
+        };
+        match holder.await {
+            Ok(Some(holder)) => {
+                metrics::gauge!("outflow_log_held_back_seconds").set(holder.age.as_secs_f64());
+                if *warned_about != Some(holder.pid) && holder.age >= self.shared.heartbeat {
+                    tracing::warn!(
+                        pid = holder.pid,
+                        age = ?holder.age,
+                        state = holder.state.as_deref().unwrap_or(""),
+                        query = holder.query.as_deref().unwrap_or(""),
+                        "committed events wait behind an open transaction; every log reader is held back until it ends"
+                    );
+                    *warned_about = Some(holder.pid);
+                }
+            }
+            Ok(None) => {
+                metrics::gauge!("outflow_log_held_back_seconds").set(0.0);
+                *warned_about = None;
+            }
+            Err(error) => {
+                tracing::debug!(error = %crate::error::error_chain(&error), "checking for held-back events failed");
+            }
+        }
     }
 
     /// Renews leases; stops units whose claim is gone; forwards pause flags.

@@ -26,9 +26,12 @@ pub struct ProjectionStatus {
     pub owner: Option<String>,
     /// Whether an operator paused it.
     pub paused: bool,
-    /// Events it still has to handle (up to 10 million; counted exactly).
+    /// Committed events it still has to handle (up to 10 million; counted
+    /// exactly), including those an open transaction still hides from log
+    /// readers (see `held_back_by`).
     pub lag_events: u64,
-    /// How long ago the oldest event it still has to handle was written.
+    /// How long ago the oldest committed event it still has to handle was
+    /// written.
     pub lag: Duration,
     /// Parked events of this unit.
     pub parked: usize,
@@ -38,8 +41,11 @@ pub struct ProjectionStatus {
     pub processed: u64,
     /// Progress of a rebuild, while one is running.
     pub rebuild: Option<RebuildProgress>,
-    /// When the unit lags: the oldest open transaction on the server, which
-    /// holds every log reader back until it ends.
+    /// When committed events of this unit wait behind a transaction that is
+    /// still open (log readers never pass a transaction that may still
+    /// commit at a lower position): that transaction, the oldest open on the
+    /// server. Long transactions anywhere on the server delay every
+    /// projection this way; end them, or keep them short.
     pub held_back_by: Option<OldestTransaction>,
 }
 

@@ -12,9 +12,13 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::ProjectionRunner;
-use crate::error::StoreError;
+use crate::error::{EventRef, StoreError};
 use crate::event::Checkpoint;
-use crate::store::projections::{Checkpoints, ProjectionState, ProjectionStore, UnitRecord};
+use crate::store::projections::{
+    Checkpoints, DeadLetters, ProjectionState, ProjectionStore, UnitRecord,
+};
+
+use super::worker::is_infrastructure_error;
 
 /// Why [`wait_for`] returned without the projections reaching the position.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +35,8 @@ pub enum WaitError {
         target: Checkpoint,
         /// The timeout.
         timeout: Duration,
+        /// The error it was retrying on, if any.
+        last_error: Option<String>,
     },
     /// The projection is stopped on an error and will not get there by itself.
     #[error("projection `{projection}` is stopped: {error}")]
@@ -39,6 +45,34 @@ pub enum WaitError {
         projection: String,
         /// Its last error.
         error: String,
+    },
+    /// The projection is behind and failing on an error that someone must
+    /// fix (a missing table or column, a permission): it keeps retrying, but
+    /// will not get there by itself.
+    #[error("projection `{projection}` is failing at {reached}: {error}")]
+    Failing {
+        /// The projection.
+        projection: String,
+        /// Where it stands.
+        reached: Checkpoint,
+        /// The error.
+        error: String,
+    },
+    /// The projection passed the position, but parked an event on the way:
+    /// one written by the awaited transaction, or one it handled while the
+    /// caller waited. Its effect is missing from the read model.
+    #[error("projection `{projection}` parked {event}: {error}")]
+    Parked {
+        /// The projection.
+        projection: String,
+        /// The parked event (the first, if several).
+        event: EventRef,
+        /// Where it stands in the log.
+        checkpoint: Checkpoint,
+        /// Why it was parked.
+        error: String,
+        /// The dead letter's id (for [`ProjectionRunner::retry_dead_letter`]).
+        dead_letter: u64,
     },
     /// No projection of that name is registered in the store.
     #[error("no projection `{0}` is registered")]
@@ -51,7 +85,9 @@ pub enum WaitError {
 /// Waits until every named projection (all its partitions) has passed
 /// `target` — typically [`Committed::checkpoint`](crate::Committed::checkpoint)
 /// of a command — so a read model shows that command's effect
-/// (read-your-writes). Works across nodes: checkpoints are read from the
+/// (read-your-writes). `Ok` means every event up to `target` is in the read
+/// model: a projection that parked one of them, or cannot get there without
+/// help, makes it return an error instead. Works across nodes: checkpoints are read from the
 /// store, and waiters are woken when runners anywhere commit.
 ///
 /// [`ProjectionRunner::wait_for`] does the same and shares one view of the
@@ -59,9 +95,18 @@ pub enum WaitError {
 ///
 /// # Errors
 ///
-/// [`WaitError::Timeout`] after `timeout`; [`WaitError::Stopped`] at once if a
-/// projection is stopped on an error; [`WaitError::UnknownProjection`].
-pub async fn wait_for<S: Checkpoints>(
+/// - [`WaitError::Stopped`] at once when a projection that is behind is
+///   stopped on an error;
+/// - [`WaitError::Failing`] at once when a projection that is behind is
+///   retrying on an infrastructure error (a missing table or column, a
+///   permission: something someone must fix);
+/// - [`WaitError::Parked`] when the projections passed `target` but parked
+///   an event on the way: one of `target`'s own transaction, or one after
+///   where the projection stood when the wait began;
+/// - [`WaitError::Timeout`] after `timeout` (with the error the projection
+///   is retrying on, if any);
+/// - [`WaitError::UnknownProjection`].
+pub async fn wait_for<S: Checkpoints + DeadLetters>(
     store: &S,
     target: Checkpoint,
     projections: &[&str],
@@ -97,14 +142,18 @@ enum Standing<'a> {
     Unknown(&'a str),
     /// A unit is behind and stopped on an error.
     Stopped(&'a str, String),
-    /// A unit is behind (the first one found).
-    Behind(&'a str, Checkpoint),
+    /// A unit is behind and retrying on an infrastructure error.
+    Failing(&'a str, Checkpoint, String),
+    /// A unit is behind (the first one found), with the error it is
+    /// retrying on.
+    Behind(&'a str, Checkpoint, Option<String>),
 }
 
 /// The pure decision of one look at the units.
 fn standing<'a>(units: &[UnitRecord], target: Checkpoint, projections: &[&'a str]) -> Standing<'a> {
     let mut behind = None;
     let mut stopped = None;
+    let mut failing = None;
     for &name in projections {
         let mut mine = units
             .iter()
@@ -117,20 +166,44 @@ fn standing<'a>(units: &[UnitRecord], target: Checkpoint, projections: &[&'a str
             if unit.checkpoint >= target {
                 continue;
             }
-            if unit.state == ProjectionState::Stopped && stopped.is_none() {
-                stopped = Some((name, unit.last_error.clone().unwrap_or_default()));
+            let error = unit.last_error.clone();
+            match unit.state {
+                ProjectionState::Stopped if stopped.is_none() => {
+                    stopped = Some((name, error.clone().unwrap_or_default()));
+                }
+                ProjectionState::Retrying if failing.is_none() => {
+                    if let Some(text) = error.as_deref().filter(|t| is_infrastructure_error(t)) {
+                        failing = Some((name, unit.checkpoint, text.to_owned()));
+                    }
+                }
+                _ => {}
             }
-            behind.get_or_insert((name, unit.checkpoint));
+            behind.get_or_insert((name, unit.checkpoint, error));
         }
     }
-    match (stopped, behind) {
-        (Some((name, error)), _) => Standing::Stopped(name, error),
-        (None, Some((name, reached))) => Standing::Behind(name, reached),
-        (None, None) => Standing::Reached,
+    if let Some((name, error)) = stopped {
+        return Standing::Stopped(name, error);
+    }
+    if let Some((name, at, error)) = failing {
+        return Standing::Failing(name, at, error);
+    }
+    match behind {
+        Some((name, reached, error)) => Standing::Behind(name, reached, error),
+        None => Standing::Reached,
     }
 }
 
-async fn wait_on<S: Checkpoints>(
+/// The lowest checkpoint of each named projection: where parked events
+/// start to count against a wait.
+fn lowest(units: &[UnitRecord], projection: &str) -> Option<Checkpoint> {
+    units
+        .iter()
+        .filter(|u| u.unit.projection == projection)
+        .map(|u| u.checkpoint)
+        .min()
+}
+
+async fn wait_on<S: Checkpoints + DeadLetters>(
     store: &S,
     shared: &SharedView,
     target: Checkpoint,
@@ -143,25 +216,42 @@ async fn wait_on<S: Checkpoints>(
     let mut view = shared.units.subscribe();
     ensure_refresher(store, shared);
     let mut units = Arc::new(store.units(None).await?);
+    // Parked events after where each projection stands now count against
+    // this wait, and so do those of the awaited transaction.
+    let own_transaction = Checkpoint::new(target.transaction_id, 0);
+    let since: Vec<(&str, Checkpoint)> = projections
+        .iter()
+        .map(|&name| {
+            let from = lowest(&units, name).unwrap_or(Checkpoint::START);
+            (name, from.min(own_transaction))
+        })
+        .collect();
     // Whether `units` comes from our own read (the shared view may lag).
     let mut fresh = true;
     loop {
-        let (name, reached) = match standing(&units, target, projections) {
-            Standing::Reached => return Ok(()),
+        let (name, reached, last_error) = match standing(&units, target, projections) {
+            Standing::Reached => return parked_on_the_way(store, &since, target).await,
             Standing::Unknown(name) => return Err(WaitError::UnknownProjection(name.to_owned())),
-            Standing::Stopped(name, error) => {
-                if fresh {
-                    return Err(WaitError::Stopped {
-                        projection: name.to_owned(),
-                        error,
-                    });
-                }
+            Standing::Stopped(..) | Standing::Failing(..) if !fresh => {
                 // Confirm with a read of our own before giving up.
                 units = Arc::new(store.units(None).await?);
                 fresh = true;
                 continue;
             }
-            Standing::Behind(name, reached) => (name, reached),
+            Standing::Stopped(name, error) => {
+                return Err(WaitError::Stopped {
+                    projection: name.to_owned(),
+                    error,
+                });
+            }
+            Standing::Failing(name, reached, error) => {
+                return Err(WaitError::Failing {
+                    projection: name.to_owned(),
+                    reached,
+                    error,
+                });
+            }
+            Standing::Behind(name, reached, error) => (name, reached, error),
         };
         tokio::select! {
             changed = view.changed() => {
@@ -182,10 +272,32 @@ async fn wait_on<S: Checkpoints>(
                     reached,
                     target,
                     timeout,
+                    last_error,
                 });
             }
         }
     }
+}
+
+/// The first event parked in each projection's range, as an error.
+async fn parked_on_the_way<S: DeadLetters>(
+    store: &S,
+    since: &[(&str, Checkpoint)],
+    target: Checkpoint,
+) -> Result<(), WaitError> {
+    for &(name, from) in since {
+        let parked = store.dead_letters_between(name, from, target).await?;
+        if let Some(first) = parked.into_iter().next() {
+            return Err(WaitError::Parked {
+                projection: name.to_owned(),
+                event: first.event,
+                checkpoint: first.checkpoint,
+                error: first.error,
+                dead_letter: first.id,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Starts the task that refreshes a shared view while anyone waits, if it is
@@ -204,7 +316,9 @@ fn ensure_refresher<S: Checkpoints>(store: &S, shared: &SharedView) {
                 Ok(records) => {
                     units.send_replace(Arc::new(records));
                 }
-                Err(error) => tracing::debug!(%error, "refreshing checkpoints failed"),
+                Err(error) => {
+                    tracing::debug!(error = %crate::error::error_chain(&error), "refreshing checkpoints failed")
+                }
             }
             wakeups.wait().await;
             if units.receiver_count() == 0 {
@@ -285,7 +399,7 @@ mod tests {
         assert_eq!(standing(&units, target, &["b"]), Standing::Reached);
         assert_eq!(
             standing(&units, target, &["b", "a"]),
-            Standing::Behind("a", Checkpoint::new(1, 3))
+            Standing::Behind("a", Checkpoint::new(1, 3), Some("boom".into()))
         );
         assert_eq!(standing(&units, target, &["c"]), Standing::Unknown("c"));
     }
@@ -300,6 +414,20 @@ mod tests {
             standing(&units, Checkpoint::new(1, 2), &["a"]),
             Standing::Stopped("a", "boom".into())
         );
+        // Retrying on a missing table: failing; on a lost connection: behind.
+        let mut retrying = unit("a", 1, 1, ProjectionState::Retrying);
+        retrying.last_error = Some("infrastructure error: relation \"x\" does not exist".into());
+        let units_failing = [unit("a", 0, 2, ProjectionState::Live), retrying.clone()];
+        assert!(matches!(
+            standing(&units_failing, Checkpoint::new(1, 2), &["a"]),
+            Standing::Failing("a", _, _)
+        ));
+        retrying.last_error = Some("transient error: connection reset".into());
+        let units_transient = [unit("a", 0, 2, ProjectionState::Live), retrying];
+        assert!(matches!(
+            standing(&units_transient, Checkpoint::new(1, 2), &["a"]),
+            Standing::Behind("a", _, Some(_))
+        ));
         // Stopped but past the target: nothing to wait for.
         assert_eq!(
             standing(&units, Checkpoint::new(1, 1), &["a"]),

@@ -20,7 +20,7 @@ use tracing::Instrument;
 
 use super::{Registered, Shared};
 use crate::backoff::Backoff;
-use crate::error::{ErrorKind, HandlerError, StoreError};
+use crate::error::{error_chain, ErrorKind, HandlerError, StoreError};
 use crate::event::{Checkpoint, RecordedEvent};
 use crate::lease::RecordedState;
 use crate::projection::OnError;
@@ -60,6 +60,18 @@ pub(crate) fn whole_transactions(events: &mut Vec<RecordedEvent>, batch_size: us
     false
 }
 
+/// The status text of a unit retrying on an error that is not the event's
+/// fault: `"<kind> error: <chain>"`.
+fn failing(kind: ErrorKind, chain: &str) -> String {
+    format!("{kind} error: {chain}")
+}
+
+/// Whether a unit's status text says it retries on an infrastructure error
+/// (see [`failing`]).
+pub(super) fn is_infrastructure_error(status_text: &str) -> bool {
+    status_text.starts_with("infrastructure error: ")
+}
+
 /// Runs one owned unit until it is stopped, loses its claim or fails for good.
 pub(super) struct UnitWorker<S: ProjectionStore> {
     shared: Arc<Shared<S>>,
@@ -95,7 +107,7 @@ impl<S: ProjectionStore> UnitWorker<S> {
         if !lost {
             let store = &self.shared.store;
             if let Err(error) = store.release(&self.lease, &self.shared.node_id).await {
-                tracing::warn!(%unit, %error, "releasing failed (the lease will expire)");
+                tracing::warn!(%unit, error = %crate::error::error_chain(&error), "releasing failed (the lease will expire)");
             }
         }
         unit
@@ -136,10 +148,36 @@ impl<S: ProjectionStore> UnitWorker<S> {
                     read_failures.reset();
                     read
                 }
+                Err(StoreError::Undecodable {
+                    event,
+                    event_id,
+                    transaction_id,
+                    what,
+                    source,
+                }) => {
+                    // A stored row that does not decode is a poison event:
+                    // the read stopped right before it, so it is the next
+                    // wanted event.
+                    let error = StoreError::Undecodable {
+                        event,
+                        event_id,
+                        transaction_id,
+                        what,
+                        source,
+                    };
+                    match self.undecodable(error, checkpoint).await {
+                        Outcome::Committed => {}
+                        Outcome::Moved(at) => checkpoint = at,
+                        Outcome::Lost => return true,
+                        Outcome::Stopped => return false,
+                    }
+                    continue;
+                }
                 Err(error) => {
-                    self.set_state(ProjectionState::Retrying, Some(error.to_string()))
+                    let message = failing(error.kind(), &error_chain(&error));
+                    self.set_state(ProjectionState::Retrying, Some(message))
                         .await;
-                    tracing::warn!(%error, "reading the log failed");
+                    tracing::warn!(kind = %error.kind(), error = %error_chain(&error), "reading the log failed");
                     if !read_failures.wait(&self.stop).await {
                         return false;
                     }
@@ -175,8 +213,14 @@ impl<S: ProjectionStore> UnitWorker<S> {
                 continue;
             }
             recheck.found();
-            let caught_up = whole_transactions(&mut events, batch_size);
+            let mut caught_up = whole_transactions(&mut events, batch_size);
             let last = events.last().map_or(checkpoint, RecordedEvent::checkpoint);
+            if caught_up && last < head {
+                // A short read may also have stopped before a row that does
+                // not decode: move past the last event to the head only when
+                // nothing wanted lies between them.
+                caught_up = matches!(log.count_events(&filter, last, head, 1).await, Ok(0));
+            }
             let target = if caught_up { last.max(head) } else { last };
             // The state goes with the first batch, before its commit: a
             // reader that sees the batch's effect sees the state too.
@@ -236,7 +280,7 @@ impl<S: ProjectionStore> UnitWorker<S> {
             if kind != ErrorKind::Data {
                 // Not the event's fault: stay on it until the failure passes
                 // or someone fixes what is missing, and say so in status.
-                let message = format!("{kind} error: {}", error.chain());
+                let message = failing(kind, &error.chain());
                 if environment.failures() == 0 || kind == ErrorKind::Infrastructure {
                     tracing::warn!(kind = %kind, error = %error.chain(), "batch failed; retrying");
                 }
@@ -311,6 +355,68 @@ impl<S: ProjectionStore> UnitWorker<S> {
                     Outcome::Stopped
                 }
             };
+        }
+    }
+
+    /// A row of the log that does not decode, found right after `from`:
+    /// parked (the checkpoint moves onto it: `Moved`) or the unit stopped,
+    /// per the projection's policy; never handed to the handler.
+    async fn undecodable(&mut self, error: StoreError, from: Checkpoint) -> Outcome {
+        let StoreError::Undecodable {
+            event,
+            event_id,
+            transaction_id,
+            ..
+        } = &error
+        else {
+            return Outcome::Stopped;
+        };
+        let at = Checkpoint::new(*transaction_id, event.position.unwrap_or_default());
+        if at <= from {
+            // Not after the checkpoint: nothing this unit can skip.
+            self.set_state(ProjectionState::Retrying, Some(error_chain(&error)))
+                .await;
+            return if self.sleep(Duration::from_secs(1)).await {
+                Outcome::Moved(from)
+            } else {
+                Outcome::Stopped
+            };
+        }
+        // What the dead letter records of it; the payload stays in the log.
+        let placeholder = RecordedEvent {
+            event_id: *event_id,
+            aggregate_type: event.aggregate_type.clone(),
+            aggregate_id: event.aggregate_id.clone(),
+            sequence: event.sequence,
+            position: at.position,
+            transaction_id: at.transaction_id,
+            recorded_at: Utc::now(),
+            event_type: event.event_type.clone(),
+            event_version: event.event_version.clone(),
+            payload: serde_json::Value::Null,
+            metadata: Default::default(),
+            correlation_id: None,
+            causation_id: None,
+        };
+        let message = error_chain(&error);
+        match self.registered.on_error {
+            OnError::Park => {
+                tracing::error!(event = %event, error = %message, "a stored event does not decode");
+                let handler_error = HandlerError::data(error);
+                match self
+                    .park(&placeholder, &handler_error, 1, None, from, at)
+                    .await
+                {
+                    Outcome::Committed => Outcome::Moved(at),
+                    other => other,
+                }
+            }
+            OnError::Stop => {
+                tracing::error!(event = %event, error = %message, "projection stopped: a stored event does not decode");
+                self.set_state(ProjectionState::Stopped, Some(message))
+                    .await;
+                Outcome::Stopped
+            }
         }
     }
 
@@ -420,7 +526,7 @@ impl<S: ProjectionStore> UnitWorker<S> {
                     return outcome;
                 }
                 Err(store_error) => {
-                    self.set_state(ProjectionState::Retrying, Some(store_error.to_string()))
+                    self.set_state(ProjectionState::Retrying, Some(error_chain(&store_error)))
                         .await;
                     if !failures.wait(&self.stop).await {
                         return Outcome::Stopped;

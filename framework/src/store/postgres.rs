@@ -121,6 +121,7 @@ struct Queries {
 /// # Ok(()) }
 /// ```
 #[derive(Debug)]
+#[must_use = "a builder does nothing until it is built"]
 pub struct PostgresStoreBuilder {
     pool: PgPool,
     events_table: String,

@@ -55,6 +55,7 @@ pub struct Lease {
 /// What a projection unit is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum ProjectionState {
     /// Registered, not yet run.
     Idle,
@@ -68,6 +69,12 @@ pub enum ProjectionState {
     Retrying,
     /// Stopped on an error (see the last error); restart it after a fix.
     Stopped,
+}
+
+impl std::fmt::Display for ProjectionState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl ProjectionState {
@@ -319,6 +326,24 @@ pub trait DeadLetters: Transactional {
     ///
     /// [`StoreError::Database`].
     async fn dead_letters(&self, projection: &str) -> Result<Vec<DeadLetter>, StoreError>;
+
+    /// The parked events of a projection whose place in the log is after
+    /// `after` and up to `upto`, oldest first. The provided method filters
+    /// [`dead_letters`](Self::dead_letters); a backend may ask its database.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Database`].
+    async fn dead_letters_between(
+        &self,
+        projection: &str,
+        after: Checkpoint,
+        upto: Checkpoint,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        let mut letters = self.dead_letters(projection).await?;
+        letters.retain(|d| d.checkpoint > after && d.checkpoint <= upto);
+        Ok(letters)
+    }
 
     /// Removes a dead letter inside `tx` and returns it, for a retry that
     /// commits or rolls back together with the handler's writes.

@@ -33,7 +33,7 @@ impl EventLog for PostgresStore {
             .fetch_all(&self.inner.pool)
             .await
             .map_err(|e| pg_error("reading the global log", e))?;
-        self.decode_rows(rows)
+        self.decode_window(rows)
     }
 
     async fn head(&self) -> Result<Checkpoint, StoreError> {
@@ -107,13 +107,16 @@ impl EventLog for PostgresStore {
         let Some(row) = row else { return Ok(None) };
         let get = |e| pg_error("reading pg_stat_activity", e);
         let age: f64 = row.try_get("age_seconds").map_err(get)?;
-        Ok(Some(OldestTransaction::new(
-            row.try_get("pid").map_err(get)?,
-            row.try_get("datname").map_err(get)?,
-            Duration::try_from_secs_f64(age.max(0.0)).unwrap_or_default(),
-            row.try_get("state").map_err(get)?,
-            row.try_get("query").map_err(get)?,
-        )))
+        Ok(Some(
+            OldestTransaction::new(
+                row.try_get("pid").map_err(get)?,
+                row.try_get("datname").map_err(get)?,
+                Duration::try_from_secs_f64(age.max(0.0)).unwrap_or_default(),
+                row.try_get("state").map_err(get)?,
+                row.try_get("query").map_err(get)?,
+            )
+            .with_query_start(row.try_get("query_start").map_err(get)?),
+        ))
     }
 }
 

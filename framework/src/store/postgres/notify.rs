@@ -61,7 +61,7 @@ impl PostgresStore {
             loop {
                 let channels = [channel.as_str(), checkpoint_channel.as_str()];
                 if let Err(error) = listen_once(&pool, channels, &shutdown, &wake).await {
-                    tracing::warn!(%channel, "listener failed, reconnecting: {error}");
+                    tracing::warn!(error = %crate::error::error_chain(&error), %channel, "listener failed, reconnecting");
                 }
                 if shutdown.is_cancelled() || wake.strong_count() == 0 {
                     return;
@@ -139,7 +139,7 @@ pub(crate) fn spawn_notifier(
                 .await
             {
                 // Readers on other nodes still find the rows at their next poll.
-                tracing::debug!(%channel, "NOTIFY failed: {error}");
+                tracing::debug!(error = %crate::error::error_chain(&error), %channel, "NOTIFY failed");
             }
             tokio::time::sleep(interval).await;
         }

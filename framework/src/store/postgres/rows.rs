@@ -10,13 +10,39 @@ use crate::error::{EventRef, StoreError};
 use crate::event::{Metadata, RecordedEvent};
 
 impl PostgresStore {
+    /// Decodes every row; the first that does not decode fails the read
+    /// (a stream, where the aggregate needs every event).
     pub(super) fn decode_rows(&self, rows: Vec<PgRow>) -> Result<Vec<RecordedEvent>, StoreError> {
         rows.iter()
             .map(|row| decode_event(row, &self.inner.events_table))
             .collect()
     }
+
+    /// Decodes a window of the global log: the events before the first row
+    /// that does not decode, or that row's error when it comes first. A
+    /// reader then handles the good events and meets the bad one alone, as
+    /// the first of its next read.
+    pub(super) fn decode_window(&self, rows: Vec<PgRow>) -> Result<Vec<RecordedEvent>, StoreError> {
+        let mut events = Vec::with_capacity(rows.len());
+        for row in &rows {
+            match decode_event(row, &self.inner.events_table) {
+                Ok(event) => events.push(event),
+                Err(error @ StoreError::Undecodable { .. }) => {
+                    if events.is_empty() {
+                        return Err(error);
+                    }
+                    break;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(events)
+    }
 }
 
+/// Decodes one row. Payload and metadata arrive as their stored text and
+/// are parsed here, row by row, so one value that `serde_json` refuses
+/// names its event instead of failing the whole query.
 pub(super) fn decode_event(row: &PgRow, table: &str) -> Result<RecordedEvent, StoreError> {
     let get_err = |e: sqlx::Error| pg_error("decoding an event row", e);
     let aggregate_type: String = row.try_get("aggregate_type").map_err(get_err)?;
@@ -25,26 +51,37 @@ pub(super) fn decode_event(row: &PgRow, table: &str) -> Result<RecordedEvent, St
     let position = u64_column(row, "position", table)?;
     let event_type: String = row.try_get("event_type").map_err(get_err)?;
     let event_version: String = row.try_get("event_version").map_err(get_err)?;
-    let metadata_value: Option<serde_json::Value> = row.try_get("metadata").map_err(get_err)?;
-    let metadata = match metadata_value {
-        None | Some(serde_json::Value::Null) => Metadata::new(),
-        Some(value) => serde_json::from_value(value).map_err(|source| StoreError::Deserialize {
-            event: Box::new(EventRef {
-                aggregate_type: aggregate_type.clone(),
-                aggregate_id: aggregate_id.clone(),
-                sequence,
-                position: Some(position),
-                event_type: event_type.clone(),
-                event_version: event_version.clone(),
-            }),
-            source,
-        })?,
+    let event_id: Uuid = row.try_get("event_id").map_err(get_err)?;
+    let transaction_id = txid_column(row, table)?;
+    let payload_text: String = row.try_get("payload").map_err(get_err)?;
+    let metadata_text: Option<String> = row.try_get("metadata").map_err(get_err)?;
+    let undecodable = |what: &'static str, source: serde_json::Error| StoreError::Undecodable {
+        event: Box::new(EventRef {
+            aggregate_type: aggregate_type.clone(),
+            aggregate_id: aggregate_id.clone(),
+            sequence,
+            position: Some(position),
+            event_type: event_type.clone(),
+            event_version: event_version.clone(),
+        }),
+        event_id,
+        transaction_id,
+        what,
+        source,
+    };
+    let payload: serde_json::Value =
+        serde_json::from_str(&payload_text).map_err(|e| undecodable("payload", e))?;
+    let metadata = match metadata_text {
+        None => Metadata::new(),
+        Some(text) => serde_json::from_str::<Option<Metadata>>(&text)
+            .map_err(|e| undecodable("metadata", e))?
+            .unwrap_or_default(),
     };
     Ok(RecordedEvent {
-        event_id: row.try_get::<Uuid, _>("event_id").map_err(get_err)?,
-        transaction_id: txid_column(row, table)?,
+        event_id,
+        transaction_id,
         recorded_at: row.try_get("recorded_at").map_err(get_err)?,
-        payload: row.try_get("payload").map_err(get_err)?,
+        payload,
         correlation_id: row.try_get("correlation_id").map_err(get_err)?,
         causation_id: row.try_get("causation_id").map_err(get_err)?,
         aggregate_type,
