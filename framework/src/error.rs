@@ -159,7 +159,7 @@ pub enum StoreError {
     },
     /// Configuration that is invalid, or contradicts what is stored (for
     /// example a projection registered with another partition count).
-    #[error("configuration: {0}")]
+    #[error(transparent)]
     Config(#[from] ConfigError),
     /// A stored payload or metadata did not deserialize into the event type.
     #[error("{event} did not deserialize")]
@@ -352,6 +352,15 @@ pub enum ConfigError {
     /// Something that may run once per process is running already.
     #[error("`{0}` is running already")]
     AlreadyRunning(String),
+    /// A projection's setup hook failed, so it was not started (or not
+    /// rebuilt).
+    #[error("the setup hook of `{name}` failed: {error}")]
+    SetupHook {
+        /// The projection.
+        name: String,
+        /// The hook's error.
+        error: HandlerError,
+    },
     /// A projection's reset hook failed, so its rebuild was not started.
     #[error("the reset hook of `{name}` failed: {error}")]
     ResetHook {

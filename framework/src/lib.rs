@@ -65,6 +65,7 @@ pub mod pubsub;
 pub mod relay;
 pub mod runner;
 pub mod store;
+pub mod telemetry;
 pub mod upcast;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]

@@ -107,6 +107,25 @@ pub trait Projection<S: Transactional>: Send + Sync + 'static {
     async fn reset(&self, _tx: &mut S::Transaction) -> Result<(), HandlerError> {
         Ok(())
     }
+
+    /// Creates what the read model needs (tables, indexes) if it is
+    /// missing, inside a transaction of its own. The runner calls it when it
+    /// registers the projection, before any batch, and again before a
+    /// rebuild (in the rebuild's transaction, before
+    /// [`reset`](Self::reset)). Make it idempotent (`CREATE TABLE IF NOT
+    /// EXISTS`). The default does nothing: for schemas that evolve, prefer
+    /// versioned migrations of your own (for example `sqlx::migrate!`) run
+    /// at start-up.
+    ///
+    /// # Errors
+    ///
+    /// Any [`HandlerError`]: [`ProjectionRunner::run`](crate::runner::ProjectionRunner::run)
+    /// then returns
+    /// [`ConfigError::SetupHook`](crate::error::ConfigError::SetupHook)
+    /// (transient failures are retried first), and a rebuild is not started.
+    async fn setup(&self, _tx: &mut S::Transaction) -> Result<(), HandlerError> {
+        Ok(())
+    }
 }
 
 /// Handles the typed events of one aggregate type, one event at a time.
@@ -162,6 +181,15 @@ pub trait EventHandler<A: Aggregate, S: Transactional>: Send + Sync + 'static {
     ///
     /// Any [`HandlerError`].
     async fn reset(&self, _tx: &mut S::Transaction) -> Result<(), HandlerError> {
+        Ok(())
+    }
+
+    /// Creates what the read model needs; see [`Projection::setup`].
+    ///
+    /// # Errors
+    ///
+    /// Any [`HandlerError`].
+    async fn setup(&self, _tx: &mut S::Transaction) -> Result<(), HandlerError> {
         Ok(())
     }
 }
@@ -235,6 +263,124 @@ where
 
     async fn reset(&self, tx: &mut S::Transaction) -> Result<(), HandlerError> {
         self.handler.reset(tx).await
+    }
+
+    async fn setup(&self, tx: &mut S::Transaction) -> Result<(), HandlerError> {
+        self.handler.setup(tx).await
+    }
+}
+
+/// Runs any `cqrs-es` [`Query`](cqrs_es::Query) as a projection: its
+/// `dispatch` is called once per command, with that command's events of the
+/// aggregate, in log order — as `cqrs-es` calls it after a commit, but from
+/// the durable log, so a query that was down catches up.
+///
+/// A `Query` writes wherever it likes, outside the runner's transaction, so
+/// it runs as the batch's [effects](Projection::effects): at least once,
+/// never while a transaction is open. Make it idempotent; the events'
+/// sequence numbers tell what it has seen. Works with every backend.
+///
+/// ```
+/// # use outflow::doc_fixture::{Counter, CounterEvent};
+/// use cqrs_es::{EventEnvelope, Query};
+/// use outflow::projection::{ProjectionOptions, QueryProjection};
+/// use outflow::MemoryStore;
+///
+/// struct Logger;
+///
+/// #[async_trait::async_trait]
+/// impl Query<Counter> for Logger {
+///     async fn dispatch(&self, aggregate_id: &str, events: &[EventEnvelope<Counter>]) {
+///         println!("{aggregate_id}: {} event(s)", events.len());
+///     }
+/// }
+///
+/// let options: ProjectionOptions<MemoryStore> =
+///     ProjectionOptions::new(QueryProjection::new("logger", Logger));
+/// ```
+pub struct QueryProjection<A: Aggregate, Q> {
+    name: String,
+    query: Q,
+    upcasters: Arc<[Box<dyn Upcaster>]>,
+    _aggregate: PhantomData<fn() -> A>,
+}
+
+impl<A: Aggregate, Q> std::fmt::Debug for QueryProjection<A, Q> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueryProjection")
+            .field("name", &self.name)
+            .field("aggregate_type", &A::TYPE)
+            .field("query", &std::any::type_name::<Q>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<A: Aggregate, Q: cqrs_es::Query<A>> QueryProjection<A, Q> {
+    /// Runs `query` under the projection name `name` (its checkpoint's).
+    pub fn new(name: impl Into<String>, query: Q) -> Self {
+        QueryProjection {
+            name: name.into(),
+            query,
+            upcasters: Arc::from(Vec::new()),
+            _aggregate: PhantomData,
+        }
+    }
+
+    /// Upcasters run on each event before it is decoded.
+    pub fn with_upcasters(mut self, upcasters: Vec<Box<dyn Upcaster>>) -> Self {
+        self.upcasters = upcasters.into();
+        self
+    }
+}
+
+#[async_trait]
+impl<A, Q, S> Projection<S> for QueryProjection<A, Q>
+where
+    A: Aggregate + 'static,
+    Q: cqrs_es::Query<A> + 'static,
+    S: Transactional,
+{
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn filter(&self) -> LogFilter {
+        LogFilter::aggregate_types([A::TYPE])
+    }
+
+    async fn effects(&self, events: &[RecordedEvent]) -> Result<(), HandlerError> {
+        // Decode the whole batch first: an event that does not decode fails
+        // the batch before anything is dispatched.
+        let mut decoded = Vec::with_capacity(events.len());
+        for event in events {
+            decoded.push((
+                event.transaction_id,
+                event.decode_ref::<A>(&self.upcasters)?.to_cqrs(),
+            ));
+        }
+        // One dispatch per command: consecutive events of one aggregate
+        // written by one transaction.
+        let mut start = 0;
+        while start < decoded.len() {
+            let (transaction, first) = &decoded[start];
+            let end = start
+                + decoded[start..]
+                    .iter()
+                    .take_while(|(t, e)| t == transaction && e.aggregate_id == first.aggregate_id)
+                    .count();
+            let envelopes: Vec<_> = decoded[start..end].iter().map(|(_, e)| e.clone()).collect();
+            self.query.dispatch(&first.aggregate_id, &envelopes).await;
+            start = end;
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        _events: &[RecordedEvent],
+        _tx: &mut S::Transaction,
+    ) -> Result<(), HandlerError> {
+        Ok(())
     }
 }
 

@@ -4,7 +4,9 @@
 //! `version bigint`, `payload json` — and the same contents its
 //! `GenericQuery` would write: the view's JSON, and as version the number of
 //! commands applied to it. So a `cqrs-es` view moves to Outflow unchanged,
-//! and becomes durable and rebuildable.
+//! and becomes durable and rebuildable. The runner creates the table when it
+//! starts (the projection's setup hook); [`ViewProjection::query`] gives the
+//! query side a handle to read the views, with read-your-writes.
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
@@ -15,10 +17,13 @@ use cqrs_es::{Aggregate, View};
 use sqlx::{PgExecutor, Postgres, Row, Transaction};
 
 use crate::error::StoreError;
-use crate::event::{Envelope, RecordedEvent};
+use std::time::Duration;
+
+use crate::event::{Checkpoint, Envelope, RecordedEvent};
 use crate::log::LogFilter;
 use crate::names::Identifier;
 use crate::projection::{HandlerError, Projection};
+use crate::runner::WaitError;
 use crate::store::postgres::{pg_error, PostgresStore};
 use crate::upcast::Upcaster;
 
@@ -147,22 +152,159 @@ where
         executor: impl PgExecutor<'e>,
         view_id: &str,
     ) -> Result<Option<V>, StoreError> {
-        let row = sqlx::query(&self.select)
-            .bind(vec![view_id.to_owned()])
-            .fetch_optional(executor)
-            .await
-            .map_err(|e| pg_error("reading a view", e))?;
-        row.map(|row| {
-            let payload: serde_json::Value = row
-                .try_get("payload")
-                .map_err(|e| pg_error("reading a view", e))?;
-            serde_json::from_value(payload).map_err(|e| StoreError::Corrupt {
-                table: self.table.clone(),
-                what: format!("view `{view_id}` does not deserialize: {e}"),
-            })
-        })
-        .transpose()
+        load_view(executor, &self.select, &self.table, view_id).await
     }
+
+    /// A handle to read this projection's views, to keep in the query side
+    /// of an application (an HTTP handler's state) after the projection is
+    /// handed to the runner. Cheap to clone.
+    ///
+    /// ```no_run
+    /// # use outflow::doc_fixture::{Counter, CounterCommand, CounterEvent};
+    /// # use cqrs_es::{EventEnvelope, View};
+    /// # use serde::{Deserialize, Serialize};
+    /// # #[derive(Debug, Default, Serialize, Deserialize)]
+    /// # struct CounterView { total: i64 }
+    /// # impl View<Counter> for CounterView {
+    /// #     fn update(&mut self, event: &EventEnvelope<Counter>) {
+    /// #         let CounterEvent::Incremented { by } = event.payload;
+    /// #         self.total += by;
+    /// #     }
+    /// # }
+    /// use std::time::Duration;
+    /// use outflow::view::ViewProjection;
+    ///
+    /// # async fn demo(store: outflow::PostgresStore, bus: outflow::CommandBus<Counter, outflow::PostgresStore>) -> Result<(), Box<dyn std::error::Error>> {
+    /// let view = ViewProjection::<Counter, CounterView>::new("counter_view", "counter_view")?;
+    /// let query = view.query(&store);
+    /// // ... hand `view` to the runner, keep `query` ...
+    /// let done = bus.execute("c-1", CounterCommand::Increment { by: 2 }).await?;
+    /// // Read-your-writes: waits until the view has this command's events.
+    /// let counter = query
+    ///     .load_after(done.checkpoint(), "c-1", Duration::from_secs(5))
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn query(&self, store: &PostgresStore) -> ViewQuery<A, V> {
+        ViewQuery {
+            store: store.clone(),
+            name: self.name.clone(),
+            table: self.table.clone(),
+            select: self.select.clone().into(),
+            _types: PhantomData,
+        }
+    }
+}
+
+impl<A: Aggregate, V> Clone for ViewProjection<A, V> {
+    fn clone(&self) -> Self {
+        ViewProjection {
+            name: self.name.clone(),
+            table: self.table.clone(),
+            key: self.key.clone(),
+            upcasters: self.upcasters.clone(),
+            select: self.select.clone(),
+            upsert: self.upsert.clone(),
+            _view: PhantomData,
+        }
+    }
+}
+
+/// Reads the views of a [`ViewProjection`], from anywhere in the
+/// application; made by [`ViewProjection::query`].
+pub struct ViewQuery<A, V> {
+    store: PostgresStore,
+    name: String,
+    table: String,
+    select: Arc<str>,
+    _types: PhantomData<fn() -> (A, V)>,
+}
+
+impl<A, V> Clone for ViewQuery<A, V> {
+    fn clone(&self) -> Self {
+        ViewQuery {
+            store: self.store.clone(),
+            name: self.name.clone(),
+            table: self.table.clone(),
+            select: self.select.clone(),
+            _types: PhantomData,
+        }
+    }
+}
+
+impl<A, V> std::fmt::Debug for ViewQuery<A, V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ViewQuery")
+            .field("projection", &self.name)
+            .field("table", &self.table)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<A, V> ViewQuery<A, V>
+where
+    A: Aggregate + 'static,
+    V: View<A> + 'static,
+{
+    /// The projection's name.
+    pub fn projection(&self) -> &str {
+        &self.name
+    }
+
+    /// Reads one view as it is now.
+    ///
+    /// # Errors
+    ///
+    /// As [`ViewProjection::load`].
+    pub async fn load(&self, view_id: &str) -> Result<Option<V>, StoreError> {
+        load_view(self.store.pool(), &self.select, &self.table, view_id).await
+    }
+
+    /// Reads one view once the projection has passed `checkpoint`
+    /// (read-your-writes: pass [`Committed::checkpoint`](crate::Committed::checkpoint)
+    /// of the command); `None` reads at once. Waits on the checkpoints in
+    /// the store, so it works whichever node runs the projection.
+    ///
+    /// # Errors
+    ///
+    /// As [`wait_for`](crate::runner::wait_for) (a timeout, a parked event,
+    /// a stopped or failing projection), and [`WaitError::Store`] when
+    /// reading fails.
+    pub async fn load_after(
+        &self,
+        checkpoint: impl Into<Option<Checkpoint>>,
+        view_id: &str,
+        timeout: Duration,
+    ) -> Result<Option<V>, WaitError> {
+        if let Some(checkpoint) = checkpoint.into() {
+            crate::runner::wait_for(&self.store, checkpoint, &[self.name.as_str()], timeout)
+                .await?;
+        }
+        Ok(self.load(view_id).await?)
+    }
+}
+
+async fn load_view<'e, V: serde::de::DeserializeOwned>(
+    executor: impl PgExecutor<'e>,
+    select: &str,
+    table: &str,
+    view_id: &str,
+) -> Result<Option<V>, StoreError> {
+    let row = sqlx::query(select)
+        .bind(vec![view_id.to_owned()])
+        .fetch_optional(executor)
+        .await
+        .map_err(|e| pg_error("reading a view", e))?;
+    row.map(|row| {
+        let payload: serde_json::Value = row
+            .try_get("payload")
+            .map_err(|e| pg_error("reading a view", e))?;
+        serde_json::from_value(payload).map_err(|e| StoreError::Corrupt {
+            table: table.to_owned(),
+            what: format!("view `{view_id}` does not deserialize: {e}"),
+        })
+    })
+    .transpose()
 }
 
 #[async_trait]
@@ -247,6 +389,12 @@ where
             .bind(&payloads)
             .execute(&mut **tx)
             .await?;
+        Ok(())
+    }
+
+    /// Creates the view table if it does not exist.
+    async fn setup(&self, tx: &mut Transaction<'static, Postgres>) -> Result<(), HandlerError> {
+        self.create_table(&mut **tx).await?;
         Ok(())
     }
 

@@ -117,6 +117,14 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
         store.reset_projection(&mut tx, name, total).await?;
         registered
             .projection
+            .setup(&mut tx)
+            .await
+            .map_err(|error| ConfigError::SetupHook {
+                name: name.to_owned(),
+                error,
+            })?;
+        registered
+            .projection
             .reset(&mut tx)
             .await
             .map_err(|error| ConfigError::ResetHook {
@@ -125,6 +133,7 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
             })?;
         store.commit(tx).await?;
         store.signal_checkpoints();
+        self.shared.poke.notify_one();
         tracing::info!(projection = name, total, "rebuild started");
         let (sender, receiver) = watch::channel(RebuildProgress { done: 0, total });
         let store = store.clone();
@@ -144,7 +153,12 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
                     done: done.min(total),
                     total,
                 };
-                let _ = sender.send(progress);
+                // Receivers hear of changes only.
+                sender.send_if_modified(|current| {
+                    let changed = *current != progress;
+                    *current = progress;
+                    changed
+                });
                 if progress.is_complete() {
                     return;
                 }
@@ -160,7 +174,9 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
     /// [`StoreError`].
     pub async fn pause(&self, name: &str) -> Result<(), StoreError> {
         self.registered(name)?;
-        self.shared.store.set_paused(name, true).await
+        self.shared.store.set_paused(name, true).await?;
+        self.shared.poke.notify_one();
+        Ok(())
     }
 
     /// Resumes a paused projection.
@@ -170,7 +186,9 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
     /// [`StoreError`].
     pub async fn resume(&self, name: &str) -> Result<(), StoreError> {
         self.registered(name)?;
-        self.shared.store.set_paused(name, false).await
+        self.shared.store.set_paused(name, false).await?;
+        self.shared.poke.notify_one();
+        Ok(())
     }
 
     /// Lets a projection stopped on an error run again (after a fix).
@@ -180,7 +198,9 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
     /// [`StoreError`].
     pub async fn restart(&self, name: &str) -> Result<(), StoreError> {
         self.registered(name)?;
-        self.shared.store.restart_projection(name).await
+        self.shared.store.restart_projection(name).await?;
+        self.shared.poke.notify_one();
+        Ok(())
     }
 
     /// The parked events of a projection.

@@ -91,6 +91,9 @@ struct Shared<S: ProjectionStore> {
     projections: HashMap<String, Arc<Registered<S>>>,
     /// The checkpoints as last read, shared by this runner's `wait_for` callers.
     view: wait::SharedView,
+    /// Wakes the node loop for a heartbeat now (after a reset or restart
+    /// made here), instead of at the next interval.
+    poke: tokio::sync::Notify,
 }
 
 struct Registered<S: ProjectionStore> {
@@ -212,6 +215,7 @@ impl<S: ProjectionStore> ProjectionRunnerBuilder<S> {
                 heartbeat: self.heartbeat,
                 projections,
                 view: wait::SharedView::default(),
+                poke: tokio::sync::Notify::new(),
             }),
         })
     }

@@ -10,8 +10,11 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::worker::UnitWorker;
-use super::ProjectionRunner;
-use crate::error::StoreError;
+use super::{ProjectionRunner, Registered};
+use std::time::Duration;
+
+use crate::backoff::Backoff;
+use crate::error::{ConfigError, ErrorKind, HandlerError, StoreError};
 use crate::lease::{balance, register, Balance, Holder, Renewed};
 use crate::log::{holding_back, LogFilter};
 use crate::store::projections::{Lease, ProjectionState, ProjectionStore, UnitId};
@@ -68,6 +71,11 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
             }
             registered.stored.store(true, Ordering::Release);
         }
+        for registered in shared.projections.values() {
+            if !self.setup(registered, &shutdown).await? {
+                return Ok(());
+            }
+        }
         let total_units: u32 = shared.projections.values().map(|r| r.partitions).sum();
         let mut holder = Holder::new(shared.node_id.clone(), shared.lease_ttl);
         let mut tasks: JoinSet<UnitId> = JoinSet::new();
@@ -110,6 +118,15 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(shared.heartbeat) => {}
+                // A rebuild or restart made here: hand the units over now.
+                _ = shared.poke.notified() => {}
+                // A unit ended (its claim lost, or stopped on an error):
+                // look at once whether to claim it or another.
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                    if let Ok(unit) = done {
+                        running.remove(&unit);
+                    }
+                }
             }
         }
         for unit in running.values() {
@@ -117,6 +134,40 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
         }
         while tasks.join_next().await.is_some() {}
         Ok(())
+    }
+
+    /// Runs a projection's setup hook in a transaction of its own, retrying
+    /// transient failures; `false` when shut down first.
+    async fn setup(
+        &self,
+        registered: &Registered<S>,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, StoreError> {
+        let store = &self.shared.store;
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        loop {
+            let attempt = async {
+                let mut tx = store.begin().await?;
+                registered.projection.setup(&mut tx).await?;
+                store.commit(tx).await?;
+                Ok::<_, HandlerError>(())
+            };
+            let Err(error) = attempt.await else {
+                return Ok(true);
+            };
+            let kind = error.kind_with(|e| store.classify(e));
+            tracing::warn!(projection = %registered.name, kind = %kind, error = %error.chain(), "the setup hook failed");
+            if kind != ErrorKind::Transient {
+                return Err(ConfigError::SetupHook {
+                    name: registered.name.clone(),
+                    error,
+                }
+                .into());
+            }
+            if !backoff.wait(shutdown).await {
+                return Ok(false);
+            }
+        }
     }
 
     /// Whether committed events wait behind an open transaction: sets the

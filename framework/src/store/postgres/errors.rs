@@ -64,3 +64,8 @@ pub(crate) fn classify_sqlstate(code: &str) -> ErrorKind {
         _ => ErrorKind::Data,
     }
 }
+
+/// Whether the database said a table (or view) does not exist.
+pub(crate) fn undefined_table(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(e) if e.code().as_deref() == Some("42P01"))
+}

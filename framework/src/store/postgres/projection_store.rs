@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use sqlx::postgres::PgRow;
 use sqlx::{Postgres, Row, Transaction};
 
+use super::errors::undefined_table;
 use super::{classify, db, pg_error, to_i64, txid_column, u64_column, Names, PostgresStore};
 use crate::error::{ConfigError, ErrorKind, EventRef, StoreError};
 use crate::event::{AppendRequest, Checkpoint, RecordedEvent};
@@ -194,7 +195,19 @@ impl Checkpoints for PostgresStore {
             .bind(name)
             .fetch_all(&self.inner.pool)
             .await
-            .map_err(db("reading a projection's partitions"))?;
+            .map_err(|error| {
+                if undefined_table(&error) {
+                    // Outflow's own tables were never created: say which.
+                    ConfigError::MissingTable {
+                        table: format!("{}_projections", self.inner.events_table),
+                        hint: "apply the store's migrations (PostgresStoreBuilder::migrate or \
+                               PostgresStore::migrate)",
+                    }
+                    .into()
+                } else {
+                    db("reading a projection's partitions")(error)
+                }
+            })?;
         if let Some(other) = stored.iter().find(|&&n| n != partitions as i32) {
             return Err(ConfigError::PartitionCount {
                 name: name.to_owned(),
