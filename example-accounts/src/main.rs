@@ -1,4 +1,4 @@
-//! A small banking session on the embedded in-memory store, showing the
+//! A small banking session on the in-memory store, showing the
 //! pieces of Outflow working together: the command bus, an asynchronous
 //! projection kept by the runner, read-your-writes, post-commit pub/sub, and
 //! the global log. No set-up needed: `cargo run -p example-accounts`.

@@ -6,7 +6,7 @@
 //! | [inline handler](crate::command::InlineHandler) | exactly once, all or nothing | same transaction | strong consistency in one database (unique reservations) |
 //! | [in-memory pub/sub](crate::pubsub::EventBus) | at most once | after commit | caches, live UIs, notifications that may be lost |
 //! | [multi-node pub/sub](crate::pubsub::NodeEvents) | at most once | after commit | keeping nodes' in-memory state in step, websockets |
-//! | [projection](crate::projection) | at least once; exactly-once effect for same-database read models | eventual | read models; side effects that must happen (with the inbox) |
+//! | [projection](crate::projection) | at least once; exactly-once effect for same-database read models | eventual | read models; side effects that must happen (in [`effects`](crate::projection::Projection::effects): at least once, idempotent by event id) |
 //! | JetStream relay (`outflow::relay`, feature `nats`) | at least once, deduplicated by message id | eventual | other services |
 //! | [transactional outbox](crate::outbox) | at least once, in order per key | same transaction as the caller's data | code that is not event-sourced but must publish |
 //!

@@ -311,10 +311,11 @@ impl StoreError {
 #[non_exhaustive]
 pub enum ConfigError {
     /// A projection (or relay) is stored with another partition count than
-    /// configured; changing it needs a rebuild.
+    /// configured; the count cannot be changed in place (run it under a new
+    /// name).
     #[error(
         "`{name}` is stored with {stored} partition(s) but configured with {configured}; \
-         rebuild it to change the count"
+         use a new projection name to change the count"
     )]
     PartitionCount {
         /// The projection or relay.

@@ -19,8 +19,8 @@ pub type Metadata = HashMap<String, String>;
 ///
 /// The log is ordered by `(transaction_id, position)`: on PostgreSQL the
 /// transaction id is the writer's `xid8`, which makes the order safe against
-/// transactions that commit out of position order; in-memory and SQLite stores
-/// commit one writer at a time and use a commit counter. A reader keeps the
+/// transactions that commit out of position order; the in-memory store
+/// commits one writer at a time and use a commit counter. A reader keeps the
 /// checkpoint of the last event it handled and asks for what comes after it.
 ///
 /// ```

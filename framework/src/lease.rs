@@ -1,9 +1,10 @@
 //! Leases on units of work, shared by every loop that must run somewhere
 //! exactly once at a time: projection units, the outbox relay.
 //!
-//! A node claims a unit and renews its lease on a heartbeat; every change of
-//! owner bumps the unit's epoch, and writes fenced by the epoch fail for a
-//! node that lost its claim. Renewals never wait for a batch in progress, so
+//! A node claims a unit and renews its lease on a heartbeat; a claim bumps
+//! the unit's epoch unless the claiming node still holds a valid lease on it
+//! (so every change of owner does), and writes fenced by the epoch fail for
+//! a node that lost its claim. Renewals never wait for a batch in progress, so
 //! a slow batch cannot lose its own lease. Work is spread by a pure rule,
 //! [`balance`], that every node applies the same way to the live nodes and
 //! what each owns.
@@ -48,8 +49,10 @@ impl RecordedState {
 
 /// Creates a unit's state rows, waiting out outages with backoff: `Ok(false)`
 /// when `shutdown` came first. Configuration the store contradicts fails at
-/// once; an error the backend blames on the environment (missing tables, no
-/// permission) fails after ten attempts (some twenty seconds), so a service
+/// once (a backend reports missing tables as
+/// [`ConfigError::MissingTable`]); another error the backend blames on the
+/// environment (no permission) fails after ten attempts (some twenty
+/// seconds), so a service
 /// started against a database without its tables stops with that error
 /// instead of waiting forever.
 pub(crate) async fn register<C: Checkpoints>(

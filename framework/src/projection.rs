@@ -438,8 +438,12 @@ impl<S: Transactional> ProjectionOptions<S> {
 
     /// Splits the projection into `n` partitions by a hash of the aggregate
     /// id; each has its own checkpoint and may run on another node, and each
-    /// aggregate's events stay in order within its partition. Changing the
-    /// count of an existing projection needs a rebuild.
+    /// aggregate's events stay in order within its partition. The count is
+    /// stored when the projection first registers and cannot be changed:
+    /// `run` and `rebuild` refuse another count with
+    /// [`ConfigError::PartitionCount`](crate::error::ConfigError::PartitionCount);
+    /// use a new projection name. `0` is taken as 1; more than 1024 is
+    /// refused when the runner is built.
     pub fn partitions(mut self, n: u32) -> Self {
         self.partitions = n.max(1);
         self

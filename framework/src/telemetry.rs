@@ -179,7 +179,9 @@ mod tests {
                 for (at, _) in text.match_indices(macro_name) {
                     let rest = text[at + macro_name.len()..].trim_start();
                     if let Some(name) = rest.strip_prefix('"').and_then(|r| r.split('"').next()) {
-                        recorded.push(name.to_owned());
+                        if name.starts_with("outflow_") {
+                            recorded.push(name.to_owned());
+                        }
                     }
                 }
             }

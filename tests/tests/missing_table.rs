@@ -149,6 +149,25 @@ async fn a_missing_read_model_table_is_waited_for_never_parked_then_caught_up() 
     .await;
     assert!(status.checkpoint < first, "{status:?}");
 
+    // A caller waiting for the events hears why at once, not at its timeout.
+    let waited = Instant::now();
+    match runner
+        .wait_for(last, &["balances"], Duration::from_secs(120))
+        .await
+    {
+        Err(outflow::runner::WaitError::Failing {
+            projection, error, ..
+        }) => {
+            assert_eq!(projection, "balances");
+            assert!(error.contains("balances"), "{error}");
+        }
+        other => panic!("expected Failing, got {other:?}"),
+    }
+    assert!(
+        waited.elapsed() < Duration::from_secs(60),
+        "wait_for waited for its timeout"
+    );
+
     // For 3 s it keeps retrying: nothing parked, the checkpoint stays before
     // the first event, the error stays visible.
     let observe_until = Instant::now() + Duration::from_secs(3);

@@ -808,6 +808,12 @@ async fn the_memory_store_runs_projections_like_postgres() {
 
     // Catch-up past the poison event, which is parked.
     let target = written.last().expect("written").checkpoint();
+    // The first wait saw the poison event parked on the way and says so; a
+    // wait begun after it passed is plain.
+    match outflow::runner::wait_for(&store, target, &["memory_ledger"], WAIT).await {
+        Err(WaitError::Parked { event, .. }) => assert_eq!(event.position, Some(poison.position)),
+        other => panic!("expected the parked event, got {other:?}"),
+    }
     outflow::runner::wait_for(&store, target, &["memory_ledger"], WAIT)
         .await
         .expect("caught up");

@@ -272,6 +272,20 @@ async fn a_poison_event_is_retried_parked_and_skipped_then_retried_or_discarded(
     let (shutdown, handle) = common::start_runner(&runner);
     common::started(&runner, &["ledger"]).await;
 
+    // The wait reports the first poison event parked on the way...
+    match runner.wait_for(head, &["ledger"], WAIT).await {
+        Err(WaitError::Parked {
+            projection, event, ..
+        }) => {
+            assert_eq!(projection, "ledger");
+            assert!(
+                poison.iter().any(|p| Some(p.position) == event.position),
+                "{event:?} is not a poison event"
+            );
+        }
+        other => panic!("expected a parked event, got {other:?}"),
+    }
+    // ...and one begun once the projection is past them succeeds.
     runner
         .wait_for(head, &["ledger"], WAIT)
         .await
@@ -715,6 +729,19 @@ async fn transient_failures_are_retried_without_limit_and_never_park() {
         &["flaky_sqlx", "flaky_store", "flaky_wrapped", "flaky_plain"],
     )
     .await;
+    // Only the plain handler's errors are the data's fault: its events are
+    // parked, and the first wait says so.
+    match runner
+        .wait_for(
+            head,
+            &["flaky_sqlx", "flaky_store", "flaky_wrapped", "flaky_plain"],
+            WAIT,
+        )
+        .await
+    {
+        Err(WaitError::Parked { projection, .. }) => assert_eq!(projection, "flaky_plain"),
+        other => panic!("expected flaky_plain's parked events, got {other:?}"),
+    }
     runner
         .wait_for(
             head,

@@ -224,19 +224,18 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
     pub async fn retry_dead_letter(&self, name: &str, id: u64) -> Result<(), RetryError> {
         let registered = self.registered(name)?.clone();
         let store = &self.shared.store;
-        let mut tx = store.begin().await?;
-        let Some(dead_letter) = store.take_dead_letter(&mut tx, id).await? else {
-            return Err(RetryError::NotFound {
-                projection: name.to_owned(),
-                id,
-            });
+        let not_found = || RetryError::NotFound {
+            projection: name.to_owned(),
+            id,
         };
-        if dead_letter.unit.projection != name {
-            return Err(RetryError::NotFound {
-                projection: name.to_owned(),
-                id,
-            });
-        }
+        let Some(dead_letter) = store
+            .dead_letters(name)
+            .await?
+            .into_iter()
+            .find(|d| d.id == id)
+        else {
+            return Err(not_found());
+        };
         let Some(event) = read_event(&*self.shared.log, dead_letter.checkpoint).await? else {
             return Err(RetryError::Store(StoreError::Corrupt {
                 table: "dead letters".into(),
@@ -244,10 +243,19 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
             }));
         };
         let events = [event];
-        let outcome = match registered.projection.effects(&events).await {
-            Ok(()) => registered.projection.handle(&events, &mut tx).await,
-            Err(error) => Err(error),
-        };
+        // The effects first, with no transaction open (as in a batch).
+        if let Err(error) = registered.projection.effects(&events).await {
+            if let Err(note) = store.note_dead_letter_failure(id, &error.chain()).await {
+                tracing::warn!(error = %crate::error::error_chain(&note), "recording a failed retry failed");
+            }
+            return Err(RetryError::Handler(error));
+        }
+        let mut tx = store.begin().await?;
+        // Taken in the handler's transaction: gone if the retry commits.
+        if store.take_dead_letter(&mut tx, id).await?.is_none() {
+            return Err(not_found());
+        }
+        let outcome = registered.projection.handle(&events, &mut tx).await;
         match outcome {
             Ok(()) => {
                 store.commit(tx).await?;

@@ -82,6 +82,9 @@ impl<S: ProjectionStore> std::fmt::Debug for ProjectionRunner<S> {
     }
 }
 
+/// The most partitions a projection may have.
+const MAX_PARTITIONS: u32 = 1024;
+
 struct Shared<S: ProjectionStore> {
     store: S,
     log: Arc<dyn EventLog>,
@@ -177,8 +180,8 @@ impl<S: ProjectionStore> ProjectionRunnerBuilder<S> {
     ///
     /// # Errors
     ///
-    /// [`StoreError::Config`] for an empty or duplicate projection name, or a
-    /// heartbeat not shorter than the lease.
+    /// [`StoreError::Config`] for an empty or duplicate projection name, more
+    /// than 1024 partitions, or a heartbeat not shorter than the lease.
     pub fn build(self) -> Result<ProjectionRunner<S>, StoreError> {
         check_timing("heartbeat interval", self.heartbeat, self.lease_ttl)?;
         let mut projections = HashMap::new();
@@ -186,6 +189,16 @@ impl<S: ProjectionStore> ProjectionRunnerBuilder<S> {
             let name = options.projection.name().to_owned();
             if name.is_empty() {
                 return Err(ConfigError::EmptyName("a projection").into());
+            }
+            if options.partitions > MAX_PARTITIONS {
+                return Err(ConfigError::Invalid {
+                    setting: "partitions",
+                    reason: format!(
+                        "`{name}` asks for {} partitions; at most {MAX_PARTITIONS}",
+                        options.partitions
+                    ),
+                }
+                .into());
             }
             let registered = Registered {
                 stored: AtomicBool::new(false),

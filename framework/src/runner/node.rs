@@ -41,10 +41,11 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
     ///
     /// # Errors
     ///
-    /// [`StoreError::Config`] when a projection is stored with another
-    /// partition count; any error the backend classifies as the
-    /// infrastructure's fault while registering (for example missing tables)
-    /// after it has been logged and retried for a while.
+    /// [`StoreError::Config`] at once when a projection is stored with
+    /// another partition count, Outflow's tables are missing
+    /// ([`ConfigError::MissingTable`]) or a setup hook fails
+    /// ([`ConfigError::SetupHook`]); other errors the backend blames on the
+    /// infrastructure while registering after about ten attempts.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), StoreError> {
         let result = self.run_node(shutdown).await;
         if let Err(error) = &result {

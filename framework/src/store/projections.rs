@@ -2,7 +2,9 @@
 //! letters and the inbox, each a small role trait.
 //!
 //! Each projection partition (a *unit*) has its state: its checkpoint, an
-//! `epoch` that grows with every change of owner, its state and last error;
+//! `epoch` that a claim bumps unless the claiming node still holds a valid
+//! lease on the unit (so every change of owner does) and that every reset
+//! bumps, its state and last error;
 //! and its lease: the owner and until when (kept apart from the checkpoint,
 //! so that renewing it never waits for a batch). A runner writes a batch's
 //! read-model changes and the unit's new checkpoint in one transaction, and
@@ -117,7 +119,9 @@ pub struct UnitRecord {
     pub owner: Option<String>,
     /// Whether the lease is still valid (the owner renewed it in time).
     pub lease_valid: bool,
-    /// Grows with every change of owner and every reset.
+    /// Grows when a node claims the unit without holding a valid lease on
+    /// it, and on every reset; a node that claims again while its lease is
+    /// valid (a restarted process with a stable node id) keeps it.
     pub epoch: u64,
     /// What the unit is doing.
     pub state: ProjectionState,
@@ -265,7 +269,8 @@ pub trait Checkpoints: Transactional + Clone {
 }
 
 /// Leases on units: which node runs which unit, renewed by the owner's
-/// heartbeat, fenced by an epoch that grows with every change of owner.
+/// heartbeat, fenced by an epoch that a claim bumps unless the claiming node
+/// still holds a valid lease.
 #[async_trait]
 pub trait Leases: Send + Sync + 'static {
     /// Records that `node` is alive; returns the ids of the live nodes

@@ -1,5 +1,6 @@
 -- Takes a unit that is free, whose lease ran out, or that this node holds.
--- A new owner gets a new epoch, which fences the previous owner's commits.
+-- A claim without a valid lease of this node gets a new epoch, which fences
+-- the previous owner's commits.
 -- A unit whose batch is in flight (its row is locked) is skipped, not waited
 -- for: the claim is tried again at the next heartbeat.
 WITH unit AS (
