@@ -5,8 +5,8 @@
 # trap).
 #
 # Exports: DATABASE_URL (a superuser URL to the `postgres` database, without
-# TLS) and OUTFLOW_PG_TLS_CA (the server's self-signed certificate: it also
-# accepts TLS connections);
+# TLS) and OUTFLOW_PG_TLS_CA (the certificate authority that signed the
+# server's certificate: it also accepts TLS connections);
 # NATS_URL and OUTFLOW_NATS_BIN (the `nats-server` binary, so a test can start
 # servers of its own).
 
@@ -110,16 +110,22 @@ start_postgres() {
     OUTFLOW_CLEANUPS+=("rm -rf '$dir'")
     as_service_user "$bin/initdb" -D "$dir/data" -U outflow --auth=trust -E UTF8 --no-instructions >"$dir/initdb.log" 2>&1 \
         || { cat "$dir/initdb.log" >&2; return 1; }
-    # A self-signed certificate, so clients can test TLS (sslmode=require,
-    # and verify-full with OUTFLOW_PG_TLS_CA as the root).
+    # A throwaway certificate authority and a server certificate it signed,
+    # so clients can test TLS (sslmode=require, and verify-full with
+    # OUTFLOW_PG_TLS_CA as the root).
     command -v openssl >/dev/null 2>&1 || apt_install openssl || return 1
-    openssl req -x509 -newkey rsa:2048 -nodes -days 7 -subj "/CN=localhost" \
-        -addext "subjectAltName=IP:127.0.0.1,DNS:localhost" \
-        -keyout "$dir/server.key" -out "$dir/server.crt" >"$dir/openssl.log" 2>&1 \
-        || { cat "$dir/openssl.log" >&2; return 1; }
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n' >"$dir/server.ext"
+    {
+        openssl req -x509 -newkey rsa:2048 -nodes -days 7 -subj "/CN=outflow test CA" \
+            -keyout "$dir/ca.key" -out "$dir/ca.crt" &&
+        openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+            -keyout "$dir/server.key" -out "$dir/server.csr" &&
+        openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" \
+            -CAcreateserial -days 7 -extfile "$dir/server.ext" -out "$dir/server.crt"
+    } >"$dir/openssl.log" 2>&1 || { cat "$dir/openssl.log" >&2; return 1; }
     chown "$SERVICE_USER" "$dir/server.key" "$dir/server.crt"
-    chmod 600 "$dir/server.key"
-    chmod 644 "$dir/server.crt"
+    chmod 600 "$dir/server.key" "$dir/ca.key"
+    chmod 644 "$dir/server.crt" "$dir/ca.crt"
     port=$(free_port)
     # Tests open many connections at once; benchmarks keep the server's
     # defaults (OUTFLOW_PG_DEFAULTS=1) apart from what they need to connect.
@@ -135,7 +141,7 @@ start_postgres() {
     OUTFLOW_CLEANUPS+=("kill -INT $pid 2>/dev/null; for _ in \$(seq 1 100); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done; kill -KILL $pid 2>/dev/null")
     # Plain connections by default; the TLS tests ask for TLS themselves.
     export DATABASE_URL="postgres://outflow@127.0.0.1:$port/postgres?sslmode=disable"
-    export OUTFLOW_PG_TLS_CA="$dir/server.crt"
+    export OUTFLOW_PG_TLS_CA="$dir/ca.crt"
     export OUTFLOW_PG_BIN="$bin"
     echo "PostgreSQL $("$bin/postgres" --version | awk '{print $3}') on 127.0.0.1:$port (pid $pid)" >&2
 }
