@@ -193,6 +193,7 @@ impl Holder {
     }
 
     /// Gives a unit up.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) async fn release<L: Leases + ?Sized>(
         &self,
         leases: &L,

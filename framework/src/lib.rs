@@ -92,6 +92,21 @@ pub use store::{
 /// Re-exports of `cqrs-es` so applications need one dependency.
 pub use cqrs_es;
 
+/// The attribute Outflow's async traits are implemented with:
+/// `#[outflow::async_trait]` (or `#[async_trait]` after `use outflow::prelude::*`).
+pub use async_trait::async_trait;
+
+/// What [`ProjectionRunner::run`](runner::ProjectionRunner::run) and the
+/// relays stop on.
+pub use tokio_util::sync::CancellationToken;
+
+/// The sqlx that PostgreSQL handlers' transactions and pools come from
+/// (`outflow::sqlx::query`, `outflow::sqlx::Transaction`), so it always
+/// matches Outflow's.
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use sqlx;
+
 /// Everything an application usually needs: `use outflow::prelude::*;`.
 pub mod prelude {
     pub use crate::projection::{
@@ -105,6 +120,8 @@ pub mod prelude {
         Committed, Envelope, EventLog, EventStore, HandlerError, LogFilter, MemoryStore,
         ProjectionStore, RecordedEvent, StoreError, Transactional,
     };
+    pub use async_trait::async_trait;
     pub use cqrs_es::event_sink::EventSink;
     pub use cqrs_es::{Aggregate, DomainEvent, EventEnvelope, View};
+    pub use tokio_util::sync::CancellationToken;
 }

@@ -603,9 +603,12 @@ async fn a_view_query_handle_reads_its_writes() {
     common::stop_runner(shutdown, handle).await;
 }
 
-/// Records each dispatch as (aggregate id, sequences).
+/// One dispatch: the aggregate id and the sequences of its events.
+type Dispatch = (String, Vec<usize>);
+
+/// Records each dispatch.
 #[derive(Clone, Default)]
-struct Dispatches(Arc<Mutex<Vec<(String, Vec<usize>)>>>);
+struct Dispatches(Arc<Mutex<Vec<Dispatch>>>);
 
 #[async_trait]
 impl Query<BankAccount> for Dispatches {
