@@ -7,9 +7,9 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 use outflow::cqrs_es::{EventEnvelope, View};
 use outflow::projection::{HandlerError, Projection};
-use outflow::{LogFilter, PostgresStore, RecordedEvent};
+use outflow::{LogFilter, PostgresStore, RecordedEvent, SqliteStore};
 use serde::{Deserialize, Serialize};
-use sqlx::{PgExecutor, Postgres, Transaction};
+use sqlx::{PgExecutor, Postgres, Sqlite, SqliteExecutor, Transaction};
 
 use crate::{BankAccount, BankEvent};
 
@@ -135,19 +135,7 @@ impl Projection<PostgresStore> for Balances {
         events: &[RecordedEvent],
         tx: &mut Transaction<'static, Postgres>,
     ) -> Result<(), HandlerError> {
-        // Fold the batch per account in memory, then write once.
-        let mut changes: HashMap<&str, (Option<String>, i64, i64, bool)> = HashMap::new();
-        for event in events {
-            let payload = event.decode_payload::<BankAccount>()?;
-            let change = changes.entry(&event.aggregate_id).or_default();
-            change.2 += 1;
-            match payload {
-                BankEvent::AccountOpened { owner } => change.0 = Some(owner),
-                BankEvent::Deposited { amount } => change.1 += amount,
-                BankEvent::Withdrawn { amount } => change.1 -= amount,
-                BankEvent::AccountClosed => change.3 = true,
-            }
-        }
+        let changes = changes(events)?;
         let mut ids = Vec::with_capacity(changes.len());
         let mut owners = Vec::with_capacity(changes.len());
         let mut deltas = Vec::with_capacity(changes.len());
@@ -181,7 +169,130 @@ impl Projection<PostgresStore> for Balances {
         Ok(())
     }
 
+    async fn setup(&self, tx: &mut Transaction<'static, Postgres>) -> Result<(), HandlerError> {
+        Balances::create_table(&mut **tx).await?;
+        Ok(())
+    }
+
     async fn reset(&self, tx: &mut Transaction<'static, Postgres>) -> Result<(), HandlerError> {
+        sqlx::query("DELETE FROM account_balances")
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+}
+
+/// One account's change in a batch: owner (when opened), balance delta,
+/// events, closed.
+type Change = (Option<String>, i64, i64, bool);
+
+/// Folds a batch per account in memory, so each account is written once.
+fn changes(events: &[RecordedEvent]) -> Result<HashMap<&str, Change>, HandlerError> {
+    let mut changes: HashMap<&str, Change> = HashMap::new();
+    for event in events {
+        let payload = event.decode_payload::<BankAccount>()?;
+        let change = changes.entry(&event.aggregate_id).or_default();
+        change.2 += 1;
+        match payload {
+            BankEvent::AccountOpened { owner } => change.0 = Some(owner),
+            BankEvent::Deposited { amount } => change.1 += amount,
+            BankEvent::Withdrawn { amount } => change.1 -= amount,
+            BankEvent::AccountClosed => change.3 = true,
+        }
+    }
+    Ok(changes)
+}
+
+impl Balances {
+    /// Creates the table in SQLite if needed.
+    ///
+    /// # Errors
+    ///
+    /// The database error.
+    pub async fn create_sqlite_table<'e>(
+        executor: impl SqliteExecutor<'e>,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS account_balances (
+                account_id TEXT PRIMARY KEY,
+                owner TEXT NOT NULL DEFAULT '',
+                balance INTEGER NOT NULL DEFAULT 0,
+                events INTEGER NOT NULL DEFAULT 0,
+                closed INTEGER NOT NULL DEFAULT 0)",
+        )
+        .execute(executor)
+        .await?;
+        Ok(())
+    }
+
+    /// Every row of the SQLite table, ordered by account id.
+    ///
+    /// # Errors
+    ///
+    /// The database error.
+    pub async fn sqlite_rows<'e>(
+        executor: impl SqliteExecutor<'e>,
+    ) -> Result<Vec<BalanceRow>, sqlx::Error> {
+        let rows: Vec<(String, String, i64, i64, bool)> = sqlx::query_as(
+            "SELECT account_id, owner, balance, events, closed FROM account_balances ORDER BY account_id",
+        )
+        .fetch_all(executor)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(account_id, owner, balance, events, closed)| BalanceRow {
+                account_id,
+                owner,
+                balance,
+                events,
+                closed,
+            })
+            .collect())
+    }
+}
+
+#[async_trait]
+impl Projection<SqliteStore> for Balances {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn filter(&self) -> LogFilter {
+        LogFilter::aggregate_types(["account"])
+    }
+
+    async fn setup(&self, tx: &mut Transaction<'static, Sqlite>) -> Result<(), HandlerError> {
+        Balances::create_sqlite_table(&mut **tx).await?;
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        events: &[RecordedEvent],
+        tx: &mut Transaction<'static, Sqlite>,
+    ) -> Result<(), HandlerError> {
+        for (id, (owner, delta, count, close)) in changes(events)? {
+            sqlx::query(
+                "INSERT INTO account_balances (account_id, owner, balance, events, closed)
+                 VALUES (?1, COALESCE(?2, ''), ?3, ?4, ?5)
+                 ON CONFLICT (account_id) DO UPDATE
+                    SET owner = CASE WHEN excluded.owner = '' THEN owner ELSE excluded.owner END,
+                        balance = balance + excluded.balance,
+                        events = events + excluded.events,
+                        closed = closed OR excluded.closed",
+            )
+            .bind(id)
+            .bind(owner)
+            .bind(delta)
+            .bind(count)
+            .bind(close)
+            .execute(&mut **tx)
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn reset(&self, tx: &mut Transaction<'static, Sqlite>) -> Result<(), HandlerError> {
         sqlx::query("DELETE FROM account_balances")
             .execute(&mut **tx)
             .await?;

@@ -442,3 +442,55 @@ pub struct Snapshot {
     /// The serialized aggregate.
     pub state: serde_json::Value,
 }
+
+/// Parses a stored payload and metadata (their JSON text, as a backend reads
+/// them), naming the event when one does not decode: the shared half of the
+/// SQL backends' row decoding.
+pub(crate) fn parse_stored(
+    payload: &str,
+    metadata: Option<&str>,
+    describe: impl Fn() -> (EventRef, Uuid, u64),
+) -> Result<(serde_json::Value, Metadata), StoreError> {
+    let undecodable = |what: &'static str, source: serde_json::Error| {
+        let (event, event_id, transaction_id) = describe();
+        StoreError::Undecodable {
+            event: Box::new(event),
+            event_id,
+            transaction_id,
+            what,
+            source,
+        }
+    };
+    let payload = serde_json::from_str(payload).map_err(|e| undecodable("payload", e))?;
+    let metadata = match metadata {
+        None => Metadata::new(),
+        Some(text) => serde_json::from_str::<Option<Metadata>>(text)
+            .map_err(|e| undecodable("metadata", e))?
+            .unwrap_or_default(),
+    };
+    Ok((payload, metadata))
+}
+
+/// A window of the global log from rows: the events before the first row
+/// that does not decode, or that row's error when it comes first (see
+/// [`EventLog::read_log`](crate::log::EventLog::read_log)). Other errors fail
+/// the window.
+pub(crate) fn decode_window<R>(
+    rows: impl IntoIterator<Item = R>,
+    mut decode: impl FnMut(R) -> Result<RecordedEvent, StoreError>,
+) -> Result<Vec<RecordedEvent>, StoreError> {
+    let mut events = Vec::new();
+    for row in rows {
+        match decode(row) {
+            Ok(event) => events.push(event),
+            Err(error @ StoreError::Undecodable { .. }) => {
+                if events.is_empty() {
+                    return Err(error);
+                }
+                break;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(events)
+}

@@ -67,8 +67,8 @@ pub mod runner;
 pub mod store;
 pub mod telemetry;
 pub mod upcast;
-#[cfg(feature = "postgres")]
-#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "sqlite"))))]
 pub mod view;
 mod wake;
 
@@ -84,6 +84,9 @@ pub use store::memory::MemoryStore;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use store::postgres::{PostgresStore, PostgresStoreBuilder};
+#[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
+pub use store::sqlite::{SqliteStore, SqliteStoreBuilder};
 pub use store::{
     AppendInTransaction, Backend, EventStore, LoadedStream, ProjectionStore, StreamEvent,
     Transactional,
@@ -103,8 +106,8 @@ pub use tokio_util::sync::CancellationToken;
 /// The sqlx that PostgreSQL handlers' transactions and pools come from
 /// (`outflow::sqlx::query`, `outflow::sqlx::Transaction`), so it always
 /// matches Outflow's.
-#[cfg(feature = "postgres")]
-#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "sqlite"))))]
 pub use sqlx;
 
 /// Everything an application usually needs: `use outflow::prelude::*;`.
@@ -115,6 +118,8 @@ pub mod prelude {
     pub use crate::runner::{ProjectionRunner, ProjectionStatus, WaitError};
     #[cfg(feature = "postgres")]
     pub use crate::PostgresStore;
+    #[cfg(feature = "sqlite")]
+    pub use crate::SqliteStore;
     pub use crate::{
         AppendInTransaction, Backend, Checkpoint, CommandBus, CommandContext, CommandError,
         Committed, Envelope, EventLog, EventStore, HandlerError, LogFilter, MemoryStore,

@@ -235,7 +235,8 @@ pub struct LogFilter {
 
 /// One of `count` disjoint parts of the log, split by a hash of the
 /// aggregate id: every event of an aggregate falls into the same partition.
-/// The hash is the backend's own (PostgreSQL's `hashtext`, FNV-1a in memory).
+/// The hash is the backend's own (PostgreSQL's `hashtext`, FNV-1a in memory
+/// and in SQLite).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Partition {
     /// This partition, `0..count`.
@@ -250,11 +251,16 @@ impl Partition {
         if self.count <= 1 {
             return true;
         }
-        let hash = aggregate_id.bytes().fold(0x811c_9dc5_u32, |h, b| {
-            (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-        });
-        hash % self.count == self.index
+        partition_hash(aggregate_id) % self.count == self.index
     }
+}
+
+/// The FNV-1a hash of an aggregate id: what the in-memory and SQLite stores
+/// partition by.
+pub(crate) fn partition_hash(aggregate_id: &str) -> u32 {
+    aggregate_id.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
 }
 
 impl LogFilter {

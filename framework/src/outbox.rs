@@ -1,5 +1,7 @@
 //! The transactional outbox: messages from code that is not event-sourced,
-//! published atomically with that code's own writes.
+//! published atomically with that code's own writes. PostgreSQL only (it
+//! orders deliveries by PostgreSQL's transaction ids); on SQLite, react to
+//! events with a projection's `effects` hook instead.
 //!
 //! The classic case is "save the user row and publish `UserSignedUp`": the
 //! application inserts its row and [enqueues](Outbox::enqueue) the message in

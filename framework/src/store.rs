@@ -39,6 +39,9 @@ pub mod memory;
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod postgres;
 pub mod projections;
+#[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
+pub mod sqlite;
 
 /// An aggregate's stream as loaded for a command: the newest snapshot, if
 /// asked for and present, and the events after it.

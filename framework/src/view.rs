@@ -1,4 +1,5 @@
-//! Runs any `cqrs-es` [`View`] as a durable projection in PostgreSQL.
+//! Runs any `cqrs-es` [`View`] as a durable projection, in PostgreSQL or
+//! SQLite.
 //!
 //! Rows have the layout of `postgres-es`'s view tables — `view_id text`,
 //! `version bigint`, `payload json` — and the same contents its
@@ -11,25 +12,29 @@
 use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use cqrs_es::{Aggregate, View};
-use sqlx::{PgExecutor, Postgres, Row, Transaction};
 
 use crate::error::StoreError;
-use std::time::Duration;
-
 use crate::event::{Checkpoint, Envelope, RecordedEvent};
-use crate::log::LogFilter;
 use crate::names::Identifier;
-use crate::projection::{HandlerError, Projection};
+use crate::projection::HandlerError;
 use crate::runner::WaitError;
-use crate::store::postgres::{pg_error, PostgresStore};
+use crate::store::projections::{Checkpoints, DeadLetters};
 use crate::upcast::Upcaster;
+
+#[cfg(feature = "postgres")]
+mod postgres;
+#[cfg(all(feature = "sqlite", outflow_sqlite_views_pending))]
+mod sqlite;
 
 type KeyFn<A> = dyn Fn(&Envelope<A>) -> Option<String> + Send + Sync;
 
-/// A `cqrs-es` view kept in a PostgreSQL table by the projection runner.
+/// A `cqrs-es` view kept in a table by the projection runner, on
+/// PostgreSQL ([`PostgresStore`](crate::PostgresStore)) or SQLite
+/// (`SqliteStore`).
 ///
 /// ```no_run
 /// # use outflow::doc_fixture::{Counter, CounterEvent};
@@ -48,19 +53,17 @@ type KeyFn<A> = dyn Fn(&Envelope<A>) -> Option<String> + Send + Sync;
 ///     }
 /// }
 ///
-/// # async fn demo(store: outflow::PostgresStore) -> Result<(), outflow::StoreError> {
+/// # fn demo() -> Result<(), outflow::StoreError> {
 /// let view = ViewProjection::<Counter, CounterView>::new("counter_view", "counter_view")?;
-/// view.create_table(store.pool()).await?;
-/// let options = ProjectionOptions::new(view);
+/// let options: ProjectionOptions<outflow::PostgresStore> = ProjectionOptions::new(view);
 /// # Ok(()) }
 /// ```
 pub struct ViewProjection<A: Aggregate, V> {
     name: String,
+    /// The table, quoted for SQL.
     table: String,
     key: Arc<KeyFn<A>>,
     upcasters: Arc<[Box<dyn Upcaster>]>,
-    select: String,
-    upsert: String,
     _view: PhantomData<fn() -> V>,
 }
 
@@ -74,6 +77,21 @@ impl<A: Aggregate, V> std::fmt::Debug for ViewProjection<A, V> {
             .finish_non_exhaustive()
     }
 }
+
+impl<A: Aggregate, V> Clone for ViewProjection<A, V> {
+    fn clone(&self) -> Self {
+        ViewProjection {
+            name: self.name.clone(),
+            table: self.table.clone(),
+            key: self.key.clone(),
+            upcasters: self.upcasters.clone(),
+            _view: PhantomData,
+        }
+    }
+}
+
+/// A view as read and written in one batch: key, view, version.
+type Row<V> = (String, V, i64);
 
 impl<A, V> ViewProjection<A, V>
 where
@@ -90,14 +108,6 @@ where
         let table = Identifier::parse(table, "view table")?.quoted();
         Ok(ViewProjection {
             name: name.into(),
-            select: format!(
-                "SELECT v.view_id, v.version, v.payload FROM {table} v WHERE v.view_id = ANY($1::text[])"
-            ),
-            upsert: format!(
-                "INSERT INTO {table} AS v (view_id, version, payload)
-                 SELECT k, n, p::json FROM UNNEST($1::text[], $2::bigint[], $3::text[]) AS u(k, n, p)
-                 ON CONFLICT (view_id) DO UPDATE SET version = EXCLUDED.version, payload = EXCLUDED.payload"
-            ),
             table,
             key: Arc::new(|event: &Envelope<A>| Some(event.aggregate_id.clone())),
             upcasters: Arc::from(Vec::new()),
@@ -120,39 +130,6 @@ where
     pub fn with_upcasters(mut self, upcasters: Vec<Box<dyn Upcaster>>) -> Self {
         self.upcasters = upcasters.into();
         self
-    }
-
-    /// Creates the view table if it does not exist.
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError::Database`].
-    pub async fn create_table<'e>(&self, executor: impl PgExecutor<'e>) -> Result<(), StoreError> {
-        sqlx::query(&format!(
-            "CREATE TABLE IF NOT EXISTS {} (
-                view_id text PRIMARY KEY,
-                version bigint NOT NULL CHECK (version >= 0),
-                payload json NOT NULL)",
-            self.table
-        ))
-        .execute(executor)
-        .await
-        .map_err(|e| pg_error("creating a view table", e))?;
-        Ok(())
-    }
-
-    /// Reads one view.
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError::Database`]; [`StoreError::Corrupt`] when the stored JSON
-    /// does not fit `V`.
-    pub async fn load<'e>(
-        &self,
-        executor: impl PgExecutor<'e>,
-        view_id: &str,
-    ) -> Result<Option<V>, StoreError> {
-        load_view(executor, &self.select, &self.table, view_id).await
     }
 
     /// A handle to read this projection's views, to keep in the query side
@@ -185,54 +162,105 @@ where
     ///     .await?;
     /// # Ok(()) }
     /// ```
-    pub fn query(&self, store: &PostgresStore) -> ViewQuery<A, V> {
+    pub fn query<S: ViewStore>(&self, store: &S) -> ViewQuery<A, V, S> {
         ViewQuery {
             store: store.clone(),
             name: self.name.clone(),
             table: self.table.clone(),
-            select: self.select.clone().into(),
             _types: PhantomData,
         }
     }
+
+    /// Decodes a batch and keys each event; events without a key are
+    /// skipped.
+    fn keyed(&self, events: &[RecordedEvent]) -> Result<Vec<(String, Envelope<A>)>, HandlerError> {
+        let mut decoded = Vec::with_capacity(events.len());
+        for event in events {
+            let envelope = event.decode_ref::<A>(&self.upcasters)?;
+            if let Some(key) = (self.key)(&envelope) {
+                decoded.push((key, envelope));
+            }
+        }
+        Ok(decoded)
+    }
+
+    /// The distinct keys of a keyed batch, sorted.
+    fn keys(decoded: &[(String, Envelope<A>)]) -> Vec<String> {
+        let mut keys: Vec<String> = decoded.iter().map(|(k, _)| k.clone()).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        keys
+    }
+
+    /// Applies a keyed batch to the stored views (missing ones start from
+    /// `V::default()`), counting versions as `postgres-es` does: once per
+    /// command dispatched to a view.
+    fn fold(stored: Vec<Row<V>>, decoded: &[(String, Envelope<A>)]) -> Vec<Row<V>> {
+        let mut views: Vec<(String, V, i64, Option<(String, u64)>)> = stored
+            .into_iter()
+            .map(|(key, view, version)| (key, view, version, None))
+            .collect();
+        let mut index_of: HashMap<String, usize> = views
+            .iter()
+            .enumerate()
+            .map(|(i, (key, ..))| (key.clone(), i))
+            .collect();
+        for (key, envelope) in decoded {
+            let index = *index_of.entry(key.clone()).or_insert_with(|| {
+                views.push((key.clone(), V::default(), 0, None));
+                views.len() - 1
+            });
+            let (_, view, version, last_command) = &mut views[index];
+            // A command's events share aggregate and transaction.
+            let command = (envelope.aggregate_id.clone(), envelope.transaction_id);
+            if last_command.as_ref() != Some(&command) {
+                *version += 1;
+                *last_command = Some(command);
+            }
+            view.update(&envelope.to_cqrs());
+        }
+        views
+            .into_iter()
+            .map(|(key, view, version, _)| (key, view, version))
+            .collect()
+    }
 }
 
-impl<A: Aggregate, V> Clone for ViewProjection<A, V> {
-    fn clone(&self) -> Self {
-        ViewProjection {
-            name: self.name.clone(),
-            table: self.table.clone(),
-            key: self.key.clone(),
-            upcasters: self.upcasters.clone(),
-            select: self.select.clone(),
-            upsert: self.upsert.clone(),
-            _view: PhantomData,
-        }
-    }
+/// A backend that keeps view tables: [`PostgresStore`](crate::PostgresStore)
+/// and `SqliteStore`. Implemented by Outflow only.
+#[async_trait]
+pub trait ViewStore: Checkpoints + DeadLetters + Clone {
+    /// The stored JSON text of one view, if any.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Database`].
+    #[doc(hidden)]
+    async fn view_payload(&self, table: &str, view_id: &str)
+        -> Result<Option<String>, StoreError>;
 }
 
 /// Reads the views of a [`ViewProjection`], from anywhere in the
 /// application; made by [`ViewProjection::query`].
-pub struct ViewQuery<A, V> {
-    store: PostgresStore,
+pub struct ViewQuery<A, V, S> {
+    store: S,
     name: String,
     table: String,
-    select: Arc<str>,
     _types: PhantomData<fn() -> (A, V)>,
 }
 
-impl<A, V> Clone for ViewQuery<A, V> {
+impl<A, V, S: Clone> Clone for ViewQuery<A, V, S> {
     fn clone(&self) -> Self {
         ViewQuery {
             store: self.store.clone(),
             name: self.name.clone(),
             table: self.table.clone(),
-            select: self.select.clone(),
             _types: PhantomData,
         }
     }
 }
 
-impl<A, V> std::fmt::Debug for ViewQuery<A, V> {
+impl<A, V, S> std::fmt::Debug for ViewQuery<A, V, S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ViewQuery")
             .field("projection", &self.name)
@@ -241,10 +269,11 @@ impl<A, V> std::fmt::Debug for ViewQuery<A, V> {
     }
 }
 
-impl<A, V> ViewQuery<A, V>
+impl<A, V, S> ViewQuery<A, V, S>
 where
     A: Aggregate + 'static,
     V: View<A> + 'static,
+    S: ViewStore,
 {
     /// The projection's name.
     pub fn projection(&self) -> &str {
@@ -255,9 +284,18 @@ where
     ///
     /// # Errors
     ///
-    /// As [`ViewProjection::load`].
+    /// [`StoreError::Database`]; [`StoreError::Corrupt`] when the stored JSON
+    /// does not fit `V`.
     pub async fn load(&self, view_id: &str) -> Result<Option<V>, StoreError> {
-        load_view(self.store.pool(), &self.select, &self.table, view_id).await
+        let payload = self.store.view_payload(&self.table, view_id).await?;
+        payload
+            .map(|payload| {
+                serde_json::from_str(&payload).map_err(|e| StoreError::Corrupt {
+                    table: self.table.clone(),
+                    what: format!("view `{view_id}` does not deserialize: {e}"),
+                })
+            })
+            .transpose()
     }
 
     /// Reads one view once the projection has passed `checkpoint`
@@ -281,127 +319,5 @@ where
                 .await?;
         }
         Ok(self.load(view_id).await?)
-    }
-}
-
-async fn load_view<'e, V: serde::de::DeserializeOwned>(
-    executor: impl PgExecutor<'e>,
-    select: &str,
-    table: &str,
-    view_id: &str,
-) -> Result<Option<V>, StoreError> {
-    let row = sqlx::query(select)
-        .bind(vec![view_id.to_owned()])
-        .fetch_optional(executor)
-        .await
-        .map_err(|e| pg_error("reading a view", e))?;
-    row.map(|row| {
-        let payload: serde_json::Value = row
-            .try_get("payload")
-            .map_err(|e| pg_error("reading a view", e))?;
-        serde_json::from_value(payload).map_err(|e| StoreError::Corrupt {
-            table: table.to_owned(),
-            what: format!("view `{view_id}` does not deserialize: {e}"),
-        })
-    })
-    .transpose()
-}
-
-#[async_trait]
-impl<A, V> Projection<PostgresStore> for ViewProjection<A, V>
-where
-    A: Aggregate + 'static,
-    V: View<A> + 'static,
-{
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn filter(&self) -> LogFilter {
-        LogFilter::aggregate_types([A::TYPE])
-    }
-
-    async fn handle(
-        &self,
-        events: &[RecordedEvent],
-        tx: &mut Transaction<'static, Postgres>,
-    ) -> Result<(), HandlerError> {
-        // (key, view, version, last command applied)
-        let mut views: Vec<(String, V, i64, Option<(String, u64)>)> = Vec::new();
-        let mut decoded = Vec::with_capacity(events.len());
-        for event in events {
-            let envelope = event.decode_ref::<A>(&self.upcasters)?;
-            if let Some(key) = (self.key)(&envelope) {
-                decoded.push((key, envelope));
-            }
-        }
-        let keys: Vec<String> = {
-            let mut keys: Vec<String> = decoded.iter().map(|(k, _)| k.clone()).collect();
-            keys.sort_unstable();
-            keys.dedup();
-            keys
-        };
-        if keys.is_empty() {
-            return Ok(());
-        }
-        let rows = sqlx::query(&self.select)
-            .bind(&keys)
-            .fetch_all(&mut **tx)
-            .await?;
-        for row in rows {
-            let key: String = row.try_get("view_id")?;
-            let version: i64 = row.try_get("version")?;
-            let payload: serde_json::Value = row.try_get("payload")?;
-            let view: V = serde_json::from_value(payload)?;
-            views.push((key, view, version, None));
-        }
-        let mut index_of: HashMap<String, usize> = views
-            .iter()
-            .enumerate()
-            .map(|(i, (key, ..))| (key.clone(), i))
-            .collect();
-        for (key, envelope) in &decoded {
-            let index = *index_of.entry(key.clone()).or_insert_with(|| {
-                views.push((key.clone(), V::default(), 0, None));
-                views.len() - 1
-            });
-            let (_, view, version, last_command) = &mut views[index];
-            // postgres-es bumps a view's version once per command dispatched
-            // to it; a command's events share aggregate and transaction.
-            let command = (envelope.aggregate_id.clone(), envelope.transaction_id);
-            if last_command.as_ref() != Some(&command) {
-                *version += 1;
-                *last_command = Some(command);
-            }
-            view.update(&envelope.to_cqrs());
-        }
-        let mut ids = Vec::with_capacity(views.len());
-        let mut versions = Vec::with_capacity(views.len());
-        let mut payloads = Vec::with_capacity(views.len());
-        for (key, view, version, _) in &views {
-            ids.push(key.clone());
-            versions.push(*version);
-            payloads.push(serde_json::to_string(view)?);
-        }
-        sqlx::query(&self.upsert)
-            .bind(&ids)
-            .bind(&versions)
-            .bind(&payloads)
-            .execute(&mut **tx)
-            .await?;
-        Ok(())
-    }
-
-    /// Creates the view table if it does not exist.
-    async fn setup(&self, tx: &mut Transaction<'static, Postgres>) -> Result<(), HandlerError> {
-        self.create_table(&mut **tx).await?;
-        Ok(())
-    }
-
-    async fn reset(&self, tx: &mut Transaction<'static, Postgres>) -> Result<(), HandlerError> {
-        sqlx::query(&format!("DELETE FROM {}", self.table))
-            .execute(&mut **tx)
-            .await?;
-        Ok(())
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use outflow::log::Wake;
 use outflow::store::{DeadLetter, Lease, NewDeadLetter, ProjectionState, UnitId, UnitRecord};
 use outflow::{
-    AppendRequest, Backend, Checkpoint, ConfigError, LogFilter, MemoryStore, NewEvent,
+    AppendRequest, Backend, Checkpoint, ConfigError, LogFilter, NewEvent,
     RecordedEvent, StoreError,
 };
 use serde_json::json;
@@ -501,27 +501,10 @@ async fn suite_transactions<S: Backend>(store: S) {
     );
 }
 
-/// A `#[tokio::test]` per suite on a `MemoryStore`, and one on a
-/// `PostgresStore` in a fresh database.
-macro_rules! on_both_backends {
-    ($($suite:ident: $memory:ident, $postgres:ident;)*) => {$(
-        #[tokio::test]
-        async fn $memory() {
-            $suite(MemoryStore::new()).await;
-        }
-
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $postgres() {
-            let db = common::TestDb::new(stringify!($postgres)).await;
-            $suite(db.store().await).await;
-        }
-    )*};
-}
-
-on_both_backends! {
-    suite_leases: memory_leases, postgres_leases;
-    suite_checkpoints: memory_checkpoints, postgres_checkpoints;
-    suite_dead_letters: memory_dead_letters, postgres_dead_letters;
-    suite_inbox: memory_inbox, postgres_inbox;
-    suite_transactions: memory_transactions, postgres_transactions;
+on_every_backend! {
+    suite_leases: memory_leases, postgres_leases, sqlite_leases;
+    suite_checkpoints: memory_checkpoints, postgres_checkpoints, sqlite_checkpoints;
+    suite_dead_letters: memory_dead_letters, postgres_dead_letters, sqlite_dead_letters;
+    suite_inbox: memory_inbox, postgres_inbox, sqlite_inbox;
+    suite_transactions: memory_transactions, postgres_transactions, sqlite_transactions;
 }

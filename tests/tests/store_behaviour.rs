@@ -3,7 +3,7 @@
 
 mod common;
 
-use outflow::{AppendRequest, Checkpoint, LogFilter, MemoryStore, NewEvent, Snapshot, StoreError};
+use outflow::{AppendRequest, Checkpoint, LogFilter, NewEvent, Snapshot, StoreError};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -182,15 +182,8 @@ async fn behaves_like_an_event_store<S: outflow::Backend>(store: S) {
     assert_eq!(unsnapshotted.events.len(), 3);
 }
 
-#[tokio::test]
-async fn memory_store() {
-    behaves_like_an_event_store(MemoryStore::new()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_store() {
-    let db = common::TestDb::new("behaviour").await;
-    behaves_like_an_event_store(db.store().await).await;
+on_every_backend! {
+    behaves_like_an_event_store: memory_store, postgres_store, sqlite_store;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

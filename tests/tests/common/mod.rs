@@ -1,12 +1,13 @@
 //! Shared set-up for the integration tests: each test gets a database of its
-//! own on the server that `scripts/test.sh` started (`DATABASE_URL`).
+//! own on the server that `scripts/test.sh` started (`DATABASE_URL`), or a
+//! SQLite file of its own in a temporary directory.
 #![allow(dead_code)]
 
 use std::time::Duration;
 
 use outflow::runner::{ProjectionRunner, ProjectionStatus};
 use outflow::store::ProjectionStore;
-use outflow::{Checkpoint, LogFilter, PostgresStore, RecordedEvent};
+use outflow::{Checkpoint, LogFilter, PostgresStore, RecordedEvent, SqliteStore};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};
 use tokio::task::JoinHandle;
@@ -205,4 +206,65 @@ pub async fn started<S: ProjectionStore>(runner: &ProjectionRunner<S>, names: &[
     for name in names {
         wait_for_status(runner, name, |_| true).await;
     }
+}
+
+/// A temporary directory for SQLite files, removed when dropped.
+pub struct TestDir {
+    /// The directory.
+    pub path: std::path::PathBuf,
+}
+
+impl TestDir {
+    /// A new, empty directory named after the test.
+    pub fn new(label: &str) -> TestDir {
+        let path = std::env::temp_dir().join(format!(
+            "outflow-test-{label}-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        ));
+        std::fs::create_dir_all(&path).expect("create a temporary directory");
+        TestDir { path }
+    }
+
+    /// A path for a database file in it.
+    pub fn file(&self, name: &str) -> std::path::PathBuf {
+        self.path.join(name)
+    }
+
+    /// A SQLite store in a new file of this directory.
+    pub async fn sqlite(&self) -> SqliteStore {
+        SqliteStore::open(self.file("events.db"))
+            .await
+            .expect("open the SQLite store")
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// One `#[tokio::test]` per suite and backend: `$suite(store)` runs on a
+/// `MemoryStore`, a `PostgresStore` in a fresh database, and a `SqliteStore`
+/// in a fresh file. Each line names the suite and its three tests.
+#[macro_export]
+macro_rules! on_every_backend {
+    ($($suite:ident: $memory:ident, $postgres:ident, $sqlite:ident;)*) => {$(
+        #[tokio::test]
+        async fn $memory() {
+            $suite(outflow::MemoryStore::new()).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $postgres() {
+            let db = common::TestDb::new(stringify!($postgres)).await;
+            $suite(db.store().await).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $sqlite() {
+            let dir = common::TestDir::new(stringify!($sqlite));
+            $suite(dir.sqlite().await).await;
+        }
+    )*};
 }

@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use super::{pg_error, PostgresStore};
 use crate::error::{EventRef, StoreError};
-use crate::event::{Metadata, RecordedEvent};
+use crate::event::{decode_window, parse_stored, RecordedEvent};
 
 impl PostgresStore {
     /// Decodes every row; the first that does not decode fails the read
@@ -18,25 +18,13 @@ impl PostgresStore {
             .collect()
     }
 
-    /// Decodes a window of the global log: the events before the first row
-    /// that does not decode, or that row's error when it comes first. A
-    /// reader then handles the good events and meets the bad one alone, as
-    /// the first of its next read.
-    pub(super) fn decode_window(&self, rows: Vec<PgRow>) -> Result<Vec<RecordedEvent>, StoreError> {
-        let mut events = Vec::with_capacity(rows.len());
-        for row in &rows {
-            match decode_event(row, &self.inner.events_table) {
-                Ok(event) => events.push(event),
-                Err(error @ StoreError::Undecodable { .. }) => {
-                    if events.is_empty() {
-                        return Err(error);
-                    }
-                    break;
-                }
-                Err(error) => return Err(error),
-            }
-        }
-        Ok(events)
+    /// Decodes a window of the global log (see
+    /// [`decode_window`](crate::event::decode_window)).
+    pub(super) fn decode_window(
+        &self,
+        rows: Vec<PgRow>,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        decode_window(&rows, |row| decode_event(row, &self.inner.events_table))
     }
 }
 
@@ -55,28 +43,20 @@ pub(super) fn decode_event(row: &PgRow, table: &str) -> Result<RecordedEvent, St
     let transaction_id = txid_column(row, table)?;
     let payload_text: String = row.try_get("payload").map_err(get_err)?;
     let metadata_text: Option<String> = row.try_get("metadata").map_err(get_err)?;
-    let undecodable = |what: &'static str, source: serde_json::Error| StoreError::Undecodable {
-        event: Box::new(EventRef {
-            aggregate_type: aggregate_type.clone(),
-            aggregate_id: aggregate_id.clone(),
-            sequence,
-            position: Some(position),
-            event_type: event_type.clone(),
-            event_version: event_version.clone(),
-        }),
-        event_id,
-        transaction_id,
-        what,
-        source,
-    };
-    let payload: serde_json::Value =
-        serde_json::from_str(&payload_text).map_err(|e| undecodable("payload", e))?;
-    let metadata = match metadata_text {
-        None => Metadata::new(),
-        Some(text) => serde_json::from_str::<Option<Metadata>>(&text)
-            .map_err(|e| undecodable("metadata", e))?
-            .unwrap_or_default(),
-    };
+    let (payload, metadata) = parse_stored(&payload_text, metadata_text.as_deref(), || {
+        (
+            EventRef {
+                aggregate_type: aggregate_type.clone(),
+                aggregate_id: aggregate_id.clone(),
+                sequence,
+                position: Some(position),
+                event_type: event_type.clone(),
+                event_version: event_version.clone(),
+            },
+            event_id,
+            transaction_id,
+        )
+    })?;
     Ok(RecordedEvent {
         event_id,
         transaction_id,

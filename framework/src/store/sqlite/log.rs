@@ -1,0 +1,177 @@
+//! The global log on SQLite: positions in commit order (one writer at a
+//! time), so reads resume with a plain `position >` and need no horizon.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::SqliteArguments;
+use sqlx::Sqlite;
+
+use super::rows::{decode_event, time_column, u64_column, COLUMNS};
+use super::{db, to_i64, SqliteStore};
+use crate::error::StoreError;
+use crate::event::{decode_window, Checkpoint, RecordedEvent};
+use crate::log::{EventLog, LogFilter};
+use crate::wake::Wakeups;
+
+const READ_LOG: &str = "SELECT {columns} FROM {events} e WHERE e.position > ?1 {filter} \
+     ORDER BY e.position LIMIT ?2";
+const HEAD: &str = "SELECT e.transaction_id, e.position FROM {events} e \
+     ORDER BY e.position DESC LIMIT 1";
+const COUNT: &str = "SELECT count(*) FROM (SELECT 1 FROM {events} e \
+     WHERE e.position > ?1 AND e.position <= ?2 {filter} LIMIT ?3)";
+const FIRST_PENDING: &str = "SELECT e.recorded_at FROM {events} e WHERE e.position > ?1 {filter} \
+     ORDER BY e.position LIMIT 1";
+
+/// A value bound for a [`filter_sql`] clause.
+enum Bind {
+    Text(String),
+    Int(i64),
+}
+
+/// The `AND ...` conditions for a filter, numbering parameters from `first`.
+fn filter_sql(filter: &LogFilter, first: usize) -> (String, Vec<Bind>) {
+    let mut clause = String::new();
+    let mut binds = Vec::new();
+    let mut next = first;
+    let mut list = |column: &str, values: &[String], binds: &mut Vec<Bind>| {
+        let params: Vec<String> = values
+            .iter()
+            .map(|value| {
+                binds.push(Bind::Text(value.clone()));
+                next += 1;
+                format!("?{}", next - 1)
+            })
+            .collect();
+        format!(" AND e.{column} IN ({})", params.join(", "))
+    };
+    if !filter.aggregate_type_list().is_empty() {
+        let sql = list("aggregate_type", filter.aggregate_type_list(), &mut binds);
+        clause.push_str(&sql);
+    }
+    if !filter.event_type_list().is_empty() {
+        let sql = list("event_type", filter.event_type_list(), &mut binds);
+        clause.push_str(&sql);
+    }
+    if let Some(partition) = filter.partition() {
+        let count = first + binds.len();
+        binds.push(Bind::Int(i64::from(partition.count)));
+        binds.push(Bind::Int(i64::from(partition.index)));
+        clause.push_str(&format!(
+            " AND e.partition_hash % ?{count} = ?{}",
+            count + 1
+        ));
+    }
+    (clause, binds)
+}
+
+fn bind_filter<'q>(
+    mut query: sqlx::query::Query<'q, Sqlite, SqliteArguments<'q>>,
+    binds: Vec<Bind>,
+) -> sqlx::query::Query<'q, Sqlite, SqliteArguments<'q>> {
+    for bind in binds {
+        query = match bind {
+            Bind::Text(value) => query.bind(value),
+            Bind::Int(value) => query.bind(value),
+        };
+    }
+    query
+}
+
+impl SqliteStore {
+    fn log_sql(&self, template: &str, filter: &str) -> String {
+        self.inner.tables.render(
+            &template
+                .replace("{columns}", COLUMNS)
+                .replace("{filter}", filter),
+        )
+    }
+}
+
+#[async_trait]
+impl EventLog for SqliteStore {
+    async fn read_log(
+        &self,
+        after: Checkpoint,
+        filter: &LogFilter,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let (clause, binds) = filter_sql(filter, 3);
+        let sql = self.log_sql(READ_LOG, &clause);
+        let query = sqlx::query(&sql)
+            .bind(to_i64(after.position))
+            .bind(to_i64(limit as u64));
+        let rows = bind_filter(query, binds)
+            .fetch_all(&self.inner.readers)
+            .await
+            .map_err(db("reading the global log"))?;
+        decode_window(&rows, |row| decode_event(row, &self.inner.tables.events))
+    }
+
+    async fn head(&self) -> Result<Checkpoint, StoreError> {
+        let row = sqlx::query(&self.log_sql(HEAD, ""))
+            .fetch_optional(&self.inner.readers)
+            .await
+            .map_err(db("reading the head of the log"))?;
+        let table = &self.inner.tables.events;
+        match row {
+            None => Ok(Checkpoint::START),
+            Some(row) => Ok(Checkpoint::new(
+                u64_column(&row, "transaction_id", table)?,
+                u64_column(&row, "position", table)?,
+            )),
+        }
+    }
+
+    fn wakeups(&self) -> Wakeups {
+        self.inner.wake.subscribe(self.inner.poll_interval)
+    }
+
+    async fn count_events(
+        &self,
+        filter: &LogFilter,
+        after: Checkpoint,
+        upto: Checkpoint,
+        cap: u64,
+    ) -> Result<u64, StoreError> {
+        let (clause, binds) = filter_sql(filter, 4);
+        let sql = self.log_sql(COUNT, &clause);
+        let query = sqlx::query_scalar::<_, i64>(&sql)
+            .bind(to_i64(after.position))
+            .bind(to_i64(upto.position))
+            .bind(to_i64(cap));
+        let mut query = query;
+        for bind in binds {
+            query = match bind {
+                Bind::Text(value) => query.bind(value),
+                Bind::Int(value) => query.bind(value),
+            };
+        }
+        let count = query
+            .fetch_one(&self.inner.readers)
+            .await
+            .map_err(db("counting events"))?;
+        Ok(u64::try_from(count).unwrap_or(0))
+    }
+
+    async fn first_pending_recorded_at(
+        &self,
+        filter: &LogFilter,
+        after: Checkpoint,
+    ) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let (clause, binds) = filter_sql(filter, 2);
+        let sql = self.log_sql(FIRST_PENDING, &clause);
+        let mut query = sqlx::query_scalar::<_, String>(&sql).bind(to_i64(after.position));
+        for bind in binds {
+            query = match bind {
+                Bind::Text(value) => query.bind(value),
+                Bind::Int(value) => query.bind(value),
+            };
+        }
+        let text = query
+            .fetch_optional(&self.inner.readers)
+            .await
+            .map_err(db("reading the oldest pending event"))?;
+        text.map(|text| time_column(&text, &self.inner.tables.events))
+            .transpose()
+    }
+}

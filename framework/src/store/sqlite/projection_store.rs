@@ -1,0 +1,1 @@
+//! Transactions and the projection side for SQLite (being written).
