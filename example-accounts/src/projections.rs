@@ -203,15 +203,38 @@ fn changes(events: &[RecordedEvent]) -> Result<HashMap<&str, Change>, HandlerErr
     Ok(changes)
 }
 
-impl Balances {
+/// The same read model as [`Balances`] (table `account_balances`, one row
+/// per account) for a [`SqliteStore`]: the table lives in the store's file.
+#[derive(Debug, Clone)]
+pub struct SqliteBalances {
+    name: String,
+}
+
+impl Default for SqliteBalances {
+    fn default() -> Self {
+        SqliteBalances {
+            name: "account_balances".to_owned(),
+        }
+    }
+}
+
+impl SqliteBalances {
+    /// The projection, under the name `account_balances`.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The same projection under another name (it still writes `account_balances`).
+    pub fn named(name: impl Into<String>) -> Self {
+        SqliteBalances { name: name.into() }
+    }
+
     /// Creates the table in SQLite if needed.
     ///
     /// # Errors
     ///
     /// The database error.
-    pub async fn create_sqlite_table<'e>(
-        executor: impl SqliteExecutor<'e>,
-    ) -> Result<(), sqlx::Error> {
+    pub async fn create_table<'e>(executor: impl SqliteExecutor<'e>) -> Result<(), sqlx::Error> {
         sqlx::query(
             "CREATE TABLE IF NOT EXISTS account_balances (
                 account_id TEXT PRIMARY KEY,
@@ -230,7 +253,7 @@ impl Balances {
     /// # Errors
     ///
     /// The database error.
-    pub async fn sqlite_rows<'e>(
+    pub async fn rows<'e>(
         executor: impl SqliteExecutor<'e>,
     ) -> Result<Vec<BalanceRow>, sqlx::Error> {
         let rows: Vec<(String, String, i64, i64, bool)> = sqlx::query_as(
@@ -252,7 +275,7 @@ impl Balances {
 }
 
 #[async_trait]
-impl Projection<SqliteStore> for Balances {
+impl Projection<SqliteStore> for SqliteBalances {
     fn name(&self) -> &str {
         &self.name
     }
@@ -262,7 +285,7 @@ impl Projection<SqliteStore> for Balances {
     }
 
     async fn setup(&self, tx: &mut Transaction<'static, Sqlite>) -> Result<(), HandlerError> {
-        Balances::create_sqlite_table(&mut **tx).await?;
+        SqliteBalances::create_table(&mut **tx).await?;
         Ok(())
     }
 

@@ -27,7 +27,7 @@ use crate::upcast::Upcaster;
 
 #[cfg(feature = "postgres")]
 mod postgres;
-#[cfg(all(feature = "sqlite", outflow_sqlite_views_pending))]
+#[cfg(feature = "sqlite")]
 mod sqlite;
 
 type KeyFn<A> = dyn Fn(&Envelope<A>) -> Option<String> + Send + Sync;
@@ -236,8 +236,7 @@ pub trait ViewStore: Checkpoints + DeadLetters + Clone {
     ///
     /// [`StoreError::Database`].
     #[doc(hidden)]
-    async fn view_payload(&self, table: &str, view_id: &str)
-        -> Result<Option<String>, StoreError>;
+    async fn view_payload(&self, table: &str, view_id: &str) -> Result<Option<String>, StoreError>;
 }
 
 /// Reads the views of a [`ViewProjection`], from anywhere in the

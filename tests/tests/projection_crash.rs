@@ -1,29 +1,31 @@
-//! A projection survives its process being killed at random moments: 30
-//! worker processes (`src/bin/projection_worker.rs`) run the
-//! `account_balances` projection one after another while events keep being
-//! appended, each killed with SIGKILL after a random 50–400 ms of owning the
-//! projection. A final worker then catches up, and the table equals a fresh
-//! fold of every event in the log — including each account's event count,
-//! which would show an event applied twice or never.
+//! A projection survives its process being killed at random moments: worker
+//! processes (`src/bin/projection_worker.rs`) run the `account_balances`
+//! projection one after another while events keep being appended, each
+//! killed with SIGKILL after a random 50–400 ms of owning the projection (30
+//! on PostgreSQL, 20 on a SQLite file shared by the test and the workers). A
+//! final worker then catches up, and the table equals a fresh fold of every
+//! event in the log — including each account's event count, which would show
+//! an event applied twice or never.
 
 mod common;
 
-use outflow::store::{Checkpoints, DeadLetters};
+use outflow::store::Checkpoints;
 use outflow::EventLog;
 use std::collections::BTreeMap;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
-use example_accounts::projections::{BalanceRow, Balances};
+use example_accounts::projections::{BalanceRow, Balances, SqliteBalances};
 use example_accounts::{BankAccount, BankEvent};
 use futures::TryStreamExt;
 use outflow::store::projections::UnitRecord;
-use outflow::{AppendRequest, Checkpoint, EventStore, LogFilter, NewEvent, PostgresStore};
+use outflow::{
+    AppendRequest, Backend, Checkpoint, EventStore, LogFilter, NewEvent, PostgresStore, SqliteStore,
+};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 const PROJECTION: &str = "account_balances";
-const WORKERS: usize = 30;
 const ACCOUNTS: usize = 20;
 /// Appends of 10 events before the first worker starts.
 const BACKLOG_APPENDS: usize = 1000;
@@ -97,7 +99,7 @@ struct Appender {
 }
 
 impl Appender {
-    async fn append(&mut self, store: &PostgresStore, count: usize) {
+    async fn append<S: EventStore>(&mut self, store: &S, count: usize) {
         let account = self.round % ACCOUNTS;
         let id = format!("acc-{account:02}");
         let events = (0..count)
@@ -131,7 +133,7 @@ impl Appender {
     }
 }
 
-async fn unit(store: &PostgresStore) -> Option<UnitRecord> {
+async fn unit<S: Checkpoints>(store: &S) -> Option<UnitRecord> {
     store
         .units(Some(PROJECTION))
         .await
@@ -140,15 +142,77 @@ async fn unit(store: &PostgresStore) -> Option<UnitRecord> {
         .next()
 }
 
+/// What the crash test needs of a backend besides the role traits.
+#[async_trait::async_trait]
+trait Table: Backend {
+    /// The rows of `account_balances`.
+    async fn balance_rows(&self) -> Vec<BalanceRow>;
+    /// The last event written and committed (the readable head may lag
+    /// behind it while a transaction is open).
+    async fn last_written(&self) -> Checkpoint;
+}
+
+#[async_trait::async_trait]
+impl Table for PostgresStore {
+    async fn balance_rows(&self) -> Vec<BalanceRow> {
+        Balances::rows(self.pool()).await.expect("read the table")
+    }
+
+    async fn last_written(&self) -> Checkpoint {
+        let (txid, position): (String, i64) = sqlx::query_as(
+            // Ordered by the columns themselves: a bare `transaction_id` here
+            // would sort the text the select list makes of it.
+            "SELECT e.transaction_id::text AS txid, e.position FROM events e
+              ORDER BY e.transaction_id DESC, e.position DESC LIMIT 1",
+        )
+        .fetch_one(self.pool())
+        .await
+        .expect("the last event written");
+        Checkpoint::new(
+            txid.parse().expect("a transaction id"),
+            u64::try_from(position).expect("a position"),
+        )
+    }
+}
+
+#[async_trait::async_trait]
+impl Table for SqliteStore {
+    async fn balance_rows(&self) -> Vec<BalanceRow> {
+        SqliteBalances::rows(self.readers())
+            .await
+            .expect("read the table")
+    }
+
+    async fn last_written(&self) -> Checkpoint {
+        // One writer at a time: the head is the last event written.
+        self.head().await.expect("head")
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killed_workers_apply_every_event_exactly_once() {
-    let started = Instant::now();
     let db = common::TestDb::new("projection_crash").await;
     let url = database_url(&db.name);
     let store = db.store().await;
     Balances::create_table(store.pool())
         .await
         .expect("create account_balances");
+    kill_workers_and_fold(store, &url, 30).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killed_workers_apply_every_event_exactly_once_on_sqlite() {
+    let dir = common::TestDir::new("projection_crash_sqlite");
+    let path = dir.file("crash.db");
+    let store = SqliteStore::open(&path).await.expect("open the file");
+    let url = format!("sqlite:{}", path.display());
+    kill_workers_and_fold(store, &url, 20).await;
+}
+
+/// `workers` workers killed one after another, then a final one; the table
+/// must equal the fold of the log.
+async fn kill_workers_and_fold<S: Table>(store: S, url: &str, workers: usize) {
+    let started = Instant::now();
 
     // A backlog, so that the first workers are killed while catching up in
     // batches; then appends all along.
@@ -180,8 +244,8 @@ async fn killed_workers_apply_every_event_exactly_once() {
     let mut mid_way = 0;
     let mut mid_catch_up = 0;
     let account_events = LogFilter::aggregate_types(["account"]);
-    for round in 0..WORKERS {
-        let mut worker = Worker::spawn(&url);
+    for round in 0..workers {
+        let mut worker = Worker::spawn(url);
         // The previous worker's lease runs out within 1 s; then this one claims.
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -230,23 +294,9 @@ async fn killed_workers_apply_every_event_exactly_once() {
     }
     stop_appending.cancel();
     let appended = appending.await.expect("the appender failed");
-    // The last event written, committed and visible: the log's head could lag
-    // behind it while any transaction on the server is open.
-    let (txid, position): (String, i64) = sqlx::query_as(
-        // Ordered by the columns themselves: a bare `transaction_id` here would
-        // sort the text the select list makes of it ('9999' > '15828').
-        "SELECT e.transaction_id::text AS txid, e.position FROM events e
-          ORDER BY e.transaction_id DESC, e.position DESC LIMIT 1",
-    )
-    .fetch_one(store.pool())
-    .await
-    .expect("the last event written");
-    let head = Checkpoint::new(
-        txid.parse().expect("a transaction id"),
-        u64::try_from(position).expect("a position"),
-    );
+    let head = store.last_written().await;
     println!(
-        "{WORKERS} workers killed after {:?}: {progressed} made progress, {mid_way} of them \
+        "{workers} workers killed after {:?}: {progressed} made progress, {mid_way} of them \
          with work left, {mid_catch_up} while catching up (more than a batch behind); \
          {last_processed} of {appended} events processed before the final run",
         started.elapsed()
@@ -257,7 +307,7 @@ async fn killed_workers_apply_every_event_exactly_once() {
          ({mid_way} with work left, {mid_catch_up} more than a batch behind)"
     );
 
-    let mut last = Worker::spawn(&url);
+    let mut last = Worker::spawn(url);
     outflow::runner::wait_for(&store, head, &[PROJECTION], Duration::from_secs(60))
         .await
         .expect("the final worker catches up");
@@ -277,7 +327,7 @@ async fn killed_workers_apply_every_event_exactly_once() {
         let row = expected.entry(id.clone()).or_default();
         Balances::fold([&envelope.payload], &id, row);
     }
-    let rows = Balances::rows(store.pool()).await.expect("read the table");
+    let rows = store.balance_rows().await;
     let actual: BTreeMap<String, BalanceRow> = rows
         .into_iter()
         .map(|row| (row.account_id.clone(), row))

@@ -10,8 +10,7 @@ use std::time::Duration;
 use outflow::log::Wake;
 use outflow::store::{DeadLetter, Lease, NewDeadLetter, ProjectionState, UnitId, UnitRecord};
 use outflow::{
-    AppendRequest, Backend, Checkpoint, ConfigError, LogFilter, NewEvent,
-    RecordedEvent, StoreError,
+    AppendRequest, Backend, Checkpoint, ConfigError, LogFilter, NewEvent, RecordedEvent, StoreError,
 };
 use serde_json::json;
 use uuid::Uuid;

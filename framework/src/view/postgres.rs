@@ -76,11 +76,7 @@ async fn payload<'e>(
 
 #[async_trait]
 impl ViewStore for PostgresStore {
-    async fn view_payload(
-        &self,
-        table: &str,
-        view_id: &str,
-    ) -> Result<Option<String>, StoreError> {
+    async fn view_payload(&self, table: &str, view_id: &str) -> Result<Option<String>, StoreError> {
         payload(self.pool(), table, view_id).await
     }
 }

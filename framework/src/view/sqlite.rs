@@ -14,11 +14,7 @@ use crate::store::sqlite::{db, SqliteStore};
 
 #[async_trait]
 impl ViewStore for SqliteStore {
-    async fn view_payload(
-        &self,
-        table: &str,
-        view_id: &str,
-    ) -> Result<Option<String>, StoreError> {
+    async fn view_payload(&self, table: &str, view_id: &str) -> Result<Option<String>, StoreError> {
         sqlx::query_scalar(&format!(
             "SELECT v.payload FROM {table} v WHERE v.view_id = ?1"
         ))

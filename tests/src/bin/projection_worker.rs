@@ -1,6 +1,7 @@
 //! A projection node for `tests/projection_crash.rs`: runs the example's
 //! `account_balances` projection on the database given as its first argument
-//! (split into the partition count given as the optional second, default 1)
+//! (a PostgreSQL URL, or `sqlite:<path>` for a SQLite file), split into the
+//! partition count given as the optional second (default 1),
 //! until it is killed. Its node id is `worker-<pid>`; its lease is short (1 s)
 //! so that another worker can take over soon after it dies.
 //!
@@ -11,10 +12,12 @@ use std::io::Read;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use example_accounts::projections::Balances;
+use example_accounts::projections::{Balances, SqliteBalances};
+use outflow::projection::Projection;
 use outflow::projection::ProjectionOptions;
 use outflow::runner::ProjectionRunner;
-use outflow::PostgresStore;
+use outflow::store::ProjectionStore;
+use outflow::{EventLog, PostgresStore, SqliteStore};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -41,19 +44,37 @@ async fn main() -> ExitCode {
             }
         }
     });
-    let store = match PostgresStore::connect(&url).await {
-        Ok(store) => store,
-        Err(error) => {
-            eprintln!("projection_worker: connecting: {error}");
-            return ExitCode::FAILURE;
+    if let Some(path) = url.strip_prefix("sqlite:") {
+        match SqliteStore::open(path).await {
+            Ok(store) => run(store, SqliteBalances::new(), partitions).await,
+            Err(error) => {
+                eprintln!("projection_worker: opening {path}: {error}");
+                ExitCode::FAILURE
+            }
         }
-    };
+    } else {
+        match PostgresStore::connect(&url).await {
+            Ok(store) => run(store, Balances::new(), partitions).await,
+            Err(error) => {
+                eprintln!("projection_worker: connecting: {error}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+/// Runs the projection until killed.
+async fn run<S, P>(store: S, projection: P, partitions: u32) -> ExitCode
+where
+    S: ProjectionStore + EventLog,
+    P: Projection<S>,
+{
     let runner = match ProjectionRunner::builder(store)
         .node_id(format!("worker-{}", std::process::id()))
         .lease_ttl(Duration::from_secs(1))
         .heartbeat_interval(Duration::from_millis(150))
         .projection(
-            ProjectionOptions::new(Balances::new())
+            ProjectionOptions::new(projection)
                 .batch_size(20)
                 .partitions(partitions),
         )

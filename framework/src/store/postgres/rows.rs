@@ -20,10 +20,7 @@ impl PostgresStore {
 
     /// Decodes a window of the global log (see
     /// [`decode_window`](crate::event::decode_window)).
-    pub(super) fn decode_window(
-        &self,
-        rows: Vec<PgRow>,
-    ) -> Result<Vec<RecordedEvent>, StoreError> {
+    pub(super) fn decode_window(&self, rows: Vec<PgRow>) -> Result<Vec<RecordedEvent>, StoreError> {
         decode_window(&rows, |row| decode_event(row, &self.inner.events_table))
     }
 }

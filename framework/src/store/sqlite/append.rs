@@ -17,7 +17,8 @@ use crate::store::{EventStore, LoadedStream, StreamEvent};
 const STREAM_HEAD: &str = "SELECT COALESCE(MAX(e.sequence), 0) FROM {events} e \
      WHERE e.aggregate_type = ?1 AND e.aggregate_id = ?2";
 const LAST_POSITION: &str = "SELECT COALESCE(MAX(e.position), 0) FROM {events} e";
-const INSERT: &str = "INSERT INTO {events} (position, transaction_id, aggregate_type, aggregate_id, \
+const INSERT: &str =
+    "INSERT INTO {events} (position, transaction_id, aggregate_type, aggregate_id, \
      sequence, event_type, event_version, payload, metadata, event_id, recorded_at, \
      correlation_id, causation_id, partition_hash) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)";
@@ -29,7 +30,8 @@ const LOAD: &str = "SELECT e.sequence, e.position, e.event_type, e.event_version
      ORDER BY e.sequence";
 const SNAPSHOT: &str = "SELECT s.version, s.payload FROM {snapshots} s \
      WHERE s.aggregate_type = ?1 AND s.aggregate_id = ?2";
-const SAVE_SNAPSHOT: &str = "INSERT INTO {snapshots} (aggregate_type, aggregate_id, version, payload, taken_at) \
+const SAVE_SNAPSHOT: &str =
+    "INSERT INTO {snapshots} (aggregate_type, aggregate_id, version, payload, taken_at) \
      VALUES (?1, ?2, ?3, ?4, ?5) \
      ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE \
      SET version = excluded.version, payload = excluded.payload, taken_at = excluded.taken_at \

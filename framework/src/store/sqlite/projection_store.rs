@@ -1,1 +1,768 @@
-//! Transactions and the projection side for SQLite (being written).
+//! Transactions and the projection side for SQLite: the units' state rows
+//! with their epochs, the leases kept in a table of their own, the nodes'
+//! heartbeats, dead letters and the inbox.
+//!
+//! Every write goes through the store's single writer connection, either in
+//! a caller's transaction (checkpoints, resets, parking, taking a dead
+//! letter, the inbox) or in a short transaction of its own; reads of state
+//! for operators (units, dead letters) use the read-only connections. SQLite
+//! runs one write transaction at a time, so a statement that checks a unit
+//! and then changes it can never interleave with another writer's.
+//!
+//! Times an operator reads (`updated_at`, the dead letters' failure times,
+//! `handled_at`) are RFC 3339 text; lease deadlines and heartbeats are unix
+//! milliseconds computed here and compared with a bound `now`. SQLite has no
+//! server clock to ask, but the processes sharing a file run on one machine
+//! and so read the same clock.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::Utc;
+use sqlx::sqlite::SqliteRow;
+use sqlx::{Row, Sqlite};
+
+use super::errors::undefined_table;
+use super::rows::{corrupt, time_column, time_text, u64_column};
+use super::{classify, db, to_i64, SqliteStore};
+use crate::error::{ConfigError, ErrorKind, EventRef, StoreError};
+use crate::event::{AppendRequest, Checkpoint, RecordedEvent};
+use crate::store::projections::{
+    Checkpoints, DeadLetter, DeadLetters, Inbox, Lease, Leases, NewDeadLetter, ProjectionState,
+    UnitId, UnitRecord,
+};
+use crate::store::{AppendInTransaction, Transactional};
+use crate::wake::Wakeups;
+
+/// The partition counts a projection is registered with (one, unless two
+/// deployments disagree).
+const PARTITION_COUNTS: &str =
+    "SELECT DISTINCT p.partitions FROM {projections} p WHERE p.projection = ?1";
+
+/// Creates the missing state rows `0..?2` of projection `?1`. The `WHERE`
+/// of the `SELECT` also keeps SQLite from reading `ON CONFLICT` as a join
+/// constraint.
+const REGISTER: &str = "WITH RECURSIVE series(partition) AS ( \
+         SELECT 0 UNION ALL SELECT s.partition + 1 FROM series s WHERE s.partition + 1 < ?2) \
+     INSERT INTO {projections} (projection, partition, partitions, updated_at) \
+     SELECT ?1, s.partition, ?2, ?3 FROM series s WHERE s.partition < ?2 \
+     ON CONFLICT (projection, partition) DO NOTHING";
+
+/// Records a node's heartbeat (`?2`: now, in unix milliseconds).
+const NODE_HEARTBEAT: &str = "INSERT INTO {nodes} (node, last_seen) VALUES (?1, ?2) \
+     ON CONFLICT (node) DO UPDATE SET last_seen = excluded.last_seen";
+
+/// The live nodes: those seen after `?2` (now minus the TTL), and `?1`, the
+/// node that just beat, whatever its clock says.
+const LIVE_NODES: &str =
+    "SELECT n.node FROM {nodes} n WHERE n.node = ?1 OR n.last_seen > ?2 ORDER BY n.node";
+
+/// Takes unit (`?1`, `?2`) for node `?3` at time `?4` (unix milliseconds)
+/// when it is not stopped and no other node holds a valid lease on it (its
+/// lease row is missing, released, expired, or this node's). The epoch is
+/// bumped unless this node still holds a valid lease, which fences the
+/// commits of any previous owner.
+///
+/// PostgreSQL skips a unit whose batch is in flight (its row is locked by
+/// the batch's transaction). Here that cannot happen: a batch's transaction
+/// holds SQLite's write lock from its first statement to its commit, and
+/// this statement runs in a write transaction too, so it only ever sees a
+/// unit between batches.
+const CLAIM: &str = "UPDATE {projections} AS p \
+     SET epoch = p.epoch + CASE WHEN EXISTS ( \
+             SELECT 1 FROM {leases} l \
+              WHERE l.projection = p.projection AND l.partition = p.partition \
+                AND l.owner = ?3 AND l.lease_until > ?4) THEN 0 ELSE 1 END, \
+         updated_at = ?5 \
+     WHERE p.projection = ?1 AND p.partition = ?2 AND p.state <> 'stopped' \
+       AND NOT EXISTS ( \
+             SELECT 1 FROM {leases} l \
+              WHERE l.projection = p.projection AND l.partition = p.partition \
+                AND l.owner <> ?3 AND l.lease_until >= ?4) \
+     RETURNING epoch, transaction_id, position, paused";
+
+/// Gives a claimed unit's lease to node `?3` until `?4`.
+const LEASE: &str = "INSERT INTO {leases} (projection, partition, owner, lease_until) \
+     VALUES (?1, ?2, ?3, ?4) \
+     ON CONFLICT (projection, partition) \
+     DO UPDATE SET owner = excluded.owner, lease_until = excluded.lease_until";
+
+/// Extends until `?3` the leases node `?1` holds and that are valid at `?2`.
+/// Only the leases table is written.
+const RENEW: &str = "UPDATE {leases} SET lease_until = ?3 WHERE owner = ?1 AND lease_until >= ?2";
+
+/// The units whose leases [`RENEW`] just extended, with their state (same
+/// parameters; in the same transaction, so the same rows).
+const RENEWED: &str = "SELECT l.projection, l.partition, p.epoch, p.transaction_id, p.position, \
+            p.paused \
+       FROM {leases} l \
+       JOIN {projections} p ON p.projection = l.projection AND p.partition = l.partition \
+      WHERE l.owner = ?1 AND l.lease_until >= ?2 \
+      ORDER BY l.projection, l.partition";
+
+/// Frees unit (`?1`, `?2`) if node `?4` holds it and its epoch is still `?3`.
+const RELEASE: &str = "UPDATE {leases} SET owner = NULL, lease_until = NULL \
+     WHERE projection = ?1 AND partition = ?2 AND owner = ?4 \
+       AND EXISTS (SELECT 1 FROM {projections} p \
+                    WHERE p.projection = ?1 AND p.partition = ?2 AND p.epoch = ?3)";
+
+/// Moves a unit's checkpoint from (`?4`, `?5`) to (`?6`, `?7`), only for the
+/// holder of epoch `?3` and only from where it stands: a batch retried after
+/// a commit whose acknowledgement was lost finds the checkpoint moved and
+/// writes nothing.
+const SAVE_CHECKPOINT: &str = "UPDATE {projections} \
+     SET transaction_id = ?6, position = ?7, processed = processed + ?8, updated_at = ?9 \
+     WHERE projection = ?1 AND partition = ?2 AND epoch = ?3 \
+       AND transaction_id = ?4 AND position = ?5";
+
+/// Records a unit's state and error for the holder of epoch `?3`; a row
+/// already in that state is left alone (its `updated_at` keeps when the state
+/// began).
+const SET_STATE: &str = "UPDATE {projections} \
+     SET state = ?4, last_error = ?5, updated_at = ?6 \
+     WHERE projection = ?1 AND partition = ?2 AND epoch = ?3 \
+       AND (state IS NOT ?4 OR last_error IS NOT ?5)";
+
+/// The units of projection `?1` (all when `NULL`), with their leases as seen
+/// at `?2` (unix milliseconds).
+const UNITS: &str = "SELECT p.projection, p.partition, p.partitions, p.transaction_id, \
+            p.position, l.owner, \
+            COALESCE(l.owner IS NOT NULL AND l.lease_until >= ?2, 0) AS lease_valid, \
+            p.epoch, p.state, p.paused, p.last_error, p.processed, p.rebuild_total, \
+            p.updated_at \
+       FROM {projections} p \
+       LEFT JOIN {leases} l ON l.projection = p.projection AND l.partition = p.partition \
+      WHERE ?1 IS NULL OR p.projection = ?1 \
+      ORDER BY p.projection, p.partition";
+
+/// Sends every unit of projection `?1` back to the start of the log with a
+/// new epoch, for a rebuild of `?2` events.
+const RESET: &str = "UPDATE {projections} \
+     SET transaction_id = 0, position = 0, epoch = epoch + 1, processed = 0, \
+         rebuild_total = ?2, state = 'catching_up', last_error = NULL, updated_at = ?3 \
+     WHERE projection = ?1";
+
+/// Pauses (`?2` = 1) or resumes (`?2` = 0) every unit of projection `?1`.
+const SET_PAUSED: &str =
+    "UPDATE {projections} SET paused = ?2, updated_at = ?3 WHERE projection = ?1";
+
+/// Frees the leases of projection `?1`'s stopped units; runs before
+/// [`RESTART`], which makes them no longer stopped.
+const RESTART_LEASES: &str = "UPDATE {leases} SET owner = NULL, lease_until = NULL \
+     WHERE projection = ?1 \
+       AND partition IN (SELECT p.partition FROM {projections} p \
+                          WHERE p.projection = ?1 AND p.state = 'stopped')";
+
+/// Makes projection `?1`'s stopped units claimable again.
+const RESTART: &str = "UPDATE {projections} \
+     SET state = 'idle', last_error = NULL, updated_at = ?2 \
+     WHERE projection = ?1 AND state = 'stopped'";
+
+/// The columns a dead letter is decoded from (see [`dead_letter_from_row`]).
+macro_rules! dead_letter_columns {
+    () => {
+        "id, projection, partition, event_id, transaction_id, position, aggregate_type, \
+         aggregate_id, sequence, event_type, event_version, error, attempts, \
+         first_failed_at, last_failed_at"
+    };
+}
+
+/// Parks an event: the unit, the event's identity and place, the error,
+/// the attempts, the first failure (`?13`) and now (`?14`).
+const PARK: &str = "INSERT INTO {dead_letters} (projection, partition, event_id, \
+     transaction_id, position, aggregate_type, aggregate_id, sequence, event_type, \
+     event_version, error, attempts, first_failed_at, last_failed_at) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)";
+
+/// A projection's dead letters, oldest first.
+const DEAD_LETTERS: &str = concat!(
+    "SELECT ",
+    dead_letter_columns!(),
+    " FROM {dead_letters} WHERE projection = ?1 ORDER BY id"
+);
+
+const TAKE_DEAD_LETTER: &str = concat!(
+    "DELETE FROM {dead_letters} WHERE id = ?1 RETURNING ",
+    dead_letter_columns!()
+);
+
+const NOTE_DEAD_LETTER_FAILURE: &str = "UPDATE {dead_letters} \
+     SET attempts = attempts + 1, error = ?2, last_failed_at = ?3 WHERE id = ?1";
+
+const DISCARD_DEAD_LETTER: &str = "DELETE FROM {dead_letters} WHERE id = ?1";
+
+/// Records a handled message; a message recorded already inserts nothing.
+const INBOX_CLAIM: &str = "INSERT INTO {inbox} (handler, message_id, handled_at) \
+     VALUES (?1, ?2, ?3) ON CONFLICT (handler, message_id) DO NOTHING";
+
+/// Now, in unix milliseconds: how lease deadlines and heartbeats are stored.
+fn now_millis() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+/// A duration in milliseconds, saturating.
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// A dead letter's id as SQLite stores it; `None` for ids SQLite cannot
+/// have given, so that they match no row.
+fn dead_letter_key(id: u64) -> Option<i64> {
+    i64::try_from(id).ok()
+}
+
+/// An integer column that must fit a `u32` (partitions, attempts).
+fn u32_column(
+    row: &SqliteRow,
+    column: &'static str,
+    table: &str,
+    operation: &'static str,
+) -> Result<u32, StoreError> {
+    let value: i64 = row.try_get(column).map_err(db(operation))?;
+    u32::try_from(value).map_err(|_| corrupt(table, &format!("{column} {value} is out of range")))
+}
+
+/// A 0/1 integer column.
+fn flag_column(
+    row: &SqliteRow,
+    column: &'static str,
+    operation: &'static str,
+) -> Result<bool, StoreError> {
+    let value: i64 = row.try_get(column).map_err(db(operation))?;
+    Ok(value != 0)
+}
+
+/// A lease from a row with `epoch`, `transaction_id`, `position` and
+/// `paused`.
+fn lease_from_row(
+    row: &SqliteRow,
+    unit: UnitId,
+    table: &str,
+    operation: &'static str,
+) -> Result<Lease, StoreError> {
+    Ok(Lease {
+        unit,
+        epoch: u64_column(row, "epoch", table)?,
+        checkpoint: Checkpoint::new(
+            u64_column(row, "transaction_id", table)?,
+            u64_column(row, "position", table)?,
+        ),
+        paused: flag_column(row, "paused", operation)?,
+    })
+}
+
+/// A unit id from a row with `projection` and `partition`.
+fn unit_from_row(
+    row: &SqliteRow,
+    table: &str,
+    operation: &'static str,
+) -> Result<UnitId, StoreError> {
+    Ok(UnitId {
+        projection: row.try_get("projection").map_err(db(operation))?,
+        partition: u32_column(row, "partition", table, operation)?,
+    })
+}
+
+/// A dead letter from a row with the columns of [`dead_letter_columns`].
+fn dead_letter_from_row(row: &SqliteRow, table: &str) -> Result<DeadLetter, StoreError> {
+    const OPERATION: &str = "reading a dead letter";
+    let get = || db(OPERATION);
+    let position = u64_column(row, "position", table)?;
+    let first_failed_at: String = row.try_get("first_failed_at").map_err(get())?;
+    let last_failed_at: String = row.try_get("last_failed_at").map_err(get())?;
+    Ok(DeadLetter {
+        id: u64_column(row, "id", table)?,
+        unit: unit_from_row(row, table, OPERATION)?,
+        event_id: row.try_get("event_id").map_err(get())?,
+        checkpoint: Checkpoint::new(u64_column(row, "transaction_id", table)?, position),
+        event: EventRef {
+            aggregate_type: row.try_get("aggregate_type").map_err(get())?,
+            aggregate_id: row.try_get("aggregate_id").map_err(get())?,
+            sequence: u64_column(row, "sequence", table)?,
+            position: Some(position),
+            event_type: row.try_get("event_type").map_err(get())?,
+            event_version: row.try_get("event_version").map_err(get())?,
+        },
+        error: row.try_get("error").map_err(get())?,
+        attempts: u32_column(row, "attempts", table, OPERATION)?,
+        first_failed_at: time_column(&first_failed_at, table)?,
+        last_failed_at: time_column(&last_failed_at, table)?,
+    })
+}
+
+/// A unit's state row joined with its lease, as [`UNITS`] selects it.
+fn unit_record_from_row(row: &SqliteRow, table: &str) -> Result<UnitRecord, StoreError> {
+    const OPERATION: &str = "reading projection states";
+    let get = || db(OPERATION);
+    let state: String = row.try_get("state").map_err(get())?;
+    let rebuild_total: Option<i64> = row.try_get("rebuild_total").map_err(get())?;
+    let rebuild_total = rebuild_total
+        .map(|total| {
+            u64::try_from(total)
+                .map_err(|_| corrupt(table, &format!("negative rebuild_total {total}")))
+        })
+        .transpose()?;
+    let updated_at: String = row.try_get("updated_at").map_err(get())?;
+    Ok(UnitRecord {
+        unit: unit_from_row(row, table, OPERATION)?,
+        partitions: u32_column(row, "partitions", table, OPERATION)?,
+        checkpoint: Checkpoint::new(
+            u64_column(row, "transaction_id", table)?,
+            u64_column(row, "position", table)?,
+        ),
+        owner: row.try_get("owner").map_err(get())?,
+        lease_valid: flag_column(row, "lease_valid", OPERATION)?,
+        epoch: u64_column(row, "epoch", table)?,
+        // As the PostgreSQL backend does: a state this version does not
+        // know reads as idle.
+        state: ProjectionState::parse(&state).unwrap_or(ProjectionState::Idle),
+        paused: flag_column(row, "paused", OPERATION)?,
+        last_error: row.try_get("last_error").map_err(get())?,
+        processed: u64_column(row, "processed", table)?,
+        rebuild_total,
+        updated_at: time_column(&updated_at, table)?,
+    })
+}
+
+impl SqliteStore {
+    /// A projection-side query with the store's table names.
+    fn projection_sql(&self, template: &str) -> String {
+        self.inner.tables.render(template)
+    }
+
+    /// The unquoted name of the projections table, for errors.
+    fn projections_table(&self) -> String {
+        self.inner.tables.companion("projections")
+    }
+
+    /// The unquoted name of the dead letters table, for errors.
+    fn dead_letters_table(&self) -> String {
+        self.inner.tables.companion("dead_letters")
+    }
+
+    /// A write transaction on the writer connection. `BEGIN IMMEDIATE`
+    /// takes SQLite's write lock at once, so the transaction never fails
+    /// half-way because another process started writing.
+    async fn begin_write(
+        &self,
+        operation: &'static str,
+    ) -> Result<sqlx::Transaction<'static, Sqlite>, StoreError> {
+        self.inner
+            .writer
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db(operation))
+    }
+}
+
+#[async_trait]
+impl Transactional for SqliteStore {
+    /// A write transaction: it holds the writer connection (and SQLite's
+    /// write lock) until it commits or is dropped, so keep it short and do
+    /// not call the store's other writing methods while holding it.
+    type Transaction = sqlx::Transaction<'static, Sqlite>;
+
+    async fn begin(&self) -> Result<Self::Transaction, StoreError> {
+        self.begin_write("starting a transaction").await
+    }
+
+    async fn commit(&self, tx: Self::Transaction) -> Result<(), StoreError> {
+        tx.commit().await.map_err(db("committing a transaction"))?;
+        self.appends_committed();
+        Ok(())
+    }
+
+    fn classify(&self, error: &(dyn std::error::Error + 'static)) -> Option<ErrorKind> {
+        error.downcast_ref::<sqlx::Error>().map(classify)
+    }
+}
+
+#[async_trait]
+impl AppendInTransaction for SqliteStore {
+    /// Appends inside the caller's transaction, so the events commit or
+    /// roll back with the caller's own writes; commit with
+    /// [`Transactional::commit`] so log readers look at once.
+    ///
+    /// The transaction holds SQLite's write lock from its start, so no other
+    /// append can commit in between: the stream's version checked here is
+    /// still its version at commit.
+    async fn append_in(
+        &self,
+        tx: &mut Self::Transaction,
+        request: AppendRequest,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let written = self.append_on(tx, request).await?;
+        if !written.is_empty() {
+            self.appended_in_transaction();
+        }
+        Ok(written)
+    }
+}
+
+#[async_trait]
+impl Checkpoints for SqliteStore {
+    /// Checks the stored partition count and creates the missing rows in one
+    /// write transaction, so two processes registering a projection at once
+    /// with different counts cannot both succeed.
+    async fn register_projection(&self, name: &str, partitions: u32) -> Result<(), StoreError> {
+        let mut tx = self.begin_write("registering a projection").await?;
+        let stored: Vec<i64> = sqlx::query_scalar(&self.projection_sql(PARTITION_COUNTS))
+            .bind(name)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(|error| {
+                if undefined_table(&error) {
+                    // Outflow's own tables were never created: say which.
+                    ConfigError::MissingTable {
+                        table: self.projections_table(),
+                        hint: "apply the store's migrations (SqliteStoreBuilder::migrate)",
+                    }
+                    .into()
+                } else {
+                    db("reading a projection's partitions")(error)
+                }
+            })?;
+        if let Some(other) = stored.iter().find(|&&n| n != i64::from(partitions)) {
+            return Err(ConfigError::PartitionCount {
+                name: name.to_owned(),
+                stored: other.to_string(),
+                configured: partitions,
+            }
+            .into());
+        }
+        sqlx::query(&self.projection_sql(REGISTER))
+            .bind(name)
+            .bind(i64::from(partitions))
+            .bind(time_text(Utc::now()))
+            .execute(&mut *tx)
+            .await
+            .map_err(db("registering a projection"))?;
+        tx.commit()
+            .await
+            .map_err(db("committing a projection's registration"))
+    }
+
+    async fn save_checkpoint(
+        &self,
+        tx: &mut Self::Transaction,
+        lease: &Lease,
+        from: Checkpoint,
+        to: Checkpoint,
+        processed: u64,
+    ) -> Result<bool, StoreError> {
+        let updated = sqlx::query(&self.projection_sql(SAVE_CHECKPOINT))
+            .bind(&lease.unit.projection)
+            .bind(i64::from(lease.unit.partition))
+            .bind(to_i64(lease.epoch))
+            .bind(to_i64(from.transaction_id))
+            .bind(to_i64(from.position))
+            .bind(to_i64(to.transaction_id))
+            .bind(to_i64(to.position))
+            .bind(to_i64(processed))
+            .bind(time_text(Utc::now()))
+            .execute(&mut **tx)
+            .await
+            .map_err(db("saving a checkpoint"))?
+            .rows_affected();
+        Ok(updated == 1)
+    }
+
+    async fn set_state(
+        &self,
+        lease: &Lease,
+        state: ProjectionState,
+        error: Option<&str>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(&self.projection_sql(SET_STATE))
+            .bind(&lease.unit.projection)
+            .bind(i64::from(lease.unit.partition))
+            .bind(to_i64(lease.epoch))
+            .bind(state.as_str())
+            .bind(error)
+            .bind(time_text(Utc::now()))
+            .execute(&self.inner.writer)
+            .await
+            .map_err(db("recording a projection's state"))?;
+        Ok(())
+    }
+
+    async fn units(&self, projection: Option<&str>) -> Result<Vec<UnitRecord>, StoreError> {
+        let rows = sqlx::query(&self.projection_sql(UNITS))
+            .bind(projection)
+            .bind(now_millis())
+            .fetch_all(&self.inner.readers)
+            .await
+            .map_err(db("reading projection states"))?;
+        let table = self.projections_table();
+        rows.iter()
+            .map(|row| unit_record_from_row(row, &table))
+            .collect()
+    }
+
+    async fn reset_projection(
+        &self,
+        tx: &mut Self::Transaction,
+        name: &str,
+        rebuild_total: u64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(&self.projection_sql(RESET))
+            .bind(name)
+            .bind(to_i64(rebuild_total))
+            .bind(time_text(Utc::now()))
+            .execute(&mut **tx)
+            .await
+            .map_err(db("resetting a projection"))?;
+        Ok(())
+    }
+
+    async fn set_paused(&self, name: &str, paused: bool) -> Result<(), StoreError> {
+        sqlx::query(&self.projection_sql(SET_PAUSED))
+            .bind(name)
+            .bind(paused)
+            .bind(time_text(Utc::now()))
+            .execute(&self.inner.writer)
+            .await
+            .map_err(db("pausing a projection"))?;
+        self.signal_checkpoints();
+        Ok(())
+    }
+
+    async fn restart_projection(&self, name: &str) -> Result<(), StoreError> {
+        let mut tx = self.begin_write("restarting a projection").await?;
+        sqlx::query(&self.projection_sql(RESTART_LEASES))
+            .bind(name)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("freeing a restarted projection's leases"))?;
+        sqlx::query(&self.projection_sql(RESTART))
+            .bind(name)
+            .bind(time_text(Utc::now()))
+            .execute(&mut *tx)
+            .await
+            .map_err(db("restarting a projection"))?;
+        tx.commit()
+            .await
+            .map_err(db("committing a projection's restart"))?;
+        self.signal_checkpoints();
+        Ok(())
+    }
+
+    fn signal_checkpoints(&self) {
+        self.inner.checkpoint_wake.wake();
+    }
+
+    fn checkpoint_wakeups(&self) -> Wakeups {
+        self.inner
+            .checkpoint_wake
+            .subscribe(self.inner.poll_interval)
+    }
+}
+
+#[async_trait]
+impl Leases for SqliteStore {
+    async fn node_heartbeat(&self, node: &str, ttl: Duration) -> Result<Vec<String>, StoreError> {
+        let now = now_millis();
+        sqlx::query(&self.projection_sql(NODE_HEARTBEAT))
+            .bind(node)
+            .bind(now)
+            .execute(&self.inner.writer)
+            .await
+            .map_err(db("recording a node heartbeat"))?;
+        sqlx::query_scalar(&self.projection_sql(LIVE_NODES))
+            .bind(node)
+            .bind(now.saturating_sub(millis(ttl)))
+            .fetch_all(&self.inner.readers)
+            .await
+            .map_err(db("listing live nodes"))
+    }
+
+    /// The unit's row and its lease are written in one write transaction;
+    /// see [`CLAIM`] for why a batch in flight is never claimed from under
+    /// it.
+    async fn claim(
+        &self,
+        unit: &UnitId,
+        node: &str,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, StoreError> {
+        const OPERATION: &str = "claiming a projection";
+        let now = now_millis();
+        let mut tx = self.begin_write(OPERATION).await?;
+        let row = sqlx::query(&self.projection_sql(CLAIM))
+            .bind(&unit.projection)
+            .bind(i64::from(unit.partition))
+            .bind(node)
+            .bind(now)
+            .bind(time_text(Utc::now()))
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db(OPERATION))?;
+        let lease = match row {
+            None => None,
+            Some(row) => {
+                let lease =
+                    lease_from_row(&row, unit.clone(), &self.projections_table(), OPERATION)?;
+                sqlx::query(&self.projection_sql(LEASE))
+                    .bind(&unit.projection)
+                    .bind(i64::from(unit.partition))
+                    .bind(node)
+                    .bind(now.saturating_add(millis(ttl)))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db("recording a lease"))?;
+                Some(lease)
+            }
+        };
+        tx.commit().await.map_err(db("committing a claim"))?;
+        Ok(lease)
+    }
+
+    /// Only the leases table is written. SQLite has one writer at a time,
+    /// though: a renewal queues behind a batch that is committing on this
+    /// process's writer connection (or another process's write transaction)
+    /// like every other write.
+    async fn renew(&self, node: &str, ttl: Duration) -> Result<Vec<Lease>, StoreError> {
+        const OPERATION: &str = "renewing leases";
+        let now = now_millis();
+        let mut tx = self.begin_write(OPERATION).await?;
+        sqlx::query(&self.projection_sql(RENEW))
+            .bind(node)
+            .bind(now)
+            .bind(now.saturating_add(millis(ttl)))
+            .execute(&mut *tx)
+            .await
+            .map_err(db(OPERATION))?;
+        let rows = sqlx::query(&self.projection_sql(RENEWED))
+            .bind(node)
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db(OPERATION))?;
+        tx.commit().await.map_err(db("committing renewed leases"))?;
+        let table = self.projections_table();
+        rows.iter()
+            .map(|row| {
+                let unit = unit_from_row(row, &table, OPERATION)?;
+                lease_from_row(row, unit, &table, OPERATION)
+            })
+            .collect()
+    }
+
+    async fn release(&self, lease: &Lease, node: &str) -> Result<(), StoreError> {
+        sqlx::query(&self.projection_sql(RELEASE))
+            .bind(&lease.unit.projection)
+            .bind(i64::from(lease.unit.partition))
+            .bind(to_i64(lease.epoch))
+            .bind(node)
+            .execute(&self.inner.writer)
+            .await
+            .map_err(db("releasing a projection"))?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl DeadLetters for SqliteStore {
+    async fn park(
+        &self,
+        tx: &mut Self::Transaction,
+        dead_letter: NewDeadLetter<'_>,
+    ) -> Result<(), StoreError> {
+        let event = dead_letter.event;
+        sqlx::query(&self.projection_sql(PARK))
+            .bind(&dead_letter.unit.projection)
+            .bind(i64::from(dead_letter.unit.partition))
+            .bind(event.event_id)
+            .bind(to_i64(event.transaction_id))
+            .bind(to_i64(event.position))
+            .bind(&event.aggregate_type)
+            .bind(&event.aggregate_id)
+            .bind(to_i64(event.sequence))
+            .bind(&event.event_type)
+            .bind(&event.event_version)
+            .bind(&dead_letter.error)
+            .bind(i64::from(dead_letter.attempts))
+            .bind(time_text(dead_letter.first_failed_at))
+            .bind(time_text(Utc::now()))
+            .execute(&mut **tx)
+            .await
+            .map_err(db("parking an event"))?;
+        Ok(())
+    }
+
+    async fn dead_letters(&self, projection: &str) -> Result<Vec<DeadLetter>, StoreError> {
+        let rows = sqlx::query(&self.projection_sql(DEAD_LETTERS))
+            .bind(projection)
+            .fetch_all(&self.inner.readers)
+            .await
+            .map_err(db("listing dead letters"))?;
+        let table = self.dead_letters_table();
+        rows.iter()
+            .map(|row| dead_letter_from_row(row, &table))
+            .collect()
+    }
+
+    async fn take_dead_letter(
+        &self,
+        tx: &mut Self::Transaction,
+        id: u64,
+    ) -> Result<Option<DeadLetter>, StoreError> {
+        let Some(key) = dead_letter_key(id) else {
+            return Ok(None);
+        };
+        let row = sqlx::query(&self.projection_sql(TAKE_DEAD_LETTER))
+            .bind(key)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(db("taking a dead letter"))?;
+        row.map(|row| dead_letter_from_row(&row, &self.dead_letters_table()))
+            .transpose()
+    }
+
+    async fn note_dead_letter_failure(&self, id: u64, error: &str) -> Result<(), StoreError> {
+        let Some(key) = dead_letter_key(id) else {
+            return Ok(());
+        };
+        sqlx::query(&self.projection_sql(NOTE_DEAD_LETTER_FAILURE))
+            .bind(key)
+            .bind(error)
+            .bind(time_text(Utc::now()))
+            .execute(&self.inner.writer)
+            .await
+            .map_err(db("recording a failed retry"))?;
+        Ok(())
+    }
+
+    async fn discard_dead_letter(&self, id: u64) -> Result<bool, StoreError> {
+        let Some(key) = dead_letter_key(id) else {
+            return Ok(false);
+        };
+        let deleted = sqlx::query(&self.projection_sql(DISCARD_DEAD_LETTER))
+            .bind(key)
+            .execute(&self.inner.writer)
+            .await
+            .map_err(db("discarding a dead letter"))?
+            .rows_affected();
+        Ok(deleted == 1)
+    }
+}
+
+#[async_trait]
+impl Inbox for SqliteStore {
+    async fn inbox_claim(
+        &self,
+        tx: &mut Self::Transaction,
+        handler: &str,
+        message_id: &str,
+    ) -> Result<bool, StoreError> {
+        let inserted = sqlx::query(&self.projection_sql(INBOX_CLAIM))
+            .bind(handler)
+            .bind(message_id)
+            .bind(time_text(Utc::now()))
+            .execute(&mut **tx)
+            .await
+            .map_err(db("recording a message in the inbox"))?
+            .rows_affected();
+        Ok(inserted == 1)
+    }
+}

@@ -84,9 +84,7 @@ pub(super) fn u64_column(
     column: &'static str,
     table: &str,
 ) -> Result<u64, StoreError> {
-    let value: i64 = row
-        .try_get(column)
-        .map_err(db("decoding a row"))?;
+    let value: i64 = row.try_get(column).map_err(db("decoding a row"))?;
     u64::try_from(value).map_err(|_| corrupt(table, &format!("negative {column} {value}")))
 }
 
