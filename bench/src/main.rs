@@ -15,12 +15,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use cqrs_es::persist::{GenericQuery, PersistedEventStore, QueryReplay};
 use cqrs_es::{EventEnvelope, EventStore as _, Query, View};
-use example_accounts::projections::Balances;
+use example_accounts::projections::{Balances, SqliteBalances};
 use example_accounts::{BankAccount, BankCommand, BankEvent};
 use outflow::projection::ProjectionOptions;
 use outflow::runner::ProjectionRunner;
 use outflow::view::ViewProjection;
-use outflow::{CommandBus, PostgresStore};
+use outflow::store::sqlite::Synchronous;
+use outflow::{AppendRequest, CommandBus, EventStore, NewEvent, PostgresStore, SqliteStore};
 use postgres_es::{PostgresEventRepository, PostgresViewRepository};
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -198,6 +199,7 @@ async fn postgres_es_schema(pool: &PgPool) -> Result<()> {
 #[derive(Clone)]
 enum System {
     Outflow(Arc<CommandBus<BankAccount, PostgresStore>>),
+    OutflowSqlite(Arc<CommandBus<BankAccount, SqliteStore>>),
     PostgresEs(Arc<postgres_es::PostgresCqrs<BankAccount>>),
 }
 
@@ -205,6 +207,9 @@ impl System {
     async fn execute(&self, id: &str, command: BankCommand) -> Result<()> {
         match self {
             System::Outflow(bus) => {
+                bus.execute(id, command).await?;
+            }
+            System::OutflowSqlite(bus) => {
                 bus.execute(id, command).await?;
             }
             System::PostgresEs(cqrs) => cqrs.execute(id, command).await?,
@@ -230,6 +235,64 @@ async fn outflow_system_with(
         .cache_aggregates(cache)
         .build();
     Ok((System::Outflow(Arc::new(bus)), store))
+}
+
+/// A directory for the SQLite files of this run, removed at the end.
+fn sqlite_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("outflow-bench-{}", std::process::id()))
+}
+
+/// Outflow on a new SQLite file with its default settings (WAL,
+/// `synchronous = FULL`: every command is on disk when it returns).
+async fn sqlite_system(label: &str) -> Result<(System, SqliteStore)> {
+    let dir = sqlite_dir();
+    std::fs::create_dir_all(&dir)?;
+    let mut builder = SqliteStore::builder(dir.join(format!("{label}.db")));
+    if std::env::var_os("OUTFLOW_BENCH_SQLITE_NORMAL").is_some() {
+        builder = builder.synchronous(Synchronous::Normal);
+    }
+    let store = builder.build().await?;
+    let bus = CommandBus::<BankAccount, _>::new(store.clone(), ());
+    Ok((System::OutflowSqlite(Arc::new(bus)), store))
+}
+
+/// Writes `events` bank events over `accounts` accounts into a SQLite file
+/// through the store (100 events per append; `synchronous = NORMAL` while
+/// seeding only).
+async fn seed_sqlite(path: &std::path::Path, events: usize, accounts: usize) -> Result<()> {
+    let store = SqliteStore::builder(path)
+        .synchronous(Synchronous::Normal)
+        .build()
+        .await?;
+    let per_account = events / accounts;
+    for a in 0..accounts {
+        let id = format!("acc-{a:06}");
+        let mut version = 0u64;
+        while (version as usize) < per_account {
+            let n = 100.min(per_account - version as usize);
+            let batch = (0..n)
+                .map(|i| {
+                    let s = version as usize + i + 1;
+                    let event = if s == 1 {
+                        BankEvent::AccountOpened { owner: format!("owner {a}") }
+                    } else {
+                        BankEvent::Deposited { amount: (s % 100 + 1) as i64 }
+                    };
+                    NewEvent::from_event::<BankAccount>(&id, &event)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            store
+                .append(AppendRequest {
+                    aggregate_type: "account".into(),
+                    aggregate_id: id.clone(),
+                    expected_version: version,
+                    events: batch,
+                })
+                .await?;
+            version += n as u64;
+        }
+    }
+    Ok(())
 }
 
 async fn postgres_es_system(
@@ -390,6 +453,9 @@ fn peak_rss_mb() -> f64 {
 
 /// In a child process: replays the whole log into one projection and reports.
 async fn rebuild_child(url: &str, kind: &str) -> Result<()> {
+    if let Some(path) = url.strip_prefix("sqlite:") {
+        return rebuild_child_sqlite(path).await;
+    }
     let options: PgConnectOptions = url.parse()?;
     let store = PostgresStore::builder(pool(&options, 4, false).await?)
         .build()
@@ -434,6 +500,40 @@ async fn rebuild_child(url: &str, kind: &str) -> Result<()> {
     Ok(())
 }
 
+/// In a child process: replays a SQLite file's log into `SqliteBalances`.
+async fn rebuild_child_sqlite(path: &str) -> Result<()> {
+    let store = SqliteStore::open(path).await?;
+    let runner = ProjectionRunner::builder(store.clone())
+        .projection(ProjectionOptions::new(SqliteBalances::named("rebuild_batch")).batch_size(2000))
+        .build()?;
+    let head = store.head().await?;
+    let started = Instant::now();
+    let shutdown = CancellationToken::new();
+    let handle = tokio::spawn({
+        let runner = runner.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            if let Err(error) = runner.run(shutdown).await {
+                eprintln!("runner failed: {error}");
+            }
+        }
+    });
+    runner
+        .wait_for(head, &["rebuild_batch"], Duration::from_secs(1800))
+        .await?;
+    let seconds = started.elapsed().as_secs_f64();
+    let events = runner.status().await?.iter().map(|s| s.processed).sum();
+    shutdown.cancel();
+    handle.await?;
+    let report = RebuildReport {
+        events,
+        seconds,
+        peak_rss_mb: peak_rss_mb(),
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
 async fn run_rebuild_child(url: &str, kind: &str) -> Result<RebuildReport> {
     let exe = std::env::current_exe()?;
     let output = tokio::process::Command::new(exe)
@@ -456,6 +556,7 @@ async fn run_rebuild_child(url: &str, kind: &str) -> Result<RebuildReport> {
 
 struct RebuildResult {
     batch: RebuildReport,
+    sqlite_batch: RebuildReport,
     view: RebuildReport,
     replay_events: usize,
     replay_per_second: f64,
@@ -472,6 +573,12 @@ async fn rebuilds(server: &Server, size: &Size) -> Result<RebuildResult> {
     }
     let batch = run_rebuild_child(&url, "batch").await?;
     let view = run_rebuild_child(&url, "view").await?;
+    let dir = sqlite_dir();
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("rebuild.db");
+    seed_sqlite(&path, size.rebuild_events, size.rebuild_accounts).await?;
+    let sqlite_batch =
+        run_rebuild_child(&format!("sqlite:{}", path.display()), "batch").await?;
 
     let (options, _) = server.fresh_db("replay_pges").await?;
     let pges_pool = pool(&options, 4, true).await?;
@@ -493,6 +600,7 @@ async fn rebuilds(server: &Server, size: &Size) -> Result<RebuildResult> {
     let replay_per_second = size.replay_events as f64 / started.elapsed().as_secs_f64();
     Ok(RebuildResult {
         batch,
+        sqlite_batch,
         view,
         replay_events: size.replay_events,
         replay_per_second,
@@ -780,6 +888,48 @@ async fn main() -> Result<()> {
         }
         return Ok(());
     }
+    if args.first().map(String::as_str) == Some("sqlite") {
+        // outflow-bench sqlite: the SQLite scenarios alone, printed.
+        let size = Size::new(true);
+        let (sqlite, _) = sqlite_system("probe_c1").await?;
+        let s1 = commands(&sqlite, size.accounts, size.deposits, 1).await?;
+        println!(
+            "commands, 1 client: {:.0}/s  p50 {:.2} ms  p99 {:.2} ms",
+            s1.per_second, s1.p50_ms, s1.p99_ms
+        );
+        let dir = sqlite_dir();
+        let path = dir.join("probe_rebuild.db");
+        seed_sqlite(&path, size.rebuild_events, size.rebuild_accounts).await?;
+        {
+            let store = SqliteStore::open(&path).await?;
+            let started = Instant::now();
+            let mut after = outflow::Checkpoint::START;
+            let mut n = 0usize;
+            loop {
+                let batch = store
+                    .read_log(after, &outflow::LogFilter::aggregate_types(["account"]), 2001)
+                    .await?;
+                if batch.is_empty() {
+                    break;
+                }
+                n += batch.len();
+                after = batch.last().map(|e| e.checkpoint()).unwrap_or(after);
+            }
+            println!(
+                "read_log alone: {n} events, {:.0}/s",
+                n as f64 / started.elapsed().as_secs_f64()
+            );
+        }
+        let rebuilt = run_rebuild_child(&format!("sqlite:{}", path.display()), "batch").await?;
+        println!(
+            "rebuild: {} events, {:.0}/s, peak RSS {:.0} MB",
+            rebuilt.events,
+            rebuilt.events as f64 / rebuilt.seconds,
+            rebuilt.peak_rss_mb
+        );
+        let _ = std::fs::remove_dir_all(dir);
+        return Ok(());
+    }
     if args.first().map(String::as_str) == Some("rebuild-child") {
         let (Some(url), Some(kind)) = (args.get(1), args.get(2)) else {
             bail!("usage: outflow-bench rebuild-child URL batch|view");
@@ -809,6 +959,8 @@ async fn main() -> Result<()> {
     let oc1 = commands(&outflow, size.accounts, size.deposits, 1).await?;
     let (pges, _) = postgres_es_system(&server, "c1", false).await?;
     let p1 = commands(&pges, size.accounts, size.deposits, 1).await?;
+    let (sqlite, _) = sqlite_system("c1").await?;
+    let s1 = commands(&sqlite, size.accounts, size.deposits, 1).await?;
 
     eprintln!("2/7 commands, 16 clients");
     let (outflow, _) = outflow_system(&server, "c16").await?;
@@ -817,6 +969,8 @@ async fn main() -> Result<()> {
     let oc16 = commands(&outflow, size.accounts, size.deposits, 16).await?;
     let (pges, _) = postgres_es_system(&server, "c16", false).await?;
     let p16 = commands(&pges, size.accounts, size.deposits, 16).await?;
+    let (sqlite, _) = sqlite_system("c16").await?;
+    let s16 = commands(&sqlite, size.accounts, size.deposits, 16).await?;
 
     eprintln!("3/7 commands with a read model");
     let rm = commands_with_read_model(&server, &size).await?;
@@ -887,6 +1041,26 @@ async fn main() -> Result<()> {
         "\nOutflow's asynchronous read model had caught up {:.1} ms after the last command returned.\n",
         rm.outflow_caught_up_ms
     );
+    let _ = writeln!(md, "## Commands on SQLite\n");
+    let _ = writeln!(
+        md,
+        "Outflow's `SqliteStore` with its defaults (one file in WAL mode, `synchronous = FULL`: \
+         each command is on disk when it returns), the same workload, in the same run; \
+         the PostgreSQL store's figures from above for comparison.\n\n\
+         | scenario | SQLite cmd/s | PostgreSQL cmd/s | ratio | SQLite p50 / p99 ms |\n|---|---|---|---|---|"
+    );
+    for (label, sq, pg) in [("1 client", &s1, &o1), ("16 clients", &s16, &o16)] {
+        let _ = writeln!(
+            md,
+            "| {label} | {:.0} | {:.0} | {} | {:.2} / {:.2} |",
+            sq.per_second,
+            pg.per_second,
+            ratio(sq.per_second, pg.per_second),
+            sq.p50_ms,
+            sq.p99_ms
+        );
+    }
+    let _ = writeln!(md);
     let _ = writeln!(md, "## Projection rebuild\n");
     let _ = writeln!(
         md,
@@ -898,6 +1072,13 @@ async fn main() -> Result<()> {
         rb.batch.events,
         rb.batch.events as f64 / rb.batch.seconds,
         rb.batch.peak_rss_mb
+    );
+    let _ = writeln!(
+        md,
+        "| Outflow on SQLite, hand-written batch projection (`SqliteBalances`) | {} | {:.0} | {:.0} |",
+        rb.sqlite_batch.events,
+        rb.sqlite_batch.events as f64 / rb.sqlite_batch.seconds,
+        rb.sqlite_batch.peak_rss_mb
     );
     let _ = writeln!(
         md,
@@ -942,6 +1123,7 @@ async fn main() -> Result<()> {
         size.pgbench_seconds
     );
     md.push_str(READING);
+    let _ = std::fs::remove_dir_all(sqlite_dir());
     std::fs::write(&out, md).with_context(|| format!("writing {out}"))?;
     eprintln!("wrote {out} in {:.0} s", started.elapsed().as_secs_f64());
     Ok(())

@@ -4,8 +4,11 @@
 //! A node claims a unit and renews its lease on a heartbeat; a claim bumps
 //! the unit's epoch unless the claiming node still holds a valid lease on it
 //! (so every change of owner does), and writes fenced by the epoch fail for
-//! a node that lost its claim. Renewals never wait for a batch in progress, so
-//! a slow batch cannot lose its own lease. Work is spread by a pure rule,
+//! a node that lost its claim. On PostgreSQL renewals never wait for a batch
+//! in progress, so a slow batch cannot lose its own lease. On SQLite, which
+//! writes one transaction at a time, a renewal waits for the batch; no other
+//! node can claim meanwhile either (a claim is a write), and a batch longer
+//! than the lease may hand the unit over after it commits, never during it. Work is spread by a pure rule,
 //! [`balance`], that every node applies the same way to the live nodes and
 //! what each owns.
 

@@ -93,6 +93,10 @@ impl<A: Aggregate, V> Clone for ViewProjection<A, V> {
 /// A view as read and written in one batch: key, view, version.
 type Row<V> = (String, V, i64);
 
+/// A view while a batch is folded into it: key, view, version, and the
+/// last command (aggregate id, transaction id) applied to it.
+type Folding<V> = (String, V, i64, Option<(String, u64)>);
+
 impl<A, V> ViewProjection<A, V>
 where
     A: Aggregate + 'static,
@@ -196,7 +200,7 @@ where
     /// `V::default()`), counting versions as `postgres-es` does: once per
     /// command dispatched to a view.
     fn fold(stored: Vec<Row<V>>, decoded: &[(String, Envelope<A>)]) -> Vec<Row<V>> {
-        let mut views: Vec<(String, V, i64, Option<(String, u64)>)> = stored
+        let mut views: Vec<Folding<V>> = stored
             .into_iter()
             .map(|(key, view, version)| (key, view, version, None))
             .collect();

@@ -25,6 +25,7 @@ use crate::event::{Checkpoint, RecordedEvent};
 use crate::lease::RecordedState;
 use crate::projection::OnError;
 use crate::store::projections::{Lease, NewDeadLetter, ProjectionState, ProjectionStore, UnitId};
+use crate::log::{EventLog, LogFilter};
 use crate::wake::Recheck;
 
 /// How a batch ended.
@@ -58,6 +59,38 @@ pub(crate) fn whole_transactions(events: &mut Vec<RecordedEvent>, batch_size: us
         }
     }
     false
+}
+
+/// The head and the window of the log after `from`, one event more than a
+/// batch (which tells whether the batch's last transaction continues past
+/// it).
+async fn read_window(
+    log: &dyn EventLog,
+    filter: &LogFilter,
+    from: Checkpoint,
+    batch_size: usize,
+) -> Result<(Checkpoint, Vec<RecordedEvent>), StoreError> {
+    let head = log.head().await?;
+    let events = log.read_log(from, filter, batch_size + 1).await?;
+    Ok((head, events))
+}
+
+/// The next window of the log, being read while a batch commits; the read
+/// is abandoned when the window is not wanted after all.
+struct Prefetch {
+    /// Where the read starts: the batch's target.
+    from: Checkpoint,
+    task: Option<PrefetchTask>,
+}
+
+type PrefetchTask = tokio::task::JoinHandle<Result<(Checkpoint, Vec<RecordedEvent>), StoreError>>;
+
+impl Drop for Prefetch {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
 }
 
 /// The status text of a unit retrying on an error that is not the event's
@@ -124,6 +157,7 @@ impl<S: ProjectionStore> UnitWorker<S> {
         let mut read_failures = Backoff::from_policy(&self.registered.retry);
         let mut recheck = Recheck::new(Duration::from_millis(1));
         let batch_size = self.registered.batch_size;
+        let mut prefetched: Option<Prefetch> = None;
         loop {
             if self.stop.is_cancelled() {
                 return false;
@@ -137,11 +171,16 @@ impl<S: ProjectionStore> UnitWorker<S> {
                 continue;
             }
             let read = async {
-                let head = log.head().await?;
-                // One event more than a batch tells whether the batch's last
-                // transaction continues past it.
-                let events = log.read_log(checkpoint, &filter, batch_size + 1).await?;
-                Ok::<_, StoreError>((head, events))
+                // While catching up, the next window was read during the
+                // last batch's transaction.
+                if let Some(mut prefetch) = prefetched.take() {
+                    if let (true, Some(task)) = (prefetch.from == checkpoint, prefetch.task.take()) {
+                        if let Ok(read) = task.await {
+                            return read;
+                        }
+                    }
+                }
+                read_window(&*log, &filter, checkpoint, batch_size).await
             };
             let (head, mut events) = match read.await {
                 Ok(read) => {
@@ -230,6 +269,17 @@ impl<S: ProjectionStore> UnitWorker<S> {
                 ProjectionState::CatchingUp
             };
             self.set_state(state, None).await;
+            if !caught_up {
+                // Read the next window while this batch is handled and
+                // committed: reading and writing overlap.
+                let (log, filter) = (log.clone(), filter.clone());
+                prefetched = Some(Prefetch {
+                    from: target,
+                    task: Some(tokio::spawn(async move {
+                        read_window(&*log, &filter, target, batch_size).await
+                    })),
+                });
+            }
             let batch = tracing::info_span!(
                 "batch",
                 events = events.len(),

@@ -198,8 +198,9 @@ pub trait Checkpoints: Transactional + Clone {
     /// A runner calls it first in a batch's transaction, before the
     /// handler writes: the unit is then held until the batch ends (a claim
     /// by another node or a reset waits for it, or skips the unit), while
-    /// lease renewals must not wait for it (keep leases apart from the
-    /// checkpoint, as the PostgreSQL backend's `<events>_leases` table does).
+    /// lease renewals should not wait for it (keep leases apart from the
+    /// checkpoint, as the PostgreSQL backend's `<events>_leases` table does;
+    /// SQLite, with one writer at a time, cannot, and says so).
     ///
     /// # Errors
     ///

@@ -216,7 +216,8 @@ impl SqliteStoreBuilder {
             .max_connections(self.readers)
             .acquire_timeout(Duration::from_secs(60))
             .test_before_acquire(false)
-            .connect_with(base.read_only(true))
+            // Rows cross from SQLite's thread in batches, not 50 at a time.
+            .connect_with(base.read_only(true).row_buffer_size(1024))
             .await
             .map_err(|e| sqlite_error("opening the SQLite file for reading", e))?;
         Ok(SqliteStore {

@@ -14,9 +14,10 @@ use crate::event::{AppendRequest, RecordedEvent, Snapshot};
 use crate::log::partition_hash;
 use crate::store::{EventStore, LoadedStream, StreamEvent};
 
-const STREAM_HEAD: &str = "SELECT COALESCE(MAX(e.sequence), 0) FROM {events} e \
-     WHERE e.aggregate_type = ?1 AND e.aggregate_id = ?2";
-const LAST_POSITION: &str = "SELECT COALESCE(MAX(e.position), 0) FROM {events} e";
+/// The stream's version and the log's last position, in one statement.
+const HEADS: &str = "SELECT (SELECT COALESCE(MAX(e.sequence), 0) FROM {events} e \
+            WHERE e.aggregate_type = ?1 AND e.aggregate_id = ?2) AS version, \
+        (SELECT COALESCE(MAX(e.position), 0) FROM {events} e) AS position";
 const INSERT: &str =
     "INSERT INTO {events} (position, transaction_id, aggregate_type, aggregate_id, \
      sequence, event_type, event_version, payload, metadata, event_id, recorded_at, \
@@ -25,11 +26,19 @@ const INSERT: &str =
 const READ_STREAM: &str = "SELECT {columns} FROM {events} e \
      WHERE e.aggregate_type = ?1 AND e.aggregate_id = ?2 AND e.sequence > ?3 \
      ORDER BY e.sequence LIMIT ?4";
-const LOAD: &str = "SELECT e.sequence, e.position, e.event_type, e.event_version, e.payload \
-     FROM {events} e WHERE e.aggregate_type = ?1 AND e.aggregate_id = ?2 AND e.sequence > ?3 \
-     ORDER BY e.sequence";
-const SNAPSHOT: &str = "SELECT s.version, s.payload FROM {snapshots} s \
-     WHERE s.aggregate_type = ?1 AND s.aggregate_id = ?2";
+/// A stream for a command in one statement (one state of the file): the
+/// snapshot row (kind 0, when asked for), then the events after it (kind 1).
+const LOAD: &str = "SELECT 0 AS kind, s.version AS sequence, NULL AS position, \
+        NULL AS event_type, NULL AS event_version, s.payload \
+       FROM {snapshots} s \
+      WHERE ?3 AND s.aggregate_type = ?1 AND s.aggregate_id = ?2 \
+     UNION ALL \
+     SELECT 1, e.sequence, e.position, e.event_type, e.event_version, e.payload \
+       FROM {events} e \
+      WHERE e.aggregate_type = ?1 AND e.aggregate_id = ?2 \
+        AND e.sequence > CASE WHEN ?3 THEN COALESCE((SELECT s.version FROM {snapshots} s \
+              WHERE s.aggregate_type = ?1 AND s.aggregate_id = ?2), 0) ELSE 0 END \
+     ORDER BY kind, sequence";
 const SAVE_SNAPSHOT: &str =
     "INSERT INTO {snapshots} (aggregate_type, aggregate_id, version, payload, taken_at) \
      VALUES (?1, ?2, ?3, ?4, ?5) \
@@ -57,7 +66,7 @@ impl SqliteStore {
             return Ok(Vec::new());
         }
         let table = &self.inner.tables.events;
-        let actual: i64 = sqlx::query_scalar(&self.sql(STREAM_HEAD))
+        let (actual, last): (i64, i64) = sqlx::query_as(&self.sql(HEADS))
             .bind(&request.aggregate_type)
             .bind(&request.aggregate_id)
             .fetch_one(&mut *connection)
@@ -72,13 +81,9 @@ impl SqliteStore {
                 actual: Some(actual),
             });
         }
-        let last: i64 = sqlx::query_scalar(&self.sql(LAST_POSITION))
-            .fetch_one(&mut *connection)
-            .await
-            .map_err(db("reading the last position"))?;
         let first = u64::try_from(last).map_err(|_| corrupt(table, "negative position"))? + 1;
         let recorded_at = Utc::now();
-        let recorded_text = time_text(recorded_at);
+        let recorded_micros = recorded_at.timestamp_micros();
         let hash = i64::from(partition_hash(&request.aggregate_id));
         let insert = self.sql(INSERT);
         let AppendRequest {
@@ -109,7 +114,7 @@ impl SqliteStore {
                 .bind(event.payload.to_string())
                 .bind(metadata)
                 .bind(event.event_id)
-                .bind(&recorded_text)
+                .bind(recorded_micros)
                 .bind(event.correlation_id)
                 .bind(event.causation_id)
                 .bind(hash)
@@ -210,61 +215,42 @@ impl EventStore for SqliteStore {
         use_snapshot: bool,
     ) -> Result<LoadedStream, StoreError> {
         let table = &self.inner.tables.events;
-        // One read transaction: the snapshot and the events after it come
-        // from the same state of the file.
-        let mut connection = self
-            .inner
-            .readers
-            .acquire()
-            .await
-            .map_err(db("loading a stream"))?;
-        let mut tx = sqlx::Connection::begin(&mut *connection)
+        let rows = sqlx::query(&self.sql(LOAD))
+            .bind(aggregate_type)
+            .bind(aggregate_id)
+            .bind(use_snapshot)
+            .fetch_all(&self.inner.readers)
             .await
             .map_err(db("loading a stream"))?;
         let mut loaded = LoadedStream::default();
-        if use_snapshot {
-            let row = sqlx::query(&self.sql(SNAPSHOT))
-                .bind(aggregate_type)
-                .bind(aggregate_id)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db("loading a snapshot"))?;
-            if let Some(row) = row {
-                let version = u64_column(&row, "version", table)?;
-                let payload: &str = row.try_get("payload").map_err(db("loading a snapshot"))?;
-                let state = serde_json::from_str(payload).map_err(|e| StoreError::Corrupt {
+        loaded.events.reserve(rows.len());
+        for row in &rows {
+            let kind: i64 = row.try_get("kind").map_err(db("loading a stream"))?;
+            let sequence = u64_column(row, "sequence", table)?;
+            let payload: String = row.try_get("payload").map_err(db("loading a stream"))?;
+            if kind == 0 {
+                let state = serde_json::from_str(&payload).map_err(|e| StoreError::Corrupt {
                     table: self.inner.tables.companion("snapshots"),
                     what: format!("snapshot of {aggregate_type} `{aggregate_id}` is not JSON: {e}"),
                 })?;
                 loaded.snapshot = Some(Snapshot {
                     aggregate_type: aggregate_type.to_owned(),
                     aggregate_id: aggregate_id.to_owned(),
-                    version,
+                    version: sequence,
                     state,
+                });
+            } else {
+                loaded.events.push(StreamEvent {
+                    sequence,
+                    position: u64_column(row, "position", table)?,
+                    event_type: row.try_get("event_type").map_err(db("loading a stream"))?,
+                    event_version: row
+                        .try_get("event_version")
+                        .map_err(db("loading a stream"))?,
+                    payload,
                 });
             }
         }
-        let after = loaded.snapshot.as_ref().map_or(0, |s| s.version);
-        let rows = sqlx::query(&self.sql(LOAD))
-            .bind(aggregate_type)
-            .bind(aggregate_id)
-            .bind(to_i64(after))
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db("loading a stream"))?;
-        loaded.events.reserve(rows.len());
-        for row in &rows {
-            loaded.events.push(StreamEvent {
-                sequence: u64_column(row, "sequence", table)?,
-                position: u64_column(row, "position", table)?,
-                event_type: row.try_get("event_type").map_err(db("loading a stream"))?,
-                event_version: row
-                    .try_get("event_version")
-                    .map_err(db("loading a stream"))?,
-                payload: row.try_get("payload").map_err(db("loading a stream"))?,
-            });
-        }
-        tx.rollback().await.map_err(db("loading a stream"))?;
         Ok(loaded)
     }
 

@@ -54,7 +54,7 @@ pub(super) fn decode_event(row: &SqliteRow, table: &str) -> Result<RecordedEvent
             transaction_id,
         )
     })?;
-    let recorded_at: &str = row
+    let recorded_at: i64 = row
         .try_get("recorded_at")
         .map_err(db("decoding an event row"))?;
     Ok(RecordedEvent {
@@ -64,7 +64,7 @@ pub(super) fn decode_event(row: &SqliteRow, table: &str) -> Result<RecordedEvent
         sequence,
         position,
         transaction_id,
-        recorded_at: time_column(recorded_at, table)?,
+        recorded_at: micros_column(recorded_at, table)?,
         event_type,
         event_version,
         payload,
@@ -86,6 +86,12 @@ pub(super) fn u64_column(
 ) -> Result<u64, StoreError> {
     let value: i64 = row.try_get(column).map_err(db("decoding a row"))?;
     u64::try_from(value).map_err(|_| corrupt(table, &format!("negative {column} {value}")))
+}
+
+/// A time in microseconds since the Unix epoch (an event's `recorded_at`).
+pub(super) fn micros_column(micros: i64, table: &str) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::from_timestamp_micros(micros)
+        .ok_or_else(|| corrupt(table, &format!("{micros} µs is not a time")))
 }
 
 /// An RFC 3339 time as the store writes it.

@@ -70,7 +70,8 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "initial schema", INITIAL)];
 
 /// Positions are given by the store (the highest plus one, under the write
 /// lock), never reused; `partition_hash` is the FNV-1a hash of the aggregate
-/// id that partitioned projections filter on. Times are RFC 3339 text in UTC.
+/// id that partitioned projections filter on. An event's `recorded_at` is
+/// in microseconds since the Unix epoch; other times are RFC 3339 text in UTC.
 const INITIAL: &str = r#"
 CREATE TABLE IF NOT EXISTS {events} (
     position       INTEGER PRIMARY KEY,
@@ -83,7 +84,7 @@ CREATE TABLE IF NOT EXISTS {events} (
     payload        TEXT    NOT NULL,
     metadata       TEXT    NOT NULL,
     event_id       BLOB    NOT NULL,
-    recorded_at    TEXT    NOT NULL,
+    recorded_at    INTEGER NOT NULL,
     correlation_id BLOB,
     causation_id   BLOB,
     partition_hash INTEGER NOT NULL
