@@ -19,8 +19,8 @@ use example_accounts::projections::{Balances, SqliteBalances};
 use example_accounts::{BankAccount, BankCommand, BankEvent};
 use outflow::projection::ProjectionOptions;
 use outflow::runner::ProjectionRunner;
-use outflow::view::ViewProjection;
 use outflow::store::sqlite::Synchronous;
+use outflow::view::ViewProjection;
 use outflow::{AppendRequest, CommandBus, EventStore, NewEvent, PostgresStore, SqliteStore};
 use postgres_es::{PostgresEventRepository, PostgresViewRepository};
 use serde::{Deserialize, Serialize};
@@ -274,9 +274,13 @@ async fn seed_sqlite(path: &std::path::Path, events: usize, accounts: usize) -> 
                 .map(|i| {
                     let s = version as usize + i + 1;
                     let event = if s == 1 {
-                        BankEvent::AccountOpened { owner: format!("owner {a}") }
+                        BankEvent::AccountOpened {
+                            owner: format!("owner {a}"),
+                        }
                     } else {
-                        BankEvent::Deposited { amount: (s % 100 + 1) as i64 }
+                        BankEvent::Deposited {
+                            amount: (s % 100 + 1) as i64,
+                        }
                     };
                     NewEvent::from_event::<BankAccount>(&id, &event)
                 })
@@ -577,8 +581,7 @@ async fn rebuilds(server: &Server, size: &Size) -> Result<RebuildResult> {
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("rebuild.db");
     seed_sqlite(&path, size.rebuild_events, size.rebuild_accounts).await?;
-    let sqlite_batch =
-        run_rebuild_child(&format!("sqlite:{}", path.display()), "batch").await?;
+    let sqlite_batch = run_rebuild_child(&format!("sqlite:{}", path.display()), "batch").await?;
 
     let (options, _) = server.fresh_db("replay_pges").await?;
     let pges_pool = pool(&options, 4, true).await?;
@@ -907,7 +910,11 @@ async fn main() -> Result<()> {
             let mut n = 0usize;
             loop {
                 let batch = store
-                    .read_log(after, &outflow::LogFilter::aggregate_types(["account"]), 2001)
+                    .read_log(
+                        after,
+                        &outflow::LogFilter::aggregate_types(["account"]),
+                        2001,
+                    )
                     .await?;
                 if batch.is_empty() {
                     break;

@@ -23,9 +23,9 @@ use crate::backoff::Backoff;
 use crate::error::{error_chain, ErrorKind, HandlerError, StoreError};
 use crate::event::{Checkpoint, RecordedEvent};
 use crate::lease::RecordedState;
+use crate::log::{EventLog, LogFilter};
 use crate::projection::OnError;
 use crate::store::projections::{Lease, NewDeadLetter, ProjectionState, ProjectionStore, UnitId};
-use crate::log::{EventLog, LogFilter};
 use crate::wake::Recheck;
 
 /// How a batch ended.
@@ -174,8 +174,12 @@ impl<S: ProjectionStore> UnitWorker<S> {
                 // While catching up, the next window was read during the
                 // last batch's transaction.
                 if let Some(mut prefetch) = prefetched.take() {
-                    if let (true, Some(task)) = (prefetch.from == checkpoint, prefetch.task.take()) {
-                        if let Ok(read) = task.await {
+                    // (A window from elsewhere is aborted when dropped.)
+                    if prefetch.from == checkpoint {
+                        if let Some(Ok(read)) = match prefetch.task.take() {
+                            Some(task) => Some(task.await),
+                            None => None,
+                        } {
                             return read;
                         }
                     }
