@@ -453,3 +453,64 @@ async fn an_undecodable_row_is_parked_and_a_missing_table_is_failing() {
     );
     common::stop_runner(shutdown, handle).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn table_names_are_validated_and_migrations_apply_once() {
+    let dir = common::TestDir::new("sqlite_names");
+    for bad in ["bank.events", "events; drop table x", "Events", ""] {
+        let error = SqliteStore::builder(dir.file("names.db"))
+            .events_table(bad)
+            .build()
+            .await
+            .expect_err("a bad table name is refused");
+        assert!(
+            matches!(error, outflow::StoreError::InvalidIdentifier { .. }),
+            "{bad}: {error:?}"
+        );
+    }
+    let path = dir.file("ledger.db");
+    let first = SqliteStore::builder(&path)
+        .events_table("ledger")
+        .build()
+        .await
+        .expect("first open");
+    first.append(credit("w", 0)).await.expect("append");
+    // Opened again, by this and by another "process": nothing is re-applied.
+    let again = SqliteStore::builder(&path)
+        .events_table("ledger")
+        .build()
+        .await
+        .expect("second open");
+    let other = SqliteStore::builder(&path)
+        .events_table("other_events")
+        .build()
+        .await
+        .expect("another events table in the same file");
+    let ledger: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT events_table, version FROM outflow_migrations ORDER BY events_table",
+    )
+    .fetch_all(again.readers())
+    .await
+    .expect("ledger");
+    assert_eq!(
+        ledger,
+        vec![("ledger".to_owned(), 1), ("other_events".to_owned(), 1)]
+    );
+    assert_eq!(whole_log(&again).await.len(), 1);
+    assert!(whole_log(&other).await.is_empty());
+    // Without migrations, a file without the tables says which is missing.
+    let bare = SqliteStore::builder(dir.file("bare.db"))
+        .migrate(false)
+        .build()
+        .await
+        .expect("open without migrating");
+    let runner = runner_builder(&bare)
+        .projection(ProjectionOptions::new(SqliteBalances::new()))
+        .build()
+        .expect("runner");
+    let error = runner
+        .run(tokio_util::sync::CancellationToken::new())
+        .await
+        .expect_err("no tables");
+    assert!(error.to_string().contains("events_projections"), "{error}");
+}
