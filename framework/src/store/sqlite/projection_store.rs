@@ -576,9 +576,9 @@ impl Leases for SqliteStore {
             .map_err(db("listing live nodes"))
     }
 
-    /// The unit's row and its lease are written in one write transaction;
-    /// see [`CLAIM`] for why a batch in flight is never claimed from under
-    /// it.
+    /// The unit's row and its lease are written in one write transaction.
+    /// A batch in flight is never claimed from under it: the batch holds the
+    /// file's only write lock until it ends.
     async fn claim(
         &self,
         unit: &UnitId,
