@@ -105,7 +105,9 @@ pub enum WaitError {
 ///   where the projection stood when the wait began;
 /// - [`WaitError::Timeout`] after `timeout` (with the error the projection
 ///   is retrying on, if any);
-/// - [`WaitError::UnknownProjection`].
+/// - [`WaitError::UnknownProjection`] when no projection of that name is
+///   registered within 3 s (or the timeout, if shorter): a runner that is
+///   starting has that long to register it.
 pub async fn wait_for<S: Checkpoints + DeadLetters>(
     store: &S,
     target: Checkpoint,
@@ -115,6 +117,10 @@ pub async fn wait_for<S: Checkpoints + DeadLetters>(
     let view = SharedView::default();
     wait_on(store, &view, target, projections, timeout).await
 }
+
+/// How long a wait looks again for a projection that is not registered yet
+/// (its runner may be starting) before it reports it unknown.
+const UNKNOWN_GRACE: Duration = Duration::from_secs(3);
 
 /// The checkpoints as last read, shared by every waiter of a runner, and
 /// whether a task is refreshing them.
@@ -211,6 +217,7 @@ async fn wait_on<S: Checkpoints + DeadLetters>(
     timeout: Duration,
 ) -> Result<(), WaitError> {
     let deadline = tokio::time::Instant::now() + timeout;
+    let unknown_until = tokio::time::Instant::now() + timeout.min(UNKNOWN_GRACE);
     // One read of our own (admin changes such as a restart reach the shared
     // view only at its next refresh), then the shared view.
     let mut view = shared.units.subscribe();
@@ -231,7 +238,17 @@ async fn wait_on<S: Checkpoints + DeadLetters>(
     loop {
         let (name, reached, last_error) = match standing(&units, target, projections) {
             Standing::Reached => return parked_on_the_way(store, &since, target).await,
-            Standing::Unknown(name) => return Err(WaitError::UnknownProjection(name.to_owned())),
+            Standing::Unknown(name) => {
+                // A runner starting at the same moment may not have
+                // registered it yet: look again for a moment.
+                if tokio::time::Instant::now() < unknown_until {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    units = Arc::new(store.units(None).await?);
+                    fresh = true;
+                    continue;
+                }
+                return Err(WaitError::UnknownProjection(name.to_owned()));
+            }
             Standing::Stopped(..) | Standing::Failing(..) if !fresh => {
                 // Confirm with a read of our own before giving up.
                 units = Arc::new(store.units(None).await?);

@@ -281,6 +281,16 @@ impl SqliteStore {
         &self.inner.readers
     }
 
+    /// Closes the connections (waiting for those in use). The last process
+    /// to close the file checkpoints its WAL into it and removes the `-wal`
+    /// and `-shm` files beside it, so call it before the process exits to
+    /// leave one file behind. The store (and its clones) cannot be used
+    /// afterwards.
+    pub async fn close(&self) {
+        self.inner.readers.close().await;
+        self.inner.writer.close().await;
+    }
+
     /// Wakes this process's log readers after a commit.
     fn signal_commit(&self) {
         self.inner.wake.wake();
