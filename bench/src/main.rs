@@ -1066,9 +1066,8 @@ async fn main() -> Result<()> {
          each command is on disk when it returns, and survives a power cut), and with \
          `synchronous = NORMAL` (survives a crash of the process; a power cut may lose the \
          last commits), the same workload, in the same run; the PostgreSQL store's figures \
-         from above for comparison. SQLite syncs its WAL with `fsync` at every commit in \
-         `FULL` mode, which on this machine's disk costs more than PostgreSQL's \
-         `fdatasync` of a preallocated WAL segment.\n\n\
+         from above for comparison. With `FULL`, each commit waits for SQLite's sync of its \
+         WAL; on this machine's disk that wait is longer than PostgreSQL's WAL flush.\n\n\
          | scenario | SQLite cmd/s | PostgreSQL cmd/s | ratio | SQLite p50 / p99 ms |\n|---|---|---|---|---|"
     );
     for (label, sq, pg) in [

@@ -803,14 +803,18 @@ async fn the_memory_store_runs_projections_like_postgres() {
         )
         .build()
         .expect("runner");
+    // Catch-up past the poison event, which is parked. A wait begun before
+    // the runner starts sees it parked on the way and says so; a wait begun
+    // after it passed is plain.
+    let target = written.last().expect("written").checkpoint();
+    let waiting = tokio::spawn({
+        let runner = runner.clone();
+        async move { runner.wait_for(target, &["memory_ledger"], WAIT).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let (shutdown, handle) = common::start_runner(&runner);
     common::started(&runner, &["memory_ledger"]).await;
-
-    // Catch-up past the poison event, which is parked.
-    let target = written.last().expect("written").checkpoint();
-    // The first wait saw the poison event parked on the way and says so; a
-    // wait begun after it passed is plain.
-    match outflow::runner::wait_for(&store, target, &["memory_ledger"], WAIT).await {
+    match waiting.await.expect("the wait") {
         Err(WaitError::Parked { event, .. }) => assert_eq!(event.position, Some(poison.position)),
         other => panic!("expected the parked event, got {other:?}"),
     }
