@@ -1,64 +1,37 @@
-//! A small banking session on the in-memory store, showing the
-//! pieces of Outflow working together: the command bus, an asynchronous
-//! projection kept by the runner, read-your-writes, post-commit pub/sub, and
-//! the global log. No set-up needed: `cargo run -p example-accounts`.
+//! A small banking session on SQLite — one file, `accounts.db`, in the
+//! working directory — showing the pieces of Outflow working together: the
+//! command bus, an asynchronous projection whose table lives in the same
+//! file, read-your-writes, post-commit pub/sub, and the global log. No set-up
+//! needed: `cargo run -p example-accounts`. Each run opens two new accounts
+//! and keeps everything the earlier runs wrote.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use async_trait::async_trait;
-use example_accounts::{BankAccount, BankCommand, BankEvent};
+use example_accounts::projections::SqliteBalances;
+use example_accounts::{BankAccount, BankCommand};
 use futures::TryStreamExt as _;
 use outflow::prelude::*;
-use outflow::projection::{typed, EventHandler, HandlerError, ProjectionOptions};
+use outflow::projection::ProjectionOptions;
 use outflow::pubsub::EventBus;
 use outflow::runner::ProjectionRunner;
-use outflow::store::memory::MemoryTransaction;
-use tokio_util::sync::CancellationToken;
-
-/// A read model: every account's balance, kept in memory by a projection.
-#[derive(Default, Clone)]
-struct Balances(Arc<Mutex<BTreeMap<String, i64>>>);
-
-#[async_trait]
-impl EventHandler<BankAccount, MemoryStore> for Balances {
-    fn name(&self) -> &str {
-        "balances"
-    }
-
-    async fn handle(
-        &self,
-        event: &Envelope<BankAccount>,
-        _tx: &mut MemoryTransaction,
-    ) -> Result<(), HandlerError> {
-        let mut balances = self.0.lock().map_err(|_| HandlerError::msg("poisoned"))?;
-        let balance = balances.entry(event.aggregate_id.clone()).or_default();
-        match event.payload {
-            BankEvent::Deposited { amount } => *balance += amount,
-            BankEvent::Withdrawn { amount } => *balance -= amount,
-            BankEvent::AccountOpened { .. } | BankEvent::AccountClosed => {}
-        }
-        Ok(())
-    }
-}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let store = MemoryStore::new();
+    let file = "accounts.db";
+    let store = SqliteStore::open(file)
+        .await
+        .with_context(|| format!("opening {file}"))?;
     let notifications = EventBus::new(64);
     let bus = CommandBus::<BankAccount, _>::builder(store.clone(), ())
         .snapshot_every(10)
         .publish_to(notifications.clone())
         .build();
 
-    // The projection runs in the background, as it would in a service.
-    let balances = Balances::default();
+    // The projection runs in the background, as it would in a service; its
+    // table `account_balances` lives in the same file.
     let runner = ProjectionRunner::builder(store.clone())
-        .projection(ProjectionOptions::new(typed::<BankAccount, _, _>(
-            balances.clone(),
-        )))
+        .projection(ProjectionOptions::new(SqliteBalances::new()))
         .build()?;
     let shutdown = CancellationToken::new();
     let running = tokio::spawn({
@@ -80,27 +53,32 @@ async fn main() -> anyhow::Result<()> {
         seen
     });
 
+    // New accounts each run: the file keeps the earlier ones.
+    let run = &uuid::Uuid::now_v7().simple().to_string()[24..];
+    let ann = format!("ann-{run}");
+    let bob = format!("bob-{run}");
     let session = [
         (
-            "acc-ann",
+            ann.as_str(),
             BankCommand::Open {
                 owner: "Ann".into(),
             },
         ),
         (
-            "acc-bob",
+            bob.as_str(),
             BankCommand::Open {
                 owner: "Bob".into(),
             },
         ),
-        ("acc-ann", BankCommand::Deposit { amount: 12_000 }),
-        ("acc-bob", BankCommand::Deposit { amount: 3_500 }),
-        ("acc-ann", BankCommand::Withdraw { amount: 2_000 }),
-        ("acc-bob", BankCommand::Withdraw { amount: 9_000 }),
-        ("acc-bob", BankCommand::Withdraw { amount: 3_500 }),
-        ("acc-bob", BankCommand::Close),
+        (ann.as_str(), BankCommand::Deposit { amount: 12_000 }),
+        (bob.as_str(), BankCommand::Deposit { amount: 3_500 }),
+        (ann.as_str(), BankCommand::Withdraw { amount: 2_000 }),
+        (bob.as_str(), BankCommand::Withdraw { amount: 9_000 }),
+        (bob.as_str(), BankCommand::Withdraw { amount: 3_500 }),
+        (bob.as_str(), BankCommand::Close),
     ];
-    let mut last = Checkpoint::START;
+    let first = store.head().await?;
+    let mut last = first;
     for (account, command) in session {
         let label = format!("{command:?} on {account}");
         match bus.execute(account, command).await {
@@ -120,19 +98,22 @@ async fn main() -> anyhow::Result<()> {
 
     // Read-your-writes: wait until the projection has seen the last command.
     runner
-        .wait_for(last, &["balances"], Duration::from_secs(5))
+        .wait_for(last, &["account_balances"], Duration::from_secs(5))
         .await?;
+    let rows = SqliteBalances::rows(store.readers()).await?;
     println!(
-        "\nThe balances projection (caught up with position {}):",
-        last.position
+        "\nThe balances projection in {file} (caught up with position {}, {} accounts):",
+        last.position,
+        rows.len()
     );
-    for (account, balance) in balances
-        .0
-        .lock()
-        .map_err(|_| anyhow::anyhow!("poisoned"))?
-        .iter()
-    {
-        println!("  {account}: {balance} cents");
+    for row in rows.iter().rev().take(6).rev() {
+        println!(
+            "  {}: {} cents, owner {}{}",
+            row.account_id,
+            row.balance,
+            row.owner,
+            if row.closed { ", closed" } else { "" }
+        );
     }
     for status in runner.status().await? {
         println!(
@@ -141,8 +122,8 @@ async fn main() -> anyhow::Result<()> {
         );
     }
 
-    println!("\nThe global log:");
-    let mut log = outflow::log::read_log(&store, Checkpoint::START, LogFilter::all(), 100);
+    println!("\nThe global log, this run's part:");
+    let mut log = outflow::log::read_log(&store, first, LogFilter::all(), 100);
     while let Some(event) = log.try_next().await? {
         println!(
             "  {:>3}  {:<8} {:<10} {:<14} {}",
@@ -155,7 +136,7 @@ async fn main() -> anyhow::Result<()> {
     }
 
     println!("\nAggregates, loaded from their events:");
-    for account in ["acc-ann", "acc-bob"] {
+    for account in [&ann, &bob] {
         let (state, version) = bus.load(account).await?;
         println!(
             "  {account}: {} cents, owner {}, version {version}{}",
@@ -171,5 +152,7 @@ async fn main() -> anyhow::Result<()> {
     drop(notifications);
     let seen = listener.await?;
     println!("\nThe subscriber saw {seen} events after their commits.");
+    store.close().await;
+    println!("Everything is kept in {file}; run again to add to it.");
     Ok(())
 }
