@@ -23,7 +23,8 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -275,10 +276,21 @@ impl PostgresStore {
     /// [`StoreError::Database`] when the server cannot be reached; as
     /// [`PostgresStoreBuilder::build`] otherwise.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let options: PgConnectOptions = url
+            .parse()
+            .map_err(|e| pg_error("reading the PostgreSQL URL", e))?;
+        // One connection first, outside the pool: an unreachable server or a
+        // refused login fails at once with the server's own error, instead
+        // of the pool retrying until its acquire timeout.
+        let first = options
+            .connect()
+            .await
+            .map_err(|e| pg_error("connecting to PostgreSQL", e))?;
+        let _ = first.close().await;
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .test_before_acquire(false)
-            .connect(url)
+            .connect_with(options)
             .await
             .map_err(|e| pg_error("connecting to PostgreSQL", e))?;
         Self::builder(pool).build().await
