@@ -369,8 +369,8 @@ async fn commands(
     Ok(rate(&mut latencies, started.elapsed()))
 }
 
-fn spawn_runner(
-    runner: &ProjectionRunner<PostgresStore>,
+fn spawn_runner<S: outflow::ProjectionStore>(
+    runner: &ProjectionRunner<S>,
 ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
     let shutdown = CancellationToken::new();
     let handle = tokio::spawn({
@@ -521,16 +521,7 @@ async fn rebuild_child_sqlite(path: &str) -> Result<()> {
         .build()?;
     let head = store.head().await?;
     let started = Instant::now();
-    let shutdown = CancellationToken::new();
-    let handle = tokio::spawn({
-        let runner = runner.clone();
-        let shutdown = shutdown.clone();
-        async move {
-            if let Err(error) = runner.run(shutdown).await {
-                eprintln!("runner failed: {error}");
-            }
-        }
-    });
+    let (shutdown, handle) = spawn_runner(&runner);
     runner
         .wait_for(head, &["rebuild_batch"], Duration::from_secs(1800))
         .await?;

@@ -43,6 +43,21 @@ pub struct BalanceRow {
     pub closed: bool,
 }
 
+impl From<(String, String, i64, i64, bool)> for BalanceRow {
+    /// A row as both backends' queries select it.
+    fn from(
+        (account_id, owner, balance, events, closed): (String, String, i64, i64, bool),
+    ) -> Self {
+        BalanceRow {
+            account_id,
+            owner,
+            balance,
+            events,
+            closed,
+        }
+    }
+}
+
 impl Balances {
     /// The projection, under the name `account_balances`.
     pub fn new() -> Self {
@@ -84,16 +99,7 @@ impl Balances {
         )
         .fetch_all(executor)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(account_id, owner, balance, events, closed)| BalanceRow {
-                account_id,
-                owner,
-                balance,
-                events,
-                closed,
-            })
-            .collect())
+        Ok(rows.into_iter().map(BalanceRow::from).collect())
     }
 
     /// Folds events into rows in memory: what the table must hold after
@@ -261,16 +267,7 @@ impl SqliteBalances {
         )
         .fetch_all(executor)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(account_id, owner, balance, events, closed)| BalanceRow {
-                account_id,
-                owner,
-                balance,
-                events,
-                closed,
-            })
-            .collect())
+        Ok(rows.into_iter().map(BalanceRow::from).collect())
     }
 }
 

@@ -229,11 +229,10 @@ impl EventLog for SqliteStore {
     ) -> Result<u64, StoreError> {
         let (clause, binds) = filter_sql(filter, 4);
         let sql = self.log_sql(COUNT, &clause);
-        let query = sqlx::query_scalar::<_, i64>(&sql)
+        let mut query = sqlx::query_scalar::<_, i64>(&sql)
             .bind(to_i64(after.position))
             .bind(to_i64(upto.position))
             .bind(to_i64(cap));
-        let mut query = query;
         for bind in binds {
             query = match bind {
                 Bind::Text(value) => query.bind(value),
