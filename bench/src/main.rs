@@ -894,12 +894,18 @@ async fn main() -> Result<()> {
     if args.first().map(String::as_str) == Some("sqlite") {
         // outflow-bench sqlite: the SQLite scenarios alone, printed.
         let size = Size::new(true);
-        let (sqlite, _) = sqlite_system("probe_c1").await?;
-        let s1 = commands(&sqlite, size.accounts, size.deposits, 1).await?;
-        println!(
-            "commands, 1 client: {:.0}/s  p50 {:.2} ms  p99 {:.2} ms",
-            s1.per_second, s1.p50_ms, s1.p99_ms
-        );
+        for label in ["probe_c1", "probe_c1_normal"] {
+            let (sqlite, _) = sqlite_system(label).await?;
+            let s1 = commands(&sqlite, size.accounts, size.deposits, 1).await?;
+            println!(
+                "commands, 1 client ({label}): {:.0}/s  p50 {:.2} ms  p99 {:.2} ms",
+                s1.per_second, s1.p50_ms, s1.p99_ms
+            );
+        }
+        if std::env::var_os("OUTFLOW_BENCH_COMMANDS_ONLY").is_some() {
+            let _ = std::fs::remove_dir_all(sqlite_dir());
+            return Ok(());
+        }
         let dir = sqlite_dir();
         let path = dir.join("probe_rebuild.db");
         seed_sqlite(&path, size.rebuild_events, size.rebuild_accounts).await?;

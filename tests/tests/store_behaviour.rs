@@ -182,8 +182,51 @@ async fn behaves_like_an_event_store<S: outflow::Backend>(store: S) {
     assert_eq!(unsnapshotted.events.len(), 3);
 }
 
+/// An append larger than one statement's worth of rows on any backend: all
+/// or nothing, one transaction, contiguous positions and sequences.
+async fn appends_a_large_batch_whole<S: outflow::Backend>(store: S) {
+    store
+        .append(request("big", 0, vec![opened("Big")]))
+        .await
+        .expect("open");
+    let events: Vec<NewEvent> = (1..=700).map(deposit).collect();
+    let written = store
+        .append(request("big", 1, events.clone()))
+        .await
+        .expect("700 events in one append");
+    assert_eq!(written.len(), 700);
+    let first = written[0].position;
+    for (i, (event, sent)) in written.iter().zip(&events).enumerate() {
+        assert_eq!(event.sequence, i as u64 + 2);
+        assert_eq!(event.position, first + i as u64);
+        assert_eq!(event.transaction_id, written[0].transaction_id);
+        assert_eq!(event.event_id, sent.event_id);
+    }
+    let logged = common::read_until(&store, Checkpoint::START, &LogFilter::all(), 701).await;
+    assert_eq!(logged.len(), 701);
+    assert_eq!(&logged[1..], &written[..]);
+    // A stale append of as many events is refused and writes none of them.
+    let stale = store
+        .append(request("big", 1, (1..=700).map(deposit).collect()))
+        .await;
+    assert!(
+        matches!(
+            stale,
+            Err(StoreError::Conflict {
+                actual: Some(701),
+                ..
+            })
+        ),
+        "{stale:?}"
+    );
+    let loaded = store.load("account", "big", false).await.expect("load");
+    assert_eq!(loaded.events.len(), 701);
+    assert_eq!(store.head().await.expect("head"), logged[700].checkpoint());
+}
+
 on_every_backend! {
     behaves_like_an_event_store: memory_store, postgres_store, sqlite_store;
+    appends_a_large_batch_whole: large_memory, large_postgres, large_sqlite;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -98,6 +98,10 @@ struct Inner {
     writer: SqlitePool,
     /// Read-only connections.
     readers: SqlitePool,
+    /// A read-only connection outside the pool for loading streams, the
+    /// command path's one read: a pool connection costs an extra round trip
+    /// to SQLite's thread when it is given back. Taken by `close`.
+    loader: tokio::sync::Mutex<Option<sqlx::SqliteConnection>>,
     path: PathBuf,
     tables: Tables,
     wake: WakeSignal,
@@ -217,13 +221,17 @@ impl SqliteStoreBuilder {
             .acquire_timeout(Duration::from_secs(60))
             .test_before_acquire(false)
             // Rows cross from SQLite's thread in batches, not 50 at a time.
-            .connect_with(base.read_only(true).row_buffer_size(1024))
+            .connect_with(base.clone().read_only(true).row_buffer_size(1024))
+            .await
+            .map_err(|e| sqlite_error("opening the SQLite file for reading", e))?;
+        let loader = sqlx::ConnectOptions::connect(&base.clone().read_only(true))
             .await
             .map_err(|e| sqlite_error("opening the SQLite file for reading", e))?;
         Ok(SqliteStore {
             inner: Arc::new(Inner {
                 writer,
                 readers,
+                loader: tokio::sync::Mutex::new(Some(loader)),
                 path: self.path,
                 tables,
                 wake: WakeSignal::new(),
@@ -287,6 +295,10 @@ impl SqliteStore {
     /// leave one file behind. The store (and its clones) cannot be used
     /// afterwards.
     pub async fn close(&self) {
+        if let Some(loader) = self.inner.loader.lock().await.take() {
+            // Closing is best effort: the file is consistent either way.
+            let _ = sqlx::Connection::close(loader).await;
+        }
         self.inner.readers.close().await;
         self.inner.writer.close().await;
     }

@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use sqlx::{Row, SqliteConnection};
 
 use super::rows::{corrupt, decode_event, time_text, u64_column, COLUMNS};
@@ -14,15 +14,58 @@ use crate::event::{AppendRequest, RecordedEvent, Snapshot};
 use crate::log::partition_hash;
 use crate::store::{EventStore, LoadedStream, StreamEvent};
 
-/// The stream's version and the log's last position, in one statement.
-const HEADS: &str = "SELECT (SELECT COALESCE(MAX(e.sequence), 0) FROM {events} e \
-            WHERE e.aggregate_type = ?1 AND e.aggregate_id = ?2) AS version, \
-        (SELECT COALESCE(MAX(e.position), 0) FROM {events} e) AS position";
-const INSERT: &str =
-    "INSERT INTO {events} (position, transaction_id, aggregate_type, aggregate_id, \
-     sequence, event_type, event_version, payload, metadata, event_id, recorded_at, \
-     correlation_id, causation_id, partition_hash) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)";
+/// The stream's version alone (read after a refused append, to report it).
+const VERSION: &str = "SELECT COALESCE(MAX(e.sequence), 0) FROM {events} e \
+     WHERE e.aggregate_type = ?1 AND e.aggregate_id = ?2";
+/// Events per INSERT statement: 8 bound values each, far below SQLite's
+/// limit of 32,766 variables per statement.
+const CHUNK: usize = 256;
+/// The values bound once per statement, before each event's 8.
+const FIXED_PARAMETERS: usize = 7;
+
+/// One INSERT for `rows` events of one stream that checks the stream's
+/// version, numbers the events after the log's highest position and returns
+/// their positions — no row at all when the version is not the expected one.
+///
+/// `?3` is the expected version of the whole append and `?4` the number of
+/// its events written by earlier statements of the same append (the version
+/// checked is `?3 + ?4`); `?5` is the append's transaction id once the first
+/// statement fixed it (NULL for the first: the first event's position).
+/// Each event's values start with its 1-based index in the whole append.
+/// SQLite runs the SELECT to completion before inserting (its target table
+/// is read), so the subqueries see the log as it was before the statement.
+fn insert_statement(rows: usize) -> String {
+    let mut values = String::with_capacity(rows * 48);
+    for row in 0..rows {
+        let base = FIXED_PARAMETERS + row * 8;
+        if row > 0 {
+            values.push_str(", ");
+        }
+        values.push('(');
+        for column in 1..=8 {
+            if column > 1 {
+                values.push_str(", ");
+            }
+            values.push('?');
+            values.push_str(&(base + column).to_string());
+        }
+        values.push(')');
+    }
+    format!(
+        "INSERT INTO {{events}} (position, transaction_id, aggregate_type, aggregate_id, \
+         sequence, event_type, event_version, payload, metadata, event_id, recorded_at, \
+         correlation_id, causation_id, partition_hash) \
+         SELECT h.last + v.column1 - ?4, COALESCE(?5, h.last + 1), ?1, ?2, ?3 + v.column1, \
+                v.column2, v.column3, v.column4, v.column5, v.column6, ?6, v.column7, \
+                v.column8, ?7 \
+           FROM (VALUES {values}) v, \
+                (SELECT COALESCE(MAX(e.position), 0) AS last FROM {{events}} e) h \
+          WHERE (SELECT COALESCE(MAX(e.sequence), 0) FROM {{events}} e \
+                  WHERE e.aggregate_type = ?1 AND e.aggregate_id = ?2) = ?3 + ?4 \
+         RETURNING position"
+    )
+}
+
 const READ_STREAM: &str = "SELECT {columns} FROM {events} e \
      WHERE e.aggregate_type = ?1 AND e.aggregate_id = ?2 AND e.sequence > ?3 \
      ORDER BY e.sequence LIMIT ?4";
@@ -53,9 +96,11 @@ impl SqliteStore {
             .render(&template.replace("{columns}", COLUMNS))
     }
 
-    /// Appends on a connection inside a write transaction: checks the
-    /// stream's version, numbers the events after the highest position, and
-    /// inserts them. The write lock keeps both checks true until commit.
+    /// Appends on a connection inside a write transaction (or, for an
+    /// append of at most [`CHUNK`] events, on the writer outside any: one
+    /// statement is its own transaction). Each statement checks the stream's
+    /// version and numbers its events after the highest position; the write
+    /// lock keeps both true until commit.
     pub(super) async fn append_on(
         &self,
         connection: &mut SqliteConnection,
@@ -66,62 +111,54 @@ impl SqliteStore {
             return Ok(Vec::new());
         }
         let table = &self.inner.tables.events;
-        let (actual, last): (i64, i64) = sqlx::query_as(&self.sql(HEADS))
-            .bind(&request.aggregate_type)
-            .bind(&request.aggregate_id)
-            .fetch_one(&mut *connection)
-            .await
-            .map_err(db("reading the stream's version"))?;
-        let actual = u64::try_from(actual).map_err(|_| corrupt(table, "negative sequence"))?;
-        if actual != request.expected_version {
-            return Err(StoreError::Conflict {
-                aggregate_type: request.aggregate_type,
-                aggregate_id: request.aggregate_id,
-                expected: request.expected_version,
-                actual: Some(actual),
-            });
-        }
-        let first = u64::try_from(last).map_err(|_| corrupt(table, "negative position"))? + 1;
-        let recorded_at = Utc::now();
-        let recorded_micros = recorded_at.timestamp_micros();
+        // Stored in microseconds: what the append returns is what the log
+        // will say.
+        let recorded_micros = Utc::now().timestamp_micros();
+        let recorded_at = DateTime::from_timestamp_micros(recorded_micros).unwrap_or_default();
         let hash = i64::from(partition_hash(&request.aggregate_id));
-        let insert = self.sql(INSERT);
         let AppendRequest {
             aggregate_type,
             aggregate_id,
             expected_version,
             events,
         } = request;
-        let mut written = Vec::with_capacity(events.len());
-        for (i, event) in events.into_iter().enumerate() {
-            let position = first + i as u64;
-            let sequence = expected_version + i as u64 + 1;
-            let metadata =
-                serde_json::to_string(&event.metadata).map_err(|source| StoreError::Serialize {
+        let mut metadata = Vec::with_capacity(events.len());
+        for event in &events {
+            metadata.push(serde_json::to_string(&event.metadata).map_err(|source| {
+                StoreError::Serialize {
                     what: "event metadata",
                     aggregate_type: aggregate_type.clone(),
                     aggregate_id: aggregate_id.clone(),
                     source,
-                })?;
-            let inserted = sqlx::query(&insert)
-                .bind(to_i64(position))
-                .bind(to_i64(first))
+                }
+            })?);
+        }
+        let mut transaction_id: Option<u64> = None;
+        let mut first_positions = Vec::new();
+        let mut done = 0usize;
+        for chunk in events.chunks(CHUNK) {
+            let sql = self.sql(&insert_statement(chunk.len()));
+            let mut query = sqlx::query(&sql)
                 .bind(&aggregate_type)
                 .bind(&aggregate_id)
-                .bind(to_i64(sequence))
-                .bind(&event.event_type)
-                .bind(&event.event_version)
-                .bind(event.payload.to_string())
-                .bind(metadata)
-                .bind(event.event_id)
+                .bind(to_i64(expected_version))
+                .bind(to_i64(done as u64))
+                .bind(transaction_id.map(to_i64))
                 .bind(recorded_micros)
-                .bind(event.correlation_id)
-                .bind(event.causation_id)
-                .bind(hash)
-                .execute(&mut *connection)
-                .await;
-            match inserted {
-                Ok(_) => {}
+                .bind(hash);
+            for (i, event) in chunk.iter().enumerate() {
+                query = query
+                    .bind(to_i64((done + i + 1) as u64))
+                    .bind(&event.event_type)
+                    .bind(&event.event_version)
+                    .bind(event.payload.to_string())
+                    .bind(&metadata[done + i])
+                    .bind(event.event_id)
+                    .bind(event.correlation_id)
+                    .bind(event.causation_id);
+            }
+            let rows = match query.fetch_all(&mut *connection).await {
+                Ok(rows) => rows,
                 Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
                     return Err(StoreError::Conflict {
                         aggregate_type,
@@ -131,14 +168,46 @@ impl SqliteStore {
                     });
                 }
                 Err(e) => return Err(sqlite_error("appending events", e)),
+            };
+            if rows.is_empty() {
+                let actual: i64 = sqlx::query_scalar(&self.sql(VERSION))
+                    .bind(&aggregate_type)
+                    .bind(&aggregate_id)
+                    .fetch_one(&mut *connection)
+                    .await
+                    .map_err(db("reading the stream's version"))?;
+                let actual =
+                    u64::try_from(actual).map_err(|_| corrupt(table, "negative sequence"))?;
+                return Err(StoreError::Conflict {
+                    aggregate_type,
+                    aggregate_id,
+                    expected: expected_version,
+                    actual: Some(actual),
+                });
             }
+            let mut lowest = i64::MAX;
+            for row in &rows {
+                lowest = lowest.min(row.try_get::<i64, _>(0).map_err(db("appending events"))?);
+            }
+            if rows.len() != chunk.len() {
+                return Err(corrupt(table, "an append wrote fewer rows than events"));
+            }
+            let first = u64::try_from(lowest).map_err(|_| corrupt(table, "negative position"))?;
+            transaction_id.get_or_insert(first);
+            first_positions.push(first);
+            done += chunk.len();
+        }
+        let transaction_id = transaction_id.unwrap_or_default();
+        let mut written = Vec::with_capacity(events.len());
+        for (i, event) in events.into_iter().enumerate() {
+            let first = first_positions[i / CHUNK];
             written.push(RecordedEvent {
                 event_id: event.event_id,
                 aggregate_type: aggregate_type.clone(),
                 aggregate_id: aggregate_id.clone(),
-                sequence,
-                position,
-                transaction_id: first,
+                sequence: expected_version + i as u64 + 1,
+                position: first + (i % CHUNK) as u64,
+                transaction_id,
                 recorded_at,
                 event_type: event.event_type,
                 event_version: event.event_version,
@@ -175,6 +244,19 @@ impl EventStore for SqliteStore {
         if request.events.is_empty() {
             request.validate()?;
             return Ok(Vec::new());
+        }
+        if request.events.len() <= CHUNK {
+            // One statement, its own transaction: no BEGIN and COMMIT round
+            // trips to SQLite's thread.
+            let mut writer = self
+                .inner
+                .writer
+                .acquire()
+                .await
+                .map_err(db("starting an append"))?;
+            let written = self.append_on(&mut writer, request).await?;
+            self.signal_commit();
+            return Ok(written);
         }
         let mut tx = self
             .inner
@@ -215,13 +297,20 @@ impl EventStore for SqliteStore {
         use_snapshot: bool,
     ) -> Result<LoadedStream, StoreError> {
         let table = &self.inner.tables.events;
-        let rows = sqlx::query(&self.sql(LOAD))
+        let sql = self.sql(LOAD);
+        let query = sqlx::query(&sql)
             .bind(aggregate_type)
             .bind(aggregate_id)
-            .bind(use_snapshot)
-            .fetch_all(&self.inner.readers)
-            .await
-            .map_err(db("loading a stream"))?;
+            .bind(use_snapshot);
+        // The store's own loading connection when it is free, else one of
+        // the pool's (concurrent commands).
+        let mut loader = self.inner.loader.try_lock().ok();
+        let rows = match loader.as_deref_mut().and_then(Option::as_mut) {
+            Some(connection) => query.fetch_all(connection).await,
+            None => query.fetch_all(&self.inner.readers).await,
+        }
+        .map_err(db("loading a stream"))?;
+        drop(loader);
         let mut loaded = LoadedStream::default();
         loaded.events.reserve(rows.len());
         for row in &rows {
