@@ -71,11 +71,7 @@ struct BalanceView {
 impl View<BankAccount> for BalanceView {
     fn update(&mut self, event: &EventEnvelope<BankAccount>) {
         self.movements += 1;
-        match &event.payload {
-            BankEvent::Deposited { amount } => self.balance += amount,
-            BankEvent::Withdrawn { amount } => self.balance -= amount,
-            BankEvent::AccountOpened { .. } | BankEvent::AccountClosed => {}
-        }
+        self.balance += event.payload.balance_change();
     }
 }
 

@@ -17,7 +17,12 @@
 //! # }).unwrap();
 //! ```
 
+pub mod app;
+pub mod http;
 pub mod projections;
+pub mod transfer;
+pub mod user;
+pub mod views;
 
 use outflow::cqrs_es::event_sink::EventSink;
 use outflow::cqrs_es::{Aggregate, DomainEvent};
@@ -56,6 +61,28 @@ pub enum BankCommand {
     },
     /// Closes the account; only an empty account can be closed.
     Close,
+    /// Takes money out for a transfer (sent by the transfer process).
+    TransferOut {
+        /// The transfer.
+        transfer_id: String,
+        /// Cents, positive.
+        amount: i64,
+    },
+    /// Puts a transfer's money in (sent by the transfer process).
+    TransferIn {
+        /// The transfer.
+        transfer_id: String,
+        /// Cents, positive.
+        amount: i64,
+    },
+    /// Gives back the money of a transfer whose credit was refused. Accepted
+    /// on a closed account too: money is never lost on the way.
+    Refund {
+        /// The transfer.
+        transfer_id: String,
+        /// Cents, positive.
+        amount: i64,
+    },
 }
 
 /// What happened to an account.
@@ -78,6 +105,50 @@ pub enum BankEvent {
     },
     /// The account was closed.
     AccountClosed,
+    /// Money left for a transfer.
+    TransferredOut {
+        /// The transfer.
+        transfer_id: String,
+        /// Cents.
+        amount: i64,
+    },
+    /// A transfer's money arrived.
+    TransferredIn {
+        /// The transfer.
+        transfer_id: String,
+        /// Cents.
+        amount: i64,
+    },
+    /// A transfer's money came back.
+    Refunded {
+        /// The transfer.
+        transfer_id: String,
+        /// Cents.
+        amount: i64,
+    },
+}
+
+impl BankEvent {
+    /// What the event does to the balance, in cents.
+    pub fn balance_change(&self) -> i64 {
+        match self {
+            BankEvent::Deposited { amount }
+            | BankEvent::TransferredIn { amount, .. }
+            | BankEvent::Refunded { amount, .. } => *amount,
+            BankEvent::Withdrawn { amount } | BankEvent::TransferredOut { amount, .. } => -amount,
+            BankEvent::AccountOpened { .. } | BankEvent::AccountClosed => 0,
+        }
+    }
+
+    /// The transfer the event belongs to, if any.
+    pub fn transfer_id(&self) -> Option<&str> {
+        match self {
+            BankEvent::TransferredOut { transfer_id, .. }
+            | BankEvent::TransferredIn { transfer_id, .. }
+            | BankEvent::Refunded { transfer_id, .. } => Some(transfer_id),
+            _ => None,
+        }
+    }
 }
 
 impl DomainEvent for BankEvent {
@@ -87,6 +158,9 @@ impl DomainEvent for BankEvent {
             BankEvent::Deposited { .. } => "Deposited",
             BankEvent::Withdrawn { .. } => "Withdrawn",
             BankEvent::AccountClosed => "AccountClosed",
+            BankEvent::TransferredOut { .. } => "TransferredOut",
+            BankEvent::TransferredIn { .. } => "TransferredIn",
+            BankEvent::Refunded { .. } => "Refunded",
         }
         .to_owned()
     }
@@ -137,6 +211,24 @@ impl Aggregate for BankAccount {
         _services: &(),
         sink: &EventSink<Self>,
     ) -> Result<(), BankError> {
+        if let BankCommand::Refund {
+            transfer_id,
+            amount,
+        } = command
+        {
+            if !self.opened {
+                return Err(BankError::NotOpen);
+            }
+            sink.write(
+                BankEvent::Refunded {
+                    transfer_id,
+                    amount,
+                },
+                self,
+            )
+            .await;
+            return Ok(());
+        }
         if self.closed {
             return Err(BankError::Closed);
         }
@@ -170,6 +262,41 @@ impl Aggregate for BankAccount {
                 }
                 sink.write(BankEvent::AccountClosed, self).await;
             }
+            BankCommand::TransferOut {
+                transfer_id,
+                amount,
+            } => {
+                self.check_open(amount)?;
+                if amount > self.balance {
+                    return Err(BankError::InsufficientFunds {
+                        balance: self.balance,
+                        requested: amount,
+                    });
+                }
+                sink.write(
+                    BankEvent::TransferredOut {
+                        transfer_id,
+                        amount,
+                    },
+                    self,
+                )
+                .await;
+            }
+            BankCommand::TransferIn {
+                transfer_id,
+                amount,
+            } => {
+                self.check_open(amount)?;
+                sink.write(
+                    BankEvent::TransferredIn {
+                        transfer_id,
+                        amount,
+                    },
+                    self,
+                )
+                .await;
+            }
+            BankCommand::Refund { .. } => {}
         }
         Ok(())
     }
@@ -180,9 +307,8 @@ impl Aggregate for BankAccount {
                 self.opened = true;
                 self.owner = owner;
             }
-            BankEvent::Deposited { amount } => self.balance += amount,
-            BankEvent::Withdrawn { amount } => self.balance -= amount,
             BankEvent::AccountClosed => self.closed = true,
+            other => self.balance += other.balance_change(),
         }
     }
 }

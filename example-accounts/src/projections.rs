@@ -120,9 +120,8 @@ fn apply(row: &mut BalanceRow, event: &BankEvent) {
     row.events += 1;
     match event {
         BankEvent::AccountOpened { owner } => row.owner = owner.clone(),
-        BankEvent::Deposited { amount } => row.balance += amount,
-        BankEvent::Withdrawn { amount } => row.balance -= amount,
         BankEvent::AccountClosed => row.closed = true,
+        other => row.balance += other.balance_change(),
     }
 }
 
@@ -201,9 +200,8 @@ fn changes(events: &[RecordedEvent]) -> Result<HashMap<&str, Change>, HandlerErr
         change.2 += 1;
         match payload {
             BankEvent::AccountOpened { owner } => change.0 = Some(owner),
-            BankEvent::Deposited { amount } => change.1 += amount,
-            BankEvent::Withdrawn { amount } => change.1 -= amount,
             BankEvent::AccountClosed => change.3 = true,
+            other => change.1 += other.balance_change(),
         }
     }
     Ok(changes)
@@ -337,15 +335,12 @@ impl View<BankAccount> for AccountView {
     fn update(&mut self, event: &EventEnvelope<BankAccount>) {
         match &event.payload {
             BankEvent::AccountOpened { owner } => self.owner = owner.clone(),
-            BankEvent::Deposited { amount } => {
-                self.balance += amount;
-                self.ledger.push(format!("+{amount}"));
-            }
-            BankEvent::Withdrawn { amount } => {
-                self.balance -= amount;
-                self.ledger.push(format!("-{amount}"));
-            }
             BankEvent::AccountClosed => self.closed = true,
+            other => {
+                let change = other.balance_change();
+                self.balance += change;
+                self.ledger.push(format!("{change:+}"));
+            }
         }
     }
 }

@@ -234,6 +234,31 @@ impl CommandContext {
         }
     }
 
+    /// A context for a command issued in reaction to a stored event (a
+    /// process manager's, a relay's): same correlation id, caused by the
+    /// event, and a command id derived from the event id and `label`, the
+    /// same every time the event is handled again — what
+    /// [`CommandBus::execute_once`] recognizes a repeated command by.
+    pub fn reacting_to(event: &RecordedEvent, label: &str) -> Self {
+        CommandContext {
+            command_id: Uuid::new_v5(&event.event_id, label.as_bytes()),
+            correlation_id: event.correlation_id.unwrap_or(event.event_id),
+            causation_id: event.event_id,
+            metadata: Metadata::new(),
+        }
+    }
+
+    /// The context of a further command that follows from this one (a
+    /// compensation, a second step): same correlation and causation, a
+    /// command id derived from this one's and `label`, so it is as
+    /// deterministic as this one.
+    pub fn follow_up(&self, label: &str) -> Self {
+        CommandContext {
+            command_id: Uuid::new_v5(&self.command_id, label.as_bytes()),
+            ..self.clone()
+        }
+    }
+
     /// Adds a metadata entry.
     pub fn with_metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.metadata.insert(key.into(), value.into());
@@ -254,6 +279,10 @@ pub struct Committed<A: Aggregate> {
     pub events: Vec<Envelope<A>>,
     /// The aggregate's version after the command.
     pub version: u64,
+    /// True when [`CommandBus::execute_once`] found the command already
+    /// written by an earlier run: `events` are that run's, nothing new was
+    /// written.
+    pub repeated: bool,
 }
 
 impl<A: Aggregate> Committed<A> {
@@ -406,6 +435,60 @@ where
         command: A::Command,
         context: CommandContext,
     ) -> Result<Committed<A>, CommandError<A::Error>> {
+        self.instrumented(aggregate_id, command, context, false)
+            .await
+    }
+
+    /// Runs `command` at most once per command id: when events written by a
+    /// command with `context.command_id` are already in the aggregate's
+    /// stream, returns them (with [`Committed::repeated`] set) without
+    /// running the command again. For commands sent at least once — by a
+    /// [process manager](crate::process), a retried delivery, a client
+    /// retrying after a timeout — whose id is deterministic (see
+    /// [`CommandContext::reacting_to`] and [`CommandContext::follow_up`]).
+    ///
+    /// The events' ids are derived from the command id, so the check is
+    /// exact; it reads the aggregate's stream, so its cost grows with the
+    /// stream's length. A command that was rejected wrote nothing and is
+    /// run again.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use outflow::{CommandBus, CommandContext, MemoryStore};
+    /// # use outflow::doc_fixture::{Counter, CounterCommand};
+    /// let bus = CommandBus::<Counter, _>::new(MemoryStore::new(), ());
+    /// let context = CommandContext::new();
+    /// let first = bus.execute_once("c-1", CounterCommand::Increment { by: 5 }, context.clone()).await?;
+    /// let again = bus.execute_once("c-1", CounterCommand::Increment { by: 5 }, context).await?;
+    /// assert!(!first.repeated && again.repeated);
+    /// assert_eq!(again.events[0].event_id, first.events[0].event_id);
+    /// assert_eq!(bus.load("c-1").await?.0.value, 5);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`execute`](Self::execute). A conflict means another writer
+    /// changed the aggregate first and this command is not in the stream:
+    /// retry it with the same context.
+    pub async fn execute_once(
+        &self,
+        aggregate_id: &str,
+        command: A::Command,
+        context: CommandContext,
+    ) -> Result<Committed<A>, CommandError<A::Error>> {
+        self.instrumented(aggregate_id, command, context, true)
+            .await
+    }
+
+    async fn instrumented(
+        &self,
+        aggregate_id: &str,
+        command: A::Command,
+        context: CommandContext,
+        once: bool,
+    ) -> Result<Committed<A>, CommandError<A::Error>> {
         let span = tracing::info_span!(
             "command",
             aggregate_type = A::TYPE,
@@ -414,11 +497,18 @@ where
             events = tracing::field::Empty,
         );
         let started = Instant::now();
-        let result = self
-            .run_command(aggregate_id, command, context)
-            .instrument(span.clone())
-            .await;
+        let result = async {
+            if once {
+                self.run_once(aggregate_id, command, context).await
+            } else {
+                self.run_command(aggregate_id, command, context, false)
+                    .await
+            }
+        }
+        .instrument(span.clone())
+        .await;
         let outcome = match &result {
+            Ok(committed) if committed.repeated => "repeated",
             Ok(_) => "committed",
             Err(CommandError::Rejected(_)) => "rejected",
             Err(error) if error.is_conflict() => "conflict",
@@ -467,11 +557,69 @@ where
         self.execute_with(aggregate_id, command, context).await
     }
 
+    /// [`execute_once`](Self::execute_once): the stream is searched for
+    /// the command's first event before the command runs, and again when
+    /// its append loses a race (the winner may have been the same command).
+    async fn run_once(
+        &self,
+        aggregate_id: &str,
+        command: A::Command,
+        context: CommandContext,
+    ) -> Result<Committed<A>, CommandError<A::Error>> {
+        if let Some(done) = self.written_by(aggregate_id, context.command_id).await? {
+            return Ok(done);
+        }
+        let command_id = context.command_id;
+        match self.run_command(aggregate_id, command, context, true).await {
+            Err(error) if error.is_conflict() => {
+                match self.written_by(aggregate_id, command_id).await? {
+                    Some(done) => Ok(done),
+                    None => Err(error),
+                }
+            }
+            result => result,
+        }
+    }
+
+    /// The events a command with `command_id` wrote to the aggregate's
+    /// stream, if any, and the stream's version.
+    async fn written_by(
+        &self,
+        aggregate_id: &str,
+        command_id: Uuid,
+    ) -> Result<Option<Committed<A>>, StoreError> {
+        const PAGE: usize = 1000;
+        let mut after = 0;
+        let mut found: Vec<Envelope<A>> = Vec::new();
+        loop {
+            let page = self
+                .store
+                .read_stream(A::TYPE, aggregate_id, after, PAGE)
+                .await?;
+            let full = page.len() == PAGE;
+            for event in &page {
+                after = event.sequence;
+                if event.event_id == event_id_of(command_id, found.len()) {
+                    found.push(event.decode_ref::<A>(&self.upcasters)?);
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+        Ok((!found.is_empty()).then_some(Committed {
+            events: found,
+            version: after,
+            repeated: true,
+        }))
+    }
+
     async fn run_command(
         &self,
         aggregate_id: &str,
         command: A::Command,
         context: CommandContext,
+        ids_from_command: bool,
     ) -> Result<Committed<A>, CommandError<A::Error>> {
         // A cached aggregate is taken out while its command runs: a rejected
         // or failed command drops it (its state may hold half a command).
@@ -496,11 +644,15 @@ where
             return Ok(Committed {
                 events: Vec::new(),
                 version,
+                repeated: false,
             });
         }
         let mut events = Vec::with_capacity(payloads.len());
-        for payload in &payloads {
+        for (i, payload) in payloads.iter().enumerate() {
             let mut event = NewEvent::from_event::<A>(aggregate_id, payload)?;
+            if ids_from_command {
+                event.event_id = event_id_of(context.command_id, i);
+            }
             event.metadata = context.metadata.clone();
             event.correlation_id = Some(context.correlation_id);
             event.causation_id = Some(context.causation_id);
@@ -535,6 +687,7 @@ where
         Ok(Committed {
             events: envelopes,
             version: new_version,
+            repeated: false,
         })
     }
 
@@ -725,6 +878,13 @@ where
             );
         }
     }
+}
+
+/// The id of the `index`th event written by a command run with
+/// [`CommandBus::execute_once`]: derived from the command id, so a repeated
+/// command is recognized by its events.
+fn event_id_of(command_id: Uuid, index: usize) -> Uuid {
+    Uuid::new_v5(&command_id, &(index as u64).to_be_bytes())
 }
 
 fn into_envelopes<A: Aggregate>(

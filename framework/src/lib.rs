@@ -58,6 +58,9 @@ pub mod names;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod outbox;
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "sqlite"))))]
+pub mod process;
 pub mod projection;
 pub mod pubsub;
 #[cfg(feature = "nats")]

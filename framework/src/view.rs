@@ -232,6 +232,10 @@ where
 
 /// A backend that keeps view tables: [`PostgresStore`](crate::PostgresStore)
 /// and `SqliteStore`. Implemented by Outflow only.
+///
+/// A view table holds JSON documents by id with a version (`view_id`,
+/// `version`, `payload`); [`ViewProjection`] and the
+/// [process managers](crate::process) keep their state in such tables.
 #[async_trait]
 pub trait ViewStore: Checkpoints + DeadLetters + Clone {
     /// The stored JSON text of one view, if any.
@@ -241,6 +245,110 @@ pub trait ViewStore: Checkpoints + DeadLetters + Clone {
     /// [`StoreError::Database`].
     #[doc(hidden)]
     async fn view_payload(&self, table: &str, view_id: &str) -> Result<Option<String>, StoreError>;
+
+    /// Up to `limit` views in id order, after `after` when given.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Database`].
+    #[doc(hidden)]
+    async fn view_payloads(
+        &self,
+        table: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>, StoreError>;
+
+    /// The stored documents among `ids`: (id, version, JSON text).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Database`].
+    #[doc(hidden)]
+    async fn documents_in(
+        tx: &mut Self::Transaction,
+        table: &str,
+        ids: &[String],
+    ) -> Result<Vec<(String, i64, String)>, StoreError>;
+
+    /// Inserts or replaces documents: (id, version, JSON text).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Database`].
+    #[doc(hidden)]
+    async fn save_documents(
+        tx: &mut Self::Transaction,
+        table: &str,
+        documents: &[(String, i64, String)],
+    ) -> Result<(), StoreError>;
+
+    /// Creates a document table if it does not exist.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Database`].
+    #[doc(hidden)]
+    async fn create_documents(tx: &mut Self::Transaction, table: &str) -> Result<(), StoreError>;
+
+    /// Deletes every document of a table.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Database`].
+    #[doc(hidden)]
+    async fn clear_documents(tx: &mut Self::Transaction, table: &str) -> Result<(), StoreError>;
+}
+
+#[async_trait]
+impl<A, V, S> crate::projection::Projection<S> for ViewProjection<A, V>
+where
+    A: Aggregate + 'static,
+    V: View<A> + 'static,
+    S: ViewStore + 'static,
+{
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn filter(&self) -> crate::log::LogFilter {
+        crate::log::LogFilter::aggregate_types([A::TYPE])
+    }
+
+    /// Reads the batch's views in one statement, folds the events into them
+    /// and writes them back.
+    async fn handle(
+        &self,
+        events: &[RecordedEvent],
+        tx: &mut S::Transaction,
+    ) -> Result<(), HandlerError> {
+        let decoded = self.keyed(events)?;
+        let keys = Self::keys(&decoded);
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut stored = Vec::new();
+        for (id, version, payload) in S::documents_in(tx, &self.table, &keys).await? {
+            stored.push((id, serde_json::from_str::<V>(&payload)?, version));
+        }
+        let mut documents = Vec::with_capacity(keys.len());
+        for (id, view, version) in Self::fold(stored, &decoded) {
+            documents.push((id, version, serde_json::to_string(&view)?));
+        }
+        S::save_documents(tx, &self.table, &documents).await?;
+        Ok(())
+    }
+
+    /// Creates the view table if it does not exist.
+    async fn setup(&self, tx: &mut S::Transaction) -> Result<(), HandlerError> {
+        S::create_documents(tx, &self.table).await?;
+        Ok(())
+    }
+
+    async fn reset(&self, tx: &mut S::Transaction) -> Result<(), HandlerError> {
+        S::clear_documents(tx, &self.table).await?;
+        Ok(())
+    }
 }
 
 /// Reads the views of a [`ViewProjection`], from anywhere in the
@@ -299,6 +407,30 @@ where
                 })
             })
             .transpose()
+    }
+
+    /// Reads up to `limit` views in id order, starting after `after` when
+    /// given (pass the last id of a page to read the next).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Database`]; [`StoreError::Corrupt`] when a stored JSON
+    /// does not fit `V`.
+    pub async fn list(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, V)>, StoreError> {
+        let rows = self.store.view_payloads(&self.table, after, limit).await?;
+        rows.into_iter()
+            .map(|(id, payload)| {
+                let view = serde_json::from_str(&payload).map_err(|e| StoreError::Corrupt {
+                    table: self.table.clone(),
+                    what: format!("view `{id}` does not deserialize: {e}"),
+                })?;
+                Ok((id, view))
+            })
+            .collect()
     }
 
     /// Reads one view once the projection has passed `checkpoint`

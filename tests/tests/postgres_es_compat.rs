@@ -56,6 +56,27 @@ fn event_of(command: &BankCommand) -> BankEvent {
         BankCommand::Deposit { amount } => BankEvent::Deposited { amount: *amount },
         BankCommand::Withdraw { amount } => BankEvent::Withdrawn { amount: *amount },
         BankCommand::Close => BankEvent::AccountClosed,
+        BankCommand::TransferOut {
+            transfer_id,
+            amount,
+        } => BankEvent::TransferredOut {
+            transfer_id: transfer_id.clone(),
+            amount: *amount,
+        },
+        BankCommand::TransferIn {
+            transfer_id,
+            amount,
+        } => BankEvent::TransferredIn {
+            transfer_id: transfer_id.clone(),
+            amount: *amount,
+        },
+        BankCommand::Refund {
+            transfer_id,
+            amount,
+        } => BankEvent::Refunded {
+            transfer_id: transfer_id.clone(),
+            amount: *amount,
+        },
     }
 }
 

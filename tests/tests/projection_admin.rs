@@ -720,11 +720,7 @@ impl EventHandler<BankAccount, MemoryStore> for MemoryLedgerHandler {
             .map_err(|_| HandlerError::msg("lock poisoned"))?
             .entry(event.event_id)
             .or_default() += 1;
-        let amount = match &event.payload {
-            BankEvent::Deposited { amount } => *amount,
-            BankEvent::Withdrawn { amount } => -amount,
-            BankEvent::AccountOpened { .. } | BankEvent::AccountClosed => 0,
-        };
+        let amount = event.payload.balance_change();
         if amount == POISON && self.0.broken.load(Ordering::SeqCst) {
             return Err(HandlerError::msg("memory ledger refuses 666"));
         }

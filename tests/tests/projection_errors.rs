@@ -86,11 +86,7 @@ fn calls_of(calls: &Mutex<HashMap<Uuid, usize>>, event_id: Uuid) -> usize {
 }
 
 fn amount_of(event: &BankEvent) -> i64 {
-    match event {
-        BankEvent::Deposited { amount } => *amount,
-        BankEvent::Withdrawn { amount } => -amount,
-        BankEvent::AccountOpened { .. } | BankEvent::AccountClosed => 0,
-    }
+    event.balance_change()
 }
 
 async fn insert_row(

@@ -1,4 +1,5 @@
-//! View tables in PostgreSQL: one read and one `UNNEST` upsert per batch.
+//! View tables in PostgreSQL: a batch's documents read in one statement
+//! and written in one `UNNEST` upsert.
 
 use async_trait::async_trait;
 use cqrs_es::{Aggregate, View};
@@ -6,9 +7,6 @@ use sqlx::{PgExecutor, Postgres, Row, Transaction};
 
 use super::{ViewProjection, ViewStore};
 use crate::error::StoreError;
-use crate::event::RecordedEvent;
-use crate::log::LogFilter;
-use crate::projection::{HandlerError, Projection};
 use crate::store::postgres::{pg_error, PostgresStore};
 
 impl<A, V> ViewProjection<A, V>
@@ -24,17 +22,7 @@ where
     ///
     /// [`StoreError::Database`].
     pub async fn create_table<'e>(&self, executor: impl PgExecutor<'e>) -> Result<(), StoreError> {
-        sqlx::query(&format!(
-            "CREATE TABLE IF NOT EXISTS {} (
-                view_id text PRIMARY KEY,
-                version bigint NOT NULL CHECK (version >= 0),
-                payload json NOT NULL)",
-            self.table
-        ))
-        .execute(executor)
-        .await
-        .map_err(|e| pg_error("creating a view table", e))?;
-        Ok(())
+        create_table(executor, &self.table).await
     }
 
     /// Reads one view from PostgreSQL (see also [`query`](Self::query)).
@@ -60,6 +48,19 @@ where
     }
 }
 
+async fn create_table<'e>(executor: impl PgExecutor<'e>, table: &str) -> Result<(), StoreError> {
+    sqlx::query(&format!(
+        "CREATE TABLE IF NOT EXISTS {table} (
+            view_id text PRIMARY KEY,
+            version bigint NOT NULL CHECK (version >= 0),
+            payload json NOT NULL)"
+    ))
+    .execute(executor)
+    .await
+    .map_err(|e| pg_error("creating a view table", e))?;
+    Ok(())
+}
+
 async fn payload<'e>(
     executor: impl PgExecutor<'e>,
     table: &str,
@@ -79,82 +80,94 @@ impl ViewStore for PostgresStore {
     async fn view_payload(&self, table: &str, view_id: &str) -> Result<Option<String>, StoreError> {
         payload(self.pool(), table, view_id).await
     }
-}
 
-#[async_trait]
-impl<A, V> Projection<PostgresStore> for ViewProjection<A, V>
-where
-    A: Aggregate + 'static,
-    V: View<A> + 'static,
-{
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn filter(&self) -> LogFilter {
-        LogFilter::aggregate_types([A::TYPE])
-    }
-
-    async fn handle(
+    async fn view_payloads(
         &self,
-        events: &[RecordedEvent],
-        tx: &mut Transaction<'static, Postgres>,
-    ) -> Result<(), HandlerError> {
-        let decoded = self.keyed(events)?;
-        let keys = Self::keys(&decoded);
-        if keys.is_empty() {
-            return Ok(());
-        }
-        let rows = sqlx::query(&format!(
-            "SELECT v.view_id, v.version, v.payload::text AS payload FROM {} v \
-             WHERE v.view_id = ANY($1::text[])",
-            self.table
+        table: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        sqlx::query_as(&format!(
+            "SELECT v.view_id, v.payload::text FROM {table} v \
+             WHERE $1::text IS NULL OR v.view_id > $1 ORDER BY v.view_id LIMIT $2"
         ))
-        .bind(&keys)
+        .bind(after)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(self.pool())
+        .await
+        .map_err(|e| pg_error("reading views", e))
+    }
+
+    async fn documents_in(
+        tx: &mut Transaction<'static, Postgres>,
+        table: &str,
+        ids: &[String],
+    ) -> Result<Vec<(String, i64, String)>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT v.view_id, v.version, v.payload::text AS payload FROM {table} v \
+             WHERE v.view_id = ANY($1::text[])"
+        ))
+        .bind(ids)
         .fetch_all(&mut **tx)
-        .await?;
-        let mut stored = Vec::with_capacity(rows.len());
-        for row in rows {
-            let payload: String = row.try_get("payload")?;
-            stored.push((
-                row.try_get("view_id")?,
-                serde_json::from_str::<V>(&payload)?,
-                row.try_get::<i64, _>("version")?,
-            ));
-        }
-        let views = Self::fold(stored, &decoded);
-        let mut ids = Vec::with_capacity(views.len());
-        let mut versions = Vec::with_capacity(views.len());
-        let mut payloads = Vec::with_capacity(views.len());
-        for (key, view, version) in &views {
-            ids.push(key.clone());
+        .await
+        .map_err(|e| pg_error("reading views", e))?;
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    row.try_get("view_id")
+                        .map_err(|e| pg_error("reading views", e))?,
+                    row.try_get("version")
+                        .map_err(|e| pg_error("reading views", e))?,
+                    row.try_get("payload")
+                        .map_err(|e| pg_error("reading views", e))?,
+                ))
+            })
+            .collect()
+    }
+
+    /// One `UNNEST` upsert for all documents.
+    async fn save_documents(
+        tx: &mut Transaction<'static, Postgres>,
+        table: &str,
+        documents: &[(String, i64, String)],
+    ) -> Result<(), StoreError> {
+        let mut ids = Vec::with_capacity(documents.len());
+        let mut versions = Vec::with_capacity(documents.len());
+        let mut payloads = Vec::with_capacity(documents.len());
+        for (id, version, payload) in documents {
+            ids.push(id.as_str());
             versions.push(*version);
-            payloads.push(serde_json::to_string(view)?);
+            payloads.push(payload.as_str());
         }
         sqlx::query(&format!(
-            "INSERT INTO {} AS v (view_id, version, payload)
+            "INSERT INTO {table} AS v (view_id, version, payload)
              SELECT k, n, p::json FROM UNNEST($1::text[], $2::bigint[], $3::text[]) AS u(k, n, p)
-             ON CONFLICT (view_id) DO UPDATE SET version = EXCLUDED.version, payload = EXCLUDED.payload",
-            self.table
+             ON CONFLICT (view_id) DO UPDATE SET version = EXCLUDED.version, payload = EXCLUDED.payload"
         ))
         .bind(&ids)
         .bind(&versions)
         .bind(&payloads)
         .execute(&mut **tx)
-        .await?;
+        .await
+        .map_err(|e| pg_error("writing views", e))?;
         Ok(())
     }
 
-    /// Creates the view table if it does not exist.
-    async fn setup(&self, tx: &mut Transaction<'static, Postgres>) -> Result<(), HandlerError> {
-        self.create_table(&mut **tx).await?;
-        Ok(())
+    async fn create_documents(
+        tx: &mut Transaction<'static, Postgres>,
+        table: &str,
+    ) -> Result<(), StoreError> {
+        create_table(&mut **tx, table).await
     }
 
-    async fn reset(&self, tx: &mut Transaction<'static, Postgres>) -> Result<(), HandlerError> {
-        sqlx::query(&format!("DELETE FROM {}", self.table))
+    async fn clear_documents(
+        tx: &mut Transaction<'static, Postgres>,
+        table: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(&format!("DELETE FROM {table}"))
             .execute(&mut **tx)
-            .await?;
+            .await
+            .map_err(|e| pg_error("emptying a view table", e))?;
         Ok(())
     }
 }

@@ -1,15 +1,11 @@
-//! View tables in SQLite: the batch's views read in one statement, then
-//! one upsert per view (statements are cheap in-process).
+//! View tables in SQLite: a batch's documents read in one statement, then
+//! one upsert per document (statements are cheap in-process).
 
 use async_trait::async_trait;
-use cqrs_es::{Aggregate, View};
 use sqlx::{Row, Sqlite, Transaction};
 
-use super::{ViewProjection, ViewStore};
+use super::ViewStore;
 use crate::error::StoreError;
-use crate::event::RecordedEvent;
-use crate::log::LogFilter;
-use crate::projection::{HandlerError, Projection};
 use crate::store::sqlite::{db, SqliteStore};
 
 #[async_trait]
@@ -23,83 +19,97 @@ impl ViewStore for SqliteStore {
         .await
         .map_err(db("reading a view"))
     }
-}
 
-#[async_trait]
-impl<A, V> Projection<SqliteStore> for ViewProjection<A, V>
-where
-    A: Aggregate + 'static,
-    V: View<A> + 'static,
-{
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn filter(&self) -> LogFilter {
-        LogFilter::aggregate_types([A::TYPE])
-    }
-
-    async fn handle(
+    async fn view_payloads(
         &self,
-        events: &[RecordedEvent],
-        tx: &mut Transaction<'static, Sqlite>,
-    ) -> Result<(), HandlerError> {
-        let decoded = self.keyed(events)?;
-        let keys = Self::keys(&decoded);
-        if keys.is_empty() {
-            return Ok(());
-        }
-        let rows = sqlx::query(&format!(
-            "SELECT v.view_id, v.version, v.payload FROM {} v \
-             WHERE v.view_id IN (SELECT value FROM json_each(?1))",
-            self.table
+        table: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        sqlx::query_as(&format!(
+            "SELECT v.view_id, v.payload FROM {table} v \
+             WHERE ?1 IS NULL OR v.view_id > ?1 ORDER BY v.view_id LIMIT ?2"
         ))
-        .bind(serde_json::to_string(&keys)?)
+        .bind(after)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(self.readers())
+        .await
+        .map_err(db("reading views"))
+    }
+
+    async fn documents_in(
+        tx: &mut Transaction<'static, Sqlite>,
+        table: &str,
+        ids: &[String],
+    ) -> Result<Vec<(String, i64, String)>, StoreError> {
+        let ids = serde_json::to_string(ids).map_err(|e| StoreError::Corrupt {
+            table: table.to_owned(),
+            what: format!("ids do not serialize: {e}"),
+        })?;
+        let rows = sqlx::query(&format!(
+            "SELECT v.view_id, v.version, v.payload FROM {table} v \
+             WHERE v.view_id IN (SELECT value FROM json_each(?1))"
+        ))
+        .bind(ids)
         .fetch_all(&mut **tx)
-        .await?;
-        let mut stored = Vec::with_capacity(rows.len());
-        for row in rows {
-            let payload: String = row.try_get("payload")?;
-            stored.push((
-                row.try_get("view_id")?,
-                serde_json::from_str::<V>(&payload)?,
-                row.try_get::<i64, _>("version")?,
-            ));
-        }
+        .await
+        .map_err(db("reading views"))?;
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    row.try_get("view_id").map_err(db("reading views"))?,
+                    row.try_get("version").map_err(db("reading views"))?,
+                    row.try_get("payload").map_err(db("reading views"))?,
+                ))
+            })
+            .collect()
+    }
+
+    async fn save_documents(
+        tx: &mut Transaction<'static, Sqlite>,
+        table: &str,
+        documents: &[(String, i64, String)],
+    ) -> Result<(), StoreError> {
         let upsert = format!(
-            "INSERT INTO {} (view_id, version, payload) VALUES (?1, ?2, ?3) \
-             ON CONFLICT (view_id) DO UPDATE SET version = excluded.version, payload = excluded.payload",
-            self.table
+            "INSERT INTO {table} (view_id, version, payload) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (view_id) DO UPDATE SET version = excluded.version, payload = excluded.payload"
         );
-        for (key, view, version) in Self::fold(stored, &decoded) {
+        for (id, version, payload) in documents {
             sqlx::query(&upsert)
-                .bind(key)
+                .bind(id)
                 .bind(version)
-                .bind(serde_json::to_string(&view)?)
+                .bind(payload)
                 .execute(&mut **tx)
-                .await?;
+                .await
+                .map_err(db("writing a view"))?;
         }
         Ok(())
     }
 
-    /// Creates the view table if it does not exist.
-    async fn setup(&self, tx: &mut Transaction<'static, Sqlite>) -> Result<(), HandlerError> {
+    async fn create_documents(
+        tx: &mut Transaction<'static, Sqlite>,
+        table: &str,
+    ) -> Result<(), StoreError> {
         sqlx::query(&format!(
-            "CREATE TABLE IF NOT EXISTS {} (
+            "CREATE TABLE IF NOT EXISTS {table} (
                 view_id TEXT PRIMARY KEY,
                 version INTEGER NOT NULL CHECK (version >= 0),
-                payload TEXT NOT NULL)",
-            self.table
+                payload TEXT NOT NULL)"
         ))
         .execute(&mut **tx)
-        .await?;
+        .await
+        .map_err(db("creating a view table"))?;
         Ok(())
     }
 
-    async fn reset(&self, tx: &mut Transaction<'static, Sqlite>) -> Result<(), HandlerError> {
-        sqlx::query(&format!("DELETE FROM {}", self.table))
+    async fn clear_documents(
+        tx: &mut Transaction<'static, Sqlite>,
+        table: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(&format!("DELETE FROM {table}"))
             .execute(&mut **tx)
-            .await?;
+            .await
+            .map_err(db("emptying a view table"))?;
         Ok(())
     }
 }

@@ -1,0 +1,393 @@
+//! The application: its command buses, its projections and its queries, on
+//! whichever backend the user chose. Everything here is generic over the
+//! store; the few SQL statements of the application itself (the e-mail
+//! reservations and the sent e-mails) are in [`AppStore`], written once for
+//! both backends.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use outflow::command::InlineHandler;
+use outflow::cqrs_es::Aggregate;
+use outflow::process::Process;
+use outflow::projection::{OnError, Projection, ProjectionOptions, RetryPolicy};
+use outflow::pubsub::EventBus;
+use outflow::runner::ProjectionRunner;
+use outflow::sqlx;
+use outflow::view::{ViewProjection, ViewQuery, ViewStore};
+use outflow::{
+    async_trait, AppendInTransaction, CommandBus, Envelope, HandlerError, LogFilter, PostgresStore,
+    ProjectionStore, RecordedEvent, SqliteStore, StoreError,
+};
+use serde::Serialize;
+
+use crate::transfer::{Transfer, TransferProcess};
+use crate::user::{User, UserEvent};
+use crate::views::{Balance, Statement, TransferStatus, UserEntry};
+use crate::BankAccount;
+
+/// The projections the application runs, by name.
+pub const BALANCES: &str = "balances";
+/// Statements with running balances.
+pub const STATEMENTS: &str = "statements";
+/// The user directory.
+pub const USERS: &str = "users";
+/// Transfers and their status.
+pub const TRANSFERS: &str = "transfers";
+/// The welcome e-mails.
+pub const WELCOME_EMAILS: &str = "welcome_emails";
+/// The transfer process manager.
+pub const TRANSFER_PROCESS: &str = "transfer_process";
+
+/// Every projection, in the order the runner has them.
+pub const PROJECTIONS: [&str; 6] = [
+    BALANCES,
+    STATEMENTS,
+    USERS,
+    TRANSFERS,
+    WELCOME_EMAILS,
+    TRANSFER_PROCESS,
+];
+
+/// A sign-up's address is already another user's.
+#[derive(Debug, thiserror::Error)]
+#[error("the address {0} is already taken")]
+pub struct EmailTaken(pub String);
+
+/// An e-mail the application "sent" (recorded in `sent_emails` in place of
+/// an SMTP server).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SentEmail {
+    /// The idempotency key: the id of the event that asked for it.
+    pub key: String,
+    /// The recipient.
+    pub to: String,
+    /// The subject.
+    pub subject: String,
+}
+
+/// What the application needs from a backend beyond Outflow's traits: its
+/// own two tables. Implemented for [`SqliteStore`] and [`PostgresStore`]
+/// with the same SQL.
+#[async_trait]
+pub trait AppStore:
+    ProjectionStore
+    + ViewStore
+    + AppendInTransaction
+    + outflow::EventStore
+    + outflow::EventLog
+    + Clone
+    + 'static
+{
+    /// Creates the application's tables if they are missing.
+    async fn create_tables(&self) -> Result<(), StoreError>;
+
+    /// Reserves `email` for `user_id` inside the sign-up's transaction;
+    /// fails when another user holds it.
+    async fn reserve_email(
+        tx: &mut Self::Transaction,
+        email: &str,
+        user_id: &str,
+    ) -> Result<(), HandlerError>;
+
+    /// Records an e-mail as sent, once per key.
+    async fn send_email(&self, email: &SentEmail, body: &str) -> Result<(), StoreError>;
+
+    /// The e-mails sent, oldest first.
+    async fn sent_emails(&self) -> Result<Vec<SentEmail>, StoreError>;
+}
+
+const CREATE_RESERVATIONS: &str = "CREATE TABLE IF NOT EXISTS email_reservations (
+    email TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL)";
+const CREATE_SENT: &str = "CREATE TABLE IF NOT EXISTS sent_emails (
+    key TEXT PRIMARY KEY,
+    recipient TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    body TEXT NOT NULL,
+    sent_at TEXT NOT NULL)";
+const RESERVE: &str = "INSERT INTO email_reservations (email, user_id) VALUES ($1, $2)";
+const SEND: &str = "INSERT INTO sent_emails (key, recipient, subject, body, sent_at) \
+     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (key) DO NOTHING";
+const SENT: &str = "SELECT key, recipient, subject FROM sent_emails ORDER BY sent_at, key";
+
+fn app_error(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |e| StoreError::database(what, outflow::ErrorKind::Infrastructure, e)
+}
+
+/// The same statements on both backends (`$n` parameters work on both).
+macro_rules! app_store {
+    ($store:ty, $pool:ident) => {
+        #[async_trait]
+        impl AppStore for $store {
+            async fn create_tables(&self) -> Result<(), StoreError> {
+                for statement in [CREATE_RESERVATIONS, CREATE_SENT] {
+                    sqlx::query(statement)
+                        .execute(self.$pool())
+                        .await
+                        .map_err(app_error("creating the application's tables"))?;
+                }
+                Ok(())
+            }
+
+            async fn reserve_email(
+                tx: &mut Self::Transaction,
+                email: &str,
+                user_id: &str,
+            ) -> Result<(), HandlerError> {
+                match sqlx::query(RESERVE)
+                    .bind(email)
+                    .bind(user_id)
+                    .execute(&mut **tx)
+                    .await
+                {
+                    Ok(_) => Ok(()),
+                    Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                        Err(HandlerError::data(EmailTaken(email.to_owned())))
+                    }
+                    Err(e) => Err(e.into()),
+                }
+            }
+
+            async fn send_email(&self, email: &SentEmail, body: &str) -> Result<(), StoreError> {
+                sqlx::query(SEND)
+                    .bind(&email.key)
+                    .bind(&email.to)
+                    .bind(&email.subject)
+                    .bind(body)
+                    .bind(chrono_now())
+                    .execute(self.$pool())
+                    .await
+                    .map_err(app_error("recording a sent e-mail"))?;
+                Ok(())
+            }
+
+            async fn sent_emails(&self) -> Result<Vec<SentEmail>, StoreError> {
+                let rows: Vec<(String, String, String)> = sqlx::query_as(SENT)
+                    .fetch_all(self.$pool())
+                    .await
+                    .map_err(app_error("reading the sent e-mails"))?;
+                Ok(rows
+                    .into_iter()
+                    .map(|(key, to, subject)| SentEmail { key, to, subject })
+                    .collect())
+            }
+        }
+    };
+}
+
+app_store!(SqliteStore, writer);
+app_store!(PostgresStore, pool);
+
+/// The time as RFC 3339 text with microseconds (sorts as text).
+fn chrono_now() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!("{:020}.{:06}", now.as_secs(), now.subsec_micros())
+}
+
+/// Reserves a new user's address in the sign-up's transaction: a duplicate
+/// fails the command, atomically.
+struct EmailReservation;
+
+#[async_trait]
+impl<S: AppStore> InlineHandler<User, S> for EmailReservation {
+    fn name(&self) -> &str {
+        "email_reservation"
+    }
+
+    async fn handle(
+        &self,
+        events: &[Envelope<User>],
+        tx: &mut S::Transaction,
+    ) -> Result<(), HandlerError> {
+        for event in events {
+            let UserEvent::UserSignedUp { email, .. } = &event.payload;
+            S::reserve_email(tx, email, &event.aggregate_id).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The stand-in for an SMTP server: it refuses mail to the domains it is
+/// told to (the demo's poison event), and accepts the rest.
+#[derive(Debug, Clone, Default)]
+pub struct MailServer {
+    refused: Arc<Mutex<HashSet<String>>>,
+}
+
+impl MailServer {
+    /// Refuses mail to `domain` from now on.
+    pub fn refuse(&self, domain: &str) {
+        self.lock().insert(domain.to_lowercase());
+    }
+
+    /// Accepts mail to `domain` again.
+    pub fn accept(&self, domain: &str) {
+        self.lock().remove(&domain.to_lowercase());
+    }
+
+    fn refuses(&self, address: &str) -> bool {
+        let domain = address.rsplit('@').next().unwrap_or_default();
+        self.lock().contains(domain)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.refused.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Sends each new user a welcome e-mail: an effect, at least once, made
+/// idempotent by the event's id as the e-mail's key.
+struct WelcomeEmails<S> {
+    store: S,
+    mail: MailServer,
+}
+
+#[async_trait]
+impl<S: AppStore> Projection<S> for WelcomeEmails<S> {
+    fn name(&self) -> &str {
+        WELCOME_EMAILS
+    }
+
+    fn filter(&self) -> LogFilter {
+        LogFilter::aggregate_types([User::TYPE]).with_event_types(["UserSignedUp"])
+    }
+
+    async fn effects(&self, events: &[RecordedEvent]) -> Result<(), HandlerError> {
+        for event in events {
+            let UserEvent::UserSignedUp { name, email } = event.decode_payload::<User>()?;
+            if self.mail.refuses(&email) {
+                return Err(HandlerError::msg(format!(
+                    "the mail server refused mail to {email}"
+                )));
+            }
+            let sent = SentEmail {
+                key: event.event_id.to_string(),
+                to: email,
+                subject: "Welcome to Outflow Bank".to_owned(),
+            };
+            let body = format!("Hello {name}, your account at Outflow Bank is ready.");
+            self.store.send_email(&sent, &body).await?;
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        _events: &[RecordedEvent],
+        _tx: &mut S::Transaction,
+    ) -> Result<(), HandlerError> {
+        Ok(())
+    }
+}
+
+/// The running application.
+pub struct App<S: AppStore> {
+    /// The store.
+    pub store: S,
+    /// Accounts.
+    pub accounts: Arc<CommandBus<BankAccount, S>>,
+    /// Users.
+    pub users: Arc<CommandBus<User, S>>,
+    /// Transfers.
+    pub transfers: Arc<CommandBus<Transfer, S>>,
+    /// The projections.
+    pub runner: ProjectionRunner<S>,
+    /// Balances by account.
+    pub balances: ViewQuery<BankAccount, Balance, S>,
+    /// Statements by account.
+    pub statements: ViewQuery<BankAccount, Statement, S>,
+    /// Users by id.
+    pub directory: ViewQuery<User, UserEntry, S>,
+    /// Transfers by id.
+    pub transfer_status: ViewQuery<Transfer, TransferStatus, S>,
+    /// Every event this process commits, after its commit (at most once).
+    pub feed: EventBus,
+    /// The mail server stand-in.
+    pub mail: MailServer,
+}
+
+impl<S: AppStore> std::fmt::Debug for App<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App").finish_non_exhaustive()
+    }
+}
+
+impl<S: AppStore> App<S> {
+    /// Wires the application on `store` (creating its tables).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the tables cannot be created.
+    pub async fn new(store: S) -> Result<Self, StoreError> {
+        store.create_tables().await?;
+        let feed = EventBus::new(256);
+        let accounts = Arc::new(
+            CommandBus::<BankAccount, _>::builder(store.clone(), ())
+                .snapshot_every(50)
+                .publish_to(feed.clone())
+                .build(),
+        );
+        let users = Arc::new(
+            CommandBus::<User, _>::builder(store.clone(), ())
+                .inline(EmailReservation)
+                .publish_to(feed.clone())
+                .build(),
+        );
+        let transfers = Arc::new(
+            CommandBus::<Transfer, _>::builder(store.clone(), ())
+                .publish_to(feed.clone())
+                .build(),
+        );
+        let balances = ViewProjection::<BankAccount, Balance>::new(BALANCES, "balances")?;
+        let statements = ViewProjection::<BankAccount, Statement>::new(STATEMENTS, "statements")?;
+        let directory = ViewProjection::<User, UserEntry>::new(USERS, "users")?;
+        let transfer_status =
+            ViewProjection::<Transfer, TransferStatus>::new(TRANSFERS, "transfers")?;
+        let mail = MailServer::default();
+        let process = Process::new(
+            TransferProcess::new(accounts.clone(), transfers.clone()),
+            &store,
+            "transfer_processes",
+        )?;
+        let quick = RetryPolicy {
+            max_attempts: 3,
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_millis(500),
+        };
+        let runner = ProjectionRunner::builder(store.clone())
+            .projection(ProjectionOptions::new(balances.clone()))
+            .projection(ProjectionOptions::new(statements.clone()))
+            .projection(ProjectionOptions::new(directory.clone()))
+            .projection(ProjectionOptions::new(transfer_status.clone()))
+            .projection(
+                ProjectionOptions::new(WelcomeEmails {
+                    store: store.clone(),
+                    mail: mail.clone(),
+                })
+                .retry(quick)
+                .on_error(OnError::Park),
+            )
+            .projection(ProjectionOptions::new(process).retry(RetryPolicy {
+                max_attempts: 10,
+                ..quick
+            }))
+            .build()?;
+        Ok(App {
+            balances: balances.query(&store),
+            statements: statements.query(&store),
+            directory: directory.query(&store),
+            transfer_status: transfer_status.query(&store),
+            store,
+            accounts,
+            users,
+            transfers,
+            runner,
+            feed,
+            mail,
+        })
+    }
+}
