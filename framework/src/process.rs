@@ -39,8 +39,8 @@
 //! # use outflow::doc_fixture::{Counter, CounterCommand};
 //!
 //! /// Mirrors every increment of counter `a-…` onto counter `b-…`.
-//! struct Mirror {
-//!     counters: CommandBus<Counter, SqliteStore>,
+//! struct Mirror<S: EventStore> {
+//!     counters: CommandBus<Counter, S>,
 //! }
 //!
 //! #[derive(Debug, Default, Serialize, Deserialize)]
@@ -49,7 +49,7 @@
 //! }
 //!
 //! #[async_trait]
-//! impl ProcessManager for Mirror {
+//! impl<S: EventStore> ProcessManager for Mirror<S> {
 //!     type State = Mirrored;
 //!     type Command = (String, i64);
 //!
@@ -75,7 +75,9 @@
 //!     }
 //! }
 //!
-//! # async fn run(store: SqliteStore) -> Result<(), Box<dyn std::error::Error>> {
+//! // On PostgreSQL or SQLite alike:
+//! # async fn run<S>(store: S) -> Result<(), Box<dyn std::error::Error>>
+//! # where S: outflow::view::ViewStore + ProjectionStore + EventStore + EventLog + 'static {
 //! let counters = CommandBus::<Counter, _>::new(store.clone(), ());
 //! let mirror = Process::new(Mirror { counters }, &store, "mirror_processes")?;
 //! let runner = ProjectionRunner::builder(store.clone())

@@ -105,6 +105,8 @@ pub struct Server {
     pub base: String,
     /// Standard error lines, collected as the server runs.
     stderr: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// Standard output lines after the `listening on` one.
+    stdout: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Server {
@@ -140,12 +142,19 @@ impl Server {
             }
         });
         let (found, listening) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut found = Some(found);
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(rest) = line.strip_prefix("listening on ") {
-                    if let Some(found) = found.take() {
-                        let _ = found.send(rest.trim().to_owned());
+        let printed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        std::thread::spawn({
+            let printed = printed.clone();
+            move || {
+                let mut found = Some(found);
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    match line.strip_prefix("listening on ") {
+                        Some(rest) if found.is_some() => {
+                            if let Some(found) = found.take() {
+                                let _ = found.send(rest.trim().to_owned());
+                            }
+                        }
+                        _ => printed.lock().expect("stdout lines").push(line),
                     }
                 }
             }
@@ -165,6 +174,7 @@ impl Server {
             child,
             base,
             stderr: lines,
+            stdout: printed,
         }
     }
 
@@ -176,6 +186,25 @@ impl Server {
     /// The process id (to signal it).
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Waits up to `timeout` for a line of standard output containing
+    /// `text`; returns whether it came.
+    pub fn wait_for_output(&self, text: &str, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if self
+                .stdout
+                .lock()
+                .expect("stdout lines")
+                .iter()
+                .any(|line| line.contains(text))
+            {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
     }
 
     /// What the server wrote to standard error so far.
