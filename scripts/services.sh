@@ -154,6 +154,19 @@ nats_server_bin() {
     fi
 }
 
+# Headless Chromium and ChromeDriver for the example's page test (Debian's
+# `chromium` and `chromium-driver`); the test starts and stops them itself.
+ensure_browser() {
+    if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then
+        return 0
+    fi
+    apt_install chromium chromium-driver || return 1
+    if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+        echo "chromium or chromedriver still not found after installing" >&2
+        return 1
+    fi
+}
+
 # A JetStream-enabled nats-server (Debian's `nats-server` package) on a free
 # loopback port, storing its streams in a temporary directory.
 start_nats() {

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs Outflow's whole test suite against real, throwaway servers.
 #
-# Installs what is missing (Debian's `postgresql` and `nats-server` when run
-# as root with apt-get), starts a PostgreSQL cluster and a JetStream-enabled
+# Installs what is missing (Debian's `postgresql`, `nats-server`, `chromium`
+# and `chromium-driver` when run as root with apt-get), starts a PostgreSQL cluster and a JetStream-enabled
 # nats-server in temporary directories on free loopback ports, runs
 # `cargo test --workspace`, and stops the servers by their own PIDs whatever
 # happens. Extra arguments go to `cargo test`.
@@ -13,4 +13,5 @@ source scripts/services.sh
 
 start_postgres
 start_nats
+ensure_browser
 cargo test --workspace "$@"
