@@ -558,17 +558,15 @@ where
     }
 
     /// [`execute_once`](Self::execute_once): the stream is searched for
-    /// the command's first event before the command runs, and again when
-    /// its append loses a race (the winner may have been the same command).
+    /// the command's first event once the aggregate is loaded (see
+    /// `run_command`), and again when its append loses a race (the winner
+    /// may have been the same command).
     async fn run_once(
         &self,
         aggregate_id: &str,
         command: A::Command,
         context: CommandContext,
     ) -> Result<Committed<A>, CommandError<A::Error>> {
-        if let Some(done) = self.written_by(aggregate_id, context.command_id).await? {
-            return Ok(done);
-        }
         let command_id = context.command_id;
         match self.run_command(aggregate_id, command, context, true).await {
             Err(error) if error.is_conflict() => {
@@ -633,6 +631,15 @@ where
             Some(cached) => cached,
             None => self.load(aggregate_id).await?,
         };
+        if ids_from_command {
+            // Searched after the load: an earlier run of this command is at
+            // or below the version loaded, so the search finds it; a run
+            // that commits after the load makes this append conflict.
+            if let Some(done) = self.written_by(aggregate_id, context.command_id).await? {
+                self.keep(aggregate_id, aggregate, version);
+                return Ok(done);
+            }
+        }
         let sink = EventSink::<A>::default();
         aggregate
             .handle(command, &self.services, &sink)
