@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Backend, Database, Server};
-use serde_json::{Value, json};
+use serde_json::{json, Value};
 
 async fn post(client: &reqwest::Client, server: &Server, path: &str, body: Value) -> Value {
     let response = client
@@ -20,7 +20,11 @@ async fn post(client: &reqwest::Client, server: &Server, path: &str, body: Value
         .expect("send the request");
     let status = response.status();
     let body: Value = response.json().await.expect("a JSON answer");
-    assert!(status.is_success(), "{path}: {status} {body}\n{}", server.log());
+    assert!(
+        status.is_success(),
+        "{path}: {status} {body}\n{}",
+        server.log()
+    );
     body
 }
 
@@ -36,7 +40,10 @@ async fn get(client: &reqwest::Client, server: &Server, path: &str) -> (u16, Val
 
 async fn open_with(client: &reqwest::Client, server: &Server, owner: &str, cents: i64) -> String {
     let opened = post(client, server, "/api/accounts", json!({ "owner": owner })).await;
-    let id = opened["account_id"].as_str().expect("an account id").to_owned();
+    let id = opened["account_id"]
+        .as_str()
+        .expect("an account id")
+        .to_owned();
     if cents > 0 {
         post(
             client,
@@ -61,7 +68,10 @@ async fn ended(client: &reqwest::Client, server: &Server, transfer: &str) -> Str
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("transfer {transfer} did not end within 15 s\n{}", server.log());
+    panic!(
+        "transfer {transfer} did not end within 15 s\n{}",
+        server.log()
+    );
 }
 
 async fn balance(client: &reqwest::Client, server: &Server, account: &str) -> i64 {
@@ -81,7 +91,13 @@ async fn compensates_a_refused_credit(backend: Backend) {
     let client = reqwest::Client::new();
     let source = open_with(&client, &server, "Ann", 1_000).await;
     let target = open_with(&client, &server, "Carl", 0).await;
-    post(&client, &server, &format!("/api/accounts/{target}/close"), json!({})).await;
+    post(
+        &client,
+        &server,
+        &format!("/api/accounts/{target}/close"),
+        json!({}),
+    )
+    .await;
     let transfer = post(
         &client,
         &server,
@@ -112,10 +128,7 @@ async fn compensates_a_refused_credit(backend: Backend) {
 async fn finishes_after_a_kill_between_steps(backend: Backend) {
     let db = Database::new(backend, "transfer_crash").await;
     let client = reqwest::Client::new();
-    let mut first = Server::start(
-        &db.url,
-        &[("EXAMPLE_ACCOUNTS_HALT_BEFORE_CREDIT", "1")],
-    );
+    let mut first = Server::start(&db.url, &[("EXAMPLE_ACCOUNTS_HALT_BEFORE_CREDIT", "1")]);
     let source = open_with(&client, &first, "Ann", 1_000).await;
     let target = open_with(&client, &first, "Bob", 500).await;
     let transfer = post(
@@ -125,7 +138,10 @@ async fn finishes_after_a_kill_between_steps(backend: Backend) {
         json!({ "from": source, "to": target, "amount": 300 }),
     )
     .await;
-    let transfer = transfer["transfer_id"].as_str().expect("a transfer id").to_owned();
+    let transfer = transfer["transfer_id"]
+        .as_str()
+        .expect("a transfer id")
+        .to_owned();
     assert!(
         first.wait_for_output("halted before the credit", Duration::from_secs(20)),
         "the process did not reach the credit\n{}",
