@@ -7,6 +7,7 @@
 //! | [in-memory pub/sub](crate::pubsub::EventBus) | at most once | after commit | caches, live UIs, notifications that may be lost |
 //! | [multi-node pub/sub](crate::pubsub::NodeEvents) | at most once | after commit | keeping nodes' in-memory state in step, websockets |
 //! | [projection](crate::projection) | at least once; exactly-once effect for same-database read models | eventual | read models; side effects that must happen (in [`effects`](crate::projection::Projection::effects): at least once, idempotent by event id) |
+//! | process manager (`outflow::process`, PostgreSQL or SQLite) | at least once dispatch, each command applied once with [`execute_once`](crate::CommandBus::execute_once) | eventual | steps across aggregates that must all happen or be compensated |
 //! | JetStream relay (`outflow::relay`, feature `nats`) | at least once, deduplicated by message id | eventual | other services |
 //! | [transactional outbox](crate::outbox) | at least once, in order per key | same transaction as the caller's data | code that is not event-sourced but must publish |
 //!

@@ -36,7 +36,8 @@
 //!   many, with retries, dead letters, rebuilds, status and `wait_for`.
 //! - **Delivery** ([`delivery`]): the guarantee each reaction gets — inline
 //!   in the append's transaction, in-memory or multi-node pub/sub
-//!   ([`pubsub`]), projections with effects, a broker relay, the outbox.
+//!   ([`pubsub`]), projections with effects, process managers that issue
+//!   commands across aggregates (`process`), a broker relay, the outbox.
 //! - **Backends** ([`store`]): small role traits ([`EventStore`],
 //!   [`EventLog`], [`Transactional`], [`AppendInTransaction`],
 //!   [`ProjectionStore`]) implemented by [`MemoryStore`] and, with the
