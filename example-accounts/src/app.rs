@@ -317,7 +317,8 @@ impl<S: AppStore> std::fmt::Debug for App<S> {
 }
 
 impl<S: AppStore> App<S> {
-    /// Wires the application on `store` (creating its tables).
+    /// Wires the application on `store` (creating its tables and the read
+    /// models').
     ///
     /// # Errors
     ///
@@ -376,6 +377,8 @@ impl<S: AppStore> App<S> {
                 ..quick
             }))
             .build()?;
+        // The read models' tables exist before the first query.
+        runner.setup().await?;
         Ok(App {
             balances: balances.query(&store),
             statements: statements.query(&store),

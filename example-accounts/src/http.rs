@@ -386,7 +386,9 @@ async fn consistent<S: AppStore>(
     match query.consistency.as_deref() {
         None | Some("eventual") => Ok(()),
         Some("strong") => {
-            let head = state.app.store.head().await?;
+            // Every event committed before this request, even those an
+            // open transaction still keeps log readers from.
+            let head = state.app.store.committed_head().await?;
             if head != Checkpoint::START {
                 state
                     .app

@@ -58,6 +58,22 @@ pub trait EventLog: Send + Sync + 'static {
     /// [`StoreError::Database`].
     async fn head(&self) -> Result<Checkpoint, StoreError>;
 
+    /// The checkpoint of the last event committed so far, even when an open
+    /// transaction still keeps readers from it (then it is past
+    /// [`head`](Self::head)). Waiting until a projection passes it
+    /// ([`wait_for`](crate::runner::wait_for)) gives a read that sees every
+    /// write committed before the call: what an HTTP API's "strong" read
+    /// needs when the client does not send its command's position. The
+    /// default is [`head`](Self::head), right for backends where every
+    /// committed event is readable at once (memory, SQLite).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Database`].
+    async fn committed_head(&self) -> Result<Checkpoint, StoreError> {
+        self.head().await
+    }
+
     /// A handle that wakes a log reader when new events may be readable.
     fn wakeups(&self) -> Wakeups;
 
@@ -192,6 +208,9 @@ impl<L: EventLog + ?Sized> EventLog for std::sync::Arc<L> {
     }
     async fn head(&self) -> Result<Checkpoint, StoreError> {
         (**self).head().await
+    }
+    async fn committed_head(&self) -> Result<Checkpoint, StoreError> {
+        (**self).committed_head().await
     }
     fn wakeups(&self) -> Wakeups {
         (**self).wakeups()

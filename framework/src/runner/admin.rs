@@ -14,6 +14,35 @@ use crate::log::{holding_back, read_event, END};
 use crate::store::projections::{DeadLetter, ProjectionState, ProjectionStore};
 
 impl<S: ProjectionStore> ProjectionRunner<S> {
+    /// Runs every projection's [`setup`](crate::projection::Projection::setup)
+    /// hook now, each in a transaction of its own, so their tables exist
+    /// before anything reads them — call it before serving queries. The
+    /// runner runs the hooks again when it starts; they are idempotent.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::SetupHook`] naming the projection whose hook failed;
+    /// [`StoreError`] when a transaction cannot begin or commit.
+    pub async fn setup(&self) -> Result<(), StoreError> {
+        let store = &self.shared.store;
+        let mut names: Vec<&String> = self.shared.projections.keys().collect();
+        names.sort();
+        for name in names {
+            let registered = &self.shared.projections[name];
+            let mut tx = store.begin().await?;
+            if let Err(error) = registered.projection.setup(&mut tx).await {
+                drop(tx);
+                return Err(ConfigError::SetupHook {
+                    name: name.clone(),
+                    error,
+                }
+                .into());
+            }
+            store.commit(tx).await?;
+        }
+        Ok(())
+    }
+
     /// The status of every unit of this runner's projections (all nodes').
     ///
     /// # Errors

@@ -73,7 +73,7 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
             registered.stored.store(true, Ordering::Release);
         }
         for registered in shared.projections.values() {
-            if !self.setup(registered, &shutdown).await? {
+            if !self.setup_with_retries(registered, &shutdown).await? {
                 return Ok(());
             }
         }
@@ -139,7 +139,7 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
 
     /// Runs a projection's setup hook in a transaction of its own, retrying
     /// transient failures; `false` when shut down first.
-    async fn setup(
+    async fn setup_with_retries(
         &self,
         registered: &Registered<S>,
         shutdown: &CancellationToken,

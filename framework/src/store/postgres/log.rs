@@ -50,6 +50,22 @@ impl EventLog for PostgresStore {
         }
     }
 
+    /// The last committed event by log order, whether or not an open
+    /// transaction still holds readers before it.
+    async fn committed_head(&self) -> Result<Checkpoint, StoreError> {
+        let row = sqlx::query(&self.inner.sql.committed_head)
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(|e| pg_error("reading the last committed event", e))?;
+        match row {
+            None => Ok(Checkpoint::START),
+            Some(row) => Ok(Checkpoint::new(
+                txid_column(&row, &self.inner.events_table)?,
+                u64_column(&row, "position", &self.inner.events_table)?,
+            )),
+        }
+    }
+
     fn wakeups(&self) -> Wakeups {
         self.listen();
         self.inner.wake.subscribe(self.inner.poll_interval)
