@@ -888,8 +888,9 @@ async fn main() -> Result<()> {
         return Ok(());
     }
     if args.first().map(String::as_str) == Some("sqlite") {
-        // outflow-bench sqlite: the SQLite scenarios alone, printed.
-        let size = Size::new(true);
+        // outflow-bench sqlite: the SQLite scenarios alone, printed (the
+        // full run's sizes with OUTFLOW_BENCH_FULL set).
+        let size = Size::new(std::env::var_os("OUTFLOW_BENCH_FULL").is_none());
         for label in ["probe_c1", "probe_c1_normal"] {
             let (sqlite, _) = sqlite_system(label).await?;
             let s1 = commands(&sqlite, size.accounts, size.deposits, 1).await?;

@@ -34,6 +34,9 @@ const FIXED_PARAMETERS: usize = 7;
 /// Each event's values start with its 1-based index in the whole append.
 /// SQLite runs the SELECT to completion before inserting (its target table
 /// is read), so the subqueries see the log as it was before the statement.
+/// The highest position and sequence are read as `ORDER BY … DESC LIMIT 1`
+/// on their indexes: SQLite optimizes a bare `MAX(x)` that way but not one
+/// inside `COALESCE`, which scans the table.
 fn insert_statement(rows: usize) -> String {
     let mut values = String::with_capacity(rows * 48);
     for row in 0..rows {
@@ -59,9 +62,11 @@ fn insert_statement(rows: usize) -> String {
                 v.column2, v.column3, v.column4, v.column5, v.column6, ?6, v.column7, \
                 v.column8, ?7 \
            FROM (VALUES {values}) v, \
-                (SELECT COALESCE(MAX(e.position), 0) AS last FROM {{events}} e) h \
-          WHERE (SELECT COALESCE(MAX(e.sequence), 0) FROM {{events}} e \
-                  WHERE e.aggregate_type = ?1 AND e.aggregate_id = ?2) = ?3 + ?4 \
+                (SELECT COALESCE((SELECT e.position FROM {{events}} e \
+                                  ORDER BY e.position DESC LIMIT 1), 0) AS last) h \
+          WHERE COALESCE((SELECT e.sequence FROM {{events}} e \
+                  WHERE e.aggregate_type = ?1 AND e.aggregate_id = ?2 \
+                  ORDER BY e.sequence DESC LIMIT 1), 0) = ?3 + ?4 \
          RETURNING position"
     )
 }
