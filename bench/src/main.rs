@@ -1060,8 +1060,11 @@ async fn main() -> Result<()> {
          each command is on disk when it returns, and survives a power cut), and with \
          `synchronous = NORMAL` (survives a crash of the process; a power cut may lose the \
          last commits), the same workload, in the same run; the PostgreSQL store's figures \
-         from above for comparison. With `FULL`, each commit waits for SQLite's sync of its \
-         WAL; on this machine's disk that wait is longer than PostgreSQL's WAL flush.\n\n\
+         from above for comparison. A command is two statements on SQLite's thread (the \
+         stream's load, and the append as one statement that is its own transaction); with \
+         `FULL` the append waits for SQLite's sync of its WAL. At 16 clients SQLite's one \
+         writer commits one append at a time, while PostgreSQL flushes concurrent commits \
+         together.\n\n\
          | scenario | SQLite cmd/s | PostgreSQL cmd/s | ratio | SQLite p50 / p99 ms |\n|---|---|---|---|---|"
     );
     for (label, sq, pg) in [
