@@ -138,4 +138,8 @@ async fn setup_creates_the_view_tables_before_the_runner_starts() {
         None
     );
     assert!(query.list(None, 10).await.expect("list").is_empty());
+    // Registered too: status lists the projection before the runner starts.
+    let status = runner.status().await.expect("status");
+    assert_eq!(status.len(), 1, "{status:?}");
+    assert_eq!(status[0].projection, "balances_view");
 }

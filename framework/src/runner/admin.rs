@@ -14,10 +14,11 @@ use crate::log::{holding_back, read_event, END};
 use crate::store::projections::{DeadLetter, ProjectionState, ProjectionStore};
 
 impl<S: ProjectionStore> ProjectionRunner<S> {
-    /// Runs every projection's [`setup`](crate::projection::Projection::setup)
-    /// hook now, each in a transaction of its own, so their tables exist
-    /// before anything reads them — call it before serving queries. The
-    /// runner runs the hooks again when it starts; they are idempotent.
+    /// Registers every projection (so [`status`](Self::status) lists it)
+    /// and runs its [`setup`](crate::projection::Projection::setup) hook
+    /// now, in a transaction of its own, so its tables exist before anything
+    /// reads them — call it before serving queries. The runner does both
+    /// again when it starts; they are idempotent.
     ///
     /// # Errors
     ///
@@ -29,6 +30,9 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
         names.sort();
         for name in names {
             let registered = &self.shared.projections[name];
+            store
+                .register_projection(&registered.name, registered.partitions)
+                .await?;
             let mut tx = store.begin().await?;
             if let Err(error) = registered.projection.setup(&mut tx).await {
                 drop(tx);
