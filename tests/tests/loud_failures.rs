@@ -406,12 +406,43 @@ async fn status_names_the_open_transaction_that_committed_events_wait_behind() {
         Err(WaitError::Timeout { .. })
     ));
 
+    // The holder stays open (3 s; 20 s with OUTFLOW_SOAK=1) while appends
+    // go on: all along, status names it and counts every waiting event, and
+    // nothing passes it.
+    let hold = if std::env::var_os("OUTFLOW_SOAK").is_some() {
+        Duration::from_secs(20)
+    } else {
+        Duration::from_secs(3)
+    };
+    let held_since = std::time::Instant::now();
+    let mut appended = 100u64;
+    while held_since.elapsed() < hold {
+        last = credit(&store, "wallet", "w", appended + 1).await;
+        appended += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if appended % 5 == 0 {
+            let status = common::status_of(&runner, "held").await;
+            assert_eq!(
+                status.held_back_by.as_ref().map(|tx| tx.pid),
+                Some(holder_pid),
+                "{status:?}"
+            );
+            assert_eq!(status.lag_events, appended, "{status:?}");
+            assert_eq!(seen(&store, "held").await.len(), 1, "{status:?}");
+        }
+    }
+
     holder.rollback().await.expect("end the holder");
     runner
         .wait_for(last.checkpoint(), &["held"], Duration::from_secs(20))
         .await
         .expect("caught up once the transaction ended");
-    assert_eq!(seen(&store, "held").await.len(), 101);
+    let delivered = seen(&store, "held").await;
+    assert_eq!(delivered.len() as u64, appended + 1);
+    assert!(
+        delivered.windows(2).all(|w| w[0] < w[1]),
+        "each once, in order"
+    );
     let status = common::status_of(&runner, "held").await;
     assert_eq!(status.lag_events, 0, "{status:?}");
     assert!(status.held_back_by.is_none(), "{status:?}");
