@@ -420,7 +420,7 @@ async fn status_names_the_open_transaction_that_committed_events_wait_behind() {
         last = credit(&store, "wallet", "w", appended + 1).await;
         appended += 1;
         tokio::time::sleep(Duration::from_millis(100)).await;
-        if appended % 5 == 0 {
+        if appended.is_multiple_of(5) {
             let status = common::status_of(&runner, "held").await;
             assert_eq!(
                 status.held_back_by.as_ref().map(|tx| tx.pid),
