@@ -78,6 +78,7 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let url = cli.database_url.as_str();
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
