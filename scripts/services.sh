@@ -143,6 +143,7 @@ start_postgres() {
     export DATABASE_URL="postgres://outflow@127.0.0.1:$port/postgres?sslmode=disable"
     export OUTFLOW_PG_TLS_CA="$dir/ca.crt"
     export OUTFLOW_PG_BIN="$bin"
+    export OUTFLOW_PG_SERVICE_USER="$SERVICE_USER"
     echo "PostgreSQL $("$bin/postgres" --version | awk '{print $3}') on 127.0.0.1:$port (pid $pid)" >&2
 }
 

@@ -8,6 +8,8 @@
 
 mod common;
 
+use common::nats::{jetstream, msg_id, read_stream};
+
 use std::collections::{BTreeMap, HashSet};
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -16,9 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
-use async_nats::jetstream::Context;
-use futures::StreamExt;
+use async_nats::jetstream::consumer::PullConsumer;
 use outflow::projection::{HandlerError, OnError, ProjectionOptions, RetryPolicy};
 use outflow::relay::{
     ensure_stream, headers, subject_token, JetStreamConsumer, JetStreamRelay, MessageHandler,
@@ -117,17 +117,6 @@ impl Drop for OwnNats {
     }
 }
 
-async fn jetstream(url: &str) -> Context {
-    let client = async_nats::ConnectOptions::new()
-        .retry_on_initial_connect()
-        .connection_timeout(Duration::from_secs(2))
-        .reconnect_delay_callback(|attempts| Duration::from_millis((attempts as u64 * 50).min(300)))
-        .connect(url)
-        .await
-        .expect("connect to nats-server");
-    async_nats::jetstream::new(client)
-}
-
 fn spawn_consumer(
     consumer: JetStreamConsumer<PostgresStore>,
 ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
@@ -209,50 +198,6 @@ async fn rows(pool: &PgPool, table: &str) -> i64 {
         .fetch_one(pool)
         .await
         .expect("count")
-}
-
-/// Every message of the stream, read with an ephemeral consumer.
-async fn read_stream(js: &Context, stream: &str) -> Vec<async_nats::jetstream::Message> {
-    let mut handle = js.get_stream(stream).await.expect("stream");
-    let expected = handle.info().await.expect("stream info").state.messages as usize;
-    let consumer: PullConsumer = handle
-        .create_consumer(pull::Config {
-            deliver_policy: DeliverPolicy::All,
-            ack_policy: AckPolicy::None,
-            inactive_threshold: Duration::from_secs(60),
-            ..Default::default()
-        })
-        .await
-        .expect("ephemeral consumer");
-    let mut messages = Vec::with_capacity(expected);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while messages.len() < expected {
-        assert!(
-            Instant::now() < deadline,
-            "read {} of {expected} messages back within 30 s",
-            messages.len()
-        );
-        let mut batch = consumer
-            .batch()
-            .max_messages(1000)
-            .expires(Duration::from_secs(1))
-            .messages()
-            .await
-            .expect("pull");
-        while let Some(message) = batch.next().await {
-            messages.push(message.expect("message"));
-        }
-    }
-    messages
-}
-
-fn msg_id(message: &async_nats::Message) -> String {
-    message
-        .headers
-        .as_ref()
-        .and_then(|h| h.get_last(headers::MSG_ID))
-        .map(|v| v.as_str().to_owned())
-        .expect("every message has a Nats-Msg-Id")
 }
 
 const AGGREGATES: usize = 100;

@@ -3,6 +3,8 @@
 //! SQLite file of its own in a temporary directory.
 #![allow(dead_code)]
 
+pub mod nats;
+
 use std::time::Duration;
 
 use outflow::runner::{ProjectionRunner, ProjectionStatus};

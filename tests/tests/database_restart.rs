@@ -1,0 +1,424 @@
+//! PostgreSQL restarted under load: a server of the test's own is restarted
+//! twice (`pg_ctl restart -m fast`) while 8 writers run commands, and a
+//! projection runner keeps a read model and relays every event to
+//! JetStream. Writers get typed, transient errors while the server is away
+//! and go on; the runner and the relay reconnect and resume. Afterwards
+//! every command that reported success has its event in the log once, no
+//! event is there twice, the read model equals the fold of the log, and the
+//! stream holds each event once.
+//!
+//! Needs `OUTFLOW_PG_BIN` (the server's binaries) and `NATS_URL`, which
+//! `scripts/test.sh` sets; as root it runs the server as
+//! `OUTFLOW_PG_SERVICE_USER` (default `postgres`).
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use example_accounts::{BankAccount, BankCommand};
+use outflow::projection::{HandlerError, Projection, ProjectionOptions, RetryPolicy};
+use outflow::relay::{ensure_stream, JetStreamRelay};
+use outflow::runner::ProjectionRunner;
+use outflow::{
+    Checkpoint, CommandBus, CommandError, EventLog, LogFilter, PostgresStore, RecordedEvent,
+};
+use sqlx::{Postgres, Transaction};
+use tokio_util::sync::CancellationToken;
+
+const WRITERS: usize = 8;
+const ACCOUNTS_PER_WRITER: usize = 5;
+const RESTARTS: usize = 2;
+
+/// A PostgreSQL server of this test's own, so restarting it disturbs no
+/// other test. Stopped (by its data directory's postmaster) when dropped.
+struct OwnPostgres {
+    bin: PathBuf,
+    dir: PathBuf,
+    port: u16,
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn service_user() -> String {
+    std::env::var("OUTFLOW_PG_SERVICE_USER").unwrap_or_else(|_| "postgres".to_owned())
+}
+
+impl OwnPostgres {
+    fn command(&self, program: &str) -> Command {
+        let path = self.bin.join(program);
+        if is_root() {
+            let mut command = Command::new("runuser");
+            command.args(["-u", &service_user(), "--"]).arg(path);
+            command
+        } else {
+            Command::new(path)
+        }
+    }
+
+    fn run(&self, program: &str, args: &[&str]) {
+        let output = self
+            .command(program)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("run {program}: {e}"));
+        assert!(
+            output.status.success(),
+            "{program} {args:?} failed: {}\n{}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr),
+            std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+        );
+    }
+
+    fn start_new() -> OwnPostgres {
+        let bin = PathBuf::from(std::env::var("OUTFLOW_PG_BIN").expect(
+            "OUTFLOW_PG_BIN is not set: run the tests with scripts/test.sh, which finds PostgreSQL",
+        ));
+        let dir = std::env::temp_dir().join(format!(
+            "outflow-restart-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        ));
+        std::fs::create_dir_all(&dir).expect("a directory for the server");
+        if is_root() {
+            let status = Command::new("chown")
+                .arg(service_user())
+                .arg(&dir)
+                .status()
+                .expect("chown");
+            assert!(status.success(), "chown the server's directory");
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let server = OwnPostgres { bin, dir, port };
+        let data = server.data();
+        server.run(
+            "initdb",
+            &[
+                "-D",
+                &data,
+                "-U",
+                "outflow",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-instructions",
+            ],
+        );
+        server.pg_ctl("start");
+        server
+    }
+
+    fn data(&self) -> String {
+        self.dir.join("data").display().to_string()
+    }
+
+    fn pg_ctl(&self, action: &str) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1",
+            self.port,
+            self.dir.display()
+        );
+        let log = self.dir.join("server.log").display().to_string();
+        let data = self.data();
+        let mut args: Vec<&str> = vec!["-D", &data, "-l", &log, "-w", "-t", "60", "-o", &options];
+        if action == "restart" {
+            args.extend(["-m", "fast"]);
+        }
+        args.push(action);
+        self.run("pg_ctl", &args);
+    }
+
+    fn url(&self) -> String {
+        format!(
+            "postgres://outflow@127.0.0.1:{}/postgres?sslmode=disable",
+            self.port
+        )
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        let data = self.data();
+        let _ = self
+            .command("pg_ctl")
+            .args(["-D", &data, "-m", "immediate", "-w", "stop"])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A running sum per account, updated with `+=`.
+struct Totals;
+
+#[outflow::async_trait]
+impl Projection<PostgresStore> for Totals {
+    fn name(&self) -> &str {
+        "totals"
+    }
+
+    fn filter(&self) -> LogFilter {
+        LogFilter::aggregate_types(["account"])
+    }
+
+    async fn handle(
+        &self,
+        events: &[RecordedEvent],
+        tx: &mut Transaction<'static, Postgres>,
+    ) -> Result<(), HandlerError> {
+        for event in events {
+            let amount = event.payload["Deposited"]["amount"].as_i64().unwrap_or(0);
+            sqlx::query(
+                "INSERT INTO totals (account, sum, events) VALUES ($1, $2, 1) \
+                 ON CONFLICT (account) DO UPDATE \
+                 SET sum = totals.sum + excluded.sum, events = totals.events + 1",
+            )
+            .bind(&event.aggregate_id)
+            .bind(amount)
+            .execute(&mut **tx)
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn setup(&self, tx: &mut Transaction<'static, Postgres>) -> Result<(), HandlerError> {
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS totals \
+             (account text PRIMARY KEY, sum bigint NOT NULL, events bigint NOT NULL)",
+        )
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+}
+
+/// What the writers saw.
+#[derive(Default)]
+struct Outcomes {
+    /// (account, amount) of every deposit that reported success.
+    succeeded: Vec<(String, i64)>,
+    /// Amounts of deposits that reported an error (they may or may not
+    /// have committed).
+    failed: HashSet<i64>,
+    /// The kinds of the errors.
+    kinds: HashMap<String, usize>,
+}
+
+/// Connects, retrying while the server starts.
+async fn connect(url: &str) -> PostgresStore {
+    for _ in 0..100 {
+        if let Ok(store) = PostgresStore::connect(url).await {
+            return store;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("cannot connect to the test's own server");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restarts_lose_nothing_and_apply_nothing_twice() {
+    let server = OwnPostgres::start_new();
+    let store = connect(&server.url()).await;
+    let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    let stream = format!("RESTART_{suffix}");
+    let prefix = format!("restart_{suffix}");
+    let js = common::nats::jetstream(&std::env::var("NATS_URL").expect(
+        "NATS_URL is not set: run the tests with scripts/test.sh, which starts nats-server",
+    ))
+    .await;
+    ensure_stream(
+        &js,
+        &stream,
+        vec![format!("{prefix}.>")],
+        Duration::from_secs(600),
+    )
+    .await
+    .expect("the stream");
+    let relay = JetStreamRelay::builder(js.clone(), "relay")
+        .subject_prefix(prefix.clone())
+        .ack_timeout(Duration::from_secs(2))
+        .build()
+        .expect("a relay");
+    let patient = RetryPolicy {
+        max_attempts: 100,
+        initial_backoff: Duration::from_millis(20),
+        max_backoff: Duration::from_millis(500),
+    };
+    let runner = ProjectionRunner::builder(store.clone())
+        .projection(ProjectionOptions::new(Totals).retry(patient))
+        .projection(ProjectionOptions::new(relay).retry(patient))
+        .build()
+        .expect("a runner");
+    let (runner_stop, runner_task) = common::start_runner(&runner);
+
+    let bus = Arc::new(CommandBus::<BankAccount, _>::new(store.clone(), ()));
+    let accounts: Vec<String> = (0..WRITERS * ACCOUNTS_PER_WRITER)
+        .map(|i| format!("acc-{i:02}"))
+        .collect();
+    for account in &accounts {
+        bus.execute(
+            account,
+            BankCommand::Open {
+                owner: account.clone(),
+            },
+        )
+        .await
+        .expect("open");
+    }
+
+    let outcomes = Arc::new(Mutex::new(Outcomes::default()));
+    let stop = CancellationToken::new();
+    let mut writers = Vec::new();
+    for writer in 0..WRITERS {
+        let mine: Vec<String> = accounts
+            .iter()
+            .skip(writer)
+            .step_by(WRITERS)
+            .cloned()
+            .collect();
+        let (bus, outcomes, stop) = (bus.clone(), outcomes.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let mut next = 0i64;
+            while !stop.is_cancelled() {
+                for account in &mine {
+                    next += 1;
+                    // Unique per command: the log tells which ones committed.
+                    let amount = (writer as i64 + 1) * 1_000_000 + next;
+                    let result = bus.execute(account, BankCommand::Deposit { amount }).await;
+                    let failed = {
+                        let mut seen = outcomes.lock().expect("outcomes");
+                        match result {
+                            Ok(_) => {
+                                seen.succeeded.push((account.clone(), amount));
+                                false
+                            }
+                            Err(error) => {
+                                let kind = match &error {
+                                    CommandError::Store(e) => e.kind().to_string(),
+                                    other => format!("not a store error: {other}"),
+                                };
+                                *seen.kinds.entry(kind).or_default() += 1;
+                                seen.failed.insert(amount);
+                                true
+                            }
+                        }
+                    };
+                    if failed {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }));
+    }
+
+    for _ in 0..RESTARTS {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let server_ref = &server;
+        tokio::task::block_in_place(|| server_ref.pg_ctl("restart"));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.cancel();
+    for writer in writers {
+        writer.await.expect("a writer");
+    }
+
+    let target = store
+        .committed_head()
+        .await
+        .expect("the last committed event");
+    runner
+        .wait_for(target, &["totals", "relay"], Duration::from_secs(120))
+        .await
+        .expect("the runner and the relay caught up after the restarts");
+    common::stop_runner(runner_stop, runner_task).await;
+
+    let outcomes = std::mem::take(&mut *outcomes.lock().expect("outcomes"));
+    let log = common::read_until(&store, Checkpoint::START, &LogFilter::all(), 1).await;
+    let log: Vec<RecordedEvent> = {
+        let mut all = log;
+        loop {
+            let more = store
+                .read_log(
+                    all.last().map_or(Checkpoint::START, |e| e.checkpoint()),
+                    &LogFilter::all(),
+                    10_000,
+                )
+                .await
+                .expect("read the log");
+            if more.is_empty() {
+                break all;
+            }
+            all.extend(more);
+        }
+    };
+    // Every deposit in the log once; every reported success among them;
+    // every other one a command that reported an error.
+    let mut logged: BTreeMap<i64, String> = BTreeMap::new();
+    let mut fold: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+    for event in &log {
+        let amount = event.payload["Deposited"]["amount"].as_i64().unwrap_or(0);
+        let entry = fold.entry(event.aggregate_id.clone()).or_default();
+        entry.0 += amount;
+        entry.1 += 1;
+        if amount != 0 {
+            assert!(
+                logged.insert(amount, event.aggregate_id.clone()).is_none(),
+                "deposit {amount} logged twice"
+            );
+        }
+    }
+    for (account, amount) in &outcomes.succeeded {
+        assert_eq!(
+            logged.get(amount),
+            Some(account),
+            "an acknowledged deposit is missing"
+        );
+    }
+    for amount in logged.keys() {
+        assert!(
+            outcomes.succeeded.iter().any(|(_, a)| a == amount) || outcomes.failed.contains(amount),
+            "deposit {amount} in the log was never sent"
+        );
+    }
+    let failures: usize = outcomes.kinds.values().sum();
+    assert!(failures > 0, "no writer noticed the restarts");
+    for kind in outcomes.kinds.keys() {
+        assert_eq!(kind, "transient", "{:?}", outcomes.kinds);
+    }
+
+    // The read model equals the fold of the log.
+    let rows: Vec<(String, i64, i64)> =
+        sqlx::query_as("SELECT account, sum, events FROM totals ORDER BY account")
+            .fetch_all(store.pool())
+            .await
+            .expect("read the totals");
+    let totals: BTreeMap<String, (i64, i64)> =
+        rows.into_iter().map(|(a, s, n)| (a, (s, n))).collect();
+    assert_eq!(totals, fold, "the read model differs from the log");
+
+    // The stream holds each event once.
+    let messages = common::nats::read_stream(&js, &stream).await;
+    let ids: HashSet<String> = messages.iter().map(|m| common::nats::msg_id(m)).collect();
+    assert_eq!(ids.len(), messages.len(), "an event was published twice");
+    let expected: HashSet<String> = log.iter().map(|e| e.event_id.to_string()).collect();
+    assert_eq!(ids, expected, "the stream differs from the log");
+    println!(
+        "{RESTARTS} restarts; {} deposits acknowledged, {} failed ({:?}), {} events logged, {} relayed",
+        outcomes.succeeded.len(),
+        failures,
+        outcomes.kinds,
+        log.len(),
+        messages.len()
+    );
+}
