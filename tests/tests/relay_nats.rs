@@ -903,3 +903,116 @@ async fn outbox_messages_reach_jetstream_once_and_in_order_per_key() {
     }
     assert_eq!(received, sent, "same messages, same order within each key");
 }
+
+/// The broker away for a long outage (20 s; `OUTFLOW_OUTAGE_SECONDS`
+/// shortens or lengthens it) while events keep being appended: the relay
+/// says so in status all along, publishes everything once the broker is
+/// back, and the stream holds each event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_long_broker_outage_shows_in_status_and_loses_nothing() {
+    let outage = Duration::from_secs(
+        std::env::var("OUTFLOW_OUTAGE_SECONDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(20),
+    );
+    let db = common::TestDb::new("relay_outage").await;
+    let store = db.store().await;
+    let mut nats = OwnNats::start_new();
+    let js = jetstream(&nats.url()).await;
+    ensure_stream(
+        &js,
+        "OUTAGE",
+        vec!["outage.>".into()],
+        Duration::from_secs(600),
+    )
+    .await
+    .expect("stream");
+    let relay = JetStreamRelay::builder(js.clone(), "relay")
+        .subject_prefix("outage")
+        .ack_timeout(Duration::from_secs(1))
+        .build()
+        .expect("relay");
+    let runner = ProjectionRunner::builder(store.clone())
+        .projection(ProjectionOptions::new(relay).retry(fast_retries()))
+        .build()
+        .expect("runner");
+    let (runner_stop, runner_task) = common::start_runner(&runner);
+
+    let mut ids = Vec::new();
+    let mut version = 0;
+    let mut append = |store: PostgresStore| {
+        version += 1;
+        let event = event("Ticked", serde_json::json!({ "Ticked": { "n": version } }));
+        ids.push(event.event_id);
+        let expected_version = version - 1;
+        async move {
+            store
+                .append(AppendRequest {
+                    aggregate_type: "clock".into(),
+                    aggregate_id: "c".into(),
+                    expected_version,
+                    events: vec![event],
+                })
+                .await
+                .expect("append")[0]
+                .checkpoint()
+        }
+    };
+    let mut last = Checkpoint::START;
+    for _ in 0..100 {
+        last = append(store.clone()).await;
+    }
+    runner
+        .wait_for(last, &["relay"], Duration::from_secs(30))
+        .await
+        .expect("relayed before the outage");
+
+    nats.kill();
+    let down = Instant::now();
+    let (mut samples, mut showing) = (0, 0);
+    while down.elapsed() < outage {
+        last = append(store.clone()).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // After the first failed attempt (the acknowledgement times out in
+        // 1 s), status says the relay is retrying, and why, all along.
+        if down.elapsed() > Duration::from_secs(3) {
+            let status = runner.status().await.expect("status");
+            samples += 1;
+            if status[0].state == ProjectionState::Retrying && status[0].last_error.is_some() {
+                showing += 1;
+            } else {
+                panic!("during the outage: {:?}", status[0]);
+            }
+        }
+    }
+    let relayed_before = runner.status().await.expect("status")[0].processed;
+    nats.start();
+    for _ in 0..100 {
+        last = append(store.clone()).await;
+    }
+    runner
+        .wait_for(last, &["relay"], Duration::from_secs(60))
+        .await
+        .expect("the relay published everything once the broker was back");
+    let status = runner.status().await.expect("status");
+    assert_eq!(status[0].state, ProjectionState::Live, "{:?}", status[0]);
+    assert_eq!(status[0].processed, ids.len() as u64);
+    common::stop_runner(runner_stop, runner_task).await;
+
+    let messages = read_stream(&js, "OUTAGE").await;
+    let got: Vec<String> = messages.iter().map(|m| msg_id(m)).collect();
+    let unique: HashSet<&String> = got.iter().collect();
+    assert_eq!(unique.len(), got.len(), "duplicates in the stream");
+    let expected: HashSet<String> = ids.iter().map(Uuid::to_string).collect();
+    assert_eq!(
+        unique.into_iter().cloned().collect::<HashSet<_>>(),
+        expected,
+        "the stream holds exactly the appended events"
+    );
+    println!(
+        "outage of {outage:?}: {} events appended ({} during it), status showed it in {showing} of {samples} samples, {relayed_before} relayed before it ended",
+        ids.len(),
+        ids.len() - 200,
+    );
+}
