@@ -1,11 +1,13 @@
 //! PostgreSQL restarted under load: a server of the test's own is restarted
-//! twice (`pg_ctl restart -m fast`) while 8 writers run commands, and a
-//! projection runner keeps a read model and relays every event to
-//! JetStream. Writers get typed, transient errors while the server is away
+//! twice (`pg_ctl restart -m fast`) while 8 writers run commands and a
+//! ninth enqueues outbox messages, a projection runner keeps a read model
+//! and relays every event to JetStream, and the outbox relay publishes the
+//! messages. Writers get typed, transient errors while the server is away
 //! and go on; the runner and the relay reconnect and resume. Afterwards
 //! every command that reported success has its event in the log once, no
-//! event is there twice, the read model equals the fold of the log, and the
-//! stream holds each event once.
+//! event is there twice, the read model equals the fold of the log, the
+//! stream holds each event once, and the outbox's stream each committed
+//! message once.
 //!
 //! Needs `OUTFLOW_PG_BIN` (the server's binaries) and `NATS_URL`, which
 //! `scripts/test.sh` sets; as root it runs the server as
@@ -20,14 +22,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use example_accounts::{BankAccount, BankCommand};
+use outflow::outbox::{Outbox, OutboxMessage, OutboxRelay};
 use outflow::projection::{HandlerError, Projection, ProjectionOptions, RetryPolicy};
-use outflow::relay::{ensure_stream, JetStreamRelay};
+use outflow::relay::{ensure_stream, JetStreamOutboxSink, JetStreamRelay};
 use outflow::runner::ProjectionRunner;
 use outflow::{
     Checkpoint, CommandBus, CommandError, EventLog, LogFilter, PostgresStore, RecordedEvent,
 };
+use serde_json::json;
 use sqlx::{Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 const WRITERS: usize = 8;
 const ACCOUNTS_PER_WRITER: usize = 5;
@@ -215,6 +220,10 @@ struct Outcomes {
     kinds: HashMap<String, usize>,
 }
 
+/// The outbox writer's outcomes: message ids committed, ids whose commit's
+/// outcome is unknown, and attempts refused before their commit.
+type Enqueued = (Vec<Uuid>, HashSet<Uuid>, usize);
+
 /// Connects, retrying while the server starts.
 async fn connect(url: &str) -> PostgresStore {
     for _ in 0..100 {
@@ -261,6 +270,29 @@ async fn restarts_lose_nothing_and_apply_nothing_twice() {
         .build()
         .expect("a runner");
     let (runner_stop, runner_task) = common::start_runner(&runner);
+
+    // The outbox: code that is not event-sourced enqueues messages in its
+    // own transactions; the outbox relay publishes them to JetStream.
+    let outbox_subject = format!("{prefix}_outbox.orders");
+    let outbox_stream = format!("RESTART_OUTBOX_{suffix}");
+    ensure_stream(
+        &js,
+        &outbox_stream,
+        vec![outbox_subject.clone()],
+        Duration::from_secs(600),
+    )
+    .await
+    .expect("the outbox stream");
+    let outbox = Outbox::new(&store).await.expect("the outbox");
+    let outbox_relay = OutboxRelay::builder(outbox.clone(), JetStreamOutboxSink::new(js.clone()))
+        .build()
+        .expect("the outbox relay");
+    let outbox_stop = CancellationToken::new();
+    let outbox_task = tokio::spawn({
+        let relay = outbox_relay.clone();
+        let stop = outbox_stop.clone();
+        async move { relay.run(stop).await }
+    });
 
     let bus = Arc::new(CommandBus::<BankAccount, _>::new(store.clone(), ()));
     let accounts: Vec<String> = (0..WRITERS * ACCOUNTS_PER_WRITER)
@@ -322,6 +354,50 @@ async fn restarts_lose_nothing_and_apply_nothing_twice() {
         }));
     }
 
+    // A ninth writer enqueues outbox messages.
+    let enqueued: Arc<Mutex<Enqueued>> = Arc::default();
+    writers.push(tokio::spawn({
+        let (store, outbox, stop, enqueued) = (
+            store.clone(),
+            outbox.clone(),
+            stop.clone(),
+            enqueued.clone(),
+        );
+        let subject = outbox_subject.clone();
+        async move {
+            let mut n = 0u64;
+            while !stop.is_cancelled() {
+                n += 1;
+                let message = OutboxMessage::new(
+                    format!("order-{}", n % 4),
+                    subject.clone(),
+                    json!({ "n": n }),
+                );
+                let attempt = async {
+                    let mut tx = store.pool().begin().await.map_err(|e| e.to_string())?;
+                    let id = outbox
+                        .enqueue(&mut tx, message)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    Ok::<_, String>((id, outbox.commit(tx).await.map_err(|e| e.to_string())))
+                };
+                match attempt.await {
+                    Ok((id, Ok(()))) => enqueued.lock().expect("enqueued").0.push(id),
+                    Ok((id, Err(_))) => {
+                        // The commit's outcome is unknown.
+                        enqueued.lock().expect("enqueued").1.insert(id);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Err(_) => {
+                        enqueued.lock().expect("enqueued").2 += 1;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }));
+
     for _ in 0..RESTARTS {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let server_ref = &server;
@@ -342,6 +418,19 @@ async fn restarts_lose_nothing_and_apply_nothing_twice() {
         .await
         .expect("the runner and the relay caught up after the restarts");
     common::stop_runner(runner_stop, runner_task).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while outbox.status().await.expect("outbox status").pending > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the outbox was not drained after the restarts"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    outbox_stop.cancel();
+    outbox_task
+        .await
+        .expect("the outbox relay's task")
+        .expect("the outbox relay");
 
     let outcomes = std::mem::take(&mut *outcomes.lock().expect("outcomes"));
     let log = common::read_until(&store, Checkpoint::START, &LogFilter::all(), 1).await;
@@ -413,6 +502,40 @@ async fn restarts_lose_nothing_and_apply_nothing_twice() {
     assert_eq!(ids.len(), messages.len(), "an event was published twice");
     let expected: HashSet<String> = log.iter().map(|e| e.event_id.to_string()).collect();
     assert_eq!(ids, expected, "the stream differs from the log");
+    // The outbox's stream holds every committed message once.
+    let (committed_messages, unknown, refused) =
+        std::mem::take(&mut *enqueued.lock().expect("enqueued"));
+    let outbox_messages = common::nats::read_stream(&js, &outbox_stream).await;
+    let outbox_ids: Vec<String> = outbox_messages
+        .iter()
+        .map(|m| common::nats::msg_id(m))
+        .collect();
+    let unique: HashSet<&String> = outbox_ids.iter().collect();
+    assert_eq!(
+        unique.len(),
+        outbox_ids.len(),
+        "an outbox message was published twice"
+    );
+    for id in &committed_messages {
+        assert!(
+            unique.contains(&id.to_string()),
+            "committed outbox message {id} missing"
+        );
+    }
+    for id in &unique {
+        let id: Uuid = id.parse().expect("a uuid");
+        assert!(
+            committed_messages.contains(&id) || unknown.contains(&id),
+            "outbox message {id} was never committed"
+        );
+    }
+    println!(
+        "outbox: {} messages committed, {} refused, {} with an unknown outcome, {} published",
+        committed_messages.len(),
+        refused,
+        unknown.len(),
+        outbox_ids.len()
+    );
     println!(
         "{RESTARTS} restarts; {} deposits acknowledged, {} failed ({:?}), {} events logged, {} relayed",
         outcomes.succeeded.len(),
