@@ -16,8 +16,6 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,132 +35,6 @@ use uuid::Uuid;
 const WRITERS: usize = 8;
 const ACCOUNTS_PER_WRITER: usize = 5;
 const RESTARTS: usize = 2;
-
-/// A PostgreSQL server of this test's own, so restarting it disturbs no
-/// other test. Stopped (by its data directory's postmaster) when dropped.
-struct OwnPostgres {
-    bin: PathBuf,
-    dir: PathBuf,
-    port: u16,
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
-
-fn service_user() -> String {
-    std::env::var("OUTFLOW_PG_SERVICE_USER").unwrap_or_else(|_| "postgres".to_owned())
-}
-
-impl OwnPostgres {
-    fn command(&self, program: &str) -> Command {
-        let path = self.bin.join(program);
-        if is_root() {
-            let mut command = Command::new("runuser");
-            command.args(["-u", &service_user(), "--"]).arg(path);
-            command
-        } else {
-            Command::new(path)
-        }
-    }
-
-    fn run(&self, program: &str, args: &[&str]) {
-        let output = self
-            .command(program)
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("run {program}: {e}"));
-        assert!(
-            output.status.success(),
-            "{program} {args:?} failed: {}\n{}\n{}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr),
-            std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
-        );
-    }
-
-    fn start_new() -> OwnPostgres {
-        let bin = PathBuf::from(std::env::var("OUTFLOW_PG_BIN").expect(
-            "OUTFLOW_PG_BIN is not set: run the tests with scripts/test.sh, which finds PostgreSQL",
-        ));
-        let dir = std::env::temp_dir().join(format!(
-            "outflow-restart-{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..8]
-        ));
-        std::fs::create_dir_all(&dir).expect("a directory for the server");
-        if is_root() {
-            let status = Command::new("chown")
-                .arg(service_user())
-                .arg(&dir)
-                .status()
-                .expect("chown");
-            assert!(status.success(), "chown the server's directory");
-        }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let server = OwnPostgres { bin, dir, port };
-        let data = server.data();
-        server.run(
-            "initdb",
-            &[
-                "-D",
-                &data,
-                "-U",
-                "outflow",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--no-instructions",
-            ],
-        );
-        server.pg_ctl("start");
-        server
-    }
-
-    fn data(&self) -> String {
-        self.dir.join("data").display().to_string()
-    }
-
-    fn pg_ctl(&self, action: &str) {
-        let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1",
-            self.port,
-            self.dir.display()
-        );
-        let log = self.dir.join("server.log").display().to_string();
-        let data = self.data();
-        let mut args: Vec<&str> = vec!["-D", &data, "-l", &log, "-w", "-t", "60", "-o", &options];
-        if action == "restart" {
-            args.extend(["-m", "fast"]);
-        }
-        args.push(action);
-        self.run("pg_ctl", &args);
-    }
-
-    fn url(&self) -> String {
-        format!(
-            "postgres://outflow@127.0.0.1:{}/postgres?sslmode=disable",
-            self.port
-        )
-    }
-}
-
-impl Drop for OwnPostgres {
-    fn drop(&mut self) {
-        let data = self.data();
-        let _ = self
-            .command("pg_ctl")
-            .args(["-D", &data, "-m", "immediate", "-w", "stop"])
-            .output();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// A running sum per account, updated with `+=`.
 struct Totals;
@@ -237,7 +109,7 @@ async fn connect(url: &str) -> PostgresStore {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restarts_lose_nothing_and_apply_nothing_twice() {
-    let server = OwnPostgres::start_new();
+    let server = common::own_postgres::OwnPostgres::start_new();
     let store = connect(&server.url()).await;
     let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
     let stream = format!("RESTART_{suffix}");

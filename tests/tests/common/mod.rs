@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod nats;
+pub mod own_postgres;
 
 use std::time::Duration;
 
