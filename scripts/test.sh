@@ -4,8 +4,9 @@
 # Installs what is missing (Debian's `postgresql`, `nats-server`, `chromium`
 # and `chromium-driver` when run as root with apt-get), starts a PostgreSQL cluster and a JetStream-enabled
 # nats-server in temporary directories on free loopback ports, runs
-# `cargo test --workspace`, and stops the servers by their own PIDs whatever
-# happens. Extra arguments go to `cargo test`.
+# `cargo test --workspace`, builds the book when `mdbook` is installed, and
+# stops the servers by their own PIDs whatever happens. Extra arguments go
+# to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/services.sh
@@ -15,3 +16,10 @@ start_postgres
 start_nats
 ensure_browser
 cargo test --workspace "$@"
+# The book: its Rust is compiled and run above (docs/examples); building it
+# checks every include resolves.
+if command -v mdbook >/dev/null 2>&1; then
+    mdbook build docs --dest-dir "$PWD/target/book"
+else
+    echo "mdbook is not installed: the book was not built (cargo install mdbook)" >&2
+fi

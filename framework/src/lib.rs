@@ -43,7 +43,20 @@
 //!   [`ProjectionStore`]) implemented by [`MemoryStore`] and, with the
 //!   `postgres` feature (on by default), [`PostgresStore`] (PostgreSQL 13+,
 //!   compatible with `postgres-es`'s schema). Errors say whose fault they
-//!   are ([`ErrorKind`]), as classified by the backend that raised them.
+//!   are ([`ErrorKind`]), as classified by the backend that raised them;
+//!   `SqliteStore` (feature `sqlite`) keeps everything in one file.
+//!
+//! # The book
+//!
+//! The guide is an mdBook in the repository (`mdbook build docs`; every Rust
+//! snippet in it is compiled and run by the test suite). Its chapters, by
+//! file under `docs/src/`: `quickstart.md` (an aggregate, a command, a
+//! projection and a read-your-writes query on SQLite), `getting-started.md`,
+//! `commands.md`, `event-store.md`, `backends.md` (memory, SQLite,
+//! PostgreSQL), `projections.md`, `delivery.md` (choosing how to handle
+//! events), `process-managers.md`, `relay.md`, `outbox.md`, `postgres.md`
+//! (schema, migration from postgres-es, operations), `errors.md`,
+//! `reliability.md`, `example.md` (the example application).
 #![warn(missing_debug_implementations)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs)]
