@@ -349,11 +349,13 @@ impl<S: AppStore> App<S> {
         let transfer_status =
             ViewProjection::<Transfer, TransferStatus>::new(TRANSFERS, "transfers")?;
         let mail = MailServer::default();
+        // ANCHOR: wiring
         let process = Process::new(
             TransferProcess::new(accounts.clone(), transfers.clone()),
             &store,
             "transfer_processes",
         )?;
+        // ANCHOR_END: wiring
         let quick = RetryPolicy {
             max_attempts: 3,
             initial_backoff: Duration::from_millis(50),

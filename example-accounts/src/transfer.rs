@@ -270,6 +270,7 @@ pub struct Order {
 /// How many times a step is tried again when its account is busy.
 const ATTEMPTS: u32 = 5;
 
+// ANCHOR: process_manager
 #[async_trait]
 impl<S: EventStore> ProcessManager for TransferProcess<S> {
     type State = TransferState;
@@ -426,6 +427,9 @@ impl<S: EventStore> ProcessManager for TransferProcess<S> {
     }
 }
 
+// ANCHOR_END: process_manager
+
+// ANCHOR: send
 impl<S: EventStore> TransferProcess<S> {
     /// Sends an account command once; returns the reason when the account
     /// refuses it.
@@ -474,6 +478,8 @@ impl<S: EventStore> TransferProcess<S> {
         }
     }
 }
+
+// ANCHOR_END: send
 
 /// For the crash test: with `EXAMPLE_ACCOUNTS_HALT_BEFORE_CREDIT` set, the
 /// process stops between a transfer's debit and its credit (it says so on
