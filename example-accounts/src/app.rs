@@ -13,8 +13,9 @@ use outflow::cqrs_es::Aggregate;
 use outflow::process::Process;
 use outflow::projection::{OnError, Projection, ProjectionOptions, RetryPolicy};
 use outflow::pubsub::EventBus;
-use outflow::runner::ProjectionRunner;
+use outflow::runner::{ProjectionRunner, RetryError};
 use outflow::sqlx;
+use outflow::store::projections::DeadLetter;
 use outflow::view::{ViewProjection, ViewQuery, ViewStore};
 use outflow::{
     async_trait, AppendInTransaction, CommandBus, Envelope, HandlerError, LogFilter, PostgresStore,
@@ -394,5 +395,39 @@ impl<S: AppStore> App<S> {
             feed,
             mail,
         })
+    }
+}
+
+impl<S: AppStore> App<S> {
+    /// Every parked event of every projection, with the projection's name.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the dead letters cannot be read.
+    pub async fn dead_letters(&self) -> Result<Vec<(&'static str, DeadLetter)>, StoreError> {
+        let mut all = Vec::new();
+        for name in PROJECTIONS {
+            for letter in self.runner.dead_letters(name).await? {
+                all.push((name, letter));
+            }
+        }
+        Ok(all)
+    }
+
+    /// Retries dead letter `id` in whichever projection parked it: the
+    /// projection's name, or `None` when no projection has it.
+    ///
+    /// # Errors
+    ///
+    /// [`RetryError`] when the handler fails again or the store fails.
+    pub async fn retry_dead_letter(&self, id: u64) -> Result<Option<&'static str>, RetryError> {
+        for name in PROJECTIONS {
+            match self.runner.retry_dead_letter(name, id).await {
+                Ok(()) => return Ok(Some(name)),
+                Err(RetryError::NotFound { .. }) => continue,
+                Err(other) => return Err(other),
+            }
+        }
+        Ok(None)
     }
 }

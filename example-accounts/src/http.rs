@@ -556,19 +556,17 @@ async fn projections<S: AppStore>(State(state): Shared<S>) -> Result<Json<Vec<Va
 
 async fn dead_letters<S: AppStore>(State(state): Shared<S>) -> Result<Json<Vec<Value>>, ApiError> {
     let mut out = Vec::new();
-    for name in app::PROJECTIONS {
-        for letter in state.app.runner.dead_letters(name).await? {
-            out.push(json!({
-                "id": letter.id,
-                "projection": name,
-                "aggregate_type": letter.event.aggregate_type,
-                "aggregate_id": letter.event.aggregate_id,
-                "event_type": letter.event.event_type,
-                "position": letter.checkpoint.position,
-                "error": letter.error,
-                "attempts": letter.attempts,
-            }));
-        }
+    for (name, letter) in state.app.dead_letters().await? {
+        out.push(json!({
+            "id": letter.id,
+            "projection": name,
+            "aggregate_type": letter.event.aggregate_type,
+            "aggregate_id": letter.event.aggregate_id,
+            "event_type": letter.event.event_type,
+            "position": letter.checkpoint.position,
+            "error": letter.error,
+            "attempts": letter.attempts,
+        }));
     }
     Ok(Json(out))
 }
@@ -660,32 +658,23 @@ async fn retry<S: AppStore>(
     Path(id): Path<u64>,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers)?;
-    for name in app::PROJECTIONS {
-        match state.app.runner.retry_dead_letter(name, id).await {
-            Ok(()) => {
-                return Ok(Json(
-                    json!({ "id": id, "projection": name, "retried": true }),
-                ))
-            }
-            Err(RetryError::NotFound { .. }) => continue,
-            Err(RetryError::Handler(error)) => {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "still_failing",
-                    outflow::error::error_chain(error.source()),
-                ));
-            }
-            Err(RetryError::Store(error)) => return Err(error.into()),
-            Err(other) => {
-                return Err(ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
-                    other.to_string(),
-                ));
-            }
-        }
+    match state.app.retry_dead_letter(id).await {
+        Ok(Some(name)) => Ok(Json(
+            json!({ "id": id, "projection": name, "retried": true }),
+        )),
+        Ok(None) => Err(ApiError::not_found(format!("no dead letter {id}"))),
+        Err(RetryError::Handler(error)) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "still_failing",
+            outflow::error::error_chain(error.source()),
+        )),
+        Err(RetryError::Store(error)) => Err(error.into()),
+        Err(other) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            other.to_string(),
+        )),
     }
-    Err(ApiError::not_found(format!("no dead letter {id}")))
 }
 
 async fn discard<S: AppStore>(

@@ -84,39 +84,36 @@ pub async fn rebuild<S: AppStore>(app: &Arc<App<S>>, name: &str) -> anyhow::Resu
 }
 
 pub async fn dead_letters<S: AppStore>(app: &App<S>) -> anyhow::Result<()> {
-    let mut any = false;
-    for name in app::PROJECTIONS {
-        for letter in app.runner.dead_letters(name).await? {
-            any = true;
-            println!(
-                "#{:<4} {:<16} {} {} `{}` at position {} after {} attempts: {}",
-                letter.id,
-                name,
-                letter.event.event_type,
-                letter.event.aggregate_type,
-                letter.event.aggregate_id,
-                letter.checkpoint.position,
-                letter.attempts,
-                letter.error
-            );
-        }
+    let letters = app.dead_letters().await?;
+    for (name, letter) in &letters {
+        println!(
+            "#{:<4} {:<16} {} {} `{}` at position {} after {} attempts: {}",
+            letter.id,
+            name,
+            letter.event.event_type,
+            letter.event.aggregate_type,
+            letter.event.aggregate_id,
+            letter.checkpoint.position,
+            letter.attempts,
+            letter.error
+        );
     }
-    if !any {
+    if letters.is_empty() {
         println!("no parked events");
     }
     Ok(())
 }
 
 pub async fn retry<S: AppStore>(app: &App<S>, id: u64) -> anyhow::Result<()> {
-    for name in app::PROJECTIONS {
-        match app.runner.retry_dead_letter(name, id).await {
-            Ok(()) => {
-                println!("dead letter #{id} of {name} handled; it is no longer parked");
-                return Ok(());
-            }
-            Err(outflow::runner::RetryError::NotFound { .. }) => continue,
-            Err(other) => return Err(other).with_context(|| format!("retrying #{id}")),
+    match app
+        .retry_dead_letter(id)
+        .await
+        .with_context(|| format!("retrying #{id}"))?
+    {
+        Some(name) => {
+            println!("dead letter #{id} of {name} handled; it is no longer parked");
+            Ok(())
         }
+        None => bail!("no dead letter #{id}"),
     }
-    bail!("no dead letter #{id}")
 }

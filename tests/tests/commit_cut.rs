@@ -15,14 +15,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use outflow::projection::{HandlerError, Projection, ProjectionOptions, RetryPolicy};
+use outflow::projection::{ProjectionOptions, RetryPolicy};
 use outflow::runner::ProjectionRunner;
 use outflow::{
     AppendRequest, Checkpoint, EventLog, EventStore, LogFilter, NewEvent, PostgresStore,
-    RecordedEvent,
 };
 use serde_json::json;
-use sqlx::{Postgres, Transaction};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use uuid::Uuid;
@@ -182,53 +180,6 @@ async fn start_proxy(upstream: String, cuts: Arc<Cuts>) -> String {
     address
 }
 
-/// A running sum per account, updated with `+=`: applying a batch twice
-/// shows.
-struct Totals;
-
-#[outflow::async_trait]
-impl Projection<PostgresStore> for Totals {
-    fn name(&self) -> &str {
-        "totals"
-    }
-
-    fn filter(&self) -> LogFilter {
-        LogFilter::aggregate_types(["account"])
-    }
-
-    async fn handle(
-        &self,
-        events: &[RecordedEvent],
-        tx: &mut Transaction<'static, Postgres>,
-    ) -> Result<(), HandlerError> {
-        for event in events {
-            let amount = event.payload["Deposited"]["amount"]
-                .as_i64()
-                .ok_or_else(|| HandlerError::msg("not a deposit"))?;
-            sqlx::query(
-                "INSERT INTO totals (account, sum, events) VALUES ($1, $2, 1) \
-                 ON CONFLICT (account) DO UPDATE \
-                 SET sum = totals.sum + excluded.sum, events = totals.events + 1",
-            )
-            .bind(&event.aggregate_id)
-            .bind(amount)
-            .execute(&mut **tx)
-            .await?;
-        }
-        Ok(())
-    }
-
-    async fn setup(&self, tx: &mut Transaction<'static, Postgres>) -> Result<(), HandlerError> {
-        sqlx::query(
-            "CREATE TABLE IF NOT EXISTS totals \
-             (account text PRIMARY KEY, sum bigint NOT NULL, events bigint NOT NULL)",
-        )
-        .execute(&mut **tx)
-        .await?;
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cut_commit_acknowledgements_do_not_apply_a_batch_twice() {
     let db = common::TestDb::new("commit_cut").await;
@@ -257,7 +208,7 @@ async fn cut_commit_acknowledgements_do_not_apply_a_batch_twice() {
     .expect("the runner's store");
     let runner = ProjectionRunner::builder(through_proxy.clone())
         .projection(
-            ProjectionOptions::new(Totals)
+            ProjectionOptions::new(common::totals::Totals)
                 .batch_size(4)
                 .retry(RetryPolicy {
                     max_attempts: 50,

@@ -21,64 +21,19 @@ use std::time::Duration;
 
 use example_accounts::{BankAccount, BankCommand};
 use outflow::outbox::{Outbox, OutboxMessage, OutboxRelay};
-use outflow::projection::{HandlerError, Projection, ProjectionOptions, RetryPolicy};
+use outflow::projection::{ProjectionOptions, RetryPolicy};
 use outflow::relay::{ensure_stream, JetStreamOutboxSink, JetStreamRelay};
 use outflow::runner::ProjectionRunner;
 use outflow::{
     Checkpoint, CommandBus, CommandError, EventLog, LogFilter, PostgresStore, RecordedEvent,
 };
 use serde_json::json;
-use sqlx::{Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 const WRITERS: usize = 8;
 const ACCOUNTS_PER_WRITER: usize = 5;
 const RESTARTS: usize = 2;
-
-/// A running sum per account, updated with `+=`.
-struct Totals;
-
-#[outflow::async_trait]
-impl Projection<PostgresStore> for Totals {
-    fn name(&self) -> &str {
-        "totals"
-    }
-
-    fn filter(&self) -> LogFilter {
-        LogFilter::aggregate_types(["account"])
-    }
-
-    async fn handle(
-        &self,
-        events: &[RecordedEvent],
-        tx: &mut Transaction<'static, Postgres>,
-    ) -> Result<(), HandlerError> {
-        for event in events {
-            let amount = event.payload["Deposited"]["amount"].as_i64().unwrap_or(0);
-            sqlx::query(
-                "INSERT INTO totals (account, sum, events) VALUES ($1, $2, 1) \
-                 ON CONFLICT (account) DO UPDATE \
-                 SET sum = totals.sum + excluded.sum, events = totals.events + 1",
-            )
-            .bind(&event.aggregate_id)
-            .bind(amount)
-            .execute(&mut **tx)
-            .await?;
-        }
-        Ok(())
-    }
-
-    async fn setup(&self, tx: &mut Transaction<'static, Postgres>) -> Result<(), HandlerError> {
-        sqlx::query(
-            "CREATE TABLE IF NOT EXISTS totals \
-             (account text PRIMARY KEY, sum bigint NOT NULL, events bigint NOT NULL)",
-        )
-        .execute(&mut **tx)
-        .await?;
-        Ok(())
-    }
-}
 
 /// What the writers saw.
 #[derive(Default)]
@@ -137,7 +92,7 @@ async fn restarts_lose_nothing_and_apply_nothing_twice() {
         max_backoff: Duration::from_millis(500),
     };
     let runner = ProjectionRunner::builder(store.clone())
-        .projection(ProjectionOptions::new(Totals).retry(patient))
+        .projection(ProjectionOptions::new(common::totals::Totals).retry(patient))
         .projection(ProjectionOptions::new(relay).retry(patient))
         .build()
         .expect("a runner");

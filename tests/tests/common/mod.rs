@@ -5,6 +5,7 @@
 
 pub mod nats;
 pub mod own_postgres;
+pub mod totals;
 
 use std::time::Duration;
 
