@@ -96,7 +96,7 @@ pub use backoff::RetryPolicy;
 pub use command::{CommandBus, CommandBusBuilder, CommandContext, Committed};
 pub use error::{CommandError, ConfigError, ErrorKind, EventRef, HandlerError, StoreError};
 pub use event::{AppendRequest, Checkpoint, Envelope, Metadata, NewEvent, RecordedEvent, Snapshot};
-pub use log::{EventLog, LogFilter, Wakeups};
+pub use log::{EventLog, LogFilter, LogWindow, Wakeups};
 pub use store::memory::MemoryStore;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]

@@ -50,6 +50,51 @@ pub trait EventLog: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError>;
 
+    /// The head and the events after `after` as one look at the log: what
+    /// a tailing reader needs for each batch. `limit` and the errors are as
+    /// for [`read_log`](Self::read_log); [`LogWindow::complete`] says
+    /// whether nothing wanted was left between the last event returned and
+    /// the head, and [`LogWindow::held_back`] whether committed events wait
+    /// behind an open transaction.
+    ///
+    /// The default reads the head, then the window, and counts what a short
+    /// window may have left before the head (three statements); PostgreSQL
+    /// answers it all in one.
+    ///
+    /// # Errors
+    ///
+    /// As [`read_log`](Self::read_log).
+    async fn read_window(
+        &self,
+        after: Checkpoint,
+        filter: &LogFilter,
+        limit: usize,
+    ) -> Result<LogWindow, StoreError> {
+        let head = self.head().await?;
+        let events = self.read_log(after, filter, limit).await?;
+        // A short window may also have stopped before a row that does not
+        // decode: complete only when nothing wanted lies between its last
+        // event and the head (an empty one saw nothing wanted up to a head
+        // read before it).
+        let complete = match events.last() {
+            None => true,
+            Some(_) if events.len() >= limit => false,
+            Some(last) => {
+                last.checkpoint() >= head
+                    || self
+                        .count_events(filter, last.checkpoint(), head, 1)
+                        .await?
+                        == 0
+            }
+        };
+        Ok(LogWindow {
+            head,
+            events,
+            complete,
+            held_back: false,
+        })
+    }
+
     /// The checkpoint of the last event a log reader can see now
     /// ([`Checkpoint::START`] for an empty log).
     ///
@@ -110,6 +155,48 @@ pub trait EventLog: Send + Sync + 'static {
     /// [`StoreError::Database`].
     async fn oldest_open_transaction(&self) -> Result<Option<OldestTransaction>, StoreError> {
         Ok(None)
+    }
+}
+
+/// One look at the log by [`EventLog::read_window`]: the head and the next
+/// events after a checkpoint.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct LogWindow {
+    /// The last event a log reader could see at the time of the read
+    /// ([`Checkpoint::START`] for an empty log): every event wanted up to
+    /// it is in `events` when the window is [`complete`](Self::complete).
+    pub head: Checkpoint,
+    /// Up to `limit` events after the checkpoint, in log order (fewer when a
+    /// stored row that does not decode ended the read, see
+    /// [`EventLog::read_log`]).
+    pub events: Vec<RecordedEvent>,
+    /// Whether nothing the filter wants lies between the last event of the
+    /// window and the head: fewer events than the limit came back, and no
+    /// undecodable row cut the read short. A reader that handled a complete
+    /// window is caught up to the head.
+    pub complete: bool,
+    /// Whether events were committed past the head that an open
+    /// transaction still keeps from readers (they become readable when it
+    /// ends, and no append signals that): a reader should look again soon.
+    /// Backends where every committed event is readable at once say `false`.
+    pub held_back: bool,
+}
+
+impl LogWindow {
+    /// A window as a backend read it.
+    pub fn new(
+        head: Checkpoint,
+        events: Vec<RecordedEvent>,
+        complete: bool,
+        held_back: bool,
+    ) -> Self {
+        LogWindow {
+            head,
+            events,
+            complete,
+            held_back,
+        }
     }
 }
 
@@ -205,6 +292,14 @@ impl<L: EventLog + ?Sized> EventLog for std::sync::Arc<L> {
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         (**self).read_log(after, filter, limit).await
+    }
+    async fn read_window(
+        &self,
+        after: Checkpoint,
+        filter: &LogFilter,
+        limit: usize,
+    ) -> Result<LogWindow, StoreError> {
+        (**self).read_window(after, filter, limit).await
     }
     async fn head(&self) -> Result<Checkpoint, StoreError> {
         (**self).head().await

@@ -83,21 +83,46 @@ impl WakeSignal {
 /// events it announced may still be held back by an older transaction, and
 /// no further signal comes when that one ends): `first`, then doubling up to
 /// the poll interval.
+///
+/// A reader whose log tells it when committed events are held back
+/// ([`LogWindow::held_back`](crate::log::LogWindow::held_back)) re-checks
+/// only then ([`Recheck::when_held_back`]).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Recheck {
     first: Duration,
     next: Option<Duration>,
+    after_signals: bool,
 }
 
 impl Recheck {
     /// Re-checks starting `first` after a signal that found nothing.
     pub(crate) fn new(first: Duration) -> Self {
-        Recheck { first, next: None }
+        Recheck {
+            first,
+            next: None,
+            after_signals: true,
+        }
+    }
+
+    /// Re-checks starting `first` after a look that saw events held back
+    /// ([`held_back`](Self::held_back)), not after every signal.
+    pub(crate) fn when_held_back(first: Duration) -> Self {
+        Recheck {
+            first,
+            next: None,
+            after_signals: false,
+        }
     }
 
     /// A look found something: no re-check is due.
     pub(crate) fn found(&mut self) {
         self.next = None;
+    }
+
+    /// A look saw committed events held back by an open transaction: look
+    /// again soon (`first`, then doubling while they stay held back).
+    pub(crate) fn held_back(&mut self) {
+        self.next.get_or_insert(self.first);
     }
 
     /// Waits until it is time to look again. Cancel safe: dropping it
@@ -113,7 +138,9 @@ impl Recheck {
     }
 
     fn woke(&mut self, wake: Wake) {
-        self.next = (wake == Wake::Signalled).then_some(self.first);
+        if self.after_signals {
+            self.next = (wake == Wake::Signalled).then_some(self.first);
+        }
     }
 
     fn missed(&mut self, limit: Duration) {
@@ -141,6 +168,21 @@ mod tests {
         recheck.woke(Wake::Poll);
         assert_eq!(recheck.next, None);
         recheck.woke(Wake::Signalled);
+        recheck.found();
+        assert_eq!(recheck.next, None);
+    }
+
+    #[test]
+    fn held_back_rechecks_double_and_signals_alone_schedule_none() {
+        let mut recheck = Recheck::when_held_back(Duration::from_millis(1));
+        recheck.woke(Wake::Signalled);
+        assert_eq!(recheck.next, None);
+        recheck.held_back();
+        assert_eq!(recheck.next, Some(Duration::from_millis(1)));
+        recheck.missed(Duration::from_millis(5));
+        // Still held back: the doubling goes on.
+        recheck.held_back();
+        assert_eq!(recheck.next, Some(Duration::from_millis(2)));
         recheck.found();
         assert_eq!(recheck.next, None);
     }

@@ -23,10 +23,10 @@ use crate::backoff::Backoff;
 use crate::error::{error_chain, ErrorKind, HandlerError, StoreError};
 use crate::event::{Checkpoint, RecordedEvent};
 use crate::lease::RecordedState;
-use crate::log::{EventLog, LogFilter};
+use crate::log::LogWindow;
 use crate::projection::OnError;
 use crate::store::projections::{Lease, NewDeadLetter, ProjectionState, ProjectionStore, UnitId};
-use crate::wake::Recheck;
+use crate::wake::{Recheck, Wakeups};
 
 /// How a batch ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,20 +61,6 @@ pub(crate) fn whole_transactions(events: &mut Vec<RecordedEvent>, batch_size: us
     false
 }
 
-/// The head and the window of the log after `from`, one event more than a
-/// batch (which tells whether the batch's last transaction continues past
-/// it).
-async fn read_window(
-    log: &dyn EventLog,
-    filter: &LogFilter,
-    from: Checkpoint,
-    batch_size: usize,
-) -> Result<(Checkpoint, Vec<RecordedEvent>), StoreError> {
-    let head = log.head().await?;
-    let events = log.read_log(from, filter, batch_size + 1).await?;
-    Ok((head, events))
-}
-
 /// The next window of the log, being read while a batch commits; the read
 /// is abandoned when the window is not wanted after all.
 struct Prefetch {
@@ -83,7 +69,7 @@ struct Prefetch {
     task: Option<PrefetchTask>,
 }
 
-type PrefetchTask = tokio::task::JoinHandle<Result<(Checkpoint, Vec<RecordedEvent>), StoreError>>;
+type PrefetchTask = tokio::task::JoinHandle<Result<LogWindow, StoreError>>;
 
 impl Drop for Prefetch {
     fn drop(&mut self) {
@@ -155,7 +141,7 @@ impl<S: ProjectionStore> UnitWorker<S> {
         let mut checkpoint = self.lease.checkpoint;
         let mut wakeups = log.wakeups();
         let mut read_failures = Backoff::from_policy(&self.registered.retry);
-        let mut recheck = Recheck::new(Duration::from_millis(1));
+        let mut recheck = Recheck::when_held_back(Duration::from_millis(1));
         let batch_size = self.registered.batch_size;
         let mut prefetched: Option<Prefetch> = None;
         loop {
@@ -184,9 +170,9 @@ impl<S: ProjectionStore> UnitWorker<S> {
                         }
                     }
                 }
-                read_window(&*log, &filter, checkpoint, batch_size).await
+                log.read_window(checkpoint, &filter, batch_size + 1).await
             };
-            let (head, mut events) = match read.await {
+            let window = match read.await {
                 Ok(read) => {
                     read_failures.reset();
                     read
@@ -227,8 +213,15 @@ impl<S: ProjectionStore> UnitWorker<S> {
                     continue;
                 }
             };
+            let LogWindow {
+                head,
+                mut events,
+                complete,
+                held_back,
+                ..
+            } = window;
             if events.is_empty() {
-                if head > checkpoint {
+                if head > checkpoint && complete {
                     // Nothing wanted up to the head: move past it, so that
                     // `wait_for` sees this projection reach positions it skips.
                     match self.commit(&[], checkpoint, head).await {
@@ -248,22 +241,22 @@ impl<S: ProjectionStore> UnitWorker<S> {
                     }
                 }
                 self.set_state(ProjectionState::Live, None).await;
-                tokio::select! {
-                    _ = self.stop.cancelled() => return false,
-                    _ = recheck.idle(&mut wakeups) => {}
-                    _ = self.paused.changed() => {}
+                if held_back {
+                    recheck.held_back();
+                } else {
+                    recheck.found();
+                }
+                if !self.idle(&mut recheck, &mut wakeups).await {
+                    return false;
                 }
                 continue;
             }
             recheck.found();
-            let mut caught_up = whole_transactions(&mut events, batch_size);
+            // Caught up when the window holds everything wanted up to the
+            // head (a short read, not cut by a row that does not decode)
+            // and the batch keeps all of it.
+            let caught_up = whole_transactions(&mut events, batch_size) && complete;
             let last = events.last().map_or(checkpoint, RecordedEvent::checkpoint);
-            if caught_up && last < head {
-                // A short read may also have stopped before a row that does
-                // not decode: move past the last event to the head only when
-                // nothing wanted lies between them.
-                caught_up = matches!(log.count_events(&filter, last, head, 1).await, Ok(0));
-            }
             let target = if caught_up { last.max(head) } else { last };
             // The state goes with the first batch, before its commit: a
             // reader that sees the batch's effect sees the state too.
@@ -280,7 +273,7 @@ impl<S: ProjectionStore> UnitWorker<S> {
                 prefetched = Some(Prefetch {
                     from: target,
                     task: Some(tokio::spawn(async move {
-                        read_window(&*log, &filter, target, batch_size).await
+                        log.read_window(target, &filter, batch_size + 1).await
                     })),
                 });
             }
@@ -304,11 +297,34 @@ impl<S: ProjectionStore> UnitWorker<S> {
                         "projection" => self.registered.name.clone()
                     )
                     .set(head.position.saturating_sub(target.position) as f64);
+                    if caught_up {
+                        // Everything readable was handled: what comes next
+                        // is signalled (or held back, then looked for soon),
+                        // so wait instead of reading an empty window.
+                        // (A retry on the way said so in status: live
+                        // again; no write when it is already.)
+                        self.set_state(ProjectionState::Live, None).await;
+                        if held_back {
+                            recheck.held_back();
+                        }
+                        if !self.idle(&mut recheck, &mut wakeups).await {
+                            return false;
+                        }
+                    }
                 }
                 Outcome::Moved(at) => checkpoint = at,
                 Outcome::Lost => return true,
                 Outcome::Stopped => return false,
             }
+        }
+    }
+
+    /// Waits until it is time to read again; `false` when stopped.
+    async fn idle(&mut self, recheck: &mut Recheck, wakeups: &mut Wakeups) -> bool {
+        tokio::select! {
+            _ = self.stop.cancelled() => false,
+            _ = recheck.idle(wakeups) => true,
+            _ = self.paused.changed() => true,
         }
     }
 

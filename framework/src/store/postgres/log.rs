@@ -11,7 +11,7 @@ use sqlx::Row;
 use super::{db, pg_error, to_i64, txid_column, u64_column, PostgresStore};
 use crate::error::StoreError;
 use crate::event::{Checkpoint, RecordedEvent};
-use crate::log::{EventLog, LogFilter, OldestTransaction};
+use crate::log::{EventLog, LogFilter, LogWindow, OldestTransaction};
 use crate::wake::Wakeups;
 
 #[async_trait]
@@ -34,6 +34,56 @@ impl EventLog for PostgresStore {
             .await
             .map_err(|e| pg_error("reading the global log", e))?;
         self.decode_window(rows)
+    }
+
+    /// The head, the window and whether events are held back, in one
+    /// statement.
+    async fn read_window(
+        &self,
+        after: Checkpoint,
+        filter: &LogFilter,
+        limit: usize,
+    ) -> Result<LogWindow, StoreError> {
+        let (clause, binds) = filter_sql(filter, 4);
+        let sql = self.inner.sql.read_window.replace("{filter}", &clause);
+        let query = sqlx::query(&sql)
+            .bind(after.transaction_id.to_string())
+            .bind(to_i64(after.position))
+            .bind(to_i64(limit as u64));
+        let rows = bind_filter(query, binds)
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(|e| pg_error("reading the global log", e))?;
+        let table = &self.inner.events_table;
+        let Some(first) = rows.first() else {
+            return Err(super::rows::corrupt(table, "the log window returned no row"));
+        };
+        let get = |e| pg_error("reading the global log", e);
+        let head_txid: Option<String> = first.try_get("head_txid").map_err(get)?;
+        let head_position: Option<i64> = first.try_get("head_position").map_err(get)?;
+        let held_back: bool = first.try_get("held_back").map_err(get)?;
+        let head = match (head_txid, head_position) {
+            (Some(txid), Some(position)) => Checkpoint::new(
+                txid.parse().map_err(|_| {
+                    super::rows::corrupt(table, &format!("transaction id `{txid}` is not a number"))
+                })?,
+                u64::try_from(position).map_err(|_| {
+                    super::rows::corrupt(table, &format!("negative position {position}"))
+                })?,
+            ),
+            _ => Checkpoint::START,
+        };
+        // With no event, the one row has no event columns.
+        let empty = first
+            .try_get::<Option<uuid::Uuid>, _>("event_id")
+            .map_err(get)?
+            .is_none();
+        let rows = if empty { Vec::new() } else { rows };
+        let returned = rows.len();
+        let events = self.decode_window(rows)?;
+        // Short, and not cut by a row that does not decode.
+        let complete = returned < limit && events.len() == returned;
+        Ok(LogWindow::new(head, events, complete, held_back))
     }
 
     async fn head(&self) -> Result<Checkpoint, StoreError> {
