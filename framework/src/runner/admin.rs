@@ -165,6 +165,9 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
                 error,
             })?;
         store.commit(tx).await?;
+        // The shared view of the checkpoints still shows them before the
+        // reset: a wait that starts now must read them itself.
+        self.shared.view.forget();
         store.signal_checkpoints();
         self.shared.poke.notify_one();
         tracing::info!(projection = name, total, "rebuild started");

@@ -139,6 +139,14 @@ impl Default for SharedView {
     }
 }
 
+impl SharedView {
+    /// Drops what the view shows (after checkpoints moved back, by a
+    /// reset): waits read for themselves until the next refresh.
+    pub(super) fn forget(&self) {
+        self.units.send_replace(Arc::new(Vec::new()));
+    }
+}
+
 /// Where the named projections stand against `target`.
 #[derive(Debug, PartialEq)]
 enum Standing<'a> {
@@ -222,10 +230,24 @@ async fn wait_on<S: Checkpoints + DeadLetters>(
     // view only at its next refresh), then the shared view.
     let mut view = shared.units.subscribe();
     ensure_refresher(store, shared);
+    let own_transaction = Checkpoint::new(target.transaction_id, 0);
+    // When the shared view already shows every unit past the target, it
+    // answers alone: a view read before the target committed cannot (a
+    // later transaction sorts after every checkpoint read before it), so
+    // this one was read after, as our own read would be. Only parked events
+    // of the awaited transaction count then, and the view says whether
+    // there are any.
+    let current = view.borrow_and_update().clone();
+    if !current.is_empty() && standing(&current, target, projections) == Standing::Reached {
+        let since: Vec<(&str, Checkpoint)> = projections
+            .iter()
+            .map(|&name| (name, own_transaction))
+            .collect();
+        return parked_on_the_way(store, &current, &since, target).await;
+    }
     let mut units = Arc::new(store.units(None).await?);
     // Parked events after where each projection stands now count against
     // this wait, and so do those of the awaited transaction.
-    let own_transaction = Checkpoint::new(target.transaction_id, 0);
     let since: Vec<(&str, Checkpoint)> = projections
         .iter()
         .map(|&name| {
@@ -237,7 +259,7 @@ async fn wait_on<S: Checkpoints + DeadLetters>(
     let mut fresh = true;
     loop {
         let (name, reached, last_error) = match standing(&units, target, projections) {
-            Standing::Reached => return parked_on_the_way(store, &since, target).await,
+            Standing::Reached => return parked_on_the_way(store, &units, &since, target).await,
             Standing::Unknown(name) => {
                 // A runner starting at the same moment may not have
                 // registered it yet: look again for a moment.
@@ -296,13 +318,23 @@ async fn wait_on<S: Checkpoints + DeadLetters>(
     }
 }
 
-/// The first event parked in each projection's range, as an error.
+/// The first event parked in each projection's range, as an error. The
+/// dead letters are read only for a projection whose units (as read when
+/// they passed the target) have one past the range's start.
 async fn parked_on_the_way<S: DeadLetters>(
     store: &S,
+    units: &[UnitRecord],
     since: &[(&str, Checkpoint)],
     target: Checkpoint,
 ) -> Result<(), WaitError> {
     for &(name, from) in since {
+        let any_in_range = units
+            .iter()
+            .filter(|u| u.unit.projection == name)
+            .any(|u| u.last_parked.is_some_and(|parked| parked > from));
+        if !any_in_range {
+            continue;
+        }
         let parked = store.dead_letters_between(name, from, target).await?;
         if let Some(first) = parked.into_iter().next() {
             return Err(WaitError::Parked {
@@ -401,6 +433,7 @@ mod tests {
             processed: 0,
             rebuild_total: None,
             updated_at: chrono::Utc::now(),
+            last_parked: None,
         }
     }
 

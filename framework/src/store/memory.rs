@@ -603,6 +603,12 @@ impl Checkpoints for MemoryStore {
                 processed: u.processed,
                 rebuild_total: u.rebuild_total,
                 updated_at: u.updated_at,
+                last_parked: state
+                    .dead_letters
+                    .values()
+                    .filter(|d| d.unit == *unit)
+                    .map(|d| d.checkpoint)
+                    .max(),
             })
             .collect())
     }

@@ -135,6 +135,10 @@ pub struct UnitRecord {
     pub rebuild_total: Option<u64>,
     /// When the state last changed.
     pub updated_at: DateTime<Utc>,
+    /// Where the latest of the unit's dead letters stands in the log, if it
+    /// has any: a wait can tell from it alone that nothing was parked in its
+    /// range.
+    pub last_parked: Option<Checkpoint>,
 }
 
 /// An event a projection could not handle, parked for later.

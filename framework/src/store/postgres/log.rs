@@ -56,7 +56,10 @@ impl EventLog for PostgresStore {
             .map_err(|e| pg_error("reading the global log", e))?;
         let table = &self.inner.events_table;
         let Some(first) = rows.first() else {
-            return Err(super::rows::corrupt(table, "the log window returned no row"));
+            return Err(super::rows::corrupt(
+                table,
+                "the log window returned no row",
+            ));
         };
         let get = |e| pg_error("reading the global log", e);
         let head_txid: Option<String> = first.try_get("head_txid").map_err(get)?;

@@ -280,6 +280,20 @@ impl Checkpoints for PostgresStore {
                 let state: String = row.try_get("state").map_err(get)?;
                 let partitions: i32 = row.try_get("partitions").map_err(get)?;
                 let rebuild_total: Option<i64> = row.try_get("rebuild_total").map_err(get)?;
+                let parked_txid: Option<String> = row.try_get("parked_txid").map_err(get)?;
+                let parked_position: Option<i64> = row.try_get("parked_position").map_err(get)?;
+                let last_parked = match (parked_txid, parked_position) {
+                    (Some(txid), Some(position)) => Some(Checkpoint::new(
+                        txid.parse().map_err(|_| {
+                            super::rows::corrupt(
+                                table,
+                                &format!("dead letter transaction id `{txid}` is not a number"),
+                            )
+                        })?,
+                        u64::try_from(position).unwrap_or(0),
+                    )),
+                    _ => None,
+                };
                 Ok(UnitRecord {
                     unit: UnitId {
                         projection: row.try_get("projection").map_err(get)?,
@@ -299,6 +313,7 @@ impl Checkpoints for PostgresStore {
                     processed: u64_column(row, "processed", table)?,
                     rebuild_total: rebuild_total.and_then(|n| u64::try_from(n).ok()),
                     updated_at: row.try_get("updated_at").map_err(get)?,
+                    last_parked,
                 })
             })
             .collect()

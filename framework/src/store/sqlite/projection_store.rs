@@ -129,7 +129,13 @@ const UNITS: &str = "SELECT p.projection, p.partition, p.partitions, p.transacti
             p.position, l.owner, \
             COALESCE(l.owner IS NOT NULL AND l.lease_until >= ?2, 0) AS lease_valid, \
             p.epoch, p.state, p.paused, p.last_error, p.processed, p.rebuild_total, \
-            p.updated_at \
+            p.updated_at, \
+            (SELECT d.transaction_id FROM {dead_letters} d \
+              WHERE d.projection = p.projection AND d.partition = p.partition \
+              ORDER BY d.transaction_id DESC, d.position DESC LIMIT 1) AS parked_transaction_id, \
+            (SELECT d.position FROM {dead_letters} d \
+              WHERE d.projection = p.projection AND d.partition = p.partition \
+              ORDER BY d.transaction_id DESC, d.position DESC LIMIT 1) AS parked_position \
        FROM {projections} p \
        LEFT JOIN {leases} l ON l.projection = p.projection AND l.partition = p.partition \
       WHERE ?1 IS NULL OR p.projection = ?1 \
@@ -303,6 +309,15 @@ fn unit_record_from_row(row: &SqliteRow, table: &str) -> Result<UnitRecord, Stor
         })
         .transpose()?;
     let updated_at: String = row.try_get("updated_at").map_err(get())?;
+    let parked_transaction_id: Option<i64> = row.try_get("parked_transaction_id").map_err(get())?;
+    let parked_position: Option<i64> = row.try_get("parked_position").map_err(get())?;
+    let last_parked = match (parked_transaction_id, parked_position) {
+        (Some(transaction_id), Some(position)) => Some(Checkpoint::new(
+            u64::try_from(transaction_id).unwrap_or(0),
+            u64::try_from(position).unwrap_or(0),
+        )),
+        _ => None,
+    };
     Ok(UnitRecord {
         unit: unit_from_row(row, table, OPERATION)?,
         partitions: u32_column(row, "partitions", table, OPERATION)?,
@@ -321,6 +336,7 @@ fn unit_record_from_row(row: &SqliteRow, table: &str) -> Result<UnitRecord, Stor
         processed: u64_column(row, "processed", table)?,
         rebuild_total,
         updated_at: time_column(&updated_at, table)?,
+        last_parked,
     })
 }
 
