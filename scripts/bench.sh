@@ -10,5 +10,5 @@ cd "$(dirname "$0")/.."
 source scripts/services.sh
 
 cargo build --release -p outflow-bench
-OUTFLOW_PG_DEFAULTS=1 start_postgres
+OUTFLOW_PG_DEFAULTS=1 OUTFLOW_PG_STATEMENTS=1 start_postgres
 ./target/release/outflow-bench "$@" --out docs/benchmarks.md

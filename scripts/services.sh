@@ -133,6 +133,10 @@ start_postgres() {
     if [ -n "${OUTFLOW_PG_DEFAULTS:-}" ]; then
         settings="-c max_connections=200"
     fi
+    # The benchmark counts statements per command (OUTFLOW_PG_STATEMENTS=1).
+    if [ -n "${OUTFLOW_PG_STATEMENTS:-}" ]; then
+        settings="$settings -c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track=all"
+    fi
     as_service_user "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
         -o "-p $port -k $dir -c listen_addresses=127.0.0.1 $settings -c ssl=on -c ssl_cert_file=$dir/server.crt -c ssl_key_file=$dir/server.key" start >&2 \
         || { cat "$dir/server.log" >&2; return 1; }

@@ -304,14 +304,17 @@ async fn seed_sqlite(path: &std::path::Path, events: usize, accounts: usize) -> 
     Ok(())
 }
 
+/// postgres-es on a fresh database: with sqlx's standard pool (`ping`: a
+/// round trip to test each connection on checkout, its default) or tuned
+/// without it.
 async fn postgres_es_system(
     server: &Server,
     label: &str,
     with_view: bool,
+    ping: bool,
 ) -> Result<(System, PgPool)> {
     let (options, _) = server.fresh_db(label).await?;
-    // postgres-es's own defaults: sqlx pool with its standard settings.
-    let pool = pool(&options, 20, true).await?;
+    let pool = pool(&options, 20, ping).await?;
     postgres_es_schema(&pool).await?;
     let mut queries: Vec<Box<dyn Query<BankAccount>>> = Vec::new();
     if with_view {
@@ -405,7 +408,7 @@ async fn commands_with_read_model(server: &Server, size: &Size) -> Result<ReadMo
     shutdown.cancel();
     handle.await?;
 
-    let (system, _) = postgres_es_system(server, "rm_pges", true).await?;
+    let (system, _) = postgres_es_system(server, "rm_pges", true, true).await?;
     let postgres_es = commands(&system, size.accounts, size.deposits, 1).await?;
     Ok(ReadModelResult {
         outflow,
@@ -606,10 +609,131 @@ async fn rebuilds(server: &Server, size: &Size) -> Result<RebuildResult> {
     })
 }
 
+/// What a steady phase cost: the server's statements (from
+/// `pg_stat_statements`, when the server loads it) and the machine's CPU.
+struct Spent {
+    commands: u64,
+    /// Each statement's text (shortened) and calls, most called first.
+    statements: Option<Vec<(String, i64)>>,
+    /// CPU seconds of the whole machine (client, server, everything).
+    cpu_seconds: f64,
+}
+
+impl Spent {
+    fn total_statements(&self) -> Option<i64> {
+        self.statements
+            .as_ref()
+            .map(|s| s.iter().map(|(_, calls)| calls).sum())
+    }
+
+    fn per_command(&self, calls: i64) -> f64 {
+        calls as f64 / self.commands.max(1) as f64
+    }
+
+    /// Statements of the projection's batches per batch: everything but the
+    /// command's load and append and the waiters' reads, over the batches
+    /// (each batch commits once; nothing else here commits explicitly).
+    fn per_batch(&self) -> Option<(f64, i64)> {
+        let statements = self.statements.as_ref()?;
+        let batches: i64 = statements
+            .iter()
+            .filter(|(q, _)| q.eq_ignore_ascii_case("commit"))
+            .map(|(_, c)| c)
+            .sum();
+        let batch_calls: i64 = statements
+            .iter()
+            .filter(|(q, _)| !is_command_statement(q) && !is_wait_statement(q))
+            .map(|(_, c)| c)
+            .sum();
+        (batches > 0).then(|| (batch_calls as f64 / batches as f64, batches))
+    }
+
+    fn cpu_ms_per_command(&self) -> f64 {
+        self.cpu_seconds * 1000.0 / self.commands.max(1) as f64
+    }
+}
+
+/// A command's own statements: the stream's load and the append.
+fn is_command_statement(query: &str) -> bool {
+    query.contains("aggregate_id = $2") || query.contains("INSERT INTO events")
+}
+
+/// A waiter's statements: the units' checkpoints and dead letters.
+fn is_wait_statement(query: &str) -> bool {
+    query.starts_with("SELECT p.projection") || query.contains("FROM events_dead_letters")
+}
+
+/// Busy CPU seconds of the machine so far (all cores), from `/proc/stat`.
+fn machine_busy_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return 0.0;
+    };
+    let Some(line) = stat.lines().next() else {
+        return 0.0;
+    };
+    let ticks: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal: busy is all but idle
+    // and iowait; USER_HZ is 100 on Linux.
+    let busy: f64 = ticks
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, t)| t)
+        .sum();
+    busy / 100.0
+}
+
+/// Clears the server's statement counts; `false` when the server does not
+/// load `pg_stat_statements`.
+async fn statements_reset(pool: &PgPool) -> bool {
+    if sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .execute(pool)
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    sqlx::query("SELECT pg_stat_statements_reset()")
+        .execute(pool)
+        .await
+        .is_ok()
+}
+
+/// The statements run in this database since the reset, most called first.
+async fn statements_read(pool: &PgPool) -> Result<Vec<(String, i64)>> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT s.query, s.calls FROM pg_stat_statements s \
+          WHERE s.dbid = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database()) \
+            AND s.query NOT LIKE '%pg_stat_statements%' \
+          ORDER BY s.calls DESC",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(query, calls)| {
+            // Skip the leading comment lines of Outflow's query files.
+            let text: String = query
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("--"))
+                .collect::<Vec<_>>()
+                .join(" ");
+            let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+            (text, calls)
+        })
+        .collect())
+}
+
 /// Commands at a steady rate; latency from sending a command until the read
 /// model shows it (`wait_for` returns).
-async fn visible_latency(server: &Server, per_second: u32, seconds: u64) -> Result<Rate> {
-    Ok(visible_latency_split(server, per_second, seconds).await?.0)
+async fn visible_latency(server: &Server, per_second: u32, seconds: u64) -> Result<(Rate, Spent)> {
+    let (total, _, _, spent) = visible_latency_split(server, per_second, seconds).await?;
+    Ok((total, spent))
 }
 
 /// As [`visible_latency`], also split into the command and the wait.
@@ -617,7 +741,7 @@ async fn visible_latency_split(
     server: &Server,
     per_second: u32,
     seconds: u64,
-) -> Result<(Rate, Rate, Rate)> {
+) -> Result<(Rate, Rate, Rate, Spent)> {
     let (system, store) = outflow_system(server, "latency").await?;
     let view = ViewProjection::<BankAccount, BalanceView>::new("balance_view", "balance_view")?;
     view.create_table(store.pool()).await?;
@@ -643,6 +767,8 @@ async fn visible_latency_split(
         bail!("not outflow")
     };
     let total = per_second as u64 * seconds;
+    let counting = statements_reset(store.pool()).await;
+    let busy_before = machine_busy_seconds();
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(per_second)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let started = Instant::now();
@@ -679,12 +805,23 @@ async fn visible_latency_split(
         waits.push(total.saturating_sub(command));
     }
     let elapsed = started.elapsed();
+    let cpu_seconds = machine_busy_seconds() - busy_before;
+    let statements = if counting {
+        Some(statements_read(store.pool()).await?)
+    } else {
+        None
+    };
     shutdown.cancel();
     handle.await?;
     Ok((
         rate(&mut totals, elapsed),
         rate(&mut commands, elapsed),
         rate(&mut waits, elapsed),
+        Spent {
+            commands: total,
+            statements,
+            cpu_seconds,
+        },
     ))
 }
 
@@ -860,6 +997,11 @@ async fn server_facts(server: &Server) -> Result<Vec<(String, String)>> {
     Ok(facts)
 }
 
+/// A result kept for the rest of the run (the report borrows them all).
+fn leak(rate: Rate) -> &'static Rate {
+    Box::leak(Box::new(rate))
+}
+
 fn ratio(a: f64, b: f64) -> String {
     if b > 0.0 {
         format!("{:.2}×", a / b)
@@ -881,9 +1023,23 @@ async fn main() -> Result<()> {
             admin: url.parse()?,
             counter: Default::default(),
         };
-        let (total, command, wait) = visible_latency_split(&server, rate, seconds).await?;
+        let (total, command, wait, spent) = visible_latency_split(&server, rate, seconds).await?;
         for (label, r) in [("total", total), ("command", command), ("wait", wait)] {
             println!("{label:>8}: p50 {:.2} ms  p99 {:.2} ms", r.p50_ms, r.p99_ms);
+        }
+        println!(
+            "CPU per command (whole machine): {:.3} ms",
+            spent.cpu_ms_per_command()
+        );
+        if let Some(total) = spent.total_statements() {
+            println!("statements per command: {:.2}", spent.per_command(total));
+        }
+        if let Some((per_batch, batches)) = spent.per_batch() {
+            println!("projection batches: {batches}, statements per batch: {per_batch:.2}");
+        }
+        for (query, calls) in spent.statements.iter().flatten().take(14) {
+            let short: String = query.chars().take(110).collect();
+            println!("{:>7.3}/cmd  {short}", spent.per_command(*calls));
         }
         return Ok(());
     }
@@ -967,8 +1123,10 @@ async fn main() -> Result<()> {
     let o1 = commands(&outflow, size.accounts, size.deposits, 1).await?;
     let (outflow, _) = outflow_system_with(&server, "c1c", 100_000).await?;
     let oc1 = commands(&outflow, size.accounts, size.deposits, 1).await?;
-    let (pges, _) = postgres_es_system(&server, "c1", false).await?;
+    let (pges, _) = postgres_es_system(&server, "c1", false, true).await?;
     let p1 = commands(&pges, size.accounts, size.deposits, 1).await?;
+    let (pges, _) = postgres_es_system(&server, "c1t", false, false).await?;
+    let pt1 = commands(&pges, size.accounts, size.deposits, 1).await?;
     let (sqlite, _) = sqlite_system("c1").await?;
     let s1 = commands(&sqlite, size.accounts, size.deposits, 1).await?;
     let (sqlite, _) = sqlite_system("c1_normal").await?;
@@ -979,8 +1137,10 @@ async fn main() -> Result<()> {
     let o16 = commands(&outflow, size.accounts, size.deposits, 16).await?;
     let (outflow, _) = outflow_system_with(&server, "c16c", 100_000).await?;
     let oc16 = commands(&outflow, size.accounts, size.deposits, 16).await?;
-    let (pges, _) = postgres_es_system(&server, "c16", false).await?;
+    let (pges, _) = postgres_es_system(&server, "c16", false, true).await?;
     let p16 = commands(&pges, size.accounts, size.deposits, 16).await?;
+    let (pges, _) = postgres_es_system(&server, "c16t", false, false).await?;
+    let pt16 = commands(&pges, size.accounts, size.deposits, 16).await?;
     let (sqlite, _) = sqlite_system("c16").await?;
     let s16 = commands(&sqlite, size.accounts, size.deposits, 16).await?;
 
@@ -991,8 +1151,8 @@ async fn main() -> Result<()> {
     let rb = rebuilds(&server, &size).await?;
 
     eprintln!("5/7 append → visible latency");
-    let l500 = visible_latency(&server, 500, size.steady_seconds).await?;
-    let l2000 = visible_latency(&server, 2000, size.steady_seconds).await?;
+    let (l500, spent500) = visible_latency(&server, 500, size.steady_seconds).await?;
+    let (l2000, spent2000) = visible_latency(&server, 2000, size.steady_seconds).await?;
 
     eprintln!("6/7 aggregate loads");
     let loads = aggregate_loads(&server, &size).await?;
@@ -1009,9 +1169,11 @@ async fn main() -> Result<()> {
         "Outflow and postgres-es 0.5 on the same PostgreSQL server in the same run \
          (`scripts/bench.sh{}`, {:.0} s), with the bank-account aggregate of \
          `example-accounts`. Release build; the server runs with its default settings \
-         (fsync on) in a throwaway cluster on this machine. postgres-es uses its own \
-         defaults (sqlx pool, which pings the server on each checkout); Outflow uses \
-         `PostgresStore::connect`'s pool settings.\n",
+         (fsync on, `pg_stat_statements` loaded to count statements) in a throwaway \
+         cluster on this machine. postgres-es runs twice: with its own defaults (sqlx's \
+         pool, which pings the server on each checkout) and tuned (no ping); ratios are \
+         against the better of the two. Outflow uses `PostgresStore::connect`'s pool \
+         settings.\n",
         if size.quick { " --quick" } else { "" },
         started.elapsed().as_secs_f64()
     );
@@ -1022,14 +1184,24 @@ async fn main() -> Result<()> {
     let _ = writeln!(md, "\n## Commands (load + handle + append)\n");
     let _ = writeln!(
         md,
-        "{} accounts × {} deposits.\n\n| scenario | Outflow cmd/s | postgres-es cmd/s | ratio | Outflow p50 / p99 ms | postgres-es p50 / p99 ms |\n|---|---|---|---|---|---|",
+        "{} accounts × {} deposits. postgres-es's row is the better of its two pools \
+         (the other is in the next table).\n\n| scenario | Outflow cmd/s | postgres-es cmd/s | ratio | Outflow p50 / p99 ms | postgres-es p50 / p99 ms |\n|---|---|---|---|---|---|",
         size.accounts, size.deposits
     );
+    let better =
+        |a: &'static Rate, b: &'static Rate| if a.per_second >= b.per_second { a } else { b };
+    let (p1, pt1, p16, pt16) = (leak(p1), leak(pt1), leak(p16), leak(pt16));
+    let best1 = better(p1, pt1);
+    let best16 = better(p16, pt16);
     for (label, o, p) in [
-        ("1 client", &o1, &p1),
-        ("1 client, Outflow with its aggregate cache", &oc1, &p1),
-        ("16 clients", &o16, &p16),
-        ("16 clients, Outflow with its aggregate cache", &oc16, &p16),
+        ("1 client", &o1, best1),
+        ("1 client, Outflow with its aggregate cache", &oc1, best1),
+        ("16 clients", &o16, best16),
+        (
+            "16 clients, Outflow with its aggregate cache",
+            &oc16,
+            best16,
+        ),
         (
             "1 client, with read model (postgres-es: synchronous view; Outflow: async projection)",
             &rm.outflow,
@@ -1048,6 +1220,11 @@ async fn main() -> Result<()> {
             p.p99_ms
         );
     }
+    let _ = writeln!(
+        md,
+        "\npostgres-es's two pools:\n\n| clients | sqlx's default pool (ping on checkout) cmd/s | tuned pool (no ping) cmd/s |\n|---|---|---|\n| 1 | {:.0} | {:.0} |\n| 16 | {:.0} | {:.0} |",
+        p1.per_second, pt1.per_second, p16.per_second, pt16.per_second
+    );
     let _ = writeln!(
         md,
         "\nOutflow's asynchronous read model had caught up {:.1} ms after the last command returned.\n",
@@ -1117,15 +1294,49 @@ async fn main() -> Result<()> {
     let _ = writeln!(md, "\n## Append → read model visible (Outflow)\n");
     let _ = writeln!(
         md,
-        "Deposits at a steady rate for {} s each, 1,000 accounts; latency from sending the command until `wait_for` sees the projection past it.\n\n| rate | achieved cmd/s | p50 ms | p99 ms |\n|---|---|---|---|",
+        "Deposits at a steady rate for {} s each, 1,000 accounts, a `ViewProjection` of the \
+         balances; latency from sending the command until `wait_for` sees the projection past \
+         it. Statements are counted by the server (`pg_stat_statements`, every statement \
+         including `BEGIN` and `COMMIT`); a batch's are all but the command's two and the \
+         waiters'. CPU is the whole machine's (client and server) over the run, per command.\n\n\
+         | rate | achieved cmd/s | p50 ms | p99 ms | statements per command | batches | statements per batch | CPU ms per command |\n|---|---|---|---|---|---|---|---|",
         size.steady_seconds
     );
-    for (label, l) in [("500 cmd/s", &l500), ("2,000 cmd/s", &l2000)] {
+    for (label, l, spent) in [
+        ("500 cmd/s", &l500, &spent500),
+        ("2,000 cmd/s", &l2000, &spent2000),
+    ] {
+        let per_command = spent
+            .total_statements()
+            .map_or("–".to_owned(), |t| format!("{:.2}", spent.per_command(t)));
+        let (per_batch, batches) = spent
+            .per_batch()
+            .map_or(("–".to_owned(), "–".to_owned()), |(p, b)| {
+                (format!("{p:.2}"), b.to_string())
+            });
         let _ = writeln!(
             md,
-            "| {label} | {:.0} | {:.2} | {:.2} |",
-            l.per_second, l.p50_ms, l.p99_ms
+            "| {label} | {:.0} | {:.2} | {:.2} | {per_command} | {batches} | {per_batch} | {:.3} |",
+            l.per_second,
+            l.p50_ms,
+            l.p99_ms,
+            spent.cpu_ms_per_command()
         );
+    }
+    if let Some(statements) = &spent500.statements {
+        let _ = writeln!(
+            md,
+            "\nThe statements of the 500 cmd/s run, per command:\n\n| per command | statement |\n|---|---|"
+        );
+        for (query, calls) in statements.iter().filter(|(_, c)| *c > 0).take(12) {
+            let short: String = query.chars().take(90).collect();
+            let _ = writeln!(
+                md,
+                "| {:.3} | `{}…` |",
+                spent500.per_command(*calls),
+                short.replace('|', "\\|")
+            );
+        }
     }
     let _ = writeln!(md, "\n## Aggregate load, 1,000 events\n");
     let _ = writeln!(

@@ -399,6 +399,7 @@ impl OutboxBuilder {
             spawn_notifier(
                 self.store.pool().clone(),
                 channel.clone(),
+                String::new(),
                 self.notify_interval,
                 shutdown.clone(),
             )

@@ -102,7 +102,9 @@ pub enum WaitError {
 ///   permission: something someone must fix);
 /// - [`WaitError::Parked`] when the projections passed `target` but parked
 ///   an event on the way: one of `target`'s own transaction, or one after
-///   where the projection stood when the wait began;
+///   where the projection stood when the wait began (as last seen:
+///   [`ProjectionRunner::wait_for`] looks at the view its waiters share,
+///   refreshed at every move of a checkpoint);
 /// - [`WaitError::Timeout`] after `timeout` (with the error the projection
 ///   is retrying on, if any);
 /// - [`WaitError::UnknownProjection`] when no projection of that name is
@@ -226,8 +228,10 @@ async fn wait_on<S: Checkpoints + DeadLetters>(
 ) -> Result<(), WaitError> {
     let deadline = tokio::time::Instant::now() + timeout;
     let unknown_until = tokio::time::Instant::now() + timeout.min(UNKNOWN_GRACE);
-    // One read of our own (admin changes such as a restart reach the shared
-    // view only at its next refresh), then the shared view.
+    // The runner's shared view of the checkpoints; a stopped or failing
+    // unit it shows is confirmed by a read of our own before the wait gives
+    // up (admin changes such as a restart reach the view at its next
+    // refresh).
     let mut view = shared.units.subscribe();
     ensure_refresher(store, shared);
     let own_transaction = Checkpoint::new(target.transaction_id, 0);
@@ -245,9 +249,16 @@ async fn wait_on<S: Checkpoints + DeadLetters>(
             .collect();
         return parked_on_the_way(store, &current, &since, target).await;
     }
-    let mut units = Arc::new(store.units(None).await?);
-    // Parked events after where each projection stands now count against
-    // this wait, and so do those of the awaited transaction.
+    // Otherwise the wait starts from the view too (refreshed at every move
+    // of a checkpoint, here or on another node), or from a read of its own
+    // when nothing has read the view yet.
+    let (mut units, mut fresh) = if current.is_empty() {
+        (Arc::new(store.units(None).await?), true)
+    } else {
+        (current, false)
+    };
+    // Parked events after where each projection stood at that look count
+    // against this wait, and so do those of the awaited transaction.
     let since: Vec<(&str, Checkpoint)> = projections
         .iter()
         .map(|&name| {
@@ -255,8 +266,6 @@ async fn wait_on<S: Checkpoints + DeadLetters>(
             (name, from.min(own_transaction))
         })
         .collect();
-    // Whether `units` comes from our own read (the shared view may lag).
-    let mut fresh = true;
     loop {
         let (name, reached, last_error) = match standing(&units, target, projections) {
             Standing::Reached => return parked_on_the_way(store, &units, &since, target).await,

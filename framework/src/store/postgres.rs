@@ -81,6 +81,8 @@ struct Inner {
     appends_in_transactions: AtomicU64,
     appends_woken: AtomicU64,
     listener_started: OnceLock<()>,
+    /// This store's id in its notifications, so its own listener skips them.
+    instance: String,
     shutdown: CancellationToken,
 }
 
@@ -232,10 +234,12 @@ impl PostgresStoreBuilder {
         }
         let projection_sql = projection_store::Queries::new(&names);
         let shutdown = CancellationToken::new();
+        let instance = uuid::Uuid::new_v4().simple().to_string();
         let notifier = |channel: &String| {
             spawn_notifier(
                 self.pool.clone(),
                 channel.clone(),
+                instance.clone(),
                 self.notify_interval,
                 shutdown.clone(),
             )
@@ -260,6 +264,7 @@ impl PostgresStoreBuilder {
                 appends_in_transactions: AtomicU64::new(0),
                 appends_woken: AtomicU64::new(0),
                 listener_started: OnceLock::new(),
+                instance,
                 shutdown,
             }),
         })

@@ -56,11 +56,12 @@ impl PostgresStore {
         let checkpoint_channel = self.inner.checkpoint_channel.clone();
         let shutdown = self.inner.shutdown.clone();
         let wake = Arc::downgrade(&self.inner);
+        let instance = self.inner.instance.clone();
         runtime.spawn(async move {
             let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
             loop {
                 let channels = [channel.as_str(), checkpoint_channel.as_str()];
-                if let Err(error) = listen_once(&pool, channels, &shutdown, &wake).await {
+                if let Err(error) = listen_once(&pool, channels, &instance, &shutdown, &wake).await {
                     tracing::warn!(error = %crate::error::error_chain(&error), %channel, "listener failed, reconnecting");
                 }
                 if shutdown.is_cancelled() || wake.strong_count() == 0 {
@@ -74,11 +75,14 @@ impl PostgresStore {
     }
 }
 
-/// One `LISTEN` session: wakes readers on each notification, and once on
-/// connecting (notifications sent while it was away are lost).
+/// One `LISTEN` session: wakes readers on each notification from another
+/// store (this store's own commits woke them directly: its notifications
+/// carry its `instance` id and are skipped), and once on connecting
+/// (notifications sent while it was away are lost).
 async fn listen_once(
     pool: &PgPool,
     [events_channel, checkpoint_channel]: [&str; 2],
+    instance: &str,
     shutdown: &CancellationToken,
     inner: &Weak<Inner>,
 ) -> Result<(), sqlx::Error> {
@@ -109,8 +113,11 @@ async fn listen_once(
             received = listener.try_recv() => {
                 // `Ok(None)`: the connection was lost; the next call reconnects
                 // and listens again.
-                let channel = received?;
-                if !wake(channel.as_ref().map(|n| n.channel())) {
+                let notification = received?;
+                if notification.as_ref().is_some_and(|n| n.payload() == instance) {
+                    continue;
+                }
+                if !wake(notification.as_ref().map(|n| n.channel())) {
                     return Ok(());
                 }
             }
@@ -119,10 +126,12 @@ async fn listen_once(
 }
 
 /// Sends one `NOTIFY` on `channel` per signal received, at most one per
-/// `interval` (signals in between share it), always outside any transaction.
+/// `interval` (signals in between share it), always outside any transaction;
+/// `payload` lets the sender's own listener ignore it.
 pub(crate) fn spawn_notifier(
     pool: PgPool,
     channel: String,
+    payload: String,
     interval: Duration,
     shutdown: CancellationToken,
 ) -> mpsc::Sender<()> {
@@ -133,8 +142,9 @@ pub(crate) fn spawn_notifier(
                 _ = shutdown.cancelled() => return,
                 signal = receiver.recv() => if signal.is_none() { return },
             }
-            if let Err(error) = sqlx::query("SELECT pg_notify($1, '')")
+            if let Err(error) = sqlx::query("SELECT pg_notify($1, $2)")
                 .bind(&channel)
+                .bind(&payload)
                 .execute(&pool)
                 .await
             {
