@@ -344,3 +344,98 @@ async fn a_streaming_read_reports_a_database_error_instead_of_ending() {
         "a stream read reports it too"
     );
 }
+
+/// One look at the log (`read_window`, one statement on PostgreSQL): the
+/// head and the window agree, a full window is not complete, a row that
+/// does not decode makes a short window incomplete, and a transaction that
+/// holds committed events back is reported, so a reader looks again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_reports_its_head_completeness_and_events_held_back() {
+    let db = common::TestDb::new("window").await;
+    let store = db.store().await;
+    let all = LogFilter::all();
+
+    let empty = store
+        .read_window(Checkpoint::START, &all, 10)
+        .await
+        .expect("an empty log");
+    assert_eq!(empty.head, Checkpoint::START);
+    assert!(empty.events.is_empty() && empty.complete && !empty.held_back);
+
+    for i in 0..3 {
+        store
+            .append(request("account", &format!("w-{i}"), 0, 1))
+            .await
+            .expect("append");
+    }
+    let short = store
+        .read_window(Checkpoint::START, &all, 10)
+        .await
+        .expect("a short window");
+    assert_eq!(short.events.len(), 3);
+    assert_eq!(short.head, short.events[2].checkpoint());
+    assert!(short.complete && !short.held_back);
+    let full = store
+        .read_window(Checkpoint::START, &all, 3)
+        .await
+        .expect("a full window");
+    assert_eq!(full.events.len(), 3);
+    assert!(!full.complete, "a full window may have more after it");
+    // Filtered: the head is the log's, the window only what is wanted.
+    let other = store
+        .read_window(Checkpoint::START, &LogFilter::aggregate_types(["user"]), 10)
+        .await
+        .expect("a filtered window");
+    assert!(other.events.is_empty() && other.complete);
+    assert_eq!(other.head, short.head);
+
+    // Held back: an open transaction with an id, then a later commit.
+    let mut held = store.pool().begin().await.expect("begin");
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *held)
+        .await
+        .expect("take a transaction id");
+    store
+        .append(request("account", "later", 0, 1))
+        .await
+        .expect("append later");
+    let waiting = store
+        .read_window(short.head, &all, 10)
+        .await
+        .expect("a window behind the open transaction");
+    assert!(waiting.events.is_empty(), "{:?}", waiting.events);
+    assert_eq!(waiting.head, short.head);
+    assert!(waiting.held_back, "the later event waits behind it");
+    held.rollback().await.expect("roll back");
+    let released = store
+        .read_window(short.head, &all, 10)
+        .await
+        .expect("a window after it ended");
+    assert_eq!(released.events.len(), 1);
+    assert!(released.complete && !released.held_back);
+
+    // A row whose metadata does not decode, between two good ones: the
+    // window stops before it and is not complete.
+    store
+        .append(request("account", "good-1", 0, 1))
+        .await
+        .expect("append");
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, \
+         payload, metadata) VALUES ('account', 'bad', 1, 'Deposited', '1.0', '{}', '[1]')",
+    )
+    .execute(store.pool())
+    .await
+    .expect("insert a bad row");
+    store
+        .append(request("account", "good-2", 0, 1))
+        .await
+        .expect("append");
+    let cut = store
+        .read_window(released.head, &all, 10)
+        .await
+        .expect("a window cut by the bad row");
+    assert_eq!(cut.events.len(), 1, "{:?}", cut.events);
+    assert_eq!(cut.events[0].aggregate_id, "good-1");
+    assert!(!cut.complete, "a good event follows the bad row");
+}
