@@ -1096,6 +1096,40 @@ async fn main() -> Result<()> {
         let _ = std::fs::remove_dir_all(dir);
         return Ok(());
     }
+    if args.first().map(String::as_str) == Some("rebuild") {
+        // outflow-bench rebuild EVENTS [KIND...]: seeds a fresh database and
+        // prints each kind's replay (batch, view); the database is kept and
+        // its URL printed, for profiling `rebuild-child` on it.
+        let events: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(1_000_000);
+        let kinds: Vec<&str> = match args.get(2..) {
+            Some(rest) if !rest.is_empty() => rest.iter().map(String::as_str).collect(),
+            _ => vec!["batch", "view"],
+        };
+        let url = std::env::var("DATABASE_URL").context("DATABASE_URL is not set")?;
+        let server = Server {
+            admin: url.parse()?,
+            counter: Default::default(),
+        };
+        let (options, _) = server.fresh_db("rebuild_probe").await?;
+        let url = options.to_url_lossy().to_string();
+        {
+            let store = PostgresStore::builder(pool(&options, 4, false).await?)
+                .build()
+                .await?;
+            seed_events(store.pool(), events, events / 500).await?;
+        }
+        println!("database: {url}");
+        for kind in kinds {
+            let report = run_rebuild_child(&url, kind).await?;
+            println!(
+                "{kind}: {} events, {:.0}/s, peak RSS {:.0} MB",
+                report.events,
+                report.events as f64 / report.seconds,
+                report.peak_rss_mb
+            );
+        }
+        return Ok(());
+    }
     if args.first().map(String::as_str) == Some("rebuild-child") {
         let (Some(url), Some(kind)) = (args.get(1), args.get(2)) else {
             bail!("usage: outflow-bench rebuild-child URL batch|view");
