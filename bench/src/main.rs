@@ -463,10 +463,14 @@ fn peak_rss_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// The batch sizes the rebuilds run with: a projection's default-sized
+/// catch-up batches (2,000) and large ones (10,000).
+const REBUILD_BATCHES: [usize; 2] = [2_000, 10_000];
+
 /// In a child process: replays the whole log into one projection and reports.
-async fn rebuild_child(url: &str, kind: &str) -> Result<()> {
+async fn rebuild_child(url: &str, kind: &str, batch: usize) -> Result<()> {
     if let Some(path) = url.strip_prefix("sqlite:") {
-        return rebuild_child_sqlite(path).await;
+        return rebuild_child_sqlite(path, batch).await;
     }
     let options: PgConnectOptions = url.parse()?;
     let store = PostgresStore::builder(pool(&options, 4, false).await?)
@@ -474,14 +478,19 @@ async fn rebuild_child(url: &str, kind: &str) -> Result<()> {
         .await?;
     let options = match kind {
         "batch" => {
+            // Each run replays into an empty table.
             Balances::create_table(store.pool()).await?;
-            ProjectionOptions::new(Balances::named("rebuild_batch")).batch_size(2000)
+            sqlx::query("TRUNCATE account_balances")
+                .execute(store.pool())
+                .await?;
+            ProjectionOptions::new(Balances::named(format!("rebuild_batch_{batch}")))
+                .batch_size(batch)
         }
         "view" => {
-            let view =
-                ViewProjection::<BankAccount, BalanceView>::new("rebuild_view", "rebuild_view")?;
+            let name = format!("rebuild_view_{batch}");
+            let view = ViewProjection::<BankAccount, BalanceView>::new(&name, &name)?;
             view.create_table(store.pool()).await?;
-            ProjectionOptions::new(view).batch_size(2000)
+            ProjectionOptions::new(view).batch_size(batch)
         }
         other => bail!("unknown rebuild kind `{other}`"),
     };
@@ -491,13 +500,9 @@ async fn rebuild_child(url: &str, kind: &str) -> Result<()> {
     let head = store.head().await?;
     let started = Instant::now();
     let (shutdown, handle) = spawn_runner(&runner);
-    let name = if kind == "batch" {
-        "rebuild_batch"
-    } else {
-        "rebuild_view"
-    };
+    let name = format!("rebuild_{kind}_{batch}");
     runner
-        .wait_for(head, &[name], Duration::from_secs(1800))
+        .wait_for(head, &[name.as_str()], Duration::from_secs(1800))
         .await?;
     let seconds = started.elapsed().as_secs_f64();
     let events = runner.status().await?.iter().map(|s| s.processed).sum();
@@ -513,10 +518,12 @@ async fn rebuild_child(url: &str, kind: &str) -> Result<()> {
 }
 
 /// In a child process: replays a SQLite file's log into `SqliteBalances`.
-async fn rebuild_child_sqlite(path: &str) -> Result<()> {
+async fn rebuild_child_sqlite(path: &str, batch: usize) -> Result<()> {
     let store = SqliteStore::open(path).await?;
     let runner = ProjectionRunner::builder(store.clone())
-        .projection(ProjectionOptions::new(SqliteBalances::named("rebuild_batch")).batch_size(2000))
+        .projection(
+            ProjectionOptions::new(SqliteBalances::named("rebuild_batch")).batch_size(batch),
+        )
         .build()?;
     let head = store.head().await?;
     let started = Instant::now();
@@ -537,10 +544,10 @@ async fn rebuild_child_sqlite(path: &str) -> Result<()> {
     Ok(())
 }
 
-async fn run_rebuild_child(url: &str, kind: &str) -> Result<RebuildReport> {
+async fn run_rebuild_child(url: &str, kind: &str, batch: usize) -> Result<RebuildReport> {
     let exe = std::env::current_exe()?;
     let output = tokio::process::Command::new(exe)
-        .args(["rebuild-child", url, kind])
+        .args(["rebuild-child", url, kind, &batch.to_string()])
         .output()
         .await?;
     if !output.status.success() {
@@ -558,9 +565,10 @@ async fn run_rebuild_child(url: &str, kind: &str) -> Result<RebuildReport> {
 }
 
 struct RebuildResult {
-    batch: RebuildReport,
+    /// By batch size.
+    batch: Vec<(usize, RebuildReport)>,
     sqlite_batch: RebuildReport,
-    view: RebuildReport,
+    view: Vec<(usize, RebuildReport)>,
     replay_events: usize,
     replay_per_second: f64,
 }
@@ -574,13 +582,18 @@ async fn rebuilds(server: &Server, size: &Size) -> Result<RebuildResult> {
             .await?;
         seed_events(store.pool(), size.rebuild_events, size.rebuild_accounts).await?;
     }
-    let batch = run_rebuild_child(&url, "batch").await?;
-    let view = run_rebuild_child(&url, "view").await?;
+    let mut batch = Vec::new();
+    let mut view = Vec::new();
+    for size in REBUILD_BATCHES {
+        batch.push((size, run_rebuild_child(&url, "batch", size).await?));
+        view.push((size, run_rebuild_child(&url, "view", size).await?));
+    }
     let dir = sqlite_dir();
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("rebuild.db");
     seed_sqlite(&path, size.rebuild_events, size.rebuild_accounts).await?;
-    let sqlite_batch = run_rebuild_child(&format!("sqlite:{}", path.display()), "batch").await?;
+    let sqlite_batch =
+        run_rebuild_child(&format!("sqlite:{}", path.display()), "batch", 2_000).await?;
 
     let (options, _) = server.fresh_db("replay_pges").await?;
     let pges_pool = pool(&options, 4, true).await?;
@@ -1086,7 +1099,8 @@ async fn main() -> Result<()> {
                 n as f64 / started.elapsed().as_secs_f64()
             );
         }
-        let rebuilt = run_rebuild_child(&format!("sqlite:{}", path.display()), "batch").await?;
+        let rebuilt =
+            run_rebuild_child(&format!("sqlite:{}", path.display()), "batch", 2_000).await?;
         println!(
             "rebuild: {} events, {:.0}/s, peak RSS {:.0} MB",
             rebuilt.events,
@@ -1100,7 +1114,10 @@ async fn main() -> Result<()> {
         // outflow-bench rebuild EVENTS [KIND...]: seeds a fresh database and
         // prints each kind's replay (batch, view); the database is kept and
         // its URL printed, for profiling `rebuild-child` on it.
-        let events: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(1_000_000);
+        let events: usize = args
+            .get(1)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(1_000_000);
         let kinds: Vec<&str> = match args.get(2..) {
             Some(rest) if !rest.is_empty() => rest.iter().map(String::as_str).collect(),
             _ => vec!["batch", "view"],
@@ -1120,21 +1137,24 @@ async fn main() -> Result<()> {
         }
         println!("database: {url}");
         for kind in kinds {
-            let report = run_rebuild_child(&url, kind).await?;
-            println!(
-                "{kind}: {} events, {:.0}/s, peak RSS {:.0} MB",
-                report.events,
-                report.events as f64 / report.seconds,
-                report.peak_rss_mb
-            );
+            for batch in REBUILD_BATCHES {
+                let report = run_rebuild_child(&url, kind, batch).await?;
+                println!(
+                    "{kind}, batches of {batch}: {} events, {:.0}/s, peak RSS {:.0} MB",
+                    report.events,
+                    report.events as f64 / report.seconds,
+                    report.peak_rss_mb
+                );
+            }
         }
         return Ok(());
     }
     if args.first().map(String::as_str) == Some("rebuild-child") {
         let (Some(url), Some(kind)) = (args.get(1), args.get(2)) else {
-            bail!("usage: outflow-bench rebuild-child URL batch|view");
+            bail!("usage: outflow-bench rebuild-child URL batch|view [BATCH_SIZE]");
         };
-        return rebuild_child(url, kind).await;
+        let batch = args.get(3).and_then(|b| b.parse().ok()).unwrap_or(2_000);
+        return rebuild_child(url, kind, batch).await;
     }
     let quick = args.iter().any(|a| a == "--quick");
     let out = args
@@ -1299,27 +1319,31 @@ async fn main() -> Result<()> {
         md,
         "Replay of the whole log from the start in a fresh process (peak RSS is that process's).\n\n| what | events | events/s | peak RSS MB |\n|---|---|---|---|"
     );
+    for (size, report) in &rb.batch {
+        let _ = writeln!(
+            md,
+            "| Outflow, hand-written batch projection (`Balances`), batches of {size} | {} | {:.0} | {:.0} |",
+            report.events,
+            report.events as f64 / report.seconds,
+            report.peak_rss_mb
+        );
+    }
     let _ = writeln!(
         md,
-        "| Outflow, hand-written batch projection (`Balances`) | {} | {:.0} | {:.0} |",
-        rb.batch.events,
-        rb.batch.events as f64 / rb.batch.seconds,
-        rb.batch.peak_rss_mb
-    );
-    let _ = writeln!(
-        md,
-        "| Outflow on SQLite, hand-written batch projection (`SqliteBalances`) | {} | {:.0} | {:.0} |",
+        "| Outflow on SQLite, hand-written batch projection (`SqliteBalances`), batches of 2000 | {} | {:.0} | {:.0} |",
         rb.sqlite_batch.events,
         rb.sqlite_batch.events as f64 / rb.sqlite_batch.seconds,
         rb.sqlite_batch.peak_rss_mb
     );
-    let _ = writeln!(
-        md,
-        "| Outflow, cqrs-es `View` through `ViewProjection` | {} | {:.0} | {:.0} |",
-        rb.view.events,
-        rb.view.events as f64 / rb.view.seconds,
-        rb.view.peak_rss_mb
-    );
+    for (size, report) in &rb.view {
+        let _ = writeln!(
+            md,
+            "| Outflow, cqrs-es `View` through `ViewProjection`, batches of {size} | {} | {:.0} | {:.0} |",
+            report.events,
+            report.events as f64 / report.seconds,
+            report.peak_rss_mb
+        );
+    }
     let _ = writeln!(
         md,
         "| postgres-es `QueryReplay::replay_all` into `GenericQuery` | {} | {:.0} | – |",

@@ -61,14 +61,21 @@ impl EventLog for PostgresStore {
         let mut marker = None;
         let mut event_rows = Vec::with_capacity(rows.len().saturating_sub(1));
         for row in rows {
-            if row.try_get::<Option<uuid::Uuid>, _>("event_id").map_err(get)?.is_none() {
+            if row
+                .try_get::<Option<uuid::Uuid>, _>("event_id")
+                .map_err(get)?
+                .is_none()
+            {
                 marker = Some(row);
             } else {
                 event_rows.push(row);
             }
         }
         let Some(marker) = marker else {
-            return Err(super::rows::corrupt(table, "the log window returned no head"));
+            return Err(super::rows::corrupt(
+                table,
+                "the log window returned no head",
+            ));
         };
         let head_txid: Option<String> = marker.try_get("head_txid").map_err(get)?;
         let head_position: Option<i64> = marker.try_get("head_position").map_err(get)?;
@@ -93,8 +100,8 @@ impl EventLog for PostgresStore {
             tracing::warn!("a log window came back out of order; reading it again");
             let head = self.head().await?;
             let events = self.read_log(after, filter, limit).await?;
-            let complete = events.len() < limit
-                && events.last().is_none_or(|last| last.checkpoint() >= head);
+            let complete =
+                events.len() < limit && events.last().is_none_or(|last| last.checkpoint() >= head);
             return Ok(LogWindow::new(head, events, complete, held_back));
         }
         // Short, and not cut by a row that does not decode.
