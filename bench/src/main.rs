@@ -1110,6 +1110,46 @@ async fn main() -> Result<()> {
         let _ = std::fs::remove_dir_all(dir);
         return Ok(());
     }
+    if args.first().map(String::as_str) == Some("commands") {
+        // outflow-bench commands [CLIENTS...]: the command scenarios alone
+        // (the quick run's sizes; the full run's with OUTFLOW_BENCH_FULL).
+        let size = Size::new(std::env::var_os("OUTFLOW_BENCH_FULL").is_none());
+        let url = std::env::var("DATABASE_URL").context("DATABASE_URL is not set")?;
+        let server = Server {
+            admin: url.parse()?,
+            counter: Default::default(),
+        };
+        let clients: Vec<usize> = match args.get(1..) {
+            Some(rest) if !rest.is_empty() => rest.iter().filter_map(|c| c.parse().ok()).collect(),
+            _ => vec![1, 16],
+        };
+        let only_outflow = std::env::var_os("OUTFLOW_BENCH_ONLY_OUTFLOW").is_some();
+        for c in clients {
+            if only_outflow {
+                let (o, _) = outflow_system(&server, "probe").await?;
+                let r = commands(&o, size.accounts, size.deposits, c).await?;
+                println!("{c:>2} clients  outflow {:>7.0}/s", r.per_second);
+                continue;
+            }
+            let (o, _) = outflow_system(&server, "probe").await?;
+            let (oc, _) = outflow_system_with(&server, "probe_c", 100_000).await?;
+            let (p, _) = postgres_es_system(&server, "probe", false, true).await?;
+            let (pt, _) = postgres_es_system(&server, "probe_t", false, false).await?;
+            for (label, system) in [
+                ("outflow", &o),
+                ("outflow+cache", &oc),
+                ("postgres-es", &p),
+                ("postgres-es tuned", &pt),
+            ] {
+                let r = commands(system, size.accounts, size.deposits, c).await?;
+                println!(
+                    "{c:>2} clients  {label:<18} {:>7.0}/s  p50 {:.2} ms  p99 {:.2} ms",
+                    r.per_second, r.p50_ms, r.p99_ms
+                );
+            }
+        }
+        return Ok(());
+    }
     if args.first().map(String::as_str) == Some("rebuild") {
         // outflow-bench rebuild EVENTS [KIND...]: seeds a fresh database and
         // prints each kind's replay (batch, view); the database is kept and

@@ -449,7 +449,14 @@ impl<S: Transactional> ProjectionOptions<S> {
         self
     }
 
-    /// Events per batch (and per transaction).
+    /// Events per batch (and per transaction): the most a batch takes while
+    /// catching up or rebuilding (live batches hold what arrived since the
+    /// last one, usually far fewer). Each batch is one transaction with its
+    /// commit, so larger batches replay faster — fewer commits, and a
+    /// handler that folds a batch into one write per row writes less — at
+    /// the cost of memory (the batch handled and the next one, read
+    /// meanwhile) and of longer transactions. 500 by default; the
+    /// benchmarks replay a million events with 2,000 and with 10,000.
     pub fn batch_size(mut self, n: usize) -> Self {
         self.batch_size = n.max(1);
         self
