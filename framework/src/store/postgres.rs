@@ -33,6 +33,7 @@ use crate::wake::WakeSignal;
 
 mod append;
 mod errors;
+mod group;
 mod log;
 mod notify;
 mod projection_store;
@@ -81,6 +82,8 @@ struct Inner {
     appends_in_transactions: AtomicU64,
     appends_woken: AtomicU64,
     listener_started: OnceLock<()>,
+    /// Appends in flight and those waiting to go as a group.
+    group: group::Group,
     /// This store's id in its notifications, so its own listener skips them.
     instance: String,
     shutdown: CancellationToken,
@@ -96,6 +99,7 @@ impl Drop for Inner {
 struct Queries {
     append: String,
     append_one: String,
+    append_group: String,
     stream_head: String,
     read_stream: String,
     load: String,
@@ -210,6 +214,7 @@ impl PostgresStoreBuilder {
         let sql = Queries {
             append: render(include_str!("postgres/queries/append.sql")),
             append_one: render(include_str!("postgres/queries/append_one.sql")),
+            append_group: render(include_str!("postgres/queries/append_group.sql")),
             stream_head: render(include_str!("postgres/queries/stream_head.sql")),
             read_stream: render(include_str!("postgres/queries/read_stream.sql")),
             load: render(include_str!("postgres/queries/load.sql")),
@@ -264,6 +269,7 @@ impl PostgresStoreBuilder {
                 appends_in_transactions: AtomicU64::new(0),
                 appends_woken: AtomicU64::new(0),
                 listener_started: OnceLock::new(),
+                group: group::Group::default(),
                 instance,
                 shutdown,
             }),

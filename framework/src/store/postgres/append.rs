@@ -145,7 +145,11 @@ impl PostgresStore {
     }
 
     /// Says why the append guard refused a write.
-    async fn refusal(&self, connection: &mut PgConnection, request: AppendRequest) -> StoreError {
+    pub(super) async fn refusal(
+        &self,
+        connection: &mut PgConnection,
+        request: AppendRequest,
+    ) -> StoreError {
         let head = sqlx::query(&self.inner.sql.stream_head)
             .bind(&request.aggregate_type)
             .bind(&request.aggregate_id)
@@ -185,18 +189,11 @@ impl PostgresStore {
 
 #[async_trait]
 impl EventStore for PostgresStore {
+    /// Appends in one statement and transaction of its own, or, when
+    /// other appends are in flight, with those waiting alongside it in one
+    /// statement (each stream checked on its own; see the module `group`).
     async fn append(&self, request: AppendRequest) -> Result<Vec<RecordedEvent>, StoreError> {
-        let mut connection = self
-            .inner
-            .pool
-            .acquire()
-            .await
-            .map_err(|e| pg_error("acquiring a connection to append", e))?;
-        let written = self.append_on(&mut connection, request).await?;
-        if !written.is_empty() {
-            self.signal_commit();
-        }
-        Ok(written)
+        self.append_grouped(request).await
     }
 
     async fn read_stream(

@@ -1,0 +1,414 @@
+//! Group append: appends that arrive while others are in flight wait
+//! together and go as one statement with one commit.
+//!
+//! A command's append is one statement in its own transaction; what bounds
+//! many concurrent commands on a small server is the work per transaction
+//! (the commit, its WAL flush and the wake-ups around them), not the rows.
+//! So at most [`IN_FLIGHT`] appends run on their own at a time: an append
+//! that finds them all busy waits in a queue, and when one finishes, the
+//! queue goes as one group — one `INSERT` that checks each stream's
+//! expected version on its own, so each request still gets its own typed
+//! [`Conflict`](StoreError::Conflict) while the others are written. A
+//! single client never waits: with nothing in flight an append runs at
+//! once, as before.
+//!
+//! A group holds at most one request per stream (a second one for the same
+//! stream waits for the next group: both could expect the same version) and
+//! at most [`GROUP_EVENTS`] events. Events of one group share a transaction
+//! id and get positions in the order their requests arrived.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use chrono::{DateTime, Utc};
+use sqlx::Row;
+use tokio::sync::oneshot;
+
+use super::{pg_error, to_i64, txid_column, u64_column, PostgresStore};
+use crate::error::{ErrorKind, StoreError};
+use crate::event::{AppendRequest, RecordedEvent};
+
+/// Appends that may run on their own at once; more wait and go as a group.
+pub(super) const IN_FLIGHT: usize = 2;
+
+/// The most events one group statement writes.
+pub(super) const GROUP_EVENTS: usize = 512;
+
+type Reply = oneshot::Sender<Result<Vec<RecordedEvent>, StoreError>>;
+
+struct Waiting {
+    request: AppendRequest,
+    reply: Reply,
+}
+
+/// The appends in flight and those waiting for the next group.
+#[derive(Default)]
+pub(super) struct Group {
+    state: Mutex<GroupState>,
+}
+
+impl std::fmt::Debug for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = self.lock();
+        f.debug_struct("Group")
+            .field("in_flight", &state.in_flight)
+            .field("waiting", &state.waiting.len())
+            .finish()
+    }
+}
+
+#[derive(Default)]
+struct GroupState {
+    in_flight: usize,
+    waiting: Vec<Waiting>,
+}
+
+impl Group {
+    fn lock(&self) -> std::sync::MutexGuard<'_, GroupState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Gives the flight slot back when an append on its own ends, however it
+/// ends (also when its caller drops the future): the waiting queue then
+/// goes as a group, or the slot is free.
+struct Flight {
+    store: PostgresStore,
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        landed(&self.store);
+    }
+}
+
+/// A flight ended: send the next group with its slot, or free the slot.
+fn landed(store: &PostgresStore) {
+    let next = {
+        let mut state = store.inner.group.lock();
+        if state.waiting.is_empty() {
+            state.in_flight = state.in_flight.saturating_sub(1);
+            return;
+        }
+        next_group(&mut state.waiting)
+    };
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        // No runtime to run it on (a store dropped outside one): fail the
+        // waiters rather than leave them hanging.
+        for waiting in next {
+            let _ = waiting.reply.send(Err(group_failed(
+                ErrorKind::Transient,
+                "no runtime to append on".to_owned(),
+            )));
+        }
+        store.inner.group.lock().in_flight -= 1;
+        return;
+    };
+    let store = store.clone();
+    runtime.spawn(async move {
+        let _flight = Flight {
+            store: store.clone(),
+        };
+        store.append_group(next).await;
+    });
+}
+
+/// Takes the next group from the queue: in arrival order, one request per
+/// stream, up to [`GROUP_EVENTS`] events (always at least one request).
+fn next_group(waiting: &mut Vec<Waiting>) -> Vec<Waiting> {
+    let mut group = Vec::new();
+    let mut rest = Vec::new();
+    let mut events = 0;
+    let mut streams = std::collections::HashSet::new();
+    for w in waiting.drain(..) {
+        let key = (
+            w.request.aggregate_type.clone(),
+            w.request.aggregate_id.clone(),
+        );
+        let fits = group.is_empty() || events + w.request.events.len() <= GROUP_EVENTS;
+        if fits && !streams.contains(&key) {
+            events += w.request.events.len();
+            streams.insert(key);
+            group.push(w);
+        } else {
+            rest.push(w);
+        }
+    }
+    *waiting = rest;
+    group
+}
+
+/// An error for a group member when the group's statement failed.
+fn group_failed(kind: ErrorKind, message: String) -> StoreError {
+    #[derive(Debug, thiserror::Error)]
+    #[error("{0}")]
+    struct GroupFailed(String);
+    StoreError::database("appending events (in a group)", kind, GroupFailed(message))
+}
+
+impl PostgresStore {
+    /// Appends `request` on its own when a flight slot is free, else waits
+    /// for the next group.
+    pub(super) async fn append_grouped(
+        &self,
+        request: AppendRequest,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        request.validate()?;
+        if request.events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let queued = {
+            let mut state = self.inner.group.lock();
+            if state.in_flight < IN_FLIGHT {
+                state.in_flight += 1;
+                Err(request)
+            } else {
+                let (reply, receiver) = oneshot::channel();
+                state.waiting.push(Waiting { request, reply });
+                Ok(receiver)
+            }
+        };
+        let receiver = match queued {
+            Ok(receiver) => receiver,
+            Err(request) => {
+                let _flight = Flight {
+                    store: self.clone(),
+                };
+                return self.append_alone(request).await;
+            }
+        };
+        receiver.await.unwrap_or_else(|_| {
+            Err(group_failed(
+                ErrorKind::Transient,
+                "the group append was dropped before it answered".to_owned(),
+            ))
+        })
+    }
+
+    /// One append in its own statement and transaction.
+    async fn append_alone(&self, request: AppendRequest) -> Result<Vec<RecordedEvent>, StoreError> {
+        let mut connection = self
+            .inner
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| pg_error("acquiring a connection to append", e))?;
+        let written = self.append_on(&mut connection, request).await?;
+        if !written.is_empty() {
+            self.signal_commit();
+        }
+        Ok(written)
+    }
+
+    /// Runs one group and answers each of its requests.
+    async fn append_group(&self, group: Vec<Waiting>) {
+        if group.len() == 1 {
+            for Waiting { request, reply } in group {
+                let _ = reply.send(self.append_alone(request).await);
+            }
+            return;
+        }
+        let requests: Vec<&AppendRequest> = group.iter().map(|w| &w.request).collect();
+        match self.group_statement(&requests).await {
+            Ok(mut written) => {
+                let mut any = false;
+                let mut refused = Vec::new();
+                for (i, Waiting { request, reply }) in group.into_iter().enumerate() {
+                    match written.remove(&i) {
+                        Some(rows) => {
+                            any = true;
+                            let _ = reply.send(self.recorded(request, rows));
+                        }
+                        None => refused.push((request, reply)),
+                    }
+                }
+                if any {
+                    self.signal_commit();
+                }
+                for (request, reply) in refused {
+                    // Refused by its own guard: say why, as alone.
+                    let answer = match self.inner.pool.acquire().await {
+                        Ok(mut connection) => Err(self.refusal(&mut connection, request).await),
+                        Err(e) => Err(pg_error("acquiring a connection after a refused append", e)),
+                    };
+                    let _ = reply.send(answer);
+                }
+            }
+            Err(GroupError::Rejected) => {
+                // Another writer took a version in between (the unique key
+                // refused the whole statement, nothing was written): each
+                // goes alone and gets its own answer.
+                for Waiting { request, reply } in group {
+                    let _ = reply.send(self.append_alone(request).await);
+                }
+            }
+            Err(GroupError::Failed(error)) => {
+                let kind = error.kind();
+                let message = crate::error::error_chain(&error);
+                let mut first = Some(error);
+                for Waiting { reply, .. } in group {
+                    let answer = first
+                        .take()
+                        .unwrap_or_else(|| group_failed(kind, message.clone()));
+                    let _ = reply.send(Err(answer));
+                }
+            }
+        }
+    }
+
+    /// The group's one statement: each request's rows, by its index in the
+    /// group; a request refused by its guard has none.
+    async fn group_statement(
+        &self,
+        requests: &[&AppendRequest],
+    ) -> Result<HashMap<usize, Vec<(u64, u64, u64, DateTime<Utc>)>>, GroupError> {
+        let mut stream_types = Vec::with_capacity(requests.len());
+        let mut stream_ids = Vec::with_capacity(requests.len());
+        let mut expected = Vec::with_capacity(requests.len());
+        let total: usize = requests.iter().map(|r| r.events.len()).sum();
+        let mut stream_of = Vec::with_capacity(total);
+        let mut index_in = Vec::with_capacity(total);
+        let mut types = Vec::with_capacity(total);
+        let mut versions = Vec::with_capacity(total);
+        let mut payloads = Vec::with_capacity(total);
+        let mut metadata = Vec::with_capacity(total);
+        let mut ids = Vec::with_capacity(total);
+        let mut correlations = Vec::with_capacity(total);
+        let mut causations = Vec::with_capacity(total);
+        for (stream, request) in requests.iter().enumerate() {
+            stream_types.push(request.aggregate_type.as_str());
+            stream_ids.push(request.aggregate_id.as_str());
+            expected.push(to_i64(request.expected_version));
+            for (i, event) in request.events.iter().enumerate() {
+                stream_of.push(stream as i64 + 1);
+                index_in.push(i as i64 + 1);
+                types.push(event.event_type.as_str());
+                versions.push(event.event_version.as_str());
+                payloads.push(event.payload.to_string());
+                metadata.push(serde_json::to_string(&event.metadata).map_err(|source| {
+                    GroupError::Failed(StoreError::Serialize {
+                        what: "event metadata",
+                        aggregate_type: request.aggregate_type.clone(),
+                        aggregate_id: request.aggregate_id.clone(),
+                        source,
+                    })
+                })?);
+                ids.push(event.event_id);
+                correlations.push(event.correlation_id);
+                causations.push(event.causation_id);
+            }
+        }
+        let rows = sqlx::query(&self.inner.sql.append_group)
+            .bind(&stream_types)
+            .bind(&stream_ids)
+            .bind(&expected)
+            .bind(&stream_of)
+            .bind(&index_in)
+            .bind(&types)
+            .bind(&versions)
+            .bind(&payloads)
+            .bind(&metadata)
+            .bind(&ids)
+            .bind(&correlations)
+            .bind(&causations)
+            .fetch_all(&self.inner.pool)
+            .await;
+        let rows = match rows {
+            Ok(rows) => rows,
+            Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
+                return Err(GroupError::Rejected)
+            }
+            Err(e) => return Err(GroupError::Failed(pg_error("appending events", e))),
+        };
+        let table = &self.inner.events_table;
+        let mut written: HashMap<usize, Vec<(u64, u64, u64, DateTime<Utc>)>> = HashMap::new();
+        for row in &rows {
+            let stream: i64 = row
+                .try_get("stream")
+                .map_err(|e| GroupError::Failed(pg_error("reading appended rows", e)))?;
+            let stream = usize::try_from(stream - 1)
+                .ok()
+                .filter(|&s| s < requests.len())
+                .ok_or_else(|| {
+                    GroupError::Failed(super::rows::corrupt(
+                        table,
+                        "a group append returned a foreign stream",
+                    ))
+                })?;
+            let decoded = (|| {
+                Ok::<_, StoreError>((
+                    u64_column(row, "sequence", table)?,
+                    u64_column(row, "position", table)?,
+                    txid_column(row, table)?,
+                    row.try_get("recorded_at")
+                        .map_err(|e| pg_error("reading appended rows", e))?,
+                ))
+            })()
+            .map_err(GroupError::Failed)?;
+            written.entry(stream).or_default().push(decoded);
+        }
+        Ok(written)
+    }
+
+    /// A request's events as written, from its rows (sequence, position,
+    /// transaction id, recorded at).
+    fn recorded(
+        &self,
+        request: AppendRequest,
+        mut rows: Vec<(u64, u64, u64, DateTime<Utc>)>,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        rows.sort_unstable_by_key(|r| r.0);
+        if rows.len() != request.events.len() {
+            return Err(super::rows::corrupt(
+                &self.inner.events_table,
+                "a group append returned another number of rows than it was given",
+            ));
+        }
+        let AppendRequest {
+            aggregate_type,
+            aggregate_id,
+            expected_version,
+            events,
+        } = request;
+        events
+            .into_iter()
+            .zip(rows)
+            .enumerate()
+            .map(
+                |(i, (event, (sequence, position, transaction_id, recorded_at)))| {
+                    if sequence != expected_version + i as u64 + 1 {
+                        return Err(super::rows::corrupt(
+                            &self.inner.events_table,
+                            "a group append returned a foreign sequence",
+                        ));
+                    }
+                    Ok(RecordedEvent {
+                        event_id: event.event_id,
+                        aggregate_type: aggregate_type.clone(),
+                        aggregate_id: aggregate_id.clone(),
+                        sequence,
+                        position,
+                        transaction_id,
+                        recorded_at,
+                        event_type: event.event_type,
+                        event_version: event.event_version,
+                        payload: event.payload,
+                        metadata: event.metadata,
+                        correlation_id: event.correlation_id,
+                        causation_id: event.causation_id,
+                    })
+                },
+            )
+            .collect()
+    }
+}
+
+/// How a group's statement failed.
+enum GroupError {
+    /// A unique key refused it: nothing was written.
+    Rejected,
+    /// Anything else (the outcome may be unknown, as for a lost connection).
+    Failed(StoreError),
+}
