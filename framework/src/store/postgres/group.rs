@@ -34,6 +34,9 @@ pub(super) const IN_FLIGHT: usize = 2;
 /// The most events one group statement writes.
 pub(super) const GROUP_EVENTS: usize = 512;
 
+/// A written row: sequence, position, transaction id, recorded at.
+type WrittenRow = (u64, u64, u64, DateTime<Utc>);
+
 type Reply = oneshot::Sender<Result<Vec<RecordedEvent>, StoreError>>;
 
 struct Waiting {
@@ -263,7 +266,7 @@ impl PostgresStore {
     async fn group_statement(
         &self,
         requests: &[&AppendRequest],
-    ) -> Result<HashMap<usize, Vec<(u64, u64, u64, DateTime<Utc>)>>, GroupError> {
+    ) -> Result<HashMap<usize, Vec<WrittenRow>>, GroupError> {
         let mut stream_types = Vec::with_capacity(requests.len());
         let mut stream_ids = Vec::with_capacity(requests.len());
         let mut expected = Vec::with_capacity(requests.len());
@@ -323,7 +326,7 @@ impl PostgresStore {
             Err(e) => return Err(GroupError::Failed(pg_error("appending events", e))),
         };
         let table = &self.inner.events_table;
-        let mut written: HashMap<usize, Vec<(u64, u64, u64, DateTime<Utc>)>> = HashMap::new();
+        let mut written: HashMap<usize, Vec<WrittenRow>> = HashMap::new();
         for row in &rows {
             let stream: i64 = row
                 .try_get("stream")
@@ -357,7 +360,7 @@ impl PostgresStore {
     fn recorded(
         &self,
         request: AppendRequest,
-        mut rows: Vec<(u64, u64, u64, DateTime<Utc>)>,
+        mut rows: Vec<WrittenRow>,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         rows.sort_unstable_by_key(|r| r.0);
         if rows.len() != request.events.len() {
