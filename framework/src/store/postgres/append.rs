@@ -3,7 +3,7 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::postgres::PgConnection;
+use sqlx::postgres::{PgConnection, PgRow};
 use sqlx::Row;
 
 use super::rows::corrupt;
@@ -91,8 +91,20 @@ impl PostgresStore {
         if rows.len() != count {
             return Err(self.refusal(connection, request).await);
         }
+        self.recorded(request, &rows)
+    }
+
+    /// A request's events as written, from the rows its append returned
+    /// (`sequence`, `position`, `txid`, `recorded_at`), each put back in
+    /// its slot by sequence.
+    pub(super) fn recorded(
+        &self,
+        request: AppendRequest,
+        rows: &[PgRow],
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let count = request.events.len();
         let mut written: Vec<Option<(u64, u64, DateTime<Utc>)>> = vec![None; count];
-        for row in &rows {
+        for row in rows {
             let sequence = u64_column(row, "sequence", &self.inner.events_table)?;
             let slot = sequence
                 .checked_sub(request.expected_version + 1)

@@ -20,11 +20,11 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use chrono::{DateTime, Utc};
+use sqlx::postgres::PgRow;
 use sqlx::Row;
 use tokio::sync::oneshot;
 
-use super::{pg_error, to_i64, txid_column, u64_column, PostgresStore};
+use super::{pg_error, to_i64, PostgresStore};
 use crate::error::{ErrorKind, StoreError};
 use crate::event::{AppendRequest, RecordedEvent};
 
@@ -33,9 +33,6 @@ pub(super) const IN_FLIGHT: usize = 2;
 
 /// The most events one group statement writes.
 pub(super) const GROUP_EVENTS: usize = 512;
-
-/// A written row: sequence, position, transaction id, recorded at.
-type WrittenRow = (u64, u64, u64, DateTime<Utc>);
 
 type Reply = oneshot::Sender<Result<Vec<RecordedEvent>, StoreError>>;
 
@@ -222,7 +219,7 @@ impl PostgresStore {
                     match written.remove(&i) {
                         Some(rows) => {
                             any = true;
-                            let _ = reply.send(self.recorded(request, rows));
+                            let _ = reply.send(self.recorded(request, &rows));
                         }
                         None => refused.push((request, reply)),
                     }
@@ -266,7 +263,7 @@ impl PostgresStore {
     async fn group_statement(
         &self,
         requests: &[&AppendRequest],
-    ) -> Result<HashMap<usize, Vec<WrittenRow>>, GroupError> {
+    ) -> Result<HashMap<usize, Vec<PgRow>>, GroupError> {
         let mut stream_types = Vec::with_capacity(requests.len());
         let mut stream_ids = Vec::with_capacity(requests.len());
         let mut expected = Vec::with_capacity(requests.len());
@@ -326,8 +323,8 @@ impl PostgresStore {
             Err(e) => return Err(GroupError::Failed(pg_error("appending events", e))),
         };
         let table = &self.inner.events_table;
-        let mut written: HashMap<usize, Vec<WrittenRow>> = HashMap::new();
-        for row in &rows {
+        let mut written: HashMap<usize, Vec<PgRow>> = HashMap::new();
+        for row in rows {
             let stream: i64 = row
                 .try_get("stream")
                 .map_err(|e| GroupError::Failed(pg_error("reading appended rows", e)))?;
@@ -340,71 +337,9 @@ impl PostgresStore {
                         "a group append returned a foreign stream",
                     ))
                 })?;
-            let decoded = (|| {
-                Ok::<_, StoreError>((
-                    u64_column(row, "sequence", table)?,
-                    u64_column(row, "position", table)?,
-                    txid_column(row, table)?,
-                    row.try_get("recorded_at")
-                        .map_err(|e| pg_error("reading appended rows", e))?,
-                ))
-            })()
-            .map_err(GroupError::Failed)?;
-            written.entry(stream).or_default().push(decoded);
+            written.entry(stream).or_default().push(row);
         }
         Ok(written)
-    }
-
-    /// A request's events as written, from its rows (sequence, position,
-    /// transaction id, recorded at).
-    fn recorded(
-        &self,
-        request: AppendRequest,
-        mut rows: Vec<WrittenRow>,
-    ) -> Result<Vec<RecordedEvent>, StoreError> {
-        rows.sort_unstable_by_key(|r| r.0);
-        if rows.len() != request.events.len() {
-            return Err(super::rows::corrupt(
-                &self.inner.events_table,
-                "a group append returned another number of rows than it was given",
-            ));
-        }
-        let AppendRequest {
-            aggregate_type,
-            aggregate_id,
-            expected_version,
-            events,
-        } = request;
-        events
-            .into_iter()
-            .zip(rows)
-            .enumerate()
-            .map(
-                |(i, (event, (sequence, position, transaction_id, recorded_at)))| {
-                    if sequence != expected_version + i as u64 + 1 {
-                        return Err(super::rows::corrupt(
-                            &self.inner.events_table,
-                            "a group append returned a foreign sequence",
-                        ));
-                    }
-                    Ok(RecordedEvent {
-                        event_id: event.event_id,
-                        aggregate_type: aggregate_type.clone(),
-                        aggregate_id: aggregate_id.clone(),
-                        sequence,
-                        position,
-                        transaction_id,
-                        recorded_at,
-                        event_type: event.event_type,
-                        event_version: event.event_version,
-                        payload: event.payload,
-                        metadata: event.metadata,
-                        correlation_id: event.correlation_id,
-                        causation_id: event.causation_id,
-                    })
-                },
-            )
-            .collect()
     }
 }
 
