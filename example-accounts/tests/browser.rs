@@ -199,12 +199,16 @@ struct ChromeDriver {
     child: Child,
     /// `http://127.0.0.1:PORT`.
     base: String,
+    /// The `TMPDIR` given to ChromeDriver and so to Chromium, whose profile
+    /// directories would otherwise be left behind in the system's.
+    scratch: PathBuf,
 }
 
 impl Drop for ChromeDriver {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.scratch);
     }
 }
 
@@ -216,16 +220,27 @@ impl ChromeDriver {
             .and_then(|listener| listener.local_addr())
             .map_err(|e| format!("find a free port: {e}"))?
             .port();
+        let scratch = std::env::temp_dir().join(format!(
+            "outflow-browser-{}-{port}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&scratch)
+            .map_err(|e| format!("create {}: {e}", scratch.display()))?;
         let child = Command::new(CHROMEDRIVER)
+            .env("TMPDIR", &scratch)
             .arg(format!("--port={port}"))
             .arg(format!("--log-path={}", log.display()))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .map_err(|e| format!("start {CHROMEDRIVER}: {e}"))?;
+            .map_err(|e| {
+                let _ = std::fs::remove_dir_all(&scratch);
+                format!("start {CHROMEDRIVER}: {e}")
+            })?;
         let mut driver = ChromeDriver {
             child,
             base: format!("http://127.0.0.1:{port}"),
+            scratch,
         };
         let deadline = Instant::now() + PAGE_WAIT;
         loop {
