@@ -220,10 +220,8 @@ impl ChromeDriver {
             .and_then(|listener| listener.local_addr())
             .map_err(|e| format!("find a free port: {e}"))?
             .port();
-        let scratch = std::env::temp_dir().join(format!(
-            "outflow-browser-{}-{port}",
-            std::process::id()
-        ));
+        let scratch =
+            std::env::temp_dir().join(format!("outflow-browser-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&scratch)
             .map_err(|e| format!("create {}: {e}", scratch.display()))?;
         let child = Command::new(CHROMEDRIVER)
