@@ -387,7 +387,7 @@ impl<S: EventStore> ProcessManager for TransferProcess<S> {
                 }
             }
             TransferStep::Credit => {
-                halt_point(&transfer_id);
+                halt_point(&transfer_id).await;
                 let credit = account(|transfer_id, amount| BankCommand::TransferIn {
                     transfer_id,
                     amount,
@@ -483,12 +483,13 @@ impl<S: EventStore> TransferProcess<S> {
 
 /// For the crash test: with `EXAMPLE_ACCOUNTS_HALT_BEFORE_CREDIT` set, the
 /// process stops between a transfer's debit and its credit (it says so on
-/// standard output and waits to be killed).
-fn halt_point(transfer_id: &str) {
+/// standard output and waits to be killed). Only this task waits: parking
+/// the thread instead would take one of the runtime's workers with it, and
+/// tasks queued on that worker would never run — the server would stop
+/// answering the very requests the test makes before the kill.
+async fn halt_point(transfer_id: &str) {
     if std::env::var_os("EXAMPLE_ACCOUNTS_HALT_BEFORE_CREDIT").is_some() {
         println!("halted before the credit of transfer {transfer_id}");
-        loop {
-            std::thread::park();
-        }
+        std::future::pending::<()>().await;
     }
 }

@@ -11,6 +11,15 @@ use std::time::Duration;
 use common::{Backend, Database, Server};
 use serde_json::{json, Value};
 
+/// An HTTP client whose requests give up after 30 s: a server that stops
+/// answering fails the test instead of hanging it.
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("an HTTP client")
+}
+
 async fn post(client: &reqwest::Client, server: &Server, path: &str, body: Value) -> Value {
     let response = client
         .post(server.url(path))
@@ -88,7 +97,7 @@ async fn balance(client: &reqwest::Client, server: &Server, account: &str) -> i6
 async fn compensates_a_refused_credit(backend: Backend) {
     let db = Database::new(backend, "compensation").await;
     let server = Server::start(&db.url, &[]);
-    let client = reqwest::Client::new();
+    let client = client();
     let source = open_with(&client, &server, "Ann", 1_000).await;
     let target = open_with(&client, &server, "Carl", 0).await;
     post(
@@ -127,7 +136,7 @@ async fn compensates_a_refused_credit(backend: Backend) {
 
 async fn finishes_after_a_kill_between_steps(backend: Backend) {
     let db = Database::new(backend, "transfer_crash").await;
-    let client = reqwest::Client::new();
+    let client = client();
     let mut first = Server::start(&db.url, &[("EXAMPLE_ACCOUNTS_HALT_BEFORE_CREDIT", "1")]);
     let source = open_with(&client, &first, "Ann", 1_000).await;
     let target = open_with(&client, &first, "Bob", 500).await;
