@@ -98,6 +98,24 @@ async fn behaves_like_an_event_store<S: outflow::Backend>(store: S) {
         Err(StoreError::Conflict { actual, .. }) => assert_eq!(actual, Some(3)),
         other => panic!("expected Conflict, got {other:?}"),
     }
+    // A stream with no event is at version 0: expecting more is a conflict,
+    // and nothing is written (no stream may start with a gap).
+    for events in [vec![deposit(1)], vec![deposit(1), deposit(2)]] {
+        match store.append(request("empty", 2, events)).await {
+            Err(StoreError::Conflict {
+                expected, actual, ..
+            }) => {
+                assert_eq!(expected, 2);
+                assert!(actual.is_none() || actual == Some(0), "{actual:?}");
+            }
+            other => panic!("expected Conflict, got {other:?}"),
+        }
+    }
+    assert!(store
+        .read_stream("account", "empty", 0, 10)
+        .await
+        .expect("read")
+        .is_empty());
 
     // Stream reads page by sequence.
     let page = store.read_stream("account", "a", 1, 1).await.expect("page");
