@@ -5,4 +5,8 @@
 // The modules are the book's text, not an API.
 #![allow(missing_docs)]
 
+pub mod commands;
+pub mod from_cqrs_es;
+pub mod operations;
+pub mod projections;
 pub mod quickstart;

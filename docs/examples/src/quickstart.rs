@@ -67,6 +67,7 @@ impl Aggregate for Cart {
     type Error = CartError;
     type Services = ();
 
+    // ANCHOR: handle
     /// Decides: checks the rules against the current state, writes events.
     async fn handle(
         &mut self,
@@ -92,6 +93,7 @@ impl Aggregate for Cart {
             CartEvent::CheckedOut => self.checked_out = true,
         }
     }
+    // ANCHOR_END: handle
 }
 // ANCHOR_END: aggregate
 
@@ -127,8 +129,10 @@ pub async fn shop(file: &std::path::Path) -> Result<CartSummary, Box<dyn std::er
 
     // The projection writes `CartSummary` rows into the table `cart_summaries`
     // of the same file; `query` reads them from anywhere in the application.
+    // ANCHOR: view_projection
     let summaries = ViewProjection::<Cart, CartSummary>::new("cart_summaries", "cart_summaries")?;
     let query = summaries.query(&store);
+    // ANCHOR_END: view_projection
     let runner = ProjectionRunner::builder(store.clone())
         .projection(ProjectionOptions::new(summaries))
         .build()?;
