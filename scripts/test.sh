@@ -17,9 +17,9 @@ start_nats
 ensure_browser
 cargo test --workspace "$@"
 # The book: its Rust is compiled and run above (docs/examples); building it
-# checks every include resolves.
+# checks that every include, anchor and link resolves.
 if command -v mdbook >/dev/null 2>&1; then
-    mdbook build docs --dest-dir "$PWD/target/book"
+    bash scripts/check-book.sh
 else
     echo "mdbook is not installed: the book was not built (cargo install mdbook)" >&2
 fi

@@ -49,14 +49,20 @@
 //! # The book
 //!
 //! The guide is an mdBook in the repository (`mdbook build docs`; every Rust
-//! snippet in it is compiled and run by the test suite). Its chapters, by
-//! file under `docs/src/`: `quickstart.md` (an aggregate, a command, a
-//! projection and a read-your-writes query on SQLite), `getting-started.md`,
-//! `commands.md`, `event-store.md`, `backends.md` (memory, SQLite,
-//! PostgreSQL), `projections.md`, `delivery.md` (choosing how to handle
-//! events), `process-managers.md`, `relay.md`, `outbox.md`, `postgres.md`
-//! (schema, migration from postgres-es, operations), `errors.md`,
-//! `reliability.md`, `example.md` (the example application).
+//! snippet in it is included from `docs/examples`, which the test suite
+//! compiles and runs). Its chapters, by file under `docs/src/`:
+//! `quickstart.md` (an aggregate, a command, a projection and a
+//! read-your-writes query on SQLite), `getting-started.md` (the dependencies),
+//! `delivery.md` (choosing how to handle events: inline, pub/sub, durable
+//! projections, a broker, the outbox — guarantees, failure modes, a decision
+//! table), `outbox.md`, `relay.md`, `commands.md` (aggregates, tests,
+//! snapshots, upcasting, conflicts, context), `projections.md`,
+//! `process-managers.md`, `from-cqrs-es.md` (moving a cqrs-es / postgres-es
+//! application, code and database), `backends.md`, `event-store.md`,
+//! `postgres.md` (schema, migration, pool, TLS), `operations.md` (several
+//! nodes, lag, rebuilds, dead letters, long transactions, backups),
+//! `errors.md`, `how-it-works.md`, `benchmarks.md`, `reliability.md`,
+//! `example.md` (the example application).
 #![warn(missing_debug_implementations)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs)]

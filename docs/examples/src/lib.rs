@@ -5,8 +5,13 @@
 // The modules are the book's text, not an API.
 #![allow(missing_docs)]
 
+pub mod backends;
 pub mod commands;
+pub mod delivery;
 pub mod from_cqrs_es;
 pub mod operations;
+pub mod outbox;
 pub mod projections;
 pub mod quickstart;
+#[cfg(feature = "nats")]
+pub mod relay;
