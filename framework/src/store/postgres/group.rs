@@ -13,8 +13,11 @@
 //! once, as before.
 //!
 //! A group holds at most one request per stream (a second one for the same
-//! stream waits for the next group: both could expect the same version) and
-//! at most [`GROUP_EVENTS`] events. Events of one group share a transaction
+//! stream waits for the next group: both could expect the same version), no
+//! request for a stream that an append in flight is writing (the two would
+//! race for the same sequence, and the group would lose to a unique-key
+//! error and fall back to appending one by one), and at most
+//! [`GROUP_EVENTS`] events. Events of one group share a transaction
 //! id and get positions in the order their requests arrived.
 
 use std::collections::HashMap;
@@ -57,10 +60,39 @@ impl std::fmt::Debug for Group {
     }
 }
 
+/// A stream: aggregate type and id.
+type StreamKey = (String, String);
+
 #[derive(Default)]
 struct GroupState {
     in_flight: usize,
     waiting: Vec<Waiting>,
+    /// The streams that appends in flight write, with how many write each.
+    busy: HashMap<StreamKey, usize>,
+}
+
+impl GroupState {
+    fn take_off(&mut self, streams: &[StreamKey]) {
+        for key in streams {
+            self.busy
+                .insert(key.clone(), self.busy.get(key).copied().unwrap_or(0) + 1);
+        }
+    }
+
+    fn land(&mut self, streams: &[StreamKey]) {
+        for key in streams {
+            match self.busy.get_mut(key) {
+                Some(n) if *n > 1 => *n -= 1,
+                _ => {
+                    self.busy.remove(key);
+                }
+            }
+        }
+    }
+}
+
+fn stream_key(request: &AppendRequest) -> StreamKey {
+    (request.aggregate_type.clone(), request.aggregate_id.clone())
 }
 
 impl Group {
@@ -76,23 +108,32 @@ impl Group {
 /// goes as a group, or the slot is free.
 struct Flight {
     store: PostgresStore,
+    /// The streams it writes.
+    streams: Vec<StreamKey>,
 }
 
 impl Drop for Flight {
     fn drop(&mut self) {
-        landed(&self.store);
+        landed(&self.store, &self.streams);
     }
 }
 
 /// A flight ended: send the next group with its slot, or free the slot.
-fn landed(store: &PostgresStore) {
-    let next = {
-        let mut state = store.inner.group.lock();
-        if state.waiting.is_empty() {
+fn landed(store: &PostgresStore, streams: &[StreamKey]) {
+    let (next, streams) = {
+        let mut guard = store.inner.group.lock();
+        let state = &mut *guard;
+        state.land(streams);
+        let next = next_group(&mut state.waiting, &state.busy);
+        if next.is_empty() {
+            // Nothing waits, or only requests for streams still being
+            // written: a flight in progress takes them when it lands.
             state.in_flight = state.in_flight.saturating_sub(1);
             return;
         }
-        next_group(&mut state.waiting)
+        let streams: Vec<StreamKey> = next.iter().map(|w| stream_key(&w.request)).collect();
+        state.take_off(&streams);
+        (next, streams)
     };
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         // No runtime to run it on (a store dropped outside one): fail the
@@ -103,21 +144,25 @@ fn landed(store: &PostgresStore) {
                 "no runtime to append on".to_owned(),
             )));
         }
-        store.inner.group.lock().in_flight -= 1;
+        let mut state = store.inner.group.lock();
+        state.land(&streams);
+        state.in_flight = state.in_flight.saturating_sub(1);
         return;
     };
     let store = store.clone();
     runtime.spawn(async move {
         let _flight = Flight {
             store: store.clone(),
+            streams,
         };
         store.append_group(next).await;
     });
 }
 
 /// Takes the next group from the queue: in arrival order, one request per
-/// stream, up to [`GROUP_EVENTS`] events (always at least one request).
-fn next_group(waiting: &mut Vec<Waiting>) -> Vec<Waiting> {
+/// stream, none for a `busy` stream, up to [`GROUP_EVENTS`] events (at least
+/// one request unless every waiting one is for a busy stream).
+fn next_group(waiting: &mut Vec<Waiting>, busy: &HashMap<StreamKey, usize>) -> Vec<Waiting> {
     let mut group = Vec::new();
     let mut rest = Vec::new();
     let mut events = 0;
@@ -128,7 +173,7 @@ fn next_group(waiting: &mut Vec<Waiting>) -> Vec<Waiting> {
             w.request.aggregate_id.clone(),
         );
         let fits = group.is_empty() || events + w.request.events.len() <= GROUP_EVENTS;
-        if fits && !streams.contains(&key) {
+        if fits && !streams.contains(&key) && !busy.contains_key(&key) {
             events += w.request.events.len();
             streams.insert(key);
             group.push(w);
@@ -161,8 +206,12 @@ impl PostgresStore {
         }
         let queued = {
             let mut state = self.inner.group.lock();
-            if state.in_flight < IN_FLIGHT {
+            let key = stream_key(&request);
+            // A stream that a flight is writing waits for it, even with a
+            // slot free: the two would race for the same sequence.
+            if state.in_flight < IN_FLIGHT && !state.busy.contains_key(&key) {
                 state.in_flight += 1;
+                state.take_off(&[key]);
                 Err(request)
             } else {
                 let (reply, receiver) = oneshot::channel();
@@ -175,6 +224,7 @@ impl PostgresStore {
             Err(request) => {
                 let _flight = Flight {
                     store: self.clone(),
+                    streams: vec![stream_key(&request)],
                 };
                 return self.append_alone(request).await;
             }
@@ -349,4 +399,82 @@ enum GroupError {
     Rejected,
     /// Anything else (the outcome may be unknown, as for a lost connection).
     Failed(StoreError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::NewEvent;
+
+    fn waiting(id: &str, events: usize) -> Waiting {
+        let (reply, _receiver) = oneshot::channel();
+        let event = NewEvent {
+            event_id: uuid::Uuid::nil(),
+            event_type: "E".to_owned(),
+            event_version: "1".to_owned(),
+            payload: serde_json::json!({}),
+            metadata: Default::default(),
+            correlation_id: None,
+            causation_id: None,
+        };
+        Waiting {
+            request: AppendRequest {
+                aggregate_type: "t".to_owned(),
+                aggregate_id: id.to_owned(),
+                expected_version: 0,
+                events: vec![event; events],
+            },
+            reply,
+        }
+    }
+
+    fn ids(group: &[Waiting]) -> Vec<&str> {
+        group
+            .iter()
+            .map(|w| w.request.aggregate_id.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn a_group_takes_one_request_per_stream_and_none_for_a_busy_stream() {
+        let mut queue = vec![
+            waiting("a", 1),
+            waiting("b", 1),
+            waiting("a", 1),
+            waiting("c", 1),
+            waiting("d", 1),
+        ];
+        let busy = HashMap::from([(("t".to_owned(), "c".to_owned()), 1)]);
+        let group = next_group(&mut queue, &busy);
+        assert_eq!(ids(&group), ["a", "b", "d"]);
+        // The second `a` and the busy `c` wait, in arrival order.
+        assert_eq!(ids(&queue), ["a", "c"]);
+        // With only busy streams waiting, no group.
+        let busy = HashMap::from([
+            (("t".to_owned(), "a".to_owned()), 1),
+            (("t".to_owned(), "c".to_owned()), 2),
+        ]);
+        assert!(next_group(&mut queue, &busy).is_empty());
+        assert_eq!(ids(&queue), ["a", "c"]);
+    }
+
+    #[test]
+    fn a_group_stops_at_its_event_budget_but_never_goes_empty() {
+        let mut queue = vec![waiting("big", GROUP_EVENTS + 10), waiting("small", 1)];
+        let group = next_group(&mut queue, &HashMap::new());
+        assert_eq!(ids(&group), ["big"]);
+        assert_eq!(ids(&queue), ["small"]);
+    }
+
+    #[test]
+    fn busy_streams_are_counted_per_flight() {
+        let mut state = GroupState::default();
+        let key = ("t".to_owned(), "a".to_owned());
+        state.take_off(std::slice::from_ref(&key));
+        state.take_off(std::slice::from_ref(&key));
+        state.land(std::slice::from_ref(&key));
+        assert!(state.busy.contains_key(&key));
+        state.land(std::slice::from_ref(&key));
+        assert!(state.busy.is_empty());
+    }
 }
