@@ -69,9 +69,8 @@ commands): the client used 2.9 s of CPU while the machine was busy for
 120 µs of client CPU, half of it in the kernel (the socket's send and
 receive, and waking the runtime's threads), a tenth in `malloc` and `free`;
 no function of Outflow, sqlx or serde takes more than 1 % of the samples on
-its own (JSON,
-statement preparation — sqlx caches prepared statements — and the event ids'
-random bits are each below it). The limit at 16 clients is the server's CPU,
+its own (JSON, statement preparation — sqlx caches prepared statements —
+and the event ids' random bits are each below it). The limit at 16 clients is the server's CPU,
 which group append attacks; making the client leaner would not move it.
 
 **The cost of an index and of the guard.** Measured one at a time with
