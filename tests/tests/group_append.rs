@@ -10,30 +10,10 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use outflow::{
-    AppendInTransaction, AppendRequest, Checkpoint, EventStore, LogFilter, NewEvent, StoreError,
-};
-use serde_json::json;
-
-fn event(n: u64) -> NewEvent {
-    NewEvent {
-        event_id: uuid::Uuid::now_v7(),
-        event_type: "Deposited".into(),
-        event_version: "1.0".into(),
-        payload: json!({ "Deposited": { "amount": n } }),
-        metadata: Default::default(),
-        correlation_id: None,
-        causation_id: None,
-    }
-}
+use outflow::{AppendInTransaction, AppendRequest, Checkpoint, EventStore, LogFilter, StoreError};
 
 fn request(id: &str, expected: u64, count: u64) -> AppendRequest {
-    AppendRequest {
-        aggregate_type: "account".into(),
-        aggregate_id: id.into(),
-        expected_version: expected,
-        events: (0..count).map(|n| event(expected + n + 1)).collect(),
-    }
+    common::deposits("account", id, expected, count)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

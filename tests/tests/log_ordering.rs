@@ -11,29 +11,9 @@ use outflow::{AppendInTransaction, Transactional};
 use std::collections::{HashMap, HashSet};
 
 use futures::TryStreamExt;
-use outflow::{AppendRequest, Checkpoint, EventStore, LogFilter, NewEvent, StoreError};
-use serde_json::json;
+use outflow::{Checkpoint, EventStore, LogFilter, StoreError};
 
-fn event(n: u64) -> NewEvent {
-    NewEvent {
-        event_id: uuid::Uuid::now_v7(),
-        event_type: "Deposited".into(),
-        event_version: "1.0".into(),
-        payload: json!({ "Deposited": { "amount": n } }),
-        metadata: Default::default(),
-        correlation_id: None,
-        causation_id: None,
-    }
-}
-
-fn request(aggregate_type: &str, id: &str, expected: u64, count: u64) -> AppendRequest {
-    AppendRequest {
-        aggregate_type: aggregate_type.into(),
-        aggregate_id: id.into(),
-        expected_version: expected,
-        events: (0..count).map(|n| event(expected + n + 1)).collect(),
-    }
-}
+use common::deposits as request;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_transaction_that_commits_late_is_delivered_exactly_once_and_never_skipped() {

@@ -19,7 +19,6 @@ use outflow::{
     RecordedEvent, Transactional,
 };
 use proptest::prelude::*;
-use serde_json::json;
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
@@ -91,15 +90,7 @@ async fn database() -> &'static common::TestDb {
 }
 
 fn deposit(n: usize) -> NewEvent {
-    NewEvent {
-        event_id: Uuid::now_v7(),
-        event_type: "Deposited".into(),
-        event_version: "1.0".into(),
-        payload: json!({ "Deposited": { "amount": n } }),
-        metadata: Default::default(),
-        correlation_id: None,
-        causation_id: None,
-    }
+    common::deposit_event(n as u64)
 }
 
 /// A writer's progress through its transactions.

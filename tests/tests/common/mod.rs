@@ -272,3 +272,34 @@ macro_rules! on_every_backend {
         }
     )*};
 }
+
+/// A `Deposited` event of `amount`, as the log tests write them.
+pub fn deposit_event(amount: u64) -> outflow::NewEvent {
+    outflow::NewEvent {
+        event_id: uuid::Uuid::now_v7(),
+        event_type: "Deposited".into(),
+        event_version: "1.0".into(),
+        payload: serde_json::json!({ "Deposited": { "amount": amount } }),
+        metadata: Default::default(),
+        correlation_id: None,
+        causation_id: None,
+    }
+}
+
+/// `count` deposits for one stream expected at `expected` (amounts follow
+/// the sequences they will get).
+pub fn deposits(
+    aggregate_type: &str,
+    id: &str,
+    expected: u64,
+    count: u64,
+) -> outflow::AppendRequest {
+    outflow::AppendRequest {
+        aggregate_type: aggregate_type.into(),
+        aggregate_id: id.into(),
+        expected_version: expected,
+        events: (0..count)
+            .map(|n| deposit_event(expected + n + 1))
+            .collect(),
+    }
+}

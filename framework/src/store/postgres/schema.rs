@@ -78,6 +78,10 @@ impl Names {
                 "{columns}",
                 include_str!("queries/columns.sql").trim_end().to_owned(),
             ),
+            (
+                "{append_guard}",
+                query_fragment(include_str!("queries/append_guard.sql")),
+            ),
             ("{events_log_idx}", log_idx),
             ("{events_type_log_idx}", type_log_idx),
             ("{dead_letters_projection_idx}", dead_letters_idx),
@@ -166,4 +170,15 @@ pub(super) async fn migrate(pool: &PgPool, names: &Names) -> Result<(), StoreErr
         tracing::info!(table = %events, version, name, "applied migration");
     }
     tx.commit().await.map_err(failed(0, "commit"))
+}
+
+/// A query fragment to put inside another statement: its comment lines
+/// dropped (they document the file, not the statement it lands in).
+fn query_fragment(sql: &str) -> String {
+    sql.lines()
+        .filter(|line| !line.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .trim()
+        .to_owned()
 }

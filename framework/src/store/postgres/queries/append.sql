@@ -2,8 +2,7 @@
 -- the stream is not at the expected version, or when its last event was
 -- written by a transaction newer than this one (this transaction wrote other
 -- rows first, so its id predates that writer's: its events would sort before
--- the stream's last event in the log). One probe of the primary key reads
--- the stream's last event; a stream with no event must be expected at 0.
+-- the stream's last event in the log): append_guard.sql.
 INSERT INTO {events} (aggregate_type, aggregate_id, sequence, event_type, event_version,
                       payload, metadata, event_id, correlation_id, causation_id)
 SELECT $1, $2, $3 + n.ord, n.event_type, n.event_version,
@@ -11,10 +10,5 @@ SELECT $1, $2, $3 + n.ord, n.event_type, n.event_version,
   FROM UNNEST($4::text[], $5::text[], $6::text[], $7::text[], $8::uuid[], $9::uuid[], $10::uuid[])
        WITH ORDINALITY AS n(event_type, event_version, payload, metadata, event_id,
                             correlation_id, causation_id, ord)
- WHERE COALESCE((SELECT e.sequence = $3 AND e.transaction_id <= pg_current_xact_id()
-                   FROM {events} e
-                  WHERE e.aggregate_type = $1 AND e.aggregate_id = $2
-                  ORDER BY e.sequence DESC
-                  LIMIT 1),
-                $3 = 0)
+ WHERE {append_guard}
 RETURNING sequence, position, transaction_id::text AS txid, recorded_at
