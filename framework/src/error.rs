@@ -243,6 +243,19 @@ pub enum StoreError {
         #[source]
         source: BoxError,
     },
+    /// The store's servers did not answer in time: no leader for the
+    /// stream (a majority of its replicas is down, or an election is under
+    /// way) or no connection. Transient: retry with backoff. An append that
+    /// failed so may still have been stored (retry it with the same command
+    /// id: [`CommandBus::execute_once`](crate::CommandBus::execute_once)).
+    #[error("{operation} failed: the event store is unavailable")]
+    Unavailable {
+        /// What Outflow was doing.
+        operation: &'static str,
+        /// What the client reported.
+        #[source]
+        source: BoxError,
+    },
     /// The database reported an error or the connection failed.
     #[error("{operation} failed ({kind} error)")]
     Database {
@@ -264,9 +277,9 @@ impl StoreError {
     /// database errors carry the backend's own classification.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            StoreError::Conflict { .. } | StoreError::StaleTransaction { .. } => {
-                ErrorKind::Transient
-            }
+            StoreError::Conflict { .. }
+            | StoreError::StaleTransaction { .. }
+            | StoreError::Unavailable { .. } => ErrorKind::Transient,
             StoreError::Database { kind, .. } => *kind,
             StoreError::InvalidIdentifier { .. }
             | StoreError::Config(_)
@@ -293,6 +306,12 @@ impl StoreError {
             self,
             StoreError::Conflict { .. } | StoreError::StaleTransaction { .. }
         )
+    }
+
+    /// `true` when the store's servers did not answer in time
+    /// ([`StoreError::Unavailable`]).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable { .. })
     }
 
     /// A database error with the backend's classification.

@@ -119,6 +119,35 @@ pub trait EventLog: Send + Sync + 'static {
         self.head().await
     }
 
+    /// The head of the part of the log that `filter` reads: what a reader
+    /// of one partition of a [partitioned](Self::partitions) log compares
+    /// its checkpoint with. The default is [`head`](Self::head).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Database`]; a [`StoreError::Config`] when the filter
+    /// does not fit the log's partitions.
+    async fn head_of(&self, filter: &LogFilter) -> Result<Checkpoint, StoreError> {
+        let _ = filter;
+        self.head().await
+    }
+
+    /// How many parts the log is ordered in: 1 (the default) when it is one
+    /// total order; `n` when each of `n` partitions is ordered on its own
+    /// (a partitioned JetStream store), so checkpoints of different
+    /// partitions do not compare, and readers must read one partition each
+    /// ([`LogFilter::with_partition`]`(p, n)`).
+    fn partitions(&self) -> u32 {
+        1
+    }
+
+    /// The partition a checkpoint of a [partitioned](Self::partitions) log
+    /// belongs to; `None` (the default) for a log in one total order.
+    fn checkpoint_partition(&self, checkpoint: Checkpoint) -> Option<u32> {
+        let _ = checkpoint;
+        None
+    }
+
     /// A handle that wakes a log reader when new events may be readable.
     fn wakeups(&self) -> Wakeups;
 
@@ -306,6 +335,15 @@ impl<L: EventLog + ?Sized> EventLog for std::sync::Arc<L> {
     }
     async fn committed_head(&self) -> Result<Checkpoint, StoreError> {
         (**self).committed_head().await
+    }
+    async fn head_of(&self, filter: &LogFilter) -> Result<Checkpoint, StoreError> {
+        (**self).head_of(filter).await
+    }
+    fn partitions(&self) -> u32 {
+        (**self).partitions()
+    }
+    fn checkpoint_partition(&self, checkpoint: Checkpoint) -> Option<u32> {
+        (**self).checkpoint_partition(checkpoint)
     }
     fn wakeups(&self) -> Wakeups {
         (**self).wakeups()

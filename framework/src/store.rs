@@ -34,6 +34,9 @@ pub use projections::{
     ProjectionStore, UnitId, UnitRecord,
 };
 
+#[cfg(feature = "nats")]
+#[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
+pub mod jetstream;
 pub mod memory;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]

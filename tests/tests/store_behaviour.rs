@@ -36,7 +36,7 @@ fn request(id: &str, expected: u64, events: Vec<NewEvent>) -> AppendRequest {
     }
 }
 
-async fn behaves_like_an_event_store<S: outflow::Backend>(store: S) {
+async fn behaves_like_an_event_store<S: outflow::EventStore + outflow::EventLog>(store: S) {
     let all = LogFilter::all();
     // An empty store.
     assert_eq!(store.head().await.expect("head"), Checkpoint::START);
@@ -202,7 +202,7 @@ async fn behaves_like_an_event_store<S: outflow::Backend>(store: S) {
 
 /// An append larger than one statement's worth of rows on any backend: all
 /// or nothing, one transaction, contiguous positions and sequences.
-async fn appends_a_large_batch_whole<S: outflow::Backend>(store: S) {
+async fn appends_a_large_batch_whole<S: outflow::EventStore + outflow::EventLog>(store: S) {
     store
         .append(request("big", 0, vec![opened("Big")]))
         .await
@@ -245,6 +245,24 @@ async fn appends_a_large_batch_whole<S: outflow::Backend>(store: S) {
 on_every_backend! {
     behaves_like_an_event_store: memory_store, postgres_store, sqlite_store;
     appends_a_large_batch_whole: large_memory, large_postgres, large_sqlite;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_store_on_one_server() {
+    let store = common::jetstream_store(&common::nats_url(), "behaviour", 1).await;
+    behaves_like_an_event_store(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_store_on_a_cluster() {
+    let store = common::jetstream_store(&common::nats_cluster_url(), "behaviour", 1).await;
+    behaves_like_an_event_store(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_jetstream() {
+    let store = common::jetstream_store(&common::nats_url(), "large", 1).await;
+    appends_a_large_batch_whole(store).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -55,7 +55,13 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
     pub async fn status(&self) -> Result<Vec<ProjectionStatus>, StoreError> {
         let store = &self.shared.store;
         let log = &self.shared.log;
-        let head = log.head().await?;
+        // A log ordered per partition has no single head, and no open
+        // transaction holds its readers back.
+        let head = if log.partitions() == 1 {
+            Some(log.head().await?)
+        } else {
+            None
+        };
         let mut statuses = Vec::new();
         let mut parked: HashMap<String, Vec<DeadLetter>> = HashMap::new();
         for record in store.units(None).await? {
@@ -85,10 +91,11 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
             let parked_here = parked
                 .get(&registered.name)
                 .map_or(0, |d| d.iter().filter(|d| d.unit == record.unit).count());
-            let held_back_by = if lag_events > 0 {
-                holding_back(log.as_ref(), &filter, head.max(record.checkpoint)).await?
-            } else {
-                None
+            let held_back_by = match head {
+                Some(head) if lag_events > 0 => {
+                    holding_back(log.as_ref(), &filter, head.max(record.checkpoint)).await?
+                }
+                _ => None,
             };
             let rebuild = record.rebuild_total.and_then(|total| {
                 let progress = RebuildProgress {
@@ -141,11 +148,20 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
             .await?;
         // Every committed event, including those a transaction still open
         // elsewhere keeps readers from (the head would leave them out).
-        let total = self
-            .shared
-            .log
-            .count_events(&registered.filter, Checkpoint::START, END, i64::MAX as u64)
-            .await?;
+        let log = &self.shared.log;
+        let total = if log.partitions() > 1 {
+            let mut total = 0;
+            for partition in 0..registered.partitions {
+                let filter = registered.filter_for(partition, registered.partitions);
+                total += log
+                    .count_events(&filter, Checkpoint::START, END, i64::MAX as u64)
+                    .await?;
+            }
+            total
+        } else {
+            log.count_events(&registered.filter, Checkpoint::START, END, i64::MAX as u64)
+                .await?
+        };
         let mut tx = store.begin().await?;
         store.reset_projection(&mut tx, name, total).await?;
         registered

@@ -190,12 +190,28 @@ impl<S: ProjectionStore> ProjectionRunnerBuilder<S> {
             if name.is_empty() {
                 return Err(ConfigError::EmptyName("a projection").into());
             }
-            if options.partitions > MAX_PARTITIONS {
+            // A log ordered per partition is read one partition per unit.
+            let log_partitions = self.log.partitions();
+            let partitions = match (log_partitions, options.partitions) {
+                (1, n) => n,
+                (n, 1) => n,
+                (n, m) if n == m => n,
+                (n, m) => {
+                    return Err(ConfigError::Invalid {
+                        setting: "partitions",
+                        reason: format!(
+                            "`{name}` asks for {m} partitions, but its log is ordered in {n} \
+                             partitions, each read by one unit: use {n} (or leave the default)"
+                        ),
+                    }
+                    .into())
+                }
+            };
+            if partitions > MAX_PARTITIONS {
                 return Err(ConfigError::Invalid {
                     setting: "partitions",
                     reason: format!(
-                        "`{name}` asks for {} partitions; at most {MAX_PARTITIONS}",
-                        options.partitions
+                        "`{name}` asks for {partitions} partitions; at most {MAX_PARTITIONS}"
                     ),
                 }
                 .into());
@@ -205,7 +221,7 @@ impl<S: ProjectionStore> ProjectionRunnerBuilder<S> {
                 filter: options.projection.filter(),
                 name: name.clone(),
                 projection: options.projection,
-                partitions: options.partitions,
+                partitions,
                 batch_size: options.batch_size,
                 retry: options.retry,
                 on_error: options.on_error,

@@ -117,7 +117,7 @@ pub async fn wait_for<S: Checkpoints + DeadLetters>(
     timeout: Duration,
 ) -> Result<(), WaitError> {
     let view = SharedView::default();
-    wait_on(store, &view, target, projections, timeout).await
+    wait_on(store, &view, target, projections, timeout, None).await
 }
 
 /// How long a wait looks again for a projection that is not registered yet
@@ -165,8 +165,19 @@ enum Standing<'a> {
     Behind(&'a str, Checkpoint, Option<String>),
 }
 
+/// Whether a unit must pass the target: every unit, or on a log ordered
+/// per partition only the units of the target's partition (`scope`).
+fn in_scope(unit: &UnitRecord, scope: Option<u32>) -> bool {
+    scope.is_none_or(|partition| unit.unit.partition == partition)
+}
+
 /// The pure decision of one look at the units.
-fn standing<'a>(units: &[UnitRecord], target: Checkpoint, projections: &[&'a str]) -> Standing<'a> {
+fn standing<'a>(
+    units: &[UnitRecord],
+    target: Checkpoint,
+    projections: &[&'a str],
+    scope: Option<u32>,
+) -> Standing<'a> {
     let mut behind = None;
     let mut stopped = None;
     let mut failing = None;
@@ -179,7 +190,7 @@ fn standing<'a>(units: &[UnitRecord], target: Checkpoint, projections: &[&'a str
             return Standing::Unknown(name);
         }
         for unit in mine {
-            if unit.checkpoint >= target {
+            if unit.checkpoint >= target || !in_scope(unit, scope) {
                 continue;
             }
             let error = unit.last_error.clone();
@@ -211,10 +222,10 @@ fn standing<'a>(units: &[UnitRecord], target: Checkpoint, projections: &[&'a str
 
 /// The lowest checkpoint of each named projection: where parked events
 /// start to count against a wait.
-fn lowest(units: &[UnitRecord], projection: &str) -> Option<Checkpoint> {
+fn lowest(units: &[UnitRecord], projection: &str, scope: Option<u32>) -> Option<Checkpoint> {
     units
         .iter()
-        .filter(|u| u.unit.projection == projection)
+        .filter(|u| u.unit.projection == projection && in_scope(u, scope))
         .map(|u| u.checkpoint)
         .min()
 }
@@ -225,6 +236,7 @@ async fn wait_on<S: Checkpoints + DeadLetters>(
     target: Checkpoint,
     projections: &[&str],
     timeout: Duration,
+    scope: Option<u32>,
 ) -> Result<(), WaitError> {
     let deadline = tokio::time::Instant::now() + timeout;
     let unknown_until = tokio::time::Instant::now() + timeout.min(UNKNOWN_GRACE);
@@ -242,12 +254,12 @@ async fn wait_on<S: Checkpoints + DeadLetters>(
     // of the awaited transaction count then, and the view says whether
     // there are any.
     let current = view.borrow_and_update().clone();
-    if !current.is_empty() && standing(&current, target, projections) == Standing::Reached {
+    if !current.is_empty() && standing(&current, target, projections, scope) == Standing::Reached {
         let since: Vec<(&str, Checkpoint)> = projections
             .iter()
             .map(|&name| (name, own_transaction))
             .collect();
-        return parked_on_the_way(store, &current, &since, target).await;
+        return parked_on_the_way(store, &current, &since, target, scope).await;
     }
     // Otherwise the wait starts from the view too (refreshed at every move
     // of a checkpoint, here or on another node), or from a read of its own
@@ -262,13 +274,15 @@ async fn wait_on<S: Checkpoints + DeadLetters>(
     let since: Vec<(&str, Checkpoint)> = projections
         .iter()
         .map(|&name| {
-            let from = lowest(&units, name).unwrap_or(Checkpoint::START);
+            let from = lowest(&units, name, scope).unwrap_or(Checkpoint::START);
             (name, from.min(own_transaction))
         })
         .collect();
     loop {
-        let (name, reached, last_error) = match standing(&units, target, projections) {
-            Standing::Reached => return parked_on_the_way(store, &units, &since, target).await,
+        let (name, reached, last_error) = match standing(&units, target, projections, scope) {
+            Standing::Reached => {
+                return parked_on_the_way(store, &units, &since, target, scope).await
+            }
             Standing::Unknown(name) => {
                 // A runner starting at the same moment may not have
                 // registered it yet: look again for a moment.
@@ -335,17 +349,21 @@ async fn parked_on_the_way<S: DeadLetters>(
     units: &[UnitRecord],
     since: &[(&str, Checkpoint)],
     target: Checkpoint,
+    scope: Option<u32>,
 ) -> Result<(), WaitError> {
     for &(name, from) in since {
         let any_in_range = units
             .iter()
-            .filter(|u| u.unit.projection == name)
+            .filter(|u| u.unit.projection == name && in_scope(u, scope))
             .any(|u| u.last_parked.is_some_and(|parked| parked > from));
         if !any_in_range {
             continue;
         }
         let parked = store.dead_letters_between(name, from, target).await?;
-        if let Some(first) = parked.into_iter().next() {
+        let first = parked
+            .into_iter()
+            .find(|d| scope.is_none_or(|partition| d.unit.partition == partition));
+        if let Some(first) = first {
             return Err(WaitError::Parked {
                 projection: name.to_owned(),
                 event: first.event,
@@ -409,12 +427,17 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
                 self.ensure_registered(registered).await?;
             }
         }
+        // On a log ordered per partition, the target's partition alone
+        // holds the awaited events; the other partitions' checkpoints do not
+        // compare with it.
+        let scope = self.shared.log.checkpoint_partition(target);
         wait_on(
             &self.shared.store,
             &self.shared.view,
             target,
             projections,
             timeout,
+            scope,
         )
         .await
     }
@@ -455,12 +478,15 @@ mod tests {
             unit("b", 0, 9, live),
         ];
         let target = Checkpoint::new(1, 4);
-        assert_eq!(standing(&units, target, &["b"]), Standing::Reached);
+        assert_eq!(standing(&units, target, &["b"], None), Standing::Reached);
         assert_eq!(
-            standing(&units, target, &["b", "a"]),
+            standing(&units, target, &["b", "a"], None),
             Standing::Behind("a", Checkpoint::new(1, 3), Some("boom".into()))
         );
-        assert_eq!(standing(&units, target, &["c"]), Standing::Unknown("c"));
+        assert_eq!(
+            standing(&units, target, &["c"], None),
+            Standing::Unknown("c")
+        );
     }
 
     #[test]
@@ -470,7 +496,7 @@ mod tests {
             unit("a", 1, 1, ProjectionState::Stopped),
         ];
         assert_eq!(
-            standing(&units, Checkpoint::new(1, 2), &["a"]),
+            standing(&units, Checkpoint::new(1, 2), &["a"], None),
             Standing::Stopped("a", "boom".into())
         );
         // Retrying on a missing table: failing; on a lost connection: behind.
@@ -478,18 +504,18 @@ mod tests {
         retrying.last_error = Some("infrastructure error: relation \"x\" does not exist".into());
         let units_failing = [unit("a", 0, 2, ProjectionState::Live), retrying.clone()];
         assert!(matches!(
-            standing(&units_failing, Checkpoint::new(1, 2), &["a"]),
+            standing(&units_failing, Checkpoint::new(1, 2), &["a"], None),
             Standing::Failing("a", _, _)
         ));
         retrying.last_error = Some("transient error: connection reset".into());
         let units_transient = [unit("a", 0, 2, ProjectionState::Live), retrying];
         assert!(matches!(
-            standing(&units_transient, Checkpoint::new(1, 2), &["a"]),
+            standing(&units_transient, Checkpoint::new(1, 2), &["a"], None),
             Standing::Behind("a", _, Some(_))
         ));
         // Stopped but past the target: nothing to wait for.
         assert_eq!(
-            standing(&units, Checkpoint::new(1, 1), &["a"]),
+            standing(&units, Checkpoint::new(1, 1), &["a"], None),
             Standing::Reached
         );
     }

@@ -1,0 +1,1533 @@
+//! An event store on NATS JetStream (feature `nats`): the scale-out backend,
+//! for when one database server's write rate or availability is not enough.
+//!
+//! # How events are stored
+//!
+//! - **One message per command.** An append's events travel in one message,
+//!   so the append is atomic: every event of the command is stored, or none.
+//!   Its subject is `<prefix>.<partition>.<aggregate type>.<aggregate id>`,
+//!   each name encoded as one subject token ([`stream_token`]: letters,
+//!   digits and `-` stay, every other byte becomes `_` and two hex digits), so
+//!   two aggregates never share a subject.
+//! - **Optimistic concurrency** by `Nats-Expected-Last-Subject-Sequence`: the
+//!   append names the stream sequence of the aggregate's last message, and the
+//!   stream's leader refuses it when another message for the aggregate came
+//!   first; that comes back as the same [`StoreError::Conflict`] as on the
+//!   other backends.
+//! - **No duplicate after a lost acknowledgement.** Each message carries a
+//!   `Nats-Msg-Id` (the id of the command's first event, derived from the
+//!   command's id by [`CommandBus::execute_once`](crate::CommandBus::execute_once)):
+//!   when the acknowledgement of a publish is lost (a timeout, a dropped
+//!   connection, a leader change), the store publishes the same message
+//!   again, and the stream answers with the sequence of the copy it already
+//!   has instead of storing a second one (within the stream's two-minute
+//!   duplicate window).
+//! - **Positions.** An event's place in the log is its message's stream
+//!   sequence (the [`Checkpoint::transaction_id`]: one message is one
+//!   "transaction") and its index in the message. The
+//!   [`Checkpoint::position`] packs them with the partition:
+//!   `sequence << 24 | partition << 16 | index`, so positions are unique
+//!   across partitions and increase along each partition's log, and the
+//!   events of one append have consecutive positions. The sequence is
+//!   assigned by the stream's leader when the message is committed to the
+//!   replicated log, in commit order: there are no late commits, so a log
+//!   reader can never skip an event that commits after it read past its
+//!   position (what PostgreSQL needs transaction ids and a guard for).
+//! - **Loads** read only the aggregate's own messages (subject-filtered
+//!   gets answered by the stream's leader, never a scan of the stream), from
+//!   after its snapshot; **snapshots** live in a replicated key-value bucket
+//!   (`<prefix>_snapshots`, newest wins).
+//!
+//! # Partitions
+//!
+//! With [`partitions(n)`](JetStreamStoreBuilder::partitions) the store keeps
+//! `n` streams (`<PREFIX>_0` …), each with its own leader and log; an
+//! aggregate lives in partition `fnv1a(aggregate id) % n` (the hash
+//! [`Partition::contains`](crate::log::Partition::contains) uses). Writes to
+//! different partitions do not wait for each other. The log is ordered **per
+//! partition**: there is no single total order across partitions. So:
+//!
+//! - a projection reads one partition per unit: the runner gives every
+//!   projection as many partitions as the store has (a projection configured
+//!   with another count above 1 is refused at build);
+//! - [`ProjectionRunner::wait_for`](crate::runner::ProjectionRunner::wait_for)
+//!   waits for the unit of the command's partition (read-your-writes holds
+//!   for what the command wrote); the free function
+//!   [`wait_for`](crate::runner::wait_for) compares against every unit and is
+//!   not for partitioned stores;
+//! - reading the log without a partition filter, [`head`](EventLog::head)
+//!   and [`committed_head`](EventLog::committed_head) are refused on a
+//!   partitioned store with a [`ConfigError`]: there is no head of the
+//!   whole log ([`head_of`](EventLog::head_of) a partition is);
+//! - one partition is one total order, as on the SQL backends.
+//!
+//! What JetStream cannot do against PostgreSQL: no inline handlers in the
+//! append's transaction and no appends inside a transaction that also
+//! writes rows ([`AppendInTransaction`](crate::AppendInTransaction) is not
+//! implemented); read models, checkpoints, leases and dead letters live in
+//! SQL ([`ProjectionRunner::with_log`](crate::runner::ProjectionRunner::with_log)
+//! with a [`PostgresStore`](crate::PostgresStore) or
+//! [`SqliteStore`](crate::SqliteStore)), where each batch's read-model writes
+//! commit with its checkpoint: exactly once across the two systems. A
+//! reaction that must happen with the append becomes a projection.
+//!
+//! # Failures
+//!
+//! A publish or read that gets no answer within the
+//! [timeout](JetStreamStoreBuilder::timeout) (no stream leader: a majority of
+//! the stream's servers is down, or an election is under way) fails with
+//! [`StoreError::Unavailable`]; a publish whose acknowledgement was lost is
+//! retried with the same message id until the timeout, so an
+//! `Unavailable` append may still have been stored (a later
+//! [`execute_once`](crate::CommandBus::execute_once) with the same command id
+//! finds it).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use outflow::store::jetstream::JetStreamStore;
+//!
+//! let client = async_nats::connect("nats://127.0.0.1:4222").await?;
+//! let store = JetStreamStore::builder(client)
+//!     .prefix("bank")
+//!     .partitions(4)
+//!     .build()
+//!     .await?;
+//! assert_eq!(store.partitions(), 4);
+//! # Ok(()) }
+//! ```
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
+use async_nats::jetstream::context::{Context, PublishErrorKind};
+use async_nats::jetstream::stream::{self, Stream};
+use async_nats::jetstream::{kv, Message};
+use async_nats::HeaderMap;
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::error::{ConfigError, ErrorKind, EventRef, StoreError};
+use crate::event::{AppendRequest, Checkpoint, Metadata, RecordedEvent, Snapshot};
+use crate::log::{partition_hash, EventLog, LogFilter};
+use crate::store::{EventStore, LoadedStream, StreamEvent};
+use crate::wake::{WakeSignal, Wakeups};
+
+/// The most partitions a store may have (8 bits of a position).
+pub const MAX_PARTITIONS: u32 = 256;
+/// The most events one append may carry (16 bits of a position).
+pub const MAX_EVENTS_PER_APPEND: usize = 1 << 16;
+
+/// The header holding the stream version after the message's last event.
+const VERSION_HEADER: &str = "Outflow-Version";
+/// How many readers (server-side cursors) a store keeps for reuse.
+const MAX_IDLE_READERS: usize = 64;
+/// How many aggregates' last sequences a store remembers.
+const MAX_KNOWN_STREAMS: usize = 100_000;
+
+/// Encodes a name as one NATS subject token, reversibly: ASCII letters,
+/// digits and `-` stay; every other byte (of its UTF-8) becomes `_` and two
+/// lower-case hex digits; the empty name becomes `_`. Distinct names give
+/// distinct tokens.
+///
+/// ```
+/// use outflow::store::jetstream::stream_token;
+/// assert_eq!(stream_token("account-7"), "account-7");
+/// assert_eq!(stream_token("a.b"), "a_2eb");
+/// assert_eq!(stream_token("a_b"), "a_5fb");
+/// assert_eq!(stream_token(""), "_");
+/// ```
+pub fn stream_token(name: &str) -> String {
+    if name.is_empty() {
+        return "_".to_owned();
+    }
+    let mut token = String::with_capacity(name.len());
+    for byte in name.bytes() {
+        if byte.is_ascii_alphanumeric() || byte == b'-' {
+            token.push(char::from(byte));
+        } else {
+            token.push_str(&format!("_{byte:02x}"));
+        }
+    }
+    token
+}
+
+/// The position of the `index`th event of the message at `sequence` in
+/// `partition` (see the module documentation).
+fn position(sequence: u64, partition: u32, index: usize) -> u64 {
+    (sequence << 24) | (u64::from(partition) << 16) | index as u64
+}
+
+/// The partition a position belongs to.
+fn partition_of_position(position: u64) -> u32 {
+    ((position >> 16) & 0xff) as u32
+}
+
+/// One event as stored in a message.
+#[derive(Serialize, Deserialize)]
+struct StoredEvent {
+    id: Uuid,
+    #[serde(rename = "type")]
+    event_type: String,
+    #[serde(rename = "ver")]
+    event_version: String,
+    payload: Box<serde_json::value::RawValue>,
+    #[serde(default, skip_serializing_if = "Metadata::is_empty")]
+    metadata: Metadata,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    correlation: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    causation: Option<Uuid>,
+}
+
+/// A message: one append.
+#[derive(Serialize, Deserialize)]
+struct StoredMessage {
+    #[serde(rename = "type")]
+    aggregate_type: String,
+    #[serde(rename = "id")]
+    aggregate_id: String,
+    /// Sequence of the first event.
+    first: u64,
+    at: DateTime<Utc>,
+    events: Vec<StoredEvent>,
+}
+
+/// A snapshot as stored in the bucket.
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    version: u64,
+    /// Stream sequence of the message holding event `version` (0: unknown).
+    seq: u64,
+    state: serde_json::Value,
+}
+
+/// Builds a [`JetStreamStore`].
+#[must_use]
+pub struct JetStreamStoreBuilder {
+    client: async_nats::Client,
+    prefix: String,
+    partitions: u32,
+    replicas: Option<usize>,
+    timeout: Duration,
+    poll_interval: Duration,
+}
+
+impl std::fmt::Debug for JetStreamStoreBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JetStreamStoreBuilder")
+            .field("prefix", &self.prefix)
+            .field("partitions", &self.partitions)
+            .field("replicas", &self.replicas)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+impl JetStreamStoreBuilder {
+    /// The subjects' first tokens and the streams' names (default
+    /// `outflow`): subjects `<prefix>.<partition>.…`, streams
+    /// `<PREFIX>_<partition>` (dots become `_`, upper-cased), snapshots in
+    /// the bucket `<PREFIX>_snapshots`. Letters, digits, `-` and `_`, in
+    /// tokens separated by dots.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// How many partition streams (default 1, at most 256). Fixed for the
+    /// life of the data: a store opened with another count than it was
+    /// created with is refused.
+    pub fn partitions(mut self, partitions: u32) -> Self {
+        self.partitions = partitions;
+        self
+    }
+
+    /// Replicas of each stream and of the snapshot bucket (default: 3 when
+    /// the server is part of a cluster, 1 on a single server).
+    pub fn replicas(mut self, replicas: usize) -> Self {
+        self.replicas = Some(replicas);
+        self
+    }
+
+    /// How long a publish or read may wait for the cluster (default 5 s):
+    /// past it, the call fails with [`StoreError::Unavailable`].
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// How often idle log readers look for new events when no wake-up came
+    /// (default 1 s).
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
+        self
+    }
+
+    /// Creates the streams and the snapshot bucket when missing, checks
+    /// them when present, and returns the store.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Config`] for an invalid prefix, a partition count of 0
+    /// or above 256, or one other than the stored data's; a
+    /// [`StoreError::Database`] or [`StoreError::Unavailable`] when the
+    /// cluster refuses or does not answer (JetStream not enabled, not
+    /// enough servers for the replicas).
+    pub async fn build(self) -> Result<JetStreamStore, StoreError> {
+        validate_prefix(&self.prefix)?;
+        if self.partitions == 0 || self.partitions > MAX_PARTITIONS {
+            return Err(ConfigError::Invalid {
+                setting: "partitions",
+                reason: format!(
+                    "{} partitions asked for; between 1 and {MAX_PARTITIONS}",
+                    self.partitions
+                ),
+            }
+            .into());
+        }
+        let replicas = self.replicas.unwrap_or_else(|| {
+            if self.client.server_info().cluster.is_some() {
+                3
+            } else {
+                1
+            }
+        });
+        let mut js = async_nats::jetstream::new(self.client.clone());
+        js.set_timeout(self.timeout);
+        let base = self.prefix.replace('.', "_").to_uppercase();
+        let mut streams = Vec::new();
+        for partition in 0..self.partitions {
+            let name = format!("{base}_{partition}");
+            let subjects = vec![format!("{}.{partition}.>", self.prefix)];
+            streams.push(ensure_stream(&js, &name, subjects, replicas).await?);
+        }
+        let kv = ensure_bucket(&js, &format!("{base}_snapshots"), replicas).await?;
+        check_partition_count(&kv, &self.prefix, self.partitions).await?;
+        Ok(JetStreamStore {
+            inner: Arc::new(Inner {
+                client: self.client,
+                js,
+                prefix: self.prefix,
+                partitions: self.partitions,
+                streams,
+                kv,
+                timeout: self.timeout,
+                poll_interval: self.poll_interval,
+                known: Mutex::new(HashMap::new()),
+                readers: Mutex::new(Vec::new()),
+                wake: WakeSignal::new(),
+                listening: std::sync::atomic::AtomicBool::new(false),
+            }),
+        })
+    }
+}
+
+fn validate_prefix(prefix: &str) -> Result<(), StoreError> {
+    let ok = !prefix.is_empty()
+        && prefix.split('.').all(|token| {
+            !token.is_empty()
+                && token
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid {
+            setting: "prefix",
+            reason: format!("`{prefix}`: letters, digits, `-` and `_` in tokens separated by dots"),
+        }
+        .into())
+    }
+}
+
+/// The snapshot bucket: a key-value bucket (a stream in the layout
+/// JetStream's key-value API uses, `KV_<bucket>` on `$KV.<bucket>.>`, one
+/// value per key), created here as a stream so that servers from 2.9 on
+/// accept it.
+async fn ensure_bucket(
+    js: &Context,
+    bucket: &str,
+    replicas: usize,
+) -> Result<kv::Store, StoreError> {
+    if let Ok(store) = js.get_key_value(bucket).await {
+        return Ok(store);
+    }
+    let config = stream::Config {
+        name: format!("KV_{bucket}"),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        allow_rollup: true,
+        allow_direct: true,
+        deny_delete: true,
+        discard: stream::DiscardPolicy::New,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    };
+    if let Err(error) = js.create_stream(config).await {
+        // Another node may have created it meanwhile.
+        tracing::debug!(%error, "creating the snapshot bucket failed");
+    }
+    js.get_key_value(bucket)
+        .await
+        .map_err(|e| nats_error("open the snapshot bucket", e))
+}
+
+/// Records the partition count in the snapshot bucket on first use, and
+/// refuses another one afterwards.
+async fn check_partition_count(
+    kv: &kv::Store,
+    prefix: &str,
+    partitions: u32,
+) -> Result<(), StoreError> {
+    const KEY: &str = "_outflow_partitions";
+    let stored = match kv.get(KEY).await {
+        Ok(Some(value)) => Some(value),
+        Ok(None) => match kv
+            .create(KEY, partitions.to_string().into_bytes().into())
+            .await
+        {
+            Ok(_) => None,
+            Err(error) if error.kind() == kv::CreateErrorKind::AlreadyExists => {
+                kv.get(KEY)
+                    .await
+                    .map_err(|e| nats_error("read the partition count", e))?
+            }
+            Err(error) => return Err(nats_error("record the partition count", error)),
+        },
+        Err(error) => return Err(nats_error("read the partition count", error)),
+    };
+    if let Some(value) = stored {
+        let text = String::from_utf8_lossy(&value).into_owned();
+        if text.trim() != partitions.to_string() {
+            return Err(ConfigError::PartitionCount {
+                name: format!("JetStream event store `{prefix}`"),
+                stored: text,
+                configured: partitions,
+            }
+            .into());
+        }
+    }
+    Ok(())
+}
+
+async fn ensure_stream(
+    js: &Context,
+    name: &str,
+    subjects: Vec<String>,
+    replicas: usize,
+) -> Result<Stream, StoreError> {
+    if let Ok(mut existing) = js.get_stream(name).await {
+        let info = existing
+            .info()
+            .await
+            .map_err(|e| nats_error("read the stream's configuration", e))?;
+        if info.config.subjects != subjects {
+            return Err(ConfigError::Invalid {
+                setting: "prefix",
+                reason: format!(
+                    "stream `{name}` exists with subjects {:?}, not {:?}",
+                    info.config.subjects, subjects
+                ),
+            }
+            .into());
+        }
+        return Ok(existing);
+    }
+    let config = stream::Config {
+        name: name.to_owned(),
+        subjects,
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        allow_direct: true,
+        deny_delete: true,
+        deny_purge: true,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    };
+    match js.create_stream(config).await {
+        Ok(stream) => Ok(stream),
+        // Another node created it first.
+        Err(_) if js.get_stream(name).await.is_ok() => js
+            .get_stream(name)
+            .await
+            .map_err(|e| nats_error("open the stream", e)),
+        Err(error) => Err(nats_error("create the stream", error)),
+    }
+}
+
+/// A NATS error as a store error: no answer in time or no connection is
+/// [`StoreError::Unavailable`], anything else the cluster's refusal.
+fn nats_error(operation: &'static str, error: impl Into<crate::error::BoxError>) -> StoreError {
+    let error: crate::error::BoxError = error.into();
+    let text = error.to_string().to_lowercase();
+    let unavailable = [
+        "timed out",
+        "timeout",
+        "no responders",
+        "broken pipe",
+        "disconnected",
+        "connection",
+        "no suitable peers",
+        "insufficient resources",
+        "leader",
+        "temporarily unavailable",
+        "jetstream not enabled",
+        "cluster",
+    ]
+    .iter()
+    .any(|needle| text.contains(needle));
+    if unavailable {
+        StoreError::Unavailable {
+            operation,
+            source: error,
+        }
+    } else {
+        StoreError::database(operation, ErrorKind::Infrastructure, error)
+    }
+}
+
+/// An event store on NATS JetStream; see the [module documentation](self).
+/// Cloning is cheap; clones share the connection and caches.
+#[derive(Clone)]
+pub struct JetStreamStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: async_nats::Client,
+    js: Context,
+    prefix: String,
+    partitions: u32,
+    streams: Vec<Stream>,
+    kv: kv::Store,
+    timeout: Duration,
+    poll_interval: Duration,
+    /// Per aggregate (type, id): its version and the sequence of its last
+    /// message, as last seen here.
+    known: Mutex<HashMap<(String, String), (u64, u64)>>,
+    /// Server-side cursors kept between reads.
+    readers: Mutex<Vec<Reader>>,
+    wake: WakeSignal,
+    listening: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for JetStreamStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JetStreamStore")
+            .field("prefix", &self.inner.prefix)
+            .field("partitions", &self.inner.partitions)
+            .finish()
+    }
+}
+
+/// A server-side cursor on one partition's stream, kept between reads.
+struct Reader {
+    partition: u32,
+    subject: String,
+    consumer: PullConsumer,
+    /// Decoded events of the last message not yet handed out.
+    leftover: VecDeque<RecordedEvent>,
+    /// The last event handed out or skipped.
+    cursor: Checkpoint,
+}
+
+impl JetStreamStore {
+    /// A builder on a connected client.
+    pub fn builder(client: async_nats::Client) -> JetStreamStoreBuilder {
+        JetStreamStoreBuilder {
+            client,
+            prefix: "outflow".to_owned(),
+            partitions: 1,
+            replicas: None,
+            timeout: Duration::from_secs(5),
+            poll_interval: Duration::from_secs(1),
+        }
+    }
+
+    /// How many partition streams the store has.
+    pub fn partitions(&self) -> u32 {
+        self.inner.partitions
+    }
+
+    /// The partition an aggregate's events are stored in.
+    pub fn partition_of(&self, aggregate_id: &str) -> u32 {
+        partition_hash(aggregate_id) % self.inner.partitions
+    }
+
+    /// The name of a partition's stream.
+    pub fn stream_name(&self, partition: u32) -> Option<&str> {
+        self.inner
+            .streams
+            .get(partition as usize)
+            .map(|s| s.cached_info().config.name.as_str())
+    }
+
+    /// The subject an aggregate's messages are published to.
+    pub fn subject(&self, aggregate_type: &str, aggregate_id: &str) -> String {
+        format!(
+            "{}.{}.{}.{}",
+            self.inner.prefix,
+            self.partition_of(aggregate_id),
+            stream_token(aggregate_type),
+            stream_token(aggregate_id)
+        )
+    }
+
+    fn stream(&self, partition: u32) -> &Stream {
+        &self.inner.streams[partition as usize]
+    }
+
+    fn remember(&self, aggregate_type: &str, aggregate_id: &str, version: u64, seq: u64) {
+        let Ok(mut known) = self.inner.known.lock() else {
+            return;
+        };
+        if known.len() >= MAX_KNOWN_STREAMS {
+            known.clear();
+        }
+        let key = (aggregate_type.to_owned(), aggregate_id.to_owned());
+        let entry = known.entry(key).or_insert((version, seq));
+        if seq >= entry.1 {
+            *entry = (version, seq);
+        }
+    }
+
+    fn known(&self, aggregate_type: &str, aggregate_id: &str) -> Option<(u64, u64)> {
+        let known = self.inner.known.lock().ok()?;
+        known
+            .get(&(aggregate_type.to_owned(), aggregate_id.to_owned()))
+            .copied()
+    }
+
+    fn forget(&self, aggregate_type: &str, aggregate_id: &str) {
+        if let Ok(mut known) = self.inner.known.lock() {
+            known.remove(&(aggregate_type.to_owned(), aggregate_id.to_owned()));
+        }
+    }
+
+    /// The aggregate's version and the sequence of its last message, as
+    /// the stream's leader has them ((0, 0) for a new aggregate).
+    async fn last_of(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+    ) -> Result<(u64, u64), StoreError> {
+        let partition = self.partition_of(aggregate_id);
+        let subject = self.subject(aggregate_type, aggregate_id);
+        match self
+            .stream(partition)
+            .get_last_raw_message_by_subject(&subject)
+            .await
+        {
+            Ok(message) => {
+                let version =
+                    version_header(&message.headers).ok_or_else(|| StoreError::Corrupt {
+                        table: self.stream_label(partition),
+                        what: format!(
+                            "message {} has no {VERSION_HEADER} header",
+                            message.sequence
+                        ),
+                    })?;
+                self.remember(aggregate_type, aggregate_id, version, message.sequence);
+                Ok((version, message.sequence))
+            }
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound
+                ) =>
+            {
+                Ok((0, 0))
+            }
+            Err(error) => Err(nats_error("read an aggregate's last message", error)),
+        }
+    }
+
+    fn stream_label(&self, partition: u32) -> String {
+        format!("stream {}", self.stream_name(partition).unwrap_or("?"))
+    }
+
+    /// Every message of one aggregate after `after_seq`, in order, through
+    /// subject-filtered gets answered by the stream's leader.
+    async fn messages_of(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        after_seq: u64,
+        mut wanted: impl FnMut(&StoredMessage) -> bool,
+    ) -> Result<Vec<(u64, StoredMessage)>, StoreError> {
+        let partition = self.partition_of(aggregate_id);
+        let subject = self.subject(aggregate_type, aggregate_id);
+        let stream = self.stream(partition);
+        let mut next = after_seq + 1;
+        let mut messages = Vec::new();
+        loop {
+            let got = stream
+                .raw_message_builder()
+                .sequence(next)
+                .next_by_subject(subject.clone())
+                .send()
+                .await;
+            let message = match got {
+                Ok(message) => message,
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound
+                    ) =>
+                {
+                    break;
+                }
+                Err(error) => return Err(nats_error("read an aggregate's messages", error)),
+            };
+            next = message.sequence + 1;
+            let stored: StoredMessage =
+                serde_json::from_slice(&message.payload).map_err(|e| StoreError::Corrupt {
+                    table: self.stream_label(partition),
+                    what: format!("message {} does not decode: {e}", message.sequence),
+                })?;
+            if stored.aggregate_id != aggregate_id || stored.aggregate_type != aggregate_type {
+                continue;
+            }
+            let keep = wanted(&stored);
+            let version = stored.first + stored.events.len() as u64 - 1;
+            self.remember(aggregate_type, aggregate_id, version, message.sequence);
+            if keep {
+                messages.push((message.sequence, stored));
+            }
+        }
+        Ok(messages)
+    }
+
+    /// Publishes one message, retrying with the same message id while the
+    /// acknowledgement does not come, until the timeout.
+    async fn publish(
+        &self,
+        subject: String,
+        headers: HeaderMap,
+        body: Vec<u8>,
+        request: &AppendRequest,
+    ) -> Result<u64, StoreError> {
+        let deadline = tokio::time::Instant::now() + self.inner.timeout;
+        let body = bytes::Bytes::from(body);
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let sent = async {
+                self.inner
+                    .js
+                    .publish_with_headers(subject.clone(), headers.clone(), body.clone())
+                    .await?
+                    .await
+            };
+            let outcome = tokio::time::timeout_at(deadline, sent).await;
+            let error = match outcome {
+                Ok(Ok(ack)) => {
+                    if ack.duplicate {
+                        tracing::debug!(
+                            attempt,
+                            seq = ack.sequence,
+                            "publish was a duplicate of a stored message"
+                        );
+                    }
+                    return Ok(ack.sequence);
+                }
+                Ok(Err(error)) => error,
+                Err(_) => {
+                    return Err(StoreError::Unavailable {
+                        operation: "append to JetStream",
+                        source: format!(
+                            "no acknowledgement within {:?} ({attempt} attempt(s))",
+                            self.inner.timeout
+                        )
+                        .into(),
+                    })
+                }
+            };
+            match error.kind() {
+                PublishErrorKind::WrongLastSequence => {
+                    self.forget(&request.aggregate_type, &request.aggregate_id);
+                    let (actual, _) = self
+                        .last_of(&request.aggregate_type, &request.aggregate_id)
+                        .await?;
+                    return Err(StoreError::Conflict {
+                        aggregate_type: request.aggregate_type.clone(),
+                        aggregate_id: request.aggregate_id.clone(),
+                        expected: request.expected_version,
+                        actual: Some(actual),
+                    });
+                }
+                PublishErrorKind::MaxPayloadExceeded => {
+                    return Err(StoreError::InvalidAppend {
+                        aggregate_type: request.aggregate_type.clone(),
+                        aggregate_id: request.aggregate_id.clone(),
+                        reason: format!(
+                            "{} bytes in one message: more than the server's maximum payload",
+                            body.len()
+                        ),
+                    })
+                }
+                PublishErrorKind::StreamNotFound => {
+                    return Err(StoreError::database(
+                        "append to JetStream",
+                        ErrorKind::Infrastructure,
+                        error,
+                    ))
+                }
+                _ => {
+                    // No answer, a lost connection or a leader change: the
+                    // message may be stored. Send it again: its id makes the
+                    // stream answer with the stored copy.
+                    tracing::debug!(attempt, error = %error, "publish not acknowledged; sending it again");
+                    let pause = Duration::from_millis((25 * u64::from(attempt)).min(250));
+                    if tokio::time::Instant::now() + pause >= deadline {
+                        return Err(StoreError::Unavailable {
+                            operation: "append to JetStream",
+                            source: Box::new(error),
+                        });
+                    }
+                    tokio::time::sleep(pause).await;
+                }
+            }
+        }
+    }
+
+    fn wake_subject(&self) -> String {
+        format!("{}.wake", self.inner.prefix)
+    }
+
+    /// Which partition and subject filter a log filter reads.
+    fn route(&self, filter: &LogFilter) -> Result<(u32, String), StoreError> {
+        let partition = match filter.partition() {
+            Some(p) if p.count == self.inner.partitions => p.index,
+            None if self.inner.partitions == 1 => 0,
+            Some(p) if self.inner.partitions == 1 => return Err(ConfigError::Invalid {
+                setting: "partitions",
+                reason: format!(
+                    "the log was read in {} partitions, but this JetStream store has one stream; \
+                         read it whole",
+                    p.count
+                ),
+            }
+            .into()),
+            other => return Err(ConfigError::Invalid {
+                setting: "partitions",
+                reason: format!(
+                    "this JetStream store has {} partitions, each ordered on its own: read it one \
+                         partition at a time (LogFilter::with_partition(p, {})), not {}",
+                    self.inner.partitions,
+                    self.inner.partitions,
+                    other.map_or("whole".to_owned(), |p| format!("in {} partitions", p.count))
+                ),
+            }
+            .into()),
+        };
+        let subject = match filter.aggregate_type_list() {
+            [one] => format!("{}.{partition}.{}.>", self.inner.prefix, stream_token(one)),
+            _ => format!("{}.{partition}.>", self.inner.prefix),
+        };
+        Ok((partition, subject))
+    }
+
+    /// A reader whose cursor is at `after`: a kept one, or a new one.
+    async fn reader(
+        &self,
+        partition: u32,
+        subject: &str,
+        after: Checkpoint,
+    ) -> Result<Reader, StoreError> {
+        let kept = self.inner.readers.lock().ok().and_then(|mut readers| {
+            let found = readers.iter().position(|r| {
+                r.partition == partition && r.subject == subject && r.cursor == after
+            })?;
+            Some(readers.swap_remove(found))
+        });
+        if let Some(reader) = kept {
+            return Ok(reader);
+        }
+        let deliver_policy = if after == Checkpoint::START {
+            DeliverPolicy::All
+        } else {
+            // The message of `after` again: it may have events after it.
+            DeliverPolicy::ByStartSequence {
+                start_sequence: after.transaction_id,
+            }
+        };
+        let consumer = self
+            .stream(partition)
+            .create_consumer(pull::Config {
+                deliver_policy,
+                ack_policy: AckPolicy::None,
+                filter_subject: subject.to_owned(),
+                inactive_threshold: Duration::from_secs(60),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| nats_error("open a log reader", e))?;
+        Ok(Reader {
+            partition,
+            subject: subject.to_owned(),
+            consumer,
+            leftover: VecDeque::new(),
+            cursor: after,
+        })
+    }
+
+    fn keep_reader(&self, reader: Reader) {
+        let Ok(mut readers) = self.inner.readers.lock() else {
+            return;
+        };
+        if readers.len() >= MAX_IDLE_READERS {
+            let old = readers.remove(0);
+            drop_reader(&self.inner.js, old);
+        }
+        readers.push(reader);
+    }
+
+    /// Reads up to `limit` wanted events after `after`: the events, the
+    /// last event seen (wanted or not), and whether the partition was read
+    /// to its end.
+    async fn read(
+        &self,
+        after: Checkpoint,
+        filter: &LogFilter,
+        limit: usize,
+    ) -> Result<(Vec<RecordedEvent>, Checkpoint, bool), StoreError> {
+        let (partition, subject) = self.route(filter)?;
+        let limit = limit.max(1);
+        let mut reader = self.reader(partition, &subject, after).await?;
+        let mut events = Vec::new();
+        let mut seen = after;
+        let mut exhausted = false;
+        loop {
+            while let Some(event) = reader.leftover.pop_front() {
+                if event.checkpoint() <= after {
+                    continue;
+                }
+                seen = event.checkpoint();
+                if filter.matches(&event) {
+                    events.push(event);
+                    if events.len() >= limit {
+                        break;
+                    }
+                }
+            }
+            if events.len() >= limit || exhausted {
+                break;
+            }
+            let want = (limit - events.len()).min(1000);
+            let fetched = tokio::time::timeout(self.inner.timeout, async {
+                let mut batch = reader
+                    .consumer
+                    .fetch()
+                    .max_messages(want)
+                    .messages()
+                    .await
+                    .map_err(|e| nats_error("read the log", e))?;
+                let mut messages = Vec::new();
+                while let Some(message) = batch.next().await {
+                    messages.push(message.map_err(|e| nats_error("read the log", e))?);
+                }
+                Ok::<_, StoreError>(messages)
+            })
+            .await;
+            let messages = match fetched {
+                Ok(Ok(messages)) => messages,
+                Ok(Err(error)) => {
+                    drop_reader(&self.inner.js, reader);
+                    return Err(error);
+                }
+                Err(_) => {
+                    drop_reader(&self.inner.js, reader);
+                    return Err(StoreError::Unavailable {
+                        operation: "read the log",
+                        source: format!("no answer within {:?}", self.inner.timeout).into(),
+                    });
+                }
+            };
+            exhausted = messages.len() < want;
+            for message in messages {
+                match decode_message(&message, partition) {
+                    Ok(decoded) => reader.leftover.extend(decoded),
+                    Err(error) => {
+                        // A message that does not decode: hand out what
+                        // came before it; a read that starts at it fails.
+                        drop_reader(&self.inner.js, reader);
+                        if events.is_empty() {
+                            return Err(error);
+                        }
+                        return Ok((events, seen, false));
+                    }
+                }
+            }
+        }
+        let complete = exhausted && reader.leftover.is_empty();
+        reader.cursor = seen;
+        self.keep_reader(reader);
+        Ok((events, seen, complete))
+    }
+
+    /// The checkpoint of the last event of a partition (START when empty).
+    async fn partition_head(&self, partition: u32) -> Result<Checkpoint, StoreError> {
+        let stream = self.stream(partition);
+        let info = stream
+            .get_info()
+            .await
+            .map_err(|e| nats_error("read the stream's state", e))?;
+        let last = info.state.last_sequence;
+        if last == 0 || info.state.messages == 0 {
+            return Ok(Checkpoint::START);
+        }
+        let message = stream
+            .raw_message_builder()
+            .sequence(last)
+            .send()
+            .await
+            .map_err(|e| nats_error("read the stream's last message", e))?;
+        let events = serde_json::from_slice::<StoredMessage>(&message.payload)
+            .map(|m| m.events.len())
+            .unwrap_or(1)
+            .max(1);
+        Ok(Checkpoint::new(last, position(last, partition, events - 1)))
+    }
+
+    /// Starts the task that turns other nodes' append signals into wake-ups.
+    fn listen(&self) {
+        if self
+            .inner
+            .listening
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
+        }
+        let weak = Arc::downgrade(&self.inner);
+        let client = self.inner.client.clone();
+        let subject = self.wake_subject();
+        tokio::spawn(async move {
+            let Ok(mut subscription) = client.subscribe(subject).await else {
+                if let Some(inner) = weak.upgrade() {
+                    inner
+                        .listening
+                        .store(false, std::sync::atomic::Ordering::Release);
+                }
+                return;
+            };
+            while subscription.next().await.is_some() {
+                match weak.upgrade() {
+                    Some(inner) => inner.wake.wake(),
+                    None => return,
+                }
+            }
+        });
+    }
+}
+
+/// Deletes a reader's server-side cursor in the background (it would
+/// expire by itself after a minute).
+fn drop_reader(js: &Context, reader: Reader) {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return;
+    }
+    let js = js.clone();
+    tokio::spawn(async move {
+        let info = reader.consumer.cached_info();
+        let _ = js
+            .delete_consumer_from_stream(&info.name, &info.stream_name)
+            .await;
+    });
+}
+
+fn version_header(headers: &HeaderMap) -> Option<u64> {
+    headers.get(VERSION_HEADER)?.as_str().parse().ok()
+}
+
+/// A message's events as log readers see them.
+fn decode_message(message: &Message, partition: u32) -> Result<Vec<RecordedEvent>, StoreError> {
+    let info = message.info().map_err(|e| StoreError::Corrupt {
+        table: "JetStream".to_owned(),
+        what: format!("a delivered message has no sequence: {e}"),
+    })?;
+    let seq = info.stream_sequence;
+    decode_stored(&message.payload, seq, partition, &message.subject)
+}
+
+fn decode_stored(
+    payload: &[u8],
+    seq: u64,
+    partition: u32,
+    subject: &str,
+) -> Result<Vec<RecordedEvent>, StoreError> {
+    let stored: StoredMessage = match serde_json::from_slice(payload) {
+        Ok(stored) => stored,
+        Err(source) => {
+            let mut tokens = subject.splitn(4, '.').skip(2);
+            let event = EventRef {
+                aggregate_type: tokens.next().unwrap_or("").to_owned(),
+                aggregate_id: tokens.next().unwrap_or("").to_owned(),
+                sequence: 0,
+                position: Some(position(seq, partition, 0)),
+                event_type: String::new(),
+                event_version: String::new(),
+            };
+            return Err(StoreError::Undecodable {
+                event: Box::new(event),
+                event_id: Uuid::nil(),
+                transaction_id: seq,
+                what: "payload",
+                source,
+            });
+        }
+    };
+    recorded(stored, seq, partition)
+}
+
+/// A stored message's events as recorded events.
+fn recorded(
+    stored: StoredMessage,
+    seq: u64,
+    partition: u32,
+) -> Result<Vec<RecordedEvent>, StoreError> {
+    let mut events = Vec::with_capacity(stored.events.len());
+    for (index, event) in stored.events.into_iter().enumerate() {
+        let event_ref = || EventRef {
+            aggregate_type: stored.aggregate_type.clone(),
+            aggregate_id: stored.aggregate_id.clone(),
+            sequence: stored.first + index as u64,
+            position: Some(position(seq, partition, index)),
+            event_type: event.event_type.clone(),
+            event_version: event.event_version.clone(),
+        };
+        let payload: serde_json::Value =
+            serde_json::from_str(event.payload.get()).map_err(|source| {
+                StoreError::Undecodable {
+                    event: Box::new(event_ref()),
+                    event_id: event.id,
+                    transaction_id: seq,
+                    what: "payload",
+                    source,
+                }
+            })?;
+        events.push(RecordedEvent {
+            event_id: event.id,
+            aggregate_type: stored.aggregate_type.clone(),
+            aggregate_id: stored.aggregate_id.clone(),
+            sequence: stored.first + index as u64,
+            position: position(seq, partition, index),
+            transaction_id: seq,
+            recorded_at: stored.at,
+            event_type: event.event_type,
+            event_version: event.event_version,
+            payload,
+            metadata: event.metadata,
+            correlation_id: event.correlation,
+            causation_id: event.causation,
+        });
+    }
+    Ok(events)
+}
+
+#[async_trait]
+impl EventStore for JetStreamStore {
+    async fn append(&self, request: AppendRequest) -> Result<Vec<RecordedEvent>, StoreError> {
+        request.validate()?;
+        if request.events.is_empty() {
+            return Ok(Vec::new());
+        }
+        if request.events.len() > MAX_EVENTS_PER_APPEND {
+            return Err(StoreError::InvalidAppend {
+                aggregate_type: request.aggregate_type.clone(),
+                aggregate_id: request.aggregate_id.clone(),
+                reason: format!(
+                    "{} events in one append; at most {MAX_EVENTS_PER_APPEND} on JetStream",
+                    request.events.len()
+                ),
+            });
+        }
+        let (aggregate_type, aggregate_id) = (&request.aggregate_type, &request.aggregate_id);
+        // The sequence of the aggregate's last message: remembered from the
+        // last load or append here when its version matches, else asked.
+        let last_seq = match self.known(aggregate_type, aggregate_id) {
+            Some((version, seq)) if version == request.expected_version => seq,
+            _ => {
+                let (version, seq) = self.last_of(aggregate_type, aggregate_id).await?;
+                if version != request.expected_version {
+                    return Err(StoreError::Conflict {
+                        aggregate_type: aggregate_type.clone(),
+                        aggregate_id: aggregate_id.clone(),
+                        expected: request.expected_version,
+                        actual: Some(version),
+                    });
+                }
+                seq
+            }
+        };
+        let recorded_at = Utc::now();
+        let mut events = Vec::with_capacity(request.events.len());
+        for event in &request.events {
+            let payload = serde_json::value::to_raw_value(&event.payload).map_err(|source| {
+                StoreError::Serialize {
+                    what: "event payload",
+                    aggregate_type: aggregate_type.clone(),
+                    aggregate_id: aggregate_id.clone(),
+                    source,
+                }
+            })?;
+            events.push(StoredEvent {
+                id: event.event_id,
+                event_type: event.event_type.clone(),
+                event_version: event.event_version.clone(),
+                payload,
+                metadata: event.metadata.clone(),
+                correlation: event.correlation_id,
+                causation: event.causation_id,
+            });
+        }
+        let message = StoredMessage {
+            aggregate_type: aggregate_type.clone(),
+            aggregate_id: aggregate_id.clone(),
+            first: request.expected_version + 1,
+            at: recorded_at,
+            events,
+        };
+        let body = serde_json::to_vec(&message).map_err(|source| StoreError::Serialize {
+            what: "message",
+            aggregate_type: aggregate_type.clone(),
+            aggregate_id: aggregate_id.clone(),
+            source,
+        })?;
+        let version = request.expected_version + request.events.len() as u64;
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "Nats-Msg-Id",
+            request.events[0].event_id.to_string().as_str(),
+        );
+        headers.insert(
+            "Nats-Expected-Last-Subject-Sequence",
+            last_seq.to_string().as_str(),
+        );
+        headers.insert(VERSION_HEADER, version.to_string().as_str());
+        let subject = self.subject(aggregate_type, aggregate_id);
+        let seq = self.publish(subject, headers, body, &request).await?;
+        self.remember(aggregate_type, aggregate_id, version, seq);
+        self.inner.wake.wake();
+        // Other nodes' readers: a signal without payload, not waited for.
+        let _ = self
+            .inner
+            .client
+            .publish(self.wake_subject(), bytes::Bytes::new())
+            .await;
+        let partition = self.partition_of(aggregate_id);
+        Ok(request
+            .events
+            .into_iter()
+            .enumerate()
+            .map(|(index, event)| RecordedEvent {
+                event_id: event.event_id,
+                aggregate_type: aggregate_type.clone(),
+                aggregate_id: aggregate_id.clone(),
+                sequence: request.expected_version + 1 + index as u64,
+                position: position(seq, partition, index),
+                transaction_id: seq,
+                recorded_at,
+                event_type: event.event_type,
+                event_version: event.event_version,
+                payload: event.payload,
+                metadata: event.metadata,
+                correlation_id: event.correlation_id,
+                causation_id: event.causation_id,
+            })
+            .collect())
+    }
+
+    async fn read_stream(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        after_sequence: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let partition = self.partition_of(aggregate_id);
+        let messages = self
+            .messages_of(aggregate_type, aggregate_id, 0, |m| {
+                m.first + m.events.len() as u64 - 1 > after_sequence
+            })
+            .await?;
+        let mut events = Vec::new();
+        for (seq, message) in messages {
+            for event in recorded(message, seq, partition)? {
+                if event.sequence > after_sequence && events.len() < limit {
+                    events.push(event);
+                }
+            }
+        }
+        Ok(events)
+    }
+
+    async fn load(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        use_snapshot: bool,
+    ) -> Result<LoadedStream, StoreError> {
+        let (snapshot, after_seq) = if use_snapshot {
+            match self.snapshot(aggregate_type, aggregate_id).await? {
+                Some((snapshot, seq)) => (Some(snapshot), seq),
+                None => (None, 0),
+            }
+        } else {
+            (None, 0)
+        };
+        let from_version = snapshot.as_ref().map_or(0, |s| s.version);
+        let partition = self.partition_of(aggregate_id);
+        let messages = self
+            .messages_of(aggregate_type, aggregate_id, after_seq, |m| {
+                m.first + m.events.len() as u64 - 1 > from_version
+            })
+            .await?;
+        let mut events = Vec::new();
+        for (seq, message) in messages {
+            for (index, event) in message.events.into_iter().enumerate() {
+                let sequence = message.first + index as u64;
+                if sequence <= from_version {
+                    continue;
+                }
+                events.push(StreamEvent {
+                    sequence,
+                    position: position(seq, partition, index),
+                    event_type: event.event_type,
+                    event_version: event.event_version,
+                    payload: event.payload.get().to_owned(),
+                });
+            }
+        }
+        Ok(LoadedStream { snapshot, events })
+    }
+
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {
+        let key = snapshot_key(&snapshot.aggregate_type, &snapshot.aggregate_id);
+        // The message holding the snapshot's last event, when known here,
+        // so a load reads only the messages after it.
+        let seq = match self.known(&snapshot.aggregate_type, &snapshot.aggregate_id) {
+            Some((version, seq)) if version == snapshot.version => seq,
+            _ => 0,
+        };
+        let value = serde_json::to_vec(&StoredSnapshot {
+            version: snapshot.version,
+            seq,
+            state: snapshot.state,
+        })
+        .map_err(|source| StoreError::Serialize {
+            what: "snapshot",
+            aggregate_type: snapshot.aggregate_type.clone(),
+            aggregate_id: snapshot.aggregate_id.clone(),
+            source,
+        })?;
+        let value = bytes::Bytes::from(value);
+        for _ in 0..16 {
+            let current = self
+                .inner
+                .kv
+                .entry(key.clone())
+                .await
+                .map_err(|e| nats_error("read a snapshot", e))?;
+            let written = match current {
+                Some(entry) if entry.operation == kv::Operation::Put => {
+                    let stored: Option<StoredSnapshot> = serde_json::from_slice(&entry.value).ok();
+                    if stored.is_some_and(|s| s.version >= snapshot.version) {
+                        return Ok(());
+                    }
+                    self.inner
+                        .kv
+                        .update(&key, value.clone(), entry.revision)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| {
+                            (
+                                e.kind() == kv::UpdateErrorKind::WrongLastRevision,
+                                nats_error("store a snapshot", e),
+                            )
+                        })
+                }
+                Some(entry) => self
+                    .inner
+                    .kv
+                    .update(&key, value.clone(), entry.revision)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| {
+                        (
+                            e.kind() == kv::UpdateErrorKind::WrongLastRevision,
+                            nats_error("store a snapshot", e),
+                        )
+                    }),
+                None => self
+                    .inner
+                    .kv
+                    .create(&key, value.clone())
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| {
+                        (
+                            e.kind() == kv::CreateErrorKind::AlreadyExists,
+                            nats_error("store a snapshot", e),
+                        )
+                    }),
+            };
+            match written {
+                Ok(()) => return Ok(()),
+                // Another writer stored one meanwhile: compare again.
+                Err((true, _)) => continue,
+                Err((false, error)) => return Err(error),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl JetStreamStore {
+    /// The stored snapshot of an aggregate and the sequence of the message
+    /// holding its last event (0 when unknown).
+    async fn snapshot(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+    ) -> Result<Option<(Snapshot, u64)>, StoreError> {
+        let key = snapshot_key(aggregate_type, aggregate_id);
+        let Some(value) = self
+            .inner
+            .kv
+            .get(key)
+            .await
+            .map_err(|e| nats_error("read a snapshot", e))?
+        else {
+            return Ok(None);
+        };
+        let stored: StoredSnapshot =
+            serde_json::from_slice(&value).map_err(|e| StoreError::Corrupt {
+                table: format!("{} snapshots", self.inner.prefix),
+                what: format!(
+                    "the snapshot of {aggregate_type} `{aggregate_id}` does not decode: {e}"
+                ),
+            })?;
+        Ok(Some((
+            Snapshot {
+                aggregate_type: aggregate_type.to_owned(),
+                aggregate_id: aggregate_id.to_owned(),
+                version: stored.version,
+                state: stored.state,
+            },
+            stored.seq,
+        )))
+    }
+}
+
+fn snapshot_key(aggregate_type: &str, aggregate_id: &str) -> String {
+    format!(
+        "{}.{}",
+        stream_token(aggregate_type),
+        stream_token(aggregate_id)
+    )
+}
+
+#[async_trait]
+impl EventLog for JetStreamStore {
+    async fn read_log(
+        &self,
+        after: Checkpoint,
+        filter: &LogFilter,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        Ok(self.read(after, filter, limit).await?.0)
+    }
+
+    async fn read_window(
+        &self,
+        after: Checkpoint,
+        filter: &LogFilter,
+        limit: usize,
+    ) -> Result<crate::log::LogWindow, StoreError> {
+        let (events, seen, complete) = self.read(after, filter, limit).await?;
+        Ok(crate::log::LogWindow::new(seen, events, complete, false))
+    }
+
+    async fn head(&self) -> Result<Checkpoint, StoreError> {
+        if self.inner.partitions > 1 {
+            return Err(self.route(&LogFilter::all()).err().unwrap_or_else(|| {
+                StoreError::Config(ConfigError::Invalid {
+                    setting: "partitions",
+                    reason: "a partitioned store has no single head".to_owned(),
+                })
+            }));
+        }
+        self.partition_head(0).await
+    }
+
+    async fn head_of(&self, filter: &LogFilter) -> Result<Checkpoint, StoreError> {
+        let (partition, _) = self.route(filter)?;
+        self.partition_head(partition).await
+    }
+
+    fn partitions(&self) -> u32 {
+        self.inner.partitions
+    }
+
+    fn checkpoint_partition(&self, checkpoint: Checkpoint) -> Option<u32> {
+        (self.inner.partitions > 1 && checkpoint != Checkpoint::START)
+            .then(|| partition_of_position(checkpoint.position))
+    }
+
+    fn wakeups(&self) -> Wakeups {
+        self.listen();
+        self.inner.wake.subscribe(self.inner.poll_interval)
+    }
+
+    async fn count_events(
+        &self,
+        filter: &LogFilter,
+        after: Checkpoint,
+        upto: Checkpoint,
+        cap: u64,
+    ) -> Result<u64, StoreError> {
+        let (partition, subject) = self.route(filter)?;
+        let upto = if upto.transaction_id != 0 && partition_of_position(upto.position) != partition
+        {
+            // A bound from another partition (the runner's "every committed
+            // event"): this partition's end.
+            crate::log::END
+        } else {
+            upto
+        };
+        let mut counted = 0u64;
+        let mut cursor = after;
+        loop {
+            let (events, seen, complete) = self.read(cursor, filter, 1000).await?;
+            for event in &events {
+                if event.checkpoint() > upto || counted >= cap {
+                    return Ok(counted);
+                }
+                counted += 1;
+            }
+            if complete || seen == cursor || seen > upto {
+                let _ = subject;
+                return Ok(counted);
+            }
+            cursor = seen;
+        }
+    }
+
+    async fn first_pending_recorded_at(
+        &self,
+        filter: &LogFilter,
+        after: Checkpoint,
+    ) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let events = self.read(after, filter, 1).await?.0;
+        Ok(events.first().map(|e| e.recorded_at))
+    }
+}
