@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
-use outflow::{AppendRequest, Backend, Checkpoint, LogFilter, NewEvent};
+use outflow::{AppendRequest, Checkpoint, EventLog, EventStore, LogFilter, NewEvent};
 use uuid::Uuid;
 
 const WRITERS: usize = 64;
@@ -24,7 +24,7 @@ fn duration() -> Duration {
     }
 }
 
-async fn contend<S: Backend>(store: S) {
+async fn contend<S: EventStore + EventLog + Clone>(store: S) {
     let until = Instant::now() + duration();
     let mut tasks = Vec::new();
     for writer in 0..WRITERS {
@@ -126,4 +126,14 @@ async fn contend<S: Backend>(store: S) {
 
 on_every_backend! {
     contend: memory_contention, postgres_contention, sqlite_contention;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_contention() {
+    contend(common::jetstream_store(&common::nats_url(), "contention", 1).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_cluster_contention() {
+    contend(common::jetstream_store(&common::nats_cluster_url(), "contention", 1).await).await;
 }

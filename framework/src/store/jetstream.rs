@@ -727,7 +727,11 @@ impl JetStreamStore {
                     .await?
                     .await
             };
-            let outcome = tokio::time::timeout_at(deadline, sent).await;
+            // An acknowledgement lost with a connection never comes: wait
+            // for one a part of the timeout, then send again.
+            let attempt_deadline =
+                deadline.min(tokio::time::Instant::now() + self.attempt_timeout());
+            let outcome = tokio::time::timeout_at(attempt_deadline, sent).await;
             let error = match outcome {
                 Ok(Ok(ack)) => {
                     if ack.duplicate {
@@ -740,7 +744,7 @@ impl JetStreamStore {
                     return Ok(ack.sequence);
                 }
                 Ok(Err(error)) => error,
-                Err(_) => {
+                Err(_) if tokio::time::Instant::now() >= deadline => {
                     return Err(StoreError::Unavailable {
                         operation: "append to JetStream",
                         source: format!(
@@ -749,6 +753,10 @@ impl JetStreamStore {
                         )
                         .into(),
                     })
+                }
+                Err(_) => {
+                    tracing::debug!(attempt, "no acknowledgement yet; sending the message again");
+                    continue;
                 }
             };
             match error.kind() {
@@ -799,6 +807,12 @@ impl JetStreamStore {
         }
     }
 
+    /// How long one publish attempt waits for its acknowledgement: a
+    /// quarter of the timeout, between 250 ms and 2 s.
+    fn attempt_timeout(&self) -> Duration {
+        (self.inner.timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(2))
+    }
+
     fn wake_subject(&self) -> String {
         format!("{}.wake", self.inner.prefix)
     }
@@ -808,26 +822,30 @@ impl JetStreamStore {
         let partition = match filter.partition() {
             Some(p) if p.count == self.inner.partitions => p.index,
             None if self.inner.partitions == 1 => 0,
-            Some(p) if self.inner.partitions == 1 => return Err(ConfigError::Invalid {
-                setting: "partitions",
-                reason: format!(
+            Some(p) if self.inner.partitions == 1 => {
+                return Err(ConfigError::Invalid {
+                    setting: "partitions",
+                    reason: format!(
                     "the log was read in {} partitions, but this JetStream store has one stream; \
                          read it whole",
                     p.count
                 ),
+                }
+                .into())
             }
-            .into()),
-            other => return Err(ConfigError::Invalid {
-                setting: "partitions",
-                reason: format!(
+            other => {
+                return Err(ConfigError::Invalid {
+                    setting: "partitions",
+                    reason: format!(
                     "this JetStream store has {} partitions, each ordered on its own: read it one \
                          partition at a time (LogFilter::with_partition(p, {})), not {}",
                     self.inner.partitions,
                     self.inner.partitions,
                     other.map_or("whole".to_owned(), |p| format!("in {} partitions", p.count))
                 ),
+                }
+                .into())
             }
-            .into()),
         };
         let subject = match filter.aggregate_type_list() {
             [one] => format!("{}.{partition}.{}.>", self.inner.prefix, stream_token(one)),
@@ -956,6 +974,16 @@ impl JetStreamStore {
             for message in messages {
                 match decode_message(&message, partition) {
                     Ok(decoded) => reader.leftover.extend(decoded),
+                    // A message that does not decode, at or before `after`:
+                    // the reader was told to go past it (it was parked).
+                    Err(StoreError::Undecodable { transaction_id, .. })
+                        if Checkpoint::new(
+                            transaction_id,
+                            position(transaction_id, partition, 0),
+                        ) <= after =>
+                    {
+                        continue;
+                    }
                     Err(error) => {
                         // A message that does not decode: hand out what
                         // came before it; a read that starts at it fails.

@@ -303,3 +303,46 @@ pub fn deposits(
             .collect(),
     }
 }
+
+/// The single JetStream server scripts/test.sh starts (`NATS_URL`).
+pub fn nats_url() -> String {
+    std::env::var("NATS_URL")
+        .expect("NATS_URL is not set: run the tests with scripts/test.sh, which starts nats-server")
+}
+
+/// The 3-node JetStream cluster scripts/test.sh starts (`NATS_CLUSTER_URL`:
+/// its three client URLs, comma-separated).
+pub fn nats_cluster_url() -> String {
+    std::env::var("NATS_CLUSTER_URL").expect(
+        "NATS_CLUSTER_URL is not set: run the tests with scripts/test.sh, which starts a 3-node JetStream cluster",
+    )
+}
+
+/// A JetStream event store of `partitions` on the servers at `urls` (comma
+/// separated), under a prefix no other test uses.
+pub async fn jetstream_store(
+    urls: &str,
+    label: &str,
+    partitions: u32,
+) -> outflow::store::jetstream::JetStreamStore {
+    let client = async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connection_timeout(Duration::from_secs(2))
+        .reconnect_delay_callback(|attempts| Duration::from_millis((attempts as u64 * 50).min(300)))
+        .connect(urls.split(',').map(str::to_owned).collect::<Vec<_>>())
+        .await
+        .expect("connect to nats-server");
+    let prefix = format!(
+        "t{}_{}",
+        label.replace(|c: char| !c.is_ascii_alphanumeric(), "_"),
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    outflow::store::jetstream::JetStreamStore::builder(client)
+        .prefix(prefix)
+        .partitions(partitions)
+        .timeout(Duration::from_secs(10))
+        .poll_interval(Duration::from_millis(200))
+        .build()
+        .await
+        .expect("a JetStream store")
+}

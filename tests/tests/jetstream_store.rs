@@ -1,0 +1,441 @@
+//! The JetStream event store with read models in SQL: commands from
+//! concurrent writers into 4 partition streams, projected into PostgreSQL
+//! and SQLite exactly once (compared with a fold of each aggregate's
+//! stream), with `wait_for`, status, lag, a restart, a rebuild and a parked
+//! poison message working as on the other backends; and a publish whose
+//! acknowledgement is lost on the wire, retried without a second copy.
+//!
+//! Needs `NATS_URL` (scripts/test.sh starts the server) and `DATABASE_URL`.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use example_accounts::projections::{BalanceRow, Balances, SqliteBalances};
+use example_accounts::{BankAccount, BankCommand, BankEvent};
+use outflow::projection::ProjectionOptions;
+use outflow::runner::{ProjectionRunner, WaitError};
+use outflow::store::jetstream::JetStreamStore;
+use outflow::store::ProjectionState;
+use outflow::{AppendRequest, Checkpoint, CommandBus, EventLog, EventStore, StoreError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const WRITERS: usize = 8;
+const ACCOUNTS_PER_WRITER: usize = 5;
+
+/// Every account's events, as the store has them, folded into rows.
+async fn fold_of(store: &JetStreamStore, accounts: &[String]) -> Vec<BalanceRow> {
+    let mut rows = Vec::new();
+    for id in accounts {
+        let events: Vec<BankEvent> = store
+            .read_stream("account", id, 0, usize::MAX)
+            .await
+            .expect("read an account's stream")
+            .iter()
+            .map(|e| e.decode_payload::<BankAccount>().expect("decode"))
+            .collect();
+        let mut row = BalanceRow::default();
+        Balances::fold(&events, id, &mut row);
+        rows.push(row);
+    }
+    rows.sort_by(|a, b| a.account_id.cmp(&b.account_id));
+    rows
+}
+
+/// `WRITERS` tasks, each opening its accounts and moving money on them,
+/// all also depositing on one shared account (retrying on conflicts).
+/// Returns the accounts and the checkpoint of every command.
+async fn write(
+    bus: &Arc<CommandBus<BankAccount, JetStreamStore>>,
+    round: usize,
+) -> (Vec<String>, Vec<Checkpoint>) {
+    let mut tasks = Vec::new();
+    for writer in 0..WRITERS {
+        let bus = bus.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut checkpoints = Vec::new();
+            let mut accounts = Vec::new();
+            for k in 0..ACCOUNTS_PER_WRITER {
+                let id = format!("acc-{writer}-{k}");
+                if round == 0 {
+                    let opened = bus
+                        .execute(
+                            &id,
+                            BankCommand::Open {
+                                owner: format!("owner {writer}"),
+                            },
+                        )
+                        .await
+                        .expect("open");
+                    checkpoints.push(opened.checkpoint().expect("written"));
+                }
+                for amount in [100, 250] {
+                    let done = bus
+                        .execute(
+                            &id,
+                            BankCommand::Deposit {
+                                amount: amount + round as i64,
+                            },
+                        )
+                        .await
+                        .expect("deposit");
+                    checkpoints.push(done.checkpoint().expect("written"));
+                }
+                let done = bus
+                    .execute(&id, BankCommand::Withdraw { amount: 30 })
+                    .await
+                    .expect("withdraw");
+                checkpoints.push(done.checkpoint().expect("written"));
+                accounts.push(id);
+            }
+            // Every writer on one account: conflicts, retried.
+            loop {
+                match bus
+                    .execute("shared", BankCommand::Deposit { amount: 1 })
+                    .await
+                {
+                    Ok(done) => {
+                        checkpoints.push(done.checkpoint().expect("written"));
+                        break;
+                    }
+                    Err(error) if error.is_conflict() => continue,
+                    Err(error) => panic!("shared deposit: {error}"),
+                }
+            }
+            (accounts, checkpoints)
+        }));
+    }
+    let mut accounts = vec!["shared".to_owned()];
+    let mut checkpoints = Vec::new();
+    for task in tasks {
+        let (a, c) = task.await.expect("a writer panicked");
+        accounts.extend(a);
+        checkpoints.extend(c);
+    }
+    accounts.sort();
+    (accounts, checkpoints)
+}
+
+async fn open_shared(bus: &CommandBus<BankAccount, JetStreamStore>) {
+    bus.execute(
+        "shared",
+        BankCommand::Open {
+            owner: "all".into(),
+        },
+    )
+    .await
+    .expect("open the shared account");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_partitions_projected_into_postgres() {
+    let js = common::jetstream_store(&common::nats_url(), "pg_projection", 4).await;
+    let db = common::TestDb::new("jetstream_projection").await;
+    let read_models = db.store().await;
+    Balances::create_table(read_models.pool())
+        .await
+        .expect("create account_balances");
+    let bus = Arc::new(CommandBus::<BankAccount, _>::new(js.clone(), ()));
+    open_shared(&bus).await;
+
+    // A projection asking for a partition count the log does not have is
+    // refused; the default follows the store's 4.
+    let log: Arc<dyn EventLog> = Arc::new(js.clone());
+    let refused = ProjectionRunner::with_log(log.clone(), read_models.clone())
+        .projection(ProjectionOptions::new(Balances::new()).partitions(3))
+        .build();
+    assert!(
+        matches!(refused, Err(StoreError::Config(_))),
+        "3 partitions on a 4-partition log: {refused:?}"
+    );
+    let runner = ProjectionRunner::with_log(log, read_models.clone())
+        .projection(ProjectionOptions::new(Balances::new()).batch_size(16))
+        .heartbeat_interval(Duration::from_millis(200))
+        .lease_ttl(Duration::from_secs(2))
+        .build()
+        .expect("runner");
+    let (shutdown, running) = common::start_runner(&runner);
+
+    // Writers while the runner tails the four streams.
+    let (accounts, checkpoints) = write(&bus, 0).await;
+    assert_eq!(accounts.len(), WRITERS * ACCOUNTS_PER_WRITER + 1);
+    let partitions: std::collections::BTreeSet<u32> =
+        accounts.iter().map(|a| js.partition_of(a)).collect();
+    assert_eq!(
+        partitions.len(),
+        4,
+        "the accounts spread over every partition"
+    );
+    for checkpoint in &checkpoints {
+        runner
+            .wait_for(*checkpoint, &["account_balances"], Duration::from_secs(30))
+            .await
+            .expect("every command's events reach PostgreSQL");
+    }
+    let rows = Balances::rows(read_models.pool()).await.expect("rows");
+    assert_eq!(
+        rows,
+        fold_of(&js, &accounts).await,
+        "read model = fold of the log"
+    );
+
+    // Status: one unit per stream partition, caught up.
+    let statuses = runner.status().await.expect("status");
+    assert_eq!(statuses.len(), 4);
+    let total: u64 = statuses.iter().map(|s| s.processed).sum();
+    let events: u64 = rows.iter().map(|r| r.events as u64).sum();
+    assert_eq!(total, events, "every event processed once");
+    for status in &statuses {
+        assert_eq!(status.partitions, 4);
+        assert_eq!(status.lag_events, 0, "{status:?}");
+        assert_eq!(status.state, ProjectionState::Live);
+    }
+
+    // Stopped, more commands, restarted: lag shows, then it catches up
+    // without applying anything twice.
+    common::stop_runner(shutdown, running).await;
+    let (_, more) = write(&bus, 1).await;
+    let lagging: u64 = runner
+        .status()
+        .await
+        .expect("status")
+        .iter()
+        .map(|s| s.lag_events)
+        .sum();
+    assert_eq!(
+        lagging as usize,
+        more.len(),
+        "lag counts the unprojected events"
+    );
+    let (shutdown, running) = common::start_runner(&runner);
+    for checkpoint in &more {
+        runner
+            .wait_for(*checkpoint, &["account_balances"], Duration::from_secs(30))
+            .await
+            .expect("caught up after the restart");
+    }
+    let rows = Balances::rows(read_models.pool()).await.expect("rows");
+    assert_eq!(
+        rows,
+        fold_of(&js, &accounts).await,
+        "read model = fold after the restart"
+    );
+
+    // A rebuild replays the four partitions into an emptied table.
+    let mut progress = runner.rebuild("account_balances").await.expect("rebuild");
+    tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            if progress.borrow_and_update().is_complete() {
+                break;
+            }
+            progress.changed().await.expect("progress");
+        }
+    })
+    .await
+    .expect("the rebuild completes");
+    assert_eq!(
+        progress.borrow().total,
+        rows.iter().map(|r| r.events as u64).sum::<u64>()
+    );
+    for checkpoint in checkpoints.iter().chain(&more) {
+        runner
+            .wait_for(*checkpoint, &["account_balances"], Duration::from_secs(30))
+            .await
+            .expect("rebuilt");
+    }
+    let rebuilt = Balances::rows(read_models.pool()).await.expect("rows");
+    assert_eq!(rebuilt, rows, "the rebuild gives the same read model");
+    common::stop_runner(shutdown, running).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_stream_projected_into_sqlite_with_a_poison_message_parked() {
+    let js = common::jetstream_store(&common::nats_url(), "sqlite_projection", 1).await;
+    let dir = common::TestDir::new("jetstream_sqlite");
+    let read_models = dir.sqlite().await;
+    SqliteBalances::create_table(read_models.writer())
+        .await
+        .expect("create account_balances");
+    let bus = Arc::new(CommandBus::<BankAccount, _>::new(js.clone(), ()));
+    open_shared(&bus).await;
+    let log: Arc<dyn EventLog> = Arc::new(js.clone());
+    let runner = ProjectionRunner::with_log(log, read_models.clone())
+        .projection(ProjectionOptions::new(SqliteBalances::new()).batch_size(10))
+        .heartbeat_interval(Duration::from_millis(200))
+        .lease_ttl(Duration::from_secs(2))
+        .build()
+        .expect("runner");
+    let (shutdown, running) = common::start_runner(&runner);
+    let (accounts, checkpoints) = write(&bus, 0).await;
+    let last = checkpoints.iter().max().copied().expect("commands ran");
+    runner
+        .wait_for(last, &["account_balances"], Duration::from_secs(30))
+        .await
+        .expect("every command's events reach SQLite");
+    let rows = SqliteBalances::rows(read_models.writer())
+        .await
+        .expect("rows");
+    assert_eq!(
+        rows,
+        fold_of(&js, &accounts).await,
+        "read model = fold of the log"
+    );
+
+    // A message on an account's subject that no Outflow writer wrote (not
+    // an append's JSON): parked, named in the wait's error, and the events
+    // after it are handled.
+    let client = async_nats::connect(common::nats_url())
+        .await
+        .expect("connect");
+    let raw = async_nats::jetstream::new(client);
+    raw.publish(js.subject("account", "poison"), "not json".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    let after = bus
+        .execute("acc-0-0", BankCommand::Deposit { amount: 5 })
+        .await
+        .expect("deposit after the poison");
+    let waited = runner
+        .wait_for(
+            after.checkpoint().expect("written"),
+            &["account_balances"],
+            Duration::from_secs(30),
+        )
+        .await;
+    match waited {
+        Err(WaitError::Parked { event, .. }) => assert_eq!(event.aggregate_id, "poison"),
+        other => panic!("expected the poison message parked, got {other:?}"),
+    }
+    let parked = runner
+        .dead_letters("account_balances")
+        .await
+        .expect("dead letters");
+    assert_eq!(parked.len(), 1);
+    let rows = SqliteBalances::rows(read_models.writer())
+        .await
+        .expect("rows");
+    assert_eq!(
+        rows,
+        fold_of(&js, &accounts).await,
+        "the deposit after it was applied"
+    );
+    let status = common::status_of(&runner, "account_balances").await;
+    assert_eq!(status.parked, 1);
+    assert_eq!(status.lag_events, 0);
+    common::stop_runner(shutdown, running).await;
+}
+
+/// A TCP relay between a client and nats-server that, once armed, cuts
+/// the connection instead of passing on the next publish acknowledgement
+/// (a JetStream `PubAck`, `{"stream":…,"seq":…}`): the message is stored,
+/// the client never hears so.
+struct AckDropper {
+    port: u16,
+    armed: Arc<AtomicBool>,
+    dropped: Arc<AtomicBool>,
+}
+
+impl AckDropper {
+    async fn start(server: &str) -> AckDropper {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let armed = Arc::new(AtomicBool::new(false));
+        let dropped = Arc::new(AtomicBool::new(false));
+        let server = server.trim_start_matches("nats://").to_owned();
+        tokio::spawn({
+            let armed = armed.clone();
+            let dropped = dropped.clone();
+            async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let Ok(upstream) = TcpStream::connect(&server).await else {
+                        continue;
+                    };
+                    let (mut client_read, mut client_write) = client.into_split();
+                    let (mut server_read, mut server_write) = upstream.into_split();
+                    let up = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+                    });
+                    let armed = armed.clone();
+                    let dropped = dropped.clone();
+                    tokio::spawn(async move {
+                        let mut buffer = vec![0u8; 64 * 1024];
+                        loop {
+                            let Ok(n) = server_read.read(&mut buffer).await else {
+                                break;
+                            };
+                            if n == 0 {
+                                break;
+                            }
+                            let chunk = &buffer[..n];
+                            let text = String::from_utf8_lossy(chunk);
+                            if armed.load(Ordering::SeqCst)
+                                && text.contains("\"stream\"")
+                                && text.contains("\"seq\"")
+                            {
+                                armed.store(false, Ordering::SeqCst);
+                                dropped.store(true, Ordering::SeqCst);
+                                break;
+                            }
+                            if client_write.write_all(chunk).await.is_err() {
+                                break;
+                            }
+                        }
+                        up.abort();
+                    });
+                }
+            }
+        });
+        AckDropper {
+            port,
+            armed,
+            dropped,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_whose_ack_is_lost_is_stored_once() {
+    let dropper = AckDropper::start(&common::nats_url()).await;
+    let store =
+        common::jetstream_store(&format!("nats://127.0.0.1:{}", dropper.port), "lost_ack", 1).await;
+    let request = |expected: u64, amount: u64| AppendRequest {
+        aggregate_type: "account".into(),
+        aggregate_id: "lost-ack".into(),
+        expected_version: expected,
+        events: vec![common::deposit_event(amount), common::deposit_event(amount)],
+    };
+    store.append(request(0, 1)).await.expect("a first append");
+    dropper.armed.store(true, Ordering::SeqCst);
+    let written = store
+        .append(request(2, 2))
+        .await
+        .expect("the append succeeds after its ack was lost");
+    assert!(
+        dropper.dropped.load(Ordering::SeqCst),
+        "an acknowledgement was dropped"
+    );
+    assert_eq!(
+        written.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+        vec![3, 4]
+    );
+    // Stored once: the stream has two messages, the aggregate four events,
+    // and the returned positions are the stored ones.
+    let log = common::read_until(&store, Checkpoint::START, &outflow::LogFilter::all(), 4).await;
+    assert_eq!(log.len(), 4, "{log:?}");
+    assert_eq!(&log[2..], &written[..]);
+    let client = async_nats::connect(common::nats_url())
+        .await
+        .expect("connect");
+    let mut stream = async_nats::jetstream::new(client)
+        .get_stream(store.stream_name(0).expect("stream"))
+        .await
+        .expect("stream");
+    assert_eq!(stream.info().await.expect("info").state.messages, 2);
+    // The next append follows on.
+    store.append(request(4, 3)).await.expect("append after");
+}
