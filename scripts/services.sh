@@ -1,14 +1,16 @@
 # Throwaway servers for tests and benchmarks. Source this file, then call
-# `start_postgres` (and `start_nats`); every server started here binds to
-# 127.0.0.1 on a free port, lives in a temporary directory, and is stopped by
-# its own PID when the calling script exits (`stop_services` runs from an EXIT
-# trap).
+# `start_postgres` (and `start_nats`, `start_nats_cluster`); every server
+# started here binds to 127.0.0.1 on free ports, lives in a temporary
+# directory, and is stopped by its own PID when the calling script exits
+# (`stop_services` runs from an EXIT trap).
 #
 # Exports: DATABASE_URL (a superuser URL to the `postgres` database, without
 # TLS) and OUTFLOW_PG_TLS_CA (the certificate authority that signed the
 # server's certificate: it also accepts TLS connections);
 # NATS_URL and OUTFLOW_NATS_BIN (the `nats-server` binary, so a test can start
-# servers of its own).
+# servers of its own); NATS_CLUSTER_URL (from `start_nats_cluster`, which
+# also sets OUTFLOW_NATS_BIN: the three client URLs of a JetStream cluster,
+# comma-separated).
 
 OUTFLOW_CLEANUPS=()
 
@@ -223,4 +225,152 @@ start_nats() {
     export NATS_URL="nats://127.0.0.1:$port"
     export OUTFLOW_NATS_BIN="$bin"
     echo "nats-server $("$bin" --version | awk '{print $2}') on 127.0.0.1:$port (pid $pid)" >&2
+}
+
+# A free port on 127.0.0.1 that is none of the ones already given.
+free_port_except() {
+    local port attempt taken other
+    for attempt in $(seq 1 50); do
+        port=$(free_port) || return 1
+        taken=""
+        for other in "$@"; do
+            [ "$other" = "$port" ] && taken=1
+        done
+        if [ -z "$taken" ]; then
+            echo "$port"
+            return 0
+        fi
+    done
+    echo "no free port found" >&2
+    return 1
+}
+
+# The body of an HTTP GET of `path` from 127.0.0.1:`port` (with its headers;
+# empty when nothing answers within 2 s).
+http_get_local() {
+    local port=$1 path=$2
+    (
+        exec 3<>"/dev/tcp/127.0.0.1/$port" || exit 1
+        printf 'GET %s HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' "$path" >&3
+        timeout 2 cat <&3
+    ) 2>/dev/null
+}
+
+# A three-node JetStream cluster (servers `n1`, `n2`, `n3`, cluster
+# `outflow`): every node listens for clients, routes and monitoring on free
+# loopback ports, stores its streams in its own temporary directory, and is
+# stopped by its own PID. Returns once every node accepts clients and knows
+# the JetStream meta group's leader (30 s at most).
+start_nats_cluster() {
+    local bin dir i j pid attempt
+    local -a pids=()
+    bin=$(nats_server_bin)
+    if [ -z "$bin" ]; then
+        apt_install nats-server || return 1
+        bin=$(nats_server_bin)
+    fi
+    if [ -z "$bin" ]; then
+        echo "nats-server still not found after installing" >&2
+        return 1
+    fi
+    choose_service_user
+    dir=$(mktemp -d "${TMPDIR:-/tmp}/outflow-nats-cluster.XXXXXX")
+    chmod 755 "$dir"
+    chown "$SERVICE_USER" "$dir"
+    OUTFLOW_CLEANUPS+=("rm -rf '$dir'")
+    # Client, route and monitoring ports: nine distinct ones, all chosen
+    # before any node starts.
+    local -a client_ports=() route_ports=() http_ports=() taken=()
+    for i in 1 2 3; do
+        client_ports[$i]=$(free_port_except "${taken[@]}") || return 1
+        taken+=("${client_ports[$i]}")
+        route_ports[$i]=$(free_port_except "${taken[@]}") || return 1
+        taken+=("${route_ports[$i]}")
+        http_ports[$i]=$(free_port_except "${taken[@]}") || return 1
+        taken+=("${http_ports[$i]}")
+    done
+    local routes
+    for i in 1 2 3; do
+        mkdir "$dir/n$i"
+        chown "$SERVICE_USER" "$dir/n$i"
+        routes=""
+        for j in 1 2 3; do
+            [ "$j" = "$i" ] && continue
+            routes="$routes    nats-route://127.0.0.1:${route_ports[$j]}
+"
+        done
+        cat >"$dir/n$i/server.conf" <<CONF
+server_name: n$i
+listen: 127.0.0.1:${client_ports[$i]}
+http: 127.0.0.1:${http_ports[$i]}
+jetstream {
+  store_dir: "$dir/n$i/store"
+}
+cluster {
+  name: outflow
+  listen: 127.0.0.1:${route_ports[$i]}
+  routes: [
+$routes  ]
+}
+CONF
+        chmod 644 "$dir/n$i/server.conf"
+        # The server writes its own PID (`-P`): `$!` would be runuser's or a
+        # subshell's, and killing those leaves the server running.
+        as_service_user "$bin" -c "$dir/n$i/server.conf" -P "$dir/n$i/nats.pid" \
+            >"$dir/n$i/server.log" 2>&1 &
+        local launcher=$!
+        # Not a job of the caller's shell: a bare `wait` there must not wait
+        # for it.
+        disown "$launcher" 2>/dev/null || true
+        for attempt in $(seq 1 100); do
+            [ -s "$dir/n$i/nats.pid" ] && break
+            kill -0 "$launcher" 2>/dev/null || break
+            sleep 0.1
+        done
+        pid=$(cat "$dir/n$i/nats.pid" 2>/dev/null || true)
+        if [ -z "$pid" ]; then
+            cat "$dir/n$i/server.log" >&2
+            echo "nats-server n$i did not start" >&2
+            return 1
+        fi
+        OUTFLOW_CLEANUPS+=("kill -TERM $pid 2>/dev/null; for _ in \$(seq 1 100); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done; kill -KILL $pid 2>/dev/null")
+        pids[$i]=$pid
+    done
+    # Ready: every node accepts clients, and its monitoring endpoint names
+    # the meta group's leader and a cluster of three.
+    local ready="" jsz deadline=$(( SECONDS + 30 ))
+    while [ "$SECONDS" -lt "$deadline" ]; do
+        ready=1
+        for i in 1 2 3; do
+            if ! kill -0 "${pids[$i]}" 2>/dev/null; then
+                ready=""
+                echo "nats-server n$i (pid ${pids[$i]}) exited" >&2
+                break 2
+            fi
+            if ! (exec 3<>"/dev/tcp/127.0.0.1/${client_ports[$i]}") 2>/dev/null; then
+                ready=""
+                break
+            fi
+            jsz=$(http_get_local "${http_ports[$i]}" /jsz || true)
+            if ! grep -q '"leader": *"n[123]"' <<<"$jsz" || ! grep -q '"cluster_size": *3' <<<"$jsz"; then
+                ready=""
+                break
+            fi
+        done
+        [ -n "$ready" ] && break
+        sleep 0.1
+    done
+    if [ -z "$ready" ]; then
+        for i in 1 2 3; do
+            echo "--- nats-server n$i (127.0.0.1:${client_ports[$i]}):" >&2
+            tail -n 20 "$dir/n$i/server.log" >&2
+        done
+        echo "the nats-server cluster did not accept connections and agree on a JetStream meta leader within 30 s" >&2
+        return 1
+    fi
+    local leader
+    leader=$(grep -o '"leader": *"n[123]"' <<<"$jsz" | head -n 1 | grep -o 'n[123]')
+    export NATS_CLUSTER_URL="nats://127.0.0.1:${client_ports[1]},nats://127.0.0.1:${client_ports[2]},nats://127.0.0.1:${client_ports[3]}"
+    export OUTFLOW_NATS_BIN="$bin"
+    echo "nats-server $("$bin" --version | awk '{print $2}') cluster outflow on $NATS_CLUSTER_URL (pids ${pids[*]}, meta leader $leader)" >&2
 }

@@ -2,8 +2,9 @@
 # Runs Outflow's whole test suite against real, throwaway servers.
 #
 # Installs what is missing (Debian's `postgresql`, `nats-server`, `chromium`
-# and `chromium-driver` when run as root with apt-get), starts a PostgreSQL cluster and a JetStream-enabled
-# nats-server in temporary directories on free loopback ports, runs
+# and `chromium-driver` when run as root with apt-get), starts a PostgreSQL
+# cluster, a JetStream-enabled nats-server and a three-node JetStream cluster
+# (NATS_CLUSTER_URL) in temporary directories on free loopback ports, runs
 # `cargo test --workspace`, builds the book when `mdbook` is installed, and
 # stops the servers by their own PIDs whatever happens. Extra arguments go
 # to `cargo test`.
@@ -14,6 +15,7 @@ source scripts/services.sh
 
 start_postgres
 start_nats
+start_nats_cluster
 ensure_browser
 cargo test --workspace "$@"
 # The book: its Rust is compiled and run above (docs/examples); building it

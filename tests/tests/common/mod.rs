@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod nats;
+pub mod nats_cluster;
 pub mod own_postgres;
 pub mod totals;
 
