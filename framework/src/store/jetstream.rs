@@ -298,7 +298,9 @@ impl JetStreamStoreBuilder {
             }
         });
         let mut js = async_nats::jetstream::new(self.client.clone());
-        js.set_timeout(self.timeout);
+        // Each request waits a part of the timeout; calls try again until
+        // the whole timeout has passed.
+        js.set_timeout(attempt_timeout(self.timeout));
         let base = self.prefix.replace('.', "_").to_uppercase();
         let mut streams = Vec::new();
         for partition in 0..self.partitions {
@@ -733,15 +735,26 @@ impl JetStreamStore {
                 deadline.min(tokio::time::Instant::now() + self.attempt_timeout());
             let outcome = tokio::time::timeout_at(attempt_deadline, sent).await;
             let error = match outcome {
+                Ok(Ok(ack)) if !ack.duplicate => return Ok(ack.sequence),
+                // The version slot is taken by a message still being
+                // committed: ask again once it is.
+                Ok(Ok(ack)) if ack.sequence == 0 => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                }
+                // The version slot is taken: by this very append (an
+                // earlier attempt whose acknowledgement was lost) or by
+                // another writer's (a conflict).
                 Ok(Ok(ack)) => {
-                    if ack.duplicate {
-                        tracing::debug!(
-                            attempt,
-                            seq = ack.sequence,
-                            "publish was a duplicate of a stored message"
-                        );
+                    tracing::debug!(
+                        attempt,
+                        seq = ack.sequence,
+                        "the append's version slot is taken"
+                    );
+                    if self.holds(ack.sequence, request).await? {
+                        return Ok(ack.sequence);
                     }
-                    return Ok(ack.sequence);
+                    return Err(self.conflict(request).await?);
                 }
                 Ok(Err(error)) => error,
                 Err(_) if tokio::time::Instant::now() >= deadline => {
@@ -761,16 +774,7 @@ impl JetStreamStore {
             };
             match error.kind() {
                 PublishErrorKind::WrongLastSequence => {
-                    self.forget(&request.aggregate_type, &request.aggregate_id);
-                    let (actual, _) = self
-                        .last_of(&request.aggregate_type, &request.aggregate_id)
-                        .await?;
-                    return Err(StoreError::Conflict {
-                        aggregate_type: request.aggregate_type.clone(),
-                        aggregate_id: request.aggregate_id.clone(),
-                        expected: request.expected_version,
-                        actual: Some(actual),
-                    });
+                    return Err(self.conflict(request).await?);
                 }
                 PublishErrorKind::MaxPayloadExceeded => {
                     return Err(StoreError::InvalidAppend {
@@ -807,10 +811,73 @@ impl JetStreamStore {
         }
     }
 
+    /// Runs `attempt` again while the cluster does not answer (each request
+    /// waits a part of the timeout: an election leaves requests unanswered),
+    /// until the store's timeout; then fails with [`StoreError::Unavailable`].
+    async fn patiently<T, F, Fut>(&self, mut attempt: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.inner.timeout;
+        let mut pause = Duration::from_millis(20);
+        loop {
+            match tokio::time::timeout_at(deadline, attempt()).await {
+                Ok(Err(error)) if error.is_unavailable() => {
+                    if tokio::time::Instant::now() + pause >= deadline {
+                        return Err(error);
+                    }
+                    tracing::debug!(error = %crate::error::error_chain(&error), "the cluster did not answer; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(500));
+                }
+                Ok(result) => return result,
+                Err(_) => {
+                    return Err(StoreError::Unavailable {
+                        operation: "reach the JetStream cluster",
+                        source: format!("no answer within {:?}", self.inner.timeout).into(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// The conflict an append met, with the aggregate's version now.
+    async fn conflict(&self, request: &AppendRequest) -> Result<StoreError, StoreError> {
+        self.forget(&request.aggregate_type, &request.aggregate_id);
+        let (actual, _) = self
+            .last_of(&request.aggregate_type, &request.aggregate_id)
+            .await?;
+        Ok(StoreError::Conflict {
+            aggregate_type: request.aggregate_type.clone(),
+            aggregate_id: request.aggregate_id.clone(),
+            expected: request.expected_version,
+            actual: Some(actual),
+        })
+    }
+
+    /// Whether the message at `seq` is this append's (its first event).
+    async fn holds(&self, seq: u64, request: &AppendRequest) -> Result<bool, StoreError> {
+        let partition = self.partition_of(&request.aggregate_id);
+        let message = self
+            .stream(partition)
+            .raw_message_builder()
+            .sequence(seq)
+            .send()
+            .await
+            .map_err(|e| nats_error("read a stored message", e))?;
+        let stored: Option<StoredMessage> = serde_json::from_slice(&message.payload).ok();
+        Ok(stored.is_some_and(|m| {
+            m.aggregate_type == request.aggregate_type
+                && m.aggregate_id == request.aggregate_id
+                && m.events.first().map(|e| e.id) == request.events.first().map(|e| e.event_id)
+        }))
+    }
+
     /// How long one publish attempt waits for its acknowledgement: a
     /// quarter of the timeout, between 250 ms and 2 s.
     fn attempt_timeout(&self) -> Duration {
-        (self.inner.timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(2))
+        attempt_timeout(self.inner.timeout)
     }
 
     fn wake_subject(&self) -> String {
@@ -918,6 +985,16 @@ impl JetStreamStore {
         filter: &LogFilter,
         limit: usize,
     ) -> Result<(Vec<RecordedEvent>, Checkpoint, bool), StoreError> {
+        self.patiently(|| self.read_once(after, filter, limit))
+            .await
+    }
+
+    async fn read_once(
+        &self,
+        after: Checkpoint,
+        filter: &LogFilter,
+        limit: usize,
+    ) -> Result<(Vec<RecordedEvent>, Checkpoint, bool), StoreError> {
         let (partition, subject) = self.route(filter)?;
         let limit = limit.max(1);
         let mut reader = self.reader(partition, &subject, after).await?;
@@ -941,7 +1018,7 @@ impl JetStreamStore {
                 break;
             }
             let want = (limit - events.len()).min(1000);
-            let fetched = tokio::time::timeout(self.inner.timeout, async {
+            let fetched = tokio::time::timeout(self.attempt_timeout(), async {
                 let mut batch = reader
                     .consumer
                     .fetch()
@@ -966,7 +1043,7 @@ impl JetStreamStore {
                     drop_reader(&self.inner.js, reader);
                     return Err(StoreError::Unavailable {
                         operation: "read the log",
-                        source: format!("no answer within {:?}", self.inner.timeout).into(),
+                        source: format!("no answer within {:?}", self.attempt_timeout()).into(),
                     });
                 }
             };
@@ -1004,6 +1081,10 @@ impl JetStreamStore {
 
     /// The checkpoint of the last event of a partition (START when empty).
     async fn partition_head(&self, partition: u32) -> Result<Checkpoint, StoreError> {
+        self.patiently(|| self.partition_head_once(partition)).await
+    }
+
+    async fn partition_head_once(&self, partition: u32) -> Result<Checkpoint, StoreError> {
         let stream = self.stream(partition);
         let info = stream
             .get_info()
@@ -1164,6 +1245,42 @@ fn recorded(
 #[async_trait]
 impl EventStore for JetStreamStore {
     async fn append(&self, request: AppendRequest) -> Result<Vec<RecordedEvent>, StoreError> {
+        // A retry after an unanswered attempt is safe: the version slot's
+        // message id makes a stored copy answer for it.
+        self.patiently(|| self.append_once(request.clone())).await
+    }
+
+    async fn read_stream(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        after_sequence: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.patiently(|| {
+            self.read_stream_once(aggregate_type, aggregate_id, after_sequence, limit)
+        })
+        .await
+    }
+
+    async fn load(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        use_snapshot: bool,
+    ) -> Result<LoadedStream, StoreError> {
+        self.patiently(|| self.load_once(aggregate_type, aggregate_id, use_snapshot))
+            .await
+    }
+
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {
+        self.patiently(|| self.save_snapshot_once(snapshot.clone()))
+            .await
+    }
+}
+
+impl JetStreamStore {
+    async fn append_once(&self, request: AppendRequest) -> Result<Vec<RecordedEvent>, StoreError> {
         request.validate()?;
         if request.events.is_empty() {
             return Ok(Vec::new());
@@ -1234,7 +1351,9 @@ impl EventStore for JetStreamStore {
         let mut headers = HeaderMap::new();
         headers.insert(
             "Nats-Msg-Id",
-            request.events[0].event_id.to_string().as_str(),
+            slot_id(aggregate_type, aggregate_id, request.expected_version)
+                .to_string()
+                .as_str(),
         );
         headers.insert(
             "Nats-Expected-Last-Subject-Sequence",
@@ -1274,7 +1393,7 @@ impl EventStore for JetStreamStore {
             .collect())
     }
 
-    async fn read_stream(
+    async fn read_stream_once(
         &self,
         aggregate_type: &str,
         aggregate_id: &str,
@@ -1298,7 +1417,7 @@ impl EventStore for JetStreamStore {
         Ok(events)
     }
 
-    async fn load(
+    async fn load_once(
         &self,
         aggregate_type: &str,
         aggregate_id: &str,
@@ -1338,7 +1457,7 @@ impl EventStore for JetStreamStore {
         Ok(LoadedStream { snapshot, events })
     }
 
-    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {
+    async fn save_snapshot_once(&self, snapshot: Snapshot) -> Result<(), StoreError> {
         let key = snapshot_key(&snapshot.aggregate_type, &snapshot.aggregate_id);
         // The message holding the snapshot's last event, when known here,
         // so a load reads only the messages after it.
@@ -1454,6 +1573,26 @@ impl JetStreamStore {
             stored.seq,
         )))
     }
+}
+
+/// How long one request waits for an answer: a quarter of the timeout,
+/// between 250 ms and 2 s.
+fn attempt_timeout(timeout: Duration) -> Duration {
+    (timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(2))
+}
+
+/// The message id of an append: one per aggregate and version slot (the
+/// version the append expects), so two appends at the same slot are one
+/// message to the stream's duplicate check.
+fn slot_id(aggregate_type: &str, aggregate_id: &str, expected_version: u64) -> Uuid {
+    const NAMESPACE: Uuid = Uuid::from_u128(0x5d1b_6f0e_2c4a_4e57_9a35_0f7c_3b8e_1d42);
+    let mut name = Vec::with_capacity(aggregate_type.len() + aggregate_id.len() + 24);
+    name.extend_from_slice(aggregate_type.as_bytes());
+    name.push(0);
+    name.extend_from_slice(aggregate_id.as_bytes());
+    name.push(0);
+    name.extend_from_slice(expected_version.to_string().as_bytes());
+    Uuid::new_v5(&NAMESPACE, &name)
 }
 
 fn snapshot_key(aggregate_type: &str, aggregate_id: &str) -> String {
