@@ -14,14 +14,19 @@
 //!   stream's leader refuses it when another message for the aggregate came
 //!   first; that comes back as the same [`StoreError::Conflict`] as on the
 //!   other backends.
-//! - **No duplicate after a lost acknowledgement.** Each message carries a
-//!   `Nats-Msg-Id` (the id of the command's first event, derived from the
-//!   command's id by [`CommandBus::execute_once`](crate::CommandBus::execute_once)):
-//!   when the acknowledgement of a publish is lost (a timeout, a dropped
-//!   connection, a leader change), the store publishes the same message
-//!   again, and the stream answers with the sequence of the copy it already
-//!   has instead of storing a second one (within the stream's two-minute
-//!   duplicate window).
+//! - **One message per version.** Each message carries a `Nats-Msg-Id`
+//!   naming the aggregate's version slot (a UUID of the aggregate type, id
+//!   and the version the append expects). The stream's duplicate check
+//!   refuses a second message for a slot while the first is still being
+//!   committed, which the expected-sequence check alone does not do on a
+//!   cluster (nats-server 2.9 checks it when the leader proposes the
+//!   message, so two appends in flight for one version could both commit).
+//!   A duplicate answer is this append's own when the stored message holds
+//!   its first event (the retry of a publish whose acknowledgement was lost:
+//!   a timeout, a dropped connection, a leader change; answered with the
+//!   stored copy, nothing written twice), and a conflict otherwise. The
+//!   duplicate window is two minutes; later, the expected sequence alone
+//!   guards the slot, and no append is in flight that long.
 //! - **Positions.** An event's place in the log is its message's stream
 //!   sequence (the [`Checkpoint::transaction_id`]: one message is one
 //!   "transaction") and its index in the message. The
@@ -73,14 +78,17 @@
 //!
 //! # Failures
 //!
-//! A publish or read that gets no answer within the
-//! [timeout](JetStreamStoreBuilder::timeout) (no stream leader: a majority of
-//! the stream's servers is down, or an election is under way) fails with
-//! [`StoreError::Unavailable`]; a publish whose acknowledgement was lost is
-//! retried with the same message id until the timeout, so an
-//! `Unavailable` append may still have been stored (a later
-//! [`execute_once`](crate::CommandBus::execute_once) with the same command id
-//! finds it).
+//! Each request waits a part of the [timeout](JetStreamStoreBuilder::timeout)
+//! for an answer (a quarter, between 250 ms and 2 s) and a call tries again
+//! until the whole timeout has passed: a leader election (several seconds
+//! on nats-server 2.9) leaves requests unanswered, and a call that spans it
+//! succeeds once the new leader answers. Past the timeout (no leader: a
+//! majority of the stream's servers is down) the call fails with
+//! [`StoreError::Unavailable`]. An append is retried with the same message
+//! id, so a retry never writes it twice; an append that failed as
+//! `Unavailable` may still have been stored, and
+//! [`execute_once`](crate::CommandBus::execute_once) with the same command
+//! id finds it.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
