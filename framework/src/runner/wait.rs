@@ -470,6 +470,25 @@ mod tests {
     }
 
     #[test]
+    fn on_a_partitioned_log_only_the_targets_partition_counts() {
+        let live = ProjectionState::Live;
+        // Partition 1 is far behind the target in number, but its
+        // checkpoints do not compare with partition 0's.
+        let units = [unit("a", 0, 5, live), unit("a", 1, 1, live)];
+        let target = Checkpoint::new(1, 4);
+        assert_eq!(standing(&units, target, &["a"], Some(0)), Standing::Reached);
+        assert!(matches!(
+            standing(&units, target, &["a"], Some(1)),
+            Standing::Behind("a", _, _)
+        ));
+        assert!(matches!(
+            standing(&units, target, &["a"], None),
+            Standing::Behind("a", _, _)
+        ));
+        assert_eq!(lowest(&units, "a", Some(0)), Some(Checkpoint::new(1, 5)));
+    }
+
+    #[test]
     fn every_partition_must_pass_the_target() {
         let live = ProjectionState::Live;
         let units = [
