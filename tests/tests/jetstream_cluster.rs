@@ -142,16 +142,25 @@ async fn run_once(
     }
 }
 
-/// Every event of the log, read to its head.
+/// Every event of the log, read to its head (retrying while the cluster,
+/// just recovered, elects its leaders).
 async fn whole_log(store: &JetStreamStore) -> Vec<outflow::RecordedEvent> {
-    let head = store.head().await.expect("head");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let head = loop {
+        match store.head().await {
+            Ok(head) => break head,
+            Err(error) if error.is_retryable() && Instant::now() < deadline => {}
+            Err(error) => panic!("the log's head: {error}"),
+        }
+    };
     let mut events = Vec::new();
     let mut cursor = Checkpoint::START;
     while cursor < head {
-        let batch = store
-            .read_log(cursor, &LogFilter::all(), 1000)
-            .await
-            .expect("read the log");
+        let batch = match store.read_log(cursor, &LogFilter::all(), 1000).await {
+            Ok(batch) => batch,
+            Err(error) if error.is_retryable() && Instant::now() < deadline => continue,
+            Err(error) => panic!("read the log: {error}"),
+        };
         let Some(last) = batch.last() else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;

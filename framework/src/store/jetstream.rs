@@ -176,7 +176,7 @@ fn partition_of_position(position: u64) -> u32 {
 }
 
 /// One event as stored in a message.
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 struct StoredEvent {
     id: Uuid,
     #[serde(rename = "type")]
@@ -193,7 +193,7 @@ struct StoredEvent {
 }
 
 /// A message: one append.
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 struct StoredMessage {
     #[serde(rename = "type")]
     aggregate_type: String,
@@ -223,6 +223,7 @@ pub struct JetStreamStoreBuilder {
     replicas: Option<usize>,
     timeout: Duration,
     poll_interval: Duration,
+    cached_events: usize,
 }
 
 impl std::fmt::Debug for JetStreamStoreBuilder {
@@ -266,6 +267,17 @@ impl JetStreamStoreBuilder {
     /// past it, the call fails with [`StoreError::Unavailable`].
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// How many events of aggregates' streams the store keeps in memory
+    /// (default 100,000; 0 keeps none). A load of an aggregate whose
+    /// messages are kept asks the cluster only for what came after them: one
+    /// round trip instead of one per message. Stored messages never change,
+    /// so what is kept is never stale; when the count is passed, everything
+    /// kept is dropped.
+    pub fn cached_events(mut self, events: usize) -> Self {
+        self.cached_events = events;
         self
     }
 
@@ -329,6 +341,7 @@ impl JetStreamStoreBuilder {
                 timeout: self.timeout,
                 poll_interval: self.poll_interval,
                 known: Mutex::new(HashMap::new()),
+                messages: Mutex::new(MessageCache::new(self.cached_events)),
                 readers: Mutex::new(Vec::new()),
                 wake: WakeSignal::new(),
                 listening: std::sync::atomic::AtomicBool::new(false),
@@ -523,6 +536,9 @@ struct Inner {
     /// Per aggregate (type, id): its version and the sequence of its last
     /// message, as last seen here.
     known: Mutex<HashMap<(String, String), (u64, u64)>>,
+    /// Aggregates' messages read or written here (immutable once stored),
+    /// so a load asks only for what came after them.
+    messages: Mutex<MessageCache>,
     /// Server-side cursors kept between reads.
     readers: Mutex<Vec<Reader>>,
     wake: WakeSignal,
@@ -538,6 +554,87 @@ impl std::fmt::Debug for JetStreamStore {
     }
 }
 
+/// Every message of some aggregates up to a sequence, bounded by a count of
+/// events.
+struct MessageCache {
+    streams: HashMap<(String, String), CachedStream>,
+    events: usize,
+    limit: usize,
+}
+
+/// All messages of one aggregate with a stream sequence up to `last_seq`.
+struct CachedStream {
+    last_seq: u64,
+    messages: Vec<(u64, Arc<StoredMessage>)>,
+}
+
+impl MessageCache {
+    fn new(limit: usize) -> Self {
+        MessageCache {
+            streams: HashMap::new(),
+            events: 0,
+            limit,
+        }
+    }
+
+    /// The kept messages after `after_seq` and the sequence they reach,
+    /// when the aggregate is kept from before `after_seq`.
+    fn read(
+        &self,
+        key: &(String, String),
+        after_seq: u64,
+    ) -> Option<(Vec<(u64, Arc<StoredMessage>)>, u64)> {
+        let cached = self.streams.get(key)?;
+        (after_seq <= cached.last_seq).then(|| {
+            let messages = cached
+                .messages
+                .iter()
+                .filter(|(seq, _)| *seq > after_seq)
+                .cloned()
+                .collect();
+            (messages, cached.last_seq)
+        })
+    }
+
+    /// Adds messages read after `from_seq` (every message of the aggregate
+    /// up to `reached`): kept when they continue what is kept, or start the
+    /// aggregate's stream.
+    fn extend(
+        &mut self,
+        key: &(String, String),
+        from_seq: u64,
+        reached: u64,
+        fresh: &[(u64, Arc<StoredMessage>)],
+    ) {
+        if self.limit == 0 {
+            return;
+        }
+        let added: usize = fresh.iter().map(|(_, m)| m.events.len()).sum();
+        if self.events + added > self.limit {
+            self.streams.clear();
+            self.events = 0;
+        }
+        match self.streams.get_mut(key) {
+            Some(cached) if cached.last_seq == from_seq => {
+                cached.messages.extend(fresh.iter().cloned());
+                cached.last_seq = cached.last_seq.max(reached);
+            }
+            Some(_) => return,
+            None if from_seq == 0 => {
+                self.streams.insert(
+                    key.clone(),
+                    CachedStream {
+                        last_seq: reached,
+                        messages: fresh.to_vec(),
+                    },
+                );
+            }
+            None => return,
+        }
+        self.events += added;
+    }
+}
+
 /// A server-side cursor on one partition's stream, kept between reads.
 struct Reader {
     partition: u32,
@@ -545,6 +642,10 @@ struct Reader {
     consumer: PullConsumer,
     /// Decoded events of the last message not yet handed out.
     leftover: VecDeque<RecordedEvent>,
+    /// The events the last read went through (handed out or skipped): a
+    /// reader that handled fewer than it was given (a runner reads one more
+    /// than its batch) reads on from one of them.
+    recent: Vec<RecordedEvent>,
     /// The last event handed out or skipped.
     cursor: Checkpoint,
 }
@@ -559,6 +660,7 @@ impl JetStreamStore {
             replicas: None,
             timeout: Duration::from_secs(5),
             poll_interval: Duration::from_secs(1),
+            cached_events: 100_000,
         }
     }
 
@@ -671,31 +773,79 @@ impl JetStreamStore {
         aggregate_type: &str,
         aggregate_id: &str,
         after_seq: u64,
-        mut wanted: impl FnMut(&StoredMessage) -> bool,
-    ) -> Result<Vec<(u64, StoredMessage)>, StoreError> {
+        wanted: impl Fn(&StoredMessage) -> bool,
+    ) -> Result<Vec<(u64, Arc<StoredMessage>)>, StoreError> {
         let partition = self.partition_of(aggregate_id);
         let subject = self.subject(aggregate_type, aggregate_id);
         let stream = self.stream(partition);
-        let mut next = after_seq + 1;
-        let mut messages = Vec::new();
+        // Gets answered by any replica (cheap, spread over the cluster); a
+        // replica behind what this store last wrote or saw of the aggregate
+        // is read past through the leader, so a node always reads its own
+        // writes. (A replica behind another node's write makes the append
+        // meet a conflict, as any stale read would.)
+        let must_reach = self
+            .known(aggregate_type, aggregate_id)
+            .map_or(0, |(_, seq)| seq);
+        let key = (aggregate_type.to_owned(), aggregate_id.to_owned());
+        let kept = self
+            .inner
+            .messages
+            .lock()
+            .ok()
+            .and_then(|cache| cache.read(&key, after_seq));
+        let (mut messages, from_seq) = match kept {
+            Some((messages, reached)) => (messages, reached),
+            None => (Vec::new(), after_seq),
+        };
+        let mut direct = true;
+        let mut next = from_seq + 1;
+        let mut fresh = Vec::new();
         loop {
-            let got = stream
-                .raw_message_builder()
-                .sequence(next)
-                .next_by_subject(subject.clone())
-                .send()
-                .await;
+            let got = if direct {
+                match stream
+                    .direct_get_builder()
+                    .sequence(next)
+                    .next_by_subject(subject.clone())
+                    .send()
+                    .await
+                {
+                    Ok(message) => Ok(message),
+                    Err(error)
+                        if matches!(
+                            error.kind(),
+                            async_nats::jetstream::stream::DirectGetErrorKind::NotFound
+                        ) =>
+                    {
+                        if next > must_reach {
+                            break;
+                        }
+                        direct = false;
+                        continue;
+                    }
+                    Err(error) => return Err(nats_error("read an aggregate's messages", error)),
+                }
+            } else {
+                stream
+                    .raw_message_builder()
+                    .sequence(next)
+                    .next_by_subject(subject.clone())
+                    .send()
+                    .await
+                    .map_err(|error| {
+                        if matches!(
+                            error.kind(),
+                            async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound
+                        ) {
+                            None
+                        } else {
+                            Some(nats_error("read an aggregate's messages", error))
+                        }
+                    })
+            };
             let message = match got {
                 Ok(message) => message,
-                Err(error)
-                    if matches!(
-                        error.kind(),
-                        async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound
-                    ) =>
-                {
-                    break;
-                }
-                Err(error) => return Err(nats_error("read an aggregate's messages", error)),
+                Err(None) => break,
+                Err(Some(error)) => return Err(error),
             };
             next = message.sequence + 1;
             let stored: StoredMessage =
@@ -706,13 +856,16 @@ impl JetStreamStore {
             if stored.aggregate_id != aggregate_id || stored.aggregate_type != aggregate_type {
                 continue;
             }
-            let keep = wanted(&stored);
             let version = stored.first + stored.events.len() as u64 - 1;
             self.remember(aggregate_type, aggregate_id, version, message.sequence);
-            if keep {
-                messages.push((message.sequence, stored));
-            }
+            fresh.push((message.sequence, Arc::new(stored)));
         }
+        let reached = fresh.last().map_or(from_seq, |(seq, _)| *seq);
+        if let Ok(mut cache) = self.inner.messages.lock() {
+            cache.extend(&key, from_seq, reached, &fresh);
+        }
+        messages.extend(fresh);
+        messages.retain(|(_, m)| wanted(m));
         Ok(messages)
     }
 
@@ -794,12 +947,31 @@ impl JetStreamStore {
                         ),
                     })
                 }
+                // No stream answered: during an election the stream's
+                // subjects have no responder for a moment. Past the
+                // deadline, a stream that exists has no leader.
+                PublishErrorKind::StreamNotFound
+                    if tokio::time::Instant::now() + Duration::from_millis(50) < deadline =>
+                {
+                    tracing::debug!(attempt, "no stream answered; sending the message again");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
                 PublishErrorKind::StreamNotFound => {
-                    return Err(StoreError::database(
-                        "append to JetStream",
-                        ErrorKind::Infrastructure,
-                        error,
-                    ))
+                    let partition = self.partition_of(&request.aggregate_id);
+                    return Err(match self.stream(partition).get_info().await {
+                        Ok(_) => StoreError::Unavailable {
+                            operation: "append to JetStream",
+                            source: Box::new(error),
+                        },
+                        Err(info_error) => match nats_error("find the stream", info_error) {
+                            unavailable @ StoreError::Unavailable { .. } => unavailable,
+                            _ => StoreError::database(
+                                "append to JetStream: the stream is missing",
+                                ErrorKind::Infrastructure,
+                                error,
+                            ),
+                        },
+                    });
                 }
                 _ => {
                     // No answer, a lost connection or a leader change: the
@@ -938,11 +1110,27 @@ impl JetStreamStore {
     ) -> Result<Reader, StoreError> {
         let kept = self.inner.readers.lock().ok().and_then(|mut readers| {
             let found = readers.iter().position(|r| {
-                r.partition == partition && r.subject == subject && r.cursor == after
+                r.partition == partition
+                    && r.subject == subject
+                    && (r.cursor == after || r.recent.iter().any(|e| e.checkpoint() == after))
             })?;
             Some(readers.swap_remove(found))
         });
-        if let Some(reader) = kept {
+        if let Some(mut reader) = kept {
+            if reader.cursor != after {
+                // Back to an event of the last read: what came after it
+                // is read again.
+                let again: Vec<RecordedEvent> = reader
+                    .recent
+                    .drain(..)
+                    .filter(|e| e.checkpoint() > after)
+                    .collect();
+                for event in again.into_iter().rev() {
+                    reader.leftover.push_front(event);
+                }
+                reader.cursor = after;
+            }
+            reader.recent.clear();
             return Ok(reader);
         }
         let deliver_policy = if after == Checkpoint::START {
@@ -969,6 +1157,7 @@ impl JetStreamStore {
             subject: subject.to_owned(),
             consumer,
             leftover: VecDeque::new(),
+            recent: Vec::new(),
             cursor: after,
         })
     }
@@ -1016,10 +1205,13 @@ impl JetStreamStore {
                 }
                 seen = event.checkpoint();
                 if filter.matches(&event) {
+                    reader.recent.push(event.clone());
                     events.push(event);
                     if events.len() >= limit {
                         break;
                     }
+                } else {
+                    reader.recent.push(event);
                 }
             }
             if events.len() >= limit || exhausted {
@@ -1205,6 +1397,15 @@ fn decode_stored(
     recorded(stored, seq, partition)
 }
 
+/// A kept message's events as recorded events.
+fn recorded_ref(
+    stored: &StoredMessage,
+    seq: u64,
+    partition: u32,
+) -> Result<Vec<RecordedEvent>, StoreError> {
+    recorded(stored.clone(), seq, partition)
+}
+
 /// A stored message's events as recorded events.
 fn recorded(
     stored: StoredMessage,
@@ -1371,6 +1572,10 @@ impl JetStreamStore {
         let subject = self.subject(aggregate_type, aggregate_id);
         let seq = self.publish(subject, headers, body, &request).await?;
         self.remember(aggregate_type, aggregate_id, version, seq);
+        if let Ok(mut cache) = self.inner.messages.lock() {
+            let key = (aggregate_type.clone(), aggregate_id.clone());
+            cache.extend(&key, last_seq, seq, &[(seq, Arc::new(message))]);
+        }
         self.inner.wake.wake();
         // Other nodes' readers: a signal without payload, not waited for.
         let _ = self
@@ -1416,7 +1621,7 @@ impl JetStreamStore {
             .await?;
         let mut events = Vec::new();
         for (seq, message) in messages {
-            for event in recorded(message, seq, partition)? {
+            for event in recorded_ref(&message, seq, partition)? {
                 if event.sequence > after_sequence && events.len() < limit {
                     events.push(event);
                 }
@@ -1448,7 +1653,7 @@ impl JetStreamStore {
             .await?;
         let mut events = Vec::new();
         for (seq, message) in messages {
-            for (index, event) in message.events.into_iter().enumerate() {
+            for (index, event) in message.events.iter().enumerate() {
                 let sequence = message.first + index as u64;
                 if sequence <= from_version {
                     continue;
@@ -1456,8 +1661,8 @@ impl JetStreamStore {
                 events.push(StreamEvent {
                     sequence,
                     position: position(seq, partition, index),
-                    event_type: event.event_type,
-                    event_version: event.event_version,
+                    event_type: event.event_type.clone(),
+                    event_version: event.event_version.clone(),
                     payload: event.payload.get().to_owned(),
                 });
             }
