@@ -19,6 +19,7 @@ use example_accounts::projections::{Balances, SqliteBalances};
 use example_accounts::{BankAccount, BankCommand, BankEvent};
 use outflow::projection::ProjectionOptions;
 use outflow::runner::ProjectionRunner;
+use outflow::store::jetstream::JetStreamStore;
 use outflow::store::sqlite::Synchronous;
 use outflow::view::ViewProjection;
 use outflow::{AppendRequest, CommandBus, EventStore, NewEvent, PostgresStore, SqliteStore};
@@ -257,6 +258,7 @@ async fn postgres_es_schema(pool: &PgPool) -> Result<()> {
 enum System {
     Outflow(Arc<CommandBus<BankAccount, PostgresStore>>),
     OutflowSqlite(Arc<CommandBus<BankAccount, SqliteStore>>),
+    OutflowJetStream(Arc<CommandBus<BankAccount, JetStreamStore>>),
     PostgresEs(Arc<postgres_es::PostgresCqrs<BankAccount>>),
 }
 
@@ -267,6 +269,9 @@ impl System {
                 bus.execute(id, command).await?;
             }
             System::OutflowSqlite(bus) => {
+                bus.execute(id, command).await?;
+            }
+            System::OutflowJetStream(bus) => {
                 bus.execute(id, command).await?;
             }
             System::PostgresEs(cqrs) => cqrs.execute(id, command).await?,
@@ -316,6 +321,152 @@ async fn sqlite_system(label: &str) -> Result<(System, SqliteStore)> {
         .await?;
     let bus = CommandBus::<BankAccount, _>::new(store.clone(), ());
     Ok((System::OutflowSqlite(Arc::new(bus)), store))
+}
+
+/// The nats-server version the cluster runs (from `OUTFLOW_NATS_BIN`).
+fn nats_version() -> String {
+    std::env::var("OUTFLOW_NATS_BIN")
+        .ok()
+        .and_then(|bin| std::process::Command::new(bin).arg("--version").output().ok())
+        .and_then(|out| String::from_utf8(out.stdout).ok())
+        .and_then(|text| text.split_whitespace().nth(1).map(str::to_owned))
+        .unwrap_or_else(|| "(unknown version)".to_owned())
+}
+
+/// A JetStream store of `partitions` on the 3-node cluster `scripts/bench.sh`
+/// starts (`NATS_CLUSTER_URL`), replicas 3, under a prefix of its own.
+async fn jetstream_store(label: &str, partitions: u32) -> Result<JetStreamStore> {
+    let urls = std::env::var("NATS_CLUSTER_URL")
+        .context("NATS_CLUSTER_URL is not set: run scripts/bench.sh, which starts a cluster")?;
+    let client = async_nats::ConnectOptions::new()
+        .connect(urls.split(',').map(str::to_owned).collect::<Vec<_>>())
+        .await?;
+    Ok(JetStreamStore::builder(client)
+        .prefix(format!("bench_{label}_{}", std::process::id()))
+        .partitions(partitions)
+        .replicas(3)
+        .build()
+        .await?)
+}
+
+async fn jetstream_system(
+    label: &str,
+    partitions: u32,
+    cache: usize,
+) -> Result<(System, JetStreamStore)> {
+    let store = jetstream_store(label, partitions).await?;
+    let bus = CommandBus::<BankAccount, _>::builder(store.clone(), ())
+        .cache_aggregates(cache)
+        .build();
+    Ok((System::OutflowJetStream(Arc::new(bus)), store))
+}
+
+/// The JetStream scenarios: commands at 1 and 16 clients on 1 and 4
+/// partitions, and a rebuild of `Balances` (read model in PostgreSQL) from
+/// a seeded log, per partition count.
+struct JetStreamResult {
+    /// Partitions, clients, aggregate cache, the rate.
+    commands: Vec<(u32, usize, bool, Rate)>,
+    rebuilds: Vec<(u32, usize, f64)>,
+}
+
+async fn jetstream_scenarios(server: &Server, size: &Size) -> Result<JetStreamResult> {
+    let mut commands_run = Vec::new();
+    for cache in [false, true] {
+        for partitions in [1u32, 4] {
+            for clients in [1usize, 16] {
+                let label = format!("c{clients}p{partitions}{}", if cache { "c" } else { "" });
+                let (system, _) =
+                    jetstream_system(&label, partitions, if cache { 100_000 } else { 0 }).await?;
+                let rate = commands(&system, size.accounts, size.deposits, clients).await?;
+                commands_run.push((partitions, clients, cache, rate));
+            }
+        }
+    }
+    let mut rebuilds = Vec::new();
+    let events = size.rebuild_events / 2;
+    for partitions in [1u32, 4] {
+        let store = jetstream_store(&format!("rebuild{partitions}"), partitions).await?;
+        seed_jetstream(&store, events, size.rebuild_accounts).await?;
+        let (options, _) = server.fresh_db(&format!("js_rebuild{partitions}")).await?;
+        let read_models = PostgresStore::builder(pool(&options, 8, false).await?)
+            .build()
+            .await?;
+        Balances::create_table(read_models.pool()).await?;
+        let heads = {
+            let mut heads = Vec::new();
+            for p in 0..partitions {
+                heads.push(
+                    store
+                        .head_of(&outflow::LogFilter::all().with_partition(p, partitions))
+                        .await?,
+                );
+            }
+            heads
+        };
+        let log: Arc<dyn EventLog> = Arc::new(store.clone());
+        let runner = ProjectionRunner::with_log(log, read_models.clone())
+            .projection(ProjectionOptions::new(Balances::new()).batch_size(2_000))
+            .build()?;
+        let started = Instant::now();
+        let (shutdown, running) = spawn_runner(&runner);
+        for head in heads {
+            runner
+                .wait_for(head, &["account_balances"], Duration::from_secs(600))
+                .await?;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        shutdown.cancel();
+        let _ = running.await;
+        rebuilds.push((partitions, events, events as f64 / seconds));
+    }
+    Ok(JetStreamResult {
+        commands: commands_run,
+        rebuilds,
+    })
+}
+
+/// Writes `events` bank events over `accounts` accounts into a JetStream
+/// store (100 events per append, 16 appends at a time).
+async fn seed_jetstream(store: &JetStreamStore, events: usize, accounts: usize) -> Result<()> {
+    let per_account = events / accounts;
+    let mut tasks = Vec::new();
+    for worker in 0..16 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            for a in (worker..accounts).step_by(16) {
+                let id = format!("acc-{a:06}");
+                let mut version = 0u64;
+                while (version as usize) < per_account {
+                    let n = (per_account - version as usize).min(100);
+                    let events = (0..n)
+                        .map(|i| {
+                            let event = if version == 0 && i == 0 {
+                                BankEvent::AccountOpened { owner: id.clone() }
+                            } else {
+                                BankEvent::Deposited { amount: 7 }
+                            };
+                            NewEvent::from_event::<BankAccount>(&id, &event)
+                        })
+                        .collect::<Result<Vec<_>, _>>()?;
+                    store
+                        .append(AppendRequest {
+                            aggregate_type: "account".into(),
+                            aggregate_id: id.clone(),
+                            expected_version: version,
+                            events,
+                        })
+                        .await?;
+                    version += n as u64;
+                }
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(())
 }
 
 /// Writes `events` bank events over `accounts` accounts into a SQLite file
@@ -1133,6 +1284,36 @@ async fn main() -> Result<()> {
         }
         return Ok(());
     }
+    if args.first().map(String::as_str) == Some("jetstream") {
+        // outflow-bench jetstream [--quick]: the JetStream scenarios alone,
+        // printed, with the PostgreSQL store's commands for comparison.
+        let size = Size::new(args.iter().any(|a| a == "--quick"));
+        let url = std::env::var("DATABASE_URL").context("DATABASE_URL is not set")?;
+        let server = Server {
+            admin: url.parse()?,
+            counter: Default::default(),
+        };
+        let (outflow, _) = outflow_system(&server, "jc16").await?;
+        let o16 = commands(&outflow, size.accounts, size.deposits, 16).await?;
+        println!("PostgreSQL store, 16 clients: {:.0} cmd/s", o16.per_second);
+        let (outflow, _) = outflow_system_with(&server, "jc16c", 100_000).await?;
+        let oc16 = commands(&outflow, size.accounts, size.deposits, 16).await?;
+        println!(
+            "PostgreSQL store, 16 clients, cache: {:.0} cmd/s",
+            oc16.per_second
+        );
+        let js = jetstream_scenarios(&server, &size).await?;
+        for (partitions, clients, cache, rate) in &js.commands {
+            println!(
+                "JetStream, {partitions} partition(s), {clients} client(s), cache {cache}: {:.0} cmd/s (p50 {:.2} ms, p99 {:.2} ms)",
+                rate.per_second, rate.p50_ms, rate.p99_ms
+            );
+        }
+        for (partitions, events, per_second) in &js.rebuilds {
+            println!("JetStream rebuild, {partitions} partition(s): {events} events, {per_second:.0} events/s");
+        }
+        return Ok(());
+    }
     if args.first().map(String::as_str) == Some("sqlite") {
         // outflow-bench sqlite: the SQLite scenarios alone, printed (the
         // full run's sizes with OUTFLOW_BENCH_FULL set).
@@ -1327,6 +1508,9 @@ async fn main() -> Result<()> {
     let (sqlite, _) = sqlite_system("c16").await?;
     let s16 = commands(&sqlite, size.accounts, size.deposits, 16).await?;
 
+    eprintln!("2b/7 commands on JetStream");
+    let js = jetstream_scenarios(&server, &size).await?;
+
     eprintln!("3/7 commands with a read model");
     let rm = commands_with_read_model(&server, &size).await?;
 
@@ -1392,7 +1576,12 @@ async fn main() -> Result<()> {
          is met; the sections below have the figures and *Reading these numbers* what stands \
          in the way of those not met.\n\n| target | goal | measured | met |\n|---|---|---|---|"
     );
-    let targets: [(&str, &str, String, bool); 11] = [
+    let js16 = js
+        .commands
+        .iter()
+        .find(|(p, c, cache, _)| *p == 4 && *c == 16 && !*cache)
+        .map_or(0.0, |(_, _, _, r)| r.per_second);
+    let targets: [(&str, &str, String, bool); 12] = [
         (
             "commands, 1 client, no cache, vs the better postgres-es",
             "≥ 1.50×",
@@ -1452,6 +1641,12 @@ async fn main() -> Result<()> {
             "≥ 200,000 events/s",
             format!("{view_best:.0} (batches of {view_best_size})"),
             view_best >= 200_000.0,
+        ),
+        (
+            "JetStream, 4 partitions, 16 clients, vs the PostgreSQL store (no cache either)",
+            "≥ 1.00×",
+            ratio(js16, o16.per_second),
+            js16 >= o16.per_second,
         ),
         (
             "rebuild, peak RSS (any run)",
@@ -1558,6 +1753,55 @@ async fn main() -> Result<()> {
             sq.p50_ms,
             sq.p99_ms
         );
+    }
+    let _ = writeln!(md);
+    let _ = writeln!(md, "## Commands on JetStream\n");
+    let _ = writeln!(
+        md,
+        "Outflow's `JetStreamStore` on a 3-node nats-server {} cluster on this same machine \
+         (every stream and the snapshot bucket with 3 replicas), the same workload, in the \
+         same run; the PostgreSQL store's figures from above for comparison (without the \
+         cache against the rows without it, with it against those with it). An append is \
+         acknowledged once a majority of the stream's replicas has it: JetStream's durability \
+         is replication, and nats-server writes its files without an fsync per message \
+         (PostgreSQL syncs each commit). A load reads the aggregate's messages after those the \
+         store keeps in memory (one round trip when it wrote or read them last), an append is \
+         one publish. Each partition is its own stream with its own leader and Raft group; on \
+         one machine of 2 cores, more groups share the same CPU, so partitions add overhead \
+         here rather than write capacity: they pay off when the streams' leaders are on \
+         different machines.\n\n\
+         | scenario | JetStream cmd/s | PostgreSQL cmd/s | ratio | JetStream p50 / p99 ms |\n|---|---|---|---|---|",
+        nats_version()
+    );
+    for (partitions, clients, cache, rate) in &js.commands {
+        let pg = match (clients, cache) {
+            (1, false) => &o1,
+            (1, true) => &oc1,
+            (_, false) => &o16,
+            (_, true) => &oc16,
+        };
+        let _ = writeln!(
+            md,
+            "| {partitions} partition{}, {clients} client{}{} | {:.0} | {:.0} | {} | {:.2} / {:.2} |",
+            if *partitions == 1 { "" } else { "s" },
+            if *clients == 1 { "" } else { "s" },
+            if *cache { ", aggregate cache" } else { "" },
+            rate.per_second,
+            pg.per_second,
+            ratio(rate.per_second, pg.per_second),
+            rate.p50_ms,
+            rate.p99_ms
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nRebuild from JetStream: `Balances` (read model and checkpoints in PostgreSQL, \
+         batches of 2,000) over a log seeded with appends of 100 events, from a fresh \
+         projection until every partition's unit reached its stream's head; one unit per \
+         partition.\n\n| partitions | events | events/s |\n|---|---|---|"
+    );
+    for (partitions, events, per_second) in &js.rebuilds {
+        let _ = writeln!(md, "| {partitions} | {events} | {per_second:.0} |");
     }
     let _ = writeln!(md);
     let _ = writeln!(md, "## Projection rebuild\n");

@@ -562,10 +562,13 @@ struct MessageCache {
     limit: usize,
 }
 
+/// A message kept in memory, with its stream sequence.
+type KeptMessage = (u64, Arc<StoredMessage>);
+
 /// All messages of one aggregate with a stream sequence up to `last_seq`.
 struct CachedStream {
     last_seq: u64,
-    messages: Vec<(u64, Arc<StoredMessage>)>,
+    messages: Vec<KeptMessage>,
 }
 
 impl MessageCache {
@@ -583,7 +586,7 @@ impl MessageCache {
         &self,
         key: &(String, String),
         after_seq: u64,
-    ) -> Option<(Vec<(u64, Arc<StoredMessage>)>, u64)> {
+    ) -> Option<(Vec<KeptMessage>, u64)> {
         let cached = self.streams.get(key)?;
         (after_seq <= cached.last_seq).then(|| {
             let messages = cached
@@ -604,7 +607,7 @@ impl MessageCache {
         key: &(String, String),
         from_seq: u64,
         reached: u64,
-        fresh: &[(u64, Arc<StoredMessage>)],
+        fresh: &[KeptMessage],
     ) {
         if self.limit == 0 {
             return;
@@ -774,7 +777,7 @@ impl JetStreamStore {
         aggregate_id: &str,
         after_seq: u64,
         wanted: impl Fn(&StoredMessage) -> bool,
-    ) -> Result<Vec<(u64, Arc<StoredMessage>)>, StoreError> {
+    ) -> Result<Vec<KeptMessage>, StoreError> {
         let partition = self.partition_of(aggregate_id);
         let subject = self.subject(aggregate_type, aggregate_id);
         let stream = self.stream(partition);
