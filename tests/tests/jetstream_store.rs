@@ -542,3 +542,83 @@ async fn tailing_readers_see_every_event_once_in_order() {
 fn round_version(round: u64, k: u64) -> u64 {
     (0..round).map(|r| 1 + (r + k) % 3).sum()
 }
+
+/// Reads a 0.9 `Deposited` (`{"cents": "…"}`) as today's 1.0.
+struct Cents;
+
+impl outflow::upcast::Upcaster for Cents {
+    fn can_upcast(&self, event_type: &str, event_version: &str) -> bool {
+        event_type == "Deposited" && event_version == "0.9"
+    }
+    fn upcast(
+        &self,
+        mut event: cqrs_es::persist::SerializedEvent,
+    ) -> Result<cqrs_es::persist::SerializedEvent, outflow::upcast::UpcastError> {
+        let cents = event.payload["Deposited"]["cents"]
+            .as_str()
+            .and_then(|s| s.parse::<i64>().ok())
+            .ok_or_else(|| outflow::upcast::UpcastError::new("`cents` is not a number"))?;
+        event.payload = serde_json::json!({ "Deposited": { "amount": cents } });
+        event.event_version = "1.0".to_owned();
+        Ok(event)
+    }
+}
+
+/// Upcasters and snapshots on JetStream as on the other backends: a stored
+/// 0.9 event is read through the upcaster; snapshots (in the key-value
+/// bucket) are taken every 3 events and a command on top of one sees the
+/// whole balance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upcasters_and_snapshots() {
+    let store = common::jetstream_store(&common::nats_url(), "upcast", 2).await;
+    let bus = CommandBus::<BankAccount, _>::builder(store.clone(), ())
+        .upcaster(Box::new(Cents))
+        .snapshot_every(3)
+        .build();
+    bus.execute(
+        "old",
+        BankCommand::Open {
+            owner: "Old".into(),
+        },
+    )
+    .await
+    .expect("open");
+    store
+        .append(AppendRequest {
+            aggregate_type: "account".into(),
+            aggregate_id: "old".into(),
+            expected_version: 1,
+            events: vec![outflow::NewEvent {
+                event_version: "0.9".into(),
+                payload: serde_json::json!({ "Deposited": { "cents": "500" } }),
+                event_type: "Deposited".into(),
+                ..common::deposit_event(0)
+            }],
+        })
+        .await
+        .expect("an old-format event");
+    for amount in [10, 20, 30, 40] {
+        bus.execute("old", BankCommand::Deposit { amount })
+            .await
+            .expect("deposit on top of the upcast event");
+    }
+    // 500 + 100 in the account: withdrawing 600 passes, 601 would not.
+    match bus
+        .execute("old", BankCommand::Withdraw { amount: 601 })
+        .await
+    {
+        Err(outflow::CommandError::Rejected(_)) => {}
+        other => panic!("601 of 600 must be refused, got {other:?}"),
+    }
+    bus.execute("old", BankCommand::Withdraw { amount: 600 })
+        .await
+        .expect("the whole balance, upcast event included");
+    let loaded = store.load("account", "old", true).await.expect("load");
+    let snapshot = loaded.snapshot.expect("a snapshot was stored");
+    assert!(snapshot.version >= 3, "{snapshot:?}");
+    assert_eq!(
+        loaded.events.first().map(|e| e.sequence),
+        Some(snapshot.version + 1),
+        "the load continues after the snapshot"
+    );
+}
