@@ -7,9 +7,9 @@ mod common;
 use std::sync::Arc;
 
 use example_accounts::{BankAccount, BankCommand};
-use outflow::{Backend, CommandBus, CommandContext};
+use outflow::{CommandBus, CommandContext, EventStore};
 
-async fn runs_a_command_once_per_id<S: Backend + Clone + 'static>(store: S) {
+async fn runs_a_command_once_per_id<S: EventStore + Clone + 'static>(store: S) {
     let bus = Arc::new(CommandBus::<BankAccount, _>::new(store.clone(), ()));
     bus.execute(
         "acc",
@@ -82,4 +82,17 @@ async fn runs_a_command_once_per_id<S: Backend + Clone + 'static>(store: S) {
 
 on_every_backend! {
     runs_a_command_once_per_id: once_on_memory, once_on_postgres, once_on_sqlite;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_on_jetstream() {
+    runs_a_command_once_per_id(common::jetstream_store(&common::nats_url(), "once", 1).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_on_a_jetstream_cluster() {
+    runs_a_command_once_per_id(
+        common::jetstream_store(&common::nats_cluster_url(), "once", 2).await,
+    )
+    .await;
 }

@@ -21,10 +21,14 @@
 //!   committed, which the expected-sequence check alone does not do on a
 //!   cluster (nats-server 2.9 checks it when the leader proposes the
 //!   message, so two appends in flight for one version could both commit).
-//!   A duplicate answer is this append's own when the stored message holds
-//!   its first event (the retry of a publish whose acknowledgement was lost:
+//!   A duplicate answer is this append's own when the stored message is
+//!   this call's (its first event, and a random number each append call
+//!   carries in all its attempts: the retry of a publish whose
+//!   acknowledgement was lost:
 //!   a timeout, a dropped connection, a leader change; answered with the
-//!   stored copy, nothing written twice), and a conflict otherwise. The
+//!   stored copy, nothing written twice), and a conflict otherwise (also for
+//!   the same command sent twice at once: one writes, the other's
+//!   [`execute_once`](crate::CommandBus::execute_once) finds it). The
 //!   duplicate window is two minutes; later, the expected sequence alone
 //!   guards the slot, and no append is in flight that long.
 //! - **Positions.** An event's place in the log is its message's stream
@@ -202,6 +206,11 @@ struct StoredMessage {
     /// Sequence of the first event.
     first: u64,
     at: DateTime<Utc>,
+    /// A random number per append call, the same in every attempt: tells
+    /// this call's own stored message from another writer's identical one
+    /// (the same command sent twice).
+    #[serde(default)]
+    writer: u64,
     events: Vec<StoredEvent>,
 }
 
@@ -582,11 +591,7 @@ impl MessageCache {
 
     /// The kept messages after `after_seq` and the sequence they reach,
     /// when the aggregate is kept from before `after_seq`.
-    fn read(
-        &self,
-        key: &(String, String),
-        after_seq: u64,
-    ) -> Option<(Vec<KeptMessage>, u64)> {
+    fn read(&self, key: &(String, String), after_seq: u64) -> Option<(Vec<KeptMessage>, u64)> {
         let cached = self.streams.get(key)?;
         (after_seq <= cached.last_seq).then(|| {
             let messages = cached
@@ -880,6 +885,7 @@ impl JetStreamStore {
         headers: HeaderMap,
         body: Vec<u8>,
         request: &AppendRequest,
+        writer: u64,
     ) -> Result<u64, StoreError> {
         let deadline = tokio::time::Instant::now() + self.inner.timeout;
         let body = bytes::Bytes::from(body);
@@ -915,7 +921,7 @@ impl JetStreamStore {
                         seq = ack.sequence,
                         "the append's version slot is taken"
                     );
-                    if self.holds(ack.sequence, request).await? {
+                    if self.holds(ack.sequence, request, writer).await? {
                         return Ok(ack.sequence);
                     }
                     return Err(self.conflict(request).await?);
@@ -1039,8 +1045,14 @@ impl JetStreamStore {
         })
     }
 
-    /// Whether the message at `seq` is this append's (its first event).
-    async fn holds(&self, seq: u64, request: &AppendRequest) -> Result<bool, StoreError> {
+    /// Whether the message at `seq` is this append call's own (its first
+    /// event and its writer number).
+    async fn holds(
+        &self,
+        seq: u64,
+        request: &AppendRequest,
+        writer: u64,
+    ) -> Result<bool, StoreError> {
         let partition = self.partition_of(&request.aggregate_id);
         let message = self
             .stream(partition)
@@ -1053,6 +1065,7 @@ impl JetStreamStore {
         Ok(stored.is_some_and(|m| {
             m.aggregate_type == request.aggregate_type
                 && m.aggregate_id == request.aggregate_id
+                && m.writer == writer
                 && m.events.first().map(|e| e.id) == request.events.first().map(|e| e.event_id)
         }))
     }
@@ -1459,7 +1472,9 @@ impl EventStore for JetStreamStore {
     async fn append(&self, request: AppendRequest) -> Result<Vec<RecordedEvent>, StoreError> {
         // A retry after an unanswered attempt is safe: the version slot's
         // message id makes a stored copy answer for it.
-        self.patiently(|| self.append_once(request.clone())).await
+        let writer = rand::random::<u64>();
+        self.patiently(|| self.append_once(request.clone(), writer))
+            .await
     }
 
     async fn read_stream(
@@ -1492,7 +1507,11 @@ impl EventStore for JetStreamStore {
 }
 
 impl JetStreamStore {
-    async fn append_once(&self, request: AppendRequest) -> Result<Vec<RecordedEvent>, StoreError> {
+    async fn append_once(
+        &self,
+        request: AppendRequest,
+        writer: u64,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
         request.validate()?;
         if request.events.is_empty() {
             return Ok(Vec::new());
@@ -1551,6 +1570,7 @@ impl JetStreamStore {
             aggregate_id: aggregate_id.clone(),
             first: request.expected_version + 1,
             at: recorded_at,
+            writer,
             events,
         };
         let body = serde_json::to_vec(&message).map_err(|source| StoreError::Serialize {
@@ -1573,7 +1593,9 @@ impl JetStreamStore {
         );
         headers.insert(VERSION_HEADER, version.to_string().as_str());
         let subject = self.subject(aggregate_type, aggregate_id);
-        let seq = self.publish(subject, headers, body, &request).await?;
+        let seq = self
+            .publish(subject, headers, body, &request, writer)
+            .await?;
         self.remember(aggregate_type, aggregate_id, version, seq);
         if let Ok(mut cache) = self.inner.messages.lock() {
             let key = (aggregate_type.clone(), aggregate_id.clone());
