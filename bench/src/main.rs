@@ -327,7 +327,12 @@ async fn sqlite_system(label: &str) -> Result<(System, SqliteStore)> {
 fn nats_version() -> String {
     std::env::var("OUTFLOW_NATS_BIN")
         .ok()
-        .and_then(|bin| std::process::Command::new(bin).arg("--version").output().ok())
+        .and_then(|bin| {
+            std::process::Command::new(bin)
+                .arg("--version")
+                .output()
+                .ok()
+        })
         .and_then(|out| String::from_utf8(out.stdout).ok())
         .and_then(|text| text.split_whitespace().nth(1).map(str::to_owned))
         .unwrap_or_else(|| "(unknown version)".to_owned())

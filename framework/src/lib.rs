@@ -50,7 +50,8 @@
 //!
 //! The guide is an mdBook in the repository (`mdbook build docs`; every Rust
 //! snippet in it is included from `docs/examples`, which the test suite
-//! compiles, and runs but for the JetStream and TLS examples). Its chapters, by file under `docs/src/`:
+//! compiles, and runs but for the JetStream relay, JetStream event store and
+//! TLS examples). Its chapters, by file under `docs/src/`:
 //! `quickstart.md` (an aggregate, a command, a projection and a
 //! read-your-writes query on SQLite), `getting-started.md` (the dependencies),
 //! `delivery.md` (choosing how to handle events: inline, pub/sub, durable
@@ -59,8 +60,10 @@
 //! snapshots, upcasting, conflicts, context), `projections.md`,
 //! `process-managers.md`, `from-cqrs-es.md` (moving a cqrs-es / postgres-es
 //! application, code and database), `backends.md`, `event-store.md`,
-//! `postgres.md` (schema, migration, pool, TLS), `operations.md` (several
-//! nodes, lag, rebuilds, dead letters, long transactions, backups),
+//! `postgres.md` (schema, migration, pool, TLS), `jetstream.md` (the NATS
+//! JetStream event store: guarantees, partitions, failures, a cluster, moving
+//! from PostgreSQL), `operations.md` (several nodes, lag, rebuilds, dead
+//! letters, long transactions, backups),
 //! `errors.md`, `how-it-works.md`, `benchmarks.md`, `reliability.md`,
 //! `example.md` (the example application).
 #![warn(missing_debug_implementations)]

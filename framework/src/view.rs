@@ -436,7 +436,10 @@ where
     /// Reads one view once the projection has passed `checkpoint`
     /// (read-your-writes: pass [`Committed::checkpoint`](crate::Committed::checkpoint)
     /// of the command); `None` reads at once. Waits on the checkpoints in
-    /// the store, so it works whichever node runs the projection.
+    /// the store, so it works whichever node runs the projection. On a log
+    /// ordered per partition (a partitioned JetStream store) wait with
+    /// [`ProjectionRunner::wait_for`](crate::runner::ProjectionRunner::wait_for),
+    /// which waits for the checkpoint's own partition, and read with `None`.
     ///
     /// # Errors
     ///

@@ -622,3 +622,56 @@ async fn upcasters_and_snapshots() {
         "the load continues after the snapshot"
     );
 }
+
+/// Two nodes on one store (two connections): a runner on the first, whose
+/// readers would look only every 60 s by themselves, sees an append made
+/// through the second at once, woken by the second's signal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_nodes_append_wakes_the_readers() {
+    let writer = common::jetstream_store(&common::nats_url(), "wake", 1).await;
+    let client = async_nats::connect(common::nats_url())
+        .await
+        .expect("connect");
+    let reader = JetStreamStore::builder(client)
+        .prefix(writer.prefix())
+        .poll_interval(Duration::from_secs(60))
+        .build()
+        .await
+        .expect("the same store on another connection");
+    let dir = common::TestDir::new("jetstream_wake");
+    let read_models = dir.sqlite().await;
+    SqliteBalances::create_table(read_models.writer())
+        .await
+        .expect("create account_balances");
+    let log: Arc<dyn EventLog> = Arc::new(reader);
+    let runner = ProjectionRunner::with_log(log, read_models.clone())
+        .projection(ProjectionOptions::new(SqliteBalances::new()))
+        .heartbeat_interval(Duration::from_millis(200))
+        .lease_ttl(Duration::from_secs(2))
+        .build()
+        .expect("runner");
+    let (shutdown, running) = common::start_runner(&runner);
+    let bus = CommandBus::<BankAccount, _>::new(writer.clone(), ());
+    // The runner is idle, waiting, before the appends.
+    common::started(&runner, &["account_balances"]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for round in 0..3 {
+        let done = bus
+            .execute(
+                &format!("woken-{round}"),
+                BankCommand::Open { owner: "x".into() },
+            )
+            .await
+            .expect("open");
+        runner
+            .wait_for(
+                done.checkpoint().expect("written"),
+                &["account_balances"],
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("the other node's append is seen long before the 60 s poll");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    common::stop_runner(shutdown, running).await;
+}

@@ -91,7 +91,11 @@ pub enum WaitError {
 /// store, and waiters are woken when runners anywhere commit.
 ///
 /// [`ProjectionRunner::wait_for`] does the same and shares one view of the
-/// checkpoints between all its callers.
+/// checkpoints between all its callers. On a log ordered per partition (a
+/// partitioned JetStream store) only [`ProjectionRunner::wait_for`] is
+/// right: it knows the log, so it waits for the partition of `target`
+/// alone; this function compares `target` with every partition's
+/// checkpoint, which do not compare across partitions.
 ///
 /// # Errors
 ///

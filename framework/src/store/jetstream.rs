@@ -21,14 +21,15 @@
 //!   committed, which the expected-sequence check alone does not do on a
 //!   cluster (nats-server 2.9 checks it when the leader proposes the
 //!   message, so two appends in flight for one version could both commit).
-//!   A duplicate answer is this append's own when the stored message is
-//!   this call's (its first event, and a random number each append call
-//!   carries in all its attempts: the retry of a publish whose
-//!   acknowledgement was lost:
-//!   a timeout, a dropped connection, a leader change; answered with the
-//!   stored copy, nothing written twice), and a conflict otherwise (also for
-//!   the same command sent twice at once: one writes, the other's
-//!   [`execute_once`](crate::CommandBus::execute_once) finds it). The
+//!   When the stream answers "duplicate", the store reads the stored message:
+//!   if it is this append call's own (its first event, and a random number
+//!   that each call carries in all its attempts), the append succeeded
+//!   earlier and its acknowledgement was lost (a timeout, a dropped
+//!   connection, a leader change), so the stored copy's position is
+//!   returned and nothing is written twice; otherwise another writer took
+//!   the version first, a conflict (also when the same command is sent twice
+//!   at once: one writes, and the other's
+//!   [`execute_once`](crate::CommandBus::execute_once) finds its events). The
 //!   duplicate window is two minutes; later, the expected sequence alone
 //!   guards the slot, and no append is in flight that long.
 //! - **Positions.** An event's place in the log is its message's stream
@@ -42,10 +43,17 @@
 //!   replicated log, in commit order: there are no late commits, so a log
 //!   reader can never skip an event that commits after it read past its
 //!   position (what PostgreSQL needs transaction ids and a guard for).
-//! - **Loads** read only the aggregate's own messages (subject-filtered
-//!   gets answered by the stream's leader, never a scan of the stream), from
-//!   after its snapshot; **snapshots** live in a replicated key-value bucket
-//!   (`<prefix>_snapshots`, newest wins).
+//! - **Loads** read only the aggregate's own messages, one subject-filtered
+//!   get per message (never a scan of the stream), from after its snapshot.
+//!   Gets are answered by any replica; a replica behind what this store last
+//!   wrote or read of the aggregate is read past through the stream's
+//!   leader, so a node always reads its own writes (a replica behind another
+//!   node's write ends in a conflict at the append, as any stale read would).
+//!   The store keeps the messages it read or wrote in memory (immutable once
+//!   stored; [`cached_events`](JetStreamStoreBuilder::cached_events) bounds
+//!   them), so a load asks only for what came after them: one round trip for
+//!   an aggregate this node last wrote. **Snapshots** live in a replicated
+//!   key-value bucket (`KV_<PREFIX>_snapshots`, newest wins).
 //!
 //! # Partitions
 //!
@@ -136,6 +144,8 @@ pub const MAX_EVENTS_PER_APPEND: usize = 1 << 16;
 
 /// The header holding the stream version after the message's last event.
 const VERSION_HEADER: &str = "Outflow-Version";
+/// At most one signal to other nodes' readers per this interval.
+const WAKE_EVERY: Duration = Duration::from_millis(2);
 /// How many readers (server-side cursors) a store keeps for reuse.
 const MAX_IDLE_READERS: usize = 64;
 /// How many aggregates' last sequences a store remembers.
@@ -354,6 +364,9 @@ impl JetStreamStoreBuilder {
                 readers: Mutex::new(Vec::new()),
                 wake: WakeSignal::new(),
                 listening: std::sync::atomic::AtomicBool::new(false),
+                last_signal: std::sync::atomic::AtomicU64::new(0),
+                signal_pending: std::sync::atomic::AtomicBool::new(false),
+                started: std::time::Instant::now(),
             }),
         })
     }
@@ -439,10 +452,15 @@ async fn check_partition_count(
     if let Some(value) = stored {
         let text = String::from_utf8_lossy(&value).into_owned();
         if text.trim() != partitions.to_string() {
-            return Err(ConfigError::PartitionCount {
-                name: format!("JetStream event store `{prefix}`"),
-                stored: text,
-                configured: partitions,
+            return Err(ConfigError::Invalid {
+                setting: "partitions",
+                reason: format!(
+                    "the JetStream event store `{prefix}` was created with {} partition(s), not \
+                     {partitions}: an aggregate's partition follows from the count, so it cannot \
+                     change (open it with {}, or use a new prefix)",
+                    text.trim(),
+                    text.trim()
+                ),
             }
             .into());
         }
@@ -552,6 +570,11 @@ struct Inner {
     readers: Mutex<Vec<Reader>>,
     wake: WakeSignal,
     listening: std::sync::atomic::AtomicBool,
+    /// When the last signal to other nodes went (µs since `started`).
+    last_signal: std::sync::atomic::AtomicU64,
+    /// Whether a signal is scheduled for the end of the current window.
+    signal_pending: std::sync::atomic::AtomicBool,
+    started: std::time::Instant,
 }
 
 impl std::fmt::Debug for JetStreamStore {
@@ -670,6 +693,11 @@ impl JetStreamStore {
             poll_interval: Duration::from_secs(1),
             cached_events: 100_000,
         }
+    }
+
+    /// The subjects' first tokens (see [`JetStreamStoreBuilder::prefix`]).
+    pub fn prefix(&self) -> &str {
+        &self.inner.prefix
     }
 
     /// How many partition streams the store has.
@@ -1076,6 +1104,49 @@ impl JetStreamStore {
         attempt_timeout(self.inner.timeout)
     }
 
+    /// Wakes other nodes' log readers: a message without payload on the
+    /// wake subject, at most one per [`WAKE_EVERY`]: an append in a window
+    /// that already sent one leaves one more for the window's end, so the
+    /// last append is always signalled.
+    fn signal_other_nodes(&self) {
+        use std::sync::atomic::Ordering;
+        let now = self.inner.started.elapsed().as_micros() as u64;
+        let last = self.inner.last_signal.load(Ordering::Acquire);
+        let every = WAKE_EVERY.as_micros() as u64;
+        if now.saturating_sub(last) >= every
+            && self
+                .inner
+                .last_signal
+                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            self.send_signal();
+            return;
+        }
+        if self.inner.signal_pending.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let store = self.clone();
+        let wait = Duration::from_micros(every.saturating_sub(now.saturating_sub(last)));
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            store.inner.signal_pending.store(false, Ordering::Release);
+            let now = store.inner.started.elapsed().as_micros() as u64;
+            store.inner.last_signal.store(now, Ordering::Release);
+            store.send_signal();
+        });
+    }
+
+    fn send_signal(&self) {
+        let client = self.inner.client.clone();
+        let subject = self.wake_subject();
+        // Buffered by the client and flushed with the next write; never
+        // waited for by the append.
+        tokio::spawn(async move {
+            let _ = client.publish(subject, bytes::Bytes::new()).await;
+        });
+    }
+
     fn wake_subject(&self) -> String {
         format!("{}.wake", self.inner.prefix)
     }
@@ -1084,18 +1155,9 @@ impl JetStreamStore {
     fn route(&self, filter: &LogFilter) -> Result<(u32, String), StoreError> {
         let partition = match filter.partition() {
             Some(p) if p.count == self.inner.partitions => p.index,
-            None if self.inner.partitions == 1 => 0,
-            Some(p) if self.inner.partitions == 1 => {
-                return Err(ConfigError::Invalid {
-                    setting: "partitions",
-                    reason: format!(
-                    "the log was read in {} partitions, but this JetStream store has one stream; \
-                         read it whole",
-                    p.count
-                ),
-                }
-                .into())
-            }
+            // One stream is one total order: a reader of a part of it reads
+            // the stream and keeps its part (as the SQL backends do).
+            _ if self.inner.partitions == 1 => 0,
             other => {
                 return Err(ConfigError::Invalid {
                     setting: "partitions",
@@ -1602,12 +1664,7 @@ impl JetStreamStore {
             cache.extend(&key, last_seq, seq, &[(seq, Arc::new(message))]);
         }
         self.inner.wake.wake();
-        // Other nodes' readers: a signal without payload, not waited for.
-        let _ = self
-            .inner
-            .client
-            .publish(self.wake_subject(), bytes::Bytes::new())
-            .await;
+        self.signal_other_nodes();
         let partition = self.partition_of(aggregate_id);
         Ok(request
             .events
