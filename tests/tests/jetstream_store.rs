@@ -675,3 +675,40 @@ async fn another_nodes_append_wakes_the_readers() {
     }
     common::stop_runner(shutdown, running).await;
 }
+
+/// A one-partition store is one total order: a projection split into 3
+/// partitions runs on it as on the SQL backends (each unit reads the stream
+/// and keeps its aggregates), and equals the fold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_projection_on_one_stream() {
+    let js = common::jetstream_store(&common::nats_url(), "split", 1).await;
+    let db = common::TestDb::new("jetstream_split").await;
+    let read_models = db.store().await;
+    Balances::create_table(read_models.pool())
+        .await
+        .expect("create account_balances");
+    let bus = Arc::new(CommandBus::<BankAccount, _>::new(js.clone(), ()));
+    open_shared(&bus).await;
+    let log: Arc<dyn EventLog> = Arc::new(js.clone());
+    let runner = ProjectionRunner::with_log(log, read_models.clone())
+        .projection(ProjectionOptions::new(Balances::new()).partitions(3))
+        .heartbeat_interval(Duration::from_millis(200))
+        .lease_ttl(Duration::from_secs(2))
+        .build()
+        .expect("runner");
+    let (shutdown, running) = common::start_runner(&runner);
+    let (accounts, checkpoints) = write(&bus, 0).await;
+    let last = checkpoints.iter().max().copied().expect("commands ran");
+    runner
+        .wait_for(last, &["account_balances"], Duration::from_secs(30))
+        .await
+        .expect("every partition of the projection passes the last command");
+    assert_eq!(runner.status().await.expect("status").len(), 3);
+    let rows = Balances::rows(read_models.pool()).await.expect("rows");
+    assert_eq!(
+        rows,
+        fold_of(&js, &accounts).await,
+        "read model = fold of the log"
+    );
+    common::stop_runner(shutdown, running).await;
+}
