@@ -63,6 +63,20 @@ guard and its own `Conflict`), which is where the gain over postgres-es at 16
 clients comes from; pgbench's single-row insert is cheaper still (no read, one
 index, no JSON).
 
+**JetStream on one machine.** The JetStream rows run the three servers of
+the cluster (each stream's three replicas) on the same 2 cores as PostgreSQL
+and the benchmark's client: each append is received by the stream's leader,
+proposed to the two followers and acknowledged once one of them has it, so
+one command costs the work of several servers where PostgreSQL's costs one.
+A command is two requests on either store (the load, which on JetStream asks
+only for the messages after those the store keeps, and the append). Partitions
+add no CPU here: each is one more Raft group, and 16 clients' appends split
+four ways make smaller replication batches, so 4 partitions run below 1 on
+this machine. The target (4 partitions at 16 clients at least the PostgreSQL
+store's rate) counts on each partition's leader having a machine of its own,
+which a single machine cannot show; the rows measure the cost of an append
+here, not the write capacity of a cluster.
+
 **The command's client cost** (profiled at 16 clients with `perf record`
 on the benchmark's client, the development server of this machine, 22,000
 commands): the client used 2.9 s of CPU while the machine was busy for
