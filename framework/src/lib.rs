@@ -50,8 +50,8 @@
 //!
 //! The guide is an mdBook in the repository (`mdbook build docs`; every Rust
 //! snippet in it is included from `docs/examples`, which the test suite
-//! compiles, and runs but for the JetStream relay, JetStream event store and
-//! TLS examples). Its chapters, by file under `docs/src/`:
+//! compiles, and runs but for the JetStream relay, the JetStream store's
+//! `open` and the TLS examples). Its chapters, by file under `docs/src/`:
 //! `quickstart.md` (an aggregate, a command, a projection and a
 //! read-your-writes query on SQLite), `getting-started.md` (the dependencies),
 //! `delivery.md` (choosing how to handle events: inline, pub/sub, durable

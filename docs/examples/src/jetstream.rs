@@ -1,10 +1,10 @@
 //! The JetStream event store chapter (`docs/src/jetstream.md`): opening the
 //! store on a cluster, read models in PostgreSQL, a command retried while the
 //! cluster does not answer, and an application moved from PostgreSQL.
-//! Compiled here; it needs a NATS cluster and a PostgreSQL server, so the
-//! book's tests do not run it. The store's own tests
-//! (`tests/tests/jetstream_store.rs`, `tests/tests/jetstream_cluster.rs`)
-//! run the same calls against real servers.
+//! Run by `tests/jetstream.rs` against the test suite's 3-node cluster and
+//! PostgreSQL, but for `open` (it names example hosts). The store's own
+//! tests (`tests/tests/jetstream_store.rs`, `tests/tests/jetstream_cluster.rs`)
+//! hurt real servers.
 
 use std::error::Error;
 use std::sync::Arc;

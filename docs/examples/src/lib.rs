@@ -2,8 +2,9 @@
 //! and the chapters include it by anchor (for example
 //! `{{#include ../examples/src/quickstart.rs:aggregate}}`), so `cargo test`
 //! compiles every snippet the book shows and `tests/` runs them, but for
-//! `relay` and `jetstream` (the JetStream chapters: they need NATS servers)
-//! and the TLS connections in `backends`.
+//! `relay` (it needs NATS servers of its own), `jetstream::open` (it names
+//! example hosts; the test opens the same store on the suite's cluster) and
+//! the TLS connections in `backends`.
 // The modules are the book's text, not an API.
 #![allow(missing_docs)]
 
