@@ -712,3 +712,20 @@ async fn a_split_projection_on_one_stream() {
     );
     common::stop_runner(shutdown, running).await;
 }
+
+/// The partitions' leaders are spread over the cluster: 6 partition streams
+/// on 3 servers, each server leads 2 once the store is built.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_leaders_are_spread_over_the_cluster() {
+    let store = common::jetstream_store(&common::nats_cluster_url(), "spread", 6).await;
+    let leaders = store.leaders().await.expect("leaders");
+    let mut led: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+    for leader in &leaders {
+        *led.entry(leader.clone().expect("every stream has a leader"))
+            .or_default() += 1;
+    }
+    assert_eq!(led.len(), 3, "every server leads partitions: {leaders:?}");
+    assert!(led.values().all(|&n| n == 2), "2 each: {led:?}");
+    // Asking again changes nothing when the leaders are spread.
+    assert_eq!(store.spread_leaders().await.expect("spread"), leaders);
+}

@@ -58,7 +58,9 @@
 //! # Partitions
 //!
 //! With [`partitions(n)`](JetStreamStoreBuilder::partitions) the store keeps
-//! `n` streams (`<PREFIX>_0` …), each with its own leader and log; an
+//! `n` streams (`<PREFIX>_0` …), each with its own leader and log (spread
+//! over the cluster's servers by [`build`](JetStreamStoreBuilder::build) and
+//! [`spread_leaders`](JetStreamStore::spread_leaders)); an
 //! aggregate lives in partition `fnv1a(aggregate id) % n` (the hash
 //! [`Partition::contains`](crate::log::Partition::contains) uses). Writes to
 //! different partitions do not wait for each other. The log is ordered **per
@@ -329,6 +331,18 @@ impl JetStreamStoreBuilder {
             }
             .into());
         }
+        // The server's description arrives with the connection: a client
+        // connecting in the background (`retry_on_initial_connect`) has none
+        // until a round trip went through.
+        if self.replicas.is_none() {
+            tokio::time::timeout(self.timeout, self.client.flush())
+                .await
+                .map_err(|_| StoreError::Unavailable {
+                    operation: "connect to NATS",
+                    source: format!("no connection within {:?}", self.timeout).into(),
+                })?
+                .map_err(|e| nats_error("connect to NATS", e))?;
+        }
         let replicas = self.replicas.unwrap_or_else(|| {
             if self.client.server_info().cluster.is_some() {
                 3
@@ -349,7 +363,7 @@ impl JetStreamStoreBuilder {
         }
         let kv = ensure_bucket(&js, &format!("{base}_snapshots"), replicas).await?;
         check_partition_count(&kv, &self.prefix, self.partitions).await?;
-        Ok(JetStreamStore {
+        let store = JetStreamStore {
             inner: Arc::new(Inner {
                 client: self.client,
                 js,
@@ -368,7 +382,17 @@ impl JetStreamStoreBuilder {
                 signal_pending: std::sync::atomic::AtomicBool::new(false),
                 started: std::time::Instant::now(),
             }),
-        })
+        };
+        // Partition leaders spread over the cluster (JetStream may have put
+        // them all on one server); only streams whose leader leads more
+        // than its share are moved, so nodes opening the store together
+        // leave a spread cluster as it is.
+        if self.partitions > 1 && replicas > 1 {
+            if let Err(error) = store.spread_leaders().await {
+                tracing::warn!(error = %crate::error::error_chain(&error), "could not spread the partitions' leaders over the cluster");
+            }
+        }
+        Ok(store)
     }
 }
 
@@ -693,6 +717,145 @@ impl JetStreamStore {
             poll_interval: Duration::from_secs(1),
             cached_events: 100_000,
         }
+    }
+
+    /// The server leading each partition's stream now (`None` while a
+    /// stream has no leader), by partition.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`] or [`StoreError::Database`] when a
+    /// stream's state cannot be read.
+    pub async fn leaders(&self) -> Result<Vec<Option<String>>, StoreError> {
+        Ok(self
+            .clusters()
+            .await?
+            .into_iter()
+            .map(|cluster| cluster.and_then(|c| c.leader))
+            .collect())
+    }
+
+    /// Each partition stream's cluster state (leader and replicas) now.
+    async fn clusters(
+        &self,
+    ) -> Result<Vec<Option<async_nats::jetstream::stream::ClusterInfo>>, StoreError> {
+        let mut clusters = Vec::with_capacity(self.inner.streams.len());
+        for stream in &self.inner.streams {
+            let info = self
+                .patiently(|| async {
+                    stream
+                        .get_info()
+                        .await
+                        .map_err(|e| nats_error("read a stream's leader", e))
+                })
+                .await?;
+            clusters.push(info.cluster);
+        }
+        Ok(clusters)
+    }
+
+    /// Moves partition leaders until no server leads more than its share
+    /// (`partitions / servers`, rounded up) of the streams, so that appends
+    /// to different partitions are led by different servers: a stream whose
+    /// leader leads too many is asked to step down, and the cluster elects
+    /// another of its replicas. [`build`](JetStreamStoreBuilder::build) does
+    /// it; call it again after servers came back (the survivors then lead
+    /// everything). Returns the leaders by partition.
+    ///
+    /// # Errors
+    ///
+    /// As [`leaders`](Self::leaders); a stream that does not step down or
+    /// elect a leader within the timeout gives [`StoreError::Unavailable`].
+    pub async fn spread_leaders(&self) -> Result<Vec<Option<String>>, StoreError> {
+        let rounds = 4 * self.inner.streams.len() + 4;
+        for _ in 0..rounds {
+            let clusters = self.clusters().await?;
+            let leaders: Vec<Option<String>> = clusters
+                .iter()
+                .map(|c| c.as_ref().and_then(|c| c.leader.clone()))
+                .collect();
+            if leaders.iter().any(Option::is_none) {
+                // A stream still electing its first (or next) leader.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            let mut servers: Vec<String> = Vec::new();
+            for cluster in clusters.iter().flatten() {
+                servers.extend(cluster.leader.iter().cloned());
+                servers.extend(cluster.replicas.iter().map(|p| p.name.clone()));
+            }
+            servers.sort();
+            servers.dedup();
+            let replicas = self
+                .inner
+                .streams
+                .first()
+                .map_or(1, |s| s.cached_info().config.num_replicas);
+            if servers.len() < replicas.min(2) {
+                return Ok(leaders);
+            }
+            let peers_known = clusters
+                .iter()
+                .flatten()
+                .all(|c| c.replicas.len() + 1 >= replicas);
+            if !peers_known {
+                // The streams' replicas are not all reported yet.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            let share = leaders.len().div_ceil(servers.len());
+            let mut led: HashMap<&str, usize> = HashMap::new();
+            for leader in leaders.iter().flatten() {
+                *led.entry(leader.as_str()).or_default() += 1;
+            }
+            let Some(partition) = leaders.iter().position(|leader| {
+                leader
+                    .as_deref()
+                    .is_some_and(|l| led.get(l).copied().unwrap_or(0) > share)
+            }) else {
+                return Ok(leaders);
+            };
+            let name = self
+                .stream(partition as u32)
+                .cached_info()
+                .config
+                .name
+                .clone();
+            let answer: serde_json::Value = self
+                .inner
+                .js
+                .request(
+                    format!("STREAM.LEADER.STEPDOWN.{name}"),
+                    &serde_json::json!({}),
+                )
+                .await
+                .map_err(|e| nats_error("ask a stream's leader to step down", e))?;
+            if let Some(error) = answer.get("error") {
+                return Err(StoreError::database(
+                    "ask a stream's leader to step down",
+                    ErrorKind::Infrastructure,
+                    format!("stream {name}: {error}"),
+                ));
+            }
+            // Until another server leads it.
+            let old = leaders[partition].clone();
+            let deadline = tokio::time::Instant::now() + self.inner.timeout;
+            loop {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let info = self.stream(partition as u32).get_info().await;
+                let leader = info.ok().and_then(|i| i.cluster).and_then(|c| c.leader);
+                if leader.is_some() && leader != old {
+                    break;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(StoreError::Unavailable {
+                        operation: "spread the partitions' leaders",
+                        source: format!("stream {name} elected no leader").into(),
+                    });
+                }
+            }
+        }
+        self.leaders().await
     }
 
     /// The subjects' first tokens (see [`JetStreamStoreBuilder::prefix`]).
