@@ -553,8 +553,6 @@ fn nats_error(operation: &'static str, error: impl Into<crate::error::BoxError>)
         "insufficient resources",
         "leader",
         "temporarily unavailable",
-        "jetstream not enabled",
-        "cluster",
     ]
     .iter()
     .any(|needle| text.contains(needle));
@@ -2154,5 +2152,100 @@ impl EventLog for JetStreamStore {
     ) -> Result<Option<DateTime<Utc>>, StoreError> {
         let events = self.read(after, filter, 1).await?.0;
         Ok(events.first().map(|e| e.recorded_at))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_distinct_for_distinct_names() {
+        let names = ["a.b", "a_b", "a b", "a*b", "a>b", "", "_", "é", "a-b", "A"];
+        let tokens: std::collections::HashSet<String> =
+            names.iter().map(|n| stream_token(n)).collect();
+        assert_eq!(tokens.len(), names.len());
+        for token in &tokens {
+            assert!(
+                token
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+                "{token}"
+            );
+        }
+    }
+
+    #[test]
+    fn positions_order_within_a_partition_and_name_it() {
+        let a = position(7, 3, 0);
+        let b = position(7, 3, 699);
+        let c = position(8, 3, 0);
+        assert!(a < b && b < c);
+        assert_eq!(b - a, 699, "one append's events are consecutive");
+        assert_eq!(partition_of_position(b), 3);
+        assert_ne!(position(7, 2, 0), position(7, 3, 0));
+    }
+
+    #[test]
+    fn a_version_slot_has_one_id() {
+        assert_eq!(slot_id("account", "a", 3), slot_id("account", "a", 3));
+        assert_ne!(slot_id("account", "a", 3), slot_id("account", "a", 4));
+        assert_ne!(slot_id("account", "a1", 3), slot_id("account", "a", 13));
+        assert_ne!(slot_id("acc", "ount\0a", 3), slot_id("account", "a", 3));
+    }
+
+    #[test]
+    fn no_answer_is_unavailable_and_a_refusal_is_infrastructure() {
+        let timeout = nats_error("x", "timed out: didn't receive ack in time");
+        assert!(timeout.is_unavailable() && timeout.is_retryable());
+        let refused = nats_error("x", "stream not found");
+        assert!(!refused.is_unavailable());
+        assert_eq!(refused.kind(), ErrorKind::Infrastructure);
+        let single = nats_error("x", "replicas > 1 not supported in non-clustered mode");
+        assert_eq!(single.kind(), ErrorKind::Infrastructure);
+    }
+
+    fn message(first: u64, events: usize) -> Arc<StoredMessage> {
+        Arc::new(StoredMessage {
+            aggregate_type: "t".into(),
+            aggregate_id: "i".into(),
+            first,
+            at: Utc::now(),
+            writer: 1,
+            events: (0..events)
+                .map(|_| StoredEvent {
+                    id: Uuid::new_v4(),
+                    event_type: "E".into(),
+                    event_version: "1".into(),
+                    payload: serde_json::value::to_raw_value(&1).expect("raw"),
+                    metadata: Metadata::default(),
+                    correlation: None,
+                    causation: None,
+                })
+                .collect(),
+        })
+    }
+
+    #[test]
+    fn kept_messages_continue_only_what_is_kept() {
+        let key = ("t".to_owned(), "i".to_owned());
+        let mut cache = MessageCache::new(10);
+        // Read from a snapshot (not from the start): not kept.
+        cache.extend(&key, 5, 9, &[(9, message(3, 1))]);
+        assert!(cache.read(&key, 0).is_none());
+        // From the start: kept, and read after any kept sequence.
+        cache.extend(&key, 0, 4, &[(2, message(1, 2)), (4, message(3, 1))]);
+        let (kept, reached) = cache.read(&key, 0).expect("kept");
+        assert_eq!((kept.len(), reached), (2, 4));
+        let (after, _) = cache.read(&key, 2).expect("kept");
+        assert_eq!(after.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![4]);
+        // A message that does not follow what is kept is not added.
+        cache.extend(&key, 7, 8, &[(8, message(5, 1))]);
+        assert_eq!(cache.read(&key, 0).expect("kept").1, 4);
+        cache.extend(&key, 4, 8, &[(8, message(4, 1))]);
+        assert_eq!(cache.read(&key, 0).expect("kept").1, 8);
+        // Past the limit, everything is dropped.
+        cache.extend(&key, 8, 9, &[(9, message(5, 20))]);
+        assert!(cache.read(&key, 0).is_none());
     }
 }
