@@ -729,3 +729,100 @@ async fn partition_leaders_are_spread_over_the_cluster() {
     // Asking again changes nothing when the leaders are spread.
     assert_eq!(store.spread_leaders().await.expect("spread"), leaders);
 }
+
+/// The mistakes a user is most likely to make are loud: a server without
+/// JetStream gives an infrastructure error naming it, no server at all an
+/// `Unavailable` after the timeout, and a store opened with another
+/// partition count than its data a configuration error naming the count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_jetstream_or_no_server_is_a_loud_error() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let bin = std::env::var("OUTFLOW_NATS_BIN").expect(
+        "OUTFLOW_NATS_BIN is not set: run the tests with scripts/test.sh, which finds nats-server",
+    );
+    let mut plain = std::process::Command::new(bin)
+        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start nats-server without JetStream");
+    let url = format!("nats://127.0.0.1:{port}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nats-server did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let client = async_nats::connect(&url).await.expect("connect");
+    let refused = JetStreamStore::builder(client)
+        .timeout(Duration::from_secs(2))
+        .build()
+        .await;
+    let _ = plain.kill();
+    let _ = plain.wait();
+    match refused {
+        Err(error) => {
+            assert_eq!(
+                error.kind(),
+                outflow::ErrorKind::Infrastructure,
+                "{error:?}"
+            );
+            let text = outflow::error::error_chain(&error).to_lowercase();
+            assert!(text.contains("jetstream"), "{text}");
+        }
+        Ok(_) => panic!("a store on a server without JetStream"),
+    }
+
+    // Nothing listens there any more.
+    let client = async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connect(&url)
+        .await
+        .expect("a client that connects in the background");
+    let began = std::time::Instant::now();
+    match JetStreamStore::builder(client)
+        .timeout(Duration::from_secs(2))
+        .build()
+        .await
+    {
+        Err(error) => assert!(error.is_unavailable(), "{error:?}"),
+        Ok(_) => panic!("a store without a server"),
+    }
+    assert!(began.elapsed() < Duration::from_secs(10));
+
+    // Another partition count than the data's.
+    let store = common::jetstream_store(&common::nats_url(), "count", 2).await;
+    let client = async_nats::connect(common::nats_url())
+        .await
+        .expect("connect");
+    match JetStreamStore::builder(client)
+        .prefix(store.prefix())
+        .partitions(3)
+        .build()
+        .await
+    {
+        Err(StoreError::Config(error)) => {
+            assert!(
+                error.to_string().contains("created with 2 partition"),
+                "{error}"
+            )
+        }
+        other => panic!("expected a configuration error, got {other:?}"),
+    }
+    let client = async_nats::connect(common::nats_url())
+        .await
+        .expect("connect");
+    let third = format!("{}_2", store.prefix().to_uppercase());
+    assert!(
+        async_nats::jetstream::new(client)
+            .get_stream(&third)
+            .await
+            .is_err(),
+        "the refused open created no stream"
+    );
+}

@@ -355,14 +355,16 @@ impl JetStreamStoreBuilder {
         // the whole timeout has passed.
         js.set_timeout(attempt_timeout(self.timeout));
         let base = self.prefix.replace('.', "_").to_uppercase();
+        // The partition count first: a store opened with another count than
+        // its data's creates nothing.
+        let kv = ensure_bucket(&js, &format!("{base}_snapshots"), replicas).await?;
+        check_partition_count(&kv, &self.prefix, self.partitions).await?;
         let mut streams = Vec::new();
         for partition in 0..self.partitions {
             let name = format!("{base}_{partition}");
             let subjects = vec![format!("{}.{partition}.>", self.prefix)];
             streams.push(ensure_stream(&js, &name, subjects, replicas).await?);
         }
-        let kv = ensure_bucket(&js, &format!("{base}_snapshots"), replicas).await?;
-        check_partition_count(&kv, &self.prefix, self.partitions).await?;
         let store = JetStreamStore {
             inner: Arc::new(Inner {
                 client: self.client,
