@@ -174,10 +174,9 @@ ensure_browser() {
     fi
 }
 
-# A JetStream-enabled nats-server (Debian's `nats-server` package) on a free
-# loopback port, storing its streams in a temporary directory.
-start_nats() {
-    local bin port dir pid
+# The `nats-server` binary, installed from Debian's package when missing.
+ensure_nats_server() {
+    local bin
     bin=$(nats_server_bin)
     if [ -z "$bin" ]; then
         apt_install nats-server || return 1
@@ -187,6 +186,14 @@ start_nats() {
         echo "nats-server still not found after installing" >&2
         return 1
     fi
+    echo "$bin"
+}
+
+# A JetStream-enabled nats-server (Debian's `nats-server` package) on a free
+# loopback port, storing its streams in a temporary directory.
+start_nats() {
+    local bin port dir pid
+    bin=$(ensure_nats_server) || return 1
     choose_service_user
     dir=$(mktemp -d "${TMPDIR:-/tmp}/outflow-nats.XXXXXX")
     chmod 755 "$dir"
@@ -264,15 +271,7 @@ http_get_local() {
 start_nats_cluster() {
     local bin dir i j pid attempt
     local -a pids=()
-    bin=$(nats_server_bin)
-    if [ -z "$bin" ]; then
-        apt_install nats-server || return 1
-        bin=$(nats_server_bin)
-    fi
-    if [ -z "$bin" ]; then
-        echo "nats-server still not found after installing" >&2
-        return 1
-    fi
+    bin=$(ensure_nats_server) || return 1
     choose_service_user
     dir=$(mktemp -d "${TMPDIR:-/tmp}/outflow-nats-cluster.XXXXXX")
     chmod 755 "$dir"

@@ -119,6 +119,21 @@ async fn write(
     (accounts, checkpoints)
 }
 
+/// A runner reading `log` into `read_models`, with a short heartbeat and
+/// lease so tests do not wait for units to be claimed.
+fn fast_runner<S: outflow::ProjectionStore>(
+    log: Arc<dyn EventLog>,
+    read_models: &S,
+    projection: ProjectionOptions<S>,
+) -> ProjectionRunner<S> {
+    ProjectionRunner::with_log(log, read_models.clone())
+        .projection(projection)
+        .heartbeat_interval(Duration::from_millis(200))
+        .lease_ttl(Duration::from_secs(2))
+        .build()
+        .expect("runner")
+}
+
 async fn open_shared(bus: &CommandBus<BankAccount, JetStreamStore>) {
     bus.execute(
         "shared",
@@ -151,12 +166,11 @@ async fn four_partitions_projected_into_postgres() {
         matches!(refused, Err(StoreError::Config(_))),
         "3 partitions on a 4-partition log: {refused:?}"
     );
-    let runner = ProjectionRunner::with_log(log, read_models.clone())
-        .projection(ProjectionOptions::new(Balances::new()).batch_size(16))
-        .heartbeat_interval(Duration::from_millis(200))
-        .lease_ttl(Duration::from_secs(2))
-        .build()
-        .expect("runner");
+    let runner = fast_runner(
+        log,
+        &read_models,
+        ProjectionOptions::new(Balances::new()).batch_size(16),
+    );
     let (shutdown, running) = common::start_runner(&runner);
 
     // Writers while the runner tails the four streams.
@@ -262,12 +276,11 @@ async fn one_stream_projected_into_sqlite_with_a_poison_message_parked() {
     let bus = Arc::new(CommandBus::<BankAccount, _>::new(js.clone(), ()));
     open_shared(&bus).await;
     let log: Arc<dyn EventLog> = Arc::new(js.clone());
-    let runner = ProjectionRunner::with_log(log, read_models.clone())
-        .projection(ProjectionOptions::new(SqliteBalances::new()).batch_size(10))
-        .heartbeat_interval(Duration::from_millis(200))
-        .lease_ttl(Duration::from_secs(2))
-        .build()
-        .expect("runner");
+    let runner = fast_runner(
+        log,
+        &read_models,
+        ProjectionOptions::new(SqliteBalances::new()).batch_size(10),
+    );
     let (shutdown, running) = common::start_runner(&runner);
     let (accounts, checkpoints) = write(&bus, 0).await;
     let last = checkpoints.iter().max().copied().expect("commands ran");
@@ -644,12 +657,11 @@ async fn another_nodes_append_wakes_the_readers() {
         .await
         .expect("create account_balances");
     let log: Arc<dyn EventLog> = Arc::new(reader);
-    let runner = ProjectionRunner::with_log(log, read_models.clone())
-        .projection(ProjectionOptions::new(SqliteBalances::new()))
-        .heartbeat_interval(Duration::from_millis(200))
-        .lease_ttl(Duration::from_secs(2))
-        .build()
-        .expect("runner");
+    let runner = fast_runner(
+        log,
+        &read_models,
+        ProjectionOptions::new(SqliteBalances::new()),
+    );
     let (shutdown, running) = common::start_runner(&runner);
     let bus = CommandBus::<BankAccount, _>::new(writer.clone(), ());
     // The runner is idle, waiting, before the appends.
@@ -690,12 +702,11 @@ async fn a_split_projection_on_one_stream() {
     let bus = Arc::new(CommandBus::<BankAccount, _>::new(js.clone(), ()));
     open_shared(&bus).await;
     let log: Arc<dyn EventLog> = Arc::new(js.clone());
-    let runner = ProjectionRunner::with_log(log, read_models.clone())
-        .projection(ProjectionOptions::new(Balances::new()).partitions(3))
-        .heartbeat_interval(Duration::from_millis(200))
-        .lease_ttl(Duration::from_secs(2))
-        .build()
-        .expect("runner");
+    let runner = fast_runner(
+        log,
+        &read_models,
+        ProjectionOptions::new(Balances::new()).partitions(3),
+    );
     let (shutdown, running) = common::start_runner(&runner);
     let (accounts, checkpoints) = write(&bus, 0).await;
     let last = checkpoints.iter().max().copied().expect("commands ran");

@@ -697,9 +697,8 @@ struct Reader {
     consumer: PullConsumer,
     /// Decoded events of the last message not yet handed out.
     leftover: VecDeque<RecordedEvent>,
-    /// The events the last read went through (handed out or skipped): a
-    /// reader that handled fewer than it was given (a runner reads one more
-    /// than its batch) reads on from one of them.
+    /// The last events the last read went through (see [`tail_of`]): a
+    /// reader that handled fewer than it was given reads on from one of them.
     recent: Vec<RecordedEvent>,
     /// The last event handed out or skipped.
     cursor: Checkpoint,
@@ -1439,6 +1438,8 @@ impl JetStreamStore {
         let mut events = Vec::new();
         let mut seen = after;
         let mut exhausted = false;
+        // Events the filter skipped, kept for `Reader::recent`.
+        let mut skipped = Vec::new();
         loop {
             while let Some(event) = reader.leftover.pop_front() {
                 if event.checkpoint() <= after {
@@ -1446,13 +1447,12 @@ impl JetStreamStore {
                 }
                 seen = event.checkpoint();
                 if filter.matches(&event) {
-                    reader.recent.push(event.clone());
                     events.push(event);
                     if events.len() >= limit {
                         break;
                     }
                 } else {
-                    reader.recent.push(event);
+                    skipped.push(event);
                 }
             }
             if events.len() >= limit || exhausted {
@@ -1515,6 +1515,7 @@ impl JetStreamStore {
             }
         }
         let complete = exhausted && reader.leftover.is_empty();
+        reader.recent = tail_of(&events, skipped);
         reader.cursor = seen;
         self.keep_reader(reader);
         Ok((events, seen, complete))
@@ -1577,6 +1578,27 @@ impl JetStreamStore {
             }
         });
     }
+}
+
+/// How many of the events a read handed out a reader keeps, so that a
+/// reader that handled fewer of them reads on from one (a runner reads one
+/// more than its batch) without a new consumer.
+const RECENT_EVENTS: usize = 8;
+
+/// The last [`RECENT_EVENTS`] events of a read and the skipped events after
+/// the first of them, in log order: what a reader can be taken back to. The
+/// rest of the read's events are not copied.
+fn tail_of(events: &[RecordedEvent], skipped: Vec<RecordedEvent>) -> Vec<RecordedEvent> {
+    let tail = &events[events.len().saturating_sub(RECENT_EVENTS)..];
+    let from = tail.first().map(RecordedEvent::checkpoint);
+    let mut recent: Vec<RecordedEvent> = tail.to_vec();
+    recent.extend(
+        skipped
+            .into_iter()
+            .filter(|e| from.is_none_or(|from| e.checkpoint() > from)),
+    );
+    recent.sort_by_key(RecordedEvent::checkpoint);
+    recent
 }
 
 /// Deletes a reader's server-side cursor in the background (it would
@@ -2120,7 +2142,7 @@ impl EventLog for JetStreamStore {
         upto: Checkpoint,
         cap: u64,
     ) -> Result<u64, StoreError> {
-        let (partition, subject) = self.route(filter)?;
+        let (partition, _) = self.route(filter)?;
         let upto = if upto.transaction_id != 0 && partition_of_position(upto.position) != partition
         {
             // A bound from another partition (the runner's "every committed
@@ -2140,7 +2162,6 @@ impl EventLog for JetStreamStore {
                 counted += 1;
             }
             if complete || seen == cursor || seen > upto {
-                let _ = subject;
                 return Ok(counted);
             }
             cursor = seen;
@@ -2226,6 +2247,23 @@ mod tests {
                 })
                 .collect(),
         })
+    }
+
+    fn event_at(seq: u64, index: usize) -> RecordedEvent {
+        let stored = message(1, index + 1);
+        recorded_ref(&stored, seq, 0).expect("decode").remove(index)
+    }
+
+    #[test]
+    fn a_reader_keeps_the_tail_of_a_read_and_the_skipped_events_after_it() {
+        let handed: Vec<RecordedEvent> = (1..=20).map(|seq| event_at(seq * 2, 0)).collect();
+        let skipped: Vec<RecordedEvent> = (1..=20).map(|seq| event_at(seq * 2 + 1, 0)).collect();
+        let recent = tail_of(&handed, skipped);
+        let seqs: Vec<u64> = recent.iter().map(|e| e.transaction_id).collect();
+        // The last 8 handed out (26..=40, even) and the skipped after 26.
+        assert_eq!(seqs, (26..=41).collect::<Vec<_>>());
+        let only_skipped = tail_of(&[], vec![event_at(3, 0), event_at(5, 0)]);
+        assert_eq!(only_skipped.len(), 2);
     }
 
     #[test]
