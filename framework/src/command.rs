@@ -20,6 +20,7 @@ use crate::event::{
     deserialize_payload, AppendRequest, Checkpoint, Envelope, Metadata, NewEvent, RecordedEvent,
     Snapshot,
 };
+use crate::outcome::{CommandOutcome, Refusal, RefusalRecord};
 use crate::pubsub::EventBus;
 use crate::store::{AppendInTransaction, EventStore, Transactional};
 use crate::upcast::Upcaster;
@@ -99,6 +100,13 @@ pub struct CommandBus<A: Aggregate, S: EventStore> {
     inline: Option<Box<dyn InlinePath<A>>>,
     publish: Option<EventBus>,
     cache: Option<std::sync::Mutex<AggregateCache<A>>>,
+    typed_refusals: Option<RefusalCodec<A::Error>>,
+}
+
+/// How a bus with typed refusals stores and restores its domain error.
+struct RefusalCodec<E> {
+    encode: fn(&E) -> Option<serde_json::Value>,
+    decode: fn(serde_json::Value) -> Option<E>,
 }
 
 impl<A: Aggregate, S: EventStore + std::fmt::Debug> std::fmt::Debug for CommandBus<A, S> {
@@ -111,6 +119,7 @@ impl<A: Aggregate, S: EventStore + std::fmt::Debug> std::fmt::Debug for CommandB
             .field("inline", &self.inline.is_some())
             .field("publishes", &self.publish.is_some())
             .field("cache", &self.cache.is_some())
+            .field("typed_refusals", &self.typed_refusals.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -125,6 +134,7 @@ pub struct CommandBusBuilder<A: Aggregate, S: EventStore> {
     inline: Option<Box<dyn InlinePath<A>>>,
     publish: Option<EventBus>,
     cache: usize,
+    typed_refusals: Option<RefusalCodec<A::Error>>,
 }
 
 impl<A: Aggregate, S: EventStore + std::fmt::Debug> std::fmt::Debug for CommandBusBuilder<A, S> {
@@ -137,6 +147,7 @@ impl<A: Aggregate, S: EventStore + std::fmt::Debug> std::fmt::Debug for CommandB
             .field("inline", &self.inline.is_some())
             .field("publishes", &self.publish.is_some())
             .field("cache", &self.cache)
+            .field("typed_refusals", &self.typed_refusals.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -175,6 +186,43 @@ impl<A: Aggregate, S: EventStore> CommandBusBuilder<A, S> {
         self
     }
 
+    /// Stores refusals of [`CommandBus::execute_once`] with the domain
+    /// error as JSON, so that a re-sent command is answered with
+    /// [`CommandError::Rejected`] and the same error value, as when it was
+    /// first refused. Without it the error is remembered by its message
+    /// and a re-send gets [`CommandError::Refused`] (see
+    /// [`crate::outcome`]).
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use outflow::{CommandBus, CommandContext, CommandError, MemoryStore};
+    /// # use outflow::doc_fixture::{Counter, CounterCommand, CounterError};
+    /// let bus = CommandBus::<Counter, _>::builder(MemoryStore::new(), ())
+    ///     .remember_typed_refusals()
+    ///     .build();
+    /// let context = CommandContext::new();
+    /// let first = bus.execute_once("c-1", CounterCommand::Decrement { by: 1 }, context.clone()).await;
+    /// bus.execute("c-1", CounterCommand::Increment { by: 10 }).await?;
+    /// let again = bus.execute_once("c-1", CounterCommand::Decrement { by: 1 }, context).await;
+    /// let (Err(CommandError::Rejected(a)), Err(CommandError::Rejected(b))) = (first, again) else {
+    ///     panic!("both refused")
+    /// };
+    /// assert_eq!(a, b);
+    /// assert_eq!(b, CounterError("cannot take 1 from 0".into()));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn remember_typed_refusals(mut self) -> Self
+    where
+        A::Error: serde::Serialize + serde::de::DeserializeOwned,
+    {
+        self.typed_refusals = Some(RefusalCodec {
+            encode: |error| serde_json::to_value(error).ok(),
+            decode: |value| serde_json::from_value(value).ok(),
+        });
+        self
+    }
+
     /// The bus.
     pub fn build(self) -> CommandBus<A, S> {
         CommandBus {
@@ -185,6 +233,7 @@ impl<A: Aggregate, S: EventStore> CommandBusBuilder<A, S> {
             inline: self.inline,
             publish: self.publish,
             cache: (self.cache > 0).then(|| std::sync::Mutex::new(AggregateCache::new(self.cache))),
+            typed_refusals: self.typed_refusals,
         }
     }
 }
@@ -332,6 +381,7 @@ trait InlinePath<A: Aggregate>: Send + Sync {
         request: AppendRequest,
         payloads: Vec<A::Event>,
         publish: bool,
+        claim: Option<Uuid>,
     ) -> Result<(Vec<Envelope<A>>, Option<Vec<RecordedEvent>>), CommandError<A::Error>>;
 
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
@@ -353,9 +403,17 @@ where
         request: AppendRequest,
         payloads: Vec<A::Event>,
         publish: bool,
+        claim: Option<Uuid>,
     ) -> Result<(Vec<Envelope<A>>, Option<Vec<RecordedEvent>>), CommandError<A::Error>> {
         let mut tx = self.store.begin().await?;
+        let key = (request.aggregate_type.clone(), request.aggregate_id.clone());
+        let version = request.expected_version + request.events.len() as u64;
         let recorded = self.store.append_in(&mut tx, request).await?;
+        if let Some(command_id) = claim {
+            self.store
+                .claim_command_in(&mut tx, &key.0, &key.1, command_id, version)
+                .await?;
+        }
         let published = publish.then(|| recorded.clone());
         let envelopes = into_envelopes(recorded, payloads);
         for handler in &self.handlers {
@@ -400,6 +458,7 @@ where
             inline: None,
             publish: None,
             cache: 0,
+            typed_refusals: None,
         }
     }
 
@@ -439,18 +498,31 @@ where
             .await
     }
 
-    /// Runs `command` at most once per command id: when events written by a
-    /// command with `context.command_id` are already in the aggregate's
-    /// stream, returns them (with [`Committed::repeated`] set) without
-    /// running the command again. For commands sent at least once — by a
-    /// [process manager](crate::process), a retried delivery, a client
-    /// retrying after a timeout — whose id is deterministic (see
-    /// [`CommandContext::reacting_to`] and [`CommandContext::follow_up`]).
+    /// Runs `command` at most once per command id, and gives every send of
+    /// the same id the same outcome: when the command with
+    /// `context.command_id` was accepted before, returns the events it
+    /// wrote (with [`Committed::repeated`] set) without running it again;
+    /// when it was refused before, returns the same refusal — even if the
+    /// aggregate changed since and would now accept it (like an
+    /// idempotency key: the key fixes the response). For commands sent at
+    /// least once — by a [process manager](crate::process), a retried
+    /// delivery, a client retrying after a timeout — whose id is
+    /// deterministic (see [`CommandContext::reacting_to`] and
+    /// [`CommandContext::follow_up`]).
     ///
-    /// The events' ids are derived from the command id, so the check is
-    /// exact; it reads the aggregate's stream, so its cost grows with the
-    /// stream's length. A command that was rejected wrote nothing and is
-    /// run again.
+    /// The outcome is stored atomically with the decision (see
+    /// [`crate::outcome`] for what is kept, where, and for how long): the
+    /// events' ids are derived from the command id and a claim of the id
+    /// commits with them; a refusal is stored as the domain error's message
+    /// (and its JSON with
+    /// [`remember_typed_refusals`](CommandBusBuilder::remember_typed_refusals)).
+    /// Of concurrent sends, the first outcome stored wins and the others
+    /// return it. A remembered refusal comes back as
+    /// [`CommandError::Refused`], or as [`CommandError::Rejected`] on a bus
+    /// with typed refusals; [`CommandError::is_refusal`] covers both.
+    ///
+    /// The check reads the outcome by key and then the aggregate's stream,
+    /// so its cost grows with the stream's length.
     ///
     /// ```
     /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -469,9 +541,10 @@ where
     ///
     /// # Errors
     ///
-    /// As [`execute`](Self::execute). A conflict means another writer
-    /// changed the aggregate first and this command is not in the stream:
-    /// retry it with the same context.
+    /// As [`execute`](Self::execute), and [`CommandError::Refused`] for a
+    /// remembered refusal. A conflict means another writer changed the
+    /// aggregate first and no outcome is stored for this command: retry it
+    /// with the same context.
     pub async fn execute_once(
         &self,
         aggregate_id: &str,
@@ -510,7 +583,7 @@ where
         let outcome = match &result {
             Ok(committed) if committed.repeated => "repeated",
             Ok(_) => "committed",
-            Err(CommandError::Rejected(_)) => "rejected",
+            Err(CommandError::Rejected(_) | CommandError::Refused(_)) => "rejected",
             Err(error) if error.is_conflict() => "conflict",
             Err(_) => "failed",
         };
@@ -524,7 +597,7 @@ where
             .record(started.elapsed().as_secs_f64());
         if let Err(error) = &result {
             match error {
-                CommandError::Rejected(_) => {
+                CommandError::Rejected(_) | CommandError::Refused(_) => {
                     tracing::debug!(parent: &span, error = %crate::error::error_chain(error), "command rejected");
                 }
                 _ if error.is_conflict() => {
@@ -557,10 +630,10 @@ where
         self.execute_with(aggregate_id, command, context).await
     }
 
-    /// [`execute_once`](Self::execute_once): the stream is searched for
-    /// the command's first event once the aggregate is loaded (see
+    /// [`execute_once`](Self::execute_once): the stored outcome and the
+    /// stream are searched once the aggregate is loaded (see
     /// `run_command`), and again when its append loses a race (the winner
-    /// may have been the same command).
+    /// may have been the same command, or its refusal).
     async fn run_once(
         &self,
         aggregate_id: &str,
@@ -569,14 +642,97 @@ where
     ) -> Result<Committed<A>, CommandError<A::Error>> {
         let command_id = context.command_id;
         match self.run_command(aggregate_id, command, context, true).await {
-            Err(error) if error.is_conflict() => {
-                match self.written_by(aggregate_id, command_id).await? {
-                    Some(done) => Ok(done),
-                    None => Err(error),
-                }
-            }
+            Err(error) if error.is_conflict() => match self.decided(aggregate_id, command_id).await? {
+                Some(done) => done,
+                None => Err(error),
+            },
             result => result,
         }
+    }
+
+    /// What was decided for `command_id` on this aggregate, if anything:
+    /// the remembered outcome, or events written by it.
+    async fn decided(
+        &self,
+        aggregate_id: &str,
+        command_id: Uuid,
+    ) -> Result<Option<Result<Committed<A>, CommandError<A::Error>>>, StoreError> {
+        if let Some(outcome) = self
+            .store
+            .command_outcome(A::TYPE, aggregate_id, command_id)
+            .await?
+        {
+            return self.replay(aggregate_id, outcome).await.map(Some);
+        }
+        Ok(self.written_by(aggregate_id, command_id).await?.map(Ok))
+    }
+
+    /// The answer to a command whose outcome was stored before.
+    async fn replay(
+        &self,
+        aggregate_id: &str,
+        outcome: CommandOutcome,
+    ) -> Result<Result<Committed<A>, CommandError<A::Error>>, StoreError> {
+        if let Some(refusal) = Refusal::from_outcome(&outcome) {
+            return Ok(Err(self.refused(refusal)));
+        }
+        Ok(Ok(
+            match self.written_by(aggregate_id, outcome.command_id).await? {
+                Some(done) => done,
+                // Accepted without events.
+                None => Committed {
+                    events: Vec::new(),
+                    version: outcome.version,
+                    repeated: true,
+                },
+            },
+        ))
+    }
+
+    /// A remembered refusal as the caller gets it: the domain error again
+    /// when it was stored typed and still decodes.
+    fn refused(&self, refusal: Refusal) -> CommandError<A::Error> {
+        if let (Some(codec), Some(error)) = (&self.typed_refusals, &refusal.error) {
+            if let Some(error) = (codec.decode)(error.clone()) {
+                return CommandError::Rejected(error);
+            }
+        }
+        CommandError::Refused(refusal)
+    }
+
+    /// Stores the outcome of a command run with an id (a refusal, or an
+    /// acceptance without events); returns the caller's answer: `mine`
+    /// when this outcome was stored, else the one stored first.
+    async fn remember(
+        &self,
+        aggregate_id: &str,
+        command_id: Uuid,
+        version: u64,
+        mine: Result<Committed<A>, CommandError<A::Error>>,
+    ) -> Result<Committed<A>, CommandError<A::Error>> {
+        let refusal = match &mine {
+            Err(CommandError::Rejected(error)) => Some(RefusalRecord {
+                message: error.to_string(),
+                error: self
+                    .typed_refusals
+                    .as_ref()
+                    .and_then(|codec| (codec.encode)(error)),
+            }),
+            _ => None,
+        };
+        let outcome = CommandOutcome {
+            aggregate_type: A::TYPE.to_owned(),
+            aggregate_id: aggregate_id.to_owned(),
+            command_id,
+            version,
+            recorded_at: chrono::Utc::now(),
+            refusal,
+        };
+        let stored = self.store.record_outcome(outcome.clone()).await?;
+        if stored.refusal == outcome.refusal && stored.version == outcome.version {
+            return mine;
+        }
+        self.replay(aggregate_id, stored).await?
     }
 
     /// The events a command with `command_id` wrote to the aggregate's
@@ -633,26 +789,38 @@ where
         };
         if ids_from_command {
             // Searched after the load: an earlier run of this command is at
-            // or below the version loaded, so the search finds it; a run
-            // that commits after the load makes this append conflict.
-            if let Some(done) = self.written_by(aggregate_id, context.command_id).await? {
+            // or below the version loaded (or its outcome is stored), so the
+            // search finds it; a run that commits after the load makes this
+            // append conflict on the stream or on the command's claim.
+            if let Some(done) = self.decided(aggregate_id, context.command_id).await? {
                 self.keep(aggregate_id, aggregate, version);
-                return Ok(done);
+                return done;
             }
         }
         let sink = EventSink::<A>::default();
-        aggregate
-            .handle(command, &self.services, &sink)
-            .await
-            .map_err(CommandError::Rejected)?;
+        if let Err(error) = aggregate.handle(command, &self.services, &sink).await {
+            let refused = Err(CommandError::Rejected(error));
+            if ids_from_command {
+                return self
+                    .remember(aggregate_id, context.command_id, version, refused)
+                    .await;
+            }
+            return refused;
+        }
         let payloads = sink.collect().await;
         if payloads.is_empty() {
             self.keep(aggregate_id, aggregate, version);
-            return Ok(Committed {
+            let accepted = Ok(Committed {
                 events: Vec::new(),
                 version,
                 repeated: false,
             });
+            if ids_from_command {
+                return self
+                    .remember(aggregate_id, context.command_id, version, accepted)
+                    .await;
+            }
+            return accepted;
         }
         let mut events = Vec::with_capacity(payloads.len());
         for (i, payload) in payloads.iter().enumerate() {
@@ -674,13 +842,17 @@ where
         let new_version = version + payloads.len() as u64;
         // The written events are copied only for a bus that publishes them.
         let publish = self.publish.is_some();
+        let claim = ids_from_command.then_some(context.command_id);
         let (envelopes, published) = match &self.inline {
             None => {
-                let recorded = self.store.append(request).await?;
+                let recorded = match claim {
+                    Some(command_id) => self.store.append_command(request, command_id).await?,
+                    None => self.store.append(request).await?,
+                };
                 let published = publish.then(|| recorded.clone());
                 (into_envelopes(recorded, payloads), published)
             }
-            Some(inline) => inline.append(request, payloads, publish).await?,
+            Some(inline) => inline.append(request, payloads, publish, claim).await?,
         };
         if let (Some(bus), Some(events)) = (&self.publish, published) {
             bus.publish(events);

@@ -13,6 +13,8 @@ pub struct Counter {
 #[derive(Debug, Clone)]
 pub enum CounterCommand {
     Increment { by: i64 },
+    /// Refused when the value would go below zero.
+    Decrement { by: i64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -29,7 +31,7 @@ impl DomainEvent for CounterEvent {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
 #[error("{0}")]
 pub struct CounterError(pub String);
 
@@ -49,6 +51,17 @@ impl Aggregate for Counter {
         match command {
             CounterCommand::Increment { by } => {
                 sink.write(CounterEvent::Incremented { by }, self).await;
+                Ok(())
+            }
+            CounterCommand::Decrement { by } => {
+                if self.value < by {
+                    return Err(CounterError(format!(
+                        "cannot take {by} from {}",
+                        self.value
+                    )));
+                }
+                sink.write(CounterEvent::Incremented { by: -by }, self)
+                    .await;
                 Ok(())
             }
         }

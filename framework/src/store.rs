@@ -7,7 +7,7 @@
 //!
 //! | role | trait | methods |
 //! | --- | --- | --- |
-//! | run commands | [`EventStore`] | 4 |
+//! | run commands | [`EventStore`] | 4 (+4 optional: remembered outcomes) |
 //! | read the log | [`EventLog`] | 6 (1 optional) |
 //! | write in transactions | [`Transactional`] | 3 (1 optional) |
 //! | inline handlers | [`AppendInTransaction`] | 1 |
@@ -19,6 +19,8 @@ use futures::stream::BoxStream;
 use crate::error::{ErrorKind, StoreError};
 use crate::event::{AppendRequest, RecordedEvent, Snapshot};
 use crate::log::EventLog;
+use crate::outcome::CommandOutcome;
+use chrono::{DateTime, Utc};
 
 /// A backend that does it all: runs commands, serves the log, appends inside
 /// transactions and keeps read models, checkpoints, leases, dead letters and
@@ -125,6 +127,92 @@ pub trait EventStore: Send + Sync + 'static {
     ///
     /// [`StoreError::Database`].
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError>;
+
+    /// The outcome stored for command `command_id` on this aggregate, if
+    /// any (see [`crate::outcome`]).
+    ///
+    /// The default remembers nothing: a store that does not override the
+    /// outcome methods runs a refused command again when it is re-sent.
+    /// Every backend of this crate overrides them.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Database`] or [`StoreError::Corrupt`].
+    async fn command_outcome(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        command_id: uuid::Uuid,
+    ) -> Result<Option<CommandOutcome>, StoreError> {
+        let _ = (aggregate_type, aggregate_id, command_id);
+        Ok(None)
+    }
+
+    /// Stores `outcome` unless an outcome for the same command is already
+    /// stored, and returns the one that is stored now (`outcome`, or the
+    /// earlier one, which wins).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Database`].
+    async fn record_outcome(&self, outcome: CommandOutcome) -> Result<CommandOutcome, StoreError> {
+        Ok(outcome)
+    }
+
+    /// Appends the events of command `command_id` and, atomically with
+    /// them, claims the command id: when an outcome for it is already
+    /// stored (a refusal, or another send's events) nothing is written and
+    /// the append fails with [`StoreError::Conflict`], so the caller looks
+    /// the outcome up. The default appends without a claim.
+    ///
+    /// # Errors
+    ///
+    /// As [`append`](Self::append).
+    async fn append_command(
+        &self,
+        request: AppendRequest,
+        command_id: uuid::Uuid,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let _ = command_id;
+        self.append(request).await
+    }
+
+    /// Deletes the outcomes stored before `before`; returns how many. A
+    /// command re-sent after its outcome was pruned is a new command (an
+    /// accepted one is still recognized by its events).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Database`].
+    async fn prune_outcomes(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        let _ = before;
+        Ok(0)
+    }
+}
+
+/// [`EventStore::append_command`] for a backend whose append joins a
+/// transaction: the events and the command's claim commit together.
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub(crate) async fn append_claiming<S: AppendInTransaction>(
+    store: &S,
+    request: AppendRequest,
+    command_id: uuid::Uuid,
+) -> Result<Vec<RecordedEvent>, StoreError> {
+    if request.events.is_empty() {
+        request.validate()?;
+        return Ok(Vec::new());
+    }
+    let (aggregate_type, aggregate_id) = (request.aggregate_type.clone(), request.aggregate_id.clone());
+    let version = request
+        .expected_version
+        .saturating_add(request.events.len() as u64);
+    let mut tx = store.begin().await?;
+    let written = store.append_in(&mut tx, request).await?;
+    store
+        .claim_command_in(&mut tx, &aggregate_type, &aggregate_id, command_id, version)
+        .await?;
+    store.commit(tx).await?;
+    Ok(written)
 }
 
 /// Streams one aggregate's events after `after_sequence` in sequence order,
@@ -172,6 +260,29 @@ impl<S: EventStore + ?Sized> EventStore for std::sync::Arc<S> {
     }
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {
         (**self).save_snapshot(snapshot).await
+    }
+    async fn command_outcome(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        command_id: uuid::Uuid,
+    ) -> Result<Option<CommandOutcome>, StoreError> {
+        (**self)
+            .command_outcome(aggregate_type, aggregate_id, command_id)
+            .await
+    }
+    async fn record_outcome(&self, outcome: CommandOutcome) -> Result<CommandOutcome, StoreError> {
+        (**self).record_outcome(outcome).await
+    }
+    async fn append_command(
+        &self,
+        request: AppendRequest,
+        command_id: uuid::Uuid,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        (**self).append_command(request, command_id).await
+    }
+    async fn prune_outcomes(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        (**self).prune_outcomes(before).await
     }
 }
 
@@ -227,4 +338,25 @@ pub trait AppendInTransaction: EventStore + Transactional {
         tx: &mut Self::Transaction,
         request: AppendRequest,
     ) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// Claims command `command_id` on an aggregate inside `tx` (after
+    /// appending its events there): fails with [`StoreError::Conflict`]
+    /// when an outcome for it is already stored, and the caller drops the
+    /// transaction. What [`EventStore::append_command`] does in a
+    /// transaction of its own; the default claims nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Conflict`]; [`StoreError::Database`].
+    async fn claim_command_in(
+        &self,
+        tx: &mut Self::Transaction,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        command_id: uuid::Uuid,
+        version: u64,
+    ) -> Result<(), StoreError> {
+        let _ = (tx, aggregate_type, aggregate_id, command_id, version);
+        Ok(())
+    }
 }

@@ -139,6 +139,8 @@ use crate::log::{partition_hash, EventLog, LogFilter};
 use crate::store::{EventStore, LoadedStream, StreamEvent};
 use crate::wake::{WakeSignal, Wakeups};
 
+mod outcomes;
+
 /// The most partitions a store may have (8 bits of a position).
 pub const MAX_PARTITIONS: u32 = 256;
 /// The most events one append may carry (16 bits of a position).
@@ -1750,6 +1752,38 @@ impl EventStore for JetStreamStore {
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {
         self.patiently(|| self.save_snapshot_once(snapshot.clone()))
             .await
+    }
+
+    async fn command_outcome(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        command_id: Uuid,
+    ) -> Result<Option<crate::outcome::CommandOutcome>, StoreError> {
+        self.patiently(|| self.outcome_once(aggregate_type, aggregate_id, command_id))
+            .await
+    }
+
+    async fn record_outcome(
+        &self,
+        outcome: crate::outcome::CommandOutcome,
+    ) -> Result<crate::outcome::CommandOutcome, StoreError> {
+        self.patiently(|| self.record_outcome_once(&outcome)).await
+    }
+
+    /// Checks that no outcome is stored, appends, then claims the command
+    /// (see the module `outcomes`: not atomic on JetStream).
+    async fn append_command(
+        &self,
+        request: AppendRequest,
+        command_id: Uuid,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.append_claiming(request, command_id).await
+    }
+
+    /// Reads every outcome key of the bucket: a job for a quiet hour.
+    async fn prune_outcomes(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        self.patiently(|| self.prune_outcomes_once(before)).await
     }
 }
 

@@ -11,6 +11,8 @@ use chrono::{DateTime, Utc};
 
 use crate::error::{ConfigError, StoreError};
 use crate::event::{AppendRequest, Checkpoint, RecordedEvent, Snapshot};
+use crate::outcome::CommandOutcome;
+use uuid::Uuid;
 use crate::log::EventLog;
 use crate::log::LogFilter;
 use crate::store::projections::{
@@ -60,6 +62,34 @@ struct State {
     dead_letters: BTreeMap<u64, DeadLetter>,
     next_dead_letter: u64,
     inbox: HashSet<(String, String)>,
+    outcomes: HashMap<(String, String, Uuid), CommandOutcome>,
+}
+
+impl State {
+    /// A conflict when an outcome for the command is already stored.
+    fn check_unclaimed(&self, key: &(String, String, Uuid)) -> Result<(), StoreError> {
+        match self.outcomes.get(key) {
+            Some(stored) => Err(StoreError::Conflict {
+                aggregate_type: key.0.clone(),
+                aggregate_id: key.1.clone(),
+                expected: stored.version,
+                actual: None,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn claim(&mut self, key: (String, String, Uuid), version: u64) {
+        let outcome = CommandOutcome {
+            aggregate_type: key.0.clone(),
+            aggregate_id: key.1.clone(),
+            command_id: key.2,
+            version,
+            recorded_at: Utc::now(),
+            refusal: None,
+        };
+        self.outcomes.insert(key, outcome);
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -166,6 +196,10 @@ enum PendingOp {
         events: Vec<RecordedEvent>,
         log_len: usize,
         expected_version: u64,
+    },
+    Claim {
+        key: (String, String, Uuid),
+        version: u64,
     },
 }
 
@@ -292,6 +326,60 @@ impl EventStore for MemoryStore {
         }
         Ok(())
     }
+
+    async fn command_outcome(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        command_id: Uuid,
+    ) -> Result<Option<CommandOutcome>, StoreError> {
+        let key = (aggregate_type.to_owned(), aggregate_id.to_owned(), command_id);
+        Ok(self.state().outcomes.get(&key).cloned())
+    }
+
+    async fn record_outcome(&self, outcome: CommandOutcome) -> Result<CommandOutcome, StoreError> {
+        let key = (
+            outcome.aggregate_type.clone(),
+            outcome.aggregate_id.clone(),
+            outcome.command_id,
+        );
+        Ok(self.state().outcomes.entry(key).or_insert(outcome).clone())
+    }
+
+    async fn append_command(
+        &self,
+        request: AppendRequest,
+        command_id: Uuid,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        request.validate()?;
+        if request.events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let key = (
+            request.aggregate_type.clone(),
+            request.aggregate_id.clone(),
+            command_id,
+        );
+        let version = request.expected_version + request.events.len() as u64;
+        let written = {
+            let mut state = self.state();
+            state.check_unclaimed(&key)?;
+            state.check_version(&request)?;
+            let written = state.recorded(request);
+            state.push(written.clone());
+            state.claim(key, version);
+            written
+        };
+        self.inner.wake.wake();
+        Ok(written)
+    }
+
+    async fn prune_outcomes(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        let mut state = self.state();
+        let count = state.outcomes.len();
+        state.outcomes.retain(|_, outcome| outcome.recorded_at >= before);
+        Ok((count - state.outcomes.len()) as u64)
+    }
 }
 
 #[async_trait]
@@ -389,6 +477,9 @@ impl Transactional for MemoryStore {
                     }
                 }
             }
+            if let PendingOp::Claim { key, .. } = op {
+                state.check_unclaimed(key)?;
+            }
             if let PendingOp::Checkpoint {
                 unit, epoch, from, ..
             } = op
@@ -452,6 +543,7 @@ impl Transactional for MemoryStore {
                     appended = true;
                     state.push(events);
                 }
+                PendingOp::Claim { key, version } => state.claim(key, version),
             }
         }
         drop(state);
@@ -497,6 +589,20 @@ impl AppendInTransaction for MemoryStore {
             expected_version,
         });
         Ok(events)
+    }
+
+    async fn claim_command_in(
+        &self,
+        tx: &mut MemoryTransaction,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        command_id: Uuid,
+        version: u64,
+    ) -> Result<(), StoreError> {
+        let key = (aggregate_type.to_owned(), aggregate_id.to_owned(), command_id);
+        self.state().check_unclaimed(&key)?;
+        tx.ops.push(PendingOp::Claim { key, version });
+        Ok(())
     }
 }
 

@@ -36,6 +36,7 @@ mod errors;
 mod group;
 mod log;
 mod notify;
+mod outcomes;
 mod projection_store;
 mod rows;
 mod schema;
@@ -115,6 +116,10 @@ struct Queries {
     ids_ahead: String,
     rebase: String,
     rebase_projections: String,
+    outcome: String,
+    record_outcome: String,
+    claim_command: String,
+    prune_outcomes: String,
 }
 
 /// Builds a [`PostgresStore`] on an existing pool.
@@ -233,6 +238,10 @@ impl PostgresStoreBuilder {
             ),
             rebase: render(include_str!("postgres/queries/rebase.sql")),
             rebase_projections: render(include_str!("postgres/queries/rebase_projections.sql")),
+            outcome: render(include_str!("postgres/queries/outcome.sql")),
+            record_outcome: render(include_str!("postgres/queries/record_outcome.sql")),
+            claim_command: render(include_str!("postgres/queries/claim_command.sql")),
+            prune_outcomes: render(include_str!("postgres/queries/prune_outcomes.sql")),
         };
         if self.migrate {
             migrate(&self.pool, &names).await?;

@@ -46,6 +46,7 @@ use crate::wake::WakeSignal;
 mod append;
 mod errors;
 mod log;
+mod outcomes;
 mod projection_store;
 mod rows;
 mod schema;

@@ -10,6 +10,7 @@ use super::rows::corrupt;
 use super::{pg_error, to_i64, txid_column, u64_column, PostgresStore};
 use crate::error::StoreError;
 use crate::event::{AppendRequest, RecordedEvent, Snapshot};
+use crate::outcome::CommandOutcome;
 use crate::store::{EventStore, LoadedStream, StreamEvent};
 
 impl PostgresStore {
@@ -285,5 +286,32 @@ impl EventStore for PostgresStore {
             .await
             .map_err(|e| pg_error("saving a snapshot", e))?;
         Ok(())
+    }
+
+    async fn command_outcome(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        command_id: uuid::Uuid,
+    ) -> Result<Option<CommandOutcome>, StoreError> {
+        self.outcome_of(aggregate_type, aggregate_id, command_id)
+            .await
+    }
+
+    async fn record_outcome(&self, outcome: CommandOutcome) -> Result<CommandOutcome, StoreError> {
+        self.store_outcome(outcome).await
+    }
+
+    /// Appends and claims the command id in one transaction of its own.
+    async fn append_command(
+        &self,
+        request: AppendRequest,
+        command_id: uuid::Uuid,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        crate::store::append_claiming(self, request, command_id).await
+    }
+
+    async fn prune_outcomes(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        self.prune(before).await
     }
 }

@@ -186,6 +186,18 @@ impl AppendInTransaction for PostgresStore {
         }
         Ok(written)
     }
+
+    async fn claim_command_in(
+        &self,
+        tx: &mut Self::Transaction,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        command_id: uuid::Uuid,
+        version: u64,
+    ) -> Result<(), StoreError> {
+        self.claim_on(tx, aggregate_type, aggregate_id, command_id, version)
+            .await
+    }
 }
 
 #[async_trait]

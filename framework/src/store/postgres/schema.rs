@@ -33,6 +33,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "leases in a table of their own",
         include_str!("migrations/005_leases.sql"),
     ),
+    (
+        6,
+        "remembered command outcomes",
+        include_str!("migrations/006_outcomes.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serializes concurrent migrations.
@@ -73,6 +78,8 @@ impl Names {
         let dead_messages = events
             .derived("dead_messages", "dead messages table")?
             .quoted();
+        let outcomes = events.derived("outcomes", "outcomes table")?.quoted();
+        let outcomes_idx = unqualified(events.derived("oc_idx", "outcomes index name")?);
         let replacements = vec![
             (
                 "{columns}",
@@ -86,6 +93,8 @@ impl Names {
             ("{events_type_log_idx}", type_log_idx),
             ("{dead_letters_projection_idx}", dead_letters_idx),
             ("{leases}", leases),
+            ("{outcomes_recorded_idx}", outcomes_idx),
+            ("{outcomes}", outcomes),
             ("{dead_letters}", dead_letters),
             ("{projections}", projections),
             ("{nodes}", nodes),

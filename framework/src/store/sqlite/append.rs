@@ -11,6 +11,7 @@ use super::rows::{corrupt, decode_event, time_text, u64_column, COLUMNS};
 use super::{db, sqlite_error, to_i64, SqliteStore};
 use crate::error::StoreError;
 use crate::event::{AppendRequest, RecordedEvent, Snapshot};
+use crate::outcome::CommandOutcome;
 use crate::log::partition_hash;
 use crate::store::{EventStore, LoadedStream, StreamEvent};
 
@@ -359,5 +360,32 @@ impl EventStore for SqliteStore {
             .await
             .map_err(db("saving a snapshot"))?;
         Ok(())
+    }
+
+    async fn command_outcome(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        command_id: uuid::Uuid,
+    ) -> Result<Option<CommandOutcome>, StoreError> {
+        self.outcome_of(aggregate_type, aggregate_id, command_id)
+            .await
+    }
+
+    async fn record_outcome(&self, outcome: CommandOutcome) -> Result<CommandOutcome, StoreError> {
+        self.store_outcome(outcome).await
+    }
+
+    /// Appends and claims the command id in one write transaction.
+    async fn append_command(
+        &self,
+        request: AppendRequest,
+        command_id: uuid::Uuid,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        crate::store::append_claiming(self, request, command_id).await
+    }
+
+    async fn prune_outcomes(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        self.prune(before).await
     }
 }

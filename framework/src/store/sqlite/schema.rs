@@ -32,6 +32,8 @@ impl Tables {
             ("{nodes}", "nodes", "nodes table"),
             ("{dead_letters}", "dead_letters", "dead letters table"),
             ("{inbox}", "inbox", "inbox table"),
+            ("{outcomes}", "outcomes", "outcomes table"),
+            ("{outcomes_idx}", "outcomes_idx", "outcomes index"),
             ("{events_type_idx}", "type_idx", "events type index"),
             ("{events_stream_idx}", "stream_idx", "events stream index"),
             (
@@ -66,7 +68,28 @@ impl Tables {
 }
 
 /// The migrations, in order: (version, name, SQL).
-const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "initial schema", INITIAL)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "initial schema", INITIAL),
+    (2, "remembered command outcomes", OUTCOMES),
+];
+
+/// The outcome of each command sent with an id (`execute_once`): a claim
+/// written with the command's events (`refusal` NULL), or a refusal or an
+/// acceptance without events written alone; the first row wins.
+/// `recorded_at` in microseconds since the Unix epoch.
+const OUTCOMES: &str = r#"
+CREATE TABLE IF NOT EXISTS {outcomes} (
+    aggregate_type TEXT    NOT NULL,
+    aggregate_id   TEXT    NOT NULL,
+    command_id     BLOB    NOT NULL,
+    version        INTEGER NOT NULL CHECK (version >= 0),
+    refusal        TEXT,
+    refusal_json   TEXT,
+    recorded_at    INTEGER NOT NULL,
+    PRIMARY KEY (aggregate_type, aggregate_id, command_id)
+);
+CREATE INDEX IF NOT EXISTS {outcomes_idx} ON {outcomes} (recorded_at);
+"#;
 
 /// Positions are given by the store (the highest plus one, under the write
 /// lock), never reused; `partition_hash` is the FNV-1a hash of the aggregate

@@ -1,0 +1,2 @@
+-- Forgets the outcomes stored before an instant.
+DELETE FROM {outcomes} WHERE recorded_at < $1
