@@ -331,6 +331,7 @@ impl<S: AppStore> App<S> {
             CommandBus::<BankAccount, _>::builder(store.clone(), ())
                 .snapshot_every(50)
                 .publish_to(feed.clone())
+                .remember_typed_refusals()
                 .build(),
         );
         let users = Arc::new(
@@ -342,6 +343,7 @@ impl<S: AppStore> App<S> {
         let transfers = Arc::new(
             CommandBus::<Transfer, _>::builder(store.clone(), ())
                 .publish_to(feed.clone())
+                .remember_typed_refusals()
                 .build(),
         );
         let balances = ViewProjection::<BankAccount, Balance>::new(BALANCES, "balances")?;

@@ -135,7 +135,9 @@ impl BankEvent {
             BankEvent::Deposited { amount }
             | BankEvent::TransferredIn { amount, .. }
             | BankEvent::Refunded { amount, .. } => *amount,
-            BankEvent::Withdrawn { amount } | BankEvent::TransferredOut { amount, .. } => -amount,
+            BankEvent::Withdrawn { amount } | BankEvent::TransferredOut { amount, .. } => {
+                0i64.saturating_sub(*amount)
+            }
             BankEvent::AccountOpened { .. } | BankEvent::AccountClosed => 0,
         }
     }
@@ -170,8 +172,9 @@ impl DomainEvent for BankEvent {
     }
 }
 
-/// Why an account refused a command.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why an account refused a command. Serializable, so a refusal remembered
+/// by `execute_once` comes back as the same value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum BankError {
     /// `Open` on an account that is already open.
     #[error("the account is already open")]
@@ -196,6 +199,15 @@ pub enum BankError {
     /// `Close` with money left.
     #[error("the account still holds {0}")]
     NotEmpty(i64),
+    /// A credit that would take the balance past the largest amount an
+    /// account can hold (`i64::MAX` cents).
+    #[error("the balance {balance} cannot take {amount} more")]
+    Overflow {
+        /// The balance.
+        balance: i64,
+        /// The amount credited.
+        amount: i64,
+    },
 }
 
 impl Aggregate for BankAccount {
@@ -219,6 +231,7 @@ impl Aggregate for BankAccount {
             if !self.opened {
                 return Err(BankError::NotOpen);
             }
+            self.check_credit(amount)?;
             sink.write(
                 BankEvent::Refunded {
                     transfer_id,
@@ -241,6 +254,7 @@ impl Aggregate for BankAccount {
             }
             BankCommand::Deposit { amount } => {
                 self.check_open(amount)?;
+                self.check_credit(amount)?;
                 sink.write(BankEvent::Deposited { amount }, self).await;
             }
             BankCommand::Withdraw { amount } => {
@@ -287,6 +301,7 @@ impl Aggregate for BankAccount {
                 amount,
             } => {
                 self.check_open(amount)?;
+                self.check_credit(amount)?;
                 sink.write(
                     BankEvent::TransferredIn {
                         transfer_id,
@@ -308,7 +323,9 @@ impl Aggregate for BankAccount {
                 self.owner = owner;
             }
             BankEvent::AccountClosed => self.closed = true,
-            other => self.balance += other.balance_change(),
+            // Commands refuse what would overflow; saturating keeps a
+            // hand-written event from panicking a load.
+            other => self.balance = self.balance.saturating_add(other.balance_change()),
         }
     }
 }
@@ -322,6 +339,16 @@ impl BankAccount {
             return Err(BankError::InvalidAmount(amount));
         }
         Ok(())
+    }
+
+    fn check_credit(&self, amount: i64) -> Result<(), BankError> {
+        match self.balance.checked_add(amount) {
+            Some(_) => Ok(()),
+            None => Err(BankError::Overflow {
+                balance: self.balance,
+                amount,
+            }),
+        }
     }
 }
 

@@ -121,7 +121,7 @@ fn apply(row: &mut BalanceRow, event: &BankEvent) {
     match event {
         BankEvent::AccountOpened { owner } => row.owner = owner.clone(),
         BankEvent::AccountClosed => row.closed = true,
-        other => row.balance += other.balance_change(),
+        other => row.balance = row.balance.saturating_add(other.balance_change()),
     }
 }
 
@@ -201,7 +201,7 @@ fn changes(events: &[RecordedEvent]) -> Result<HashMap<&str, Change>, HandlerErr
         match payload {
             BankEvent::AccountOpened { owner } => change.0 = Some(owner),
             BankEvent::AccountClosed => change.3 = true,
-            other => change.1 += other.balance_change(),
+            other => change.1 = change.1.saturating_add(other.balance_change()),
         }
     }
     Ok(changes)
@@ -338,7 +338,7 @@ impl View<BankAccount> for AccountView {
             BankEvent::AccountClosed => self.closed = true,
             other => {
                 let change = other.balance_change();
-                self.balance += change;
+                self.balance = self.balance.saturating_add(change);
                 self.ledger.push(format!("{change:+}"));
             }
         }

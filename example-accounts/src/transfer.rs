@@ -108,7 +108,7 @@ impl DomainEvent for TransferEvent {
 }
 
 /// Why a transfer command was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum TransferError {
     /// `Request` twice on one id.
     #[error("the transfer was already requested")]
@@ -447,7 +447,9 @@ impl<S: EventStore> TransferProcess<S> {
                 .await
             {
                 Ok(_) => return Ok(None),
-                Err(CommandError::Rejected(reason)) => return Ok(Some(reason.to_string())),
+                // Refused now or, on a replay, when first sent: the same
+                // refusal either way (`execute_once` remembers it).
+                Err(error) if error.is_refusal() => return Ok(error.refusal_message()),
                 Err(error) if error.is_conflict() && attempt < ATTEMPTS => attempt += 1,
                 Err(error) => return Err(error.into()),
             }

@@ -24,7 +24,7 @@ impl View<BankAccount> for Balance {
         match &event.payload {
             BankEvent::AccountOpened { owner } => self.owner = owner.clone(),
             BankEvent::AccountClosed => self.closed = true,
-            other => self.balance += other.balance_change(),
+            other => self.balance = self.balance.saturating_add(other.balance_change()),
         }
     }
 }

@@ -359,7 +359,7 @@ impl SqliteStore {
     /// A write transaction on the writer connection. `BEGIN IMMEDIATE`
     /// takes SQLite's write lock at once, so the transaction never fails
     /// half-way because another process started writing.
-    async fn begin_write(
+    pub(super) async fn begin_write(
         &self,
         operation: &'static str,
     ) -> Result<sqlx::Transaction<'static, Sqlite>, StoreError> {
