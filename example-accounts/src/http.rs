@@ -184,6 +184,11 @@ impl<E: Refusal> From<CommandError<E>> for ApiError {
                 let (status, kind) = refusal.status();
                 ApiError::new(status, kind, refusal.to_string())
             }
+            // A refusal remembered from an earlier send that no longer
+            // decodes into the error type.
+            CommandError::Refused(refusal) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "refused", refusal.message)
+            }
             CommandError::Inline { error, .. }
                 if error.source().downcast_ref::<EmailTaken>().is_some() =>
             {

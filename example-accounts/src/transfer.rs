@@ -216,7 +216,7 @@ pub struct TransferState {
 }
 
 /// What the transfer process sends.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TransferStep {
     /// Take the money from the source.
     Debit,
@@ -252,6 +252,20 @@ impl<S: EventStore> TransferProcess<S> {
         TransferProcess {
             accounts,
             transfers,
+        }
+    }
+}
+
+impl TransferStep {
+    /// The step's name in logs and halt points: `debit`, `credit`,
+    /// `refund`, `complete`, `compensate`.
+    pub fn name(self) -> &'static str {
+        match self {
+            TransferStep::Debit => "debit",
+            TransferStep::Credit => "credit",
+            TransferStep::Refund => "refund",
+            TransferStep::Complete => "complete",
+            TransferStep::Compensate => "compensate",
         }
     }
 }
@@ -368,6 +382,8 @@ impl<S: EventStore> ProcessManager for TransferProcess<S> {
             transfer_id,
             state,
         } = order;
+        let name = step.name();
+        halt_point("before", name, &transfer_id).await;
         let amount = state.amount;
         let account =
             |command: fn(String, i64) -> BankCommand| command(transfer_id.clone(), amount);
@@ -377,7 +393,9 @@ impl<S: EventStore> ProcessManager for TransferProcess<S> {
                     transfer_id,
                     amount,
                 });
-                if let Some(reason) = self.send(&state.from, debit, &context).await? {
+                let refused = self.send(&state.from, debit, &context).await?;
+                halt_point("after", name, &transfer_id).await;
+                if let Some(reason) = refused {
                     self.record(
                         &transfer_id,
                         TransferCommand::FailDebit { reason },
@@ -387,12 +405,13 @@ impl<S: EventStore> ProcessManager for TransferProcess<S> {
                 }
             }
             TransferStep::Credit => {
-                halt_point(&transfer_id).await;
                 let credit = account(|transfer_id, amount| BankCommand::TransferIn {
                     transfer_id,
                     amount,
                 });
-                if let Some(reason) = self.send(&state.to, credit, &context).await? {
+                let refused = self.send(&state.to, credit, &context).await?;
+                halt_point("after", name, &transfer_id).await;
+                if let Some(reason) = refused {
                     self.record(
                         &transfer_id,
                         TransferCommand::FailCredit { reason },
@@ -406,7 +425,9 @@ impl<S: EventStore> ProcessManager for TransferProcess<S> {
                     transfer_id,
                     amount,
                 });
-                if let Some(reason) = self.send(&state.from, refund, &context).await? {
+                let refused = self.send(&state.from, refund, &context).await?;
+                halt_point("after", name, &transfer_id).await;
+                if let Some(reason) = refused {
                     // Refunds are accepted on any opened account; a refusal
                     // here is a bug to look at, not a business outcome.
                     return Err(HandlerError::msg(format!(
@@ -417,12 +438,17 @@ impl<S: EventStore> ProcessManager for TransferProcess<S> {
             TransferStep::Complete => {
                 self.record(&transfer_id, TransferCommand::Complete, &context)
                     .await?;
+                halt_point("after", name, &transfer_id).await;
             }
             TransferStep::Compensate => {
                 self.record(&transfer_id, TransferCommand::Compensate, &context)
                     .await?;
+                halt_point("after", name, &transfer_id).await;
             }
         }
+        // Everything this step sends is sent; the batch (and the process's
+        // state) commits after the last step of the batch.
+        halt_point("done", name, &transfer_id).await;
         Ok(())
     }
 }
@@ -483,15 +509,31 @@ impl<S: EventStore> TransferProcess<S> {
 
 // ANCHOR_END: send
 
-/// For the crash test: with `EXAMPLE_ACCOUNTS_HALT_BEFORE_CREDIT` set, the
-/// process stops between a transfer's debit and its credit (it says so on
-/// standard output and waits to be killed). Only this task waits: parking
-/// the thread instead would take one of the runtime's workers with it, and
-/// tasks queued on that worker would never run — the server would stop
-/// answering the very requests the test makes before the kill.
-async fn halt_point(transfer_id: &str) {
-    if std::env::var_os("EXAMPLE_ACCOUNTS_HALT_BEFORE_CREDIT").is_some() {
-        println!("halted before the credit of transfer {transfer_id}");
+/// For the crash tests: the process stops at a named point of a step and
+/// waits to be killed, saying so on standard output (`halted at
+/// <when>:<step> of transfer <id>`). `EXAMPLE_ACCOUNTS_HALT_AT` names the
+/// points, comma-separated: `<when>:<step>` with `when` one of `before`
+/// (nothing of the step sent), `after` (the step's command answered, its
+/// follow-up not sent), `done` (everything sent, the batch not committed)
+/// and `step` one of [`TransferStep::name`]'s. The older
+/// `EXAMPLE_ACCOUNTS_HALT_BEFORE_CREDIT` means `before:credit`.
+///
+/// Only this task waits: parking the thread instead would take one of the
+/// runtime's workers with it, and tasks queued on that worker would never
+/// run — the server would stop answering the very requests the test makes
+/// before the kill.
+async fn halt_point(when: &str, step: &str, transfer_id: &str) {
+    let point = format!("{when}:{step}");
+    let halts = std::env::var("EXAMPLE_ACCOUNTS_HALT_AT")
+        .map(|points| points.split(',').any(|p| p.trim() == point))
+        .unwrap_or(false)
+        || (point == "before:credit"
+            && std::env::var_os("EXAMPLE_ACCOUNTS_HALT_BEFORE_CREDIT").is_some());
+    if halts {
+        println!("halted at {point} of transfer {transfer_id}");
+        if point == "before:credit" {
+            println!("halted before the credit of transfer {transfer_id}");
+        }
         std::future::pending::<()>().await;
     }
 }

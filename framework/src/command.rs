@@ -642,10 +642,12 @@ where
     ) -> Result<Committed<A>, CommandError<A::Error>> {
         let command_id = context.command_id;
         match self.run_command(aggregate_id, command, context, true).await {
-            Err(error) if error.is_conflict() => match self.decided(aggregate_id, command_id).await? {
-                Some(done) => done,
-                None => Err(error),
-            },
+            Err(error) if error.is_conflict() => {
+                match self.decided(aggregate_id, command_id).await? {
+                    Some(done) => done,
+                    None => Err(error),
+                }
+            }
             result => result,
         }
     }

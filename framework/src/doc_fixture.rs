@@ -12,9 +12,13 @@ pub struct Counter {
 
 #[derive(Debug, Clone)]
 pub enum CounterCommand {
-    Increment { by: i64 },
+    Increment {
+        by: i64,
+    },
     /// Refused when the value would go below zero.
-    Decrement { by: i64 },
+    Decrement {
+        by: i64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

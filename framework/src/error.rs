@@ -438,9 +438,7 @@ impl<E: std::error::Error + 'static> CommandError<E> {
     pub fn rejection(&self) -> Option<&E> {
         match self {
             CommandError::Rejected(e) => Some(e),
-            CommandError::Refused(_) | CommandError::Store(_) | CommandError::Inline { .. } => {
-                None
-            }
+            CommandError::Refused(_) | CommandError::Store(_) | CommandError::Inline { .. } => None,
         }
     }
 

@@ -78,10 +78,10 @@ pub mod event;
 pub mod lease;
 pub mod log;
 pub mod names;
-pub mod outcome;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod outbox;
+pub mod outcome;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 #[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "sqlite"))))]
 pub mod process;
@@ -106,8 +106,8 @@ pub use backoff::RetryPolicy;
 pub use command::{CommandBus, CommandBusBuilder, CommandContext, Committed};
 pub use error::{CommandError, ConfigError, ErrorKind, EventRef, HandlerError, StoreError};
 pub use event::{AppendRequest, Checkpoint, Envelope, Metadata, NewEvent, RecordedEvent, Snapshot};
-pub use outcome::Refusal;
 pub use log::{EventLog, LogFilter, LogWindow, Wakeups};
+pub use outcome::Refusal;
 pub use store::memory::MemoryStore;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]

@@ -202,7 +202,8 @@ pub(crate) async fn append_claiming<S: AppendInTransaction>(
         request.validate()?;
         return Ok(Vec::new());
     }
-    let (aggregate_type, aggregate_id) = (request.aggregate_type.clone(), request.aggregate_id.clone());
+    let (aggregate_type, aggregate_id) =
+        (request.aggregate_type.clone(), request.aggregate_id.clone());
     let version = request
         .expected_version
         .saturating_add(request.events.len() as u64);

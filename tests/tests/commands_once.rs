@@ -109,7 +109,12 @@ async fn remembers_refusals<S: EventStore + Clone + 'static>(store: S) {
             .build(),
     );
     plain
-        .execute("r", BankCommand::Open { owner: "Ann".into() })
+        .execute(
+            "r",
+            BankCommand::Open {
+                owner: "Ann".into(),
+            },
+        )
         .await
         .expect("open");
 
@@ -151,7 +156,11 @@ async fn remembers_refusals<S: EventStore + Clone + 'static>(store: S) {
         other => panic!("the refusal was not remembered: {other:?}"),
     }
     let (account, version) = plain.load("r").await.expect("load");
-    assert_eq!((account.balance, version), (500, 2), "nothing was withdrawn");
+    assert_eq!(
+        (account.balance, version),
+        (500, 2),
+        "nothing was withdrawn"
+    );
 
     // Eight senders of one refused command at once: one refusal for all.
     let racing = CommandContext::new();
@@ -226,7 +235,11 @@ async fn one_outcome_when_senders_disagree<S: EventStore + Clone + 'static>(stor
                 }
                 loop {
                     match bus
-                        .execute_once(&account, BankCommand::Withdraw { amount: 600 }, context.clone())
+                        .execute_once(
+                            &account,
+                            BankCommand::Withdraw { amount: 600 },
+                            context.clone(),
+                        )
                         .await
                     {
                         Ok(done) => return Ok(done.events[0].event_id),

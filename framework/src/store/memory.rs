@@ -11,16 +11,16 @@ use chrono::{DateTime, Utc};
 
 use crate::error::{ConfigError, StoreError};
 use crate::event::{AppendRequest, Checkpoint, RecordedEvent, Snapshot};
-use crate::outcome::CommandOutcome;
-use uuid::Uuid;
 use crate::log::EventLog;
 use crate::log::LogFilter;
+use crate::outcome::CommandOutcome;
 use crate::store::projections::{
     Checkpoints, DeadLetter, DeadLetters, Inbox, Lease, Leases, NewDeadLetter, ProjectionState,
     UnitId, UnitRecord,
 };
 use crate::store::{AppendInTransaction, EventStore, LoadedStream, StreamEvent, Transactional};
 use crate::wake::{WakeSignal, Wakeups};
+use uuid::Uuid;
 
 /// An in-memory [`EventStore`]. Cloning is cheap and shares the same events.
 ///
@@ -333,7 +333,11 @@ impl EventStore for MemoryStore {
         aggregate_id: &str,
         command_id: Uuid,
     ) -> Result<Option<CommandOutcome>, StoreError> {
-        let key = (aggregate_type.to_owned(), aggregate_id.to_owned(), command_id);
+        let key = (
+            aggregate_type.to_owned(),
+            aggregate_id.to_owned(),
+            command_id,
+        );
         Ok(self.state().outcomes.get(&key).cloned())
     }
 
@@ -377,7 +381,9 @@ impl EventStore for MemoryStore {
     async fn prune_outcomes(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
         let mut state = self.state();
         let count = state.outcomes.len();
-        state.outcomes.retain(|_, outcome| outcome.recorded_at >= before);
+        state
+            .outcomes
+            .retain(|_, outcome| outcome.recorded_at >= before);
         Ok((count - state.outcomes.len()) as u64)
     }
 }
@@ -599,7 +605,11 @@ impl AppendInTransaction for MemoryStore {
         command_id: Uuid,
         version: u64,
     ) -> Result<(), StoreError> {
-        let key = (aggregate_type.to_owned(), aggregate_id.to_owned(), command_id);
+        let key = (
+            aggregate_type.to_owned(),
+            aggregate_id.to_owned(),
+            command_id,
+        );
         self.state().check_unclaimed(&key)?;
         tx.ops.push(PendingOp::Claim { key, version });
         Ok(())

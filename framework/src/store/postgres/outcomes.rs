@@ -58,7 +58,11 @@ impl PostgresStore {
             // The row another sender committed while this statement waited
             // on it is visible to the next statement.
             None => self
-                .outcome_of(&outcome.aggregate_type, &outcome.aggregate_id, outcome.command_id)
+                .outcome_of(
+                    &outcome.aggregate_type,
+                    &outcome.aggregate_id,
+                    outcome.command_id,
+                )
                 .await?
                 .ok_or_else(|| StoreError::Corrupt {
                     table: self.outcomes_table(),

@@ -11,8 +11,8 @@ use super::rows::{corrupt, decode_event, time_text, u64_column, COLUMNS};
 use super::{db, sqlite_error, to_i64, SqliteStore};
 use crate::error::StoreError;
 use crate::event::{AppendRequest, RecordedEvent, Snapshot};
-use crate::outcome::CommandOutcome;
 use crate::log::partition_hash;
+use crate::outcome::CommandOutcome;
 use crate::store::{EventStore, LoadedStream, StreamEvent};
 
 /// The stream's version alone (read after a refused append, to report it).

@@ -10,7 +10,8 @@ use super::{db, to_i64, SqliteStore};
 use crate::error::StoreError;
 use crate::outcome::{CommandOutcome, RefusalRecord};
 
-const OUTCOME: &str = "SELECT o.version, o.refusal, o.refusal_json, o.recorded_at FROM {outcomes} o \
+const OUTCOME: &str =
+    "SELECT o.version, o.refusal, o.refusal_json, o.recorded_at FROM {outcomes} o \
      WHERE o.aggregate_type = ?1 AND o.aggregate_id = ?2 AND o.command_id = ?3";
 const INSERT: &str = "INSERT INTO {outcomes} \
      (aggregate_type, aggregate_id, command_id, version, refusal, refusal_json, recorded_at) \
@@ -57,7 +58,9 @@ impl SqliteStore {
             &outcome.aggregate_id,
             outcome.command_id,
         )?;
-        tx.commit().await.map_err(db("storing a command's outcome"))?;
+        tx.commit()
+            .await
+            .map_err(db("storing a command's outcome"))?;
         Ok(stored)
     }
 
