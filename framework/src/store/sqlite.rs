@@ -211,6 +211,18 @@ impl SqliteStoreBuilder {
             .min_connections(1)
             .acquire_timeout(Duration::from_secs(60))
             .test_before_acquire(false)
+            // A connection still inside a transaction that nothing owns
+            // would swallow every later write: close it (SQLite rolls the
+            // transaction back) and open a fresh one.
+            .before_acquire(|connection, _| {
+                Box::pin(async move {
+                    let depth = <sqlx::sqlite::SqliteTransactionManager as sqlx::TransactionManager>::get_transaction_depth(connection);
+                    if depth > 0 {
+                        tracing::warn!(depth, "discarding a SQLite writer connection left inside a transaction");
+                    }
+                    Ok(depth == 0)
+                })
+            })
             .connect_with(base.clone().create_if_missing(true))
             .await
             .map_err(|e| sqlite_error("opening the SQLite file", e))?;

@@ -264,10 +264,7 @@ impl EventStore for SqliteStore {
             self.signal_commit();
             return Ok(written);
         }
-        let mut tx = self
-            .inner
-            .writer
-            .begin_with("BEGIN IMMEDIATE")
+        let mut tx = super::projection_store::begin_immediate(&self.inner.writer)
             .await
             .map_err(db("starting an append"))?;
         let written = self.append_on(&mut tx, request).await?;

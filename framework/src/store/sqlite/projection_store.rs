@@ -363,11 +363,27 @@ impl SqliteStore {
         &self,
         operation: &'static str,
     ) -> Result<sqlx::Transaction<'static, Sqlite>, StoreError> {
-        self.inner
-            .writer
-            .begin_with("BEGIN IMMEDIATE")
+        begin_immediate(&self.inner.writer)
             .await
             .map_err(db(operation))
+    }
+}
+
+/// `BEGIN IMMEDIATE` on `pool`, in a task of its own: the driver checks a
+/// custom `BEGIN` after SQLite ran it, and a caller cancelled between the
+/// two (a dropped request, an aborted worker) would leave the connection
+/// inside a transaction that no `Transaction` owns — every later write on
+/// it swallowed. The task always finishes, and a transaction nobody takes
+/// is dropped there, which rolls it back.
+pub(super) async fn begin_immediate(
+    pool: &sqlx::SqlitePool,
+) -> Result<sqlx::Transaction<'static, Sqlite>, sqlx::Error> {
+    let pool = pool.clone();
+    match tokio::spawn(async move { pool.begin_with("BEGIN IMMEDIATE").await }).await {
+        Ok(result) => result,
+        Err(join) => Err(sqlx::Error::WorkerCrashed).inspect_err(|_| {
+            tracing::error!(error = %join, "the task starting a SQLite transaction failed");
+        }),
     }
 }
 
