@@ -539,11 +539,7 @@ impl Outbox {
     ///
     /// As [`enqueue`](Self::enqueue).
     pub async fn send(&self, message: OutboxMessage) -> Result<Uuid, StoreError> {
-        let mut tx = self
-            .inner
-            .store
-            .pool()
-            .begin()
+        let mut tx = crate::store::postgres::begin_owned(self.inner.store.pool())
             .await
             .map_err(db("starting an outbox transaction"))?;
         let id = self.enqueue(&mut tx, message).await?;

@@ -143,7 +143,10 @@ where
                     .await
                 {
                     let loaded = bank.accounts.load(&account).await.map(|(_, v)| v);
-                    let stream = store.read_stream(BankAccount::TYPE, &account, 0, 1000).await.map(|e| e.len());
+                    let stream = store
+                        .read_stream(BankAccount::TYPE, &account, 0, 1000)
+                        .await
+                        .map(|e| e.len());
                     let begin = outflow::Transactional::begin(&store).await.map(|_| ());
                     panic!("seed {seed}: a deposit failed: {error:?}; load says {loaded:?}, the stream has {stream:?}; begin: {begin:?}");
                 }
@@ -191,7 +194,9 @@ where
             if tokio::time::Instant::now() >= deadline {
                 let status = runner(&store, &bank).status().await;
                 let dead = store.dead_letters("transfer_process").await;
-                panic!("seed {seed}: transfer {id} did not end: {transfer:?}\n{status:#?}\n{dead:#?}");
+                panic!(
+                    "seed {seed}: transfer {id} did not end: {transfer:?}\n{status:#?}\n{dead:#?}"
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -214,7 +219,9 @@ where
             .await
             .expect("read an account")
         {
-            let payload = event.decode_payload::<BankAccount>().expect("an account event");
+            let payload = event
+                .decode_payload::<BankAccount>()
+                .expect("an account event");
             let (transfer, kind) = match payload {
                 BankEvent::TransferredOut { transfer_id, .. } => (transfer_id, "out"),
                 BankEvent::TransferredIn { transfer_id, .. } => (transfer_id, "in"),
@@ -232,7 +239,10 @@ where
             .await
             .expect("read a transfer")
         {
-            match event.decode_payload::<Transfer>().expect("a transfer event") {
+            match event
+                .decode_payload::<Transfer>()
+                .expect("a transfer event")
+            {
                 TransferEvent::TransferFailed { .. } => ends.push("failed"),
                 TransferEvent::TransferCompleted => ends.push("completed"),
                 TransferEvent::TransferCompensated => ends.push("compensated"),

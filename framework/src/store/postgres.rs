@@ -41,7 +41,7 @@ mod projection_store;
 mod rows;
 mod schema;
 
-pub(crate) use errors::{classify, db, pg_error, to_i64};
+pub(crate) use errors::{begin_owned, classify, db, pg_error, to_i64};
 pub(crate) use notify::spawn_notifier;
 use rows::{txid_column, u64_column};
 use schema::{migrate, Names};
@@ -376,7 +376,7 @@ impl PostgresStore {
     /// [`StoreError::Database`].
     pub async fn rebase_after_restore(&self) -> Result<u64, StoreError> {
         let failed = |e| pg_error("rebasing transaction ids after a restore", e);
-        let mut tx = self.inner.pool.begin().await.map_err(failed)?;
+        let mut tx = begin_owned(&self.inner.pool).await.map_err(failed)?;
         let ahead: bool = sqlx::query_scalar(&self.inner.sql.ids_ahead)
             .fetch_one(&mut *tx)
             .await

@@ -69,3 +69,23 @@ pub(crate) fn classify_sqlstate(code: &str) -> ErrorKind {
 pub(crate) fn undefined_table(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(e) if e.code().as_deref() == Some("42P01"))
 }
+
+/// `BEGIN` on `pool`, in a task of its own. The driver sends `BEGIN` and
+/// counts the transaction only once the server answered; a caller
+/// cancelled in between (a dropped request, an aborted worker) returned the
+/// connection to the pool inside a transaction nobody owned, and the next
+/// user's autocommit writes — appends among them — were never committed.
+/// The task always finishes, and a transaction nobody takes is dropped
+/// there, which rolls it back.
+pub(crate) async fn begin_owned(
+    pool: &sqlx::PgPool,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+    let pool = pool.clone();
+    match tokio::spawn(async move { pool.begin().await }).await {
+        Ok(result) => result,
+        Err(join) => {
+            tracing::error!(error = %join, "the task starting a PostgreSQL transaction failed");
+            Err(sqlx::Error::WorkerCrashed)
+        }
+    }
+}

@@ -147,9 +147,7 @@ impl Transactional for PostgresStore {
     type Transaction = Transaction<'static, Postgres>;
 
     async fn begin(&self) -> Result<Self::Transaction, StoreError> {
-        self.inner
-            .pool
-            .begin()
+        super::errors::begin_owned(&self.inner.pool)
             .await
             .map_err(db("starting a transaction"))
     }
