@@ -113,8 +113,19 @@ const SEND: &str = "INSERT INTO sent_emails (key, recipient, subject, body, sent
      VALUES ($1, $2, $3, $4, $5) ON CONFLICT (key) DO NOTHING";
 const SENT: &str = "SELECT key, recipient, subject FROM sent_emails ORDER BY sent_at, key";
 
-fn app_error(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
-    move |e| StoreError::database(what, outflow::ErrorKind::Infrastructure, e)
+/// A driver error as the store classifies it: a value the database
+/// refuses (a NUL byte in text on PostgreSQL, SQLSTATE class 22) is the
+/// data's fault and parks the event, a missing table is infrastructure.
+fn app_error<'a, S: outflow::Transactional>(
+    store: &'a S,
+    what: &'static str,
+) -> impl FnOnce(sqlx::Error) -> StoreError + 'a {
+    move |e| {
+        let kind = store
+            .classify(&e)
+            .unwrap_or(outflow::ErrorKind::Infrastructure);
+        StoreError::database(what, kind, e)
+    }
 }
 
 /// The same statements on both backends (`$n` parameters work on both).
@@ -127,7 +138,7 @@ macro_rules! app_store {
                     sqlx::query(statement)
                         .execute(self.$pool())
                         .await
-                        .map_err(app_error("creating the application's tables"))?;
+                        .map_err(app_error(self, "creating the application's tables"))?;
                 }
                 Ok(())
             }
@@ -160,7 +171,7 @@ macro_rules! app_store {
                     .bind(chrono_now())
                     .execute(self.$pool())
                     .await
-                    .map_err(app_error("recording a sent e-mail"))?;
+                    .map_err(app_error(self, "recording a sent e-mail"))?;
                 Ok(())
             }
 
@@ -168,7 +179,7 @@ macro_rules! app_store {
                 let rows: Vec<(String, String, String)> = sqlx::query_as(SENT)
                     .fetch_all(self.$pool())
                     .await
-                    .map_err(app_error("reading the sent e-mails"))?;
+                    .map_err(app_error(self, "reading the sent e-mails"))?;
                 Ok(rows
                     .into_iter()
                     .map(|(key, to, subject)| SentEmail { key, to, subject })

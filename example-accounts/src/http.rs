@@ -31,6 +31,12 @@ use crate::{BankCommand, BankError};
 /// The page at `/`.
 const PAGE: &str = include_str!("../static/index.html");
 
+/// The largest request body accepted, in bytes.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// The longest id accepted in a path or a body.
+pub const MAX_ID: usize = 64;
+
 /// How long a strong read waits for the projections.
 const STRONG_WAIT: Duration = Duration::from_secs(5);
 
@@ -77,6 +83,14 @@ pub fn router<S: AppStore>(state: ApiState<S>) -> Router {
         .route("/api/dead-letters/{id}/discard", post(discard::<S>))
         .route("/api/events", get(events::<S>))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this route does not take that method",
+            )
+        })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(Arc::new(state))
 }
 
@@ -214,12 +228,83 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
         match Json::<T>::from_request(request, state).await {
             Ok(Json(body)) => Ok(Body(body)),
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    format!("a request body is at most {MAX_BODY} bytes"),
+                ))
+            }
             Err(rejection) => Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "bad_request",
                 rejection.body_text(),
             )),
         }
+    }
+}
+
+/// Query parameters whose every problem (a repeated or unknown value of
+/// the wrong type) is a 400 with a JSON error.
+pub struct Params<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned> axum::extract::FromRequestParts<S> for Params<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(params)) => Ok(Params(params)),
+            Err(rejection) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                rejection.body_text(),
+            )),
+        }
+    }
+}
+
+/// The one path parameter of a route, as text; a path that does not
+/// decode is a 400 with a JSON error. Checked by the handler (after
+/// authorization, for the operators' routes).
+pub struct PathParam(String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for PathParam {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(PathParam(value)),
+            Err(rejection) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                rejection.body_text(),
+            )),
+        }
+    }
+}
+
+/// An account's or a transfer's id: 1 to [`MAX_ID`] letters, digits, `-`
+/// or `_` (the ids the server gives out), else a 400 naming the field.
+fn check_id(field: &str, id: &str) -> Result<(), ApiError> {
+    let valid = !id.is_empty()
+        && id.len() <= MAX_ID
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("the {field} is 1 to {MAX_ID} letters, digits, `-` or `_`"),
+        ))
     }
 }
 
@@ -318,9 +403,10 @@ async fn on_account<S: AppStore>(
 
 async fn deposit<S: AppStore>(
     State(state): Shared<S>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     Body(body): Body<Amount>,
 ) -> Result<Json<Value>, ApiError> {
+    check_id("account id", &id)?;
     on_account(&state, &id, || BankCommand::Deposit {
         amount: body.amount,
     })
@@ -329,9 +415,10 @@ async fn deposit<S: AppStore>(
 
 async fn withdraw<S: AppStore>(
     State(state): Shared<S>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     Body(body): Body<Amount>,
 ) -> Result<Json<Value>, ApiError> {
+    check_id("account id", &id)?;
     on_account(&state, &id, || BankCommand::Withdraw {
         amount: body.amount,
     })
@@ -340,8 +427,9 @@ async fn withdraw<S: AppStore>(
 
 async fn close<S: AppStore>(
     State(state): Shared<S>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> Result<Json<Value>, ApiError> {
+    check_id("account id", &id)?;
     on_account(&state, &id, || BankCommand::Close).await
 }
 
@@ -349,6 +437,8 @@ async fn transfer<S: AppStore>(
     State(state): Shared<S>,
     Body(body): Body<NewTransfer>,
 ) -> Result<impl IntoResponse, ApiError> {
+    check_id("source account id", &body.from)?;
+    check_id("target account id", &body.to)?;
     for account in [&body.from, &body.to] {
         let (loaded, _) = state.app.accounts.load(account).await?;
         if !loaded.opened {
@@ -421,7 +511,7 @@ struct AccountOut {
 
 async fn list_accounts<S: AppStore>(
     State(state): Shared<S>,
-    Query(query): Query<Consistency>,
+    Params(query): Params<Consistency>,
 ) -> Result<Json<Vec<AccountOut>>, ApiError> {
     consistent(&state, &query, &[app::BALANCES]).await?;
     let rows = state.app.balances.list(None, 1000).await?;
@@ -439,9 +529,10 @@ async fn list_accounts<S: AppStore>(
 
 async fn get_account<S: AppStore>(
     State(state): Shared<S>,
-    Path(id): Path<String>,
-    Query(query): Query<Consistency>,
+    PathParam(id): PathParam,
+    Params(query): Params<Consistency>,
 ) -> Result<Json<AccountOut>, ApiError> {
+    check_id("account id", &id)?;
     consistent(&state, &query, &[app::BALANCES]).await?;
     let balance = state
         .app
@@ -459,9 +550,10 @@ async fn get_account<S: AppStore>(
 
 async fn get_statement<S: AppStore>(
     State(state): Shared<S>,
-    Path(id): Path<String>,
-    Query(query): Query<Consistency>,
+    PathParam(id): PathParam,
+    Params(query): Params<Consistency>,
 ) -> Result<Json<Value>, ApiError> {
+    check_id("account id", &id)?;
     consistent(&state, &query, &[app::BALANCES, app::STATEMENTS]).await?;
     if state.app.balances.load(&id).await?.is_none() {
         return Err(ApiError::not_found(format!("no account {id}")));
@@ -474,7 +566,7 @@ async fn get_statement<S: AppStore>(
 
 async fn list_users<S: AppStore>(
     State(state): Shared<S>,
-    Query(query): Query<Consistency>,
+    Params(query): Params<Consistency>,
 ) -> Result<Json<Vec<Value>>, ApiError> {
     consistent(&state, &query, &[app::USERS]).await?;
     let rows = state.app.directory.list(None, 1000).await?;
@@ -498,7 +590,7 @@ fn transfer_json(transfer_id: String, t: crate::views::TransferStatus) -> Value 
 
 async fn list_transfers<S: AppStore>(
     State(state): Shared<S>,
-    Query(query): Query<Consistency>,
+    Params(query): Params<Consistency>,
 ) -> Result<Json<Vec<Value>>, ApiError> {
     consistent(&state, &query, &[app::TRANSFERS]).await?;
     let rows = state.app.transfer_status.list(None, 1000).await?;
@@ -511,9 +603,10 @@ async fn list_transfers<S: AppStore>(
 
 async fn get_transfer<S: AppStore>(
     State(state): Shared<S>,
-    Path(id): Path<String>,
-    Query(query): Query<Consistency>,
+    PathParam(id): PathParam,
+    Params(query): Params<Consistency>,
 ) -> Result<Json<Value>, ApiError> {
+    check_id("transfer id", &id)?;
     consistent(&state, &query, &[app::TRANSFERS]).await?;
     let transfer = state
         .app
@@ -612,6 +705,17 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// A dead letter's id from the path, after authorization.
+fn dead_letter_id(id: &str) -> Result<u64, ApiError> {
+    id.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "a dead letter's id is a whole number",
+        )
+    })
+}
+
 fn known_projection(name: &str) -> Result<(), ApiError> {
     if app::PROJECTIONS.contains(&name) {
         Ok(())
@@ -623,7 +727,7 @@ fn known_projection(name: &str) -> Result<(), ApiError> {
 async fn rebuild<S: AppStore>(
     State(state): Shared<S>,
     headers: HeaderMap,
-    Path(name): Path<String>,
+    PathParam(name): PathParam,
 ) -> Result<impl IntoResponse, ApiError> {
     authorize(&state, &headers)?;
     known_projection(&name)?;
@@ -638,7 +742,7 @@ async fn rebuild<S: AppStore>(
 async fn pause<S: AppStore>(
     State(state): Shared<S>,
     headers: HeaderMap,
-    Path(name): Path<String>,
+    PathParam(name): PathParam,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers)?;
     known_projection(&name)?;
@@ -649,7 +753,7 @@ async fn pause<S: AppStore>(
 async fn resume<S: AppStore>(
     State(state): Shared<S>,
     headers: HeaderMap,
-    Path(name): Path<String>,
+    PathParam(name): PathParam,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers)?;
     known_projection(&name)?;
@@ -660,9 +764,10 @@ async fn resume<S: AppStore>(
 async fn retry<S: AppStore>(
     State(state): Shared<S>,
     headers: HeaderMap,
-    Path(id): Path<u64>,
+    PathParam(id): PathParam,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers)?;
+    let id = dead_letter_id(&id)?;
     match state.app.retry_dead_letter(id).await {
         Ok(Some(name)) => Ok(Json(
             json!({ "id": id, "projection": name, "retried": true }),
@@ -685,9 +790,10 @@ async fn retry<S: AppStore>(
 async fn discard<S: AppStore>(
     State(state): Shared<S>,
     headers: HeaderMap,
-    Path(id): Path<u64>,
+    PathParam(id): PathParam,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers)?;
+    let id = dead_letter_id(&id)?;
     if state.app.runner.discard_dead_letter(id).await? {
         Ok(Json(json!({ "id": id, "discarded": true })))
     } else {

@@ -199,6 +199,10 @@ pub enum BankError {
     /// `Close` with money left.
     #[error("the account still holds {0}")]
     NotEmpty(i64),
+    /// An empty owner, or one with control characters or longer than
+    /// [`MAX_NAME`] characters.
+    #[error("{0}")]
+    InvalidOwner(String),
     /// A credit that would take the balance past the largest amount an
     /// account can hold (`i64::MAX` cents).
     #[error("the balance {balance} cannot take {amount} more")]
@@ -208,6 +212,22 @@ pub enum BankError {
         /// The amount credited.
         amount: i64,
     },
+}
+
+/// The longest name (a user's, an account owner's) accepted, in characters.
+pub const MAX_NAME: usize = 200;
+
+/// The rule for names, the same on every backend: at most [`MAX_NAME`]
+/// characters and no control characters (a NUL among them, which
+/// PostgreSQL cannot store in text). Returns why not.
+pub fn check_name(field: &str, name: &str) -> Result<(), String> {
+    if name.chars().count() > MAX_NAME {
+        return Err(format!("the {field} is longer than {MAX_NAME} characters"));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(format!("the {field} contains control characters"));
+    }
+    Ok(())
 }
 
 impl Aggregate for BankAccount {
@@ -250,6 +270,11 @@ impl Aggregate for BankAccount {
                 if self.opened {
                     return Err(BankError::AlreadyOpen);
                 }
+                let owner = owner.trim().to_owned();
+                if owner.is_empty() {
+                    return Err(BankError::InvalidOwner("an owner is required".into()));
+                }
+                check_name("owner", &owner).map_err(BankError::InvalidOwner)?;
                 sink.write(BankEvent::AccountOpened { owner }, self).await;
             }
             BankCommand::Deposit { amount } => {

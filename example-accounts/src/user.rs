@@ -65,9 +65,14 @@ pub enum UserError {
     /// An empty name.
     #[error("a name is required")]
     MissingName,
-    /// Not an e-mail address.
+    /// Not an e-mail address (or longer than 254 bytes, or with control
+    /// characters).
     #[error("`{0}` is not an e-mail address")]
     InvalidEmail(String),
+    /// A name with control characters or longer than
+    /// [`MAX_NAME`](crate::MAX_NAME) characters.
+    #[error("{0}")]
+    InvalidName(String),
 }
 
 impl Aggregate for User {
@@ -92,9 +97,18 @@ impl Aggregate for User {
                 if name.is_empty() {
                     return Err(UserError::MissingName);
                 }
+                if let Err(reason) = crate::check_name("name", &name) {
+                    return Err(UserError::InvalidName(reason));
+                }
                 let email = email.trim().to_lowercase();
                 if !valid_email(&email) {
-                    return Err(UserError::InvalidEmail(email));
+                    // Quoted back short: the refusal may be shown or logged.
+                    let shown: String = email
+                        .chars()
+                        .take(80)
+                        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+                        .collect();
+                    return Err(UserError::InvalidEmail(shown));
                 }
                 sink.write(UserEvent::UserSignedUp { name, email }, self)
                     .await;
@@ -114,9 +128,15 @@ impl Aggregate for User {
     }
 }
 
+/// The longest e-mail address accepted, in bytes (RFC 5321's path limit).
+pub const MAX_EMAIL: usize = 254;
+
 /// One `@` with something on each side and a dot in the domain: enough to
 /// refuse typing mistakes; the welcome e-mail is the real check.
 fn valid_email(email: &str) -> bool {
+    if email.len() > MAX_EMAIL || email.chars().any(char::is_control) {
+        return false;
+    }
     match email.split_once('@') {
         Some((local, domain)) => {
             !local.is_empty()
