@@ -164,6 +164,8 @@ pub fn balance(
 pub(crate) struct Holder {
     node: String,
     ttl: Duration,
+    /// How long a node counts as alive after its last heartbeat.
+    liveness: Duration,
     last_renewal: Instant,
 }
 
@@ -181,8 +183,17 @@ impl Holder {
         Holder {
             node: node.into(),
             ttl,
+            liveness: ttl,
             last_renewal: Instant::now(),
         }
+    }
+
+    /// How long after its last heartbeat a node still counts as alive for
+    /// the fair share (default: the lease TTL). Liveness follows the
+    /// heartbeat: a few missed beats, not a whole lease.
+    pub(crate) fn with_liveness(mut self, window: Duration) -> Self {
+        self.liveness = window.min(self.ttl);
+        self
     }
 
     pub(crate) fn node(&self) -> &str {
@@ -210,7 +221,24 @@ impl Holder {
         &self,
         leases: &L,
     ) -> Result<Vec<String>, StoreError> {
-        leases.node_heartbeat(&self.node, self.ttl).await
+        leases.node_heartbeat(&self.node, self.liveness).await
+    }
+
+    /// Frees a lease of this node whatever its epoch.
+    pub(crate) async fn give_up<L: Leases + ?Sized>(
+        &self,
+        leases: &L,
+        unit: &UnitId,
+    ) -> Result<(), StoreError> {
+        leases.give_up(unit, &self.node).await
+    }
+
+    /// Frees every lease of this node and forgets it (a clean stop).
+    pub(crate) async fn deregister<L: Leases + ?Sized>(
+        &self,
+        leases: &L,
+    ) -> Result<(), StoreError> {
+        leases.deregister(&self.node).await
     }
 
     /// Claims a unit for this node.
@@ -223,19 +251,32 @@ impl Holder {
     }
 
     /// Renews every lease of this node and tells, for each of `held`,
-    /// whether it is still ours under the same epoch.
+    /// whether it is still ours under the same epoch; also returns the
+    /// leases it renewed that match none of `held` (a unit whose epoch an
+    /// operator moved, one left from before a restart under the same node
+    /// id): the caller gives those up.
     pub(crate) async fn renew<'a, L, I>(
         &mut self,
         leases: &L,
         held: I,
-    ) -> Result<Vec<(&'a UnitId, Renewed)>, StoreError>
+    ) -> Result<(Vec<(&'a UnitId, Renewed)>, Vec<UnitId>), StoreError>
     where
         L: Leases + ?Sized,
-        I: IntoIterator<Item = &'a Lease>,
+        I: IntoIterator<Item = &'a Lease> + Clone,
     {
         let renewed = leases.renew(&self.node, self.ttl).await?;
         self.last_renewal = Instant::now();
-        Ok(held
+        let strays = renewed
+            .iter()
+            .filter(|r| {
+                !held
+                    .clone()
+                    .into_iter()
+                    .any(|h| h.unit == r.unit && h.epoch == r.epoch)
+            })
+            .map(|r| r.unit.clone())
+            .collect();
+        let outcomes = held
             .into_iter()
             .map(|lease| {
                 let found = renewed
@@ -247,7 +288,8 @@ impl Holder {
                 };
                 (&lease.unit, outcome)
             })
-            .collect())
+            .collect();
+        Ok((outcomes, strays))
     }
 }
 

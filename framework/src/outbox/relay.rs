@@ -402,7 +402,7 @@ impl OutboxRelay {
             )
             .await;
             match renewed {
-                Ok(Ok(outcomes)) => match outcomes.first() {
+                Ok(Ok((outcomes, _))) => match outcomes.first() {
                     Some((_, Renewed::Held(_))) => held.extend(started + shared.lease_ttl),
                     _ => {
                         held.lost.cancel();

@@ -78,7 +78,10 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
             }
         }
         let total_units: u32 = shared.projections.values().map(|r| r.partitions).sum();
-        let mut holder = Holder::new(shared.node_id.clone(), shared.lease_ttl);
+        // A node is alive while it beats: three missed heartbeats, not a
+        // whole lease, and a clean stop deregisters it at once.
+        let mut holder = Holder::new(shared.node_id.clone(), shared.lease_ttl)
+            .with_liveness(shared.heartbeat * 3);
         let mut tasks: JoinSet<UnitId> = JoinSet::new();
         let mut running: HashMap<UnitId, Running> = HashMap::new();
         let mut warned_about = None;
@@ -134,6 +137,12 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
             unit.stop.cancel();
         }
         while tasks.join_next().await.is_some() {}
+        // The workers released their leases; free any left and stop
+        // counting as alive, so the remaining nodes (or this service
+        // restarted) take the units at their next heartbeat.
+        if let Err(error) = holder.deregister(&shared.store).await {
+            tracing::warn!(node = %shared.node_id, error = %crate::error::error_chain(&error), "deregistering the node failed (its leases will expire)");
+        }
         Ok(())
     }
 
@@ -217,9 +226,18 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
     ) -> Result<Vec<String>, StoreError> {
         let store = &self.shared.store;
         let live = holder.heartbeat(store).await?;
-        let renewed = holder
+        let (renewed, strays) = holder
             .renew(store, running.values().map(|r| &r.lease))
             .await?;
+        for unit in strays {
+            // Never keep alive a lease this node does not work under its
+            // epoch: an operator reset the unit from elsewhere, or it is
+            // left from before a restart. Give it up so anyone may claim it.
+            tracing::info!(%unit, "giving up a lease this node does not work");
+            if let Err(error) = holder.give_up(store, &unit).await {
+                tracing::warn!(%unit, error = %crate::error::error_chain(&error), "giving up a lease failed");
+            }
+        }
         for (unit, outcome) in renewed {
             let Some(r) = running.get(unit) else { continue };
             match outcome {

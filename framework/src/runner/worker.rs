@@ -123,11 +123,16 @@ impl<S: ProjectionStore> UnitWorker<S> {
         let unit = self.lease.unit.clone();
         let span = tracing::info_span!("projection", projection = %unit.projection, partition = unit.partition);
         let lost = self.run_loop().instrument(span).await;
-        if !lost {
-            let store = &self.shared.store;
-            if let Err(error) = store.release(&self.lease, &self.shared.node_id).await {
-                tracing::warn!(%unit, error = %crate::error::error_chain(&error), "releasing failed (the lease will expire)");
-            }
+        let store = &self.shared.store;
+        let released = if lost {
+            // The epoch moved (another node claimed the unit, or an operator
+            // reset it from elsewhere): never keep the lease alive.
+            store.give_up(&unit, &self.shared.node_id).await
+        } else {
+            store.release(&self.lease, &self.shared.node_id).await
+        };
+        if let Err(error) = released {
+            tracing::warn!(%unit, error = %crate::error::error_chain(&error), "releasing failed (the lease will expire)");
         }
         unit
     }

@@ -855,6 +855,29 @@ impl Leases for MemoryStore {
         }
         Ok(())
     }
+
+    async fn give_up(&self, unit: &UnitId, node: &str) -> Result<(), StoreError> {
+        let mut state = self.state();
+        if let Some(u) = state.units.get_mut(unit) {
+            if u.owner.as_deref() == Some(node) {
+                u.owner = None;
+                u.lease_until = None;
+            }
+        }
+        Ok(())
+    }
+
+    async fn deregister(&self, node: &str) -> Result<(), StoreError> {
+        let mut state = self.state();
+        state.nodes.remove(node);
+        for u in state.units.values_mut() {
+            if u.owner.as_deref() == Some(node) {
+                u.owner = None;
+                u.lease_until = None;
+            }
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]

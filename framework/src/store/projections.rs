@@ -314,6 +314,33 @@ pub trait Leases: Send + Sync + 'static {
     ///
     /// [`StoreError::Database`].
     async fn release(&self, lease: &Lease, node: &str) -> Result<(), StoreError>;
+
+    /// Frees `unit`'s lease if `node` holds it, whatever the epoch: what a
+    /// node does with a lease whose epoch it lost (an operator reset the
+    /// unit from another process) or that it does not run, so that it never
+    /// keeps such a lease alive. The default does nothing (the lease then
+    /// expires after its TTL once renewals stop).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Database`].
+    async fn give_up(&self, unit: &UnitId, node: &str) -> Result<(), StoreError> {
+        let _ = (unit, node);
+        Ok(())
+    }
+
+    /// A node's clean stop: frees every lease `node` holds and forgets the
+    /// node, so the others (or the same service restarted) take its share
+    /// at their next heartbeat instead of after the lease TTL. The default
+    /// does nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Database`].
+    async fn deregister(&self, node: &str) -> Result<(), StoreError> {
+        let _ = node;
+        Ok(())
+    }
 }
 
 /// Parked events: what a unit could not handle, kept for an operator.

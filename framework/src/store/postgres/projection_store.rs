@@ -29,6 +29,8 @@ pub(super) struct Queries {
     pub(super) claim: String,
     pub(super) renew: String,
     pub(super) release: String,
+    pub(super) give_up: String,
+    pub(super) deregister: String,
     pub(super) save_checkpoint: String,
     pub(super) set_state: String,
     pub(super) units: String,
@@ -52,6 +54,8 @@ impl Queries {
             claim: names.render(include_str!("queries/claim.sql")),
             renew: names.render(include_str!("queries/renew.sql")),
             release: names.render(include_str!("queries/release.sql")),
+            give_up: names.render(include_str!("queries/give_up.sql")),
+            deregister: names.render(include_str!("queries/deregister.sql")),
             save_checkpoint: names.render(include_str!("queries/save_checkpoint.sql")),
             set_state: names.render(include_str!("queries/set_state.sql")),
             units: names.render(include_str!("queries/units.sql")),
@@ -436,6 +440,26 @@ impl Leases for PostgresStore {
             .execute(&self.inner.pool)
             .await
             .map_err(db("releasing a projection"))?;
+        Ok(())
+    }
+
+    async fn give_up(&self, unit: &UnitId, node: &str) -> Result<(), StoreError> {
+        sqlx::query(&self.inner.projection_sql.give_up)
+            .bind(&unit.projection)
+            .bind(unit.partition as i32)
+            .bind(node)
+            .execute(&self.inner.pool)
+            .await
+            .map_err(db("giving up a lease"))?;
+        Ok(())
+    }
+
+    async fn deregister(&self, node: &str) -> Result<(), StoreError> {
+        sqlx::query(&self.inner.projection_sql.deregister)
+            .bind(node)
+            .execute(&self.inner.pool)
+            .await
+            .map_err(db("deregistering a node"))?;
         Ok(())
     }
 }

@@ -100,6 +100,16 @@ const RENEWED: &str = "SELECT l.projection, l.partition, p.epoch, p.transaction_
       WHERE l.owner = ?1 AND l.lease_until >= ?2 \
       ORDER BY l.projection, l.partition";
 
+/// Frees unit (`?1`, `?2`) if node `?3` holds it, whatever its epoch (a node
+/// that lost the epoch gives the lease up at once).
+const GIVE_UP: &str = "UPDATE {leases} SET owner = NULL, lease_until = NULL \
+     WHERE projection = ?1 AND partition = ?2 AND owner = ?3";
+
+/// A node's clean stop: its leases freed, its row gone.
+const FREE_NODE_LEASES: &str =
+    "UPDATE {leases} SET owner = NULL, lease_until = NULL WHERE owner = ?1";
+const DELETE_NODE: &str = "DELETE FROM {nodes} WHERE node = ?1";
+
 /// Frees unit (`?1`, `?2`) if node `?4` holds it and its epoch is still `?3`.
 const RELEASE: &str = "UPDATE {leases} SET owner = NULL, lease_until = NULL \
      WHERE projection = ?1 AND partition = ?2 AND owner = ?4 \
@@ -701,6 +711,31 @@ impl Leases for SqliteStore {
             .execute(&self.inner.writer)
             .await
             .map_err(db("releasing a projection"))?;
+        Ok(())
+    }
+
+    async fn give_up(&self, unit: &UnitId, node: &str) -> Result<(), StoreError> {
+        sqlx::query(&self.projection_sql(GIVE_UP))
+            .bind(&unit.projection)
+            .bind(i64::from(unit.partition))
+            .bind(node)
+            .execute(&self.inner.writer)
+            .await
+            .map_err(db("giving up a lease"))?;
+        Ok(())
+    }
+
+    async fn deregister(&self, node: &str) -> Result<(), StoreError> {
+        const OPERATION: &str = "deregistering a node";
+        let mut tx = self.begin_write(OPERATION).await?;
+        for statement in [FREE_NODE_LEASES, DELETE_NODE] {
+            sqlx::query(&self.projection_sql(statement))
+                .bind(node)
+                .execute(&mut *tx)
+                .await
+                .map_err(db(OPERATION))?;
+        }
+        tx.commit().await.map_err(db(OPERATION))?;
         Ok(())
     }
 }
