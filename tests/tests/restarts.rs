@@ -1,0 +1,190 @@
+//! Restarts and rolling deploys are invisible: a runner stopped cleanly
+//! deregisters its node and frees its leases, so the next process — with a
+//! new random node id — owns every unit at its first heartbeat, not after
+//! the lease TTL; with three nodes restarted one at a time under load, every
+//! event is applied once and `wait_for` keeps answering.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use outflow::projection::{HandlerError, Projection, ProjectionOptions};
+use outflow::runner::ProjectionRunner;
+use outflow::{AppendRequest, Backend, CancellationToken, EventLog, EventStore, RecordedEvent};
+
+/// Records every event it handles, per projection, to count applications.
+struct Recording<S> {
+    name: String,
+    seen: Arc<Mutex<Vec<(String, uuid::Uuid)>>>,
+    _store: std::marker::PhantomData<fn() -> S>,
+}
+
+#[async_trait]
+impl<S: Backend> Projection<S> for Recording<S> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn handle(
+        &self,
+        events: &[RecordedEvent],
+        _tx: &mut S::Transaction,
+    ) -> Result<(), HandlerError> {
+        let mut seen = self.seen.lock().expect("the record");
+        seen.extend(events.iter().map(|e| (self.name.clone(), e.event_id)));
+        Ok(())
+    }
+}
+
+const NAMES: [&str; 6] = ["p1", "p2", "p3", "p4", "p5", "p6"];
+
+/// A runner with a long lease (30 s) and a short heartbeat: a restart that
+/// waited for the lease would show.
+fn runner<S: Backend>(
+    store: &S,
+    seen: &Arc<Mutex<Vec<(String, uuid::Uuid)>>>,
+) -> ProjectionRunner<S> {
+    let mut builder = ProjectionRunner::builder(store.clone())
+        .lease_ttl(Duration::from_secs(30))
+        .heartbeat_interval(Duration::from_millis(300));
+    for name in NAMES {
+        builder = builder.projection(ProjectionOptions::new(Recording::<S> {
+            name: name.to_owned(),
+            seen: seen.clone(),
+            _store: std::marker::PhantomData,
+        }));
+    }
+    builder.build().expect("the runner")
+}
+
+async fn append<S: EventStore>(store: &S, n: u64) {
+    store
+        .append(AppendRequest {
+            aggregate_type: "account".into(),
+            aggregate_id: "a".into(),
+            expected_version: n,
+            events: vec![common::deposit_event(1)],
+        })
+        .await
+        .expect("append");
+}
+
+async fn quick_restarts<S: Backend>(store: S) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    runner(&store, &seen).setup().await.expect("setup");
+    for round in 0..5u64 {
+        let runner = runner(&store, &seen);
+        let stop = CancellationToken::new();
+        let running = tokio::spawn({
+            let runner = runner.clone();
+            let stop = stop.clone();
+            async move { runner.run(stop).await }
+        });
+        append(&store, round).await;
+        let head = store.head().await.expect("head");
+        // Well inside the 30 s lease: only a restart that did not wait for
+        // the previous node's leases gets here.
+        runner
+            .wait_for(head, &NAMES, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|e| {
+                panic!("round {round}: the restarted runner did not catch up: {e}")
+            });
+        stop.cancel();
+        running
+            .await
+            .expect("the runner task")
+            .expect("a clean stop");
+    }
+    let seen = seen.lock().expect("the record").clone();
+    assert_eq!(
+        seen.len(),
+        5 * NAMES.len(),
+        "every event applied once per projection"
+    );
+}
+
+/// Three nodes; each in turn stopped and replaced by a new one while
+/// events are appended: every event reaches every projection once and the
+/// waits keep succeeding.
+async fn rolling_deploy<S: Backend>(store: S) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    runner(&store, &seen).setup().await.expect("setup");
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        let runner = runner(&store, &seen);
+        let stop = CancellationToken::new();
+        let running = tokio::spawn({
+            let runner = runner.clone();
+            let stop = stop.clone();
+            async move { runner.run(stop).await }
+        });
+        nodes.push((runner, stop, running));
+    }
+    let mut appended = 0u64;
+    for step in 0..6 {
+        let (_, stop, running) = nodes.remove(0);
+        stop.cancel();
+        running
+            .await
+            .expect("the runner task")
+            .expect("a clean stop");
+        let runner = runner(&store, &seen);
+        let stop = CancellationToken::new();
+        let running = tokio::spawn({
+            let runner = runner.clone();
+            let stop = stop.clone();
+            async move { runner.run(stop).await }
+        });
+        nodes.push((runner, stop, running));
+        for _ in 0..5 {
+            append(&store, appended).await;
+            appended += 1;
+        }
+        let head = store.head().await.expect("head");
+        nodes[0]
+            .0
+            .wait_for(head, &NAMES, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|e| panic!("step {step}: a projection stalled in the deploy: {e}"));
+    }
+    for (_, stop, running) in nodes {
+        stop.cancel();
+        running
+            .await
+            .expect("the runner task")
+            .expect("a clean stop");
+    }
+    let seen = seen.lock().expect("the record").clone();
+    let mut unique = seen.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), seen.len(), "an event was applied twice");
+    assert_eq!(seen.len() as u64, appended * NAMES.len() as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_restarts_on_postgres() {
+    let db = common::TestDb::new("quick_restarts").await;
+    quick_restarts(db.store().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_restarts_on_sqlite() {
+    let dir = common::TestDir::new("quick_restarts");
+    quick_restarts(dir.sqlite().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_deploy_on_postgres() {
+    let db = common::TestDb::new("rolling_deploy").await;
+    rolling_deploy(db.store().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_deploy_on_sqlite() {
+    let dir = common::TestDir::new("rolling_deploy");
+    rolling_deploy(dir.sqlite().await).await;
+}
