@@ -111,10 +111,15 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
                 checkpoint: record.checkpoint,
                 state: if record.paused {
                     ProjectionState::Paused
+                } else if record.state == ProjectionState::Live && lag_events > 0 {
+                    // `live` means caught up: a unit busy with a batch (a
+                    // slow `effects`, say) while events wait is catching up.
+                    ProjectionState::CatchingUp
                 } else {
                     record.state
                 },
                 owner: record.owner.filter(|_| record.lease_valid),
+                epoch: record.epoch,
                 paused: record.paused,
                 lag_events,
                 lag,

@@ -24,6 +24,9 @@ pub struct ProjectionStatus {
     pub state: ProjectionState,
     /// The node running it, while its lease is valid.
     pub owner: Option<String>,
+    /// The unit's epoch: it grows with every new owner and every reset, and
+    /// fences the commits of an owner that lost the unit.
+    pub epoch: u64,
     /// Whether an operator paused it.
     pub paused: bool,
     /// Committed events it still has to handle (up to 10 million; counted
@@ -35,7 +38,9 @@ pub struct ProjectionStatus {
     pub lag: Duration,
     /// Parked events of this unit.
     pub parked: usize,
-    /// The last error while retrying or stopped.
+    /// The last error while retrying or stopped, from the current attempt:
+    /// a new owner (a restarted process, a takeover) clears it, and so does
+    /// a batch that succeeds.
     pub last_error: Option<String>,
     /// Events handled since the last reset.
     pub processed: u64,

@@ -77,6 +77,28 @@ pub enum WaitError {
     /// No projection of that name is registered in the store.
     #[error("no projection `{0}` is registered")]
     UnknownProjection(String),
+    /// [`ProjectionRunner::wait_for`] was asked for a name that neither the
+    /// runner nor the store knows (a typo): answered at once.
+    #[error("no projection `{projection}` in this runner or the store; the runner's projections are: {}", known.join(", "))]
+    UnknownName {
+        /// The name asked for.
+        projection: String,
+        /// The runner's projections.
+        known: Vec<String>,
+    },
+    /// The projection is behind and no live node holds it: no runner runs
+    /// it (never started, stopped, or every node is gone), so it will not
+    /// get there until one does. Answered once no node held it for 5 s (a
+    /// node that starts or takes over claims it sooner).
+    #[error("projection `{projection}` reached {reached}, not {target}, and no live node runs it: is a runner running (`ProjectionRunner::run`) with this projection?")]
+    NotRunning {
+        /// The projection.
+        projection: String,
+        /// Where it stands.
+        reached: Checkpoint,
+        /// Where it had to get.
+        target: Checkpoint,
+    },
     /// Reading the checkpoints failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -128,6 +150,11 @@ pub async fn wait_for<S: Checkpoints + DeadLetters>(
 /// (its runner may be starting) before it reports it unknown.
 const UNKNOWN_GRACE: Duration = Duration::from_secs(3);
 
+/// How long a unit that is behind may stay unheld before a wait says that
+/// no node runs it: longer than a heartbeat, so a restart or a takeover
+/// claims it first.
+const NOT_RUNNING_GRACE: Duration = Duration::from_secs(5);
+
 /// The checkpoints as last read, shared by every waiter of a runner, and
 /// whether a task is refreshing them.
 #[derive(Debug)]
@@ -165,8 +192,8 @@ enum Standing<'a> {
     /// A unit is behind and retrying on an infrastructure error.
     Failing(&'a str, Checkpoint, String),
     /// A unit is behind (the first one found), with the error it is
-    /// retrying on.
-    Behind(&'a str, Checkpoint, Option<String>),
+    /// retrying on, and whether a live node holds every unit behind.
+    Behind(&'a str, Checkpoint, Option<String>, bool),
 }
 
 /// Whether a unit must pass the target: every unit, or on a log ordered
@@ -185,6 +212,7 @@ fn standing<'a>(
     let mut behind = None;
     let mut stopped = None;
     let mut failing = None;
+    let mut all_held = true;
     for &name in projections {
         let mut mine = units
             .iter()
@@ -197,12 +225,18 @@ fn standing<'a>(
             if unit.checkpoint >= target || !in_scope(unit, scope) {
                 continue;
             }
-            let error = unit.last_error.clone();
+            // An error is current only while a node works the unit: one
+            // left by a process that is gone belongs to that attempt.
+            let error = unit
+                .last_error
+                .clone()
+                .filter(|_| unit.lease_valid || unit.state == ProjectionState::Stopped);
+            all_held &= unit.lease_valid;
             match unit.state {
                 ProjectionState::Stopped if stopped.is_none() => {
                     stopped = Some((name, error.clone().unwrap_or_default()));
                 }
-                ProjectionState::Retrying if failing.is_none() => {
+                ProjectionState::Retrying if failing.is_none() && unit.lease_valid => {
                     if let Some(text) = error.as_deref().filter(|t| is_infrastructure_error(t)) {
                         failing = Some((name, unit.checkpoint, text.to_owned()));
                     }
@@ -219,7 +253,7 @@ fn standing<'a>(
         return Standing::Failing(name, at, error);
     }
     match behind {
-        Some((name, reached, error)) => Standing::Behind(name, reached, error),
+        Some((name, reached, error)) => Standing::Behind(name, reached, error, all_held),
         None => Standing::Reached,
     }
 }
@@ -282,6 +316,7 @@ async fn wait_on<S: Checkpoints + DeadLetters>(
             (name, from.min(own_transaction))
         })
         .collect();
+    let mut unheld_since: Option<tokio::time::Instant> = None;
     loop {
         let (name, reached, last_error) = match standing(&units, target, projections, scope) {
             Standing::Reached => {
@@ -317,8 +352,31 @@ async fn wait_on<S: Checkpoints + DeadLetters>(
                     error,
                 });
             }
-            Standing::Behind(name, reached, error) => (name, reached, error),
+            Standing::Behind(name, reached, error, held) => {
+                if held {
+                    unheld_since = None;
+                } else {
+                    let since = *unheld_since.get_or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed() >= NOT_RUNNING_GRACE {
+                        if fresh {
+                            return Err(WaitError::NotRunning {
+                                projection: name.to_owned(),
+                                reached,
+                                target,
+                            });
+                        }
+                        // Confirm with a read of our own first.
+                        units = Arc::new(store.units(None).await?);
+                        fresh = true;
+                        continue;
+                    }
+                }
+                (name, reached, error)
+            }
         };
+        // Look again when the grace for an unheld unit ends, if nothing
+        // moves before.
+        let recheck = unheld_since.map(|since| since + NOT_RUNNING_GRACE);
         tokio::select! {
             changed = view.changed() => {
                 if changed.is_err() {
@@ -331,6 +389,10 @@ async fn wait_on<S: Checkpoints + DeadLetters>(
                     units = latest;
                     fresh = false;
                 }
+            }
+            _ = tokio::time::sleep_until(recheck.unwrap_or(deadline).min(deadline)), if recheck.is_some_and(|r| r < deadline) => {
+                units = Arc::new(store.units(None).await?);
+                fresh = true;
             }
             _ = tokio::time::sleep_until(deadline) => {
                 return Err(WaitError::Timeout {
@@ -426,9 +488,27 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
     ) -> Result<(), WaitError> {
         // A runner may be waited on before `run` has registered its
         // projections (right after start-up): register those it knows.
+        let mut foreign = Vec::new();
         for name in projections {
-            if let Some(registered) = self.shared.projections.get(*name) {
-                self.ensure_registered(registered).await?;
+            match self.shared.projections.get(*name) {
+                Some(registered) => self.ensure_registered(registered).await?,
+                None => foreign.push(*name),
+            }
+        }
+        // A name this runner does not run may be another process's: only
+        // one the store does not know either is a mistake, said at once.
+        if !foreign.is_empty() {
+            let stored = self.shared.store.units(None).await?;
+            if let Some(name) = foreign
+                .iter()
+                .find(|name| !stored.iter().any(|u| u.unit.projection == **name))
+            {
+                let mut known: Vec<String> = self.shared.projections.keys().cloned().collect();
+                known.sort();
+                return Err(WaitError::UnknownName {
+                    projection: (*name).to_owned(),
+                    known,
+                });
             }
         }
         // On a log ordered per partition, the target's partition alone
@@ -460,8 +540,8 @@ mod tests {
             },
             partitions: 2,
             checkpoint: Checkpoint::new(1, at),
-            owner: None,
-            lease_valid: false,
+            owner: Some("node".into()),
+            lease_valid: true,
             epoch: 1,
             state,
             paused: false,
@@ -483,11 +563,11 @@ mod tests {
         assert_eq!(standing(&units, target, &["a"], Some(0)), Standing::Reached);
         assert!(matches!(
             standing(&units, target, &["a"], Some(1)),
-            Standing::Behind("a", _, _)
+            Standing::Behind("a", _, _, true)
         ));
         assert!(matches!(
             standing(&units, target, &["a"], None),
-            Standing::Behind("a", _, _)
+            Standing::Behind("a", _, _, true)
         ));
         assert_eq!(lowest(&units, "a", Some(0)), Some(Checkpoint::new(1, 5)));
     }
@@ -504,7 +584,7 @@ mod tests {
         assert_eq!(standing(&units, target, &["b"], None), Standing::Reached);
         assert_eq!(
             standing(&units, target, &["b", "a"], None),
-            Standing::Behind("a", Checkpoint::new(1, 3), Some("boom".into()))
+            Standing::Behind("a", Checkpoint::new(1, 3), Some("boom".into()), true)
         );
         assert_eq!(
             standing(&units, target, &["c"], None),
@@ -534,8 +614,19 @@ mod tests {
         let units_transient = [unit("a", 0, 2, ProjectionState::Live), retrying];
         assert!(matches!(
             standing(&units_transient, Checkpoint::new(1, 2), &["a"], None),
-            Standing::Behind("a", _, Some(_))
+            Standing::Behind("a", _, Some(_), true)
         ));
+        // An error left by a node that is gone (no valid lease) is not
+        // current: the unit is behind, unheld, with no error.
+        let mut orphan = unit("a", 1, 1, ProjectionState::Retrying);
+        orphan.last_error = Some("infrastructure error: relation \"x\" does not exist".into());
+        orphan.lease_valid = false;
+        orphan.owner = None;
+        let units_orphaned = [unit("a", 0, 2, ProjectionState::Live), orphan];
+        assert_eq!(
+            standing(&units_orphaned, Checkpoint::new(1, 2), &["a"], None),
+            Standing::Behind("a", Checkpoint::new(1, 1), None, false)
+        );
         // Stopped but past the target: nothing to wait for.
         assert_eq!(
             standing(&units, Checkpoint::new(1, 1), &["a"], None),

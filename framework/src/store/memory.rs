@@ -814,7 +814,9 @@ impl Leases for MemoryStore {
             return Ok(None);
         }
         if !mine {
+            // A new attempt: the last error was the previous owner's.
             u.epoch += 1;
+            u.last_error = None;
         }
         u.owner = Some(node.to_owned());
         u.lease_until = Some(now + ttl);

@@ -73,6 +73,10 @@ const CLAIM: &str = "UPDATE {projections} AS p \
              SELECT 1 FROM {leases} l \
               WHERE l.projection = p.projection AND l.partition = p.partition \
                 AND l.owner = ?3 AND l.lease_until > ?4) THEN 0 ELSE 1 END, \
+         last_error = CASE WHEN EXISTS ( \
+             SELECT 1 FROM {leases} l \
+              WHERE l.projection = p.projection AND l.partition = p.partition \
+                AND l.owner = ?3 AND l.lease_until > ?4) THEN p.last_error ELSE NULL END, \
          updated_at = ?5 \
      WHERE p.projection = ?1 AND p.partition = ?2 AND p.state <> 'stopped' \
        AND NOT EXISTS ( \

@@ -1,6 +1,8 @@
 -- Takes a unit that is free, whose lease ran out, or that this node holds.
 -- A claim without a valid lease of this node gets a new epoch, which fences
 -- the previous owner's commits.
+-- A new epoch also clears the last error: it belonged to the previous
+-- owner's attempt, and this one has not failed yet.
 -- A unit whose batch is in flight (its row is locked) is skipped, not waited
 -- for: the claim is tried again at the next heartbeat.
 WITH unit AS (
@@ -15,6 +17,7 @@ WITH unit AS (
 ), claimed AS (
     UPDATE {projections} AS p
        SET epoch = CASE WHEN u.held THEN p.epoch ELSE p.epoch + 1 END,
+           last_error = CASE WHEN u.held THEN p.last_error ELSE NULL END,
            updated_at = now()
       FROM unit u
      WHERE p.projection = u.projection AND p.partition = u.partition

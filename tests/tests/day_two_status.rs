@@ -1,0 +1,222 @@
+//! Status that is current and true, and waits that say what is wrong: an
+//! error left by a process that is gone is not reported as current after a
+//! fix and a restart; a wait on a projection no node runs says so; a typo
+//! in a projection's name is answered at once with the runner's names; a
+//! unit busy with a slow batch while events wait is not `live`; the status
+//! shows each unit's epoch.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use outflow::projection::{HandlerError, Projection, ProjectionOptions, RetryPolicy};
+use outflow::runner::{ProjectionRunner, WaitError};
+use outflow::store::memory::MemoryTransaction;
+use outflow::store::projections::ProjectionState;
+use outflow::{AppendRequest, CancellationToken, EventLog, EventStore, MemoryStore, RecordedEvent};
+
+/// Fails with an infrastructure error (as a missing table would) while
+/// `broken` is set; `slow` makes each batch's effects wait until cleared.
+struct Fragile {
+    broken: Arc<AtomicBool>,
+    slow: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl Projection<MemoryStore> for Fragile {
+    fn name(&self) -> &str {
+        "fragile"
+    }
+
+    async fn effects(&self, _events: &[RecordedEvent]) -> Result<(), HandlerError> {
+        while self.slow.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        _events: &[RecordedEvent],
+        _tx: &mut MemoryTransaction,
+    ) -> Result<(), HandlerError> {
+        if self.broken.load(Ordering::SeqCst) {
+            return Err(HandlerError::infrastructure(
+                "relation \"fragile_rows\" does not exist",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn runner(
+    store: &MemoryStore,
+    broken: &Arc<AtomicBool>,
+    slow: &Arc<AtomicBool>,
+) -> ProjectionRunner<MemoryStore> {
+    ProjectionRunner::builder(store.clone())
+        .heartbeat_interval(Duration::from_millis(100))
+        .lease_ttl(Duration::from_secs(30))
+        .projection(
+            ProjectionOptions::new(Fragile {
+                broken: broken.clone(),
+                slow: slow.clone(),
+            })
+            .retry(RetryPolicy {
+                max_attempts: u32::MAX,
+                initial_backoff: Duration::from_millis(20),
+                max_backoff: Duration::from_millis(100),
+            }),
+        )
+        .build()
+        .expect("the runner")
+}
+
+async fn append(store: &MemoryStore, version: u64) {
+    store
+        .append(AppendRequest {
+            aggregate_type: "account".into(),
+            aggregate_id: "a".into(),
+            expected_version: version,
+            events: vec![common::deposit_event(1)],
+        })
+        .await
+        .expect("append");
+}
+
+fn start(
+    runner: &ProjectionRunner<MemoryStore>,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), outflow::StoreError>>,
+) {
+    let stop = CancellationToken::new();
+    let handle = tokio::spawn({
+        let runner = runner.clone();
+        let stop = stop.clone();
+        async move { runner.run(stop).await }
+    });
+    (stop, handle)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_of_a_stopped_process_is_not_current_after_a_fix() {
+    let store = MemoryStore::new();
+    let broken = Arc::new(AtomicBool::new(true));
+    let slow = Arc::new(AtomicBool::new(false));
+    let first = runner(&store, &broken, &slow);
+    let (stop, handle) = start(&first);
+    append(&store, 0).await;
+    let head = store.head().await.expect("head");
+    let failing = first
+        .wait_for(head, &["fragile"], Duration::from_secs(30))
+        .await;
+    assert!(
+        matches!(failing, Err(WaitError::Failing { .. })),
+        "{failing:?}"
+    );
+    stop.cancel();
+    handle.await.expect("task").expect("clean stop");
+
+    // Fixed, and a new process: its waits do not answer the old error.
+    broken.store(false, Ordering::SeqCst);
+    let second = runner(&store, &broken, &slow);
+    let (stop, handle) = start(&second);
+    second
+        .wait_for(head, &["fragile"], Duration::from_secs(30))
+        .await
+        .expect("the fix is seen, not the old error");
+    let status = second.status().await.expect("status");
+    assert_eq!(status[0].last_error, None, "{status:?}");
+    assert!(status[0].epoch >= 2, "a new owner, a new epoch: {status:?}");
+    stop.cancel();
+    handle.await.expect("task").expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_on_a_projection_no_node_runs_says_so() {
+    let store = MemoryStore::new();
+    let flag = Arc::new(AtomicBool::new(false));
+    let never_run = runner(&store, &flag, &flag);
+    append(&store, 0).await;
+    let head = store.head().await.expect("head");
+    let waited = never_run
+        .wait_for(head, &["fragile"], Duration::from_secs(60))
+        .await;
+    match waited {
+        Err(error @ WaitError::NotRunning { .. }) => {
+            assert!(
+                error.to_string().contains("no live node runs it"),
+                "{error}"
+            );
+        }
+        other => panic!("not NotRunning: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_typo_in_a_name_is_answered_at_once_with_the_names() {
+    let store = MemoryStore::new();
+    let flag = Arc::new(AtomicBool::new(false));
+    let runner = runner(&store, &flag, &flag);
+    append(&store, 0).await;
+    let head = store.head().await.expect("head");
+    match runner
+        .wait_for(head, &["fargile"], Duration::from_secs(60))
+        .await
+    {
+        Err(WaitError::UnknownName { projection, known }) => {
+            assert_eq!(projection, "fargile");
+            assert_eq!(known, ["fragile"]);
+        }
+        other => panic!("not UnknownName: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_unit_with_events_waiting_is_not_live() {
+    let store = MemoryStore::new();
+    let broken = Arc::new(AtomicBool::new(false));
+    let slow = Arc::new(AtomicBool::new(false));
+    let runner = runner(&store, &broken, &slow);
+    let (stop, handle) = start(&runner);
+    append(&store, 0).await;
+    let head = store.head().await.expect("head");
+    runner
+        .wait_for(head, &["fragile"], Duration::from_secs(30))
+        .await
+        .expect("caught up");
+    assert_eq!(
+        runner.status().await.expect("status")[0].state,
+        ProjectionState::Live
+    );
+    // The next batch's effects hang while more events arrive.
+    slow.store(true, Ordering::SeqCst);
+    append(&store, 1).await;
+    append(&store, 2).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = runner.status().await.expect("status");
+        if status[0].lag_events >= 2 {
+            assert_eq!(status[0].state, ProjectionState::CatchingUp, "{status:?}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{status:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    slow.store(false, Ordering::SeqCst);
+    let head = store.head().await.expect("head");
+    runner
+        .wait_for(head, &["fragile"], Duration::from_secs(30))
+        .await
+        .expect("caught up again");
+    assert_eq!(
+        runner.status().await.expect("status")[0].state,
+        ProjectionState::Live
+    );
+    stop.cancel();
+    handle.await.expect("task").expect("clean stop");
+}
