@@ -289,6 +289,19 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for PathParam {
     }
 }
 
+/// A name (a user's, an owner's) at most [`MAX_NAME`](crate::MAX_NAME)
+/// characters long, else a 422 naming the field (the domain checks the rest).
+fn check_length(field: &str, name: &str) -> Result<(), ApiError> {
+    if name.trim().chars().count() > crate::MAX_NAME {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "refused",
+            format!("the {field} is longer than {} characters", crate::MAX_NAME),
+        ));
+    }
+    Ok(())
+}
+
 /// An account's or a transfer's id: 1 to [`MAX_ID`] letters, digits, `-`
 /// or `_` (the ids the server gives out), else a 400 naming the field.
 fn check_id(field: &str, id: &str) -> Result<(), ApiError> {
@@ -348,6 +361,7 @@ async fn sign_up<S: AppStore>(
     State(state): Shared<S>,
     Body(body): Body<SignUp>,
 ) -> Result<impl IntoResponse, ApiError> {
+    check_length("name", &body.name)?;
     let user_id = new_id("user");
     let done = state
         .app
@@ -370,6 +384,7 @@ async fn open_account<S: AppStore>(
     State(state): Shared<S>,
     Body(body): Body<Open>,
 ) -> Result<impl IntoResponse, ApiError> {
+    check_length("owner", &body.owner)?;
     let account_id = new_id("acc");
     let done = state
         .app

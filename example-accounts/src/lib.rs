@@ -199,8 +199,7 @@ pub enum BankError {
     /// `Close` with money left.
     #[error("the account still holds {0}")]
     NotEmpty(i64),
-    /// An empty owner, or one with control characters or longer than
-    /// [`MAX_NAME`] characters.
+    /// An empty owner, or one with control characters.
     #[error("{0}")]
     InvalidOwner(String),
     /// A credit that would take the balance past the largest amount an
@@ -214,16 +213,14 @@ pub enum BankError {
     },
 }
 
-/// The longest name (a user's, an account owner's) accepted, in characters.
+/// The longest name (a user's, an account owner's) the HTTP API accepts,
+/// in characters.
 pub const MAX_NAME: usize = 200;
 
-/// The rule for names, the same on every backend: at most [`MAX_NAME`]
-/// characters and no control characters (a NUL among them, which
-/// PostgreSQL cannot store in text). Returns why not.
+/// The domain's rule for names, the same on every backend: no control
+/// characters (a NUL among them, which PostgreSQL cannot store in text).
+/// Returns why not. (The HTTP API also bounds their length: [`MAX_NAME`].)
 pub fn check_name(field: &str, name: &str) -> Result<(), String> {
-    if name.chars().count() > MAX_NAME {
-        return Err(format!("the {field} is longer than {MAX_NAME} characters"));
-    }
     if name.chars().any(char::is_control) {
         return Err(format!("the {field} contains control characters"));
     }

@@ -69,8 +69,7 @@ pub enum UserError {
     /// characters).
     #[error("`{0}` is not an e-mail address")]
     InvalidEmail(String),
-    /// A name with control characters or longer than
-    /// [`MAX_NAME`](crate::MAX_NAME) characters.
+    /// A name with control characters.
     #[error("{0}")]
     InvalidName(String),
 }

@@ -600,6 +600,14 @@ where
                 CommandError::Rejected(_) | CommandError::Refused(_) => {
                     tracing::debug!(parent: &span, error = %crate::error::error_chain(error), "command rejected");
                 }
+                // An inline handler that refused the data (a unique
+                // address taken, say) is a business outcome like a
+                // rejection, not a failure to look at.
+                CommandError::Inline { error: handler, .. }
+                    if handler.declared_kind() == Some(crate::error::ErrorKind::Data) =>
+                {
+                    tracing::debug!(parent: &span, error = %crate::error::error_chain(error), "command refused by an inline handler");
+                }
                 _ if error.is_conflict() => {
                     metrics::counter!("outflow_command_conflicts_total", "aggregate_type" => A::TYPE)
                         .increment(1);

@@ -487,14 +487,19 @@ async fn table_names_are_validated_and_migrations_apply_once() {
         .await
         .expect("another events table in the same file");
     let ledger: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT events_table, version FROM outflow_migrations ORDER BY events_table",
+        "SELECT events_table, version FROM outflow_migrations ORDER BY events_table, version",
     )
     .fetch_all(again.readers())
     .await
     .expect("ledger");
     assert_eq!(
         ledger,
-        vec![("ledger".to_owned(), 1), ("other_events".to_owned(), 1)]
+        vec![
+            ("ledger".to_owned(), 1),
+            ("ledger".to_owned(), 2),
+            ("other_events".to_owned(), 1),
+            ("other_events".to_owned(), 2)
+        ]
     );
     assert_eq!(whole_log(&again).await.len(), 1);
     assert!(whole_log(&other).await.is_empty());

@@ -45,7 +45,7 @@ impl Projection<SqliteStore> for ItemCounts {
     ) -> Result<(), HandlerError> {
         for event in events {
             sqlx::query(
-                "INSERT INTO item_counts (cart_id, items) VALUES (?1, 1) \
+                "INSERT INTO item_counts (cart_id, items) VALUES ($1, 1) \
                  ON CONFLICT (cart_id) DO UPDATE SET items = items + 1",
             )
             .bind(&event.aggregate_id)
@@ -98,7 +98,7 @@ impl EventHandler<Cart, SqliteStore> for CheckoutLog {
         tx: &mut Transaction<'static, Sqlite>,
     ) -> Result<(), HandlerError> {
         if let CartEvent::CheckedOut = event.payload {
-            sqlx::query("INSERT INTO checkouts (event_id, cart_id) VALUES (?1, ?2)")
+            sqlx::query("INSERT INTO checkouts (event_id, cart_id) VALUES ($1, $2)")
                 .bind(event.event_id.to_string())
                 .bind(&event.aggregate_id)
                 .execute(&mut **tx)
@@ -230,7 +230,7 @@ pub async fn run(file: &std::path::Path) -> Result<Shop, Box<dyn std::error::Err
     // The read models now show the command.
     let pool = store.readers();
     let (items_in_cart_1,): (i64,) =
-        sqlx::query_as("SELECT items FROM item_counts WHERE cart_id = ?1")
+        sqlx::query_as("SELECT items FROM item_counts WHERE cart_id = $1")
             .bind("cart-1")
             .fetch_one(pool)
             .await?;

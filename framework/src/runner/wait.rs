@@ -75,17 +75,8 @@ pub enum WaitError {
         dead_letter: u64,
     },
     /// No projection of that name is registered in the store.
-    #[error("no projection `{0}` is registered")]
+    #[error("no projection `{0}` is registered: no runner with it has started (`ProjectionRunner::run` registers its projections), or the name is wrong")]
     UnknownProjection(String),
-    /// [`ProjectionRunner::wait_for`] was asked for a name that neither the
-    /// runner nor the store knows (a typo): answered at once.
-    #[error("no projection `{projection}` in this runner or the store; the runner's projections are: {}", known.join(", "))]
-    UnknownName {
-        /// The name asked for.
-        projection: String,
-        /// The runner's projections.
-        known: Vec<String>,
-    },
     /// The projection is behind and no live node holds it: no runner runs
     /// it (never started, stopped, or every node is gone), so it will not
     /// get there until one does. Answered once no node held it for 5 s (a
@@ -135,7 +126,11 @@ pub enum WaitError {
 ///   is retrying on, if any);
 /// - [`WaitError::UnknownProjection`] when no projection of that name is
 ///   registered within 3 s (or the timeout, if shorter): a runner that is
-///   starting has that long to register it.
+///   starting has that long to register it; at once from
+///   [`ProjectionRunner::wait_for`] for a name neither the runner nor the
+///   store knows (the runner's names are logged);
+/// - [`WaitError::NotRunning`] when a unit behind the target has had no
+///   live node holding it for 5 s.
 pub async fn wait_for<S: Checkpoints + DeadLetters>(
     store: &S,
     target: Checkpoint,
@@ -503,12 +498,11 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
                 .iter()
                 .find(|name| !stored.iter().any(|u| u.unit.projection == **name))
             {
-                let mut known: Vec<String> = self.shared.projections.keys().cloned().collect();
-                known.sort();
-                return Err(WaitError::UnknownName {
-                    projection: (*name).to_owned(),
-                    known,
-                });
+                let mut known: Vec<&str> =
+                    self.shared.projections.keys().map(String::as_str).collect();
+                known.sort_unstable();
+                tracing::warn!(projection = %name, known = %known.join(", "), "waiting on a projection that neither this runner nor the store knows");
+                return Err(WaitError::UnknownProjection((*name).to_owned()));
             }
         }
         // On a log ordered per partition, the target's partition alone

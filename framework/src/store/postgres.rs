@@ -122,6 +122,14 @@ struct Queries {
     prune_outcomes: String,
 }
 
+/// A driver error with the server it came from.
+#[derive(Debug, thiserror::Error)]
+#[error("server {server}")]
+struct ServerError {
+    server: String,
+    source: sqlx::Error,
+}
+
 /// Builds a [`PostgresStore`] on an existing pool.
 ///
 /// ```no_run
@@ -303,20 +311,39 @@ impl PostgresStore {
         let options: PgConnectOptions = url
             .parse()
             .map_err(|e| pg_error("reading the PostgreSQL URL", e))?;
+        // The server's notices (`relation … already exists, skipping` from
+        // every `CREATE … IF NOT EXISTS` of a setup hook) are not news:
+        // only warnings and errors reach the log.
+        let options = options.options([("client_min_messages", "warning")]);
         // One connection first, outside the pool: an unreachable server or a
         // refused login fails at once with the server's own error, instead
         // of the pool retrying until its acquire timeout.
-        let first = options
-            .connect()
-            .await
-            .map_err(|e| pg_error("connecting to PostgreSQL", e))?;
+        // The error names the server (host, port, database), never the
+        // credentials.
+        let server = format!(
+            "{}:{}/{}",
+            options.get_host(),
+            options.get_port(),
+            options.get_database().unwrap_or("postgres")
+        );
+        let connecting = |e: sqlx::Error| {
+            StoreError::database(
+                "connecting to PostgreSQL",
+                classify(&e),
+                ServerError {
+                    server: server.clone(),
+                    source: e,
+                },
+            )
+        };
+        let first = options.connect().await.map_err(connecting)?;
         let _ = first.close().await;
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .test_before_acquire(false)
             .connect_with(options)
             .await
-            .map_err(|e| pg_error("connecting to PostgreSQL", e))?;
+            .map_err(connecting)?;
         Self::builder(pool).build().await
     }
 
@@ -336,6 +363,14 @@ impl PostgresStore {
     /// The connection pool.
     pub fn pool(&self) -> &PgPool {
         &self.inner.pool
+    }
+
+    /// Stops the store's background listener and closes its pool (as
+    /// [`SqliteStore::close`](crate::SqliteStore::close) does): every clone
+    /// of the store is closed; pending queries finish first.
+    pub async fn close(&self) {
+        self.inner.shutdown.cancel();
+        self.inner.pool.close().await;
     }
 
     /// The events table, as configured (possibly schema-qualified).

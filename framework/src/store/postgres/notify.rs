@@ -61,11 +61,17 @@ impl PostgresStore {
             let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
             loop {
                 let channels = [channel.as_str(), checkpoint_channel.as_str()];
-                if let Err(error) = listen_once(&pool, channels, &instance, &shutdown, &wake).await {
-                    tracing::warn!(error = %crate::error::error_chain(&error), %channel, "listener failed, reconnecting");
-                }
-                if shutdown.is_cancelled() || wake.strong_count() == 0 {
+                let result = listen_once(&pool, channels, &instance, &shutdown, &wake).await;
+                // A store closing (its pool closed, its last handle gone) is
+                // not a failure: stop quietly.
+                if shutdown.is_cancelled() || wake.strong_count() == 0 || pool.is_closed() {
+                    if let Err(error) = result {
+                        tracing::debug!(error = %crate::error::error_chain(&error), %channel, "listener stopped with its store");
+                    }
                     return;
+                }
+                if let Err(error) = result {
+                    tracing::warn!(error = %crate::error::error_chain(&error), %channel, "listener failed, reconnecting");
                 }
                 if !backoff.wait(&shutdown).await {
                     return;

@@ -190,10 +190,21 @@ pub(super) async fn migrate(writer: &SqlitePool, tables: &Tables) -> Result<(), 
             source: Box::new(e),
         }
     };
-    let mut tx = writer
-        .begin_with("BEGIN IMMEDIATE")
-        .await
-        .map_err(failed(0, "begin"))?;
+    let mut tx = match writer.begin_with("BEGIN IMMEDIATE").await {
+        Ok(tx) => tx,
+        // Another connection held the file's write lock for longer than
+        // the busy timeout: say so, not "migration 0 failed".
+        Err(sqlx::Error::Database(e))
+            if e.message().contains("locked") || e.code().as_deref() == Some("5") =>
+        {
+            return Err(StoreError::database(
+                "taking the SQLite file's write lock to check its schema (another connection held it past the busy timeout; raise `busy_timeout` or find the long writer)",
+                crate::error::ErrorKind::Transient,
+                sqlx::Error::Database(e),
+            ));
+        }
+        Err(e) => return Err(failed(0, "begin")(e)),
+    };
     sqlx::raw_sql(
         "CREATE TABLE IF NOT EXISTS outflow_migrations (
             events_table TEXT    NOT NULL,
