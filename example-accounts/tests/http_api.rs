@@ -857,10 +857,7 @@ async fn hostile_input(backend: Backend) {
     let reply = api.get(&format!("/api/accounts/acc%00{holder}")).await;
     api.expect_error(&reply, 400, "a NUL in an account id");
     let reply = api
-        .post_json(
-            &format!("/api/accounts/a%00b/deposits"),
-            json!({ "amount": 1 }),
-        )
+        .post_json("/api/accounts/a%00b/deposits", json!({ "amount": 1 }))
         .await;
     api.expect_error(&reply, 400, "a NUL in a deposit's account id");
     let reply = api.get("/api/transfers/tr%00x").await;
