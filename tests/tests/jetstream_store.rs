@@ -741,6 +741,23 @@ async fn partition_leaders_are_spread_over_the_cluster() {
     assert_eq!(store.spread_leaders().await.expect("spread"), leaders);
 }
 
+/// Four partitions on three servers spread by the floor/ceiling rule,
+/// 2/1/1: no server idle while another leads two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_partition_leaders_leave_no_server_idle() {
+    let store = common::jetstream_store(&common::nats_cluster_url(), "spread4", 4).await;
+    let leaders = store.leaders().await.expect("leaders");
+    let mut led: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+    for leader in &leaders {
+        *led.entry(leader.clone().expect("every stream has a leader"))
+            .or_default() += 1;
+    }
+    assert_eq!(led.len(), 3, "every server leads a partition: {leaders:?}");
+    let mut counts: Vec<usize> = led.values().copied().collect();
+    counts.sort_unstable();
+    assert_eq!(counts, [1, 1, 2], "{led:?}");
+}
+
 /// The mistakes a user is most likely to make are loud: a server without
 /// JetStream gives an infrastructure error naming it, no server at all an
 /// `Unavailable` after the timeout, and a store opened with another

@@ -755,8 +755,9 @@ impl JetStreamStore {
         Ok(clusters)
     }
 
-    /// Moves partition leaders until no server leads more than its share
-    /// (`partitions / servers`, rounded up) of the streams, so that appends
+    /// Moves partition leaders until they are spread by the floor/ceiling
+    /// rule — no server leads two more streams than another, one that leads
+    /// none included (4 partitions on 3 servers: 2/1/1) — so that appends
     /// to different partitions are led by different servers: a stream whose
     /// leader leads too many is asked to step down, and the cluster elects
     /// another of its replicas. [`build`](JetStreamStoreBuilder::build) does
@@ -804,16 +805,7 @@ impl JetStreamStore {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
-            let share = leaders.len().div_ceil(servers.len());
-            let mut led: HashMap<&str, usize> = HashMap::new();
-            for leader in leaders.iter().flatten() {
-                *led.entry(leader.as_str()).or_default() += 1;
-            }
-            let Some(partition) = leaders.iter().position(|leader| {
-                leader
-                    .as_deref()
-                    .is_some_and(|l| led.get(l).copied().unwrap_or(0) > share)
-            }) else {
+            let Some(partition) = overloaded(&leaders, &servers) else {
                 return Ok(leaders);
             };
             let name = self
@@ -2212,8 +2204,55 @@ impl EventLog for JetStreamStore {
     }
 }
 
+/// The floor/ceiling rule for leaders, as the runner's fair share: a
+/// partition to hand over while some server leads two more partitions than
+/// another (which may lead none), led by one of the busiest servers; `None`
+/// when the leaders are spread.
+fn overloaded(leaders: &[Option<String>], servers: &[String]) -> Option<usize> {
+    let mut led: HashMap<&str, usize> = servers.iter().map(|s| (s.as_str(), 0)).collect();
+    for leader in leaders.iter().flatten() {
+        *led.entry(leader.as_str()).or_default() += 1;
+    }
+    let most = led.values().copied().max()?;
+    let least = led.values().copied().min()?;
+    if most < least + 2 {
+        return None;
+    }
+    leaders
+        .iter()
+        .position(|leader| leader.as_deref().is_some_and(|l| led.get(l) == Some(&most)))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn leaders_spread_by_floor_and_ceiling() {
+        let servers: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        let led = |names: &[&str]| -> Vec<Option<String>> {
+            names.iter().map(|n| Some(n.to_string())).collect()
+        };
+        // 4 partitions on 3 servers: 2/2/0 leaves a server idle while
+        // another leads two more.
+        assert_eq!(
+            super::overloaded(&led(&["a", "a", "b", "b"]), &servers),
+            Some(0)
+        );
+        assert_eq!(
+            super::overloaded(&led(&["a", "a", "b", "c"]), &servers),
+            None
+        );
+        assert_eq!(
+            super::overloaded(&led(&["a", "b", "c", "c", "c", "a"]), &servers),
+            Some(2)
+        );
+        assert_eq!(
+            super::overloaded(&led(&["a", "b", "c", "a", "b", "c"]), &servers),
+            None
+        );
+        assert_eq!(super::overloaded(&led(&["a"]), &servers), None);
+        assert_eq!(super::overloaded(&led(&["a", "a"]), &servers), Some(0));
+    }
+
     use super::*;
 
     #[test]
