@@ -438,3 +438,45 @@ async fn one_node_down_writes_go_on_two_down_unavailable_then_recovery() {
     assert_eq!(sequences, (1..=log.len() as u64).collect::<Vec<_>>());
     cluster.start_node(follower);
 }
+
+/// `leaders()` answers partition by partition: with three one-replica
+/// partition streams and the server of one of them killed, that partition
+/// has no leader and the others still name theirs, within the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaders_answer_per_partition_while_a_server_is_down() {
+    let mut cluster = OwnCluster::start(3);
+    cluster.wait_for_meta_leader(Duration::from_secs(30)).await;
+    let client = async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connection_timeout(Duration::from_secs(2))
+        .connect(cluster.url_list())
+        .await
+        .expect("connect to the cluster");
+    let store = JetStreamStore::builder(client)
+        .prefix("per_partition")
+        .partitions(3)
+        .replicas(1)
+        // Long enough to ride out a meta-leader election if the victim led.
+        .timeout(Duration::from_secs(10))
+        .build()
+        .await
+        .expect("a store of one-replica partitions");
+    let leaders = store.leaders().await.expect("leaders");
+    let first = leaders[0].clone().expect("partition 0 has a leader");
+    let victim = cluster.node_index(&first).expect("a node of the cluster");
+    cluster.kill(victim);
+    let after = store
+        .leaders()
+        .await
+        .expect("an answer while a server is down");
+    assert_eq!(after.len(), 3);
+    assert_eq!(after[0], None, "{after:?}");
+    for (partition, leader) in leaders.iter().enumerate().skip(1) {
+        if leader.as_deref() != Some(first.as_str()) {
+            assert_eq!(
+                &after[partition], leader,
+                "partition {partition}: {after:?}"
+            );
+        }
+    }
+}

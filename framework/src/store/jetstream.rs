@@ -720,20 +720,34 @@ impl JetStreamStore {
         }
     }
 
-    /// The server leading each partition's stream now (`None` while a
-    /// stream has no leader), by partition.
+    /// The server leading each partition's stream now, by partition:
+    /// `None` for a stream without a leader (electing one, or most of its
+    /// servers down: such a stream does not answer within the timeout). The
+    /// streams are asked at once, so the answer comes within one timeout
+    /// whatever the number of partitions.
     ///
     /// # Errors
     ///
-    /// [`StoreError::Unavailable`] or [`StoreError::Database`] when a
-    /// stream's state cannot be read.
+    /// [`StoreError::Database`] when a stream's state cannot be read for
+    /// another reason than an unanswered request (a stream deleted, say).
     pub async fn leaders(&self) -> Result<Vec<Option<String>>, StoreError> {
-        Ok(self
-            .clusters()
-            .await?
+        let asked = self.inner.streams.iter().map(|stream| {
+            self.patiently(|| async {
+                stream
+                    .get_info()
+                    .await
+                    .map_err(|e| nats_error("read a stream's leader", e))
+            })
+        });
+        futures::future::join_all(asked)
+            .await
             .into_iter()
-            .map(|cluster| cluster.and_then(|c| c.leader))
-            .collect())
+            .map(|answer| match answer {
+                Ok(info) => Ok(info.cluster.and_then(|c| c.leader)),
+                Err(error) if error.is_unavailable() => Ok(None),
+                Err(error) => Err(error),
+            })
+            .collect()
     }
 
     /// Each partition stream's cluster state (leader and replicas) now.
