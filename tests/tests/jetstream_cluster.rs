@@ -480,3 +480,45 @@ async fn leaders_answer_per_partition_while_a_server_is_down() {
         }
     }
 }
+
+/// `build()` keeps its promise about time: with every server of the
+/// cluster stalled (SIGSTOP) for 3 s while it provisions its streams and
+/// bucket, it tries again until its 10 s timeout and succeeds, and the
+/// store works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn build_rides_out_a_stalled_cluster() {
+    let cluster = OwnCluster::start(3);
+    cluster.wait_for_meta_leader(Duration::from_secs(30)).await;
+    let client = async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connection_timeout(Duration::from_secs(2))
+        .connect(cluster.url_list())
+        .await
+        .expect("connect to the cluster");
+    for i in 0..3 {
+        cluster.pause(i);
+    }
+    let building = tokio::spawn(
+        JetStreamStore::builder(client)
+            .prefix("stalled")
+            .partitions(2)
+            .replicas(3)
+            .timeout(Duration::from_secs(10))
+            .build(),
+    );
+    // The outage the build must ride out.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for i in 0..3 {
+        cluster.resume(i);
+    }
+    let store = building.await.expect("the build task").unwrap_or_else(|e| {
+        panic!(
+            "build gave up during the stall: {e}\n{}",
+            cluster.log_tails()
+        )
+    });
+    let bus = CommandBus::<BankAccount, _>::new(store, ());
+    bus.execute("after-stall", BankCommand::Open { owner: "Al".into() })
+        .await
+        .expect("a command after the stall");
+}

@@ -359,13 +359,25 @@ impl JetStreamStoreBuilder {
         let base = self.prefix.replace('.', "_").to_uppercase();
         // The partition count first: a store opened with another count than
         // its data's creates nothing.
-        let kv = ensure_bucket(&js, &format!("{base}_snapshots"), replicas).await?;
-        check_partition_count(&kv, &self.prefix, self.partitions).await?;
+        // Each step is tried again while the cluster does not answer (an
+        // election leaves requests unanswered), until the build's timeout.
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let bucket = format!("{base}_snapshots");
+        let kv = until(deadline, || ensure_bucket(&js, &bucket, replicas)).await?;
+        until(deadline, || {
+            check_partition_count(&kv, &self.prefix, self.partitions)
+        })
+        .await?;
         let mut streams = Vec::new();
         for partition in 0..self.partitions {
             let name = format!("{base}_{partition}");
             let subjects = vec![format!("{}.{partition}.>", self.prefix)];
-            streams.push(ensure_stream(&js, &name, subjects, replicas).await?);
+            streams.push(
+                until(deadline, || {
+                    ensure_stream(&js, &name, subjects.clone(), replicas)
+                })
+                .await?,
+            );
         }
         let store = JetStreamStore {
             inner: Arc::new(Inner {
@@ -444,13 +456,39 @@ async fn ensure_bucket(
         duplicate_window: Duration::from_secs(120),
         ..Default::default()
     };
-    if let Err(error) = js.create_stream(config).await {
-        // Another node may have created it meanwhile.
-        tracing::debug!(%error, "creating the snapshot bucket failed");
+    let created = js.create_stream(config).await;
+    match js.get_key_value(bucket).await {
+        Ok(store) => Ok(store),
+        // Not there after a failed create: the create's error says why
+        // (no answer during an election, not enough servers), not "not
+        // found".
+        Err(error) => match created {
+            Err(create) => Err(nats_error("create the snapshot bucket", create)),
+            Ok(_) => Err(nats_error("open the snapshot bucket", error)),
+        },
     }
-    js.get_key_value(bucket)
-        .await
-        .map_err(|e| nats_error("open the snapshot bucket", e))
+}
+
+/// Runs `step` until it succeeds, fails for another reason than an
+/// unanswered request, or `deadline` passes (then its last error).
+async fn until<T, F, Fut>(deadline: tokio::time::Instant, mut step: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match step().await {
+            Err(error)
+                if error.is_unavailable() && tokio::time::Instant::now() + pause < deadline =>
+            {
+                tracing::debug!(error = %crate::error::error_chain(&error), "the cluster did not answer; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(500));
+            }
+            result => return result,
+        }
+    }
 }
 
 /// Records the partition count in the snapshot bucket on first use, and

@@ -190,6 +190,28 @@ impl OwnCluster {
         }
     }
 
+    /// Stops node `i` with SIGSTOP (by its own PID): its connections stay
+    /// open and nothing answers, as a server stalled by the machine. Undo
+    /// with [`resume`](Self::resume).
+    pub fn pause(&self, i: usize) {
+        self.signal(i, "-STOP");
+    }
+
+    /// Lets a paused node `i` run again (SIGCONT).
+    pub fn resume(&self, i: usize) {
+        self.signal(i, "-CONT");
+    }
+
+    fn signal(&self, i: usize, signal: &str) {
+        if let Some(child) = &self.nodes[i].child {
+            let status = std::process::Command::new("kill")
+                .args([signal, &child.id().to_string()])
+                .status()
+                .expect("run kill");
+            assert!(status.success(), "kill {signal} node {i}");
+        }
+    }
+
     /// Starts node `i` again (it must not be running) with the same name,
     /// ports and store directory, and waits until it accepts client
     /// connections.
