@@ -180,6 +180,14 @@ impl<A: Aggregate, S: EventStore> CommandBusBuilder<A, S> {
         self
     }
 
+    /// Renamed event types (see [`EventAliases`](crate::upcast::EventAliases)):
+    /// events stored under an old name load under the new one. Give the
+    /// same value to the projection runner.
+    pub fn event_aliases(mut self, aliases: crate::upcast::EventAliases) -> Self {
+        self.upcasters.insert(0, aliases.upcaster());
+        self
+    }
+
     /// Adds an upcaster, run on every event loaded.
     pub fn upcaster(mut self, upcaster: Box<dyn Upcaster>) -> Self {
         self.upcasters.push(upcaster);

@@ -92,6 +92,8 @@ struct Shared<S: ProjectionStore> {
     lease_ttl: Duration,
     heartbeat: Duration,
     projections: HashMap<String, Arc<Registered<S>>>,
+    /// Renamed event types, applied to every event read.
+    aliases: crate::upcast::EventAliases,
     /// The checkpoints as last read, shared by this runner's `wait_for` callers.
     view: wait::SharedView,
     /// Wakes the node loop for a heartbeat now (after a reset or restart
@@ -127,6 +129,7 @@ pub struct ProjectionRunnerBuilder<S: ProjectionStore> {
     lease_ttl: Duration,
     heartbeat: Duration,
     projections: Vec<ProjectionOptions<S>>,
+    aliases: crate::upcast::EventAliases,
 }
 
 impl<S: ProjectionStore> std::fmt::Debug for ProjectionRunnerBuilder<S> {
@@ -167,6 +170,14 @@ impl<S: ProjectionStore> ProjectionRunnerBuilder<S> {
     /// How often leases are renewed and free units looked for (default 1 s).
     pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
         self.heartbeat = interval;
+        self
+    }
+
+    /// Renamed event types (see [`EventAliases`](crate::upcast::EventAliases)):
+    /// every projection reads events stored under an old name under the new
+    /// one, and a filter naming the new one also reads the old.
+    pub fn event_aliases(mut self, aliases: crate::upcast::EventAliases) -> Self {
+        self.aliases = aliases;
         self
     }
 
@@ -218,7 +229,7 @@ impl<S: ProjectionStore> ProjectionRunnerBuilder<S> {
             }
             let registered = Registered {
                 stored: AtomicBool::new(false),
-                filter: options.projection.filter(),
+                filter: self.aliases.widen(options.projection.filter()),
                 name: name.clone(),
                 projection: options.projection,
                 partitions,
@@ -243,6 +254,7 @@ impl<S: ProjectionStore> ProjectionRunnerBuilder<S> {
                 lease_ttl: self.lease_ttl,
                 heartbeat: self.heartbeat,
                 projections,
+                aliases: self.aliases,
                 view: wait::SharedView::default(),
                 poke: tokio::sync::Notify::new(),
             }),
@@ -270,6 +282,7 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
             store,
             log,
             node_id: None,
+            aliases: crate::upcast::EventAliases::new(),
             lease_ttl: Duration::from_secs(5),
             heartbeat: Duration::from_secs(1),
             projections: Vec::new(),

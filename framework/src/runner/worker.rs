@@ -225,6 +225,11 @@ impl<S: ProjectionStore> UnitWorker<S> {
                 held_back,
                 ..
             } = window;
+            if !self.shared.aliases.is_empty() {
+                for event in &mut events {
+                    self.shared.aliases.apply(event);
+                }
+            }
             if events.is_empty() {
                 if head > checkpoint && complete {
                     // Nothing wanted up to the head: move past it, so that
