@@ -18,8 +18,7 @@ use outflow::runner::ProjectionRunner;
 use outflow::upcast::EventAliases;
 use outflow::view::{ViewProjection, ViewStore};
 use outflow::{
-    AppendRequest, Backend, CancellationToken, CommandBus, EventStore, LogFilter, NewEvent,
-    RecordedEvent,
+    AppendRequest, Backend, CancellationToken, CommandBus, LogFilter, NewEvent, RecordedEvent,
 };
 
 /// Sums the deposits it is handed; filtered by the new name only.
