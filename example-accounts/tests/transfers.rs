@@ -8,91 +8,9 @@ mod common;
 
 use std::time::Duration;
 
+use common::client::{balance, client, ended, get, open_with, post};
 use common::{Backend, Database, Server};
-use serde_json::{json, Value};
-
-/// An HTTP client whose requests give up after 30 s: a server that stops
-/// answering fails the test instead of hanging it.
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .expect("an HTTP client")
-}
-
-async fn post(client: &reqwest::Client, server: &Server, path: &str, body: Value) -> Value {
-    let response = client
-        .post(server.url(path))
-        .json(&body)
-        .send()
-        .await
-        .expect("send the request");
-    let status = response.status();
-    let body: Value = response.json().await.expect("a JSON answer");
-    assert!(
-        status.is_success(),
-        "{path}: {status} {body}\n{}",
-        server.log()
-    );
-    body
-}
-
-async fn get(client: &reqwest::Client, server: &Server, path: &str) -> (u16, Value) {
-    let response = client
-        .get(server.url(path))
-        .send()
-        .await
-        .expect("send the request");
-    let status = response.status().as_u16();
-    (status, response.json().await.expect("a JSON answer"))
-}
-
-async fn open_with(client: &reqwest::Client, server: &Server, owner: &str, cents: i64) -> String {
-    let opened = post(client, server, "/api/accounts", json!({ "owner": owner })).await;
-    let id = opened["account_id"]
-        .as_str()
-        .expect("an account id")
-        .to_owned();
-    if cents > 0 {
-        post(
-            client,
-            server,
-            &format!("/api/accounts/{id}/deposits"),
-            json!({ "amount": cents }),
-        )
-        .await;
-    }
-    id
-}
-
-/// Polls the transfer until it ends; returns its status.
-async fn ended(client: &reqwest::Client, server: &Server, transfer: &str) -> String {
-    for _ in 0..300 {
-        let (status, body) = get(client, server, &format!("/api/transfers/{transfer}")).await;
-        if status == 200 {
-            let state = body["status"].as_str().unwrap_or_default().to_owned();
-            if matches!(state.as_str(), "completed" | "compensated" | "failed") {
-                return state;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!(
-        "transfer {transfer} did not end within 15 s\n{}",
-        server.log()
-    );
-}
-
-async fn balance(client: &reqwest::Client, server: &Server, account: &str) -> i64 {
-    let (status, body) = get(
-        client,
-        server,
-        &format!("/api/accounts/{account}?consistency=strong"),
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
-    body["balance"].as_i64().expect("a balance")
-}
+use serde_json::json;
 
 async fn compensates_a_refused_credit(backend: Backend) {
     let db = Database::new(backend, "compensation").await;

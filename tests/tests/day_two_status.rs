@@ -16,7 +16,7 @@ use outflow::projection::{HandlerError, Projection, ProjectionOptions, RetryPoli
 use outflow::runner::{ProjectionRunner, WaitError};
 use outflow::store::memory::MemoryTransaction;
 use outflow::store::projections::ProjectionState;
-use outflow::{AppendRequest, CancellationToken, EventLog, EventStore, MemoryStore, RecordedEvent};
+use outflow::{AppendRequest, EventLog, EventStore, MemoryStore, RecordedEvent};
 
 /// Fails with an infrastructure error (as a missing table would) while
 /// `broken` is set; `slow` makes each batch's effects wait until cleared.
@@ -87,28 +87,13 @@ async fn append(store: &MemoryStore, version: u64) {
         .expect("append");
 }
 
-fn start(
-    runner: &ProjectionRunner<MemoryStore>,
-) -> (
-    CancellationToken,
-    tokio::task::JoinHandle<Result<(), outflow::StoreError>>,
-) {
-    let stop = CancellationToken::new();
-    let handle = tokio::spawn({
-        let runner = runner.clone();
-        let stop = stop.clone();
-        async move { runner.run(stop).await }
-    });
-    (stop, handle)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_error_of_a_stopped_process_is_not_current_after_a_fix() {
     let store = MemoryStore::new();
     let broken = Arc::new(AtomicBool::new(true));
     let slow = Arc::new(AtomicBool::new(false));
     let first = runner(&store, &broken, &slow);
-    let (stop, handle) = start(&first);
+    let (stop, handle) = common::start_runner(&first);
     append(&store, 0).await;
     let head = store.head().await.expect("head");
     let failing = first
@@ -118,13 +103,12 @@ async fn an_error_of_a_stopped_process_is_not_current_after_a_fix() {
         matches!(failing, Err(WaitError::Failing { .. })),
         "{failing:?}"
     );
-    stop.cancel();
-    handle.await.expect("task").expect("clean stop");
+    common::stop_runner(stop, handle).await;
 
     // Fixed, and a new process: its waits do not answer the old error.
     broken.store(false, Ordering::SeqCst);
     let second = runner(&store, &broken, &slow);
-    let (stop, handle) = start(&second);
+    let (stop, handle) = common::start_runner(&second);
     second
         .wait_for(head, &["fragile"], Duration::from_secs(30))
         .await
@@ -132,8 +116,7 @@ async fn an_error_of_a_stopped_process_is_not_current_after_a_fix() {
     let status = second.status().await.expect("status");
     assert_eq!(status[0].last_error, None, "{status:?}");
     assert!(status[0].epoch >= 2, "a new owner, a new epoch: {status:?}");
-    stop.cancel();
-    handle.await.expect("task").expect("clean stop");
+    common::stop_runner(stop, handle).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -186,7 +169,7 @@ async fn a_busy_unit_with_events_waiting_is_not_live() {
     let broken = Arc::new(AtomicBool::new(false));
     let slow = Arc::new(AtomicBool::new(false));
     let runner = runner(&store, &broken, &slow);
-    let (stop, handle) = start(&runner);
+    let (stop, handle) = common::start_runner(&runner);
     append(&store, 0).await;
     let head = store.head().await.expect("head");
     runner
@@ -221,6 +204,5 @@ async fn a_busy_unit_with_events_waiting_is_not_live() {
         runner.status().await.expect("status")[0].state,
         ProjectionState::Live
     );
-    stop.cancel();
-    handle.await.expect("task").expect("clean stop");
+    common::stop_runner(stop, handle).await;
 }

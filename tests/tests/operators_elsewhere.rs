@@ -11,14 +11,10 @@ use std::time::Duration;
 use example_accounts::app::{self, App, AppStore};
 use example_accounts::BankCommand;
 use outflow::store::projections::ProjectionState;
-use outflow::CancellationToken;
 
 async fn rebuild_from_elsewhere<S: AppStore>(serving: S, operator: S) {
     let server = App::new(serving).await.expect("the serving app");
-    let shutdown = CancellationToken::new();
-    let runner = server.runner.clone();
-    let token = shutdown.clone();
-    let running = tokio::spawn(async move { runner.run(token).await });
+    let (shutdown, running) = common::start_runner(&server.runner);
     for i in 0..20 {
         let id = format!("acc-{i}");
         server
@@ -48,12 +44,7 @@ async fn rebuild_from_elsewhere<S: AppStore>(serving: S, operator: S) {
     // rebuilds, as the example's CLI does (a second node joins, takes its
     // share, and leaves).
     let operator = App::new(operator).await.expect("the operator's app");
-    let operator_stop = CancellationToken::new();
-    let operator_running = tokio::spawn({
-        let runner = operator.runner.clone();
-        let token = operator_stop.clone();
-        async move { runner.run(token).await }
-    });
+    let (operator_stop, operator_running) = common::start_runner(&operator.runner);
     for round in 0..3 {
         let mut progress = operator
             .runner
@@ -81,11 +72,7 @@ async fn rebuild_from_elsewhere<S: AppStore>(serving: S, operator: S) {
         let rows = server.balances.list(None, 100).await.expect("balances");
         assert_eq!(rows.len(), 20, "round {round}: the read model is complete");
     }
-    operator_stop.cancel();
-    operator_running
-        .await
-        .expect("the operator's runner task")
-        .expect("the operator's runner stopped cleanly");
+    common::stop_runner(operator_stop, operator_running).await;
     // The operator's node left: the server works every unit again at once.
     server
         .accounts
@@ -148,11 +135,7 @@ async fn rebuild_from_elsewhere<S: AppStore>(serving: S, operator: S) {
         .expect("acc-0");
     assert_eq!(acc0.balance, 11);
 
-    shutdown.cancel();
-    running
-        .await
-        .expect("the runner task")
-        .expect("the runner stopped cleanly");
+    common::stop_runner(shutdown, running).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

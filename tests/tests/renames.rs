@@ -17,9 +17,7 @@ use outflow::projection::{HandlerError, Projection, ProjectionOptions};
 use outflow::runner::ProjectionRunner;
 use outflow::upcast::EventAliases;
 use outflow::view::{ViewProjection, ViewStore};
-use outflow::{
-    AppendRequest, Backend, CancellationToken, CommandBus, LogFilter, NewEvent, RecordedEvent,
-};
+use outflow::{AppendRequest, Backend, CommandBus, LogFilter, NewEvent, RecordedEvent};
 
 /// Sums the deposits it is handed; filtered by the new name only.
 struct Deposits<S> {
@@ -120,12 +118,7 @@ async fn a_renamed_event_is_read_under_its_new_name<S: Backend + ViewStore>(stor
         .projection(ProjectionOptions::new(balances.clone()))
         .build()
         .expect("the runner");
-    let stop = CancellationToken::new();
-    let running = tokio::spawn({
-        let runner = runner.clone();
-        let stop = stop.clone();
-        async move { runner.run(stop).await }
-    });
+    let (stop, running) = common::start_runner(&runner);
     let head = store.committed_head().await.expect("head");
     runner
         .wait_for(
@@ -152,8 +145,7 @@ async fn a_renamed_event_is_read_under_its_new_name<S: Backend + ViewStore>(stor
         .expect("the view")
         .expect("a row");
     assert_eq!(view.balance, 15);
-    stop.cancel();
-    running.await.expect("task").expect("clean stop");
+    common::stop_runner(stop, running).await;
 
     // Nothing stored changed.
     let raw = store

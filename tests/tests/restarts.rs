@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use outflow::projection::{HandlerError, Projection, ProjectionOptions};
 use outflow::runner::ProjectionRunner;
-use outflow::{AppendRequest, Backend, CancellationToken, EventStore, RecordedEvent};
+use outflow::{AppendRequest, Backend, EventStore, RecordedEvent};
 
 /// Records every event it handles, per projection, to count applications.
 struct Recording<S> {
@@ -79,12 +79,7 @@ async fn quick_restarts<S: Backend>(store: S) {
     runner(&store, &seen).setup().await.expect("setup");
     for round in 0..5u64 {
         let runner = runner(&store, &seen);
-        let stop = CancellationToken::new();
-        let running = tokio::spawn({
-            let runner = runner.clone();
-            let stop = stop.clone();
-            async move { runner.run(stop).await }
-        });
+        let (stop, running) = common::start_runner(&runner);
         let head = append(&store, round).await;
         // Well inside the 30 s lease: only a restart that did not wait for
         // the previous node's leases gets here.
@@ -94,11 +89,7 @@ async fn quick_restarts<S: Backend>(store: S) {
             .unwrap_or_else(|e| {
                 panic!("round {round}: the restarted runner did not catch up: {e}")
             });
-        stop.cancel();
-        running
-            .await
-            .expect("the runner task")
-            .expect("a clean stop");
+        common::stop_runner(stop, running).await;
     }
     let seen = seen.lock().expect("the record").clone();
     assert_eq!(
@@ -117,29 +108,15 @@ async fn rolling_deploy<S: Backend>(store: S) {
     let mut nodes = Vec::new();
     for _ in 0..3 {
         let runner = runner(&store, &seen);
-        let stop = CancellationToken::new();
-        let running = tokio::spawn({
-            let runner = runner.clone();
-            let stop = stop.clone();
-            async move { runner.run(stop).await }
-        });
+        let (stop, running) = common::start_runner(&runner);
         nodes.push((runner, stop, running));
     }
     let mut appended = 0u64;
     for step in 0..6 {
         let (_, stop, running) = nodes.remove(0);
-        stop.cancel();
-        running
-            .await
-            .expect("the runner task")
-            .expect("a clean stop");
+        common::stop_runner(stop, running).await;
         let runner = runner(&store, &seen);
-        let stop = CancellationToken::new();
-        let running = tokio::spawn({
-            let runner = runner.clone();
-            let stop = stop.clone();
-            async move { runner.run(stop).await }
-        });
+        let (stop, running) = common::start_runner(&runner);
         nodes.push((runner, stop, running));
         let mut head = outflow::Checkpoint::START;
         for _ in 0..5 {
@@ -153,11 +130,7 @@ async fn rolling_deploy<S: Backend>(store: S) {
             .unwrap_or_else(|e| panic!("step {step}: a projection stalled in the deploy: {e}"));
     }
     for (_, stop, running) in nodes {
-        stop.cancel();
-        running
-            .await
-            .expect("the runner task")
-            .expect("a clean stop");
+        common::stop_runner(stop, running).await;
     }
     let seen = seen.lock().expect("the record").clone();
     let mut unique = seen.clone();

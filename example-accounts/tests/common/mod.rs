@@ -10,6 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+pub mod client;
+
 use outflow::sqlx::postgres::PgConnectOptions;
 use outflow::sqlx::{ConnectOptions, Connection};
 
