@@ -56,6 +56,53 @@ pub struct CommandOutcome {
     pub refusal: Option<RefusalRecord>,
 }
 
+impl CommandOutcome {
+    /// The refusal as the SQL backends store it: its message and its JSON
+    /// as text (both `None` for an accepted command).
+    #[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
+    pub(crate) fn refusal_columns(&self) -> (Option<&str>, Option<String>) {
+        match &self.refusal {
+            Some(refusal) => (
+                Some(refusal.message.as_str()),
+                refusal.error.as_ref().map(|e| e.to_string()),
+            ),
+            None => (None, None),
+        }
+    }
+
+    /// An outcome from the SQL backends' columns; a refusal JSON that does
+    /// not parse is the `table`'s corruption.
+    #[allow(clippy::too_many_arguments)]
+    #[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
+    pub(crate) fn from_columns(
+        aggregate_type: &str,
+        aggregate_id: &str,
+        command_id: Uuid,
+        version: u64,
+        recorded_at: DateTime<Utc>,
+        refusal: Option<String>,
+        refusal_json: Option<String>,
+        table: &str,
+    ) -> Result<Self, crate::error::StoreError> {
+        let error = refusal_json
+            .map(|text| {
+                serde_json::from_str(&text).map_err(|e| crate::error::StoreError::Corrupt {
+                    table: table.to_owned(),
+                    what: format!("the refusal of command {command_id} is not JSON: {e}"),
+                })
+            })
+            .transpose()?;
+        Ok(CommandOutcome {
+            aggregate_type: aggregate_type.to_owned(),
+            aggregate_id: aggregate_id.to_owned(),
+            command_id,
+            version,
+            recorded_at,
+            refusal: refusal.map(|message| RefusalRecord { message, error }),
+        })
+    }
+}
+
 /// The stored form of a refusal.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RefusalRecord {

@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use super::{pg_error, to_i64, u64_column, PostgresStore};
 use crate::error::StoreError;
-use crate::outcome::{CommandOutcome, RefusalRecord};
+use crate::outcome::CommandOutcome;
 
 impl PostgresStore {
     pub(super) async fn outcome_of(
@@ -31,13 +31,7 @@ impl PostgresStore {
         &self,
         outcome: CommandOutcome,
     ) -> Result<CommandOutcome, StoreError> {
-        let (message, json) = match &outcome.refusal {
-            Some(refusal) => (
-                Some(refusal.message.as_str()),
-                refusal.error.as_ref().map(|e| e.to_string()),
-            ),
-            None => (None, None),
-        };
+        let (message, json) = outcome.refusal_columns();
         let row = sqlx::query(&self.inner.sql.record_outcome)
             .bind(&outcome.aggregate_type)
             .bind(&outcome.aggregate_id)
@@ -123,23 +117,15 @@ impl PostgresStore {
     ) -> Result<CommandOutcome, StoreError> {
         let table = self.outcomes_table();
         let get = |e| pg_error("reading a command's outcome", e);
-        let message: Option<String> = row.try_get("refusal").map_err(get)?;
-        let json: Option<String> = row.try_get("refusal_json").map_err(get)?;
-        let error = json
-            .map(|text| {
-                serde_json::from_str(&text).map_err(|e| StoreError::Corrupt {
-                    table: table.clone(),
-                    what: format!("the refusal of command {command_id} is not JSON: {e}"),
-                })
-            })
-            .transpose()?;
-        Ok(CommandOutcome {
-            aggregate_type: aggregate_type.to_owned(),
-            aggregate_id: aggregate_id.to_owned(),
+        CommandOutcome::from_columns(
+            aggregate_type,
+            aggregate_id,
             command_id,
-            version: u64_column(row, "version", &table)?,
-            recorded_at: row.try_get("recorded_at").map_err(get)?,
-            refusal: message.map(|message| RefusalRecord { message, error }),
-        })
+            u64_column(row, "version", &table)?,
+            row.try_get("recorded_at").map_err(get)?,
+            row.try_get("refusal").map_err(get)?,
+            row.try_get("refusal_json").map_err(get)?,
+            &table,
+        )
     }
 }

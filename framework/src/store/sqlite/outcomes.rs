@@ -5,10 +5,10 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection};
 use uuid::Uuid;
 
-use super::rows::{corrupt, micros_column, u64_column};
+use super::rows::{micros_column, u64_column};
 use super::{db, to_i64, SqliteStore};
 use crate::error::StoreError;
-use crate::outcome::{CommandOutcome, RefusalRecord};
+use crate::outcome::CommandOutcome;
 
 const OUTCOME: &str =
     "SELECT o.version, o.refusal, o.refusal_json, o.recorded_at FROM {outcomes} o \
@@ -110,13 +110,7 @@ impl SqliteStore {
         connection: &mut SqliteConnection,
         outcome: &CommandOutcome,
     ) -> Result<bool, StoreError> {
-        let (message, json) = match &outcome.refusal {
-            Some(refusal) => (
-                Some(refusal.message.as_str()),
-                refusal.error.as_ref().map(|e| e.to_string()),
-            ),
-            None => (None, None),
-        };
+        let (message, json) = outcome.refusal_columns();
         let done = sqlx::query(&self.inner.tables.render(INSERT))
             .bind(&outcome.aggregate_type)
             .bind(&outcome.aggregate_id)
@@ -139,31 +133,17 @@ impl SqliteStore {
         command_id: Uuid,
     ) -> Result<CommandOutcome, StoreError> {
         let table = self.inner.tables.companion("outcomes");
-        let get = db("reading a command's outcome");
-        let message: Option<String> = row.try_get("refusal").map_err(get)?;
-        let json: Option<String> = row
-            .try_get("refusal_json")
-            .map_err(db("reading a command's outcome"))?;
-        let error = json
-            .map(|text| {
-                serde_json::from_str(&text).map_err(|e| {
-                    corrupt(
-                        &table,
-                        &format!("the refusal of command {command_id} is not JSON: {e}"),
-                    )
-                })
-            })
-            .transpose()?;
-        let micros: i64 = row
-            .try_get("recorded_at")
-            .map_err(db("reading a command's outcome"))?;
-        Ok(CommandOutcome {
-            aggregate_type: aggregate_type.to_owned(),
-            aggregate_id: aggregate_id.to_owned(),
+        let get = || db("reading a command's outcome");
+        let micros: i64 = row.try_get("recorded_at").map_err(get())?;
+        CommandOutcome::from_columns(
+            aggregate_type,
+            aggregate_id,
             command_id,
-            version: u64_column(row, "version", &table)?,
-            recorded_at: micros_column(micros, &table)?,
-            refusal: message.map(|message| RefusalRecord { message, error }),
-        })
+            u64_column(row, "version", &table)?,
+            micros_column(micros, &table)?,
+            row.try_get("refusal").map_err(get())?,
+            row.try_get("refusal_json").map_err(get())?,
+            &table,
+        )
     }
 }
