@@ -336,8 +336,12 @@ CONF
         pids[$i]=$pid
     done
     # Ready: every node accepts clients, and its monitoring endpoint names
-    # the meta group's leader and a cluster of three.
-    local ready="" jsz deadline=$(( SECONDS + 30 ))
+    # the meta group's leader and a cluster of three. An idle machine gets
+    # there in seconds; a loaded one may need much longer (the election
+    # timers run late), so the wait is generous: OUTFLOW_CLUSTER_WAIT
+    # seconds, 120 unless set.
+    local patience="${OUTFLOW_CLUSTER_WAIT:-120}"
+    local ready="" jsz deadline=$(( SECONDS + patience ))
     while [ "$SECONDS" -lt "$deadline" ]; do
         ready=1
         for i in 1 2 3; do
@@ -364,7 +368,7 @@ CONF
             echo "--- nats-server n$i (127.0.0.1:${client_ports[$i]}):" >&2
             tail -n 20 "$dir/n$i/server.log" >&2
         done
-        echo "the nats-server cluster did not accept connections and agree on a JetStream meta leader within 30 s" >&2
+        echo "the nats-server cluster did not accept connections and agree on a JetStream meta leader within $patience s" >&2
         return 1
     fi
     local leader

@@ -205,10 +205,12 @@ pub struct LogWindow {
     /// undecodable row cut the read short. A reader that handled a complete
     /// window is caught up to the head.
     pub complete: bool,
-    /// Whether events were committed past the head that an open
-    /// transaction still keeps from readers (they become readable when it
-    /// ends, and no append signals that): a reader should look again soon.
-    /// Backends where every committed event is readable at once say `false`.
+    /// Whether events were committed past the head that this reader cannot
+    /// see yet — kept from readers by an open transaction (PostgreSQL: they
+    /// become readable when it ends, and no append signals that), or
+    /// announced as stored but not yet handed to this reader by the server
+    /// (JetStream): a reader should look again soon. Backends where every
+    /// committed event is readable at once say `false`.
     pub held_back: bool,
 }
 

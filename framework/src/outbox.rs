@@ -718,6 +718,18 @@ impl Outbox {
             .collect()
     }
 
+    /// Whether undelivered messages lie after `after` although a read from
+    /// it found none: they wait behind a transaction still in flight (a
+    /// read finds them once it ends, and nothing signals that).
+    pub(crate) async fn held_back(&self, after: Checkpoint) -> Result<bool, StoreError> {
+        sqlx::query_scalar(&self.inner.sql.held_back)
+            .bind(after.transaction_id.to_string())
+            .bind(to_i64(after.position))
+            .fetch_one(self.inner.store.pool())
+            .await
+            .map_err(db("looking for held-back outbox messages"))
+    }
+
     /// Records a delivered batch: moves the cursor (only while `lease` is
     /// current) and marks the messages delivered, in one transaction.
     /// `false` when the lease was lost (nothing is written). The cursor
@@ -798,6 +810,7 @@ struct Queries {
     table_exists: String,
     enqueue: String,
     read: String,
+    held_back: String,
     mark_delivered: String,
     cleanup: String,
     pending: String,
@@ -815,6 +828,7 @@ impl Queries {
             )),
             enqueue: render(include_str!("store/postgres/queries/outbox/enqueue.sql")),
             read: render(include_str!("store/postgres/queries/outbox/read.sql")),
+            held_back: render(include_str!("store/postgres/queries/outbox/held_back.sql")),
             mark_delivered: render(include_str!(
                 "store/postgres/queries/outbox/mark_delivered.sql"
             )),

@@ -160,17 +160,24 @@ impl NodeEvents {
             let mut recheck = Recheck::new(Duration::from_millis(1));
             let mut failures = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
             loop {
-                match store.read_log(checkpoint, &filter, 1000).await {
-                    Ok(events) if !events.is_empty() => {
-                        if let Some(last) = events.last() {
+                match store.read_window(checkpoint, &filter, 1000).await {
+                    Ok(window) if !window.events.is_empty() => {
+                        if let Some(last) = window.events.last() {
                             checkpoint = last.checkpoint();
                         }
-                        bus.publish(events);
+                        bus.publish(window.events);
                         recheck.found();
                         failures.reset();
                         continue;
                     }
-                    Ok(_) => failures.reset(),
+                    Ok(window) => {
+                        if window.held_back {
+                            recheck.held_back();
+                        } else {
+                            recheck.found();
+                        }
+                        failures.reset();
+                    }
                     Err(error) => {
                         tracing::warn!(error = %crate::error::error_chain(&error), "node events: reading the log failed");
                         if !failures.wait(&token).await {

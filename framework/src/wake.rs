@@ -79,48 +79,35 @@ impl WakeSignal {
 }
 
 /// Waits for the next look of a tailing reader: a wake-up signal, the poll
-/// interval, or a re-check soon after a signal that found nothing (the
-/// events it announced may still be held back by an older transaction, and
-/// no further signal comes when that one ends): `first`, then doubling up to
-/// the poll interval.
-///
-/// A reader whose log tells it when committed events are held back
-/// ([`LogWindow::held_back`](crate::log::LogWindow::held_back)) re-checks
-/// only then ([`Recheck::when_held_back`]).
+/// interval, or — while the last look saw committed events it could not
+/// read yet ([`LogWindow::held_back`](crate::log::LogWindow::held_back):
+/// behind an open transaction, or not yet handed to the reader by the
+/// server) — a re-check soon, since no signal comes when they become
+/// readable: `first`, then doubling up to [`MAX_RECHECK`] (or the poll
+/// interval when shorter), for as long as they stay held back.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Recheck {
     first: Duration,
     next: Option<Duration>,
-    after_signals: bool,
 }
 
+/// The longest wait between two re-checks of held-back events: what a
+/// reader may lag behind the end of the transaction that held them back.
+pub(crate) const MAX_RECHECK: Duration = Duration::from_secs(1);
+
 impl Recheck {
-    /// Re-checks starting `first` after a signal that found nothing.
+    /// Re-checks starting `first` after a look that saw events held back.
     pub(crate) fn new(first: Duration) -> Self {
-        Recheck {
-            first,
-            next: None,
-            after_signals: true,
-        }
+        Recheck { first, next: None }
     }
 
-    /// Re-checks starting `first` after a look that saw events held back
-    /// ([`held_back`](Self::held_back)), not after every signal.
-    pub(crate) fn when_held_back(first: Duration) -> Self {
-        Recheck {
-            first,
-            next: None,
-            after_signals: false,
-        }
-    }
-
-    /// A look found something: no re-check is due.
+    /// A look found events, or nothing held back: no re-check is due.
     pub(crate) fn found(&mut self) {
         self.next = None;
     }
 
-    /// A look saw committed events held back by an open transaction: look
-    /// again soon (`first`, then doubling while they stay held back).
+    /// A look saw committed events held back: look again soon (`first`,
+    /// then doubling while they stay held back).
     pub(crate) fn held_back(&mut self) {
         self.next.get_or_insert(self.first);
     }
@@ -130,21 +117,18 @@ impl Recheck {
     pub(crate) async fn idle(&mut self, wakeups: &mut Wakeups) {
         let due = self.next;
         tokio::select! {
-            wake = wakeups.wait() => self.woke(wake),
+            _ = wakeups.wait() => {}
             _ = tokio::time::sleep(due.unwrap_or_default()), if due.is_some() => {
                 self.missed(wakeups.poll_interval());
             }
         }
     }
 
-    fn woke(&mut self, wake: Wake) {
-        if self.after_signals {
-            self.next = (wake == Wake::Signalled).then_some(self.first);
-        }
-    }
-
     fn missed(&mut self, limit: Duration) {
-        self.next = self.next.map(|d| d * 2).filter(|d| *d < limit);
+        self.next = self
+            .next
+            .map(|d| (d * 2).min(MAX_RECHECK))
+            .filter(|d| *d < limit);
     }
 }
 
@@ -153,48 +137,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn recheck_doubles_until_the_poll_interval() {
+    fn rechecks_double_up_to_a_second_while_held_back() {
         let mut recheck = Recheck::new(Duration::from_millis(1));
-        assert_eq!(recheck.next, None);
-        recheck.woke(Wake::Signalled);
-        assert_eq!(recheck.next, Some(Duration::from_millis(1)));
-        recheck.missed(Duration::from_millis(5));
-        assert_eq!(recheck.next, Some(Duration::from_millis(2)));
-        recheck.missed(Duration::from_millis(5));
-        assert_eq!(recheck.next, Some(Duration::from_millis(4)));
-        recheck.missed(Duration::from_millis(5));
-        assert_eq!(recheck.next, None);
-        recheck.woke(Wake::Signalled);
-        recheck.woke(Wake::Poll);
-        assert_eq!(recheck.next, None);
-        recheck.woke(Wake::Signalled);
-        recheck.found();
-        assert_eq!(recheck.next, None);
-    }
-
-    #[test]
-    fn held_back_rechecks_double_and_signals_alone_schedule_none() {
-        let mut recheck = Recheck::when_held_back(Duration::from_millis(1));
-        recheck.woke(Wake::Signalled);
         assert_eq!(recheck.next, None);
         recheck.held_back();
         assert_eq!(recheck.next, Some(Duration::from_millis(1)));
-        recheck.missed(Duration::from_millis(5));
+        recheck.missed(Duration::from_secs(60));
         // Still held back: the doubling goes on.
         recheck.held_back();
         assert_eq!(recheck.next, Some(Duration::from_millis(2)));
+        for _ in 0..20 {
+            recheck.missed(Duration::from_secs(60));
+        }
+        assert_eq!(recheck.next, Some(MAX_RECHECK));
         recheck.found();
+        assert_eq!(recheck.next, None);
+        // A poll interval shorter than the step: the poll covers it.
+        recheck.held_back();
+        for _ in 0..5 {
+            recheck.missed(Duration::from_millis(5));
+        }
         assert_eq!(recheck.next, None);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_signal_then_rechecks_then_quiet() {
+    async fn a_signal_alone_schedules_no_recheck() {
         let signal = WakeSignal::new();
         let mut wakeups = signal.subscribe(Duration::from_millis(100));
         let mut recheck = Recheck::new(Duration::from_millis(10));
         signal.wake();
         recheck.idle(&mut wakeups).await;
-        assert_eq!(recheck.next, Some(Duration::from_millis(10)));
+        assert_eq!(recheck.next, None);
+        recheck.held_back();
         let started = tokio::time::Instant::now();
         recheck.idle(&mut wakeups).await;
         assert_eq!(started.elapsed(), Duration::from_millis(10));

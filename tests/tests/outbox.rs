@@ -960,8 +960,11 @@ async fn a_wake_reaches_a_relay_on_another_node_at_once() {
         let id = send(&writer, "k", n).await;
         until_delivered(&log, &[id]).await;
         let latency = started.elapsed();
+        // Far below the poll; not a timing claim: a transaction another
+        // test holds open on this server may hold the message back a while
+        // (the relay re-checks every second at most while it does).
         assert!(
-            latency < Duration::from_secs(5),
+            latency < Duration::from_secs(30),
             "NOTIFY woke the relay: {latency:?}"
         );
     }
@@ -969,7 +972,7 @@ async fn a_wake_reaches_a_relay_on_another_node_at_once() {
     let started = Instant::now();
     let id = send(&reader, "k", 6).await;
     until_delivered(&log, &[id]).await;
-    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(started.elapsed() < Duration::from_secs(30));
     running.stop().await;
 }
 

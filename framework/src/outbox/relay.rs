@@ -30,8 +30,8 @@ use crate::wake::Recheck;
 /// How long one cleanup round may run before the relay delivers again.
 const CLEANUP_BUDGET: Duration = Duration::from_millis(500);
 
-/// The first wait before looking again when a wake-up found nothing: the
-/// commit that sent it is held back by an older transaction still running.
+/// The first wait before looking again while messages are held back by an
+/// older transaction still running.
 const FIRST_RECHECK: Duration = Duration::from_millis(10);
 
 /// Delivers an [`Outbox`]'s messages to an [`OutboxSink`]: at least once, in
@@ -487,6 +487,17 @@ impl OutboxRelay {
                         None,
                     )
                     .await;
+                // Messages committed behind an open transaction become
+                // readable when it ends, and no signal says so: look again
+                // soon while there are any.
+                match outbox.held_back(cursor).await {
+                    Ok(true) => recheck.held_back(),
+                    Ok(false) => recheck.found(),
+                    Err(error) => {
+                        tracing::debug!(error = %crate::error::error_chain(&error), "looking for held-back outbox messages failed");
+                        recheck.held_back();
+                    }
+                }
                 tokio::select! {
                     _ = shutdown.cancelled() => return Exit::Shutdown,
                     _ = held.lost.cancelled() => return Exit::Lost,

@@ -146,7 +146,7 @@ impl<S: ProjectionStore> UnitWorker<S> {
         let mut checkpoint = self.lease.checkpoint;
         let mut wakeups = log.wakeups();
         let mut read_failures = Backoff::from_policy(&self.registered.retry);
-        let mut recheck = Recheck::when_held_back(Duration::from_millis(1));
+        let mut recheck = Recheck::new(Duration::from_millis(1));
         let batch_size = self.registered.batch_size;
         let mut prefetched: Option<Prefetch> = None;
         loop {

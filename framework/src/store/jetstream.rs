@@ -139,6 +139,7 @@ use crate::log::{partition_hash, EventLog, LogFilter};
 use crate::store::{EventStore, LoadedStream, StreamEvent};
 use crate::wake::{WakeSignal, Wakeups};
 
+mod announced;
 mod outcomes;
 
 /// The most partitions a store may have (8 bits of a position).
@@ -393,6 +394,7 @@ impl JetStreamStoreBuilder {
                 messages: Mutex::new(MessageCache::new(self.cached_events)),
                 readers: Mutex::new(Vec::new()),
                 wake: WakeSignal::new(),
+                announced: announced::Announced::default(),
                 listening: std::sync::atomic::AtomicBool::new(false),
                 last_signal: std::sync::atomic::AtomicU64::new(0),
                 signal_pending: std::sync::atomic::AtomicBool::new(false),
@@ -633,6 +635,9 @@ struct Inner {
     /// Server-side cursors kept between reads.
     readers: Mutex<Vec<Reader>>,
     wake: WakeSignal,
+    /// Appends known to be stored, here and on other nodes (see
+    /// [`announced`]).
+    announced: announced::Announced,
     listening: std::sync::atomic::AtomicBool,
     /// When the last signal to other nodes went (µs since `started`).
     last_signal: std::sync::atomic::AtomicU64,
@@ -742,6 +747,8 @@ struct Reader {
     recent: Vec<RecordedEvent>,
     /// The last event handed out or skipped.
     cursor: Checkpoint,
+    /// The stream sequence of the last message the consumer delivered.
+    delivered: u64,
 }
 
 impl JetStreamStore {
@@ -1345,13 +1352,16 @@ impl JetStreamStore {
         });
     }
 
+    /// Sends the wake-up signal, carrying the appends made here since the
+    /// last one (see [`announced`]).
     fn send_signal(&self) {
         let client = self.inner.client.clone();
         let subject = self.wake_subject();
+        let payload = bytes::Bytes::from(self.inner.announced.take_unsent());
         // Buffered by the client and flushed with the next write; never
         // waited for by the append.
         tokio::spawn(async move {
-            let _ = client.publish(subject, bytes::Bytes::new()).await;
+            let _ = client.publish(subject, payload).await;
         });
     }
 
@@ -1445,6 +1455,8 @@ impl JetStreamStore {
             leftover: VecDeque::new(),
             recent: Vec::new(),
             cursor: after,
+            // The message of `after` was delivered before.
+            delivered: after.transaction_id,
         })
     }
 
@@ -1459,15 +1471,13 @@ impl JetStreamStore {
         readers.push(reader);
     }
 
-    /// Reads up to `limit` wanted events after `after`: the events, the
-    /// last event seen (wanted or not), and whether the partition was read
-    /// to its end.
+    /// Reads up to `limit` wanted events after `after`.
     async fn read(
         &self,
         after: Checkpoint,
         filter: &LogFilter,
         limit: usize,
-    ) -> Result<(Vec<RecordedEvent>, Checkpoint, bool), StoreError> {
+    ) -> Result<Read, StoreError> {
         self.patiently(|| self.read_once(after, filter, limit))
             .await
     }
@@ -1477,8 +1487,15 @@ impl JetStreamStore {
         after: Checkpoint,
         filter: &LogFilter,
         limit: usize,
-    ) -> Result<(Vec<RecordedEvent>, Checkpoint, bool), StoreError> {
+    ) -> Result<Read, StoreError> {
         let (partition, subject) = self.route(filter)?;
+        let type_token = match filter.aggregate_type_list() {
+            [one] => Some(stream_token(one)),
+            _ => None,
+        };
+        // Waited for an announced message once already in this read.
+        let mut waited = false;
+        let mut held_back = false;
         let limit = limit.max(1);
         let mut reader = self.reader(partition, &subject, after).await?;
         let mut events = Vec::new();
@@ -1501,18 +1518,41 @@ impl JetStreamStore {
                     skipped.push(event);
                 }
             }
-            if events.len() >= limit || exhausted {
+            if events.len() >= limit {
                 break;
             }
-            let want = (limit - events.len()).min(1000);
+            let mut want = (limit - events.len()).min(1000);
+            let mut wait_for_announced = false;
+            if exhausted {
+                // A message announced here or by another node's signal lies
+                // beyond what the consumer delivered, but its last answer
+                // was "no more": the stream has not told the consumer yet.
+                // Wait for it (briefly, once) instead of going to sleep.
+                let announced = self
+                    .inner
+                    .announced
+                    .latest(partition, type_token.as_deref());
+                if announced <= reader.delivered || waited {
+                    held_back = announced > reader.delivered;
+                    break;
+                }
+                waited = true;
+                wait_for_announced = true;
+                want = 1;
+            }
             let fetched = tokio::time::timeout(self.attempt_timeout(), async {
-                let mut batch = reader
-                    .consumer
-                    .fetch()
-                    .max_messages(want)
-                    .messages()
-                    .await
-                    .map_err(|e| nats_error("read the log", e))?;
+                let request = if wait_for_announced {
+                    reader
+                        .consumer
+                        .batch()
+                        .max_messages(1)
+                        .expires(ANNOUNCED_WAIT)
+                        .messages()
+                        .await
+                } else {
+                    reader.consumer.fetch().max_messages(want).messages().await
+                };
+                let mut batch = request.map_err(|e| nats_error("read the log", e))?;
                 let mut messages = Vec::new();
                 while let Some(message) = batch.next().await {
                     messages.push(message.map_err(|e| nats_error("read the log", e))?);
@@ -1536,6 +1576,9 @@ impl JetStreamStore {
             };
             exhausted = messages.len() < want;
             for message in messages {
+                if let Ok(info) = message.info() {
+                    reader.delivered = reader.delivered.max(info.stream_sequence);
+                }
                 match decode_message(&message, partition) {
                     Ok(decoded) => reader.leftover.extend(decoded),
                     // A message that does not decode, at or before `after`:
@@ -1555,7 +1598,12 @@ impl JetStreamStore {
                         if events.is_empty() {
                             return Err(error);
                         }
-                        return Ok((events, seen, false));
+                        return Ok(Read {
+                            events,
+                            seen,
+                            complete: false,
+                            held_back: false,
+                        });
                     }
                 }
             }
@@ -1564,7 +1612,12 @@ impl JetStreamStore {
         reader.recent = tail_of(&events, skipped);
         reader.cursor = seen;
         self.keep_reader(reader);
-        Ok((events, seen, complete))
+        Ok(Read {
+            events,
+            seen,
+            complete,
+            held_back,
+        })
     }
 
     /// The checkpoint of the last event of a partition (START when empty).
@@ -1616,15 +1669,34 @@ impl JetStreamStore {
                 }
                 return;
             };
-            while subscription.next().await.is_some() {
+            while let Some(signal) = subscription.next().await {
                 match weak.upgrade() {
-                    Some(inner) => inner.wake.wake(),
+                    Some(inner) => {
+                        inner.announced.received(&signal.payload);
+                        inner.wake.wake();
+                    }
                     None => return,
                 }
             }
         });
     }
 }
+
+/// What one read of the log found.
+struct Read {
+    events: Vec<RecordedEvent>,
+    /// The last event seen, wanted or not.
+    seen: Checkpoint,
+    /// Whether the partition was read to its end.
+    complete: bool,
+    /// Whether an announced message did not reach the consumer in time
+    /// (the reader should look again soon).
+    held_back: bool,
+}
+
+/// How long a read waits for a message announced as stored that its
+/// consumer has not been told about yet.
+const ANNOUNCED_WAIT: Duration = Duration::from_millis(250);
 
 /// How many of the events a read handed out a reader keeps, so that a
 /// reader that handled fewer of them reads on from one (a runner reads one
@@ -1926,9 +1998,12 @@ impl JetStreamStore {
             let key = (aggregate_type.clone(), aggregate_id.clone());
             cache.extend(&key, last_seq, seq, &[(seq, Arc::new(message))]);
         }
+        let partition = self.partition_of(aggregate_id);
+        self.inner
+            .announced
+            .appended(partition, &stream_token(aggregate_type), seq);
         self.inner.wake.wake();
         self.signal_other_nodes();
-        let partition = self.partition_of(aggregate_id);
         Ok(request
             .events
             .into_iter()
@@ -2169,7 +2244,7 @@ impl EventLog for JetStreamStore {
         filter: &LogFilter,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        Ok(self.read(after, filter, limit).await?.0)
+        Ok(self.read(after, filter, limit).await?.events)
     }
 
     async fn read_window(
@@ -2178,8 +2253,13 @@ impl EventLog for JetStreamStore {
         filter: &LogFilter,
         limit: usize,
     ) -> Result<crate::log::LogWindow, StoreError> {
-        let (events, seen, complete) = self.read(after, filter, limit).await?;
-        Ok(crate::log::LogWindow::new(seen, events, complete, false))
+        let read = self.read(after, filter, limit).await?;
+        Ok(crate::log::LogWindow::new(
+            read.seen,
+            read.events,
+            read.complete,
+            read.held_back,
+        ))
     }
 
     async fn head(&self) -> Result<Checkpoint, StoreError> {
@@ -2232,7 +2312,12 @@ impl EventLog for JetStreamStore {
         let mut counted = 0u64;
         let mut cursor = after;
         loop {
-            let (events, seen, complete) = self.read(cursor, filter, 1000).await?;
+            let Read {
+                events,
+                seen,
+                complete,
+                ..
+            } = self.read(cursor, filter, 1000).await?;
             for event in &events {
                 if event.checkpoint() > upto || counted >= cap {
                     return Ok(counted);
@@ -2251,7 +2336,7 @@ impl EventLog for JetStreamStore {
         filter: &LogFilter,
         after: Checkpoint,
     ) -> Result<Option<DateTime<Utc>>, StoreError> {
-        let events = self.read(after, filter, 1).await?.0;
+        let events = self.read(after, filter, 1).await?.events;
         Ok(events.first().map(|e| e.recorded_at))
     }
 }
