@@ -654,6 +654,7 @@ async fn projections<S: AppStore>(State(state): Shared<S>) -> Result<Json<Vec<Va
                     "parked": s.parked,
                     "paused": s.paused,
                     "last_error": s.last_error,
+                    "log_error": s.log_error,
                     "held_back_by": s.held_back_by.map(|h| json!({
                         "pid": h.pid,
                         "state": h.state,

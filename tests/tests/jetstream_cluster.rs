@@ -522,3 +522,69 @@ async fn build_rides_out_a_stalled_cluster() {
         .await
         .expect("a command after the stall");
 }
+
+/// `status()` keeps its promise about time while the log is down: with
+/// every server of the cluster stalled (SIGSTOP), it answers within about a
+/// second — the units from the projection store (SQLite here), the log's
+/// error in each — instead of waiting out the store's 10 s timeout; after
+/// the servers resume, the lag is counted again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_answers_at_once_while_the_log_is_down() {
+    let cluster = OwnCluster::start(3);
+    cluster.wait_for_meta_leader(Duration::from_secs(30)).await;
+    let store = cluster_store(&cluster, Duration::from_secs(10)).await;
+    let dir = common::TestDir::new("js_status_down");
+    let read_models = dir.sqlite().await;
+    example_accounts::projections::SqliteBalances::create_table(read_models.writer())
+        .await
+        .expect("create account_balances");
+    let runner = ProjectionRunner::with_log(Arc::new(store.clone()), read_models.clone())
+        .projection(ProjectionOptions::new(
+            example_accounts::projections::SqliteBalances::new(),
+        ))
+        .build()
+        .expect("runner");
+    runner.setup().await.expect("setup");
+    let bus = CommandBus::<BankAccount, _>::new(store.clone(), ());
+    bus.execute("before", BankCommand::Open { owner: "Al".into() })
+        .await
+        .expect("a command");
+    let healthy = runner.status().await.expect("status");
+    assert_eq!(healthy.len(), 1);
+    assert_eq!(healthy[0].log_error, None);
+    assert_eq!(healthy[0].lag_events, 1, "nothing ran the projection yet");
+
+    for i in 0..3 {
+        cluster.pause(i);
+    }
+    let asked = Instant::now();
+    let answer = tokio::time::timeout(Duration::from_secs(5), runner.status()).await;
+    let took = asked.elapsed();
+    for i in 0..3 {
+        cluster.resume(i);
+    }
+    let statuses = answer
+        .unwrap_or_else(|_| panic!("status did not answer within 5 s while the log was down"))
+        .expect("the units come from the projection store, which is up");
+    assert_eq!(statuses.len(), 1, "{statuses:?} after {took:?}");
+    let error = statuses[0]
+        .log_error
+        .as_deref()
+        .unwrap_or_else(|| panic!("the log's error is in the status: {statuses:?}"));
+    assert!(error.contains("no answer within"), "{error}");
+    assert_eq!(statuses[0].lag_events, 0);
+
+    // Back: counted again.
+    common::eventually("the lag counted again", Duration::from_secs(30), || {
+        let runner = runner.clone();
+        async move {
+            let status = runner.status().await.map_err(|e| e.to_string())?;
+            if status[0].log_error.is_none() && status[0].lag_events == 1 {
+                Ok(())
+            } else {
+                Err(format!("{status:?}"))
+            }
+        }
+    })
+    .await;
+}

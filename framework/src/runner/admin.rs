@@ -13,6 +13,38 @@ use crate::event::Checkpoint;
 use crate::log::{holding_back, read_event, END};
 use crate::store::projections::{DeadLetter, ProjectionState, ProjectionStore};
 
+/// How long [`ProjectionRunner::status`] waits for a backend that may be
+/// down: the projection store's units, and the log's first answer.
+pub const STATUS_PATIENCE: Duration = Duration::from_secs(1);
+
+/// How long counting one unit's lag may take once the log has answered
+/// (a lag of millions of events takes a while to count).
+const COUNTING_PATIENCE: Duration = Duration::from_secs(10);
+
+/// `work` within [`STATUS_PATIENCE`].
+async fn patiently<T>(
+    operation: &'static str,
+    work: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    within(STATUS_PATIENCE, operation, work).await
+}
+
+/// `work`, or [`StoreError::Unavailable`] when it takes longer than
+/// `patience`.
+async fn within<T>(
+    patience: Duration,
+    operation: &'static str,
+    work: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(patience, work).await {
+        Ok(result) => result,
+        Err(_) => Err(StoreError::Unavailable {
+            operation,
+            source: format!("no answer within {patience:?}").into(),
+        }),
+    }
+}
+
 impl<S: ProjectionStore> ProjectionRunner<S> {
     /// Registers every projection (so [`status`](Self::status) lists it)
     /// and runs its [`setup`](crate::projection::Projection::setup) hook
@@ -49,54 +81,103 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
 
     /// The status of every unit of this runner's projections (all nodes').
     ///
+    /// Answers within about a second while a backend is down: the units
+    /// come from the projection store, and the lag from the log; a log that
+    /// does not answer within [`STATUS_PATIENCE`] (or fails) leaves the lag
+    /// at zero and says why in each unit's
+    /// [`log_error`](ProjectionStatus::log_error), and no further part of
+    /// the status waits for it.
+    ///
     /// # Errors
     ///
-    /// [`StoreError`] when the store cannot be read.
+    /// [`StoreError`] when the projection store cannot be read (within
+    /// [`STATUS_PATIENCE`]: [`StoreError::Unavailable`] then).
     pub async fn status(&self) -> Result<Vec<ProjectionStatus>, StoreError> {
         let store = &self.shared.store;
         let log = &self.shared.log;
+        let records = patiently("read the projections' units", store.units(None)).await?;
+        // The first question to the log shows whether it answers; once it
+        // has, the rest (counting a long lag may take a while) gets longer.
+        let mut log_answered = false;
+        let mut log_error: Option<String> = None;
         // A log ordered per partition has no single head, and no open
         // transaction holds its readers back.
         let head = if log.partitions() == 1 {
-            Some(log.head().await?)
+            match patiently("read the log's head", log.head()).await {
+                Ok(head) => {
+                    log_answered = true;
+                    Some(head)
+                }
+                Err(error) => {
+                    log_error = Some(crate::error::error_chain(&error));
+                    None
+                }
+            }
         } else {
             None
         };
         let mut statuses = Vec::new();
         let mut parked: HashMap<String, Vec<DeadLetter>> = HashMap::new();
-        for record in store.units(None).await? {
+        for record in records {
             let Some(registered) = self.shared.projections.get(&record.unit.projection) else {
                 continue;
             };
             let filter = registered.filter_for(record.unit.partition, record.partitions);
-            // Every committed event counts, also those an open transaction
-            // still hides from the log readers (the head leaves them out).
-            let lag_events = log
-                .count_events(&filter, record.checkpoint, END, 10_000_000)
-                .await?;
-            let lag = if lag_events == 0 {
-                Duration::ZERO
+            let lag_of = async {
+                // Every committed event counts, also those an open
+                // transaction still hides from the log readers (the head
+                // leaves them out).
+                let lag_events = log
+                    .count_events(&filter, record.checkpoint, END, 10_000_000)
+                    .await?;
+                let lag = if lag_events == 0 {
+                    Duration::ZERO
+                } else {
+                    log.first_pending_recorded_at(&filter, record.checkpoint)
+                        .await?
+                        .and_then(|t| (Utc::now() - t).to_std().ok())
+                        .unwrap_or_default()
+                };
+                let held_back_by = match head {
+                    Some(head) if lag_events > 0 => {
+                        holding_back(log.as_ref(), &filter, head.max(record.checkpoint)).await?
+                    }
+                    _ => None,
+                };
+                Ok::<_, StoreError>((lag_events, lag, held_back_by))
+            };
+            let (lag_events, lag, held_back_by) = if log_error.is_some() {
+                (0, Duration::ZERO, None)
             } else {
-                log.first_pending_recorded_at(&filter, record.checkpoint)
-                    .await?
-                    .and_then(|t| (Utc::now() - t).to_std().ok())
-                    .unwrap_or_default()
+                let patience = if log_answered {
+                    COUNTING_PATIENCE
+                } else {
+                    STATUS_PATIENCE
+                };
+                match within(patience, "count a projection's lag", lag_of).await {
+                    Ok(lag) => {
+                        log_answered = true;
+                        lag
+                    }
+                    Err(error) => {
+                        log_error = Some(crate::error::error_chain(&error));
+                        (0, Duration::ZERO, None)
+                    }
+                }
             };
             if !parked.contains_key(&registered.name) {
                 parked.insert(
                     registered.name.clone(),
-                    store.dead_letters(&registered.name).await?,
+                    patiently(
+                        "read the parked events",
+                        store.dead_letters(&registered.name),
+                    )
+                    .await?,
                 );
             }
             let parked_here = parked
                 .get(&registered.name)
                 .map_or(0, |d| d.iter().filter(|d| d.unit == record.unit).count());
-            let held_back_by = match head {
-                Some(head) if lag_events > 0 => {
-                    holding_back(log.as_ref(), &filter, head.max(record.checkpoint)).await?
-                }
-                _ => None,
-            };
             let rebuild = record.rebuild_total.and_then(|total| {
                 let progress = RebuildProgress {
                     done: record.processed.min(total),
@@ -128,7 +209,13 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
                 processed: record.processed,
                 rebuild,
                 held_back_by,
+                log_error: None,
             });
+        }
+        if let Some(error) = log_error {
+            for status in &mut statuses {
+                status.log_error = Some(error.clone());
+            }
         }
         Ok(statuses)
     }

@@ -53,6 +53,7 @@ mod status;
 mod wait;
 mod worker;
 
+pub use admin::STATUS_PATIENCE;
 pub use status::{ProjectionStatus, RebuildProgress, RetryError};
 pub use wait::{wait_for, WaitError};
 

@@ -52,6 +52,11 @@ pub struct ProjectionStatus {
     /// server. Long transactions anywhere on the server delay every
     /// projection this way; end them, or keep them short.
     pub held_back_by: Option<OldestTransaction>,
+    /// Why the lag could not be counted: the log did not answer within
+    /// [`STATUS_PATIENCE`](super::STATUS_PATIENCE), or failed (a broker
+    /// down, say). `lag_events` and `lag` read zero then; `None` when they
+    /// were counted.
+    pub log_error: Option<String>,
 }
 
 /// How far a rebuild has come.
