@@ -99,9 +99,10 @@ async fn quick_restarts<S: Backend>(store: S) {
     );
 }
 
-/// Three nodes; each in turn stopped and replaced by a new one while
-/// events are appended: every event reaches every projection once and the
-/// waits keep succeeding.
+/// Three nodes; each in turn stopped and replaced by a new one while a
+/// writer appends without pause: every event reaches every projection
+/// once, and after each replacement the projections reach the head well
+/// inside the lease (the longest wait is printed).
 async fn rolling_deploy<S: Backend>(store: S) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     runner(&store, &seen).setup().await.expect("setup");
@@ -111,24 +112,45 @@ async fn rolling_deploy<S: Backend>(store: S) {
         let (stop, running) = common::start_runner(&runner);
         nodes.push((runner, stop, running));
     }
-    let mut appended = 0u64;
+    // The load: appends one after another for the whole deploy.
+    let writing = tokio_util::sync::CancellationToken::new();
+    let writer = tokio::spawn({
+        let store = store.clone();
+        let writing = writing.clone();
+        async move {
+            let mut appended = 0u64;
+            while !writing.is_cancelled() {
+                append(&store, appended).await;
+                appended += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            appended
+        }
+    });
+    let mut longest = Duration::ZERO;
     for step in 0..6 {
         let (_, stop, running) = nodes.remove(0);
         common::stop_runner(stop, running).await;
         let runner = runner(&store, &seen);
         let (stop, running) = common::start_runner(&runner);
         nodes.push((runner, stop, running));
-        let mut head = outflow::Checkpoint::START;
-        for _ in 0..5 {
-            head = append(&store, appended).await;
-            appended += 1;
-        }
+        let head = store.committed_head().await.expect("head");
+        let started = std::time::Instant::now();
         nodes[0]
             .0
             .wait_for(head, &NAMES, Duration::from_secs(10))
             .await
             .unwrap_or_else(|e| panic!("step {step}: a projection stalled in the deploy: {e}"));
+        longest = longest.max(started.elapsed());
     }
+    writing.cancel();
+    let appended = writer.await.expect("the writer");
+    let head = store.committed_head().await.expect("head");
+    nodes[0]
+        .0
+        .wait_for(head, &NAMES, Duration::from_secs(10))
+        .await
+        .expect("caught up after the deploy");
     for (_, stop, running) in nodes {
         common::stop_runner(stop, running).await;
     }
@@ -138,6 +160,157 @@ async fn rolling_deploy<S: Backend>(store: S) {
     unique.dedup();
     assert_eq!(unique.len(), seen.len(), "an event was applied twice");
     assert_eq!(seen.len() as u64, appended * NAMES.len() as u64);
+    eprintln!(
+        "rolling deploy: 6 replacements, {appended} events appended meanwhile, each applied once \
+         per projection; longest wait for the head after a replacement {longest:?}"
+    );
+}
+
+/// A projection that takes its time with every batch.
+struct Slow<S> {
+    handled: Arc<Mutex<u64>>,
+    per_batch: Duration,
+    _store: std::marker::PhantomData<fn() -> S>,
+}
+
+#[async_trait]
+impl<S: Backend> Projection<S> for Slow<S> {
+    fn name(&self) -> &str {
+        "slow"
+    }
+
+    async fn handle(
+        &self,
+        events: &[RecordedEvent],
+        _tx: &mut S::Transaction,
+    ) -> Result<(), HandlerError> {
+        tokio::time::sleep(self.per_batch).await;
+        *self.handled.lock().expect("count") += events.len() as u64;
+        Ok(())
+    }
+}
+
+fn slow_runner<S: Backend>(
+    store: &S,
+    handled: &Arc<Mutex<u64>>,
+    per_batch: Duration,
+    drain: Option<Duration>,
+) -> ProjectionRunner<S> {
+    let mut builder = ProjectionRunner::builder(store.clone())
+        .heartbeat_interval(Duration::from_millis(300))
+        .projection(
+            ProjectionOptions::new(Slow::<S> {
+                handled: handled.clone(),
+                per_batch,
+                _store: std::marker::PhantomData,
+            })
+            .batch_size(1),
+        );
+    if let Some(bound) = drain {
+        builder = builder.drain_on_shutdown(bound);
+    }
+    builder.build().expect("the runner")
+}
+
+/// With `drain_on_shutdown`, a node stopped with a backlog handles all of
+/// it before it stops (the next node finds nothing to do); without it, it
+/// stops after the batch in flight; and the bound is kept: a backlog that
+/// would take minutes does not hold the shutdown.
+async fn drain_on_shutdown<S: Backend>(store: S) {
+    for n in 0..40 {
+        append(&store, n).await;
+    }
+    let head = store.committed_head().await.expect("head");
+
+    // Without a drain: stops after the batch in flight.
+    let handled = Arc::new(Mutex::new(0u64));
+    let runner = slow_runner(&store, &handled, Duration::from_millis(50), None);
+    runner.setup().await.expect("setup");
+    let (stop, running) = common::start_runner(&runner);
+    common::eventually("the first batches", Duration::from_secs(30), || {
+        let n = *handled.lock().expect("count");
+        async move {
+            if n >= 2 {
+                Ok(())
+            } else {
+                Err(format!("{n}"))
+            }
+        }
+    })
+    .await;
+    common::stop_runner(stop, running).await;
+    let without = *handled.lock().expect("count");
+    assert!(
+        without < 40,
+        "the backlog was not drained without the option"
+    );
+
+    // With one: the whole backlog first.
+    let runner = slow_runner(
+        &store,
+        &handled,
+        Duration::from_millis(50),
+        Some(Duration::from_secs(60)),
+    );
+    let (stop, running) = common::start_runner(&runner);
+    common::eventually(
+        "a batch of the second node",
+        Duration::from_secs(30),
+        || {
+            let n = *handled.lock().expect("count");
+            async move {
+                if n > without {
+                    Ok(())
+                } else {
+                    Err(format!("{n}"))
+                }
+            }
+        },
+    )
+    .await;
+    common::stop_runner(stop, running).await;
+    assert_eq!(*handled.lock().expect("count"), 40, "drained to the head");
+    let units = store.units(Some("slow")).await.expect("units");
+    assert_eq!(units[0].checkpoint, head, "the checkpoint is at the head");
+    assert!(!units[0].lease_valid, "the lease was given back");
+
+    // The bound: a second per event and 40 more events; a 1 s drain.
+    for n in 40..80 {
+        append(&store, n).await;
+    }
+    let runner = slow_runner(
+        &store,
+        &handled,
+        Duration::from_secs(1),
+        Some(Duration::from_secs(1)),
+    );
+    let (stop, running) = common::start_runner(&runner);
+    common::eventually("a batch of the third node", Duration::from_secs(30), || {
+        let n = *handled.lock().expect("count");
+        async move {
+            if n > 40 {
+                Ok(())
+            } else {
+                Err(format!("{n}"))
+            }
+        }
+    })
+    .await;
+    // `stop_runner` allows 30 s: the 40 s backlog is cut by the bound.
+    common::stop_runner(stop, running).await;
+    assert!(*handled.lock().expect("count") < 80);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_on_shutdown_on_postgres() {
+    let db = common::TestDb::new("drain").await;
+    drain_on_shutdown(db.store().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_on_shutdown_on_sqlite() {
+    let dir = common::TestDir::new("drain");
+    drain_on_shutdown(dir.sqlite().await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

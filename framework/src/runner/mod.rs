@@ -92,6 +92,9 @@ struct Shared<S: ProjectionStore> {
     node_id: String,
     lease_ttl: Duration,
     heartbeat: Duration,
+    /// How long a shutdown lets owned units catch up first (see
+    /// [`ProjectionRunnerBuilder::drain_on_shutdown`]).
+    drain: Option<Duration>,
     projections: HashMap<String, Arc<Registered<S>>>,
     /// Renamed event types, applied to every event read.
     aliases: crate::upcast::EventAliases,
@@ -129,6 +132,7 @@ pub struct ProjectionRunnerBuilder<S: ProjectionStore> {
     node_id: Option<String>,
     lease_ttl: Duration,
     heartbeat: Duration,
+    drain: Option<Duration>,
     projections: Vec<ProjectionOptions<S>>,
     aliases: crate::upcast::EventAliases,
 }
@@ -171,6 +175,19 @@ impl<S: ProjectionStore> ProjectionRunnerBuilder<S> {
     /// How often leases are renewed and free units looked for (default 1 s).
     pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
         self.heartbeat = interval;
+        self
+    }
+
+    /// On shutdown, lets every unit this node owns catch up to the head
+    /// first, for at most `bound`: leases are still renewed meanwhile, no
+    /// unit is claimed, and each unit stops (and gives its lease back) as
+    /// soon as it has read to the head and handled everything; after
+    /// `bound` the rest stop as without this option. Use it for rolling
+    /// deploys where the next node should find nothing left to do; keep
+    /// `bound` under the deploy tool's grace period. Default: off — a unit
+    /// finishes the batch it is committing and stops.
+    pub fn drain_on_shutdown(mut self, bound: Duration) -> Self {
+        self.drain = Some(bound);
         self
     }
 
@@ -254,6 +271,7 @@ impl<S: ProjectionStore> ProjectionRunnerBuilder<S> {
                     .unwrap_or_else(|| format!("node-{}", uuid::Uuid::new_v4().simple())),
                 lease_ttl: self.lease_ttl,
                 heartbeat: self.heartbeat,
+                drain: self.drain,
                 projections,
                 aliases: self.aliases,
                 view: wait::SharedView::default(),
@@ -286,6 +304,7 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
             aliases: crate::upcast::EventAliases::new(),
             lease_ttl: Duration::from_secs(5),
             heartbeat: Duration::from_secs(1),
+            drain: None,
             projections: Vec::new(),
         }
     }

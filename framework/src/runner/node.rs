@@ -31,7 +31,11 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
     /// claims this node's share of their units, and runs each owned unit
     /// (catch up in batches, then tail the log). On shutdown each unit
     /// finishes or abandons its current batch (an abandoned batch rolls
-    /// back) and gives its lease back.
+    /// back) and gives its lease back — after catching up to the head, for
+    /// a bounded time, with
+    /// [`drain_on_shutdown`](super::ProjectionRunnerBuilder::drain_on_shutdown)
+    /// — and the node deregisters, so other nodes take the units at their
+    /// next heartbeat.
     ///
     /// Database outages are waited out with backoff; this only returns early
     /// when the configuration is refused, and then also logs the error at
@@ -85,6 +89,8 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
         let mut tasks: JoinSet<UnitId> = JoinSet::new();
         let mut running: HashMap<UnitId, Running> = HashMap::new();
         let mut warned_about = None;
+        // Cancelled at shutdown when draining: units stop once caught up.
+        let draining = CancellationToken::new();
         loop {
             while let Some(done) = tasks.try_join_next() {
                 if let Ok(unit) = done {
@@ -103,6 +109,7 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
                             &live,
                             &mut running,
                             &mut tasks,
+                            &draining,
                         )
                         .await
                     {
@@ -133,6 +140,10 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
                 }
             }
         }
+        if let Some(bound) = shared.drain {
+            self.drain(bound, &draining, &mut holder, &mut running, &mut tasks)
+                .await;
+        }
         for unit in running.values() {
             unit.stop.cancel();
         }
@@ -144,6 +155,47 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
             tracing::warn!(node = %shared.node_id, error = %crate::error::error_chain(&error), "deregistering the node failed (its leases will expire)");
         }
         Ok(())
+    }
+
+    /// Lets the owned units catch up before they stop, for at most `bound`:
+    /// heartbeats go on (leases stay renewed), nothing new is claimed.
+    async fn drain(
+        &self,
+        bound: Duration,
+        draining: &CancellationToken,
+        holder: &mut Holder,
+        running: &mut HashMap<UnitId, Running>,
+        tasks: &mut JoinSet<UnitId>,
+    ) {
+        let shared = &self.shared;
+        draining.cancel();
+        let deadline = tokio::time::Instant::now() + bound;
+        tracing::info!(node = %shared.node_id, units = running.len(), ?bound, "draining before the shutdown");
+        loop {
+            while let Some(done) = tasks.try_join_next() {
+                if let Ok(unit) = done {
+                    running.remove(&unit);
+                }
+            }
+            if running.is_empty() {
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::info!(node = %shared.node_id, units = running.len(), "drain bound reached; stopping the rest");
+                return;
+            }
+            if let Err(error) = self.heartbeat(holder, running).await {
+                tracing::warn!(node = %shared.node_id, error = %crate::error::error_chain(&error), "heartbeat failed");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + shared.heartbeat)) => {}
+                Some(done) = tasks.join_next() => {
+                    if let Ok(unit) = done {
+                        running.remove(&unit);
+                    }
+                }
+            }
+        }
     }
 
     /// Runs a projection's setup hook in a transaction of its own, retrying
@@ -265,6 +317,7 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
         live: &[String],
         running: &mut HashMap<UnitId, Running>,
         tasks: &mut JoinSet<UnitId>,
+        draining: &CancellationToken,
     ) -> Result<(), StoreError> {
         let shared = &self.shared;
         let units = shared.store.units(None).await?;
@@ -281,7 +334,7 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
         owned.insert(holder.node().to_owned(), running.len());
         match balance(total_units, live, &owned, holder.node()) {
             Balance::ClaimUpTo(share) if running.len() < share => {
-                self.claim_free_units(holder, share, units, running, tasks)
+                self.claim_free_units(holder, share, units, running, tasks, draining)
                     .await
             }
             Balance::GiveOneBack => {
@@ -305,6 +358,7 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
         units: Vec<crate::store::projections::UnitRecord>,
         running: &mut HashMap<UnitId, Running>,
         tasks: &mut JoinSet<UnitId>,
+        draining: &CancellationToken,
     ) -> Result<(), StoreError> {
         let shared = &self.shared;
         let mut candidates: Vec<_> = units
@@ -337,6 +391,7 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
                 registered,
                 lease.clone(),
                 stop.clone(),
+                draining.clone(),
                 paused_rx,
             );
             tasks.spawn(worker.run());

@@ -97,6 +97,8 @@ pub(super) struct UnitWorker<S: ProjectionStore> {
     registered: Arc<Registered<S>>,
     lease: Lease,
     stop: CancellationToken,
+    /// Cancelled when the node shuts down with a drain: stop once caught up.
+    draining: CancellationToken,
     paused: watch::Receiver<bool>,
     state: RecordedState,
 }
@@ -107,6 +109,7 @@ impl<S: ProjectionStore> UnitWorker<S> {
         registered: Arc<Registered<S>>,
         lease: Lease,
         stop: CancellationToken,
+        draining: CancellationToken,
         paused: watch::Receiver<bool>,
     ) -> Self {
         UnitWorker {
@@ -114,6 +117,7 @@ impl<S: ProjectionStore> UnitWorker<S> {
             registered,
             lease,
             stop,
+            draining,
             paused,
             state: RecordedState::default(),
         }
@@ -157,6 +161,8 @@ impl<S: ProjectionStore> UnitWorker<S> {
                 self.set_state(ProjectionState::Paused, None).await;
                 tokio::select! {
                     _ = self.stop.cancelled() => return false,
+                    // Paused: nothing to drain.
+                    _ = self.draining.cancelled() => return false,
                     _ = self.paused.changed() => {}
                 }
                 continue;
@@ -251,6 +257,10 @@ impl<S: ProjectionStore> UnitWorker<S> {
                     }
                 }
                 self.set_state(ProjectionState::Live, None).await;
+                if self.draining.is_cancelled() {
+                    // Read to the head, nothing left: drained.
+                    return false;
+                }
                 if held_back {
                     recheck.held_back();
                 } else {
@@ -329,10 +339,15 @@ impl<S: ProjectionStore> UnitWorker<S> {
         }
     }
 
-    /// Waits until it is time to read again; `false` when stopped.
+    /// Waits until it is time to read again; `false` when stopped. A drain
+    /// starting reads once more (then stops when nothing is left).
     async fn idle(&mut self, recheck: &mut Recheck, wakeups: &mut Wakeups) -> bool {
+        if self.draining.is_cancelled() {
+            return true;
+        }
         tokio::select! {
             _ = self.stop.cancelled() => false,
+            _ = self.draining.cancelled() => true,
             _ = recheck.idle(wakeups) => true,
             _ = self.paused.changed() => true,
         }
