@@ -194,6 +194,17 @@ impl<A: Aggregate, S: EventStore> CommandBusBuilder<A, S> {
         self
     }
 
+    /// Adds a list of upcasters, run in order on every event loaded: the
+    /// same [`Upcasters`](crate::upcast::Upcasters) value the views and
+    /// projections are given.
+    pub fn upcasters(mut self, upcasters: impl Into<crate::upcast::Upcasters>) -> Self {
+        let upcasters = upcasters.into();
+        if !upcasters.is_empty() {
+            self.upcasters.push(Box::new(upcasters));
+        }
+        self
+    }
+
     /// Stores refusals of [`CommandBus::execute_once`] with the domain
     /// error as JSON, so that a re-sent command is answered with
     /// [`CommandError::Rejected`] and the same error value, as when it was

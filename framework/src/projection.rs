@@ -27,7 +27,6 @@ use cqrs_es::Aggregate;
 use crate::event::{Envelope, RecordedEvent};
 use crate::log::LogFilter;
 use crate::store::Transactional;
-use crate::upcast::Upcaster;
 
 pub use crate::backoff::RetryPolicy;
 pub use crate::error::HandlerError;
@@ -198,7 +197,7 @@ pub trait EventHandler<A: Aggregate, S: Transactional>: Send + Sync + 'static {
 /// store, decodes (and upcasts) each event, and calls the handler in order.
 pub struct Typed<A, S, H> {
     handler: H,
-    upcasters: Arc<[Box<dyn Upcaster>]>,
+    upcasters: crate::upcast::Upcasters,
     _types: PhantomData<fn() -> (A, S)>,
 }
 
@@ -221,14 +220,16 @@ where
 {
     Typed {
         handler,
-        upcasters: Arc::from(Vec::new()),
+        upcasters: crate::upcast::Upcasters::new(),
         _types: PhantomData,
     }
 }
 
 impl<A, S, H> Typed<A, S, H> {
-    /// Upcasters run on each event before it is decoded.
-    pub fn with_upcasters(mut self, upcasters: Vec<Box<dyn Upcaster>>) -> Self {
+    /// Upcasters run on each event before it is decoded: an
+    /// [`Upcasters`](crate::upcast::Upcasters) list (shared with the command
+    /// bus and other readers), or a `Vec` of boxed upcasters.
+    pub fn with_upcasters(mut self, upcasters: impl Into<crate::upcast::Upcasters>) -> Self {
         self.upcasters = upcasters.into();
         self
     }
@@ -301,7 +302,7 @@ where
 pub struct QueryProjection<A: Aggregate, Q> {
     name: String,
     query: Q,
-    upcasters: Arc<[Box<dyn Upcaster>]>,
+    upcasters: crate::upcast::Upcasters,
     _aggregate: PhantomData<fn() -> A>,
 }
 
@@ -321,13 +322,15 @@ impl<A: Aggregate, Q: cqrs_es::Query<A>> QueryProjection<A, Q> {
         QueryProjection {
             name: name.into(),
             query,
-            upcasters: Arc::from(Vec::new()),
+            upcasters: crate::upcast::Upcasters::new(),
             _aggregate: PhantomData,
         }
     }
 
-    /// Upcasters run on each event before it is decoded.
-    pub fn with_upcasters(mut self, upcasters: Vec<Box<dyn Upcaster>>) -> Self {
+    /// Upcasters run on each event before it is decoded: an
+    /// [`Upcasters`](crate::upcast::Upcasters) list (shared with the command
+    /// bus and other readers), or a `Vec` of boxed upcasters.
+    pub fn with_upcasters(mut self, upcasters: impl Into<crate::upcast::Upcasters>) -> Self {
         self.upcasters = upcasters.into();
         self
     }

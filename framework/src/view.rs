@@ -23,7 +23,6 @@ use crate::names::Identifier;
 use crate::projection::HandlerError;
 use crate::runner::WaitError;
 use crate::store::projections::{Checkpoints, DeadLetters};
-use crate::upcast::Upcaster;
 
 #[cfg(feature = "postgres")]
 mod postgres;
@@ -63,7 +62,7 @@ pub struct ViewProjection<A: Aggregate, V> {
     /// The table, quoted for SQL.
     table: String,
     key: Arc<KeyFn<A>>,
-    upcasters: Arc<[Box<dyn Upcaster>]>,
+    upcasters: crate::upcast::Upcasters,
     _view: PhantomData<fn() -> V>,
 }
 
@@ -114,7 +113,7 @@ where
             name: name.into(),
             table,
             key: Arc::new(|event: &Envelope<A>| Some(event.aggregate_id.clone())),
-            upcasters: Arc::from(Vec::new()),
+            upcasters: crate::upcast::Upcasters::new(),
             _view: PhantomData,
         })
     }
@@ -130,8 +129,10 @@ where
         self
     }
 
-    /// Upcasters run on each event before it is decoded.
-    pub fn with_upcasters(mut self, upcasters: Vec<Box<dyn Upcaster>>) -> Self {
+    /// Upcasters run on each event before it is decoded: an
+    /// [`Upcasters`](crate::upcast::Upcasters) list (shared with the command
+    /// bus and other readers), or a `Vec` of boxed upcasters.
+    pub fn with_upcasters(mut self, upcasters: impl Into<crate::upcast::Upcasters>) -> Self {
         self.upcasters = upcasters.into();
         self
     }
