@@ -111,7 +111,7 @@ impl Upcaster for CqrsUpcaster {
 /// shared): declare it once, next to the aggregate and its events, and give
 /// the same value to everything that reads them — the command bus
 /// ([`CommandBusBuilder::upcasters`](crate::CommandBusBuilder::upcasters)),
-/// views, typed and batch projections (`with_upcasters`), and hand-written
+/// views, typed and query projections (`.upcasters(..)`), and hand-written
 /// projections ([`RecordedEvent::decode_payload_with`](crate::RecordedEvent::decode_payload_with),
 /// through `&upcasters`). Put [`EventAliases`] first, so the upcasters
 /// after them see current names.

@@ -129,11 +129,17 @@ where
         self
     }
 
-    /// Upcasters run on each event before it is decoded: an
-    /// [`Upcasters`](crate::upcast::Upcasters) list (shared with the command
-    /// bus and other readers), or a `Vec` of boxed upcasters.
-    pub fn with_upcasters(mut self, upcasters: impl Into<crate::upcast::Upcasters>) -> Self {
+    /// Upcasters run on each event before it is decoded.
+    pub fn with_upcasters(mut self, upcasters: Vec<Box<dyn crate::upcast::Upcaster>>) -> Self {
         self.upcasters = upcasters.into();
+        self
+    }
+
+    /// Upcasters run on each event before it is decoded: the same
+    /// [`Upcasters`](crate::upcast::Upcasters) list (cloned) that the
+    /// command bus and the other readers are given.
+    pub fn upcasters(mut self, upcasters: crate::upcast::Upcasters) -> Self {
+        self.upcasters = upcasters;
         self
     }
 

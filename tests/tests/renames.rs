@@ -254,7 +254,7 @@ async fn one_list_of_upcasters<S: Backend + ViewStore>(store: S) {
     let balances =
         ViewProjection::<BankAccount, Balance>::new("upcast_balances", "upcast_balances")
             .expect("a view")
-            .with_upcasters(upcasters.clone());
+            .upcasters(upcasters.clone());
     let seen = Arc::new(Mutex::new(Vec::new()));
     let runner = ProjectionRunner::builder(store.clone())
         .projection(ProjectionOptions::new(balances.clone()))
