@@ -206,3 +206,28 @@ async fn a_busy_unit_with_events_waiting_is_not_live() {
     );
     common::stop_runner(stop, handle).await;
 }
+
+/// `wait_for` takes what a command returns: `Committed::checkpoint()` is an
+/// `Option` — `Some` waits for it, `None` (nothing written) returns at once,
+/// even on a runner that was never started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_takes_a_commands_optional_checkpoint() {
+    let store = MemoryStore::new();
+    let flag = Arc::new(AtomicBool::new(false));
+    let idle = runner(&store, &flag, &flag);
+    idle.wait_for(None, &["fragile"], Duration::from_secs(60))
+        .await
+        .expect("nothing to wait for");
+    let running = runner(&store, &flag, &flag);
+    let (stop, task) = common::start_runner(&running);
+    append(&store, 0).await;
+    let head = Some(store.head().await.expect("head"));
+    running
+        .wait_for(head, &["fragile"], Duration::from_secs(30))
+        .await
+        .expect("waited for Some(checkpoint)");
+    outflow::runner::wait_for(&store, head, &["fragile"], Duration::from_secs(30))
+        .await
+        .expect("the free function takes it too");
+    common::stop_runner(stop, task).await;
+}

@@ -26,12 +26,17 @@ impl Projection<SqliteStore> for ItemCounts {
         LogFilter::aggregate_types(["cart"]).with_event_types(["ItemAdded"])
     }
 
-    /// Runs before the first batch, in a transaction: the read model's table.
+    /// Runs before the first batch, in a transaction: the read model's
+    /// table and its index, as one script of several statements.
     async fn setup(&self, tx: &mut Transaction<'static, Sqlite>) -> Result<(), HandlerError> {
-        sqlx::query(
-            "CREATE TABLE IF NOT EXISTS item_counts (cart_id TEXT PRIMARY KEY, items INTEGER NOT NULL)",
-        )
-        .execute(&mut **tx)
+        // A script goes through the transaction's `execute` (with
+        // `sqlx::Executor` in scope); `raw_sql(..).execute(&mut **tx)`
+        // does not compile inside the trait's async methods.
+        use sqlx::Executor as _;
+        tx.execute(sqlx::raw_sql(
+            "CREATE TABLE IF NOT EXISTS item_counts (cart_id TEXT PRIMARY KEY, items INTEGER NOT NULL);
+             CREATE INDEX IF NOT EXISTS item_counts_by_items ON item_counts (items);",
+        ))
         .await?;
         Ok(())
     }

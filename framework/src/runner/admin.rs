@@ -413,8 +413,21 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
         }
     }
 
-    /// Retries every parked event of a projection, oldest first; returns how
-    /// many succeeded and the failures.
+    /// Retries every parked event of a projection, oldest first (as
+    /// [`retry_dead_letter`](Self::retry_dead_letter) does one). Returns
+    /// `(succeeded, failed)`: how many were handled and left the dead
+    /// letters, and for each that failed again its dead-letter id and why
+    /// (it stays parked, with its attempt counted).
+    ///
+    /// ```no_run
+    /// # async fn demo(runner: outflow::runner::ProjectionRunner<outflow::PostgresStore>) -> Result<(), outflow::StoreError> {
+    /// let (succeeded, failed) = runner.retry_dead_letters("balances").await?;
+    /// println!("{succeeded} retried");
+    /// for (id, error) in failed {
+    ///     println!("dead letter {id} is still parked: {error}");
+    /// }
+    /// # Ok(()) }
+    /// ```
     ///
     /// # Errors
     ///

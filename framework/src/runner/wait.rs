@@ -97,8 +97,9 @@ pub enum WaitError {
 
 /// Waits until every named projection (all its partitions) has passed
 /// `target` — typically [`Committed::checkpoint`](crate::Committed::checkpoint)
-/// of a command — so a read model shows that command's effect
-/// (read-your-writes). `Ok` means every event up to `target` is in the read
+/// of a command, as it is: a `Checkpoint` or an `Option` of one, where
+/// `None` (the command wrote nothing) returns `Ok` at once — so a read
+/// model shows that command's effect (read-your-writes). `Ok` means every event up to `target` is in the read
 /// model: a projection that parked one of them, or cannot get there without
 /// help, makes it return an error instead. Works across nodes: checkpoints are read from the
 /// store, and waiters are woken when runners anywhere commit.
@@ -133,10 +134,13 @@ pub enum WaitError {
 ///   live node holding it for 5 s.
 pub async fn wait_for<S: Checkpoints + DeadLetters>(
     store: &S,
-    target: Checkpoint,
+    target: impl Into<Option<Checkpoint>>,
     projections: &[&str],
     timeout: Duration,
 ) -> Result<(), WaitError> {
+    let Some(target) = target.into() else {
+        return Ok(());
+    };
     let view = SharedView::default();
     wait_on(store, &view, target, projections, timeout, None).await
 }
@@ -477,10 +481,13 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
     /// As [`wait_for`].
     pub async fn wait_for(
         &self,
-        target: Checkpoint,
+        target: impl Into<Option<Checkpoint>>,
         projections: &[&str],
         timeout: Duration,
     ) -> Result<(), WaitError> {
+        let Some(target) = target.into() else {
+            return Ok(());
+        };
         // A runner may be waited on before `run` has registered its
         // projections (right after start-up): register those it knows.
         let mut foreign = Vec::new();

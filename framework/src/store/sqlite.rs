@@ -302,6 +302,14 @@ impl SqliteStore {
         &self.inner.readers
     }
 
+    /// The pool to query read models with, as
+    /// `PostgresStore::pool` is on PostgreSQL:
+    /// here the read-only connections ([`readers`](Self::readers)). Writes
+    /// go through the store's transactions, or [`writer`](Self::writer).
+    pub fn pool(&self) -> &SqlitePool {
+        &self.inner.readers
+    }
+
     /// Closes the connections (waiting for those in use). The last process
     /// to close the file checkpoints its WAL into it and removes the `-wal`
     /// and `-shm` files beside it, so call it before the process exits to
