@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use example_accounts::app::{self, App, AppStore};
+use outflow::store::projections::ProjectionState;
 use outflow::CancellationToken;
 
 pub async fn status<S: AppStore>(app: &App<S>) -> anyhow::Result<()> {
@@ -62,14 +63,48 @@ pub async fn rebuild<S: AppStore>(app: &Arc<App<S>>, name: &str) -> anyhow::Resu
         .progress_chars("=> "),
     );
     bar.set_message(format!("rebuilding {name}"));
+    // Progress, or — when there is none for a while — why not: a unit
+    // stopped on an error ends the rebuild at once; one retrying on an
+    // error is shown, and ends it after STALLED without progress.
+    const LOOK: Duration = Duration::from_secs(5);
+    const STALLED: Duration = Duration::from_secs(120);
+    let mut last_moved = tokio::time::Instant::now();
     loop {
         let now = *progress.borrow_and_update();
         bar.set_position(now.done.min(total));
         if now.is_complete() {
             break;
         }
-        if progress.changed().await.is_err() {
-            break;
+        tokio::select! {
+            changed = progress.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                last_moved = tokio::time::Instant::now();
+            }
+            _ = tokio::time::sleep(LOOK) => {
+                let statuses = app.runner.status().await?;
+                let units: Vec<_> = statuses.iter().filter(|s| s.projection == name).collect();
+                if let Some(stopped) = units.iter().find(|s| s.state == ProjectionState::Stopped) {
+                    bar.abandon_with_message(format!("rebuilding {name} stopped"));
+                    bail!(
+                        "the rebuild of {name} stopped on an error: {} (fix it, then `projections restart {name}`)",
+                        stopped.last_error.as_deref().unwrap_or("no error recorded")
+                    );
+                }
+                let error = units.iter().find_map(|s| s.last_error.clone());
+                if let Some(error) = &error {
+                    bar.set_message(format!("rebuilding {name}, retrying: {error}"));
+                }
+                if last_moved.elapsed() >= STALLED {
+                    bar.abandon_with_message(format!("rebuilding {name} made no progress"));
+                    bail!(
+                        "the rebuild of {name} made no progress for {} s: {}",
+                        STALLED.as_secs(),
+                        error.unwrap_or_else(|| format!("its units: {units:?}"))
+                    );
+                }
+            }
         }
     }
     let head = app.store.head().await?;

@@ -1,13 +1,16 @@
 //! The operator's commands against a database the demo filled, on both
 //! backends: `projections status`, `rebuild NAME` (the read model is the
 //! same afterwards), `dead-letters`, `retry ID`, and clear errors for an
-//! unknown projection or dead letter.
+//! unknown projection or dead letter; and a rebuild from the CLI while the
+//! server runs on the same database (day two: the CLI returns, and the
+//! server's strong reads answer the complete read model).
 
 mod common;
 
 use std::process::{Command, Output};
 
-use common::{Backend, Database};
+use common::client::{balance, client, deposit, open_with};
+use common::{Backend, Database, Server};
 
 fn run(url: &str, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_example-accounts"))
@@ -151,4 +154,68 @@ async fn operator_commands_on_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_commands_on_postgres() {
     operates(Backend::Postgres).await;
+}
+
+/// `projections rebuild balances` in a second process while `serve` runs:
+/// the CLI returns (its runner joins, takes its share, and leaves), and the
+/// server's strong reads give every balance, twice in a row.
+async fn rebuild_while_serving(backend: Backend) {
+    let db = Database::new(backend, "cli_live").await;
+    let mut server = Server::start(&db.url, &[]);
+    let http = client();
+    let mut accounts = Vec::new();
+    for i in 0..8i64 {
+        let id = open_with(&http, &server, &format!("Owner {i}"), 100 + i).await;
+        deposit(&http, &server, &id, 5).await;
+        accounts.push((id, 105 + i));
+    }
+    for (id, expected) in &accounts {
+        assert_eq!(balance(&http, &server, id).await, *expected);
+    }
+    for round in 0..2 {
+        let url = db.url.clone();
+        let rebuilt = tokio::time::timeout(
+            std::time::Duration::from_secs(120),
+            tokio::task::spawn_blocking(move || run(&url, &["projections", "rebuild", "balances"])),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "round {round}: the CLI's rebuild did not return within 120 s\n{}",
+                server.log()
+            )
+        })
+        .expect("the rebuild's thread");
+        assert!(
+            rebuilt.status.success(),
+            "round {round}: exit {:?}\n{}\n{}",
+            rebuilt.status,
+            String::from_utf8_lossy(&rebuilt.stderr),
+            server.log()
+        );
+        for (id, expected) in &accounts {
+            assert_eq!(
+                balance(&http, &server, id).await,
+                *expected,
+                "round {round}: {id} after the rebuild"
+            );
+        }
+    }
+    // The server still works every unit: a new deposit shows.
+    deposit(&http, &server, &accounts[0].0, 1).await;
+    assert_eq!(
+        balance(&http, &server, &accounts[0].0).await,
+        accounts[0].1 + 1
+    );
+    assert!(server.terminate(std::time::Duration::from_secs(30)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_while_serving_on_sqlite() {
+    rebuild_while_serving(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_while_serving_on_postgres() {
+    rebuild_while_serving(Backend::Postgres).await;
 }
