@@ -12,7 +12,9 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{nats_error, stream_token, JetStreamStore};
+use super::codec::stream_token;
+use super::errors::nats_error;
+use super::state::JetStreamStore;
 use crate::error::StoreError;
 use crate::event::{AppendRequest, RecordedEvent};
 use crate::outcome::{CommandOutcome, RefusalRecord};
