@@ -1041,7 +1041,7 @@ where
                 event: Box::new(event_ref(&event.event_type, &event.event_version)),
                 source,
             })?;
-        let (event_type, event_version, payload) = crate::upcast::apply(
+        let (event_type, event_version, payload) = crate::upcast::upcaster::apply(
             &self.upcasters,
             A::TYPE,
             aggregate_id,

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::error::{EventRef, StoreError};
-use crate::upcast::Upcaster;
+use crate::upcast::upcaster::Upcaster;
 
 /// Free-form event metadata, as in `cqrs-es` (string keys and values).
 pub type Metadata = HashMap<String, String>;
@@ -189,7 +189,7 @@ impl RecordedEvent {
         mut self,
         upcasters: &[Box<dyn Upcaster>],
     ) -> Result<Envelope<A>, StoreError> {
-        let (event_type, event_version, payload) = crate::upcast::apply(
+        let (event_type, event_version, payload) = crate::upcast::upcaster::apply(
             upcasters,
             &self.aggregate_type,
             &self.aggregate_id,

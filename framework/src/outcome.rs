@@ -71,7 +71,8 @@ impl CommandOutcome {
     }
 
     /// An outcome from the SQL backends' columns; a refusal JSON that does
-    /// not parse is the `table`'s corruption.
+    /// not parse is an error saying so (the backend reports it as its
+    /// table's corruption).
     #[allow(clippy::too_many_arguments)]
     #[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
     pub(crate) fn from_columns(
@@ -82,14 +83,11 @@ impl CommandOutcome {
         recorded_at: DateTime<Utc>,
         refusal: Option<String>,
         refusal_json: Option<String>,
-        table: &str,
-    ) -> Result<Self, crate::error::StoreError> {
+    ) -> Result<Self, String> {
         let error = refusal_json
             .map(|text| {
-                serde_json::from_str(&text).map_err(|e| crate::error::StoreError::Corrupt {
-                    table: table.to_owned(),
-                    what: format!("the refusal of command {command_id} is not JSON: {e}"),
-                })
+                serde_json::from_str(&text)
+                    .map_err(|e| format!("the refusal of command {command_id} is not JSON: {e}"))
             })
             .transpose()?;
         Ok(CommandOutcome {

@@ -125,7 +125,7 @@ impl PostgresStore {
             row.try_get("recorded_at").map_err(get)?,
             row.try_get("refusal").map_err(get)?,
             row.try_get("refusal_json").map_err(get)?,
-            &table,
         )
+        .map_err(|what| StoreError::Corrupt { table, what })
     }
 }

@@ -143,7 +143,7 @@ impl SqliteStore {
             micros_column(micros, &table)?,
             row.try_get("refusal").map_err(get())?,
             row.try_get("refusal_json").map_err(get())?,
-            &table,
         )
+        .map_err(|what| StoreError::Corrupt { table, what })
     }
 }
