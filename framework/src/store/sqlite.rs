@@ -48,6 +48,7 @@ mod errors;
 mod log;
 mod outcomes;
 mod projection_store;
+mod queries;
 mod rows;
 mod schema;
 
@@ -105,6 +106,8 @@ struct Inner {
     loader: tokio::sync::Mutex<Option<sqlx::SqliteConnection>>,
     path: PathBuf,
     tables: Tables,
+    /// Every statement, rendered once for these tables.
+    queries: queries::Queries,
     wake: WakeSignal,
     checkpoint_wake: WakeSignal,
     poll_interval: Duration,
@@ -246,6 +249,7 @@ impl SqliteStoreBuilder {
                 readers,
                 loader: tokio::sync::Mutex::new(Some(loader)),
                 path: self.path,
+                queries: queries::Queries::new(&tables),
                 tables,
                 wake: WakeSignal::new(),
                 checkpoint_wake: WakeSignal::new(),

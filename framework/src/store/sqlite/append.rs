@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::{Row, SqliteConnection};
 
-use super::rows::{corrupt, decode_event, time_text, u64_column, COLUMNS};
+use super::rows::{corrupt, decode_event, time_text, u64_column};
 use super::{db, sqlite_error, to_i64, SqliteStore};
 use crate::error::StoreError;
 use crate::event::{AppendRequest, RecordedEvent, Snapshot};
@@ -15,9 +15,6 @@ use crate::log::partition_hash;
 use crate::outcome::CommandOutcome;
 use crate::store::{EventStore, LoadedStream, StreamEvent};
 
-/// The stream's version alone (read after a refused append, to report it).
-const VERSION: &str = "SELECT COALESCE(MAX(e.sequence), 0) FROM {events} e \
-     WHERE e.aggregate_type = ?1 AND e.aggregate_id = ?2";
 /// Events per INSERT statement: 8 bound values each, far below SQLite's
 /// limit of 32,766 variables per statement.
 const CHUNK: usize = 256;
@@ -72,36 +69,7 @@ fn insert_statement(rows: usize) -> String {
     )
 }
 
-const READ_STREAM: &str = "SELECT {columns} FROM {events} e \
-     WHERE e.aggregate_type = ?1 AND e.aggregate_id = ?2 AND e.sequence > ?3 \
-     ORDER BY e.sequence LIMIT ?4";
-/// A stream for a command in one statement (one state of the file): the
-/// snapshot row (kind 0, when asked for), then the events after it (kind 1).
-const LOAD: &str = "SELECT 0 AS kind, s.version AS sequence, NULL AS position, \
-        NULL AS event_type, NULL AS event_version, s.payload \
-       FROM {snapshots} s \
-      WHERE ?3 AND s.aggregate_type = ?1 AND s.aggregate_id = ?2 \
-     UNION ALL \
-     SELECT 1, e.sequence, e.position, e.event_type, e.event_version, e.payload \
-       FROM {events} e \
-      WHERE e.aggregate_type = ?1 AND e.aggregate_id = ?2 \
-        AND e.sequence > CASE WHEN ?3 THEN COALESCE((SELECT s.version FROM {snapshots} s \
-              WHERE s.aggregate_type = ?1 AND s.aggregate_id = ?2), 0) ELSE 0 END \
-     ORDER BY kind, sequence";
-const SAVE_SNAPSHOT: &str =
-    "INSERT INTO {snapshots} (aggregate_type, aggregate_id, version, payload, taken_at) \
-     VALUES (?1, ?2, ?3, ?4, ?5) \
-     ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE \
-     SET version = excluded.version, payload = excluded.payload, taken_at = excluded.taken_at \
-     WHERE excluded.version > {snapshots}.version";
-
 impl SqliteStore {
-    fn sql(&self, template: &str) -> String {
-        self.inner
-            .tables
-            .render(&template.replace("{columns}", COLUMNS))
-    }
-
     /// Appends on a connection inside a write transaction (or, for an
     /// append of at most [`CHUNK`] events, on the writer outside any: one
     /// statement is its own transaction). Each statement checks the stream's
@@ -143,7 +111,7 @@ impl SqliteStore {
         let mut first_positions = Vec::new();
         let mut done = 0usize;
         for chunk in events.chunks(CHUNK) {
-            let sql = self.sql(&insert_statement(chunk.len()));
+            let sql = self.inner.queries.insert(chunk.len(), insert_statement);
             let mut query = sqlx::query(&sql)
                 .bind(&aggregate_type)
                 .bind(&aggregate_id)
@@ -176,7 +144,7 @@ impl SqliteStore {
                 Err(e) => return Err(sqlite_error("appending events", e)),
             };
             if rows.is_empty() {
-                let actual: i64 = sqlx::query_scalar(&self.sql(VERSION))
+                let actual: i64 = sqlx::query_scalar(&self.inner.queries.version)
                     .bind(&aggregate_type)
                     .bind(&aggregate_id)
                     .fetch_one(&mut *connection)
@@ -280,7 +248,7 @@ impl EventStore for SqliteStore {
         after_sequence: u64,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let rows = sqlx::query(&self.sql(READ_STREAM))
+        let rows = sqlx::query(&self.inner.queries.read_stream)
             .bind(aggregate_type)
             .bind(aggregate_id)
             .bind(to_i64(after_sequence))
@@ -300,8 +268,8 @@ impl EventStore for SqliteStore {
         use_snapshot: bool,
     ) -> Result<LoadedStream, StoreError> {
         let table = &self.inner.tables.events;
-        let sql = self.sql(LOAD);
-        let query = sqlx::query(&sql)
+        let sql = &self.inner.queries.load;
+        let query = sqlx::query(sql)
             .bind(aggregate_type)
             .bind(aggregate_id)
             .bind(use_snapshot);
@@ -347,7 +315,7 @@ impl EventStore for SqliteStore {
     }
 
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {
-        sqlx::query(&self.sql(SAVE_SNAPSHOT))
+        sqlx::query(&self.inner.queries.save_snapshot)
             .bind(&snapshot.aggregate_type)
             .bind(&snapshot.aggregate_id)
             .bind(to_i64(snapshot.version))

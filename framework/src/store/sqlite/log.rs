@@ -7,7 +7,7 @@ use sqlx::sqlite::SqliteArguments;
 use sqlx::{Row, Sqlite};
 use uuid::Uuid;
 
-use super::rows::{corrupt, micros_column, u64_column, COLUMNS};
+use super::rows::{corrupt, micros_column, u64_column};
 use super::{db, to_i64, SqliteStore};
 use crate::error::{EventRef, StoreError};
 use crate::event::{decode_window, parse_stored, Checkpoint, RecordedEvent};
@@ -41,8 +41,6 @@ type WindowRow = (
     Option<String>,
     Option<String>,
 );
-const HEAD: &str = "SELECT e.transaction_id, e.position FROM {events} e \
-     ORDER BY e.position DESC LIMIT 1";
 const COUNT: &str = "SELECT count(*) FROM (SELECT 1 FROM {events} e \
      WHERE e.position > ?1 AND e.position <= ?2 {filter} LIMIT ?3)";
 const FIRST_PENDING: &str = "SELECT e.recorded_at FROM {events} e WHERE e.position > ?1 {filter} \
@@ -165,16 +163,6 @@ fn window_event(row: WindowRow, table: &str) -> Result<RecordedEvent, StoreError
     })
 }
 
-impl SqliteStore {
-    fn log_sql(&self, template: &str, filter: &str) -> String {
-        self.inner.tables.render(
-            &template
-                .replace("{columns}", COLUMNS)
-                .replace("{filter}", filter),
-        )
-    }
-}
-
 #[async_trait]
 impl EventLog for SqliteStore {
     async fn read_log(
@@ -184,7 +172,7 @@ impl EventLog for SqliteStore {
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let (clause, binds) = filter_sql(filter, 3);
-        let sql = self.log_sql(READ_LOG, &clause);
+        let sql = self.inner.queries.with_filter(READ_LOG, &clause);
         let query = sqlx::query(&sql)
             .bind(to_i64(after.position))
             .bind(to_i64(limit as u64));
@@ -202,7 +190,7 @@ impl EventLog for SqliteStore {
     }
 
     async fn head(&self) -> Result<Checkpoint, StoreError> {
-        let row = sqlx::query(&self.log_sql(HEAD, ""))
+        let row = sqlx::query(&self.inner.queries.head)
             .fetch_optional(&self.inner.readers)
             .await
             .map_err(db("reading the head of the log"))?;
@@ -228,7 +216,7 @@ impl EventLog for SqliteStore {
         cap: u64,
     ) -> Result<u64, StoreError> {
         let (clause, binds) = filter_sql(filter, 4);
-        let sql = self.log_sql(COUNT, &clause);
+        let sql = self.inner.queries.with_filter(COUNT, &clause);
         let mut query = sqlx::query_scalar::<_, i64>(&sql)
             .bind(to_i64(after.position))
             .bind(to_i64(upto.position))
@@ -252,7 +240,7 @@ impl EventLog for SqliteStore {
         after: Checkpoint,
     ) -> Result<Option<DateTime<Utc>>, StoreError> {
         let (clause, binds) = filter_sql(filter, 2);
-        let sql = self.log_sql(FIRST_PENDING, &clause);
+        let sql = self.inner.queries.with_filter(FIRST_PENDING, &clause);
         let mut query = sqlx::query_scalar::<_, i64>(&sql).bind(to_i64(after.position));
         for bind in binds {
             query = match bind {

@@ -10,15 +10,6 @@ use super::{db, to_i64, SqliteStore};
 use crate::error::StoreError;
 use crate::outcome::CommandOutcome;
 
-const OUTCOME: &str =
-    "SELECT o.version, o.refusal, o.refusal_json, o.recorded_at FROM {outcomes} o \
-     WHERE o.aggregate_type = ?1 AND o.aggregate_id = ?2 AND o.command_id = ?3";
-const INSERT: &str = "INSERT INTO {outcomes} \
-     (aggregate_type, aggregate_id, command_id, version, refusal, refusal_json, recorded_at) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
-     ON CONFLICT (aggregate_type, aggregate_id, command_id) DO NOTHING";
-const PRUNE: &str = "DELETE FROM {outcomes} WHERE recorded_at < ?1";
-
 impl SqliteStore {
     pub(super) async fn outcome_of(
         &self,
@@ -26,7 +17,7 @@ impl SqliteStore {
         aggregate_id: &str,
         command_id: Uuid,
     ) -> Result<Option<CommandOutcome>, StoreError> {
-        let row = sqlx::query(&self.inner.tables.render(OUTCOME))
+        let row = sqlx::query(&self.inner.queries.outcome)
             .bind(aggregate_type)
             .bind(aggregate_id)
             .bind(command_id)
@@ -45,7 +36,7 @@ impl SqliteStore {
     ) -> Result<CommandOutcome, StoreError> {
         let mut tx = self.begin_write("storing a command's outcome").await?;
         self.insert_outcome(&mut tx, &outcome).await?;
-        let row = sqlx::query(&self.inner.tables.render(OUTCOME))
+        let row = sqlx::query(&self.inner.queries.outcome)
             .bind(&outcome.aggregate_type)
             .bind(&outcome.aggregate_id)
             .bind(outcome.command_id)
@@ -95,7 +86,7 @@ impl SqliteStore {
 
     pub(super) async fn prune(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
         let mut tx = self.begin_write("pruning command outcomes").await?;
-        let done = sqlx::query(&self.inner.tables.render(PRUNE))
+        let done = sqlx::query(&self.inner.queries.outcome_prune)
             .bind(before.timestamp_micros())
             .execute(&mut *tx)
             .await
@@ -111,7 +102,7 @@ impl SqliteStore {
         outcome: &CommandOutcome,
     ) -> Result<bool, StoreError> {
         let (message, json) = outcome.refusal_columns();
-        let done = sqlx::query(&self.inner.tables.render(INSERT))
+        let done = sqlx::query(&self.inner.queries.outcome_insert)
             .bind(&outcome.aggregate_type)
             .bind(&outcome.aggregate_id)
             .bind(outcome.command_id)

@@ -34,187 +34,6 @@ use crate::store::projections::{
 use crate::store::{AppendInTransaction, Transactional};
 use crate::wake::Wakeups;
 
-/// The partition counts a projection is registered with (one, unless two
-/// deployments disagree).
-const PARTITION_COUNTS: &str =
-    "SELECT DISTINCT p.partitions FROM {projections} p WHERE p.projection = ?1";
-
-/// Creates the missing state rows `0..?2` of projection `?1`. The `WHERE`
-/// of the `SELECT` also keeps SQLite from reading `ON CONFLICT` as a join
-/// constraint.
-const REGISTER: &str = "WITH RECURSIVE series(partition) AS ( \
-         SELECT 0 UNION ALL SELECT s.partition + 1 FROM series s WHERE s.partition + 1 < ?2) \
-     INSERT INTO {projections} (projection, partition, partitions, updated_at) \
-     SELECT ?1, s.partition, ?2, ?3 FROM series s WHERE s.partition < ?2 \
-     ON CONFLICT (projection, partition) DO NOTHING";
-
-/// Records a node's heartbeat (`?2`: now, in unix milliseconds).
-const NODE_HEARTBEAT: &str = "INSERT INTO {nodes} (node, last_seen) VALUES (?1, ?2) \
-     ON CONFLICT (node) DO UPDATE SET last_seen = excluded.last_seen";
-
-/// The live nodes: those seen after `?2` (now minus the TTL), and `?1`, the
-/// node that just beat, whatever its clock says.
-const LIVE_NODES: &str =
-    "SELECT n.node FROM {nodes} n WHERE n.node = ?1 OR n.last_seen > ?2 ORDER BY n.node";
-
-/// Takes unit (`?1`, `?2`) for node `?3` at time `?4` (unix milliseconds)
-/// when it is not stopped and no other node holds a valid lease on it (its
-/// lease row is missing, released, expired, or this node's). The epoch is
-/// bumped unless this node still holds a valid lease, which fences the
-/// commits of any previous owner.
-///
-/// PostgreSQL skips a unit whose batch is in flight (its row is locked by
-/// the batch's transaction). Here that cannot happen: a batch's transaction
-/// holds SQLite's write lock from its first statement to its commit, and
-/// this statement runs in a write transaction too, so it only ever sees a
-/// unit between batches.
-const CLAIM: &str = "UPDATE {projections} AS p \
-     SET epoch = p.epoch + CASE WHEN EXISTS ( \
-             SELECT 1 FROM {leases} l \
-              WHERE l.projection = p.projection AND l.partition = p.partition \
-                AND l.owner = ?3 AND l.lease_until > ?4) THEN 0 ELSE 1 END, \
-         last_error = CASE WHEN EXISTS ( \
-             SELECT 1 FROM {leases} l \
-              WHERE l.projection = p.projection AND l.partition = p.partition \
-                AND l.owner = ?3 AND l.lease_until > ?4) THEN p.last_error ELSE NULL END, \
-         updated_at = ?5 \
-     WHERE p.projection = ?1 AND p.partition = ?2 AND p.state <> 'stopped' \
-       AND NOT EXISTS ( \
-             SELECT 1 FROM {leases} l \
-              WHERE l.projection = p.projection AND l.partition = p.partition \
-                AND l.owner <> ?3 AND l.lease_until >= ?4) \
-     RETURNING epoch, transaction_id, position, paused";
-
-/// Gives a claimed unit's lease to node `?3` until `?4`.
-const LEASE: &str = "INSERT INTO {leases} (projection, partition, owner, lease_until) \
-     VALUES (?1, ?2, ?3, ?4) \
-     ON CONFLICT (projection, partition) \
-     DO UPDATE SET owner = excluded.owner, lease_until = excluded.lease_until";
-
-/// Extends until `?3` the leases node `?1` holds and that are valid at `?2`.
-/// Only the leases table is written.
-const RENEW: &str = "UPDATE {leases} SET lease_until = ?3 WHERE owner = ?1 AND lease_until >= ?2";
-
-/// The units whose leases [`RENEW`] just extended, with their state (same
-/// parameters; in the same transaction, so the same rows).
-const RENEWED: &str = "SELECT l.projection, l.partition, p.epoch, p.transaction_id, p.position, \
-            p.paused \
-       FROM {leases} l \
-       JOIN {projections} p ON p.projection = l.projection AND p.partition = l.partition \
-      WHERE l.owner = ?1 AND l.lease_until >= ?2 \
-      ORDER BY l.projection, l.partition";
-
-/// Frees unit (`?1`, `?2`) if node `?3` holds it, whatever its epoch (a node
-/// that lost the epoch gives the lease up at once).
-const GIVE_UP: &str = "UPDATE {leases} SET owner = NULL, lease_until = NULL \
-     WHERE projection = ?1 AND partition = ?2 AND owner = ?3";
-
-/// A node's clean stop: its leases freed, its row gone.
-const FREE_NODE_LEASES: &str =
-    "UPDATE {leases} SET owner = NULL, lease_until = NULL WHERE owner = ?1";
-const DELETE_NODE: &str = "DELETE FROM {nodes} WHERE node = ?1";
-
-/// Frees unit (`?1`, `?2`) if node `?4` holds it and its epoch is still `?3`.
-const RELEASE: &str = "UPDATE {leases} SET owner = NULL, lease_until = NULL \
-     WHERE projection = ?1 AND partition = ?2 AND owner = ?4 \
-       AND EXISTS (SELECT 1 FROM {projections} p \
-                    WHERE p.projection = ?1 AND p.partition = ?2 AND p.epoch = ?3)";
-
-/// Moves a unit's checkpoint from (`?4`, `?5`) to (`?6`, `?7`), only for the
-/// holder of epoch `?3` and only from where it stands: a batch retried after
-/// a commit whose acknowledgement was lost finds the checkpoint moved and
-/// writes nothing.
-const SAVE_CHECKPOINT: &str = "UPDATE {projections} \
-     SET transaction_id = ?6, position = ?7, processed = processed + ?8, updated_at = ?9 \
-     WHERE projection = ?1 AND partition = ?2 AND epoch = ?3 \
-       AND transaction_id = ?4 AND position = ?5";
-
-/// Records a unit's state and error for the holder of epoch `?3`; a row
-/// already in that state is left alone (its `updated_at` keeps when the state
-/// began).
-const SET_STATE: &str = "UPDATE {projections} \
-     SET state = ?4, last_error = ?5, updated_at = ?6 \
-     WHERE projection = ?1 AND partition = ?2 AND epoch = ?3 \
-       AND (state IS NOT ?4 OR last_error IS NOT ?5)";
-
-/// The units of projection `?1` (all when `NULL`), with their leases as seen
-/// at `?2` (unix milliseconds).
-const UNITS: &str = "SELECT p.projection, p.partition, p.partitions, p.transaction_id, \
-            p.position, l.owner, \
-            COALESCE(l.owner IS NOT NULL AND l.lease_until >= ?2, 0) AS lease_valid, \
-            p.epoch, p.state, p.paused, p.last_error, p.processed, p.rebuild_total, \
-            p.updated_at, \
-            (SELECT d.transaction_id FROM {dead_letters} d \
-              WHERE d.projection = p.projection AND d.partition = p.partition \
-              ORDER BY d.transaction_id DESC, d.position DESC LIMIT 1) AS parked_transaction_id, \
-            (SELECT d.position FROM {dead_letters} d \
-              WHERE d.projection = p.projection AND d.partition = p.partition \
-              ORDER BY d.transaction_id DESC, d.position DESC LIMIT 1) AS parked_position \
-       FROM {projections} p \
-       LEFT JOIN {leases} l ON l.projection = p.projection AND l.partition = p.partition \
-      WHERE ?1 IS NULL OR p.projection = ?1 \
-      ORDER BY p.projection, p.partition";
-
-/// Sends every unit of projection `?1` back to the start of the log with a
-/// new epoch, for a rebuild of `?2` events.
-const RESET: &str = "UPDATE {projections} \
-     SET transaction_id = 0, position = 0, epoch = epoch + 1, processed = 0, \
-         rebuild_total = ?2, state = 'catching_up', last_error = NULL, updated_at = ?3 \
-     WHERE projection = ?1";
-
-/// Pauses (`?2` = 1) or resumes (`?2` = 0) every unit of projection `?1`.
-const SET_PAUSED: &str =
-    "UPDATE {projections} SET paused = ?2, updated_at = ?3 WHERE projection = ?1";
-
-/// Frees the leases of projection `?1`'s stopped units; runs before
-/// [`RESTART`], which makes them no longer stopped.
-const RESTART_LEASES: &str = "UPDATE {leases} SET owner = NULL, lease_until = NULL \
-     WHERE projection = ?1 \
-       AND partition IN (SELECT p.partition FROM {projections} p \
-                          WHERE p.projection = ?1 AND p.state = 'stopped')";
-
-/// Makes projection `?1`'s stopped units claimable again.
-const RESTART: &str = "UPDATE {projections} \
-     SET state = 'idle', last_error = NULL, updated_at = ?2 \
-     WHERE projection = ?1 AND state = 'stopped'";
-
-/// The columns a dead letter is decoded from (see [`dead_letter_from_row`]).
-macro_rules! dead_letter_columns {
-    () => {
-        "id, projection, partition, event_id, transaction_id, position, aggregate_type, \
-         aggregate_id, sequence, event_type, event_version, error, attempts, \
-         first_failed_at, last_failed_at"
-    };
-}
-
-/// Parks an event: the unit, the event's identity and place, the error,
-/// the attempts, the first failure (`?13`) and now (`?14`).
-const PARK: &str = "INSERT INTO {dead_letters} (projection, partition, event_id, \
-     transaction_id, position, aggregate_type, aggregate_id, sequence, event_type, \
-     event_version, error, attempts, first_failed_at, last_failed_at) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)";
-
-/// A projection's dead letters, oldest first.
-const DEAD_LETTERS: &str = concat!(
-    "SELECT ",
-    dead_letter_columns!(),
-    " FROM {dead_letters} WHERE projection = ?1 ORDER BY id"
-);
-
-const TAKE_DEAD_LETTER: &str = concat!(
-    "DELETE FROM {dead_letters} WHERE id = ?1 RETURNING ",
-    dead_letter_columns!()
-);
-
-const NOTE_DEAD_LETTER_FAILURE: &str = "UPDATE {dead_letters} \
-     SET attempts = attempts + 1, error = ?2, last_failed_at = ?3 WHERE id = ?1";
-
-const DISCARD_DEAD_LETTER: &str = "DELETE FROM {dead_letters} WHERE id = ?1";
-
-/// Records a handled message; a message recorded already inserts nothing.
-const INBOX_CLAIM: &str = "INSERT INTO {inbox} (handler, message_id, handled_at) \
-     VALUES (?1, ?2, ?3) ON CONFLICT (handler, message_id) DO NOTHING";
-
 /// Now, in unix milliseconds: how lease deadlines and heartbeats are stored.
 fn now_millis() -> i64 {
     Utc::now().timestamp_millis()
@@ -283,7 +102,7 @@ fn unit_from_row(
     })
 }
 
-/// A dead letter from a row with the columns of [`dead_letter_columns`].
+/// A dead letter from a row with the dead-letter columns (see `queries.rs`).
 fn dead_letter_from_row(row: &SqliteRow, table: &str) -> Result<DeadLetter, StoreError> {
     const OPERATION: &str = "reading a dead letter";
     let get = || db(OPERATION);
@@ -355,11 +174,6 @@ fn unit_record_from_row(row: &SqliteRow, table: &str) -> Result<UnitRecord, Stor
 }
 
 impl SqliteStore {
-    /// A projection-side query with the store's table names.
-    fn projection_sql(&self, template: &str) -> String {
-        self.inner.tables.render(template)
-    }
-
     /// The unquoted name of the projections table, for errors.
     fn projections_table(&self) -> String {
         self.inner.tables.companion("projections")
@@ -464,7 +278,7 @@ impl Checkpoints for SqliteStore {
     /// with different counts cannot both succeed.
     async fn register_projection(&self, name: &str, partitions: u32) -> Result<(), StoreError> {
         let mut tx = self.begin_write("registering a projection").await?;
-        let stored: Vec<i64> = sqlx::query_scalar(&self.projection_sql(PARTITION_COUNTS))
+        let stored: Vec<i64> = sqlx::query_scalar(&self.inner.queries.partition_counts)
             .bind(name)
             .fetch_all(&mut *tx)
             .await
@@ -488,7 +302,7 @@ impl Checkpoints for SqliteStore {
             }
             .into());
         }
-        sqlx::query(&self.projection_sql(REGISTER))
+        sqlx::query(&self.inner.queries.register)
             .bind(name)
             .bind(i64::from(partitions))
             .bind(time_text(Utc::now()))
@@ -508,7 +322,7 @@ impl Checkpoints for SqliteStore {
         to: Checkpoint,
         processed: u64,
     ) -> Result<bool, StoreError> {
-        let updated = sqlx::query(&self.projection_sql(SAVE_CHECKPOINT))
+        let updated = sqlx::query(&self.inner.queries.save_checkpoint)
             .bind(&lease.unit.projection)
             .bind(i64::from(lease.unit.partition))
             .bind(to_i64(lease.epoch))
@@ -531,7 +345,7 @@ impl Checkpoints for SqliteStore {
         state: ProjectionState,
         error: Option<&str>,
     ) -> Result<(), StoreError> {
-        sqlx::query(&self.projection_sql(SET_STATE))
+        sqlx::query(&self.inner.queries.set_state)
             .bind(&lease.unit.projection)
             .bind(i64::from(lease.unit.partition))
             .bind(to_i64(lease.epoch))
@@ -545,7 +359,7 @@ impl Checkpoints for SqliteStore {
     }
 
     async fn units(&self, projection: Option<&str>) -> Result<Vec<UnitRecord>, StoreError> {
-        let rows = sqlx::query(&self.projection_sql(UNITS))
+        let rows = sqlx::query(&self.inner.queries.units)
             .bind(projection)
             .bind(now_millis())
             .fetch_all(&self.inner.readers)
@@ -563,7 +377,7 @@ impl Checkpoints for SqliteStore {
         name: &str,
         rebuild_total: u64,
     ) -> Result<(), StoreError> {
-        sqlx::query(&self.projection_sql(RESET))
+        sqlx::query(&self.inner.queries.reset)
             .bind(name)
             .bind(to_i64(rebuild_total))
             .bind(time_text(Utc::now()))
@@ -574,7 +388,7 @@ impl Checkpoints for SqliteStore {
     }
 
     async fn set_paused(&self, name: &str, paused: bool) -> Result<(), StoreError> {
-        sqlx::query(&self.projection_sql(SET_PAUSED))
+        sqlx::query(&self.inner.queries.set_paused)
             .bind(name)
             .bind(paused)
             .bind(time_text(Utc::now()))
@@ -587,12 +401,12 @@ impl Checkpoints for SqliteStore {
 
     async fn restart_projection(&self, name: &str) -> Result<(), StoreError> {
         let mut tx = self.begin_write("restarting a projection").await?;
-        sqlx::query(&self.projection_sql(RESTART_LEASES))
+        sqlx::query(&self.inner.queries.restart_leases)
             .bind(name)
             .execute(&mut *tx)
             .await
             .map_err(db("freeing a restarted projection's leases"))?;
-        sqlx::query(&self.projection_sql(RESTART))
+        sqlx::query(&self.inner.queries.restart)
             .bind(name)
             .bind(time_text(Utc::now()))
             .execute(&mut *tx)
@@ -620,13 +434,13 @@ impl Checkpoints for SqliteStore {
 impl Leases for SqliteStore {
     async fn node_heartbeat(&self, node: &str, ttl: Duration) -> Result<Vec<String>, StoreError> {
         let now = now_millis();
-        sqlx::query(&self.projection_sql(NODE_HEARTBEAT))
+        sqlx::query(&self.inner.queries.node_heartbeat)
             .bind(node)
             .bind(now)
             .execute(&self.inner.writer)
             .await
             .map_err(db("recording a node heartbeat"))?;
-        sqlx::query_scalar(&self.projection_sql(LIVE_NODES))
+        sqlx::query_scalar(&self.inner.queries.live_nodes)
             .bind(node)
             .bind(now.saturating_sub(millis(ttl)))
             .fetch_all(&self.inner.readers)
@@ -646,7 +460,7 @@ impl Leases for SqliteStore {
         const OPERATION: &str = "claiming a projection";
         let now = now_millis();
         let mut tx = self.begin_write(OPERATION).await?;
-        let row = sqlx::query(&self.projection_sql(CLAIM))
+        let row = sqlx::query(&self.inner.queries.claim)
             .bind(&unit.projection)
             .bind(i64::from(unit.partition))
             .bind(node)
@@ -660,7 +474,7 @@ impl Leases for SqliteStore {
             Some(row) => {
                 let lease =
                     lease_from_row(&row, unit.clone(), &self.projections_table(), OPERATION)?;
-                sqlx::query(&self.projection_sql(LEASE))
+                sqlx::query(&self.inner.queries.lease)
                     .bind(&unit.projection)
                     .bind(i64::from(unit.partition))
                     .bind(node)
@@ -683,14 +497,14 @@ impl Leases for SqliteStore {
         const OPERATION: &str = "renewing leases";
         let now = now_millis();
         let mut tx = self.begin_write(OPERATION).await?;
-        sqlx::query(&self.projection_sql(RENEW))
+        sqlx::query(&self.inner.queries.renew)
             .bind(node)
             .bind(now)
             .bind(now.saturating_add(millis(ttl)))
             .execute(&mut *tx)
             .await
             .map_err(db(OPERATION))?;
-        let rows = sqlx::query(&self.projection_sql(RENEWED))
+        let rows = sqlx::query(&self.inner.queries.renewed)
             .bind(node)
             .bind(now)
             .fetch_all(&mut *tx)
@@ -707,7 +521,7 @@ impl Leases for SqliteStore {
     }
 
     async fn release(&self, lease: &Lease, node: &str) -> Result<(), StoreError> {
-        sqlx::query(&self.projection_sql(RELEASE))
+        sqlx::query(&self.inner.queries.release)
             .bind(&lease.unit.projection)
             .bind(i64::from(lease.unit.partition))
             .bind(to_i64(lease.epoch))
@@ -719,7 +533,7 @@ impl Leases for SqliteStore {
     }
 
     async fn give_up(&self, unit: &UnitId, node: &str) -> Result<(), StoreError> {
-        sqlx::query(&self.projection_sql(GIVE_UP))
+        sqlx::query(&self.inner.queries.give_up)
             .bind(&unit.projection)
             .bind(i64::from(unit.partition))
             .bind(node)
@@ -732,8 +546,11 @@ impl Leases for SqliteStore {
     async fn deregister(&self, node: &str) -> Result<(), StoreError> {
         const OPERATION: &str = "deregistering a node";
         let mut tx = self.begin_write(OPERATION).await?;
-        for statement in [FREE_NODE_LEASES, DELETE_NODE] {
-            sqlx::query(&self.projection_sql(statement))
+        for statement in [
+            &self.inner.queries.free_node_leases,
+            &self.inner.queries.delete_node,
+        ] {
+            sqlx::query(statement)
                 .bind(node)
                 .execute(&mut *tx)
                 .await
@@ -752,7 +569,7 @@ impl DeadLetters for SqliteStore {
         dead_letter: NewDeadLetter<'_>,
     ) -> Result<(), StoreError> {
         let event = dead_letter.event;
-        sqlx::query(&self.projection_sql(PARK))
+        sqlx::query(&self.inner.queries.park)
             .bind(&dead_letter.unit.projection)
             .bind(i64::from(dead_letter.unit.partition))
             .bind(event.event_id)
@@ -774,7 +591,7 @@ impl DeadLetters for SqliteStore {
     }
 
     async fn dead_letters(&self, projection: &str) -> Result<Vec<DeadLetter>, StoreError> {
-        let rows = sqlx::query(&self.projection_sql(DEAD_LETTERS))
+        let rows = sqlx::query(&self.inner.queries.dead_letters)
             .bind(projection)
             .fetch_all(&self.inner.readers)
             .await
@@ -793,7 +610,7 @@ impl DeadLetters for SqliteStore {
         let Some(key) = dead_letter_key(id) else {
             return Ok(None);
         };
-        let row = sqlx::query(&self.projection_sql(TAKE_DEAD_LETTER))
+        let row = sqlx::query(&self.inner.queries.take_dead_letter)
             .bind(key)
             .fetch_optional(&mut **tx)
             .await
@@ -806,7 +623,7 @@ impl DeadLetters for SqliteStore {
         let Some(key) = dead_letter_key(id) else {
             return Ok(());
         };
-        sqlx::query(&self.projection_sql(NOTE_DEAD_LETTER_FAILURE))
+        sqlx::query(&self.inner.queries.note_dead_letter_failure)
             .bind(key)
             .bind(error)
             .bind(time_text(Utc::now()))
@@ -820,7 +637,7 @@ impl DeadLetters for SqliteStore {
         let Some(key) = dead_letter_key(id) else {
             return Ok(false);
         };
-        let deleted = sqlx::query(&self.projection_sql(DISCARD_DEAD_LETTER))
+        let deleted = sqlx::query(&self.inner.queries.discard_dead_letter)
             .bind(key)
             .execute(&self.inner.writer)
             .await
@@ -838,7 +655,7 @@ impl Inbox for SqliteStore {
         handler: &str,
         message_id: &str,
     ) -> Result<bool, StoreError> {
-        let inserted = sqlx::query(&self.projection_sql(INBOX_CLAIM))
+        let inserted = sqlx::query(&self.inner.queries.inbox_claim)
             .bind(handler)
             .bind(message_id)
             .bind(time_text(Utc::now()))
