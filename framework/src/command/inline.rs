@@ -1,0 +1,127 @@
+//! Inline handlers: reactions that run in the append's own transaction,
+//! all or nothing with the events.
+
+use cqrs_es::Aggregate;
+use uuid::Uuid;
+
+use crate::error::{CommandError, HandlerError};
+use crate::event::{AppendRequest, Envelope, RecordedEvent};
+use crate::store::{AppendInTransaction, Transactional};
+
+use super::context::*;
+
+/// Reacts to a command's events inside the transaction that appends them:
+/// exactly once, all or nothing. If it fails, the events and every write it
+/// made roll back, and the command's caller gets
+/// [`CommandError::Inline`](crate::CommandError::Inline). Use it for strong consistency inside one
+/// database — unique constraints across aggregates, a table that must never
+/// lag behind the events.
+///
+/// ```
+/// use outflow::command::InlineHandler;
+/// use outflow::projection::HandlerError;
+/// use outflow::store::memory::MemoryTransaction;
+/// use outflow::{Envelope, MemoryStore};
+/// # use outflow::doc_fixture::Counter;
+///
+/// /// Refuses increments past a total of 100 across all counters.
+/// struct Budget(std::sync::Mutex<i64>);
+///
+/// #[async_trait::async_trait]
+/// impl InlineHandler<Counter, MemoryStore> for Budget {
+///     fn name(&self) -> &str { "budget" }
+///     async fn handle(&self, events: &[Envelope<Counter>], _tx: &mut MemoryTransaction) -> Result<(), HandlerError> {
+///         let mut total = self.0.lock().map_err(|_| HandlerError::msg("poisoned"))?;
+///         for event in events {
+///             let outflow::doc_fixture::CounterEvent::Incremented { by } = event.payload;
+///             if *total + by > 100 { return Err(HandlerError::msg("over budget")); }
+///             *total += by;
+///         }
+///         Ok(())
+///     }
+/// }
+/// ```
+#[async_trait::async_trait]
+pub trait InlineHandler<A: Aggregate, S: Transactional>: Send + Sync + 'static {
+    /// A name for errors.
+    fn name(&self) -> &str;
+
+    /// Handles the events of one command inside the append transaction.
+    ///
+    /// # Errors
+    ///
+    /// Any [`HandlerError`](crate::projection::HandlerError); the command then writes nothing.
+    async fn handle(
+        &self,
+        events: &[Envelope<A>],
+        tx: &mut S::Transaction,
+    ) -> Result<(), HandlerError>;
+}
+
+/// How a bus with inline handlers appends: in a transaction of the backend,
+/// with the handlers, all or nothing. Boxed so that a bus over a store
+/// without transactions needs no such bound.
+#[async_trait::async_trait]
+pub(super) trait InlinePath<A: Aggregate>: Send + Sync {
+    /// Appends, runs the handlers and commits; returns the envelopes and, when
+    /// `publish`, the recorded events for the in-memory bus.
+    async fn append(
+        &self,
+        request: AppendRequest,
+        payloads: Vec<A::Event>,
+        publish: bool,
+        claim: Option<Uuid>,
+    ) -> Result<(Vec<Envelope<A>>, Option<Vec<RecordedEvent>>), CommandError<A::Error>>;
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
+}
+
+pub(super) struct InlineHandlers<A: Aggregate, S: AppendInTransaction> {
+    pub(super) store: S,
+    pub(super) handlers: Vec<Box<dyn InlineHandler<A, S>>>,
+}
+
+#[async_trait::async_trait]
+impl<A, S> InlinePath<A> for InlineHandlers<A, S>
+where
+    A: Aggregate + 'static,
+    S: AppendInTransaction,
+{
+    async fn append(
+        &self,
+        request: AppendRequest,
+        payloads: Vec<A::Event>,
+        publish: bool,
+        claim: Option<Uuid>,
+    ) -> Result<(Vec<Envelope<A>>, Option<Vec<RecordedEvent>>), CommandError<A::Error>> {
+        let mut tx = self.store.begin().await?;
+        let key = (request.aggregate_type.clone(), request.aggregate_id.clone());
+        let version = request.expected_version + request.events.len() as u64;
+        let recorded = self.store.append_in(&mut tx, request).await?;
+        if let Some(command_id) = claim {
+            self.store
+                .claim_command_in(&mut tx, &key.0, &key.1, command_id, version)
+                .await?;
+        }
+        let published = publish.then(|| recorded.clone());
+        let envelopes = into_envelopes(recorded, payloads);
+        for handler in &self.handlers {
+            if let Err(error) = handler.handle(&envelopes, &mut tx).await {
+                // Dropping the transaction rolls back the events and the
+                // handlers' writes.
+                drop(tx);
+                return Err(CommandError::Inline {
+                    handler: handler.name().to_owned(),
+                    error,
+                });
+            }
+        }
+        // The commit wakes log readers (the transaction appended).
+        self.store.commit(tx).await?;
+        Ok((envelopes, published))
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+}
