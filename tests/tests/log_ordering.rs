@@ -9,6 +9,7 @@ mod common;
 use outflow::EventLog;
 use outflow::{AppendInTransaction, Transactional};
 use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 
 use futures::TryStreamExt;
 use outflow::{Checkpoint, EventStore, LogFilter, StoreError};
@@ -348,10 +349,24 @@ async fn a_window_reports_its_head_completeness_and_events_held_back() {
             .await
             .expect("append");
     }
-    let short = store
-        .read_window(Checkpoint::START, &all, 10)
-        .await
-        .expect("a short window");
+    // Readable at once — unless another test's transaction on this shared
+    // server holds every reader back for a while: wait for them.
+    let (short, _) = common::eventually("three events", Duration::from_secs(60), || {
+        let store = store.clone();
+        let all = all.clone();
+        async move {
+            let window = store
+                .read_window(Checkpoint::START, &all, 10)
+                .await
+                .map_err(|e| e.to_string())?;
+            if window.events.len() == 3 {
+                Ok(window)
+            } else {
+                Err(format!("{window:?}"))
+            }
+        }
+    })
+    .await;
     assert_eq!(short.events.len(), 3);
     assert_eq!(short.head, short.events[2].checkpoint());
     assert!(short.complete && !short.held_back);
@@ -387,11 +402,29 @@ async fn a_window_reports_its_head_completeness_and_events_held_back() {
     assert_eq!(waiting.head, short.head);
     assert!(waiting.held_back, "the later event waits behind it");
     held.rollback().await.expect("roll back");
-    let released = store
-        .read_window(short.head, &all, 10)
-        .await
-        .expect("a window after it ended");
-    assert_eq!(released.events.len(), 1);
+    // Readable once it ended — or, on a server that other tests share, once
+    // their open transactions (which hold every reader on the server back,
+    // whatever the database) end too: wait for it.
+    let (released, _) = common::eventually(
+        "the later event, after the transaction ended",
+        Duration::from_secs(60),
+        || {
+            let store = store.clone();
+            let all = all.clone();
+            async move {
+                let window = store
+                    .read_window(short.head, &all, 10)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if window.events.len() == 1 {
+                    Ok(window)
+                } else {
+                    Err(format!("{window:?}"))
+                }
+            }
+        },
+    )
+    .await;
     assert!(released.complete && !released.held_back);
 
     // A row whose metadata does not decode, between two good ones: the
