@@ -41,10 +41,12 @@
 //! - **Backends** ([`store`]): small role traits ([`EventStore`],
 //!   [`EventLog`], [`Transactional`], [`AppendInTransaction`],
 //!   [`ProjectionStore`]) implemented by [`MemoryStore`] and, with the
-//!   `postgres` feature (on by default), [`PostgresStore`] (PostgreSQL 13+,
-//!   compatible with `postgres-es`'s schema). Errors say whose fault they
-//!   are ([`ErrorKind`]), as classified by the backend that raised them;
-//!   `SqliteStore` (feature `sqlite`) keeps everything in one file.
+//!   `postgres` feature (on by default), `PostgresStore` (PostgreSQL 13+,
+//!   compatible with `postgres-es`'s schema); `SqliteStore` (feature
+//!   `sqlite`) keeps everything in one file; `JetStreamStore` (feature
+//!   `nats`) is an event store and log on NATS JetStream, with read models
+//!   in one of the others. Errors say whose fault they are ([`ErrorKind`]),
+//!   as classified by the backend that raised them.
 //!
 //! # The book
 //!
@@ -115,6 +117,9 @@ pub use store::postgres::{PostgresStore, PostgresStoreBuilder};
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use store::sqlite::{SqliteStore, SqliteStoreBuilder};
+#[cfg(feature = "nats")]
+#[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
+pub use store::jetstream::{JetStreamStore, JetStreamStoreBuilder};
 pub use store::{
     AppendInTransaction, Backend, EventStore, LoadedStream, ProjectionStore, StreamEvent,
     Transactional,

@@ -25,8 +25,9 @@ pub use crate::wake::{Wake, Wakeups};
 /// [`ProjectionRunner`](crate::runner::ProjectionRunner) can read the log of
 /// one backend while it commits read models and checkpoints in another.
 ///
-/// Implemented by [`MemoryStore`](crate::MemoryStore) and, with the
-/// `postgres` feature, [`PostgresStore`](crate::PostgresStore).
+/// Implemented by [`MemoryStore`](crate::MemoryStore), `PostgresStore`
+/// (feature `postgres`), `SqliteStore` (feature `sqlite`) and
+/// `JetStreamStore` (feature `nats`).
 #[async_trait]
 pub trait EventLog: Send + Sync + 'static {
     /// Reads up to `limit` events of the global log after `after`, in log

@@ -24,9 +24,9 @@ use chrono::{DateTime, Utc};
 
 /// A backend that does it all: runs commands, serves the log, appends inside
 /// transactions and keeps read models, checkpoints, leases, dead letters and
-/// the inbox in the same database — [`MemoryStore`](memory::MemoryStore) and
-/// [`PostgresStore`](postgres::PostgresStore). Write code generic over the
-/// backend with it (a behaviour suite, a service that runs on either).
+/// the inbox in the same database — [`MemoryStore`](memory::MemoryStore),
+/// `PostgresStore` and `SqliteStore`. Write code generic over the backend
+/// with it (a behaviour suite, a service that runs on any of them).
 pub trait Backend: EventStore + EventLog + AppendInTransaction + ProjectionStore + Clone {}
 
 impl<S> Backend for S where S: EventStore + EventLog + AppendInTransaction + ProjectionStore + Clone {}
@@ -79,8 +79,9 @@ pub struct StreamEvent {
 /// its snapshot), append one command's events atomically with optimistic
 /// concurrency, and store snapshots.
 ///
-/// Implemented by [`memory::MemoryStore`] and, with the `postgres` feature,
-/// [`postgres::PostgresStore`]. Users rarely call it directly: the
+/// Implemented by [`memory::MemoryStore`], `PostgresStore` (feature
+/// `postgres`), `SqliteStore` (feature `sqlite`) and `JetStreamStore`
+/// (feature `nats`). Users rarely call it directly: the
 /// [`CommandBus`](crate::CommandBus) appends and loads. Reading the global
 /// log is the other role, [`EventLog`].
 #[async_trait]
