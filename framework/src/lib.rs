@@ -110,6 +110,9 @@ pub use error::{CommandError, ConfigError, ErrorKind, EventRef, HandlerError, St
 pub use event::{AppendRequest, Checkpoint, Envelope, Metadata, NewEvent, RecordedEvent, Snapshot};
 pub use log::{EventLog, LogFilter, LogWindow, Wakeups};
 pub use outcome::Refusal;
+#[cfg(feature = "nats")]
+#[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
+pub use store::jetstream::{JetStreamStore, JetStreamStoreBuilder};
 pub use store::memory::MemoryStore;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
@@ -117,9 +120,6 @@ pub use store::postgres::{PostgresStore, PostgresStoreBuilder};
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use store::sqlite::{SqliteStore, SqliteStoreBuilder};
-#[cfg(feature = "nats")]
-#[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
-pub use store::jetstream::{JetStreamStore, JetStreamStoreBuilder};
 pub use store::{
     AppendInTransaction, Backend, EventStore, LoadedStream, ProjectionStore, StreamEvent,
     Transactional,
