@@ -267,7 +267,8 @@ http_get_local() {
 # `outflow`): every node listens for clients, routes and monitoring on free
 # loopback ports, stores its streams in its own temporary directory, and is
 # stopped by its own PID. Returns once every node accepts clients and knows
-# the JetStream meta group's leader (30 s at most).
+# the JetStream meta group's leader (OUTFLOW_CLUSTER_WAIT seconds at most,
+# 120 by default).
 start_nats_cluster() {
     local bin dir i j pid attempt
     local -a pids=()

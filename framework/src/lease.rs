@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::error::{ConfigError, ErrorKind, StoreError};
-use crate::store::projections::{Checkpoints, Lease, Leases, ProjectionState, UnitId};
+use crate::port::projections::{Checkpoints, Lease, Leases, ProjectionState, UnitId};
 
 /// The state last recorded for a leased unit: the store is written only when
 /// the state or its error changes.

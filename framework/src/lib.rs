@@ -78,12 +78,13 @@ pub mod delivery;
 pub mod error;
 pub mod event;
 pub mod lease;
-pub mod log;
+pub use port::log;
 pub mod names;
-#[cfg(feature = "postgres")]
-#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "sqlite"))))]
 pub mod outbox;
 pub mod outcome;
+mod port;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 #[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "sqlite"))))]
 pub mod process;
@@ -108,8 +109,8 @@ pub use backoff::RetryPolicy;
 pub use command::{CommandBus, CommandBusBuilder, CommandContext, Committed};
 pub use error::{CommandError, ConfigError, ErrorKind, EventRef, HandlerError, StoreError};
 pub use event::{AppendRequest, Checkpoint, Envelope, Metadata, NewEvent, RecordedEvent, Snapshot};
-pub use log::{EventLog, LogFilter, LogWindow, Wakeups};
 pub use outcome::Refusal;
+pub use port::log::{EventLog, LogFilter, LogWindow, Wakeups};
 #[cfg(feature = "nats")]
 #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
 pub use store::jetstream::{JetStreamStore, JetStreamStoreBuilder};

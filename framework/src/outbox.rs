@@ -1,7 +1,6 @@
 //! The transactional outbox: messages from code that is not event-sourced,
-//! published atomically with that code's own writes. PostgreSQL only (it
-//! orders deliveries by PostgreSQL's transaction ids); on SQLite, react to
-//! events with a projection's `effects` hook instead.
+//! published atomically with that code's own writes, on PostgreSQL and
+//! SQLite.
 //!
 //! The classic case is "save the user row and publish `UserSignedUp`": the
 //! application inserts its row and [enqueues](Outbox::enqueue) the message in
@@ -17,143 +16,54 @@
 //! deduplicate by [`OutboxMessageRecord::message_id`].
 //!
 //! Messages live in the table `<events table>_outbox`, created by the store's
-//! migrations. The relay reads them the way log readers read events: in
-//! `(transaction id, id)` order, and only rows of transactions older than the
-//! oldest transaction still in flight, so a transaction that took an id early
-//! and commits late is neither skipped nor overtaken by later messages of its
-//! key. One relay delivers at a time across all nodes (a lease in the
+//! migrations. The relay reads them the way log readers read events, in one
+//! delivery order that a late commit can never overtake:
+//!
+//! - on **PostgreSQL**, `(transaction id, id)` order, serving only rows of
+//!   transactions older than the oldest transaction still in flight, so a
+//!   transaction that took an id early and commits late is neither skipped
+//!   nor overtaken by later messages of its key; relays on other nodes are
+//!   woken by a coalesced `NOTIFY`;
+//! - on **SQLite**, row id order: SQLite runs one write transaction at a
+//!   time, so ids are handed out in commit order. Enqueue in a transaction
+//!   from [`Outbox::begin`] (or the store's
+//!   [`Transactional::begin`](crate::Transactional::begin): the writer
+//!   connection; `SqliteStore::pool()` is read-only). Relays in
+//!   this process are woken at once, relays in other processes at their
+//!   next poll.
+//!
+//! One relay delivers at a time across all nodes (a lease in the
 //! projections table, unit `outbox:<table>`); others wait and take over when
 //! its lease runs out. Its cursor is stored with the lease, so a restart
 //! resumes where it stopped. Delivered messages are deleted after a retention
 //! period (7 days by default).
 //!
-//! PostgreSQL only.
+//! The backend side is the [`OutboxStore`] port: a backend that implements it
+//! (with [`Checkpoints`](crate::store::Checkpoints) and [`Leases`](crate::store::Leases)) gets the outbox and the relay.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
-use serde_json::Value;
-use sqlx::postgres::{PgConnection, PgPool, PgRow};
-use sqlx::{Postgres, Row, Transaction};
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::error::ConfigError;
 use crate::error::StoreError;
 use crate::event::Checkpoint;
-use crate::names::Identifier;
+use crate::port::projections::{Lease, ProjectionState, UnitId};
 use crate::projection::HandlerError;
-use crate::store::postgres::{db, pg_error, spawn_notifier, to_i64, PostgresStore};
-use crate::store::projections::{Checkpoints, Lease, ProjectionState, UnitId};
-use crate::store::Transactional;
 use crate::wake::{WakeSignal, Wakeups};
 
 mod relay;
 
+pub use crate::port::outbox::{
+    OutboxMessage, OutboxMessageRecord, OutboxSettings, OutboxStore, OutboxTable, Pending,
+    MAX_KEY_LEN,
+};
 pub use relay::{OutboxRelay, OutboxRelayBuilder};
 
-/// Longest message key or topic, in bytes (keys are indexed).
-pub const MAX_KEY_LEN: usize = 1024;
-
 /// Rows a cleanup statement looks at (and deletes at most).
-const CLEANUP_BATCH: i64 = 1000;
-
-/// A message to enqueue.
-///
-/// ```
-/// use outflow::outbox::OutboxMessage;
-/// let message = OutboxMessage::new("user-42", "users.signed_up", serde_json::json!({ "id": 42 }))
-///     .header("content-type", "application/json");
-/// assert_eq!(message.headers["content-type"], "application/json");
-/// ```
-#[derive(Debug, Clone, PartialEq)]
-pub struct OutboxMessage {
-    /// A stable id, unique per message (default: a new UUID v7). Brokers and
-    /// consumers deduplicate redeliveries by it; set it yourself to make a
-    /// retried business operation produce the same id.
-    pub message_id: Uuid,
-    /// The ordering key: messages of one key are delivered in enqueue order.
-    /// Typically the id of the entity the message is about. Not empty.
-    pub key: String,
-    /// Where the message goes (a broker subject, a handler's name). Not empty.
-    pub topic: String,
-    /// The body, delivered exactly as given.
-    pub payload: Value,
-    /// Headers, delivered exactly as given.
-    pub headers: BTreeMap<String, String>,
-}
-
-impl Default for OutboxMessage {
-    /// An empty message with a new id (key and topic must still be set).
-    fn default() -> Self {
-        OutboxMessage {
-            message_id: Uuid::now_v7(),
-            key: String::new(),
-            topic: String::new(),
-            payload: Value::Null,
-            headers: BTreeMap::new(),
-        }
-    }
-}
-
-impl OutboxMessage {
-    /// A message with a new id and no headers.
-    pub fn new(key: impl Into<String>, topic: impl Into<String>, payload: Value) -> Self {
-        OutboxMessage {
-            key: key.into(),
-            topic: topic.into(),
-            payload,
-            ..OutboxMessage::default()
-        }
-    }
-
-    /// Adds (or replaces) a header.
-    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-        self.headers.insert(name.into(), value.into());
-        self
-    }
-
-    /// Sets the message id.
-    pub fn with_message_id(mut self, message_id: Uuid) -> Self {
-        self.message_id = message_id;
-        self
-    }
-}
-
-/// A message as stored, handed to an [`OutboxSink`].
-#[derive(Debug, Clone, PartialEq)]
-pub struct OutboxMessageRecord {
-    /// Its row id in the outbox table (the second part of its place in
-    /// delivery order).
-    pub id: u64,
-    /// Id of the transaction that enqueued it (the first part of its place).
-    pub transaction_id: u64,
-    /// The stable message id: use it as the broker's deduplication id
-    /// (e.g. `Nats-Msg-Id`) and as the consumer's idempotency key.
-    pub message_id: Uuid,
-    /// The ordering key.
-    pub key: String,
-    /// The topic.
-    pub topic: String,
-    /// The body.
-    pub payload: Value,
-    /// The headers.
-    pub headers: BTreeMap<String, String>,
-    /// When it was enqueued.
-    pub created_at: DateTime<Utc>,
-}
-
-impl OutboxMessageRecord {
-    /// Its place in delivery order.
-    pub fn checkpoint(&self) -> Checkpoint {
-        Checkpoint::new(self.transaction_id, self.id)
-    }
-}
+const CLEANUP_BATCH: u64 = 1000;
 
 /// Where an [`OutboxRelay`] delivers messages: an in-process handler
 /// ([`InProcessSink`]), a message broker.
@@ -250,8 +160,9 @@ pub struct OutboxStatus {
     pub delivered: u64,
 }
 
-/// The transactional outbox of a [`PostgresStore`]. Cloning is cheap and
-/// shares the handle.
+/// The transactional outbox of a store ([`PostgresStore`](crate::PostgresStore)
+/// when the type does not say, or [`SqliteStore`](crate::SqliteStore)).
+/// Cloning is cheap and shares the handle.
 ///
 /// Delivery guarantee: **at least once, in order per key** (see the
 /// [module documentation](self)).
@@ -292,59 +203,91 @@ pub struct OutboxStatus {
 /// });
 /// # Ok(()) }
 /// ```
-#[derive(Clone, Debug)]
-pub struct Outbox {
-    inner: Arc<Inner>,
+///
+/// On SQLite the same, with the transaction begun on the store:
+///
+/// ```no_run
+/// # async fn demo(store: outflow::SqliteStore) -> Result<(), Box<dyn std::error::Error>> {
+/// use outflow::outbox::{Outbox, OutboxMessage};
+/// use serde_json::json;
+///
+/// let outbox = Outbox::new(&store).await?;
+/// let mut tx = outbox.begin().await?; // the store's writer connection
+/// sqlx::query("INSERT INTO users (id, email) VALUES (?, ?)")
+///     .bind(42_i64)
+///     .bind("ada@example.com")
+///     .execute(&mut *tx)
+///     .await?;
+/// outbox
+///     .enqueue(&mut tx, OutboxMessage::new("user-42", "users.signed_up", json!({ "id": 42 })))
+///     .await?;
+/// outbox.commit(tx).await?;
+/// # Ok(()) }
+/// ```
+pub struct Outbox<S: OutboxStore = crate::store::DefaultOutboxStore> {
+    inner: Arc<Inner<S>>,
 }
 
-#[derive(Debug)]
-struct Inner {
-    store: PostgresStore,
-    table: String,
-    unit: UnitId,
-    channel: String,
-    sql: Queries,
-    wake: WakeSignal,
-    notify: Option<mpsc::Sender<()>>,
-    shutdown: CancellationToken,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
+impl<S: OutboxStore> Clone for Outbox<S> {
+    fn clone(&self) -> Self {
+        Outbox {
+            inner: self.inner.clone(),
+        }
     }
 }
 
-/// Builds an [`Outbox`].
-#[derive(Debug)]
-#[must_use = "a builder does nothing until it is built"]
-pub struct OutboxBuilder {
-    store: PostgresStore,
-    events_table: String,
-    notify_other_nodes: bool,
-    notify_interval: Duration,
+impl<S: OutboxStore> std::fmt::Debug for Outbox<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("table", &self.inner.table.table())
+            .field("unit", &self.inner.unit)
+            .finish_non_exhaustive()
+    }
 }
 
-impl OutboxBuilder {
+struct Inner<S: OutboxStore> {
+    store: S,
+    table: S::Outbox,
+    unit: UnitId,
+    wake: WakeSignal,
+}
+
+/// Builds an [`Outbox`].
+#[must_use = "a builder does nothing until it is built"]
+pub struct OutboxBuilder<S: OutboxStore = crate::store::DefaultOutboxStore> {
+    store: S,
+    settings: OutboxSettings,
+}
+
+impl<S: OutboxStore> std::fmt::Debug for OutboxBuilder<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboxBuilder")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: OutboxStore> OutboxBuilder<S> {
     /// The store's events table (the default: the store's own); the outbox
     /// table is `<events table>_outbox`. [`build`](Self::build) checks that it
     /// is the store's.
     pub fn events_table(mut self, name: impl Into<String>) -> Self {
-        self.events_table = name.into();
+        self.settings.events_table = Some(name.into());
         self
     }
 
-    /// Whether [`Outbox::wake`] sends a coalesced `NOTIFY` so relays on other
-    /// nodes wake at once (default `true`).
+    /// Whether [`Outbox::wake`] also signals relays on other nodes at once
+    /// (default `true`): a coalesced `NOTIFY` on PostgreSQL; SQLite has no
+    /// such signal (relays in other processes poll).
     pub fn notify_other_nodes(mut self, notify: bool) -> Self {
-        self.notify_other_nodes = notify;
+        self.settings.notify_other_nodes = notify;
         self
     }
 
-    /// The least time between two `NOTIFY`s from this handle (default 5 ms):
-    /// commits in between share one notification.
+    /// The least time between two signals from this handle (default 5 ms):
+    /// commits in between share one.
     pub fn notify_interval(mut self, interval: Duration) -> Self {
-        self.notify_interval = interval;
+        self.settings.notify_interval = interval;
         self
     }
 
@@ -357,95 +300,44 @@ impl OutboxBuilder {
     /// derived name that is too long; [`StoreError::Config`] when the events
     /// table is not the store's or the outbox table is missing (the store's
     /// migrations were not applied); [`StoreError::Database`].
-    pub async fn build(self) -> Result<Outbox, StoreError> {
-        let events = Identifier::parse(&self.events_table, "events table")?;
-        let store_channel = self.store.channel().to_owned();
-        if events.to_string() != self.store.events_table() {
-            return Err(ConfigError::Invalid {
-                setting: "outbox events table",
-                reason: format!(
-                    "the outbox was given the events table `{events}`, which is not the store's \
-                     (`{}`)",
-                    self.store.events_table()
-                ),
-            }
-            .into());
-        }
-        let table = events.derived("outbox", "outbox table")?;
-        let channel = format!("{store_channel}_outbox");
-        if channel.len() > 63 {
-            return Err(StoreError::InvalidIdentifier {
-                what: "outbox notification channel derived from the events table",
-                name: channel,
-                reason: "longer than 63 bytes",
-            });
-        }
-        let sql = Queries::new(&table.quoted());
-        let exists: bool = sqlx::query_scalar(&sql.table_exists)
-            .bind(table.quoted())
-            .fetch_one(self.store.pool())
-            .await
-            .map_err(db("looking for the outbox table"))?;
-        if !exists {
-            return Err(ConfigError::MissingTable {
-                table: table.to_string(),
-                hint: "apply the store's migrations (PostgresStoreBuilder::migrate or \
-                       PostgresStore::migrate)",
-            }
-            .into());
-        }
-        let shutdown = CancellationToken::new();
-        let notify = self.notify_other_nodes.then(|| {
-            spawn_notifier(
-                self.store.pool().clone(),
-                channel.clone(),
-                String::new(),
-                self.notify_interval,
-                shutdown.clone(),
-            )
-        });
+    pub async fn build(self) -> Result<Outbox<S>, StoreError> {
+        let table = self.store.open_outbox(&self.settings).await?;
         Ok(Outbox {
             inner: Arc::new(Inner {
                 unit: UnitId {
-                    projection: format!("outbox:{table}"),
+                    projection: format!("outbox:{}", table.table()),
                     partition: 0,
                 },
-                table: table.to_string(),
                 store: self.store,
-                channel,
-                sql,
+                table,
                 wake: WakeSignal::new(),
-                notify,
-                shutdown,
             }),
         })
     }
 }
 
-impl Outbox {
+impl<S: OutboxStore> Outbox<S> {
     /// The outbox of `store`: the table `<events table>_outbox` its
     /// migrations created.
     ///
     /// # Errors
     ///
     /// As [`OutboxBuilder::build`].
-    pub async fn new(store: &PostgresStore) -> Result<Outbox, StoreError> {
+    pub async fn new(store: &S) -> Result<Outbox<S>, StoreError> {
         Self::builder(store).build().await
     }
 
     /// A builder for the outbox of `store`.
-    pub fn builder(store: &PostgresStore) -> OutboxBuilder {
+    pub fn builder(store: &S) -> OutboxBuilder<S> {
         OutboxBuilder {
             store: store.clone(),
-            events_table: store.events_table().to_owned(),
-            notify_other_nodes: true,
-            notify_interval: Duration::from_millis(5),
+            settings: OutboxSettings::default(),
         }
     }
 
     /// The outbox table (`<events table>_outbox`).
     pub fn table(&self) -> &str {
-        &self.inner.table
+        self.inner.table.table()
     }
 
     /// The projection unit whose lease the relay holds and whose checkpoint
@@ -454,18 +346,19 @@ impl Outbox {
         &self.inner.unit
     }
 
-    /// The `LISTEN`/`NOTIFY` channel relays are woken on.
+    /// The `LISTEN`/`NOTIFY` channel relays are woken on (PostgreSQL); empty
+    /// on SQLite, whose relays in other processes poll.
     pub fn channel(&self) -> &str {
-        &self.inner.channel
+        self.inner.table.channel()
     }
 
     /// The store.
-    pub fn store(&self) -> &PostgresStore {
+    pub fn store(&self) -> &S {
         &self.inner.store
     }
 
     /// A relay builder delivering this outbox's messages to `sink`.
-    pub fn relay(&self, sink: impl OutboxSink) -> OutboxRelayBuilder {
+    pub fn relay(&self, sink: impl OutboxSink) -> OutboxRelayBuilder<S> {
         OutboxRelay::builder(self.clone(), sink)
     }
 
@@ -476,12 +369,13 @@ impl Outbox {
     /// relay looks at once; otherwise it finds the message at its next poll.
     ///
     /// Messages of one transaction are delivered in the order they were
-    /// enqueued. If the transaction had written before (it has a transaction
-    /// id already) and another transaction enqueued a message of the same key
-    /// and committed in between, the enqueue fails with
-    /// [`StoreError::StaleTransaction`] (retryable): delivered in transaction
-    /// order, this message would overtake that one. Retry the whole
-    /// transaction.
+    /// enqueued. On PostgreSQL, if the transaction had written before (it
+    /// has a transaction id already) and another transaction enqueued a
+    /// message of the same key and committed in between, the enqueue fails
+    /// with [`StoreError::StaleTransaction`] (retryable): delivered in
+    /// transaction order, this message would overtake that one. Retry the
+    /// whole transaction. (SQLite runs one write transaction at a time: it
+    /// never happens there.)
     ///
     /// # Errors
     ///
@@ -490,32 +384,29 @@ impl Outbox {
     /// [`StoreError::StaleTransaction`]; [`StoreError::Database`].
     pub async fn enqueue(
         &self,
-        connection: &mut PgConnection,
+        connection: &mut <S::Database as sqlx::Database>::Connection,
         message: OutboxMessage,
     ) -> Result<Uuid, StoreError> {
         self.validate(&message)?;
         let headers =
             serde_json::to_string(&message.headers).map_err(|source| StoreError::Serialize {
                 what: "outbox message headers",
-                aggregate_type: self.inner.table.clone(),
+                aggregate_type: self.table().to_owned(),
                 aggregate_id: message.key.clone(),
                 source,
             })?;
-        let inserted = sqlx::query(&self.inner.sql.enqueue)
-            .bind(message.message_id)
-            .bind(&message.key)
-            .bind(&message.topic)
-            .bind(message.payload.to_string())
-            .bind(headers)
-            .fetch_optional(&mut *connection)
-            .await
-            .map_err(db("enqueueing an outbox message"))?;
-        match inserted {
-            Some(_) => Ok(message.message_id),
-            None => Err(StoreError::StaleTransaction {
-                aggregate_type: self.inner.table.clone(),
+        if self
+            .inner
+            .table
+            .enqueue(connection, &message, &headers)
+            .await?
+        {
+            Ok(message.message_id)
+        } else {
+            Err(StoreError::StaleTransaction {
+                aggregate_type: self.table().to_owned(),
                 aggregate_id: message.key,
-            }),
+            })
         }
     }
 
@@ -525,12 +416,23 @@ impl Outbox {
     ///
     /// [`StoreError::Database`]; the transaction's writes and messages are
     /// then lost.
-    pub async fn commit(&self, tx: Transaction<'_, Postgres>) -> Result<(), StoreError> {
-        tx.commit()
-            .await
-            .map_err(db("committing a transaction with outbox messages"))?;
+    pub async fn commit(&self, tx: sqlx::Transaction<'_, S::Database>) -> Result<(), StoreError> {
+        self.inner.table.commit(tx).await?;
         self.wake();
         Ok(())
+    }
+
+    /// A write transaction on the outbox's database, for the caller's own
+    /// writes and [`enqueue`](Self::enqueue)s; finish it with
+    /// [`commit`](Self::commit). On SQLite this is the store's writer
+    /// connection (`BEGIN IMMEDIATE`); on PostgreSQL a pooled connection,
+    /// like `store.pool().begin()`.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Database`].
+    pub async fn begin(&self) -> Result<sqlx::Transaction<'static, S::Database>, StoreError> {
+        self.inner.table.begin().await
     }
 
     /// Enqueues one message in a transaction of its own and wakes the relay.
@@ -539,23 +441,18 @@ impl Outbox {
     ///
     /// As [`enqueue`](Self::enqueue).
     pub async fn send(&self, message: OutboxMessage) -> Result<Uuid, StoreError> {
-        let mut tx = crate::store::postgres::begin_owned(self.inner.store.pool())
-            .await
-            .map_err(db("starting an outbox transaction"))?;
+        let mut tx = self.inner.table.begin().await?;
         let id = self.enqueue(&mut tx, message).await?;
         self.commit(tx).await?;
         Ok(id)
     }
 
     /// Wakes relays after a commit that enqueued messages: at once in this
-    /// process, and on other nodes through one coalesced `NOTIFY` (never sent
-    /// inside the caller's transaction).
+    /// process, and on other nodes through one coalesced signal where the
+    /// backend has one (never sent inside the caller's transaction).
     pub fn wake(&self) {
         self.inner.wake.wake();
-        if let Some(notify) = &self.inner.notify {
-            // Full means a NOTIFY is already pending: this commit rides on it.
-            let _ = notify.try_send(());
-        }
+        self.inner.table.notify_others();
     }
 
     /// Pending messages, the age of the oldest, and the relay's state.
@@ -572,22 +469,10 @@ impl Outbox {
             .into_iter()
             .find(|u| u.unit == self.inner.unit);
         let cursor = unit.as_ref().map_or(Checkpoint::START, |u| u.checkpoint);
-        let row = sqlx::query(&self.inner.sql.pending)
-            .bind(cursor.transaction_id.to_string())
-            .bind(to_i64(cursor.position))
-            .bind(10_000_000_i64)
-            .fetch_one(self.inner.store.pool())
-            .await
-            .map_err(db("counting pending outbox messages"))?;
-        let get = db("counting pending outbox messages");
-        let pending: i64 = row.try_get("pending").map_err(get)?;
-        let age: Option<f64> = row
-            .try_get("oldest_age_seconds")
-            .map_err(db("counting pending outbox messages"))?;
+        let pending = self.inner.table.pending(cursor, 10_000_000).await?;
         Ok(OutboxStatus {
-            pending: u64::try_from(pending).unwrap_or(0),
-            oldest_pending_age: age
-                .map(|seconds| Duration::try_from_secs_f64(seconds.max(0.0)).unwrap_or_default()),
+            pending: pending.count,
+            oldest_pending_age: pending.oldest_age,
             cursor,
             relay: unit
                 .as_ref()
@@ -617,38 +502,24 @@ impl Outbox {
     }
 
     /// Repairs the outbox after a logical dump and restore into another
-    /// cluster (see [`PostgresStore::rebase_after_restore`]): when the stored
-    /// transaction ids are ahead of this cluster's, delivered messages get
-    /// transaction id 0, pending ones 1 (keeping each key's order), and the
-    /// relay's cursor goes back to the start (a running relay loses its
-    /// lease). Returns the number of messages changed, 0 when nothing was
-    /// ahead. Run it once after the restore, before writers and relays start.
+    /// PostgreSQL cluster (see
+    /// [`PostgresStore::rebase_after_restore`](crate::PostgresStore::rebase_after_restore)):
+    /// when the stored transaction ids are ahead of this cluster's, delivered
+    /// messages get transaction id 0, pending ones 1 (keeping each key's
+    /// order), and the relay's cursor goes back to the start (a running
+    /// relay loses its lease). Returns the number of messages changed, 0 when
+    /// nothing was ahead (always on SQLite, whose order is its row ids). Run
+    /// it once after the restore, before writers and relays start.
     ///
     /// # Errors
     ///
     /// [`StoreError::Database`].
     pub async fn rebase_after_restore(&self) -> Result<u64, StoreError> {
-        let failed = db("rebasing the outbox after a restore");
         let store = &self.inner.store;
         let mut tx = store.begin().await?;
-        let ahead: bool = sqlx::query_scalar(&self.inner.sql.ahead)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(failed)?;
-        if !ahead {
+        let Some(changed) = self.inner.table.rebase(&mut tx).await? else {
             return Ok(0);
-        }
-        let mut changed = 0;
-        for sql in [
-            &self.inner.sql.rebase_delivered,
-            &self.inner.sql.rebase_pending,
-        ] {
-            changed += sqlx::query(sql)
-                .execute(&mut *tx)
-                .await
-                .map_err(db("rebasing the outbox after a restore"))?
-                .rows_affected();
-        }
+        };
         store
             .reset_projection(&mut tx, &self.inner.unit.projection, 0)
             .await?;
@@ -659,7 +530,7 @@ impl Outbox {
 
     fn validate(&self, message: &OutboxMessage) -> Result<(), StoreError> {
         let invalid = |reason: String| StoreError::InvalidAppend {
-            aggregate_type: self.inner.table.clone(),
+            aggregate_type: self.table().to_owned(),
             aggregate_id: message.key.clone(),
             reason,
         };
@@ -680,7 +551,8 @@ impl Outbox {
         for text in texts {
             if text.contains('\0') {
                 return Err(invalid(format!(
-                    "`{}` contains a NUL character, which PostgreSQL cannot store",
+                    "`{}` contains a NUL character, which the outbox does not store \
+                     (PostgreSQL cannot)",
                     text.escape_debug()
                 )));
             }
@@ -692,12 +564,11 @@ impl Outbox {
         self.inner.wake.subscribe(poll_interval)
     }
 
-    pub(crate) fn wake_here(&self) {
-        self.inner.wake.wake();
-    }
-
-    pub(crate) fn pool(&self) -> &PgPool {
-        self.inner.store.pool()
+    /// Waits for other nodes' signals until `stop`, waking this process's
+    /// relay on each.
+    pub(crate) async fn listen(&self, stop: &tokio_util::sync::CancellationToken) {
+        let wake = || self.inner.wake.wake();
+        self.inner.table.listen(&wake, stop).await;
     }
 
     /// The next committed messages after `after`, in delivery order.
@@ -706,28 +577,14 @@ impl Outbox {
         after: Checkpoint,
         limit: usize,
     ) -> Result<Vec<OutboxMessageRecord>, StoreError> {
-        let rows = sqlx::query(&self.inner.sql.read)
-            .bind(after.transaction_id.to_string())
-            .bind(to_i64(after.position))
-            .bind(to_i64(limit as u64))
-            .fetch_all(self.inner.store.pool())
-            .await
-            .map_err(db("reading the outbox"))?;
-        rows.iter()
-            .map(|row| record_from_row(row, &self.inner.table))
-            .collect()
+        self.inner.table.read(after, limit).await
     }
 
     /// Whether undelivered messages lie after `after` although a read from
     /// it found none: they wait behind a transaction still in flight (a
     /// read finds them once it ends, and nothing signals that).
     pub(crate) async fn held_back(&self, after: Checkpoint) -> Result<bool, StoreError> {
-        sqlx::query_scalar(&self.inner.sql.held_back)
-            .bind(after.transaction_id.to_string())
-            .bind(to_i64(after.position))
-            .fetch_one(self.inner.store.pool())
-            .await
-            .map_err(db("looking for held-back outbox messages"))
+        self.inner.table.held_back(after).await
     }
 
     /// Records a delivered batch: moves the cursor (only while `lease` is
@@ -758,25 +615,18 @@ impl Outbox {
                 .iter()
                 .any(|u| u.unit == lease.unit && u.epoch == lease.epoch && u.checkpoint == to));
         }
-        let ids: Vec<i64> = batch.iter().map(|m| to_i64(m.id)).collect();
-        sqlx::query(&self.inner.sql.mark_delivered)
-            .bind(&ids)
-            .execute(&mut *tx)
-            .await
-            .map_err(db("marking outbox messages delivered"))?;
+        let ids: Vec<u64> = batch.iter().map(|m| m.id).collect();
+        self.inner.table.mark_delivered(&mut tx, &ids).await?;
         store.commit(tx).await?;
         Ok(true)
     }
 
     /// One cleanup statement; the number of messages deleted.
     pub(crate) async fn cleanup_batch(&self, retention: Duration) -> Result<u64, StoreError> {
-        Ok(sqlx::query(&self.inner.sql.cleanup)
-            .bind(retention.as_secs_f64())
-            .bind(CLEANUP_BATCH)
-            .execute(self.inner.store.pool())
+        self.inner
+            .table
+            .cleanup_batch(retention, CLEANUP_BATCH)
             .await
-            .map_err(db("deleting delivered outbox messages"))?
-            .rows_affected())
     }
 
     /// Cleanup statements until none is left or `budget` has passed; `true`
@@ -790,7 +640,7 @@ impl Outbox {
         loop {
             let deleted = self.cleanup_batch(retention).await?;
             if deleted > 0 {
-                tracing::debug!(deleted, table = %self.inner.table, "outbox cleanup");
+                tracing::debug!(deleted, table = %self.table(), "outbox cleanup");
                 metrics::counter!("outflow_outbox_deleted_total").increment(deleted);
             }
             if deleted == 0 {
@@ -799,105 +649,6 @@ impl Outbox {
             if started.elapsed() >= budget {
                 return Ok(true);
             }
-        }
-    }
-}
-
-/// The outbox queries, one `.sql` file each under
-/// `store/postgres/queries/outbox/`, rendered with the outbox table's name.
-#[derive(Debug)]
-struct Queries {
-    table_exists: String,
-    enqueue: String,
-    read: String,
-    held_back: String,
-    mark_delivered: String,
-    cleanup: String,
-    pending: String,
-    ahead: String,
-    rebase_delivered: String,
-    rebase_pending: String,
-}
-
-impl Queries {
-    fn new(outbox: &str) -> Self {
-        let render = |sql: &str| sql.trim().replace("{outbox}", outbox);
-        Queries {
-            table_exists: render(include_str!(
-                "store/postgres/queries/outbox/table_exists.sql"
-            )),
-            enqueue: render(include_str!("store/postgres/queries/outbox/enqueue.sql")),
-            read: render(include_str!("store/postgres/queries/outbox/read.sql")),
-            held_back: render(include_str!("store/postgres/queries/outbox/held_back.sql")),
-            mark_delivered: render(include_str!(
-                "store/postgres/queries/outbox/mark_delivered.sql"
-            )),
-            cleanup: render(include_str!("store/postgres/queries/outbox/cleanup.sql")),
-            pending: render(include_str!("store/postgres/queries/outbox/pending.sql")),
-            ahead: render(include_str!("store/postgres/queries/outbox/ahead.sql")),
-            rebase_delivered: render(include_str!(
-                "store/postgres/queries/outbox/rebase_delivered.sql"
-            )),
-            rebase_pending: render(include_str!(
-                "store/postgres/queries/outbox/rebase_pending.sql"
-            )),
-        }
-    }
-}
-
-fn record_from_row(row: &PgRow, table: &str) -> Result<OutboxMessageRecord, StoreError> {
-    let get = |e| pg_error("decoding an outbox message", e);
-    let corrupt = |what: String| StoreError::Corrupt {
-        table: table.to_owned(),
-        what,
-    };
-    let id: i64 = row.try_get("id").map_err(get)?;
-    let id = u64::try_from(id).map_err(|_| corrupt(format!("negative id {id}")))?;
-    let txid: String = row.try_get("txid").map_err(get)?;
-    let transaction_id = txid
-        .parse()
-        .map_err(|_| corrupt(format!("transaction id `{txid}` is not a number")))?;
-    let headers: Value = row.try_get("headers").map_err(get)?;
-    let headers = serde_json::from_value(headers).map_err(|e| {
-        corrupt(format!(
-            "headers of message {id} are not a map of strings: {e}"
-        ))
-    })?;
-    Ok(OutboxMessageRecord {
-        id,
-        transaction_id,
-        message_id: row.try_get("message_id").map_err(get)?,
-        key: row.try_get("key").map_err(get)?,
-        topic: row.try_get("topic").map_err(get)?,
-        payload: row.try_get("payload").map_err(get)?,
-        headers,
-        created_at: row.try_get("created_at").map_err(get)?,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_outbox_query_is_rendered() {
-        let queries = Queries::new("\"events_outbox\"");
-        for (name, sql) in [
-            ("table_exists", &queries.table_exists),
-            ("enqueue", &queries.enqueue),
-            ("read", &queries.read),
-            ("mark_delivered", &queries.mark_delivered),
-            ("cleanup", &queries.cleanup),
-            ("pending", &queries.pending),
-            ("ahead", &queries.ahead),
-            ("rebase_delivered", &queries.rebase_delivered),
-            ("rebase_pending", &queries.rebase_pending),
-        ] {
-            assert!(!sql.is_empty(), "query `{name}` missing");
-            assert!(
-                !sql.contains('{'),
-                "query `{name}` has an unrendered placeholder: {sql}"
-            );
         }
     }
 }

@@ -96,8 +96,8 @@ use serde::Serialize;
 use crate::command::CommandContext;
 use crate::error::StoreError;
 use crate::event::RecordedEvent;
-use crate::log::LogFilter;
 use crate::names::Identifier;
+use crate::port::log::LogFilter;
 use crate::projection::{HandlerError, Projection};
 use crate::view::ViewStore;
 

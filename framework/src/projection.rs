@@ -25,8 +25,8 @@ use async_trait::async_trait;
 use cqrs_es::Aggregate;
 
 use crate::event::{Envelope, RecordedEvent};
-use crate::log::LogFilter;
-use crate::store::Transactional;
+use crate::port::events::Transactional;
+use crate::port::log::LogFilter;
 
 pub use crate::backoff::RetryPolicy;
 pub use crate::error::HandlerError;

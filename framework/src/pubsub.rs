@@ -22,8 +22,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::event::{Checkpoint, RecordedEvent};
-use crate::log::EventLog;
-use crate::log::LogFilter;
+use crate::port::log::EventLog;
+use crate::port::log::LogFilter;
 use crate::wake::Recheck;
 
 /// An in-process bus of committed events. Cloning shares the bus.

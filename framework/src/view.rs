@@ -20,9 +20,9 @@ use cqrs_es::{Aggregate, View};
 use crate::error::StoreError;
 use crate::event::{Checkpoint, Envelope, RecordedEvent};
 use crate::names::Identifier;
+use crate::port::projections::{Checkpoints, DeadLetters};
 use crate::projection::HandlerError;
 use crate::runner::WaitError;
-use crate::store::projections::{Checkpoints, DeadLetters};
 
 #[cfg(feature = "postgres")]
 mod postgres;
@@ -318,8 +318,8 @@ where
         &self.name
     }
 
-    fn filter(&self) -> crate::log::LogFilter {
-        crate::log::LogFilter::aggregate_types([A::TYPE])
+    fn filter(&self) -> crate::port::log::LogFilter {
+        crate::port::log::LogFilter::aggregate_types([A::TYPE])
     }
 
     /// Reads the batch's views in one statement, folds the events into them

@@ -3,8 +3,8 @@
 
 use cqrs_es::Aggregate;
 
+use crate::port::events::{AppendInTransaction, EventStore};
 use crate::pubsub::EventBus;
-use crate::store::{AppendInTransaction, EventStore};
 use crate::upcast::Upcaster;
 
 use super::bus::*;

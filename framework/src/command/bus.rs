@@ -11,8 +11,8 @@ use tracing::Instrument;
 
 use crate::error::CommandError;
 use crate::event::{AppendRequest, NewEvent};
+use crate::port::events::EventStore;
 use crate::pubsub::EventBus;
-use crate::store::EventStore;
 use crate::upcast::Upcaster;
 
 use super::cache::*;

@@ -6,7 +6,7 @@ use uuid::Uuid;
 
 use crate::error::{CommandError, HandlerError};
 use crate::event::{AppendRequest, Envelope, RecordedEvent};
-use crate::store::{AppendInTransaction, Transactional};
+use crate::port::events::{AppendInTransaction, Transactional};
 
 use super::context::*;
 

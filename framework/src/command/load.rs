@@ -5,7 +5,7 @@ use cqrs_es::Aggregate;
 
 use crate::error::{EventRef, StoreError};
 use crate::event::{deserialize_payload, Snapshot};
-use crate::store::EventStore;
+use crate::port::events::EventStore;
 
 use super::bus::*;
 
@@ -74,7 +74,7 @@ where
     pub(super) fn decode_stream_event(
         &self,
         aggregate_id: &str,
-        event: crate::store::StreamEvent,
+        event: crate::port::events::StreamEvent,
     ) -> Result<A::Event, StoreError> {
         let event_ref = |event_type: &str, event_version: &str| EventRef {
             aggregate_type: A::TYPE.to_owned(),

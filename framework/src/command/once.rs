@@ -8,7 +8,7 @@ use uuid::Uuid;
 use crate::error::{CommandError, StoreError};
 use crate::event::Envelope;
 use crate::outcome::{CommandOutcome, Refusal, RefusalRecord};
-use crate::store::EventStore;
+use crate::port::events::EventStore;
 
 use super::bus::*;
 use super::context::*;

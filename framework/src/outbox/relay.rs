@@ -13,18 +13,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::{Outbox, OutboxMessageRecord, OutboxSink};
-use crate::backoff::Backoff;
+use super::{Outbox, OutboxMessageRecord, OutboxSink, OutboxStore};
 use crate::error::{ConfigError, StoreError};
 use crate::event::Checkpoint;
 use crate::lease::{check_timing, register, Holder, RecordedState, Renewed};
-use crate::log::Wakeups;
+use crate::port::log::Wakeups;
+use crate::port::projections::{Lease, ProjectionState};
 use crate::projection::RetryPolicy;
-use crate::store::projections::{Lease, ProjectionState};
 use crate::wake::Recheck;
 
 /// How long one cleanup round may run before the relay delivers again.
@@ -53,12 +51,19 @@ const FIRST_RECHECK: Duration = Duration::from_millis(10);
 /// relay.run(shutdown).await?;
 /// # Ok(()) }
 /// ```
-#[derive(Clone)]
-pub struct OutboxRelay {
-    shared: Arc<Shared>,
+pub struct OutboxRelay<S: OutboxStore = crate::store::DefaultOutboxStore> {
+    shared: Arc<Shared<S>>,
 }
 
-impl std::fmt::Debug for OutboxRelay {
+impl<S: OutboxStore> Clone for OutboxRelay<S> {
+    fn clone(&self) -> Self {
+        OutboxRelay {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: OutboxStore> std::fmt::Debug for OutboxRelay<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OutboxRelay")
             .field("table", &self.shared.outbox.table())
@@ -67,8 +72,8 @@ impl std::fmt::Debug for OutboxRelay {
     }
 }
 
-struct Shared {
-    outbox: Outbox,
+struct Shared<S: OutboxStore> {
+    outbox: Outbox<S>,
     sink: Arc<dyn OutboxSink>,
     node_id: String,
     batch_size: usize,
@@ -94,8 +99,8 @@ impl Drop for RunningGuard<'_> {
 
 /// Builds an [`OutboxRelay`].
 #[must_use = "a builder does nothing until it is built"]
-pub struct OutboxRelayBuilder {
-    outbox: Outbox,
+pub struct OutboxRelayBuilder<S: OutboxStore = crate::store::DefaultOutboxStore> {
+    outbox: Outbox<S>,
     sink: Arc<dyn OutboxSink>,
     node_id: Option<String>,
     batch_size: usize,
@@ -107,7 +112,7 @@ pub struct OutboxRelayBuilder {
     cleanup_interval: Duration,
 }
 
-impl std::fmt::Debug for OutboxRelayBuilder {
+impl<S: OutboxStore> std::fmt::Debug for OutboxRelayBuilder<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OutboxRelayBuilder")
             .field("table", &self.outbox.table())
@@ -118,7 +123,7 @@ impl std::fmt::Debug for OutboxRelayBuilder {
     }
 }
 
-impl OutboxRelayBuilder {
+impl<S: OutboxStore> OutboxRelayBuilder<S> {
     /// A name for this relay, unique among the relays and projection runners
     /// sharing the store (default: a random one). Do not reuse a
     /// [`ProjectionRunner`](crate::runner::ProjectionRunner)'s node id:
@@ -182,7 +187,7 @@ impl OutboxRelayBuilder {
     ///
     /// [`StoreError::Config`] when the heartbeat is not shorter than the
     /// lease.
-    pub fn build(self) -> Result<OutboxRelay, StoreError> {
+    pub fn build(self) -> Result<OutboxRelay<S>, StoreError> {
         check_timing(
             "outbox relay heartbeat interval",
             self.heartbeat,
@@ -252,9 +257,9 @@ impl Held {
     }
 }
 
-impl OutboxRelay {
+impl<S: OutboxStore> OutboxRelay<S> {
     /// A builder for a relay delivering `outbox`'s messages to `sink`.
-    pub fn builder(outbox: Outbox, sink: impl OutboxSink) -> OutboxRelayBuilder {
+    pub fn builder(outbox: Outbox<S>, sink: impl OutboxSink) -> OutboxRelayBuilder<S> {
         OutboxRelayBuilder {
             outbox,
             sink: Arc::new(sink),
@@ -275,7 +280,7 @@ impl OutboxRelay {
     }
 
     /// The outbox.
-    pub fn outbox(&self) -> &Outbox {
+    pub fn outbox(&self) -> &Outbox<S> {
         &self.shared.outbox
     }
 
@@ -284,7 +289,7 @@ impl OutboxRelay {
     /// relay does), taking over when that relay's lease runs out. On shutdown
     /// a sink call in progress is awaited, its batch recorded, and the lease
     /// given back. Everything the relay runs — delivery, lease renewal,
-    /// `LISTEN` — lives in this future: dropping or aborting it stops them
+    /// listening for other nodes' signals — lives in this future: dropping or aborting it stops them
     /// all (the lease then runs out after its time to live).
     ///
     /// Database outages are waited out with backoff; this only returns early
@@ -313,7 +318,7 @@ impl OutboxRelay {
         }
         let span = tracing::info_span!("outbox_relay", table = %shared.outbox.table(), node = %shared.node_id);
         let stop_listening = CancellationToken::new();
-        let listen = listen(&shared.outbox, &stop_listening);
+        let listen = shared.outbox.listen(&stop_listening);
         let work = async {
             self.work(&shutdown).await;
             stop_listening.cancel();
@@ -677,41 +682,6 @@ impl OutboxRelay {
             _ = shutdown.cancelled() => Some(Exit::Shutdown),
             _ = held.lost.cancelled() => Some(Exit::Lost),
             _ = tokio::time::sleep(duration) => None,
-        }
-    }
-}
-
-/// `LISTEN`s on the outbox channel until `stop`, waking the relay on each
-/// notification and once on every (re)connection (notifications sent while
-/// it was away are lost).
-async fn listen(outbox: &Outbox, stop: &CancellationToken) {
-    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
-    loop {
-        match listen_once(outbox, stop).await {
-            Ok(()) => backoff.reset(),
-            Err(error) => {
-                tracing::warn!(error = %crate::error::error_chain(&error), channel = %outbox.channel(), "outbox listener failed, reconnecting");
-            }
-        }
-        if stop.is_cancelled() || !backoff.wait(stop).await {
-            return;
-        }
-    }
-}
-
-async fn listen_once(outbox: &Outbox, stop: &CancellationToken) -> Result<(), sqlx::Error> {
-    let mut listener = PgListener::connect_with(outbox.pool()).await?;
-    listener.listen(outbox.channel()).await?;
-    outbox.wake_here();
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
-            received = listener.try_recv() => {
-                // `Ok(None)`: the connection was lost; the next call
-                // reconnects and listens again. Wake either way.
-                received?;
-                outbox.wake_here();
-            }
         }
     }
 }

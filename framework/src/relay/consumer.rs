@@ -16,8 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{headers, RelayError};
 use crate::error::{error_chain, StoreError};
+use crate::port::projections::ProjectionStore;
 use crate::projection::{HandlerError, RetryPolicy};
-use crate::store::ProjectionStore;
 
 /// A message as a [`MessageHandler`] receives it.
 #[derive(Debug, Clone)]

@@ -12,9 +12,9 @@ use chrono::SecondsFormat;
 
 use super::{headers, subject_token, validate_subject, RelayError};
 use crate::event::RecordedEvent;
-use crate::log::LogFilter;
+use crate::port::events::Transactional;
+use crate::port::log::LogFilter;
 use crate::projection::{HandlerError, Projection};
-use crate::store::Transactional;
 
 /// Maps an event to the subject it is published on.
 pub type SubjectFn = Arc<dyn Fn(&RecordedEvent) -> String + Send + Sync>;

@@ -10,8 +10,8 @@ use super::status::{ProjectionStatus, RebuildProgress, RetryError};
 use super::ProjectionRunner;
 use crate::error::{ConfigError, StoreError};
 use crate::event::Checkpoint;
-use crate::log::{holding_back, read_event, END};
-use crate::store::projections::{DeadLetter, ProjectionState, ProjectionStore};
+use crate::port::log::{holding_back, read_event, END};
+use crate::port::projections::{DeadLetter, ProjectionState, ProjectionStore};
 
 /// How long [`ProjectionRunner::status`] waits for a backend that may be
 /// down: the projection store's units, and the log's first answer.

@@ -43,9 +43,9 @@ use std::time::Duration;
 
 use crate::error::{ConfigError, StoreError};
 use crate::lease::check_timing;
-use crate::log::{EventLog, LogFilter};
+use crate::port::log::{EventLog, LogFilter};
+use crate::port::projections::ProjectionStore;
 use crate::projection::{OnError, Projection, ProjectionOptions, RetryPolicy};
-use crate::store::projections::ProjectionStore;
 
 mod admin;
 mod node;

@@ -16,8 +16,8 @@ use std::time::Duration;
 use crate::backoff::Backoff;
 use crate::error::{ConfigError, ErrorKind, HandlerError, StoreError};
 use crate::lease::{balance, register, Balance, Holder, Renewed};
-use crate::log::{holding_back, LogFilter};
-use crate::store::projections::{Lease, ProjectionState, ProjectionStore, UnitId};
+use crate::port::log::{holding_back, LogFilter};
+use crate::port::projections::{Lease, ProjectionState, ProjectionStore, UnitId};
 
 /// A unit running in this process.
 struct Running {
@@ -355,7 +355,7 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
         &self,
         holder: &Holder,
         share: usize,
-        units: Vec<crate::store::projections::UnitRecord>,
+        units: Vec<crate::port::projections::UnitRecord>,
         running: &mut HashMap<UnitId, Running>,
         tasks: &mut JoinSet<UnitId>,
         draining: &CancellationToken,

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use crate::error::{HandlerError, StoreError};
 use crate::event::Checkpoint;
-use crate::log::OldestTransaction;
-use crate::store::projections::ProjectionState;
+use crate::port::log::OldestTransaction;
+use crate::port::projections::ProjectionState;
 
 /// Where a projection unit stands, as [`ProjectionRunner::status`](super::ProjectionRunner::status) reports it.
 #[derive(Debug, Clone, PartialEq)]

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use super::ProjectionRunner;
 use crate::error::{EventRef, StoreError};
 use crate::event::Checkpoint;
-use crate::store::projections::{
+use crate::port::projections::{
     Checkpoints, DeadLetters, ProjectionState, ProjectionStore, UnitRecord,
 };
 
@@ -531,7 +531,7 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::projections::UnitId;
+    use crate::port::projections::UnitId;
 
     fn unit(name: &str, partition: u32, at: u64, state: ProjectionState) -> UnitRecord {
         UnitRecord {

@@ -23,9 +23,9 @@ use crate::backoff::Backoff;
 use crate::error::{error_chain, ErrorKind, HandlerError, StoreError};
 use crate::event::{Checkpoint, RecordedEvent};
 use crate::lease::RecordedState;
-use crate::log::LogWindow;
+use crate::port::log::LogWindow;
+use crate::port::projections::{Lease, NewDeadLetter, ProjectionState, ProjectionStore, UnitId};
 use crate::projection::OnError;
-use crate::store::projections::{Lease, NewDeadLetter, ProjectionState, ProjectionStore, UnitId};
 use crate::wake::{Recheck, Wakeups};
 
 /// How a batch ended.

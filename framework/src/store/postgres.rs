@@ -36,13 +36,15 @@ mod errors;
 mod group;
 mod log;
 mod notify;
+mod outbox;
 mod outcomes;
 mod projection_store;
 mod rows;
 mod schema;
 
 pub(crate) use errors::{begin_owned, classify, db, pg_error, to_i64};
-pub(crate) use notify::spawn_notifier;
+use notify::spawn_notifier;
+pub use outbox::PostgresOutbox;
 use rows::{txid_column, u64_column};
 use schema::{migrate, Names};
 

@@ -46,6 +46,7 @@ use crate::wake::WakeSignal;
 mod append;
 mod errors;
 mod log;
+mod outbox;
 mod outcomes;
 mod projection_store;
 mod queries;
@@ -53,6 +54,7 @@ mod rows;
 mod schema;
 
 pub(crate) use errors::{classify, db, sqlite_error, to_i64};
+pub use outbox::SqliteOutbox;
 use schema::Tables;
 
 /// How hard SQLite makes each commit durable (its `synchronous` setting in

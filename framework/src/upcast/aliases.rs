@@ -76,7 +76,7 @@ impl EventAliases {
     }
 
     /// `filter` with the old names of the event types it asks for added.
-    pub fn widen(&self, filter: crate::log::LogFilter) -> crate::log::LogFilter {
+    pub fn widen(&self, filter: crate::port::log::LogFilter) -> crate::port::log::LogFilter {
         if self.is_empty() || filter.event_type_list().is_empty() {
             return filter;
         }

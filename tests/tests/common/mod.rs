@@ -5,6 +5,7 @@
 
 pub mod nats;
 pub mod nats_cluster;
+pub mod outbox;
 pub mod own_postgres;
 pub mod totals;
 

@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use crate::error::{ErrorKind, StoreError};
 use crate::event::{AppendRequest, RecordedEvent, Snapshot};
-use crate::store::{EventStore, LoadedStream};
+use crate::port::events::{EventStore, LoadedStream};
 
 use super::codec::*;
 use super::errors::*;

@@ -8,7 +8,7 @@ use async_nats::jetstream::kv;
 
 use crate::error::StoreError;
 use crate::event::{RecordedEvent, Snapshot};
-use crate::store::{LoadedStream, StreamEvent};
+use crate::port::events::{LoadedStream, StreamEvent};
 
 use super::cache::*;
 use super::codec::*;

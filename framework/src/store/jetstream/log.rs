@@ -11,7 +11,7 @@ use futures::StreamExt;
 
 use crate::error::{ConfigError, StoreError};
 use crate::event::{Checkpoint, RecordedEvent};
-use crate::log::{EventLog, LogFilter};
+use crate::port::log::{EventLog, LogFilter};
 use crate::wake::Wakeups;
 
 use super::codec::*;
@@ -319,7 +319,7 @@ impl EventLog for JetStreamStore {
         after: Checkpoint,
         filter: &LogFilter,
         limit: usize,
-    ) -> Result<crate::log::LogWindow, StoreError> {
+    ) -> Result<crate::port::log::LogWindow, StoreError> {
         let read = self.read(after, filter, limit).await?;
         Ok(crate::log::LogWindow::new(
             read.seen,
@@ -372,7 +372,7 @@ impl EventLog for JetStreamStore {
         {
             // A bound from another partition (the runner's "every committed
             // event"): this partition's end.
-            crate::log::END
+            crate::port::log::END
         } else {
             upto
         };

@@ -126,7 +126,7 @@ impl JetStreamStore {
         request: AppendRequest,
         command_id: Uuid,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        use crate::store::EventStore;
+        use crate::port::events::EventStore;
         let (aggregate_type, aggregate_id) =
             (request.aggregate_type.clone(), request.aggregate_id.clone());
         let version = request

@@ -10,7 +10,7 @@ use async_nats::jetstream::kv;
 use async_nats::jetstream::stream::Stream;
 
 use crate::error::StoreError;
-use crate::log::partition_hash;
+use crate::port::log::partition_hash;
 use crate::wake::WakeSignal;
 
 use super::cache::*;

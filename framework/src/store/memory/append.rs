@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use crate::error::StoreError;
 use crate::event::{AppendRequest, RecordedEvent, Snapshot};
 use crate::outcome::CommandOutcome;
-use crate::store::{AppendInTransaction, EventStore, LoadedStream, StreamEvent};
+use crate::port::events::{AppendInTransaction, EventStore, LoadedStream, StreamEvent};
 use uuid::Uuid;
 
 use super::state::*;

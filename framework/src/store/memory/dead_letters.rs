@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use chrono::Utc;
 
 use crate::error::StoreError;
-use crate::store::projections::{DeadLetter, DeadLetters, Inbox, NewDeadLetter};
+use crate::port::projections::{DeadLetter, DeadLetters, Inbox, NewDeadLetter};
 
 use super::state::*;
 

@@ -5,8 +5,8 @@ use chrono::{DateTime, Utc};
 
 use crate::error::StoreError;
 use crate::event::{Checkpoint, RecordedEvent};
-use crate::log::EventLog;
-use crate::log::LogFilter;
+use crate::port::log::EventLog;
+use crate::port::log::LogFilter;
 use crate::wake::Wakeups;
 
 use super::state::*;

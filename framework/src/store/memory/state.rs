@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use crate::error::StoreError;
 use crate::event::{AppendRequest, Checkpoint, RecordedEvent, Snapshot};
 use crate::outcome::CommandOutcome;
-use crate::store::projections::{DeadLetter, ProjectionState, UnitId};
+use crate::port::projections::{DeadLetter, ProjectionState, UnitId};
 use crate::wake::WakeSignal;
 use uuid::Uuid;
 

@@ -5,8 +5,8 @@ use chrono::Utc;
 
 use crate::error::StoreError;
 use crate::event::Checkpoint;
-use crate::store::projections::ProjectionState;
-use crate::store::Transactional;
+use crate::port::events::Transactional;
+use crate::port::projections::ProjectionState;
 
 use super::state::*;
 

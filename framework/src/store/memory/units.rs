@@ -7,7 +7,7 @@ use chrono::Utc;
 
 use crate::error::{ConfigError, StoreError};
 use crate::event::Checkpoint;
-use crate::store::projections::{Checkpoints, Lease, Leases, ProjectionState, UnitId, UnitRecord};
+use crate::port::projections::{Checkpoints, Lease, Leases, ProjectionState, UnitId, UnitRecord};
 use crate::wake::Wakeups;
 
 use super::state::*;

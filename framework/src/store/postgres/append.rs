@@ -11,7 +11,7 @@ use super::{pg_error, to_i64, txid_column, u64_column, PostgresStore};
 use crate::error::StoreError;
 use crate::event::{AppendRequest, RecordedEvent, Snapshot};
 use crate::outcome::CommandOutcome;
-use crate::store::{EventStore, LoadedStream, StreamEvent};
+use crate::port::events::{EventStore, LoadedStream, StreamEvent};
 
 impl PostgresStore {
     pub(super) async fn append_on(
@@ -308,7 +308,7 @@ impl EventStore for PostgresStore {
         request: AppendRequest,
         command_id: uuid::Uuid,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        crate::store::append_claiming(self, request, command_id).await
+        crate::port::events::append_claiming(self, request, command_id).await
     }
 
     async fn prune_outcomes(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {

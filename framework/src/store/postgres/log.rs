@@ -11,7 +11,7 @@ use sqlx::Row;
 use super::{db, pg_error, to_i64, txid_column, u64_column, PostgresStore};
 use crate::error::StoreError;
 use crate::event::{Checkpoint, RecordedEvent};
-use crate::log::{EventLog, LogFilter, LogWindow, OldestTransaction};
+use crate::port::log::{EventLog, LogFilter, LogWindow, OldestTransaction};
 use crate::wake::Wakeups;
 
 #[async_trait]

@@ -4,14 +4,14 @@
 //! others' notifications.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::{PgListener, PgPool};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{Inner, PostgresStore};
+use super::PostgresStore;
 use crate::backoff::Backoff;
 
 impl PostgresStore {
@@ -55,76 +55,108 @@ impl PostgresStore {
         let channel = self.inner.channel.clone();
         let checkpoint_channel = self.inner.checkpoint_channel.clone();
         let shutdown = self.inner.shutdown.clone();
-        let wake = Arc::downgrade(&self.inner);
+        let inner = Arc::downgrade(&self.inner);
         let instance = self.inner.instance.clone();
         runtime.spawn(async move {
-            let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
-            loop {
-                let channels = [channel.as_str(), checkpoint_channel.as_str()];
-                let result = listen_once(&pool, channels, &instance, &shutdown, &wake).await;
-                // A store closing (its pool closed, its last handle gone) is
-                // not a failure: stop quietly.
-                if shutdown.is_cancelled() || wake.strong_count() == 0 || pool.is_closed() {
-                    if let Err(error) = result {
-                        tracing::debug!(error = %crate::error::error_chain(&error), %channel, "listener stopped with its store");
-                    }
-                    return;
+            // This store's own commits woke its readers directly: its
+            // notifications carry its `instance` id and are skipped. A
+            // (re)connection wakes both signals (anything may have been
+            // missed while away).
+            let on_signal = |signal: Signal<'_>| {
+                let Some(inner) = inner.upgrade() else {
+                    return false;
+                };
+                let from = match signal {
+                    Signal::Connected => None,
+                    Signal::Notified { payload, .. } if payload == instance => return true,
+                    Signal::Notified { channel, .. } => Some(channel),
+                };
+                if from != Some(checkpoint_channel.as_str()) {
+                    inner.wake.wake();
                 }
-                if let Err(error) = result {
-                    tracing::warn!(error = %crate::error::error_chain(&error), %channel, "listener failed, reconnecting");
+                if from != Some(channel.as_str()) {
+                    inner.checkpoint_wake.wake();
                 }
-                if !backoff.wait(&shutdown).await {
-                    return;
-                }
-            }
+                true
+            };
+            let channels = [channel.as_str(), checkpoint_channel.as_str()];
+            listen_until(&pool, &channels, &shutdown, on_signal).await;
         });
     }
 }
 
-/// One `LISTEN` session: wakes readers on each notification from another
-/// store (this store's own commits woke them directly: its notifications
-/// carry its `instance` id and are skipped), and once on connecting
-/// (notifications sent while it was away are lost).
+/// What a `LISTEN` session reports.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Signal<'a> {
+    /// Connected (or reconnected): notifications sent while away are lost.
+    Connected,
+    /// A notification.
+    Notified {
+        /// Its channel.
+        channel: &'a str,
+        /// Its payload.
+        payload: &'a str,
+    },
+}
+
+/// `LISTEN`s on `channels` until `stop`, its pool closes or `on_signal`
+/// returns `false`, reconnecting with backoff after a failure.
+pub(super) async fn listen_until(
+    pool: &PgPool,
+    channels: &[&str],
+    stop: &CancellationToken,
+    mut on_signal: impl FnMut(Signal<'_>) -> bool + Send,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+    loop {
+        let result = listen_once(pool, channels, stop, &mut on_signal).await;
+        // A pool closing with its store is not a failure: stop quietly.
+        let ended = matches!(result, Ok(false));
+        if stop.is_cancelled() || ended || pool.is_closed() {
+            if let Err(error) = result {
+                tracing::debug!(error = %crate::error::error_chain(&error), channels = ?channels, "listener stopped with its store");
+            }
+            return;
+        }
+        match result {
+            Ok(_) => backoff.reset(),
+            Err(error) => {
+                tracing::warn!(error = %crate::error::error_chain(&error), channels = ?channels, "listener failed, reconnecting");
+            }
+        }
+        if !backoff.wait(stop).await {
+            return;
+        }
+    }
+}
+
+/// One `LISTEN` session; `Ok(false)` when `on_signal` asked to stop.
 async fn listen_once(
     pool: &PgPool,
-    [events_channel, checkpoint_channel]: [&str; 2],
-    instance: &str,
-    shutdown: &CancellationToken,
-    inner: &Weak<Inner>,
-) -> Result<(), sqlx::Error> {
+    channels: &[&str],
+    stop: &CancellationToken,
+    on_signal: &mut (impl FnMut(Signal<'_>) -> bool + Send),
+) -> Result<bool, sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
-    listener
-        .listen_all([events_channel, checkpoint_channel])
-        .await?;
-    // Which signals to raise: `None` wakes both (after connecting or losing
-    // the connection, anything may have been missed).
-    let wake = |channel: Option<&str>| match inner.upgrade() {
-        Some(inner) => {
-            if channel != Some(checkpoint_channel) {
-                inner.wake.wake();
-            }
-            if channel != Some(events_channel) {
-                inner.checkpoint_wake.wake();
-            }
-            true
-        }
-        None => false,
-    };
-    if !wake(None) {
-        return Ok(());
+    listener.listen_all(channels.iter().copied()).await?;
+    if !on_signal(Signal::Connected) {
+        return Ok(false);
     }
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = stop.cancelled() => return Ok(true),
             received = listener.try_recv() => {
-                // `Ok(None)`: the connection was lost; the next call reconnects
-                // and listens again.
-                let notification = received?;
-                if notification.as_ref().is_some_and(|n| n.payload() == instance) {
-                    continue;
-                }
-                if !wake(notification.as_ref().map(|n| n.channel())) {
-                    return Ok(());
+                // `Ok(None)`: the connection was lost; the next session
+                // reconnects and listens again.
+                let Some(notification) = received? else {
+                    return Ok(true);
+                };
+                let signal = Signal::Notified {
+                    channel: notification.channel(),
+                    payload: notification.payload(),
+                };
+                if !on_signal(signal) {
+                    return Ok(false);
                 }
             }
         }

@@ -12,11 +12,11 @@ use super::errors::undefined_table;
 use super::{classify, db, pg_error, to_i64, txid_column, u64_column, Names, PostgresStore};
 use crate::error::{ConfigError, ErrorKind, EventRef, StoreError};
 use crate::event::{AppendRequest, Checkpoint, RecordedEvent};
-use crate::store::projections::{
+use crate::port::events::{AppendInTransaction, Transactional};
+use crate::port::projections::{
     Checkpoints, DeadLetter, DeadLetters, Inbox, Lease, Leases, NewDeadLetter, ProjectionState,
     UnitId, UnitRecord,
 };
-use crate::store::{AppendInTransaction, Transactional};
 use crate::wake::Wakeups;
 
 /// The projection side's queries, one `.sql` file each under `queries/`,

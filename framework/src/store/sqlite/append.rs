@@ -11,9 +11,9 @@ use super::rows::{corrupt, decode_event, time_text, u64_column};
 use super::{db, sqlite_error, to_i64, SqliteStore};
 use crate::error::StoreError;
 use crate::event::{AppendRequest, RecordedEvent, Snapshot};
-use crate::log::partition_hash;
 use crate::outcome::CommandOutcome;
-use crate::store::{EventStore, LoadedStream, StreamEvent};
+use crate::port::events::{EventStore, LoadedStream, StreamEvent};
+use crate::port::log::partition_hash;
 
 /// Events per INSERT statement: 8 bound values each, far below SQLite's
 /// limit of 32,766 variables per statement.
@@ -347,7 +347,7 @@ impl EventStore for SqliteStore {
         request: AppendRequest,
         command_id: uuid::Uuid,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        crate::store::append_claiming(self, request, command_id).await
+        crate::port::events::append_claiming(self, request, command_id).await
     }
 
     async fn prune_outcomes(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {

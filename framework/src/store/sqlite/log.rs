@@ -11,7 +11,7 @@ use super::rows::{corrupt, micros_column, u64_column};
 use super::{db, to_i64, SqliteStore};
 use crate::error::{EventRef, StoreError};
 use crate::event::{decode_window, parse_stored, Checkpoint, RecordedEvent};
-use crate::log::{EventLog, LogFilter};
+use crate::port::log::{EventLog, LogFilter};
 use crate::wake::Wakeups;
 
 /// A window of the log as one JSON array of rows, built inside SQLite:

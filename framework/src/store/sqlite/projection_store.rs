@@ -27,11 +27,11 @@ use super::rows::{corrupt, time_column, time_text, u64_column};
 use super::{classify, db, to_i64, SqliteStore};
 use crate::error::{ConfigError, ErrorKind, EventRef, StoreError};
 use crate::event::{AppendRequest, Checkpoint, RecordedEvent};
-use crate::store::projections::{
+use crate::port::events::{AppendInTransaction, Transactional};
+use crate::port::projections::{
     Checkpoints, DeadLetter, DeadLetters, Inbox, Lease, Leases, NewDeadLetter, ProjectionState,
     UnitId, UnitRecord,
 };
-use crate::store::{AppendInTransaction, Transactional};
 use crate::wake::Wakeups;
 
 /// Now, in unix milliseconds: how lease deadlines and heartbeats are stored.

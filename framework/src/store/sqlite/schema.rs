@@ -34,6 +34,7 @@ impl Tables {
             ("{inbox}", "inbox", "inbox table"),
             ("{outcomes}", "outcomes", "outcomes table"),
             ("{outcomes_idx}", "outcomes_idx", "outcomes index"),
+            ("{outbox}", "outbox", "outbox table"),
             ("{events_type_idx}", "type_idx", "events type index"),
             ("{events_stream_idx}", "stream_idx", "events stream index"),
             (
@@ -71,7 +72,27 @@ impl Tables {
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "initial schema", INITIAL),
     (2, "remembered command outcomes", OUTCOMES),
+    (3, "transactional outbox", OUTBOX),
 ];
+
+/// The transactional outbox: messages enqueued in the application's own
+/// transactions, delivered by a relay in id order. SQLite runs one write
+/// transaction at a time, so ids are handed out in commit order;
+/// `AUTOINCREMENT` keeps an id from being reused after cleanup deleted the
+/// newest rows (a reused id could sort behind the relay's cursor). Times in
+/// microseconds since the Unix epoch.
+const OUTBOX: &str = r#"
+CREATE TABLE IF NOT EXISTS {outbox} (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id   BLOB    NOT NULL,
+    key          TEXT    NOT NULL CHECK (key <> ''),
+    topic        TEXT    NOT NULL CHECK (topic <> ''),
+    payload      TEXT    NOT NULL,
+    headers      TEXT    NOT NULL DEFAULT '{}',
+    created_at   INTEGER NOT NULL,
+    delivered_at INTEGER
+);
+"#;
 
 /// The outcome of each command sent with an id (`execute_once`): a claim
 /// written with the command's events (`refusal` NULL), or a refusal or an

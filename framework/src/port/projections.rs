@@ -23,7 +23,7 @@ use uuid::Uuid;
 
 use crate::error::{EventRef, StoreError};
 use crate::event::{Checkpoint, RecordedEvent};
-use crate::store::Transactional;
+use crate::port::events::Transactional;
 use crate::wake::Wakeups;
 
 /// One projection partition: the unit of work a runner owns.
