@@ -446,6 +446,7 @@ pub struct Snapshot {
 /// Parses a stored payload and metadata (their JSON text, as a backend reads
 /// them), naming the event when one does not decode: the shared half of the
 /// SQL backends' row decoding.
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
 pub(crate) fn parse_stored(
     payload: &str,
     metadata: Option<&str>,
@@ -475,6 +476,7 @@ pub(crate) fn parse_stored(
 /// that does not decode, or that row's error when it comes first (see
 /// [`EventLog::read_log`](crate::log::EventLog::read_log)). Other errors fail
 /// the window.
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
 pub(crate) fn decode_window<R>(
     rows: impl IntoIterator<Item = R>,
     mut decode: impl FnMut(R) -> Result<RecordedEvent, StoreError>,

@@ -8,8 +8,13 @@
 //! every item through its public path (`outflow::store`, `outflow::log`,
 //! `outflow::outbox`), re-exported from here.
 
+pub mod backend;
 pub mod events;
 pub mod log;
+#[cfg(feature = "nats")]
+pub mod messages;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 pub mod outbox;
 pub mod projections;
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub mod views;

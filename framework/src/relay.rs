@@ -58,20 +58,21 @@ use async_nats::jetstream::stream::{Config as StreamConfig, StorageType};
 use async_nats::jetstream::Context;
 
 mod consumer;
-#[cfg(feature = "postgres")]
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
 mod outbox_sink;
-#[cfg(feature = "postgres")]
-mod postgres;
 mod publisher;
 
+pub use crate::port::messages::DeadMessage;
+/// The public path of PostgreSQL's dead message store (its code lives with
+/// the PostgreSQL backend).
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use crate::store::postgres::PostgresDeadMessages;
 pub use consumer::{
     DeadMessageStore, JetStreamConsumer, JetStreamConsumerBuilder, MessageHandler, ReceivedMessage,
 };
-#[cfg(feature = "postgres")]
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
 pub use outbox_sink::{JetStreamOutboxSink, OUTBOX_KEY_HEADER};
-#[cfg(feature = "postgres")]
-#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-pub use postgres::{DeadMessage, PostgresDeadMessages};
 pub use publisher::{JetStreamRelay, JetStreamRelayBuilder, SubjectFn};
 
 /// Names of the headers the relay sets on every message.

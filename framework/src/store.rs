@@ -13,8 +13,9 @@
 //! | inline handlers | [`AppendInTransaction`] | 1 |
 //! | projections | [`ProjectionStore`] = [`Checkpoints`] + [`Leases`] + [`DeadLetters`] + [`Inbox`] | 9 + 4 + 5 + 1 |
 
+pub use crate::port::backend::Backend;
 pub use crate::port::events::{
-    read_stream, AppendInTransaction, Backend, EventStore, LoadedStream, StreamEvent, Transactional,
+    read_stream, AppendInTransaction, EventStore, LoadedStream, StreamEvent, Transactional,
 };
 pub use crate::port::projections;
 pub use crate::port::projections::{

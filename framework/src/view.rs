@@ -20,14 +20,11 @@ use cqrs_es::{Aggregate, View};
 use crate::error::StoreError;
 use crate::event::{Checkpoint, Envelope, RecordedEvent};
 use crate::names::Identifier;
-use crate::port::projections::{Checkpoints, DeadLetters};
+
 use crate::projection::HandlerError;
 use crate::runner::WaitError;
 
-#[cfg(feature = "postgres")]
-mod postgres;
-#[cfg(feature = "sqlite")]
-mod sqlite;
+pub use crate::port::views::ViewStore;
 
 type KeyFn<A> = dyn Fn(&Envelope<A>) -> Option<String> + Send + Sync;
 
@@ -60,7 +57,7 @@ type KeyFn<A> = dyn Fn(&Envelope<A>) -> Option<String> + Send + Sync;
 pub struct ViewProjection<A: Aggregate, V> {
     name: String,
     /// The table, quoted for SQL.
-    table: String,
+    pub(crate) table: String,
     key: Arc<KeyFn<A>>,
     upcasters: crate::upcast::Upcasters,
     _view: PhantomData<fn() -> V>,
@@ -235,76 +232,6 @@ where
             .map(|(key, view, version, _)| (key, view, version))
             .collect()
     }
-}
-
-/// A backend that keeps view tables: [`PostgresStore`](crate::PostgresStore)
-/// and `SqliteStore`. Implemented by Outflow only.
-///
-/// A view table holds JSON documents by id with a version (`view_id`,
-/// `version`, `payload`); [`ViewProjection`] and the
-/// [process managers](crate::process) keep their state in such tables.
-#[async_trait]
-pub trait ViewStore: Checkpoints + DeadLetters + Clone {
-    /// The stored JSON text of one view, if any.
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError::Database`].
-    #[doc(hidden)]
-    async fn view_payload(&self, table: &str, view_id: &str) -> Result<Option<String>, StoreError>;
-
-    /// Up to `limit` views in id order, after `after` when given.
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError::Database`].
-    #[doc(hidden)]
-    async fn view_payloads(
-        &self,
-        table: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<(String, String)>, StoreError>;
-
-    /// The stored documents among `ids`: (id, version, JSON text).
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError::Database`].
-    #[doc(hidden)]
-    async fn documents_in(
-        tx: &mut Self::Transaction,
-        table: &str,
-        ids: &[String],
-    ) -> Result<Vec<(String, i64, String)>, StoreError>;
-
-    /// Inserts or replaces documents: (id, version, JSON text).
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError::Database`].
-    #[doc(hidden)]
-    async fn save_documents(
-        tx: &mut Self::Transaction,
-        table: &str,
-        documents: &[(String, i64, String)],
-    ) -> Result<(), StoreError>;
-
-    /// Creates a document table if it does not exist.
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError::Database`].
-    #[doc(hidden)]
-    async fn create_documents(tx: &mut Self::Transaction, table: &str) -> Result<(), StoreError>;
-
-    /// Deletes every document of a table.
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError::Database`].
-    #[doc(hidden)]
-    async fn clear_documents(tx: &mut Self::Transaction, table: &str) -> Result<(), StoreError>;
 }
 
 #[async_trait]

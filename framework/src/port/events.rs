@@ -20,19 +20,7 @@ use futures::stream::BoxStream;
 use crate::error::{ErrorKind, StoreError};
 use crate::event::{AppendRequest, RecordedEvent, Snapshot};
 use crate::outcome::CommandOutcome;
-use crate::port::log::EventLog;
 use chrono::{DateTime, Utc};
-
-/// A backend that does it all: runs commands, serves the log, appends inside
-/// transactions and keeps read models, checkpoints, leases, dead letters and
-/// the inbox in the same database — [`MemoryStore`](crate::MemoryStore),
-/// `PostgresStore` and `SqliteStore`. Write code generic over the backend
-/// with it (a behaviour suite, a service that runs on any of them).
-pub trait Backend: EventStore + EventLog + AppendInTransaction + ProjectionStore + Clone {}
-
-impl<S> Backend for S where S: EventStore + EventLog + AppendInTransaction + ProjectionStore + Clone {}
-
-use crate::port::projections::ProjectionStore;
 
 /// An aggregate's stream as loaded for a command: the newest snapshot, if
 /// asked for and present, and the events after it.
@@ -69,7 +57,7 @@ pub struct StreamEvent {
 /// `postgres`), `SqliteStore` (feature `sqlite`) and `JetStreamStore`
 /// (feature `nats`). Users rarely call it directly: the
 /// [`CommandBus`](crate::CommandBus) appends and loads. Reading the global
-/// log is the other role, [`EventLog`].
+/// log is the other role, [`EventLog`](crate::log::EventLog).
 #[async_trait]
 pub trait EventStore: Send + Sync + 'static {
     /// Appends one command's events to one stream, atomically.

@@ -567,3 +567,22 @@ where
     )
     .boxed()
 }
+
+// Renames widen filters here, beside `LogFilter`: the aliases themselves sit
+// below the log and know nothing of its filters.
+impl crate::upcast::EventAliases {
+    /// `filter` with the old names of the event types it asks for added.
+    pub fn widen(&self, filter: LogFilter) -> LogFilter {
+        if self.is_empty() || filter.event_type_list().is_empty() {
+            return filter;
+        }
+        let mut types: Vec<String> = filter
+            .event_type_list()
+            .iter()
+            .flat_map(|name| self.names_of(name))
+            .collect();
+        types.sort();
+        types.dedup();
+        filter.with_event_types(types)
+    }
+}

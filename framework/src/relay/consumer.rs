@@ -8,58 +8,15 @@ use async_nats::jetstream::consumer::pull::{Config as PullConfig, Stream as Mess
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::message::{AckKind, Acker};
 use async_nats::jetstream::Context;
-use async_nats::HeaderMap;
 use async_trait::async_trait;
 use futures::{FutureExt, StreamExt};
-use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
 use super::{headers, RelayError};
 use crate::error::{error_chain, StoreError};
+pub use crate::port::messages::{DeadMessageStore, ReceivedMessage};
 use crate::port::projections::ProjectionStore;
 use crate::projection::{HandlerError, RetryPolicy};
-
-/// A message as a [`MessageHandler`] receives it.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct ReceivedMessage {
-    /// The subject it was published on.
-    pub subject: String,
-    /// The payload (for a relayed event: its JSON payload).
-    pub payload: Vec<u8>,
-    /// The headers (for a relayed event: see [`headers`](super::headers)).
-    pub headers: HeaderMap,
-    /// The inbox key: the `Nats-Msg-Id` header, or `<stream>:<stream
-    /// sequence>` for a message published without one.
-    pub message_id: String,
-    /// The stream it is stored in.
-    pub stream: String,
-    /// Its sequence in the stream.
-    pub stream_sequence: u64,
-    /// How often JetStream has delivered it to this consumer, this delivery
-    /// included (1 the first time).
-    pub deliveries: u64,
-}
-
-impl ReceivedMessage {
-    /// The last value of header `name`, if present.
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(key, _)| AsRef::<str>::as_ref(*key) == name)
-            .and_then(|(_, values)| values.last())
-            .map(|value| value.as_str())
-    }
-
-    /// The payload decoded from JSON.
-    ///
-    /// # Errors
-    ///
-    /// The decoding error.
-    pub fn json<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
-        serde_json::from_slice(&self.payload)
-    }
-}
 
 /// Handles messages of a [`JetStreamConsumer`] inside store transactions.
 ///
@@ -97,26 +54,6 @@ pub trait MessageHandler<S: ProjectionStore>: Send + Sync + 'static {
         message: &ReceivedMessage,
         tx: &mut S::Transaction,
     ) -> Result<(), HandlerError>;
-}
-
-/// Where a [`JetStreamConsumer`] parks a message its handler keeps failing
-/// on. [`PostgresDeadMessages`](super::PostgresDeadMessages) is the one for
-/// PostgreSQL.
-#[async_trait]
-pub trait DeadMessageStore<S: ProjectionStore>: Send + Sync + 'static {
-    /// Records `message` inside `tx`, which also holds the message's inbox
-    /// claim. Recording the same consumer and message id twice keeps one.
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError`]; the message is then redelivered and parked later.
-    async fn park(
-        &self,
-        tx: &mut S::Transaction,
-        consumer: &str,
-        message: &ReceivedMessage,
-        error: &str,
-    ) -> Result<(), StoreError>;
 }
 
 /// Runs a [`MessageHandler`] on a durable JetStream pull consumer.

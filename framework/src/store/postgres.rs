@@ -32,6 +32,8 @@ use crate::error::StoreError;
 use crate::wake::WakeSignal;
 
 mod append;
+#[cfg(feature = "nats")]
+mod dead_messages;
 mod errors;
 mod group;
 mod log;
@@ -41,7 +43,10 @@ mod outcomes;
 mod projection_store;
 mod rows;
 mod schema;
+mod views;
 
+#[cfg(feature = "nats")]
+pub use dead_messages::PostgresDeadMessages;
 pub(crate) use errors::{begin_owned, classify, db, pg_error, to_i64};
 use notify::spawn_notifier;
 pub use outbox::PostgresOutbox;

@@ -75,21 +75,6 @@ impl EventAliases {
         names
     }
 
-    /// `filter` with the old names of the event types it asks for added.
-    pub fn widen(&self, filter: crate::port::log::LogFilter) -> crate::port::log::LogFilter {
-        if self.is_empty() || filter.event_type_list().is_empty() {
-            return filter;
-        }
-        let mut types: Vec<String> = filter
-            .event_type_list()
-            .iter()
-            .flat_map(|name| self.names_of(name))
-            .collect();
-        types.sort();
-        types.dedup();
-        filter.with_event_types(types)
-    }
-
     /// Reads `event` under its current name (its type and payload key).
     pub fn apply(&self, event: &mut crate::event::RecordedEvent) {
         if let Some(new) = self.renamed(&event.event_type) {

@@ -5,9 +5,11 @@ use async_trait::async_trait;
 use cqrs_es::{Aggregate, View};
 use sqlx::{PgExecutor, Postgres, Row, Transaction};
 
-use super::{ViewProjection, ViewStore};
+use super::errors::pg_error;
+use super::PostgresStore;
 use crate::error::StoreError;
-use crate::store::postgres::{pg_error, PostgresStore};
+use crate::port::views::ViewStore;
+use crate::view::ViewProjection;
 
 impl<A, V> ViewProjection<A, V>
 where

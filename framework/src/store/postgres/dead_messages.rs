@@ -4,42 +4,13 @@
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 use sqlx::{Postgres, Row, Transaction};
 
-use super::consumer::{DeadMessageStore, ReceivedMessage};
+use super::errors::pg_error;
+use super::PostgresStore;
 use crate::error::StoreError;
 use crate::names::Identifier;
-use crate::store::postgres::pg_error;
-use crate::PostgresStore;
-
-/// A parked message, as [`PostgresDeadMessages::list`] returns it.
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub struct DeadMessage {
-    /// Id of the dead letter.
-    pub id: u64,
-    /// The consumer that parked it.
-    pub consumer: String,
-    /// Its inbox key (see [`ReceivedMessage::message_id`]).
-    pub message_id: String,
-    /// The stream it came from.
-    pub stream: String,
-    /// Its sequence in that stream.
-    pub stream_sequence: u64,
-    /// Its subject.
-    pub subject: String,
-    /// Its headers, each name with its values.
-    pub headers: BTreeMap<String, Vec<String>>,
-    /// Its payload.
-    pub payload: Vec<u8>,
-    /// The delivery on which it was parked.
-    pub deliveries: u64,
-    /// The handler's error with its causes.
-    pub error: String,
-    /// When it was parked.
-    pub parked_at: DateTime<Utc>,
-}
+use crate::port::messages::{DeadMessage, DeadMessageStore, ReceivedMessage};
 
 /// The [`DeadMessageStore`] for [`PostgresStore`]: one row per parked message
 /// in `<events table>_dead_messages` (created by the store's migrations),

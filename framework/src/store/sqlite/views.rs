@@ -4,9 +4,9 @@
 use async_trait::async_trait;
 use sqlx::{Row, Sqlite, Transaction};
 
-use super::ViewStore;
+use super::{db, SqliteStore};
 use crate::error::StoreError;
-use crate::store::sqlite::{db, SqliteStore};
+use crate::port::views::ViewStore;
 
 #[async_trait]
 impl ViewStore for SqliteStore {
