@@ -59,6 +59,23 @@ impl ErrorKind {
             ErrorKind::Data => "data",
         }
     }
+
+    /// The kind [`as_str`](Self::as_str) names, if `name` is one.
+    ///
+    /// ```
+    /// use outflow::ErrorKind;
+    /// assert_eq!(ErrorKind::from_name("infrastructure"), Some(ErrorKind::Infrastructure));
+    /// assert_eq!(ErrorKind::from_name("nonsense"), None);
+    /// ```
+    pub fn from_name(name: &str) -> Option<ErrorKind> {
+        [
+            ErrorKind::Transient,
+            ErrorKind::Infrastructure,
+            ErrorKind::Data,
+        ]
+        .into_iter()
+        .find(|kind| kind.as_str() == name)
+    }
 }
 
 impl fmt::Display for ErrorKind {

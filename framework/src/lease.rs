@@ -18,30 +18,35 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::error::{ConfigError, ErrorKind, StoreError};
-use crate::port::projections::{Checkpoints, Lease, Leases, ProjectionState, UnitId};
+use crate::port::projections::{Checkpoints, Lease, Leases, ProjectionState, UnitError, UnitId};
 
 /// The state last recorded for a leased unit: the store is written only when
 /// the state or its error changes.
 #[derive(Debug, Default)]
 pub(crate) struct RecordedState {
-    current: Option<(ProjectionState, Option<String>)>,
+    current: Option<(ProjectionState, Option<(ErrorKind, String)>)>,
 }
 
 impl RecordedState {
-    /// Records `state` and `error` for `lease`'s unit unless they are what was
-    /// recorded last; a failure is logged and tried again at the next change.
+    /// Records `state` and `error` (its kind and text) for `lease`'s unit
+    /// unless they are what was recorded last; a failure is logged and tried
+    /// again at the next change.
     pub(crate) async fn set<C: Checkpoints>(
         &mut self,
         store: &C,
         lease: &Lease,
         state: ProjectionState,
-        error: Option<String>,
+        error: Option<(ErrorKind, String)>,
     ) {
         let next = (state, error);
         if self.current.as_ref() == Some(&next) {
             return;
         }
-        match store.set_state(lease, next.0, next.1.as_deref()).await {
+        let recorded = next.1.as_ref().map(|(kind, message)| UnitError {
+            kind: *kind,
+            message,
+        });
+        match store.record_state(lease, next.0, recorded).await {
             Ok(()) => self.current = Some(next),
             Err(error) => {
                 tracing::debug!(unit = %lease.unit, error = %crate::error::error_chain(&error), "recording the state failed")

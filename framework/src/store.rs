@@ -20,7 +20,7 @@ pub use crate::port::events::{
 pub use crate::port::projections;
 pub use crate::port::projections::{
     Checkpoints, DeadLetter, DeadLetters, Inbox, Lease, Leases, NewDeadLetter, ProjectionState,
-    ProjectionStore, UnitId, UnitRecord,
+    ProjectionStore, UnitError, UnitId, UnitRecord,
 };
 
 #[cfg(feature = "nats")]

@@ -18,7 +18,7 @@ use outflow::projection::{HandlerError, Projection, ProjectionOptions, RetryPoli
 use outflow::runner::ProjectionRunner;
 use outflow::store::{
     Checkpoints, DeadLetter, DeadLetters, Inbox, Lease, Leases, NewDeadLetter, ProjectionState,
-    UnitId, UnitRecord,
+    UnitError, UnitId, UnitRecord,
 };
 use outflow::{
     AppendRequest, Checkpoint, ErrorKind, EventLog, EventStore, LogFilter, NewEvent, PostgresStore,
@@ -132,6 +132,15 @@ impl Checkpoints for LostAck {
         error: Option<&str>,
     ) -> Result<(), StoreError> {
         self.inner.set_state(lease, state, error).await
+    }
+
+    async fn record_state(
+        &self,
+        lease: &Lease,
+        state: ProjectionState,
+        error: Option<UnitError<'_>>,
+    ) -> Result<(), StoreError> {
+        self.inner.record_state(lease, state, error).await
     }
 
     async fn units(&self, projection: Option<&str>) -> Result<Vec<UnitRecord>, StoreError> {

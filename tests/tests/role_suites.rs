@@ -8,9 +8,12 @@ mod common;
 use std::time::Duration;
 
 use outflow::log::Wake;
-use outflow::store::{DeadLetter, Lease, NewDeadLetter, ProjectionState, UnitId, UnitRecord};
+use outflow::store::{
+    DeadLetter, Lease, NewDeadLetter, ProjectionState, UnitError, UnitId, UnitRecord,
+};
 use outflow::{
-    AppendRequest, Backend, Checkpoint, ConfigError, LogFilter, NewEvent, RecordedEvent, StoreError,
+    AppendRequest, Backend, Checkpoint, ConfigError, ErrorKind, LogFilter, NewEvent, RecordedEvent,
+    StoreError,
 };
 use serde_json::json;
 use uuid::Uuid;
@@ -267,6 +270,40 @@ async fn suite_checkpoints<S: Backend>(store: S) {
         (stopped.state, stopped.last_error.as_deref()),
         (ProjectionState::Stopped, Some("boom"))
     );
+    assert_eq!(stopped.error_kind, None, "recorded without its kind");
+    // With its kind: kept beside the text, fenced by the epoch like the state.
+    let failure = UnitError {
+        kind: ErrorKind::Infrastructure,
+        message: "relation \"x\" does not exist",
+    };
+    store
+        .record_state(&lease, ProjectionState::Stopped, Some(failure))
+        .await
+        .expect("record state");
+    store
+        .record_state(
+            &stale,
+            ProjectionState::Retrying,
+            Some(UnitError {
+                kind: ErrorKind::Transient,
+                message: "stale",
+            }),
+        )
+        .await
+        .expect("record state");
+    let stopped = record(&store, &u0).await;
+    assert_eq!(
+        (
+            stopped.state,
+            stopped.last_error.as_deref(),
+            stopped.error_kind
+        ),
+        (
+            ProjectionState::Stopped,
+            Some("relation \"x\" does not exist"),
+            Some(ErrorKind::Infrastructure)
+        )
+    );
     store.release(&lease, "node-a").await.expect("release");
     assert_eq!(
         claim(&store, &u0, "node-b", ttl).await,
@@ -279,6 +316,7 @@ async fn suite_checkpoints<S: Backend>(store: S) {
         (restarted.state, restarted.last_error, restarted.owner),
         (ProjectionState::Idle, None, None)
     );
+    assert_eq!(restarted.error_kind, None, "a restart clears the kind too");
     let lease = claim(&store, &u0, "node-b", ttl)
         .await
         .expect("a restarted unit is claimed");

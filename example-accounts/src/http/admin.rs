@@ -37,6 +37,7 @@ pub(super) async fn projections<S: AppStore>(
                     "parked": s.parked,
                     "paused": s.paused,
                     "last_error": s.last_error,
+                    "error_kind": s.error_kind.map(|k| k.as_str()),
                     "log_error": s.log_error,
                     "held_back_by": s.held_back_by.map(|h| json!({
                         "pid": h.pid,

@@ -471,7 +471,7 @@ impl<S: OutboxStore> OutboxRelay<S> {
                             self.shared.outbox.store(),
                             &held.lease,
                             ProjectionState::Retrying,
-                            Some(crate::error::error_chain(&error)),
+                            Some((error.kind(), crate::error::error_chain(&error))),
                         )
                         .await;
                     if let Some(exit) = self
@@ -587,7 +587,10 @@ impl<S: OutboxStore> OutboxRelay<S> {
                         self.shared.outbox.store(),
                         &held.lease,
                         ProjectionState::Retrying,
-                        Some(error.chain()),
+                        Some((
+                            error.kind_with(|e| self.shared.outbox.store().classify(e)),
+                            error.chain(),
+                        )),
                     )
                     .await;
                 match self
@@ -633,7 +636,7 @@ impl<S: OutboxStore> OutboxRelay<S> {
                             self.shared.outbox.store(),
                             &held.lease,
                             ProjectionState::Retrying,
-                            Some(crate::error::error_chain(&error)),
+                            Some((error.kind(), crate::error::error_chain(&error))),
                         )
                         .await;
                     if let Some(exit) = self

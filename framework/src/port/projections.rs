@@ -21,7 +21,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::error::{EventRef, StoreError};
+use crate::error::{ErrorKind, EventRef, StoreError};
 use crate::event::{Checkpoint, RecordedEvent};
 use crate::port::events::Transactional;
 use crate::wake::Wakeups;
@@ -129,6 +129,10 @@ pub struct UnitRecord {
     pub paused: bool,
     /// The last error, if the unit is retrying or stopped.
     pub last_error: Option<String>,
+    /// Whose fault the last error is, as the backend classified it when it
+    /// was recorded ([`Checkpoints::record_state`]); `None` without an
+    /// error, or when it was recorded without its kind.
+    pub error_kind: Option<ErrorKind>,
     /// Events handled since the last reset.
     pub processed: u64,
     /// Events to replay, counted when the last rebuild started.
@@ -139,6 +143,16 @@ pub struct UnitRecord {
     /// has any: a wait can tell from it alone that nothing was parked in its
     /// range.
     pub last_parked: Option<Checkpoint>,
+}
+
+/// A unit's last error as [`Checkpoints::record_state`] records it: the
+/// text shown in status, and whose fault it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnitError<'a> {
+    /// Whose fault it is.
+    pub kind: ErrorKind,
+    /// The text shown in status (the error with its causes).
+    pub message: &'a str,
 }
 
 /// An event a projection could not handle, parked for later.
@@ -229,6 +243,24 @@ pub trait Checkpoints: Transactional + Clone {
         state: ProjectionState,
         error: Option<&str>,
     ) -> Result<(), StoreError>;
+
+    /// Records a unit's state and last error together with the error's
+    /// kind, which status and `wait_for` read instead of the text. The
+    /// default records the text alone ([`set_state`](Self::set_state));
+    /// Outflow's backends keep the kind beside it. A store that wraps another
+    /// forwards this method too.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Database`].
+    async fn record_state(
+        &self,
+        lease: &Lease,
+        state: ProjectionState,
+        error: Option<UnitError<'_>>,
+    ) -> Result<(), StoreError> {
+        self.set_state(lease, state, error.map(|e| e.message)).await
+    }
 
     /// The units of one projection, or of all when `projection` is `None`.
     ///

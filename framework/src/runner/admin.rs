@@ -206,6 +206,7 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
                 lag,
                 parked: parked_here,
                 last_error: record.last_error,
+                error_kind: record.error_kind,
                 processed: record.processed,
                 rebuild,
                 held_back_by,

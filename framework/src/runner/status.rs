@@ -42,6 +42,10 @@ pub struct ProjectionStatus {
     /// a new owner (a restarted process, a takeover) clears it, and so does
     /// a batch that succeeds.
     pub last_error: Option<String>,
+    /// Whose fault the last error is (`Infrastructure`: someone must fix
+    /// something; `Transient`: it passes by itself; `Data`: the event's),
+    /// as the backend classified it.
+    pub error_kind: Option<crate::error::ErrorKind>,
     /// Events handled since the last reset.
     pub processed: u64,
     /// Progress of a rebuild, while one is running.

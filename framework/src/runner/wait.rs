@@ -12,13 +12,11 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::ProjectionRunner;
-use crate::error::{EventRef, StoreError};
+use crate::error::{ErrorKind, EventRef, StoreError};
 use crate::event::Checkpoint;
 use crate::port::projections::{
     Checkpoints, DeadLetters, ProjectionState, ProjectionStore, UnitRecord,
 };
-
-use super::worker::is_infrastructure_error;
 
 /// Why [`wait_for`] returned without the projections reaching the position.
 #[derive(Debug, thiserror::Error)]
@@ -235,8 +233,12 @@ fn standing<'a>(
                 ProjectionState::Stopped if stopped.is_none() => {
                     stopped = Some((name, error.clone().unwrap_or_default()));
                 }
-                ProjectionState::Retrying if failing.is_none() && unit.lease_valid => {
-                    if let Some(text) = error.as_deref().filter(|t| is_infrastructure_error(t)) {
+                ProjectionState::Retrying
+                    if failing.is_none()
+                        && unit.lease_valid
+                        && unit.error_kind == Some(ErrorKind::Infrastructure) =>
+                {
+                    if let Some(text) = error.as_deref() {
                         failing = Some((name, unit.checkpoint, text.to_owned()));
                     }
                 }
@@ -547,6 +549,7 @@ mod tests {
             state,
             paused: false,
             last_error: Some("boom".into()),
+            error_kind: None,
             processed: 0,
             rebuild_total: None,
             updated_at: chrono::Utc::now(),
@@ -606,12 +609,14 @@ mod tests {
         // Retrying on a missing table: failing; on a lost connection: behind.
         let mut retrying = unit("a", 1, 1, ProjectionState::Retrying);
         retrying.last_error = Some("infrastructure error: relation \"x\" does not exist".into());
+        retrying.error_kind = Some(ErrorKind::Infrastructure);
         let units_failing = [unit("a", 0, 2, ProjectionState::Live), retrying.clone()];
         assert!(matches!(
             standing(&units_failing, Checkpoint::new(1, 2), &["a"], None),
             Standing::Failing("a", _, _)
         ));
         retrying.last_error = Some("transient error: connection reset".into());
+        retrying.error_kind = Some(ErrorKind::Transient);
         let units_transient = [unit("a", 0, 2, ProjectionState::Live), retrying];
         assert!(matches!(
             standing(&units_transient, Checkpoint::new(1, 2), &["a"], None),
@@ -621,6 +626,7 @@ mod tests {
         // current: the unit is behind, unheld, with no error.
         let mut orphan = unit("a", 1, 1, ProjectionState::Retrying);
         orphan.last_error = Some("infrastructure error: relation \"x\" does not exist".into());
+        orphan.error_kind = Some(ErrorKind::Infrastructure);
         orphan.lease_valid = false;
         orphan.owner = None;
         let units_orphaned = [unit("a", 0, 2, ProjectionState::Live), orphan];

@@ -85,12 +85,6 @@ fn failing(kind: ErrorKind, chain: &str) -> String {
     format!("{kind} error: {chain}")
 }
 
-/// Whether a unit's status text says it retries on an infrastructure error
-/// (see [`failing`]).
-pub(super) fn is_infrastructure_error(status_text: &str) -> bool {
-    status_text.starts_with("infrastructure error: ")
-}
-
 /// Runs one owned unit until it is stopped, loses its claim or fails for good.
 pub(super) struct UnitWorker<S: ProjectionStore> {
     shared: Arc<Shared<S>>,
@@ -215,7 +209,7 @@ impl<S: ProjectionStore> UnitWorker<S> {
                 }
                 Err(error) => {
                     let message = failing(error.kind(), &error_chain(&error));
-                    self.set_state(ProjectionState::Retrying, Some(message))
+                    self.set_state(ProjectionState::Retrying, Some((error.kind(), message)))
                         .await;
                     tracing::warn!(kind = %error.kind(), error = %error_chain(&error), "reading the log failed");
                     if !read_failures.wait(&self.stop).await {
@@ -247,7 +241,8 @@ impl<S: ProjectionStore> UnitWorker<S> {
                         Ok(Outcome::Stopped) => return false,
                         Err(error) => {
                             tracing::warn!(error = %error.chain(), "moving an idle checkpoint failed");
-                            self.set_state(ProjectionState::Retrying, Some(error.chain()))
+                            let kind = error.kind_with(|e| self.shared.store.classify(e));
+                            self.set_state(ProjectionState::Retrying, Some((kind, error.chain())))
                                 .await;
                             if !read_failures.wait(&self.stop).await {
                                 return false;
@@ -379,7 +374,7 @@ impl<S: ProjectionStore> UnitWorker<S> {
                 if environment.failures() == 0 || kind == ErrorKind::Infrastructure {
                     tracing::warn!(kind = %kind, error = %error.chain(), "batch failed; retrying");
                 }
-                self.set_state(ProjectionState::Retrying, Some(message))
+                self.set_state(ProjectionState::Retrying, Some((kind, message)))
                     .await;
                 if !environment.wait(&self.stop).await {
                     return Outcome::Stopped;
@@ -395,7 +390,7 @@ impl<S: ProjectionStore> UnitWorker<S> {
                 "batch failed"
             );
             if attempts < retry.max_attempts.max(1) {
-                self.set_state(ProjectionState::Retrying, Some(error.chain()))
+                self.set_state(ProjectionState::Retrying, Some((kind, error.chain())))
                     .await;
                 let delay = retry.backoff(attempts);
                 if !self.sleep(delay).await {
@@ -445,7 +440,7 @@ impl<S: ProjectionStore> UnitWorker<S> {
                 OnError::Stop => {
                     let message = format!("{}: {}", event.event_ref(), error.chain());
                     tracing::error!(event = %event.event_ref(), error = %error.chain(), "projection stopped");
-                    self.set_state(ProjectionState::Stopped, Some(message))
+                    self.set_state(ProjectionState::Stopped, Some((kind, message)))
                         .await;
                     Outcome::Stopped
                 }
@@ -469,8 +464,11 @@ impl<S: ProjectionStore> UnitWorker<S> {
         let at = Checkpoint::new(*transaction_id, event.position.unwrap_or_default());
         if at <= from {
             // Not after the checkpoint: nothing this unit can skip.
-            self.set_state(ProjectionState::Retrying, Some(error_chain(&error)))
-                .await;
+            self.set_state(
+                ProjectionState::Retrying,
+                Some((error.kind(), error_chain(&error))),
+            )
+            .await;
             return if self.sleep(Duration::from_secs(1)).await {
                 Outcome::Moved(from)
             } else {
@@ -508,7 +506,7 @@ impl<S: ProjectionStore> UnitWorker<S> {
             }
             OnError::Stop => {
                 tracing::error!(event = %event, error = %message, "projection stopped: a stored event does not decode");
-                self.set_state(ProjectionState::Stopped, Some(message))
+                self.set_state(ProjectionState::Stopped, Some((error.kind(), message)))
                     .await;
                 Outcome::Stopped
             }
@@ -621,8 +619,11 @@ impl<S: ProjectionStore> UnitWorker<S> {
                     return outcome;
                 }
                 Err(store_error) => {
-                    self.set_state(ProjectionState::Retrying, Some(error_chain(&store_error)))
-                        .await;
+                    self.set_state(
+                        ProjectionState::Retrying,
+                        Some((store_error.kind(), error_chain(&store_error))),
+                    )
+                    .await;
                     if !failures.wait(&self.stop).await {
                         return Outcome::Stopped;
                     }
@@ -631,7 +632,7 @@ impl<S: ProjectionStore> UnitWorker<S> {
         }
     }
 
-    async fn set_state(&mut self, state: ProjectionState, error: Option<String>) {
+    async fn set_state(&mut self, state: ProjectionState, error: Option<(ErrorKind, String)>) {
         self.state
             .set(&self.shared.store, &self.lease, state, error)
             .await;

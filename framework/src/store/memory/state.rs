@@ -94,7 +94,8 @@ pub(super) struct Unit {
     pub(super) epoch: u64,
     pub(super) state: ProjectionState,
     pub(super) paused: bool,
-    pub(super) last_error: Option<String>,
+    /// The last error's text and kind.
+    pub(super) last_error: Option<(String, Option<crate::error::ErrorKind>)>,
     pub(super) processed: u64,
     pub(super) rebuild_total: Option<u64>,
     pub(super) updated_at: DateTime<Utc>,

@@ -5,9 +5,12 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use chrono::Utc;
 
+use crate::error::ErrorKind;
 use crate::error::{ConfigError, StoreError};
 use crate::event::Checkpoint;
-use crate::port::projections::{Checkpoints, Lease, Leases, ProjectionState, UnitId, UnitRecord};
+use crate::port::projections::{
+    Checkpoints, Lease, Leases, ProjectionState, UnitError, UnitId, UnitRecord,
+};
 use crate::wake::Wakeups;
 
 use super::state::*;
@@ -84,14 +87,21 @@ impl Checkpoints for MemoryStore {
         new_state: ProjectionState,
         error: Option<&str>,
     ) -> Result<(), StoreError> {
-        let mut state = self.state();
-        if let Some(u) = state.units.get_mut(&lease.unit) {
-            if u.epoch == lease.epoch {
-                u.state = new_state;
-                u.last_error = error.map(str::to_owned);
-                u.updated_at = Utc::now();
-            }
-        }
+        self.write_state(lease, new_state, error.map(|e| (e.to_owned(), None)));
+        Ok(())
+    }
+
+    async fn record_state(
+        &self,
+        lease: &Lease,
+        new_state: ProjectionState,
+        error: Option<UnitError<'_>>,
+    ) -> Result<(), StoreError> {
+        self.write_state(
+            lease,
+            new_state,
+            error.map(|e| (e.message.to_owned(), Some(e.kind))),
+        );
         Ok(())
     }
 
@@ -111,7 +121,8 @@ impl Checkpoints for MemoryStore {
                 epoch: u.epoch,
                 state: u.state,
                 paused: u.paused,
-                last_error: u.last_error.clone(),
+                last_error: u.last_error.as_ref().map(|(text, _)| text.clone()),
+                error_kind: u.last_error.as_ref().and_then(|(_, kind)| *kind),
                 processed: u.processed,
                 rebuild_total: u.rebuild_total,
                 updated_at: u.updated_at,
@@ -275,5 +286,25 @@ impl Leases for MemoryStore {
             }
         }
         Ok(())
+    }
+}
+
+impl MemoryStore {
+    /// Records a unit's state and last error while `lease`'s epoch is
+    /// current.
+    fn write_state(
+        &self,
+        lease: &Lease,
+        new_state: ProjectionState,
+        error: Option<(String, Option<ErrorKind>)>,
+    ) {
+        let mut state = self.state();
+        if let Some(u) = state.units.get_mut(&lease.unit) {
+            if u.epoch == lease.epoch {
+                u.state = new_state;
+                u.last_error = error;
+                u.updated_at = Utc::now();
+            }
+        }
     }
 }

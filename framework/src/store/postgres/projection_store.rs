@@ -15,7 +15,7 @@ use crate::event::{AppendRequest, Checkpoint, RecordedEvent};
 use crate::port::events::{AppendInTransaction, Transactional};
 use crate::port::projections::{
     Checkpoints, DeadLetter, DeadLetters, Inbox, Lease, Leases, NewDeadLetter, ProjectionState,
-    UnitId, UnitRecord,
+    UnitError, UnitId, UnitRecord,
 };
 use crate::wake::Wakeups;
 
@@ -269,16 +269,18 @@ impl Checkpoints for PostgresStore {
         state: ProjectionState,
         error: Option<&str>,
     ) -> Result<(), StoreError> {
-        sqlx::query(&self.inner.projection_sql.set_state)
-            .bind(&lease.unit.projection)
-            .bind(lease.unit.partition as i32)
-            .bind(to_i64(lease.epoch))
-            .bind(state.as_str())
-            .bind(error)
-            .execute(&self.inner.pool)
+        self.write_state(lease, state, error, None).await
+    }
+
+    async fn record_state(
+        &self,
+        lease: &Lease,
+        state: ProjectionState,
+        error: Option<UnitError<'_>>,
+    ) -> Result<(), StoreError> {
+        let kind = error.map(|e| e.kind);
+        self.write_state(lease, state, error.map(|e| e.message), kind)
             .await
-            .map_err(db("recording a projection's state"))?;
-        Ok(())
     }
 
     async fn units(&self, projection: Option<&str>) -> Result<Vec<UnitRecord>, StoreError> {
@@ -324,6 +326,10 @@ impl Checkpoints for PostgresStore {
                     state: ProjectionState::parse(&state).unwrap_or(ProjectionState::Idle),
                     paused: row.try_get("paused").map_err(get)?,
                     last_error: row.try_get("last_error").map_err(get)?,
+                    error_kind: row
+                        .try_get::<Option<&str>, _>("error_kind")
+                        .map_err(get)?
+                        .and_then(ErrorKind::from_name),
                     processed: u64_column(row, "processed", table)?,
                     rebuild_total: rebuild_total.and_then(|n| u64::try_from(n).ok()),
                     updated_at: row.try_get("updated_at").map_err(get)?,
@@ -556,6 +562,30 @@ impl Inbox for PostgresStore {
             .map_err(db("recording a message in the inbox"))?
             .rows_affected();
         Ok(inserted == 1)
+    }
+}
+
+impl PostgresStore {
+    /// Records a unit's state, last error and its kind while `lease`'s epoch
+    /// is current.
+    async fn write_state(
+        &self,
+        lease: &Lease,
+        state: ProjectionState,
+        error: Option<&str>,
+        kind: Option<ErrorKind>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(&self.inner.projection_sql.set_state)
+            .bind(&lease.unit.projection)
+            .bind(lease.unit.partition as i32)
+            .bind(to_i64(lease.epoch))
+            .bind(state.as_str())
+            .bind(error)
+            .bind(kind.map(ErrorKind::as_str))
+            .execute(&self.inner.pool)
+            .await
+            .map_err(db("recording a projection's state"))?;
+        Ok(())
     }
 }
 

@@ -38,6 +38,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "remembered command outcomes",
         include_str!("migrations/006_outcomes.sql"),
     ),
+    (
+        7,
+        "the kind of a unit's last error",
+        include_str!("migrations/007_error_kinds.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serializes concurrent migrations.

@@ -30,7 +30,7 @@ use crate::event::{AppendRequest, Checkpoint, RecordedEvent};
 use crate::port::events::{AppendInTransaction, Transactional};
 use crate::port::projections::{
     Checkpoints, DeadLetter, DeadLetters, Inbox, Lease, Leases, NewDeadLetter, ProjectionState,
-    UnitId, UnitRecord,
+    UnitError, UnitId, UnitRecord,
 };
 use crate::wake::Wakeups;
 
@@ -166,6 +166,10 @@ fn unit_record_from_row(row: &SqliteRow, table: &str) -> Result<UnitRecord, Stor
         state: ProjectionState::parse(&state).unwrap_or(ProjectionState::Idle),
         paused: flag_column(row, "paused", OPERATION)?,
         last_error: row.try_get("last_error").map_err(get())?,
+        error_kind: row
+            .try_get::<Option<&str>, _>("error_kind")
+            .map_err(get())?
+            .and_then(ErrorKind::from_name),
         processed: u64_column(row, "processed", table)?,
         rebuild_total,
         updated_at: time_column(&updated_at, table)?,
@@ -345,17 +349,18 @@ impl Checkpoints for SqliteStore {
         state: ProjectionState,
         error: Option<&str>,
     ) -> Result<(), StoreError> {
-        sqlx::query(&self.inner.queries.set_state)
-            .bind(&lease.unit.projection)
-            .bind(i64::from(lease.unit.partition))
-            .bind(to_i64(lease.epoch))
-            .bind(state.as_str())
-            .bind(error)
-            .bind(time_text(Utc::now()))
-            .execute(&self.inner.writer)
+        self.write_state(lease, state, error, None).await
+    }
+
+    async fn record_state(
+        &self,
+        lease: &Lease,
+        state: ProjectionState,
+        error: Option<UnitError<'_>>,
+    ) -> Result<(), StoreError> {
+        let kind = error.map(|e| e.kind);
+        self.write_state(lease, state, error.map(|e| e.message), kind)
             .await
-            .map_err(db("recording a projection's state"))?;
-        Ok(())
     }
 
     async fn units(&self, projection: Option<&str>) -> Result<Vec<UnitRecord>, StoreError> {
@@ -664,5 +669,30 @@ impl Inbox for SqliteStore {
             .map_err(db("recording a message in the inbox"))?
             .rows_affected();
         Ok(inserted == 1)
+    }
+}
+
+impl SqliteStore {
+    /// Records a unit's state, last error and its kind while `lease`'s epoch
+    /// is current.
+    async fn write_state(
+        &self,
+        lease: &Lease,
+        state: ProjectionState,
+        error: Option<&str>,
+        kind: Option<ErrorKind>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(&self.inner.queries.set_state)
+            .bind(&lease.unit.projection)
+            .bind(i64::from(lease.unit.partition))
+            .bind(to_i64(lease.epoch))
+            .bind(state.as_str())
+            .bind(error)
+            .bind(time_text(Utc::now()))
+            .bind(kind.map(ErrorKind::as_str))
+            .execute(&self.inner.writer)
+            .await
+            .map_err(db("recording a projection's state"))?;
+        Ok(())
     }
 }

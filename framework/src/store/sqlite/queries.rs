@@ -104,6 +104,10 @@ const CLAIM: &str = "UPDATE {projections} AS p \
              SELECT 1 FROM {leases} l \
               WHERE l.projection = p.projection AND l.partition = p.partition \
                 AND l.owner = ?3 AND l.lease_until > ?4) THEN p.last_error ELSE NULL END, \
+         error_kind = CASE WHEN EXISTS ( \
+             SELECT 1 FROM {leases} l \
+              WHERE l.projection = p.projection AND l.partition = p.partition \
+                AND l.owner = ?3 AND l.lease_until > ?4) THEN p.error_kind ELSE NULL END, \
          updated_at = ?5 \
      WHERE p.projection = ?1 AND p.partition = ?2 AND p.state <> 'stopped' \
        AND NOT EXISTS ( \
@@ -161,16 +165,16 @@ const SAVE_CHECKPOINT: &str = "UPDATE {projections} \
 /// already in that state is left alone (its `updated_at` keeps when the state
 /// began).
 const SET_STATE: &str = "UPDATE {projections} \
-     SET state = ?4, last_error = ?5, updated_at = ?6 \
+     SET state = ?4, last_error = ?5, updated_at = ?6, error_kind = ?7 \
      WHERE projection = ?1 AND partition = ?2 AND epoch = ?3 \
-       AND (state IS NOT ?4 OR last_error IS NOT ?5)";
+       AND (state IS NOT ?4 OR last_error IS NOT ?5 OR error_kind IS NOT ?7)";
 
 /// The units of projection `?1` (all when `NULL`), with their leases as seen
 /// at `?2` (unix milliseconds).
 const UNITS: &str = "SELECT p.projection, p.partition, p.partitions, p.transaction_id, \
             p.position, l.owner, \
             COALESCE(l.owner IS NOT NULL AND l.lease_until >= ?2, 0) AS lease_valid, \
-            p.epoch, p.state, p.paused, p.last_error, p.processed, p.rebuild_total, \
+            p.epoch, p.state, p.paused, p.last_error, p.error_kind, p.processed, p.rebuild_total, \
             p.updated_at, \
             (SELECT d.transaction_id FROM {dead_letters} d \
               WHERE d.projection = p.projection AND d.partition = p.partition \
@@ -187,7 +191,8 @@ const UNITS: &str = "SELECT p.projection, p.partition, p.partitions, p.transacti
 /// new epoch, for a rebuild of `?2` events.
 const RESET: &str = "UPDATE {projections} \
      SET transaction_id = 0, position = 0, epoch = epoch + 1, processed = 0, \
-         rebuild_total = ?2, state = 'catching_up', last_error = NULL, updated_at = ?3 \
+         rebuild_total = ?2, state = 'catching_up', last_error = NULL, error_kind = NULL, \
+         updated_at = ?3 \
      WHERE projection = ?1";
 
 /// Pauses (`?2` = 1) or resumes (`?2` = 0) every unit of projection `?1`.
@@ -203,7 +208,7 @@ const RESTART_LEASES: &str = "UPDATE {leases} SET owner = NULL, lease_until = NU
 
 /// Makes projection `?1`'s stopped units claimable again.
 const RESTART: &str = "UPDATE {projections} \
-     SET state = 'idle', last_error = NULL, updated_at = ?2 \
+     SET state = 'idle', last_error = NULL, error_kind = NULL, updated_at = ?2 \
      WHERE projection = ?1 AND state = 'stopped'";
 
 /// Parks an event: the unit, the event's identity and place, the error,

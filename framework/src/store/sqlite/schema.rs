@@ -73,7 +73,15 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "initial schema", INITIAL),
     (2, "remembered command outcomes", OUTCOMES),
     (3, "transactional outbox", OUTBOX),
+    (4, "the kind of a unit's last error", ERROR_KINDS),
 ];
+
+/// Whose fault a unit's last error is (`transient`, `infrastructure`,
+/// `data`), kept beside its text so that status and waits read the kind
+/// instead of parsing the message.
+const ERROR_KINDS: &str = r#"
+ALTER TABLE {projections} ADD COLUMN error_kind TEXT;
+"#;
 
 /// The transactional outbox: messages enqueued in the application's own
 /// transactions, delivered by a relay in id order. SQLite runs one write

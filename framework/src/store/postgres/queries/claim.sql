@@ -18,6 +18,7 @@ WITH unit AS (
     UPDATE {projections} AS p
        SET epoch = CASE WHEN u.held THEN p.epoch ELSE p.epoch + 1 END,
            last_error = CASE WHEN u.held THEN p.last_error ELSE NULL END,
+           error_kind = CASE WHEN u.held THEN p.error_kind ELSE NULL END,
            updated_at = now()
       FROM unit u
      WHERE p.projection = u.projection AND p.partition = u.partition

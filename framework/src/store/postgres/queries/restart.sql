@@ -1,6 +1,6 @@
 WITH restarted AS (
     UPDATE {projections} AS p
-       SET state = 'idle', last_error = NULL, updated_at = now()
+       SET state = 'idle', last_error = NULL, error_kind = NULL, updated_at = now()
      WHERE p.projection = $1 AND p.state = 'stopped'
     RETURNING p.projection, p.partition
 )
