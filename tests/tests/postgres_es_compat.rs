@@ -528,10 +528,10 @@ async fn migrating_twice_changes_nothing() {
             })
             .collect();
     // One row per migration (events log, projection tables, outbox, dead
-    // messages, leases, command outcomes), each once.
+    // messages, leases, command outcomes, error kinds), each once.
     assert_eq!(
         ledger,
-        (1..=6)
+        (1..=7)
             .map(|v| ("events".to_owned(), v))
             .collect::<Vec<_>>()
     );
