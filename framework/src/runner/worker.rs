@@ -23,10 +23,11 @@ use crate::backoff::Backoff;
 use crate::error::{error_chain, ErrorKind, HandlerError, StoreError};
 use crate::event::{Checkpoint, RecordedEvent};
 use crate::lease::RecordedState;
-use crate::port::log::LogWindow;
+
 use crate::port::projections::{Lease, NewDeadLetter, ProjectionState, ProjectionStore, UnitId};
 use crate::projection::OnError;
-use crate::wake::{Recheck, Wakeups};
+
+mod read_loop;
 
 /// How a batch ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,24 +60,6 @@ pub(crate) fn whole_transactions(events: &mut Vec<RecordedEvent>, batch_size: us
         }
     }
     false
-}
-
-/// The next window of the log, being read while a batch commits; the read
-/// is abandoned when the window is not wanted after all.
-struct Prefetch {
-    /// Where the read starts: the batch's target.
-    from: Checkpoint,
-    task: Option<PrefetchTask>,
-}
-
-type PrefetchTask = tokio::task::JoinHandle<Result<LogWindow, StoreError>>;
-
-impl Drop for Prefetch {
-    fn drop(&mut self) {
-        if let Some(task) = &self.task {
-            task.abort();
-        }
-    }
 }
 
 /// The status text of a unit retrying on an error that is not the event's
@@ -133,219 +116,6 @@ impl<S: ProjectionStore> UnitWorker<S> {
             tracing::warn!(%unit, error = %crate::error::error_chain(&error), "releasing failed (the lease will expire)");
         }
         unit
-    }
-
-    /// Returns `true` when the claim was lost (nothing to release).
-    async fn run_loop(&mut self) -> bool {
-        let log = self.shared.log.clone();
-        let filter = self
-            .registered
-            .filter_for(self.lease.unit.partition, self.registered.partitions);
-        let mut checkpoint = self.lease.checkpoint;
-        let mut wakeups = log.wakeups();
-        let mut read_failures = Backoff::from_policy(&self.registered.retry);
-        let mut recheck = Recheck::new(Duration::from_millis(1));
-        let batch_size = self.registered.batch_size;
-        let mut prefetched: Option<Prefetch> = None;
-        loop {
-            if self.stop.is_cancelled() {
-                return false;
-            }
-            if *self.paused.borrow() {
-                self.set_state(ProjectionState::Paused, None).await;
-                tokio::select! {
-                    _ = self.stop.cancelled() => return false,
-                    // Paused: nothing to drain.
-                    _ = self.draining.cancelled() => return false,
-                    _ = self.paused.changed() => {}
-                }
-                continue;
-            }
-            let read = async {
-                // While catching up, the next window was read during the
-                // last batch's transaction.
-                if let Some(mut prefetch) = prefetched.take() {
-                    // (A window from elsewhere is aborted when dropped.)
-                    if prefetch.from == checkpoint {
-                        if let Some(Ok(read)) = match prefetch.task.take() {
-                            Some(task) => Some(task.await),
-                            None => None,
-                        } {
-                            return read;
-                        }
-                    }
-                }
-                log.read_window(checkpoint, &filter, batch_size + 1).await
-            };
-            let window = match read.await {
-                Ok(read) => {
-                    read_failures.reset();
-                    read
-                }
-                Err(StoreError::Undecodable {
-                    event,
-                    event_id,
-                    transaction_id,
-                    what,
-                    source,
-                }) => {
-                    // A stored row that does not decode is a poison event:
-                    // the read stopped right before it, so it is the next
-                    // wanted event.
-                    let error = StoreError::Undecodable {
-                        event,
-                        event_id,
-                        transaction_id,
-                        what,
-                        source,
-                    };
-                    match self.undecodable(error, checkpoint).await {
-                        Outcome::Committed => {}
-                        Outcome::Moved(at) => checkpoint = at,
-                        Outcome::Lost => return true,
-                        Outcome::Stopped => return false,
-                    }
-                    continue;
-                }
-                Err(error) => {
-                    let message = failing(error.kind(), &error_chain(&error));
-                    self.set_state(ProjectionState::Retrying, Some((error.kind(), message)))
-                        .await;
-                    tracing::warn!(kind = %error.kind(), error = %error_chain(&error), "reading the log failed");
-                    if !read_failures.wait(&self.stop).await {
-                        return false;
-                    }
-                    continue;
-                }
-            };
-            let LogWindow {
-                head,
-                mut events,
-                complete,
-                held_back,
-                ..
-            } = window;
-            if !self.shared.aliases.is_empty() {
-                for event in &mut events {
-                    self.shared.aliases.apply(event);
-                }
-            }
-            if events.is_empty() {
-                if head > checkpoint && complete {
-                    // Nothing wanted up to the head: move past it, so that
-                    // `wait_for` sees this projection reach positions it skips.
-                    match self.commit(&[], checkpoint, head).await {
-                        Ok(Outcome::Committed) => checkpoint = head,
-                        Ok(Outcome::Moved(at)) => checkpoint = at,
-                        Ok(Outcome::Lost) => return true,
-                        Ok(Outcome::Stopped) => return false,
-                        Err(error) => {
-                            tracing::warn!(error = %error.chain(), "moving an idle checkpoint failed");
-                            let kind = error.kind_with(|e| self.shared.store.classify(e));
-                            self.set_state(ProjectionState::Retrying, Some((kind, error.chain())))
-                                .await;
-                            if !read_failures.wait(&self.stop).await {
-                                return false;
-                            }
-                            continue;
-                        }
-                    }
-                }
-                self.set_state(ProjectionState::Live, None).await;
-                if self.draining.is_cancelled() {
-                    // Read to the head, nothing left: drained.
-                    return false;
-                }
-                if held_back {
-                    recheck.held_back();
-                } else {
-                    recheck.found();
-                }
-                if !self.idle(&mut recheck, &mut wakeups).await {
-                    return false;
-                }
-                continue;
-            }
-            recheck.found();
-            // Caught up when the window holds everything wanted up to the
-            // head (a short read, not cut by a row that does not decode)
-            // and the batch keeps all of it.
-            let caught_up = whole_transactions(&mut events, batch_size) && complete;
-            let last = events.last().map_or(checkpoint, RecordedEvent::checkpoint);
-            let target = if caught_up { last.max(head) } else { last };
-            // The state goes with the first batch, before its commit: a
-            // reader that sees the batch's effect sees the state too.
-            let state = if caught_up {
-                ProjectionState::Live
-            } else {
-                ProjectionState::CatchingUp
-            };
-            self.set_state(state, None).await;
-            if !caught_up {
-                // Read the next window while this batch is handled and
-                // committed: reading and writing overlap.
-                let (log, filter) = (log.clone(), filter.clone());
-                prefetched = Some(Prefetch {
-                    from: target,
-                    task: Some(tokio::spawn(async move {
-                        log.read_window(target, &filter, batch_size + 1).await
-                    })),
-                });
-            }
-            let batch = tracing::info_span!(
-                "batch",
-                events = events.len(),
-                from = %checkpoint,
-                to = %target
-            );
-            match self
-                .process(&events, checkpoint, target, true)
-                .instrument(batch)
-                .await
-            {
-                Outcome::Committed => {
-                    checkpoint = target;
-                    // Positions between the head and the checkpoint: a cheap
-                    // bound on the lag (`status` counts the wanted events).
-                    metrics::gauge!(
-                        "outflow_projection_lag_positions",
-                        "projection" => self.registered.name.clone()
-                    )
-                    .set(head.position.saturating_sub(target.position) as f64);
-                    if caught_up {
-                        // Everything readable was handled: what comes next
-                        // is signalled (or held back, then looked for soon),
-                        // so wait instead of reading an empty window.
-                        // (A retry on the way said so in status: live
-                        // again; no write when it is already.)
-                        self.set_state(ProjectionState::Live, None).await;
-                        if held_back {
-                            recheck.held_back();
-                        }
-                        if !self.idle(&mut recheck, &mut wakeups).await {
-                            return false;
-                        }
-                    }
-                }
-                Outcome::Moved(at) => checkpoint = at,
-                Outcome::Lost => return true,
-                Outcome::Stopped => return false,
-            }
-        }
-    }
-
-    /// Waits until it is time to read again; `false` when stopped. A drain
-    /// starting reads once more (then stops when nothing is left).
-    async fn idle(&mut self, recheck: &mut Recheck, wakeups: &mut Wakeups) -> bool {
-        if self.draining.is_cancelled() {
-            return true;
-        }
-        tokio::select! {
-            _ = self.stop.cancelled() => false,
-            _ = self.draining.cancelled() => true,
-            _ = recheck.idle(wakeups) => true,
-            _ = self.paused.changed() => true,
-        }
     }
 
     /// Applies a batch with the retry policy; splits a failing batch to find
