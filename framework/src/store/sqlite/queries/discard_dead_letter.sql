@@ -1,0 +1,4 @@
+-- Deletes a dead letter for good.
+DELETE
+FROM {dead_letters}
+WHERE id = ?1
