@@ -14,16 +14,9 @@ use crate::event::{decode_window, parse_stored, Checkpoint, RecordedEvent};
 use crate::port::log::{EventLog, LogFilter};
 use crate::wake::Wakeups;
 
-/// A window of the log as one JSON array of rows, built inside SQLite:
-/// one value crosses to Rust instead of a row per event, which is most of
-/// the cost of reading. Payload and metadata stay JSON text (strings in the
-/// array), so a row that does not decode is still found and named alone.
-const READ_LOG: &str = "SELECT json_group_array(json_array(e.position, e.transaction_id, \
-        e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, e.event_version, \
-        e.payload, e.metadata, hex(e.event_id), e.recorded_at, hex(e.correlation_id), \
-        hex(e.causation_id))) \
-       FROM (SELECT * FROM {events} e WHERE e.position > ?1 {filter} \
-             ORDER BY e.position LIMIT ?2) e";
+/// A window of the log as one JSON array of rows (see the statement's
+/// comment for why).
+const READ_LOG: &str = include_str!("queries/read_log.sql");
 
 /// One row of [`READ_LOG`]'s array.
 type WindowRow = (
@@ -41,10 +34,8 @@ type WindowRow = (
     Option<String>,
     Option<String>,
 );
-const COUNT: &str = "SELECT count(*) FROM (SELECT 1 FROM {events} e \
-     WHERE e.position > ?1 AND e.position <= ?2 {filter} LIMIT ?3)";
-const FIRST_PENDING: &str = "SELECT e.recorded_at FROM {events} e WHERE e.position > ?1 {filter} \
-     ORDER BY e.position LIMIT 1";
+const COUNT: &str = include_str!("queries/count_events.sql");
+const FIRST_PENDING: &str = include_str!("queries/first_pending.sql");
 
 /// A value bound for a [`filter_sql`] clause.
 enum Bind {
