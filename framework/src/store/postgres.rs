@@ -19,7 +19,6 @@
 //! letters, inbox), `rows` (decoding) and `errors` (classification). Every
 //! query is a `.sql` file under `queries/` or `migrations/`.
 
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -87,8 +86,7 @@ struct Inner {
     projection_sql: projection_store::Queries,
     /// Appends made inside callers' transactions, and how many of them a
     /// commit has woken readers for.
-    appends_in_transactions: AtomicU64,
-    appends_woken: AtomicU64,
+    append_wakes: crate::store::sql::wakes::AppendWakes,
     listener_started: OnceLock<()>,
     /// Appends in flight and those waiting to go as a group.
     group: group::Group,
@@ -290,8 +288,7 @@ impl PostgresStoreBuilder {
                 notify,
                 notify_checkpoints,
                 projection_sql,
-                appends_in_transactions: AtomicU64::new(0),
-                appends_woken: AtomicU64::new(0),
+                append_wakes: Default::default(),
                 listener_started: OnceLock::new(),
                 group: group::Group::default(),
                 instance,

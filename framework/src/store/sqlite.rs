@@ -34,7 +34,6 @@
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -116,8 +115,7 @@ struct Inner {
     poll_interval: Duration,
     /// Appends made inside callers' transactions, and how many of them a
     /// commit has woken readers for.
-    appends_in_transactions: AtomicU64,
-    appends_woken: AtomicU64,
+    append_wakes: crate::store::sql::wakes::AppendWakes,
 }
 
 /// Builds a [`SqliteStore`].
@@ -257,8 +255,7 @@ impl SqliteStoreBuilder {
                 wake: WakeSignal::new(),
                 checkpoint_wake: WakeSignal::new(),
                 poll_interval: self.poll_interval,
-                appends_in_transactions: AtomicU64::new(0),
-                appends_woken: AtomicU64::new(0),
+                append_wakes: Default::default(),
             }),
         })
     }

@@ -13,11 +13,7 @@ pub(crate) fn pg_error(operation: &'static str, error: sqlx::Error) -> StoreErro
     StoreError::database(operation, classify(&error), error)
 }
 
-/// Values above `i64::MAX` are clamped: PostgreSQL's `bigint` cannot hold them,
-/// and callers validate sequences before they get here.
-pub(crate) fn to_i64(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
-}
+pub(crate) use crate::store::sql::to_i64;
 
 /// Whose fault a sqlx error is, from its kind and SQLSTATE class.
 ///

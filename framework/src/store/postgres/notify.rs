@@ -3,7 +3,6 @@
 //! transaction; a `LISTEN` session per store wakes this node's readers on
 //! others' notifications.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,12 +14,10 @@ use super::PostgresStore;
 use crate::backoff::Backoff;
 
 impl PostgresStore {
-    /// Counts an append made inside a caller's transaction, for
-    /// [`appends_committed`](Self::appends_committed).
+    /// Counts an append made inside a caller's transaction (see
+    /// [`AppendWakes`](crate::store::sql::wakes::AppendWakes)).
     pub(super) fn appended_in_transaction(&self) {
-        self.inner
-            .appends_in_transactions
-            .fetch_add(1, Ordering::AcqRel);
+        self.inner.append_wakes.appended();
     }
 
     /// After a commit: wakes readers when appends were made in transactions
@@ -29,8 +26,7 @@ impl PostgresStore {
     /// (another transaction's commit) is followed by the readers' quick
     /// re-checks, so none is lost.
     pub(super) fn appends_committed(&self) {
-        let appended = self.inner.appends_in_transactions.load(Ordering::Acquire);
-        if self.inner.appends_woken.swap(appended, Ordering::AcqRel) != appended {
+        if self.inner.append_wakes.committed() {
             self.signal_commit();
         }
     }

@@ -11,8 +11,7 @@ use sqlx::{Postgres, Row, Transaction};
 use super::errors::undefined_table;
 use super::{classify, db, pg_error, to_i64, txid_column, u64_column, Names, PostgresStore};
 use crate::error::{ConfigError, ErrorKind, EventRef, StoreError};
-use crate::event::{AppendRequest, Checkpoint, RecordedEvent};
-use crate::port::events::{AppendInTransaction, Transactional};
+use crate::event::Checkpoint;
 use crate::port::projections::{
     Checkpoints, DeadLetter, DeadLetters, Inbox, Lease, Leases, NewDeadLetter, ProjectionState,
     UnitError, UnitId, UnitRecord,
@@ -146,60 +145,13 @@ impl PostgresStore {
     }
 }
 
-#[async_trait]
-impl Transactional for PostgresStore {
-    type Transaction = Transaction<'static, Postgres>;
-
-    async fn begin(&self) -> Result<Self::Transaction, StoreError> {
-        super::errors::begin_owned(&self.inner.pool)
-            .await
-            .map_err(db("starting a transaction"))
-    }
-
-    async fn commit(&self, tx: Self::Transaction) -> Result<(), StoreError> {
-        tx.commit().await.map_err(db("committing a transaction"))?;
-        self.appends_committed();
-        Ok(())
-    }
-
-    fn classify(&self, error: &(dyn std::error::Error + 'static)) -> Option<ErrorKind> {
-        error.downcast_ref::<sqlx::Error>().map(classify)
-    }
-}
-
-#[async_trait]
-impl AppendInTransaction for PostgresStore {
-    /// Appends inside the caller's transaction, so the events commit or
-    /// roll back with the caller's own writes; commit with
-    /// [`Transactional::commit`] so log readers look at once.
-    ///
-    /// If the transaction wrote before appending and another transaction
-    /// appended to the same stream and committed in between, the append
-    /// fails with [`StoreError::StaleTransaction`]: retry the whole
-    /// transaction.
-    async fn append_in(
-        &self,
-        tx: &mut Self::Transaction,
-        request: AppendRequest,
-    ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let written = self.append_on(tx, request).await?;
-        if !written.is_empty() {
-            self.appended_in_transaction();
-        }
-        Ok(written)
-    }
-
-    async fn claim_command_in(
-        &self,
-        tx: &mut Self::Transaction,
-        aggregate_type: &str,
-        aggregate_id: &str,
-        command_id: uuid::Uuid,
-        version: u64,
-    ) -> Result<(), StoreError> {
-        self.claim_on(tx, aggregate_type, aggregate_id, command_id, version)
-            .await
-    }
+crate::store::sql::transactions::sql_transactions! {
+    store: PostgresStore,
+    database: Postgres,
+    db: db,
+    classify: classify,
+    transaction: "A transaction on a pooled connection.",
+    append: "If the transaction wrote before appending and another transaction appended to the same stream and committed in between, the append fails with [`StoreError::StaleTransaction`]: retry the whole transaction.",
 }
 
 #[async_trait]
@@ -566,6 +518,17 @@ impl Inbox for PostgresStore {
 }
 
 impl PostgresStore {
+    /// A transaction on a pooled connection, begun in a task of its own (see
+    /// [`begin_owned`](super::errors::begin_owned)).
+    pub(super) async fn begin_write(
+        &self,
+        operation: &'static str,
+    ) -> Result<Transaction<'static, Postgres>, StoreError> {
+        super::errors::begin_owned(&self.inner.pool)
+            .await
+            .map_err(db(operation))
+    }
+
     /// Records a unit's state, last error and its kind while `lease`'s epoch
     /// is current.
     async fn write_state(

@@ -76,10 +76,9 @@ pub(super) fn u64_column(
     column: &'static str,
     table: &str,
 ) -> Result<u64, StoreError> {
-    let value: i64 = row
-        .try_get(column)
-        .map_err(|e| pg_error("decoding an event row", e))?;
-    u64::try_from(value).map_err(|_| corrupt(table, &format!("negative {column} {value}")))
+    crate::store::sql::rows::u64_column(row, column, table, |e| {
+        pg_error("decoding an event row", e)
+    })
 }
 
 pub(super) fn txid_column(row: &PgRow, table: &str) -> Result<u64, StoreError> {
@@ -90,9 +89,4 @@ pub(super) fn txid_column(row: &PgRow, table: &str) -> Result<u64, StoreError> {
         .map_err(|_| corrupt(table, &format!("transaction id `{text}` is not a number")))
 }
 
-pub(super) fn corrupt(table: &str, what: &str) -> StoreError {
-    StoreError::Corrupt {
-        table: table.to_owned(),
-        what: what.to_owned(),
-    }
-}
+pub(super) use crate::store::sql::rows::corrupt;

@@ -1,8 +1,6 @@
 //! Appends (the stream's version checked and positions numbered under the
 //! write lock) and the other command-side operations.
 
-use std::sync::atomic::Ordering;
-
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::{Row, SqliteConnection};
@@ -194,19 +192,17 @@ impl SqliteStore {
         Ok(written)
     }
 
-    /// Counts an append made inside a caller's transaction.
+    /// Counts an append made inside a caller's transaction (see
+    /// [`AppendWakes`](crate::store::sql::wakes::AppendWakes)).
     pub(super) fn appended_in_transaction(&self) {
-        self.inner
-            .appends_in_transactions
-            .fetch_add(1, Ordering::AcqRel);
+        self.inner.append_wakes.appended();
     }
 
     /// After a commit: wakes readers when appends were made in transactions
     /// since the last such wake-up (an early wake-up is followed by the
     /// readers' quick re-checks, so none is lost).
     pub(super) fn appends_committed(&self) {
-        let appended = self.inner.appends_in_transactions.load(Ordering::Acquire);
-        if self.inner.appends_woken.swap(appended, Ordering::AcqRel) != appended {
+        if self.inner.append_wakes.committed() {
             self.signal_commit();
         }
     }

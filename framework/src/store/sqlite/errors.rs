@@ -12,10 +12,7 @@ pub(crate) fn sqlite_error(operation: &'static str, error: sqlx::Error) -> Store
     StoreError::database(operation, classify(&error), error)
 }
 
-/// Values above `i64::MAX` are clamped: SQLite's integers are signed.
-pub(crate) fn to_i64(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
-}
+pub(crate) use crate::store::sql::to_i64;
 
 /// Whose fault a sqlx error is, by SQLite's primary result code.
 ///

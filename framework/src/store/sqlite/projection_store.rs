@@ -26,8 +26,7 @@ use super::errors::undefined_table;
 use super::rows::{corrupt, time_column, time_text, u64_column};
 use super::{classify, db, to_i64, SqliteStore};
 use crate::error::{ConfigError, ErrorKind, EventRef, StoreError};
-use crate::event::{AppendRequest, Checkpoint, RecordedEvent};
-use crate::port::events::{AppendInTransaction, Transactional};
+use crate::event::Checkpoint;
 use crate::port::projections::{
     Checkpoints, DeadLetter, DeadLetters, Inbox, Lease, Leases, NewDeadLetter, ProjectionState,
     UnitError, UnitId, UnitRecord,
@@ -219,60 +218,13 @@ pub(super) async fn begin_immediate(
     }
 }
 
-#[async_trait]
-impl Transactional for SqliteStore {
-    /// A write transaction: it holds the writer connection (and SQLite's
-    /// write lock) until it commits or is dropped, so keep it short and do
-    /// not call the store's other writing methods while holding it.
-    type Transaction = sqlx::Transaction<'static, Sqlite>;
-
-    async fn begin(&self) -> Result<Self::Transaction, StoreError> {
-        self.begin_write("starting a transaction").await
-    }
-
-    async fn commit(&self, tx: Self::Transaction) -> Result<(), StoreError> {
-        tx.commit().await.map_err(db("committing a transaction"))?;
-        self.appends_committed();
-        Ok(())
-    }
-
-    fn classify(&self, error: &(dyn std::error::Error + 'static)) -> Option<ErrorKind> {
-        error.downcast_ref::<sqlx::Error>().map(classify)
-    }
-}
-
-#[async_trait]
-impl AppendInTransaction for SqliteStore {
-    /// Appends inside the caller's transaction, so the events commit or
-    /// roll back with the caller's own writes; commit with
-    /// [`Transactional::commit`] so log readers look at once.
-    ///
-    /// The transaction holds SQLite's write lock from its start, so no other
-    /// append can commit in between: the stream's version checked here is
-    /// still its version at commit.
-    async fn append_in(
-        &self,
-        tx: &mut Self::Transaction,
-        request: AppendRequest,
-    ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let written = self.append_on(tx, request).await?;
-        if !written.is_empty() {
-            self.appended_in_transaction();
-        }
-        Ok(written)
-    }
-
-    async fn claim_command_in(
-        &self,
-        tx: &mut Self::Transaction,
-        aggregate_type: &str,
-        aggregate_id: &str,
-        command_id: uuid::Uuid,
-        version: u64,
-    ) -> Result<(), StoreError> {
-        self.claim_on(tx, aggregate_type, aggregate_id, command_id, version)
-            .await
-    }
+crate::store::sql::transactions::sql_transactions! {
+    store: SqliteStore,
+    database: Sqlite,
+    db: db,
+    classify: classify,
+    transaction: "A write transaction: it holds the writer connection (and SQLite's write lock) until it commits or is dropped, so keep it short and do not call the store's other writing methods while holding it.",
+    append: "The transaction holds SQLite's write lock from its start, so no other append can commit in between: the stream's version checked here is still its version at commit.",
 }
 
 #[async_trait]

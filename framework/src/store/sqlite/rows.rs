@@ -84,8 +84,7 @@ pub(super) fn u64_column(
     column: &'static str,
     table: &str,
 ) -> Result<u64, StoreError> {
-    let value: i64 = row.try_get(column).map_err(db("decoding a row"))?;
-    u64::try_from(value).map_err(|_| corrupt(table, &format!("negative {column} {value}")))
+    crate::store::sql::rows::u64_column(row, column, table, db("decoding a row"))
 }
 
 /// A time in microseconds since the Unix epoch (an event's `recorded_at`).
@@ -107,9 +106,4 @@ pub(super) fn time_text(time: DateTime<Utc>) -> String {
     time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
-pub(super) fn corrupt(table: &str, what: &str) -> StoreError {
-    StoreError::Corrupt {
-        table: table.to_owned(),
-        what: what.to_owned(),
-    }
-}
+pub(super) use crate::store::sql::rows::corrupt;

@@ -1,0 +1,77 @@
+//! `Transactional` and `AppendInTransaction` for a SQL backend: a write
+//! transaction of the driver, committed and then readers woken, and appends
+//! inside it counted for that wake-up. The backend provides `begin_write`,
+//! `append_on`, `claim_on`, `appended_in_transaction`, `appends_committed`
+//! and its error helpers `db` and `classify`.
+
+/// Implements `Transactional` (with `Transaction = sqlx::Transaction<'static,
+/// $database>`) and `AppendInTransaction` for `$store`; `$doc` documents its
+/// transaction type, `$append_doc` its appends.
+macro_rules! sql_transactions {
+    (
+        store: $store:ty,
+        database: $database:ty,
+        db: $db:path,
+        classify: $classify:path,
+        transaction: $doc:literal,
+        append: $append_doc:literal $(,)?
+    ) => {
+        #[async_trait::async_trait]
+        impl $crate::port::events::Transactional for $store {
+            #[doc = $doc]
+            type Transaction = sqlx::Transaction<'static, $database>;
+
+            async fn begin(&self) -> Result<Self::Transaction, $crate::error::StoreError> {
+                self.begin_write("starting a transaction").await
+            }
+
+            async fn commit(&self, tx: Self::Transaction) -> Result<(), $crate::error::StoreError> {
+                tx.commit().await.map_err($db("committing a transaction"))?;
+                self.appends_committed();
+                Ok(())
+            }
+
+            fn classify(
+                &self,
+                error: &(dyn std::error::Error + 'static),
+            ) -> Option<$crate::error::ErrorKind> {
+                error.downcast_ref::<sqlx::Error>().map($classify)
+            }
+        }
+
+        #[async_trait::async_trait]
+        impl $crate::port::events::AppendInTransaction for $store {
+            /// Appends inside the caller's transaction, so the events commit
+            /// or roll back with the caller's own writes; commit with
+            /// [`Transactional::commit`](crate::Transactional::commit) so log
+            /// readers look at once.
+            ///
+            #[doc = $append_doc]
+            async fn append_in(
+                &self,
+                tx: &mut Self::Transaction,
+                request: $crate::event::AppendRequest,
+            ) -> Result<Vec<$crate::event::RecordedEvent>, $crate::error::StoreError> {
+                let written = self.append_on(tx, request).await?;
+                if !written.is_empty() {
+                    self.appended_in_transaction();
+                }
+                Ok(written)
+            }
+
+            async fn claim_command_in(
+                &self,
+                tx: &mut Self::Transaction,
+                aggregate_type: &str,
+                aggregate_id: &str,
+                command_id: uuid::Uuid,
+                version: u64,
+            ) -> Result<(), $crate::error::StoreError> {
+                self.claim_on(tx, aggregate_type, aggregate_id, command_id, version)
+                    .await
+            }
+        }
+    };
+}
+
+pub(crate) use sql_transactions;
