@@ -80,6 +80,8 @@ pub mod event;
 pub mod lease;
 pub use port::log;
 pub mod names;
+#[cfg(feature = "nats")]
+mod nats;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 #[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "sqlite"))))]
 pub mod outbox;

@@ -57,6 +57,8 @@ use std::time::Duration;
 use async_nats::jetstream::stream::{Config as StreamConfig, StorageType};
 use async_nats::jetstream::Context;
 
+use crate::nats::streams::ProvisionError;
+
 mod consumer;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 mod outbox_sink;
@@ -193,6 +195,20 @@ pub enum RelayError {
 }
 
 impl RelayError {
+    /// Whether the failure passes by itself: a publish that failed or timed
+    /// out, or a JetStream request the server or cluster did not answer (no
+    /// responders, no leader, a lost connection; read from the client's
+    /// typed error kinds). Retry those; the others need a fix.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RelayError::Publish { .. } | RelayError::SendTimeout { .. } => true,
+            RelayError::JetStream { source, .. } => {
+                crate::nats::errors::is_unavailable(source.as_ref())
+            }
+            _ => false,
+        }
+    }
+
     pub(crate) fn jetstream(
         action: impl Into<String>,
         source: impl Into<async_nats::Error>,
@@ -204,55 +220,7 @@ impl RelayError {
     }
 }
 
-/// Makes `name` usable as one token of a NATS subject: whitespace, `.`, `*`,
-/// `>` and control characters become `_`, and an empty name becomes `_`.
-///
-/// ```
-/// use outflow::relay::subject_token;
-/// assert_eq!(subject_token("bank account"), "bank_account");
-/// assert_eq!(subject_token("Money.Deposited*"), "Money_Deposited_");
-/// assert_eq!(subject_token(">"), "_");
-/// assert_eq!(subject_token(""), "_");
-/// assert_eq!(subject_token("AccountOpened"), "AccountOpened");
-/// ```
-pub fn subject_token(name: &str) -> String {
-    if name.is_empty() {
-        return "_".to_owned();
-    }
-    name.chars()
-        .map(|c| {
-            if c.is_whitespace() || c.is_control() || matches!(c, '.' | '*' | '>') {
-                '_'
-            } else {
-                c
-            }
-        })
-        .collect()
-}
-
-/// Checks that `subject` can be published to: not empty, no whitespace or
-/// control characters, no empty token, no wildcard.
-///
-/// # Errors
-///
-/// The reason, when it cannot.
-pub fn validate_subject(subject: &str) -> Result<(), &'static str> {
-    if subject.is_empty() {
-        return Err("empty subject");
-    }
-    if subject.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err("contains whitespace or control characters");
-    }
-    for token in subject.split('.') {
-        if token.is_empty() {
-            return Err("has an empty token (leading, trailing or double `.`)");
-        }
-        if token == "*" || token == ">" {
-            return Err("contains a wildcard token");
-        }
-    }
-    Ok(())
-}
+pub use crate::nats::subjects::{subject_token, validate_subject};
 
 /// Creates the stream `name` over `subjects` unless it exists, with file
 /// storage and the given duplicate window (JetStream remembers message ids
@@ -273,11 +241,6 @@ pub async fn ensure_stream(
     subjects: Vec<String>,
     duplicate_window: Duration,
 ) -> Result<async_nats::jetstream::stream::Info, RelayError> {
-    if name.is_empty() || name.contains(|c: char| c.is_whitespace() || ".*>/\\".contains(c)) {
-        return Err(RelayError::Config(format!(
-            "`{name}` is not a valid stream name"
-        )));
-    }
     let config = StreamConfig {
         name: name.to_owned(),
         subjects,
@@ -285,33 +248,24 @@ pub async fn ensure_stream(
         storage: StorageType::File,
         ..Default::default()
     };
-    let stream = context
-        .get_or_create_stream(config)
-        .await
-        .map_err(|e| RelayError::jetstream(format!("creating stream `{name}`"), e))?;
+    let stream = match crate::nats::streams::ensure_stream(context, config, false).await {
+        Ok(stream) => stream,
+        Err(ProvisionError::InvalidName) => {
+            return Err(RelayError::Config(format!(
+                "`{name}` is not a valid stream name"
+            )))
+        }
+        Err(ProvisionError::SubjectsDiffer { existing }) => {
+            return Err(RelayError::Config(format!(
+                "stream `{name}` exists with subjects {existing:?}"
+            )))
+        }
+        Err(ProvisionError::Nats { action, source }) => {
+            return Err(RelayError::jetstream(
+                format!("creating stream `{name}` ({action})"),
+                source,
+            ))
+        }
+    };
     Ok(stream.cached_info().clone())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tokens_are_sanitized() {
-        assert_eq!(subject_token("a b\tc"), "a_b_c");
-        assert_eq!(subject_token("x.y"), "x_y");
-        assert_eq!(subject_token("äöü"), "äöü");
-    }
-
-    #[test]
-    fn subjects_are_validated() {
-        assert!(validate_subject("a.b.c").is_ok());
-        assert!(validate_subject("").is_err());
-        assert!(validate_subject("a..b").is_err());
-        assert!(validate_subject(".a").is_err());
-        assert!(validate_subject("a.").is_err());
-        assert!(validate_subject("a.*").is_err());
-        assert!(validate_subject("a.>").is_err());
-        assert!(validate_subject("a b").is_err());
-    }
 }

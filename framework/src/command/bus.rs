@@ -10,7 +10,7 @@ use cqrs_es::Aggregate;
 use tracing::Instrument;
 
 use crate::error::CommandError;
-use crate::event::{AppendRequest, NewEvent};
+use crate::event::{AppendRequest, Envelope, NewEvent, RecordedEvent};
 use crate::port::events::EventStore;
 use crate::pubsub::EventBus;
 use crate::upcast::Upcaster;
@@ -47,6 +47,22 @@ pub struct CommandBus<A: Aggregate, S: EventStore> {
     pub(super) publish: Option<EventBus>,
     pub(super) cache: Option<std::sync::Mutex<AggregateCache<A>>>,
     pub(super) typed_refusals: Option<RefusalCodec<A::Error>>,
+}
+
+/// What [`CommandBus::decide`] came to.
+enum Decision<A: Aggregate>
+where
+    A::Error: 'static,
+{
+    /// The command's answer is known without writing: an earlier run of
+    /// this command id, a refusal, or an acceptance without events.
+    Answered(Result<Committed<A>, CommandError<A::Error>>),
+    /// Events to write after `version`.
+    Events {
+        aggregate: A,
+        version: u64,
+        payloads: Vec<A::Event>,
+    },
 }
 
 /// How a bus with typed refusals stores and restores its domain error.
@@ -200,6 +216,13 @@ where
         self.execute_with(aggregate_id, command, context).await
     }
 
+    /// Runs one command in three phases: [`decide`](Self::decide) (the
+    /// aggregate loaded or taken from the cache, the command handled),
+    /// [`record`](Self::record) (its events appended, with the command's
+    /// claim and the inline handlers when there are any) and
+    /// [`after_commit`](Self::after_commit) (published, snapshotted,
+    /// cached). A refusal, or an acceptance without events, is remembered
+    /// when the command carries its id (`ids_from_command`).
     pub(super) async fn run_command(
         &self,
         aggregate_id: &str,
@@ -207,6 +230,40 @@ where
         context: CommandContext,
         ids_from_command: bool,
     ) -> Result<Committed<A>, CommandError<A::Error>> {
+        let (aggregate, version, payloads) = match self
+            .decide(aggregate_id, command, &context, ids_from_command)
+            .await?
+        {
+            Decision::Answered(done) => return done,
+            Decision::Events {
+                aggregate,
+                version,
+                payloads,
+            } => (aggregate, version, payloads),
+        };
+        let new_version = version + payloads.len() as u64;
+        let (envelopes, published) = self
+            .record(aggregate_id, version, payloads, &context, ids_from_command)
+            .await?;
+        self.after_commit(aggregate_id, aggregate, version, new_version, published)
+            .await;
+        Ok(Committed {
+            events: envelopes,
+            version: new_version,
+            repeated: false,
+        })
+    }
+
+    /// Loads the aggregate (or takes it from the cache) and lets it handle
+    /// the command: either the command's answer is already known (an earlier
+    /// run with this id, a refusal, no events) or events are to be written.
+    async fn decide(
+        &self,
+        aggregate_id: &str,
+        command: A::Command,
+        context: &CommandContext,
+        ids_from_command: bool,
+    ) -> Result<Decision<A>, CommandError<A::Error>> {
         // A cached aggregate is taken out while its command runs: a rejected
         // or failed command drops it (its state may hold half a command).
         let cached = self.cache.as_ref().and_then(|cache| {
@@ -226,18 +283,19 @@ where
             // append conflict on the stream or on the command's claim.
             if let Some(done) = self.decided(aggregate_id, context.command_id).await? {
                 self.keep(aggregate_id, aggregate, version);
-                return done;
+                return Ok(Decision::Answered(done));
             }
         }
         let sink = EventSink::<A>::default();
         if let Err(error) = aggregate.handle(command, &self.services, &sink).await {
             let refused = Err(CommandError::Rejected(error));
             if ids_from_command {
-                return self
-                    .remember(aggregate_id, context.command_id, version, refused)
-                    .await;
+                return Ok(Decision::Answered(
+                    self.remember(aggregate_id, context.command_id, version, refused)
+                        .await,
+                ));
             }
-            return refused;
+            return Ok(Decision::Answered(refused));
         }
         let payloads = sink.collect().await;
         if payloads.is_empty() {
@@ -248,12 +306,32 @@ where
                 repeated: false,
             });
             if ids_from_command {
-                return self
-                    .remember(aggregate_id, context.command_id, version, accepted)
-                    .await;
+                return Ok(Decision::Answered(
+                    self.remember(aggregate_id, context.command_id, version, accepted)
+                        .await,
+                ));
             }
-            return accepted;
+            return Ok(Decision::Answered(accepted));
         }
+        Ok(Decision::Events {
+            aggregate,
+            version,
+            payloads,
+        })
+    }
+
+    /// Appends the events after `version` (ids derived from the command id
+    /// when it carries one, with its claim), through the inline handlers'
+    /// transaction when the bus has them; returns their envelopes and, for
+    /// a bus that publishes, the recorded events.
+    async fn record(
+        &self,
+        aggregate_id: &str,
+        version: u64,
+        payloads: Vec<A::Event>,
+        context: &CommandContext,
+        ids_from_command: bool,
+    ) -> Result<(Vec<Envelope<A>>, Option<Vec<RecordedEvent>>), CommandError<A::Error>> {
         let mut events = Vec::with_capacity(payloads.len());
         for (i, payload) in payloads.iter().enumerate() {
             let mut event = NewEvent::from_event::<A>(aggregate_id, payload)?;
@@ -271,11 +349,10 @@ where
             expected_version: version,
             events,
         };
-        let new_version = version + payloads.len() as u64;
         // The written events are copied only for a bus that publishes them.
         let publish = self.publish.is_some();
         let claim = ids_from_command.then_some(context.command_id);
-        let (envelopes, published) = match &self.inline {
+        Ok(match &self.inline {
             None => {
                 let recorded = match claim {
                     Some(command_id) => self.store.append_command(request, command_id).await?,
@@ -285,7 +362,20 @@ where
                 (into_envelopes(recorded, payloads), published)
             }
             Some(inline) => inline.append(request, payloads, publish, claim).await?,
-        };
+        })
+    }
+
+    /// After the commit: publishes the events in memory, takes a snapshot
+    /// when the version crossed a multiple of the setting, and keeps the
+    /// aggregate in the cache.
+    async fn after_commit(
+        &self,
+        aggregate_id: &str,
+        aggregate: A,
+        version: u64,
+        new_version: u64,
+        published: Option<Vec<RecordedEvent>>,
+    ) {
         if let (Some(bus), Some(events)) = (&self.publish, published) {
             bus.publish(events);
         }
@@ -295,11 +385,6 @@ where
             }
         }
         self.keep(aggregate_id, aggregate, new_version);
-        Ok(Committed {
-            events: envelopes,
-            version: new_version,
-            repeated: false,
-        })
     }
 
     /// Runs the command that `command` makes, retrying up to `attempts`

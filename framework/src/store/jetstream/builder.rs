@@ -17,6 +17,7 @@ use super::cache::*;
 use super::codec::*;
 use super::errors::*;
 use super::state::*;
+use crate::nats::streams::ProvisionError;
 
 /// Builds a [`JetStreamStore`].
 #[must_use]
@@ -300,26 +301,9 @@ pub(super) async fn ensure_stream(
     subjects: Vec<String>,
     replicas: usize,
 ) -> Result<Stream, StoreError> {
-    if let Ok(mut existing) = js.get_stream(name).await {
-        let info = existing
-            .info()
-            .await
-            .map_err(|e| nats_error("read the stream's configuration", e))?;
-        if info.config.subjects != subjects {
-            return Err(ConfigError::Invalid {
-                setting: "prefix",
-                reason: format!(
-                    "stream `{name}` exists with subjects {:?}, not {:?}",
-                    info.config.subjects, subjects
-                ),
-            }
-            .into());
-        }
-        return Ok(existing);
-    }
     let config = stream::Config {
         name: name.to_owned(),
-        subjects,
+        subjects: subjects.clone(),
         storage: stream::StorageType::File,
         num_replicas: replicas,
         allow_direct: true,
@@ -328,14 +312,19 @@ pub(super) async fn ensure_stream(
         duplicate_window: Duration::from_secs(120),
         ..Default::default()
     };
-    match js.create_stream(config).await {
+    match crate::nats::streams::ensure_stream(js, config, true).await {
         Ok(stream) => Ok(stream),
-        // Another node created it first.
-        Err(_) if js.get_stream(name).await.is_ok() => js
-            .get_stream(name)
-            .await
-            .map_err(|e| nats_error("open the stream", e)),
-        Err(error) => Err(nats_error("create the stream", error)),
+        Err(ProvisionError::InvalidName) => Err(ConfigError::Invalid {
+            setting: "prefix",
+            reason: format!("`{name}` is not a valid stream name"),
+        }
+        .into()),
+        Err(ProvisionError::SubjectsDiffer { existing }) => Err(ConfigError::Invalid {
+            setting: "prefix",
+            reason: format!("stream `{name}` exists with subjects {existing:?}, not {subjects:?}"),
+        }
+        .into()),
+        Err(ProvisionError::Nats { action, source }) => Err(nats_error(action, source)),
     }
 }
 

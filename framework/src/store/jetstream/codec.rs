@@ -19,32 +19,7 @@ pub const MAX_EVENTS_PER_APPEND: usize = 1 << 16;
 /// The header holding the stream version after the message's last event.
 pub(super) const VERSION_HEADER: &str = "Outflow-Version";
 
-/// Encodes a name as one NATS subject token, reversibly: ASCII letters,
-/// digits and `-` stay; every other byte (of its UTF-8) becomes `_` and two
-/// lower-case hex digits; the empty name becomes `_`. Distinct names give
-/// distinct tokens.
-///
-/// ```
-/// use outflow::store::jetstream::stream_token;
-/// assert_eq!(stream_token("account-7"), "account-7");
-/// assert_eq!(stream_token("a.b"), "a_2eb");
-/// assert_eq!(stream_token("a_b"), "a_5fb");
-/// assert_eq!(stream_token(""), "_");
-/// ```
-pub fn stream_token(name: &str) -> String {
-    if name.is_empty() {
-        return "_".to_owned();
-    }
-    let mut token = String::with_capacity(name.len());
-    for byte in name.bytes() {
-        if byte.is_ascii_alphanumeric() || byte == b'-' {
-            token.push(char::from(byte));
-        } else {
-            token.push_str(&format!("_{byte:02x}"));
-        }
-    }
-    token
-}
+pub use crate::nats::subjects::stream_token;
 
 /// The position of the `index`th event of the message at `sequence` in
 /// `partition` (see the module documentation).

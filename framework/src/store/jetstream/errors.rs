@@ -30,29 +30,16 @@ where
     }
 }
 
-/// A NATS error as a store error: no answer in time or no connection is
-/// [`StoreError::Unavailable`], anything else the cluster's refusal.
+/// A NATS error as a store error: no answer in time, no connection, no
+/// leader or quorum is [`StoreError::Unavailable`] (classified by the NATS
+/// kit from the client's typed kinds and JetStream's codes), anything else
+/// the cluster's refusal.
 pub(super) fn nats_error(
     operation: &'static str,
     error: impl Into<crate::error::BoxError>,
 ) -> StoreError {
     let error: crate::error::BoxError = error.into();
-    let text = error.to_string().to_lowercase();
-    let unavailable = [
-        "timed out",
-        "timeout",
-        "no responders",
-        "broken pipe",
-        "disconnected",
-        "connection",
-        "no suitable peers",
-        "insufficient resources",
-        "leader",
-        "temporarily unavailable",
-    ]
-    .iter()
-    .any(|needle| text.contains(needle));
-    if unavailable {
+    if crate::nats::errors::is_unavailable(error.as_ref()) {
         StoreError::Unavailable {
             operation,
             source: error,
