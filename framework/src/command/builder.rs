@@ -18,7 +18,7 @@ pub struct CommandBusBuilder<A: Aggregate, S: EventStore> {
     services: A::Services,
     snapshot_every: Option<u64>,
     upcasters: Vec<Box<dyn Upcaster>>,
-    inline: Option<Box<dyn InlinePath<A>>>,
+    inline: Option<Box<dyn InlinePath<A, S>>>,
     publish: Option<EventBus>,
     cache: usize,
     typed_refusals: Option<RefusalCodec<A::Error>>,
@@ -154,12 +154,8 @@ where
     /// transaction.
     pub fn inline(mut self, handler: impl InlineHandler<A, S>) -> Self {
         let handler: Box<dyn InlineHandler<A, S>> = Box::new(handler);
-        match self
-            .inline
-            .as_mut()
-            .and_then(|inline| inline.as_any_mut().downcast_mut::<InlineHandlers<A, S>>())
-        {
-            Some(handlers) => handlers.handlers.push(handler),
+        match self.inline.as_mut() {
+            Some(inline) => inline.push(handler),
             None => {
                 self.inline = Some(Box::new(InlineHandlers {
                     store: self.store.clone(),

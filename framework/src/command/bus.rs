@@ -43,7 +43,7 @@ pub struct CommandBus<A: Aggregate, S: EventStore> {
     pub(super) services: A::Services,
     pub(super) snapshot_every: Option<u64>,
     pub(super) upcasters: Arc<[Box<dyn Upcaster>]>,
-    pub(super) inline: Option<Box<dyn InlinePath<A>>>,
+    pub(super) inline: Option<Box<dyn InlinePath<A, S>>>,
     pub(super) publish: Option<EventBus>,
     pub(super) cache: Option<std::sync::Mutex<AggregateCache<A>>>,
     pub(super) typed_refusals: Option<RefusalCodec<A::Error>>,

@@ -60,9 +60,10 @@ pub trait InlineHandler<A: Aggregate, S: Transactional>: Send + Sync + 'static {
 
 /// How a bus with inline handlers appends: in a transaction of the backend,
 /// with the handlers, all or nothing. Boxed so that a bus over a store
-/// without transactions needs no such bound.
+/// without transactions needs no such bound; `S` is named so that the
+/// builder can add a handler to the list without knowing its concrete type.
 #[async_trait::async_trait]
-pub(super) trait InlinePath<A: Aggregate>: Send + Sync {
+pub(super) trait InlinePath<A: Aggregate, S>: Send + Sync {
     /// Appends, runs the handlers and commits; returns the envelopes and, when
     /// `publish`, the recorded events for the in-memory bus.
     async fn append(
@@ -73,7 +74,10 @@ pub(super) trait InlinePath<A: Aggregate>: Send + Sync {
         claim: Option<Uuid>,
     ) -> Result<(Vec<Envelope<A>>, Option<Vec<RecordedEvent>>), CommandError<A::Error>>;
 
-    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
+    /// Adds a handler, run after those added before.
+    fn push(&mut self, handler: Box<dyn InlineHandler<A, S>>)
+    where
+        S: Transactional;
 }
 
 pub(super) struct InlineHandlers<A: Aggregate, S: AppendInTransaction> {
@@ -82,7 +86,7 @@ pub(super) struct InlineHandlers<A: Aggregate, S: AppendInTransaction> {
 }
 
 #[async_trait::async_trait]
-impl<A, S> InlinePath<A> for InlineHandlers<A, S>
+impl<A, S> InlinePath<A, S> for InlineHandlers<A, S>
 where
     A: Aggregate + 'static,
     S: AppendInTransaction,
@@ -121,7 +125,7 @@ where
         Ok((envelopes, published))
     }
 
-    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
-        self
+    fn push(&mut self, handler: Box<dyn InlineHandler<A, S>>) {
+        self.handlers.push(handler);
     }
 }
