@@ -13,6 +13,7 @@ mod context;
 mod inline;
 mod load;
 mod once;
+mod report;
 #[cfg(test)]
 mod tests;
 

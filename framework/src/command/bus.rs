@@ -18,6 +18,7 @@ use crate::upcast::Upcaster;
 use super::cache::*;
 use super::context::*;
 use super::inline::*;
+use super::report::report;
 
 /// Runs commands against aggregates of type `A` stored in `S`.
 ///
@@ -158,44 +159,7 @@ where
         }
         .instrument(span.clone())
         .await;
-        let outcome = match &result {
-            Ok(committed) if committed.repeated => "repeated",
-            Ok(_) => "committed",
-            Err(CommandError::Rejected(_) | CommandError::Refused(_)) => "rejected",
-            Err(error) if error.is_conflict() => "conflict",
-            Err(_) => "failed",
-        };
-        span.record("outcome", outcome);
-        if let Ok(committed) = &result {
-            span.record("events", committed.events.len());
-        }
-        metrics::counter!("outflow_commands_total", "aggregate_type" => A::TYPE, "outcome" => outcome)
-            .increment(1);
-        metrics::histogram!("outflow_command_seconds", "aggregate_type" => A::TYPE)
-            .record(started.elapsed().as_secs_f64());
-        if let Err(error) = &result {
-            match error {
-                CommandError::Rejected(_) | CommandError::Refused(_) => {
-                    tracing::debug!(parent: &span, error = %crate::error::error_chain(error), "command rejected");
-                }
-                // An inline handler that refused the data (a unique
-                // address taken, say) is a business outcome like a
-                // rejection, not a failure to look at.
-                CommandError::Inline { error: handler, .. }
-                    if handler.declared_kind() == Some(crate::error::ErrorKind::Data) =>
-                {
-                    tracing::debug!(parent: &span, error = %crate::error::error_chain(error), "command refused by an inline handler");
-                }
-                _ if error.is_conflict() => {
-                    metrics::counter!("outflow_command_conflicts_total", "aggregate_type" => A::TYPE)
-                        .increment(1);
-                    tracing::debug!(parent: &span, error = %crate::error::error_chain(error), "command lost a concurrency race");
-                }
-                _ => {
-                    tracing::warn!(parent: &span, error = %crate::error::error_chain(error), "command failed");
-                }
-            }
-        }
+        report(&span, started, &result);
         result
     }
 
