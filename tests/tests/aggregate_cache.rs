@@ -2,7 +2,7 @@
 //! load, a stale cached aggregate is caught by the append's concurrency check,
 //! and a rejected command never leaves a half-applied aggregate behind.
 
-mod common;
+use outflow_tests as common;
 
 use example_accounts::{BankAccount, BankCommand, BankError};
 use outflow::{CommandBus, CommandError, MemoryStore, PostgresStore};

@@ -2,7 +2,7 @@
 //! of one stream; each version is won by exactly one, the others get a typed
 //! conflict, and the stream has no lost or duplicate sequence.
 
-mod common;
+use outflow_tests as common;
 
 use std::sync::Arc;
 

@@ -3,7 +3,7 @@
 //! a database that does not exist, a SQLite file in a directory that does
 //! not exist or that is not a database.
 
-mod common;
+use outflow_tests as common;
 
 use std::time::Duration;
 

@@ -4,7 +4,7 @@
 //! panicking upcaster) make loads and decodes fail with an error naming the
 //! event, the same on PostgreSQL and in memory, and the events stay stored.
 
-mod common;
+use outflow_tests as common;
 
 use example_accounts::{BankAccount, BankCommand, BankEvent};
 use outflow::cqrs_es::persist::{SemanticVersionEventUpcaster, SerializedEvent};

@@ -8,7 +8,7 @@
 //! the stop policy the projection stops on the first bad event, naming it,
 //! with the event before it applied.
 
-mod common;
+use outflow_tests as common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -4,7 +4,7 @@
 //! cancelled `BEGIN IMMEDIATE` once left the writer inside a transaction
 //! nobody owned, and later appends were never committed.)
 
-mod common;
+use outflow_tests as common;
 
 use std::time::Duration;
 

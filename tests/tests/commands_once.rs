@@ -2,7 +2,8 @@
 //! the same command id — one after the other or racing — is written once,
 //! and every sender gets the events of that one write.
 
-mod common;
+use outflow_tests as common;
+use outflow_tests::on_every_backend;
 
 use std::sync::Arc;
 

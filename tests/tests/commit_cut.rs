@@ -8,7 +8,7 @@
 //! running sum updated with `+=`, counts the batch twice. 50 cuts; the sums
 //! must equal the fold of the log.
 
-mod common;
+use outflow_tests as common;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

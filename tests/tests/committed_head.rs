@@ -3,7 +3,7 @@
 //! waits for — and `ProjectionRunner::setup` creates read-model tables
 //! before the runner starts.
 
-mod common;
+use outflow_tests as common;
 
 use std::time::Duration;
 

@@ -5,7 +5,7 @@
 //! proxy counts its connection attempts, which stay few — handles nothing
 //! meanwhile, and catches up on every event once the connections are free.
 
-mod common;
+use outflow_tests as common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -4,7 +4,8 @@
 //! the log exactly once, no refused one is, and every stream's sequences
 //! are contiguous. Runs 3 s per backend (20 s with `OUTFLOW_SOAK=1`).
 
-mod common;
+use outflow_tests as common;
+use outflow_tests::on_every_backend;
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};

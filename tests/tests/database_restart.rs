@@ -13,7 +13,7 @@
 //! `scripts/test.sh` sets; as root it runs the server as
 //! `OUTFLOW_PG_SERVICE_USER` (default `postgres`).
 
-mod common;
+use outflow_tests as common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};

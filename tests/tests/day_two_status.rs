@@ -5,7 +5,7 @@
 //! unit busy with a slow batch while events wait is not `live`; the status
 //! shows each unit's epoch.
 
-mod common;
+use outflow_tests as common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

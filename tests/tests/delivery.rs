@@ -2,7 +2,7 @@
 //! in the append transaction), post-commit in-memory pub/sub and multi-node
 //! pub/sub (at most once).
 
-mod common;
+use outflow_tests as common;
 
 use std::time::Duration;
 

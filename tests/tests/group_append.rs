@@ -5,7 +5,7 @@
 //! — the group's events share one transaction id, and every stream's events
 //! stay in order in the log.
 
-mod common;
+use outflow_tests as common;
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;

@@ -12,7 +12,7 @@
 //!
 //! Needs `OUTFLOW_NATS_BIN` and `DATABASE_URL` (scripts/test.sh sets both).
 
-mod common;
+use outflow_tests as common;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -7,7 +7,7 @@
 //!
 //! Needs `NATS_URL` (scripts/test.sh starts the server) and `DATABASE_URL`.
 
-mod common;
+use outflow_tests as common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -6,7 +6,7 @@
 //! Each node is a runner on a store of its own (its own pool), as separate
 //! processes would be.
 
-mod common;
+use outflow_tests as common;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -4,7 +4,7 @@
 //! delivered twice to a reader resuming from its checkpoint, (c) every
 //! aggregate's events stay in sequence order.
 
-mod common;
+use outflow_tests as common;
 
 use outflow::EventLog;
 use outflow::{AppendInTransaction, Transactional};

@@ -9,7 +9,7 @@
 //! Failures shrink to a minimal schedule, which proptest keeps in
 //! `tests/log_property.proptest-regressions` and replays first on every run.
 
-mod common;
+use outflow_tests as common;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::OnceLock;

@@ -6,7 +6,7 @@
 //! counts every waiting event; once it ends, every event is delivered once,
 //! in order, nothing skipped.
 
-mod common;
+use outflow_tests as common;
 
 use std::time::{Duration, Instant};
 

@@ -6,7 +6,7 @@
 //! from the stored checkpoint: a non-idempotent read model sees every event
 //! exactly once.
 
-mod common;
+use outflow_tests as common;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -4,7 +4,7 @@
 //! batch; and the first-week API around them (setup hook, view queries with
 //! read-your-writes, `cqrs-es` queries, metadata, errors that print once).
 
-mod common;
+use outflow_tests as common;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -4,7 +4,7 @@
 //! below what holding the events would take. The events are written with
 //! one SQL statement per 100,000, so the test's process never holds them.
 
-mod common;
+use outflow_tests as common;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -4,7 +4,7 @@
 //! migrated (`run` returns an error instead of hanging), and a runner
 //! configuration that cannot work (`build` refuses it).
 
-mod common;
+use outflow_tests as common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -2,7 +2,7 @@
 //! own keeps a replicated stream writable when the stream's leader is
 //! killed, and loses nothing when the node comes back.
 
-mod common;
+use outflow_tests as common;
 
 use std::time::{Duration, Instant};
 

@@ -4,7 +4,7 @@
 //! unit is worked again without a restart, and the rebuild's progress
 //! reaches its total — on PostgreSQL and on SQLite (two stores on one file).
 
-mod common;
+use outflow_tests as common;
 
 use std::time::Duration;
 

@@ -8,7 +8,7 @@
 //! enqueue guard, `NOTIFY` between nodes, a restore into another cluster — is
 //! tested on PostgreSQL below them.
 
-mod common;
+use outflow_tests as common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;

@@ -6,7 +6,7 @@
 //! defaults, and log readers see them), postgres-es reads what Outflow wrote,
 //! and migrating again changes nothing.
 
-mod common;
+use outflow_tests as common;
 
 use outflow::EventLog;
 use std::collections::{BTreeMap, HashMap, HashSet};

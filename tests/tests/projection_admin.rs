@@ -5,7 +5,7 @@
 //! across redelivery (and shows it is at least once); and the in-memory
 //! backend runs projections like PostgreSQL does.
 
-mod common;
+use outflow_tests as common;
 
 use outflow::store::{Checkpoints, Inbox};
 use std::collections::{BTreeMap, HashMap};

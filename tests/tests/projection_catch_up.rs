@@ -2,7 +2,7 @@
 //! read model equals a direct fold of the same events, and `wait_for` gives
 //! read-your-writes.
 
-mod common;
+use outflow_tests as common;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -7,7 +7,7 @@
 //! event in the log — including each account's event count, which would show
 //! an event applied twice or never.
 
-mod common;
+use outflow_tests as common;
 
 use outflow::store::Checkpoints;
 use outflow::EventLog;

@@ -4,7 +4,7 @@
 //! visibly, until it is restarted, and it then resumes at the failing event;
 //! failures of the infrastructure are retried without limit and never park.
 
-mod common;
+use outflow_tests as common;
 
 use outflow::EventLog;
 use outflow::{ErrorKind, Transactional};

@@ -10,7 +10,7 @@
 //! would fail the batch (and end up parked), so an empty dead-letter list and
 //! a row count equal to the event count prove exactly once.
 
-mod common;
+use outflow_tests as common;
 
 use outflow::EventLog;
 use std::collections::{BTreeMap, HashMap, HashSet};

@@ -3,7 +3,7 @@
 //! version, JSON payload), keeps doing so live, rebuilds to the same rows, and
 //! can gather several aggregates into one row with `keyed_by`.
 
-mod common;
+use outflow_tests as common;
 
 use outflow::EventLog;
 use std::collections::BTreeMap;

@@ -6,7 +6,7 @@
 //! Needs `NATS_URL` and `OUTFLOW_NATS_BIN` (scripts/test.sh sets both); a
 //! missing one fails the test.
 
-mod common;
+use outflow_tests as common;
 
 use common::nats::{jetstream, msg_id, read_stream};
 

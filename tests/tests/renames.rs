@@ -5,7 +5,7 @@
 //! Without the aliases the filtered projection silently saw only the events
 //! stored under the new name.
 
-mod common;
+use outflow_tests as common;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -4,7 +4,7 @@
 //! the lease TTL; with three nodes restarted one at a time under load, every
 //! event is applied once and `wait_for` keeps answering.
 
-mod common;
+use outflow_tests as common;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

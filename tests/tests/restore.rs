@@ -2,7 +2,7 @@
 //! start lower than the restored rows' ids. `rebase_after_restore` repairs
 //! the log so that readers neither miss nor reorder the new events.
 
-mod common;
+use outflow_tests as common;
 
 use outflow::{AppendRequest, Checkpoint, EventStore, LogFilter, NewEvent};
 use serde_json::json;

@@ -3,7 +3,8 @@
 //! `Transactional` with `AppendInTransaction`. Whatever the backend, the same
 //! calls give the same answers.
 
-mod common;
+use outflow_tests as common;
+use outflow_tests::on_every_backend;
 
 use std::time::Duration;
 

@@ -16,7 +16,7 @@
 //!   the batch's own transaction (the store's inbox), so a batch committed
 //!   twice would find its claims taken — none may; and no event is skipped.
 
-mod common;
+use outflow_tests as common;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};

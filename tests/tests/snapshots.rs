@@ -8,7 +8,7 @@
 //! when it builds the snapshot (four increments reload as eight); comparing
 //! every snapshot load against a replay catches that class of bug.
 
-mod common;
+use outflow_tests as common;
 
 use std::convert::Infallible;
 

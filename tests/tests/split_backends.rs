@@ -3,7 +3,7 @@
 //! read-model writes with its checkpoint in PostgreSQL, and `wait_for` and
 //! `status` work across the two.
 
-mod common;
+use outflow_tests as common;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -6,7 +6,7 @@
 //! settings are what the docs say, and projections, views and poison rows
 //! behave as on PostgreSQL.
 
-mod common;
+use outflow_tests as common;
 
 use std::time::Duration;
 

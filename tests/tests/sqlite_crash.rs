@@ -4,7 +4,7 @@
 //! there exactly once, streams are contiguous, and positions are gap-free:
 //! nothing half-written.
 
-mod common;
+use outflow_tests as common;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};

@@ -1,7 +1,8 @@
 //! One behaviour suite, run against every event store backend: whatever the
 //! backend, the same requests give the same answers.
 
-mod common;
+use outflow_tests as common;
+use outflow_tests::on_every_backend;
 
 use outflow::{AppendRequest, Checkpoint, LogFilter, NewEvent, Snapshot, StoreError};
 use serde_json::json;

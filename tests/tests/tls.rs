@@ -4,7 +4,7 @@
 //! PostgreSQL demands) and with `verify-full` against that certificate, and
 //! works over the connection.
 
-mod common;
+use outflow_tests as common;
 
 use outflow::{AppendRequest, EventStore, NewEvent, PostgresStore};
 use sqlx::postgres::PgConnectOptions;

@@ -13,7 +13,7 @@
 //! Cases are seeded (`TRANSFER_PROPERTY_CASES` sets how many per backend,
 //! default 3; the seed of a failing case is printed).
 
-mod common;
+use outflow_tests as common;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -6,7 +6,7 @@
 //! `WAKE_STRESS_ROUNDS` sets the rounds per path (default 150); the soak
 //! variant runs thousands.
 
-mod common;
+use outflow_tests as common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

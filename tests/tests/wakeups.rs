@@ -3,7 +3,7 @@
 //! connection is killed. The poll interval is set to a minute so that only a
 //! real signal can wake a reader within the test's timeouts.
 
-mod common;
+use outflow_tests as common;
 
 use outflow::EventLog;
 use std::time::Duration;

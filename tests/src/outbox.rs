@@ -34,6 +34,7 @@ pub struct Recorder {
 }
 
 impl Recorder {
+    /// A healthy sink recording into `log` under the name `node`.
     pub fn new(node: &str, log: &Log) -> Self {
         Recorder {
             node: node.to_owned(),
@@ -44,6 +45,7 @@ impl Recorder {
         }
     }
 
+    /// Fails a call with probability `rate`, after a random prefix.
     pub fn failing(mut self, rate: f64) -> Self {
         self.fail_rate = rate;
         self
@@ -81,6 +83,7 @@ pub struct Running {
 }
 
 impl Running {
+    /// Runs `relay` in a task of its own.
     pub fn start<S: OutboxStore>(relay: OutboxRelay<S>) -> Running {
         let shutdown = CancellationToken::new();
         let task = tokio::spawn({
@@ -125,6 +128,7 @@ pub fn relay<S: OutboxStore>(
         .expect("relay")
 }
 
+/// A backoff of a few milliseconds, so failures retry at once.
 pub fn fast_retry() -> RetryPolicy {
     RetryPolicy {
         max_attempts: 3,
@@ -145,7 +149,7 @@ pub fn delivered_ids(log: &Log) -> Vec<Uuid> {
 /// Waits until every message of `ids` has been delivered at least once.
 pub async fn until_delivered(log: &Log, ids: &[Uuid]) {
     let wanted: HashSet<Uuid> = ids.iter().copied().collect();
-    super::eventually(
+    crate::eventually(
         &format!("delivery of {} messages", wanted.len()),
         Duration::from_secs(60),
         || {
@@ -162,10 +166,12 @@ pub async fn until_delivered(log: &Log, ids: &[Uuid]) {
     .await;
 }
 
+/// Message `n` of `key` on the topic `test.messages`.
 pub fn message(key: &str, n: u64) -> OutboxMessage {
     OutboxMessage::new(key, "test.messages", json!({ "key": key, "n": n }))
 }
 
+/// Sends [`message`] `n` of `key` in a transaction of its own.
 pub async fn send<S: OutboxStore>(outbox: &Outbox<S>, key: &str, n: u64) -> Uuid {
     outbox.send(message(key, n)).await.expect("send")
 }

@@ -54,6 +54,7 @@ pub async fn read_stream(js: &Context, stream: &str) -> Vec<async_nats::jetstrea
     messages
 }
 
+/// The `Nats-Msg-Id` header of `message` (the test fails without one).
 pub fn msg_id(message: &async_nats::Message) -> String {
     message
         .headers

@@ -53,6 +53,7 @@ impl OwnPostgres {
         );
     }
 
+    /// Initializes and starts a new cluster on a free port.
     pub fn start_new() -> OwnPostgres {
         let bin = PathBuf::from(std::env::var("OUTFLOW_PG_BIN").expect(
             "OUTFLOW_PG_BIN is not set: run the tests with scripts/test.sh, which finds PostgreSQL",
@@ -97,6 +98,7 @@ impl OwnPostgres {
         self.dir.join("data").display().to_string()
     }
 
+    /// Runs `pg_ctl <action>` on the cluster (`restart`, `stop`, ...).
     pub fn pg_ctl(&self, action: &str) {
         let options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1",
@@ -113,6 +115,7 @@ impl OwnPostgres {
         self.run("pg_ctl", &args);
     }
 
+    /// The cluster's connection URL.
     pub fn url(&self) -> String {
         format!(
             "postgres://outflow@127.0.0.1:{}/postgres?sslmode=disable",
