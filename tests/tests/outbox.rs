@@ -554,8 +554,22 @@ async fn one_relay_at_a_time<S: Sql>(store: S) {
     // Two nodes, each with its own handle and relay.
     let outbox_a = Outbox::new(&store).await.expect("outbox a");
     let outbox_b = Outbox::new(&store).await.expect("outbox b");
-    let a = Running::start(relay(&outbox_a, "node-a", Recorder::new("node-a", &log)));
-    let b = Running::start(relay(&outbox_b, "node-b", Recorder::new("node-b", &log)));
+    // A lease of 5 s: long enough that, on a loaded machine (the suites of
+    // both backends run at once here), only a crash lets it lapse.
+    let relay = |outbox: &Outbox<S>, node: &str| {
+        outbox
+            .relay(Recorder::new(node, &log))
+            .node_id(node)
+            .batch_size(17)
+            .lease_ttl(Duration::from_secs(5))
+            .heartbeat_interval(Duration::from_millis(200))
+            .poll_interval(Duration::from_millis(100))
+            .retry(common::outbox::fast_retry())
+            .build()
+            .expect("relay")
+    };
+    let a = Running::start(relay(&outbox_a, "node-a"));
+    let b = Running::start(relay(&outbox_b, "node-b"));
     let mut before = Vec::new();
     for i in 0..40 {
         before.push(send(&outbox_a, &format!("k{}", i % 5), i).await);
@@ -597,7 +611,7 @@ async fn one_relay_at_a_time<S: Sql>(store: S) {
     }
     until_delivered(&log, &after).await;
     let failover = crashed_at.elapsed();
-    println!("failover took {failover:?} (lease 2 s, heartbeat 200 ms)");
+    println!("failover took {failover:?} (lease 5 s, heartbeat 200 ms)");
     assert!(
         failover >= Duration::from_secs(1),
         "the lease held: {failover:?}"
