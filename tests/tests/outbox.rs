@@ -806,21 +806,13 @@ async fn bad_messages_and_names_are_refused() {
     assert_eq!(outbox.table(), "bank.events_outbox");
     assert_eq!(outbox.unit().projection, "outbox:bank.events_outbox");
 
-    let bad = [
-        OutboxMessage::new("", "t", json!(1)),
-        OutboxMessage::new("k", "", json!(1)),
-        OutboxMessage::new("k\0", "t", json!(1)),
-        OutboxMessage::new("k", "t", json!(1)).header("h", "nul\0"),
-        OutboxMessage::new("k".repeat(1025), "t", json!(1)),
-    ];
-    for message in bad {
-        match outbox.send(message.clone()).await {
-            Err(error @ StoreError::InvalidAppend { .. }) => {
-                assert!(!error.is_retryable(), "{error}");
-                assert!(error.to_string().contains("bank.events_outbox"), "{error}");
-            }
-            other => panic!("{message:?} was not refused: {other:?}"),
+    // Every bad message is refused on both backends (`refuses_bad_messages`);
+    // here the error names the schema-qualified table.
+    match outbox.send(OutboxMessage::new("", "t", json!(1))).await {
+        Err(error @ StoreError::InvalidAppend { .. }) => {
+            assert!(error.to_string().contains("bank.events_outbox"), "{error}")
         }
+        other => panic!("an empty key was not refused: {other:?}"),
     }
 
     // A schema-qualified outbox delivers like any other.
