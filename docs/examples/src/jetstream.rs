@@ -3,7 +3,7 @@
 //! cluster does not answer, and an application moved from PostgreSQL.
 //! Run by `tests/jetstream.rs` against the test suite's 3-node cluster and
 //! PostgreSQL, but for `open` (it names example hosts). The store's own
-//! tests (`tests/tests/jetstream_store.rs`, `tests/tests/jetstream_cluster.rs`)
+//! tests (`tests/tests/jetstream/jetstream_store/`, `tests/tests/jetstream/jetstream_cluster.rs`)
 //! hurt real servers.
 
 use std::error::Error;
