@@ -281,6 +281,14 @@ pub struct Envelope<A: Aggregate> {
     pub payload: A::Event,
 }
 
+// Here rather than in `upcast/`, which sits below the events it rewrites.
+impl crate::upcast::EventAliases {
+    /// Reads `event` under its current name (its type and payload key).
+    pub fn apply(&self, event: &mut RecordedEvent) {
+        self.rename_read(&mut event.event_type, &mut event.payload);
+    }
+}
+
 impl<A: Aggregate> Envelope<A> {
     /// Where this event stands in the global log.
     pub fn checkpoint(&self) -> Checkpoint {
@@ -441,35 +449,6 @@ pub struct Snapshot {
     pub version: u64,
     /// The serialized aggregate.
     pub state: serde_json::Value,
-}
-
-/// Parses a stored payload and metadata (their JSON text, as a backend reads
-/// them), naming the event when one does not decode: the shared half of the
-/// SQL backends' row decoding.
-#[cfg(any(feature = "postgres", feature = "sqlite"))]
-pub(crate) fn parse_stored(
-    payload: &str,
-    metadata: Option<&str>,
-    describe: impl Fn() -> (EventRef, Uuid, u64),
-) -> Result<(serde_json::Value, Metadata), StoreError> {
-    let undecodable = |what: &'static str, source: serde_json::Error| {
-        let (event, event_id, transaction_id) = describe();
-        StoreError::Undecodable {
-            event: Box::new(event),
-            event_id,
-            transaction_id,
-            what,
-            source,
-        }
-    };
-    let payload = serde_json::from_str(payload).map_err(|e| undecodable("payload", e))?;
-    let metadata = match metadata {
-        None => Metadata::new(),
-        Some(text) => serde_json::from_str::<Option<Metadata>>(text)
-            .map_err(|e| undecodable("metadata", e))?
-            .unwrap_or_default(),
-    };
-    Ok((payload, metadata))
 }
 
 /// A window of the global log from rows: the events before the first row

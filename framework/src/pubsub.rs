@@ -150,7 +150,7 @@ impl NodeEvents {
     pub async fn start<S: EventLog + Clone>(
         store: S,
         bus: EventBus,
-    ) -> Result<NodeEvents, crate::StoreError> {
+    ) -> Result<NodeEvents, crate::error::StoreError> {
         let mut checkpoint: Checkpoint = store.head().await?;
         let stop = CancellationToken::new();
         let token = stop.clone();

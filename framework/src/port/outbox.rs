@@ -142,6 +142,31 @@ impl Default for OutboxSettings {
     }
 }
 
+impl OutboxSettings {
+    /// The outbox table for a store whose events table is `store_events`:
+    /// `<events table>_outbox`, refused when the settings name another
+    /// events table (a SQL backend's check, the same on each).
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    pub(crate) fn outbox_table(
+        &self,
+        store_events: &str,
+    ) -> Result<crate::names::Identifier, StoreError> {
+        let name = self.events_table.as_deref().unwrap_or(store_events);
+        let events = crate::names::Identifier::parse(name, "events table")?;
+        if name != store_events {
+            return Err(crate::error::ConfigError::Invalid {
+                setting: "outbox events table",
+                reason: format!(
+                    "the outbox was given the events table `{events}`, which is not the store's \
+                     (`{store_events}`)"
+                ),
+            }
+            .into());
+        }
+        events.derived("outbox", "outbox table")
+    }
+}
+
 /// Committed messages not yet delivered, as [`OutboxTable::pending`] counts
 /// them.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -468,3 +468,22 @@ pub trait Inbox: Transactional {
 pub trait ProjectionStore: Checkpoints + Leases + DeadLetters + Inbox {}
 
 impl<S: Checkpoints + Leases + DeadLetters + Inbox> ProjectionStore for S {}
+
+/// Refuses to register `name` with `configured` partitions when the store
+/// holds units of it with another count (`stored`, one per unit): every
+/// backend's check, so the error reads the same on each.
+pub(crate) fn same_partitions(
+    name: &str,
+    stored: impl IntoIterator<Item = i64>,
+    configured: u32,
+) -> Result<(), StoreError> {
+    match stored.into_iter().find(|&n| n != i64::from(configured)) {
+        Some(other) => Err(crate::error::ConfigError::PartitionCount {
+            name: name.to_owned(),
+            stored: other.to_string(),
+            configured,
+        }
+        .into()),
+        None => Ok(()),
+    }
+}

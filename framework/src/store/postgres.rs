@@ -101,30 +101,32 @@ impl Drop for Inner {
     }
 }
 
-#[derive(Debug)]
-struct Queries {
-    append: String,
-    append_one: String,
-    append_group: String,
-    stream_head: String,
-    read_stream: String,
-    load: String,
-    load_with_snapshot: String,
-    save_snapshot: String,
-    read_log: String,
-    read_window: String,
-    head: String,
-    committed_head: String,
-    count_events: String,
-    first_pending: String,
-    oldest_transaction: String,
-    ids_ahead: String,
-    rebase: String,
-    rebase_projections: String,
-    outcome: String,
-    record_outcome: String,
-    claim_command: String,
-    prune_outcomes: String,
+crate::store::sql::statements::sql_statements! {
+    /// The event side's statements, one `.sql` file each under `queries/`.
+    struct Queries in "postgres/queries/" {
+        append,
+        append_one,
+        append_group,
+        stream_head,
+        read_stream,
+        load,
+        load_with_snapshot,
+        save_snapshot,
+        read_log,
+        read_window,
+        head,
+        committed_head,
+        count_events,
+        first_pending,
+        oldest_transaction,
+        ids_ahead,
+        rebase,
+        rebase_projections,
+        outcome,
+        record_outcome,
+        claim_command,
+        prune_outcomes,
+    }
 }
 
 /// A driver error with the server it came from.
@@ -228,38 +230,11 @@ impl PostgresStoreBuilder {
             });
         }
         let events = names.events.clone();
-        let render = |sql: &str| names.render(sql);
-        let sql = Queries {
-            append: render(include_str!("postgres/queries/append.sql")),
-            append_one: render(include_str!("postgres/queries/append_one.sql")),
-            append_group: render(include_str!("postgres/queries/append_group.sql")),
-            stream_head: render(include_str!("postgres/queries/stream_head.sql")),
-            read_stream: render(include_str!("postgres/queries/read_stream.sql")),
-            load: render(include_str!("postgres/queries/load.sql")),
-            load_with_snapshot: render(include_str!("postgres/queries/load_with_snapshot.sql")),
-            save_snapshot: render(include_str!("postgres/queries/save_snapshot.sql")),
-            read_log: render(include_str!("postgres/queries/read_log.sql")),
-            read_window: render(include_str!("postgres/queries/read_window.sql")),
-            head: render(include_str!("postgres/queries/head.sql")),
-            committed_head: render(include_str!("postgres/queries/committed_head.sql")),
-            count_events: render(include_str!("postgres/queries/count_events.sql")),
-            first_pending: render(include_str!("postgres/queries/first_pending.sql")),
-            oldest_transaction: render(include_str!("postgres/queries/oldest_transaction.sql")),
-            ids_ahead: render(
-                "SELECT COALESCE((SELECT e.transaction_id FROM {events} e \
-                  ORDER BY e.transaction_id DESC LIMIT 1) >= pg_current_xact_id(), false)",
-            ),
-            rebase: render(include_str!("postgres/queries/rebase.sql")),
-            rebase_projections: render(include_str!("postgres/queries/rebase_projections.sql")),
-            outcome: render(include_str!("postgres/queries/outcome.sql")),
-            record_outcome: render(include_str!("postgres/queries/record_outcome.sql")),
-            claim_command: render(include_str!("postgres/queries/claim_command.sql")),
-            prune_outcomes: render(include_str!("postgres/queries/prune_outcomes.sql")),
-        };
+        let sql = Queries::new(|sql| names.render(sql));
         if self.migrate {
             migrate(&self.pool, &names).await?;
         }
-        let projection_sql = projection_store::Queries::new(&names);
+        let projection_sql = projection_store::Queries::new(|sql| names.render(sql));
         let shutdown = CancellationToken::new();
         let instance = uuid::Uuid::new_v4().simple().to_string();
         let notifier = |channel: &String| {
@@ -435,5 +410,19 @@ impl PostgresStore {
         tx.commit().await.map_err(failed)?;
         self.signal_commit();
         Ok(changed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_event_query_is_rendered() {
+        let names = Names::new("events", None).expect("valid");
+        let queries = Queries::new(|sql| names.render(sql));
+        // `{filter}` is a log filter's clause, given per call.
+        crate::store::sql::statements::assert_rendered(queries.statements(), &["filter"]);
+        assert!(queries.ids_ahead.contains("\"events\""));
     }
 }

@@ -1,6 +1,7 @@
 //! What the PostgreSQL and SQLite backends share, written once: the wake-up
 //! accounting of appends made in callers' transactions, the decoding of
-//! integer columns, and the `Transactional` and `AppendInTransaction`
+//! integer columns and event rows, statements kept as `.sql` files and
+//! rendered once, and the `Transactional` and `AppendInTransaction`
 //! implementations (a macro: the two differ only in their driver's types).
 //!
 //! Each backend keeps what differs in its own folder (its SQL, its error
@@ -8,6 +9,7 @@
 //! no SQL and names neither backend.
 
 pub(crate) mod rows;
+pub(crate) mod statements;
 pub(crate) mod transactions;
 pub(crate) mod wakes;
 

@@ -75,11 +75,12 @@ impl EventAliases {
         names
     }
 
-    /// Reads `event` under its current name (its type and payload key).
-    pub fn apply(&self, event: &mut crate::event::RecordedEvent) {
-        if let Some(new) = self.renamed(&event.event_type) {
-            rename_payload(&mut event.payload, &event.event_type, &new);
-            event.event_type = new;
+    /// Renames a stored type and its payload key to the current name (what
+    /// [`apply`](Self::apply) does to a read event).
+    pub(crate) fn rename_read(&self, event_type: &mut String, payload: &mut serde_json::Value) {
+        if let Some(new) = self.renamed(event_type) {
+            rename_payload(payload, event_type, &new);
+            *event_type = new;
         }
     }
 
@@ -104,10 +105,7 @@ impl Upcaster for EventAliases {
     }
 
     fn upcast(&self, mut event: SerializedEvent) -> Result<SerializedEvent, UpcastError> {
-        if let Some(new) = self.renamed(&event.event_type) {
-            rename_payload(&mut event.payload, &event.event_type, &new);
-            event.event_type = new;
-        }
+        self.rename_read(&mut event.event_type, &mut event.payload);
         Ok(event)
     }
 }

@@ -321,7 +321,7 @@ impl EventLog for JetStreamStore {
         limit: usize,
     ) -> Result<crate::port::log::LogWindow, StoreError> {
         let read = self.read(after, filter, limit).await?;
-        Ok(crate::log::LogWindow::new(
+        Ok(crate::port::log::LogWindow::new(
             read.seen,
             read.events,
             read.complete,

@@ -6,10 +6,10 @@ use async_trait::async_trait;
 use chrono::Utc;
 
 use crate::error::ErrorKind;
-use crate::error::{ConfigError, StoreError};
+use crate::error::StoreError;
 use crate::event::Checkpoint;
 use crate::port::projections::{
-    Checkpoints, Lease, Leases, ProjectionState, UnitError, UnitId, UnitRecord,
+    same_partitions, Checkpoints, Lease, Leases, ProjectionState, UnitError, UnitId, UnitRecord,
 };
 use crate::wake::Wakeups;
 
@@ -19,18 +19,15 @@ use super::state::*;
 impl Checkpoints for MemoryStore {
     async fn register_projection(&self, name: &str, partitions: u32) -> Result<(), StoreError> {
         let mut state = self.state();
-        if let Some((_, u)) = state
-            .units
-            .iter()
-            .find(|(unit, u)| unit.projection == name && u.partitions != partitions)
-        {
-            return Err(ConfigError::PartitionCount {
-                name: name.to_owned(),
-                stored: u.partitions.to_string(),
-                configured: partitions,
-            }
-            .into());
-        }
+        same_partitions(
+            name,
+            state
+                .units
+                .iter()
+                .filter(|(unit, _)| unit.projection == name)
+                .map(|(_, u)| i64::from(u.partitions)),
+            partitions,
+        )?;
         for partition in 0..partitions {
             state
                 .units

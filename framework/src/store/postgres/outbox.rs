@@ -22,7 +22,6 @@ use super::notify::{listen_until, spawn_notifier, Signal};
 use super::PostgresStore;
 use crate::error::{ConfigError, StoreError};
 use crate::event::Checkpoint;
-use crate::names::Identifier;
 use crate::port::outbox::{
     OutboxMessage, OutboxMessageRecord, OutboxSettings, OutboxStore, OutboxTable, Pending,
 };
@@ -51,25 +50,7 @@ impl OutboxStore for PostgresStore {
     type Outbox = PostgresOutbox;
 
     async fn open_outbox(&self, settings: &OutboxSettings) -> Result<PostgresOutbox, StoreError> {
-        let events = Identifier::parse(
-            settings
-                .events_table
-                .as_deref()
-                .unwrap_or(self.events_table()),
-            "events table",
-        )?;
-        if events.to_string() != self.events_table() {
-            return Err(ConfigError::Invalid {
-                setting: "outbox events table",
-                reason: format!(
-                    "the outbox was given the events table `{events}`, which is not the store's \
-                     (`{}`)",
-                    self.events_table()
-                ),
-            }
-            .into());
-        }
-        let table = events.derived("outbox", "outbox table")?;
+        let table = settings.outbox_table(self.events_table())?;
         let channel = format!("{}_outbox", self.channel());
         if channel.len() > 63 {
             return Err(StoreError::InvalidIdentifier {
@@ -78,7 +59,7 @@ impl OutboxStore for PostgresStore {
                 reason: "longer than 63 bytes",
             });
         }
-        let sql = Queries::new(&table.quoted());
+        let sql = Queries::new(|sql| sql.trim().replace("{outbox}", &table.quoted()));
         let exists: bool = sqlx::query_scalar(&sql.table_exists)
             .bind(table.quoted())
             .fetch_one(self.pool())
@@ -260,37 +241,19 @@ impl OutboxTable<PostgresStore> for PostgresOutbox {
     }
 }
 
-/// The outbox queries, one `.sql` file each under `queries/outbox/`,
-/// rendered with the outbox table's name.
-#[derive(Debug)]
-struct Queries {
-    table_exists: String,
-    enqueue: String,
-    read: String,
-    held_back: String,
-    mark_delivered: String,
-    cleanup: String,
-    pending: String,
-    ahead: String,
-    rebase_delivered: String,
-    rebase_pending: String,
-}
-
-impl Queries {
-    fn new(outbox: &str) -> Self {
-        let render = |sql: &str| sql.trim().replace("{outbox}", outbox);
-        Queries {
-            table_exists: render(include_str!("queries/outbox/table_exists.sql")),
-            enqueue: render(include_str!("queries/outbox/enqueue.sql")),
-            read: render(include_str!("queries/outbox/read.sql")),
-            held_back: render(include_str!("queries/outbox/held_back.sql")),
-            mark_delivered: render(include_str!("queries/outbox/mark_delivered.sql")),
-            cleanup: render(include_str!("queries/outbox/cleanup.sql")),
-            pending: render(include_str!("queries/outbox/pending.sql")),
-            ahead: render(include_str!("queries/outbox/ahead.sql")),
-            rebase_delivered: render(include_str!("queries/outbox/rebase_delivered.sql")),
-            rebase_pending: render(include_str!("queries/outbox/rebase_pending.sql")),
-        }
+crate::store::sql::statements::sql_statements! {
+    /// The outbox statements, one `.sql` file each under `queries/outbox/`.
+    struct Queries in "queries/outbox/" {
+        table_exists,
+        enqueue,
+        read,
+        held_back,
+        mark_delivered,
+        cleanup,
+        pending,
+        ahead,
+        rebase_delivered,
+        rebase_pending,
     }
 }
 
@@ -330,24 +293,7 @@ mod tests {
 
     #[test]
     fn every_outbox_query_is_rendered() {
-        let queries = Queries::new("\"events_outbox\"");
-        for (name, sql) in [
-            ("table_exists", &queries.table_exists),
-            ("enqueue", &queries.enqueue),
-            ("read", &queries.read),
-            ("held_back", &queries.held_back),
-            ("mark_delivered", &queries.mark_delivered),
-            ("cleanup", &queries.cleanup),
-            ("pending", &queries.pending),
-            ("ahead", &queries.ahead),
-            ("rebase_delivered", &queries.rebase_delivered),
-            ("rebase_pending", &queries.rebase_pending),
-        ] {
-            assert!(!sql.is_empty(), "query `{name}` missing");
-            assert!(
-                !sql.contains('{'),
-                "query `{name}` has an unrendered placeholder: {sql}"
-            );
-        }
+        let queries = Queries::new(|sql| sql.trim().replace("{outbox}", "\"events_outbox\""));
+        crate::store::sql::statements::assert_rendered(queries.statements(), &[]);
     }
 }

@@ -9,66 +9,38 @@ use sqlx::postgres::PgRow;
 use sqlx::{Postgres, Row, Transaction};
 
 use super::errors::undefined_table;
-use super::{classify, db, pg_error, to_i64, txid_column, u64_column, Names, PostgresStore};
+use super::{classify, db, pg_error, to_i64, txid_column, u64_column, PostgresStore};
 use crate::error::{ConfigError, ErrorKind, EventRef, StoreError};
 use crate::event::Checkpoint;
 use crate::port::projections::{
-    Checkpoints, DeadLetter, DeadLetters, Inbox, Lease, Leases, NewDeadLetter, ProjectionState,
-    UnitError, UnitId, UnitRecord,
+    same_partitions, Checkpoints, DeadLetter, DeadLetters, Inbox, Lease, Leases, NewDeadLetter,
+    ProjectionState, UnitError, UnitId, UnitRecord,
 };
 use crate::wake::Wakeups;
 
-/// The projection side's queries, one `.sql` file each under `queries/`,
-/// rendered with the store's table names.
-#[derive(Debug)]
-pub(super) struct Queries {
-    pub(super) register: String,
-    pub(super) partition_counts: String,
-    pub(super) node_heartbeat: String,
-    pub(super) claim: String,
-    pub(super) renew: String,
-    pub(super) release: String,
-    pub(super) give_up: String,
-    pub(super) deregister: String,
-    pub(super) save_checkpoint: String,
-    pub(super) set_state: String,
-    pub(super) units: String,
-    pub(super) reset: String,
-    pub(super) set_paused: String,
-    pub(super) restart: String,
-    pub(super) park: String,
-    pub(super) dead_letters: String,
-    pub(super) take_dead_letter: String,
-    pub(super) note_dead_letter_failure: String,
-    pub(super) discard_dead_letter: String,
-    pub(super) inbox_claim: String,
-}
-
-impl Queries {
-    pub(super) fn new(names: &Names) -> Self {
-        Queries {
-            register: names.render(include_str!("queries/register.sql")),
-            partition_counts: names.render(include_str!("queries/partition_counts.sql")),
-            node_heartbeat: names.render(include_str!("queries/node_heartbeat.sql")),
-            claim: names.render(include_str!("queries/claim.sql")),
-            renew: names.render(include_str!("queries/renew.sql")),
-            release: names.render(include_str!("queries/release.sql")),
-            give_up: names.render(include_str!("queries/give_up.sql")),
-            deregister: names.render(include_str!("queries/deregister.sql")),
-            save_checkpoint: names.render(include_str!("queries/save_checkpoint.sql")),
-            set_state: names.render(include_str!("queries/set_state.sql")),
-            units: names.render(include_str!("queries/units.sql")),
-            reset: names.render(include_str!("queries/reset.sql")),
-            set_paused: names.render(include_str!("queries/set_paused.sql")),
-            restart: names.render(include_str!("queries/restart.sql")),
-            park: names.render(include_str!("queries/park.sql")),
-            dead_letters: names.render(include_str!("queries/dead_letters.sql")),
-            take_dead_letter: names.render(include_str!("queries/take_dead_letter.sql")),
-            note_dead_letter_failure: names
-                .render(include_str!("queries/note_dead_letter_failure.sql")),
-            discard_dead_letter: names.render(include_str!("queries/discard_dead_letter.sql")),
-            inbox_claim: names.render(include_str!("queries/inbox_claim.sql")),
-        }
+crate::store::sql::statements::sql_statements! {
+    /// The projection side's statements, one `.sql` file each under `queries/`.
+    pub(super) struct Queries in "queries/" {
+        register,
+        partition_counts,
+        node_heartbeat,
+        claim,
+        renew,
+        release,
+        give_up,
+        deregister,
+        save_checkpoint,
+        set_state,
+        units,
+        reset,
+        set_paused,
+        restart,
+        park,
+        dead_letters,
+        take_dead_letter,
+        note_dead_letter_failure,
+        discard_dead_letter,
+        inbox_claim,
     }
 }
 
@@ -174,14 +146,7 @@ impl Checkpoints for PostgresStore {
                     db("reading a projection's partitions")(error)
                 }
             })?;
-        if let Some(other) = stored.iter().find(|&&n| n != partitions as i32) {
-            return Err(ConfigError::PartitionCount {
-                name: name.to_owned(),
-                stored: other.to_string(),
-                configured: partitions,
-            }
-            .into());
-        }
+        same_partitions(name, stored.into_iter().map(i64::from), partitions)?;
         sqlx::query(&self.inner.projection_sql.register)
             .bind(name)
             .bind(partitions as i32)
@@ -554,21 +519,13 @@ impl PostgresStore {
 
 #[cfg(test)]
 mod tests {
+    use super::super::Names;
     use super::*;
 
     #[test]
     fn every_projection_query_is_rendered() {
         let names = Names::new("events", None).expect("valid");
-        let queries = format!("{:?}", Queries::new(&names));
-        for placeholder in [
-            "{events}",
-            "{projections}",
-            "{leases}",
-            "{nodes}",
-            "{dead_letters}",
-            "{inbox}",
-        ] {
-            assert!(!queries.contains(placeholder), "unrendered {placeholder}");
-        }
+        let queries = Queries::new(|sql| names.render(sql));
+        crate::store::sql::statements::assert_rendered(queries.statements(), &[]);
     }
 }

@@ -6,8 +6,9 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use super::{pg_error, PostgresStore};
-use crate::error::{EventRef, StoreError};
-use crate::event::{decode_window, parse_stored, RecordedEvent};
+use crate::error::StoreError;
+use crate::event::{decode_window, RecordedEvent};
+use crate::store::sql::rows::StoredRow;
 
 impl PostgresStore {
     /// Decodes every row; the first that does not decode fails the read
@@ -38,37 +39,24 @@ pub(super) fn decode_event(row: &PgRow, table: &str) -> Result<RecordedEvent, St
     let event_version: String = row.try_get("event_version").map_err(get_err)?;
     let event_id: Uuid = row.try_get("event_id").map_err(get_err)?;
     let transaction_id = txid_column(row, table)?;
-    let payload_text: String = row.try_get("payload").map_err(get_err)?;
-    let metadata_text: Option<String> = row.try_get("metadata").map_err(get_err)?;
-    let (payload, metadata) = parse_stored(&payload_text, metadata_text.as_deref(), || {
-        (
-            EventRef {
-                aggregate_type: aggregate_type.clone(),
-                aggregate_id: aggregate_id.clone(),
-                sequence,
-                position: Some(position),
-                event_type: event_type.clone(),
-                event_version: event_version.clone(),
-            },
-            event_id,
-            transaction_id,
-        )
-    })?;
-    Ok(RecordedEvent {
+    let payload: String = row.try_get("payload").map_err(get_err)?;
+    let metadata: Option<String> = row.try_get("metadata").map_err(get_err)?;
+    StoredRow {
         event_id,
         transaction_id,
-        recorded_at: row.try_get("recorded_at").map_err(get_err)?,
-        payload,
-        correlation_id: row.try_get("correlation_id").map_err(get_err)?,
-        causation_id: row.try_get("causation_id").map_err(get_err)?,
+        position,
         aggregate_type,
         aggregate_id,
         sequence,
-        position,
         event_type,
         event_version,
-        metadata,
-    })
+        payload: &payload,
+        metadata: metadata.as_deref(),
+        recorded_at: row.try_get("recorded_at").map_err(get_err)?,
+        correlation_id: row.try_get("correlation_id").map_err(get_err)?,
+        causation_id: row.try_get("causation_id").map_err(get_err)?,
+    }
+    .decode()
 }
 
 pub(super) fn u64_column(

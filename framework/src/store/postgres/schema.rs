@@ -5,6 +5,7 @@ use sqlx::postgres::PgPool;
 
 use crate::error::StoreError;
 use crate::names::Identifier;
+use crate::store::sql::statements::Placeholders;
 
 /// Schema migrations, applied in order, each once per events table.
 const MIGRATIONS: &[(i32, &str, &str)] = &[
@@ -53,7 +54,7 @@ const MIGRATION_LOCK: i64 = 0x6f75_7466_6c6f_7701;
 #[derive(Debug, Clone)]
 pub(super) struct Names {
     pub(super) events: Identifier,
-    replacements: Vec<(&'static str, String)>,
+    placeholders: Placeholders,
 }
 
 impl Names {
@@ -113,16 +114,12 @@ impl Names {
         ];
         Ok(Names {
             events,
-            replacements,
+            placeholders: Placeholders::new(replacements),
         })
     }
 
     pub(super) fn render(&self, sql: &str) -> String {
-        self.replacements
-            .iter()
-            .fold(sql.to_owned(), |sql, (placeholder, value)| {
-                sql.replace(placeholder, value)
-            })
+        self.placeholders.render(sql)
     }
 }
 

@@ -1,9 +1,74 @@
-//! Integer columns as Outflow's unsigned values, and the error for a stored
-//! value Outflow cannot represent.
+//! Event rows as [`RecordedEvent`]s, integer columns as Outflow's unsigned
+//! values, and the error for a stored value Outflow cannot represent.
 
+use chrono::{DateTime, Utc};
 use sqlx::{ColumnIndex, Decode, Row, Type};
+use uuid::Uuid;
 
-use crate::error::StoreError;
+use crate::error::{EventRef, StoreError};
+use crate::event::{Metadata, RecordedEvent};
+
+/// An event row's columns as a SQL backend reads them (each its own way),
+/// payload and metadata still their stored JSON text.
+pub(crate) struct StoredRow<'a> {
+    pub(crate) event_id: Uuid,
+    pub(crate) transaction_id: u64,
+    pub(crate) position: u64,
+    pub(crate) aggregate_type: String,
+    pub(crate) aggregate_id: String,
+    pub(crate) sequence: u64,
+    pub(crate) event_type: String,
+    pub(crate) event_version: String,
+    pub(crate) payload: &'a str,
+    pub(crate) metadata: Option<&'a str>,
+    pub(crate) recorded_at: DateTime<Utc>,
+    pub(crate) correlation_id: Option<Uuid>,
+    pub(crate) causation_id: Option<Uuid>,
+}
+
+impl StoredRow<'_> {
+    /// The event, its payload and metadata parsed here, row by row, so one
+    /// value that `serde_json` refuses names its event
+    /// ([`StoreError::Undecodable`]) instead of failing a whole read.
+    pub(crate) fn decode(self) -> Result<RecordedEvent, StoreError> {
+        let undecodable = |what: &'static str, source: serde_json::Error| StoreError::Undecodable {
+            event: Box::new(EventRef {
+                aggregate_type: self.aggregate_type.clone(),
+                aggregate_id: self.aggregate_id.clone(),
+                sequence: self.sequence,
+                position: Some(self.position),
+                event_type: self.event_type.clone(),
+                event_version: self.event_version.clone(),
+            }),
+            event_id: self.event_id,
+            transaction_id: self.transaction_id,
+            what,
+            source,
+        };
+        let payload = serde_json::from_str(self.payload).map_err(|e| undecodable("payload", e))?;
+        let metadata = match self.metadata {
+            None => Metadata::new(),
+            Some(text) => serde_json::from_str::<Option<Metadata>>(text)
+                .map_err(|e| undecodable("metadata", e))?
+                .unwrap_or_default(),
+        };
+        Ok(RecordedEvent {
+            event_id: self.event_id,
+            transaction_id: self.transaction_id,
+            recorded_at: self.recorded_at,
+            payload,
+            correlation_id: self.correlation_id,
+            causation_id: self.causation_id,
+            aggregate_type: self.aggregate_type,
+            aggregate_id: self.aggregate_id,
+            sequence: self.sequence,
+            position: self.position,
+            event_type: self.event_type,
+            event_version: self.event_version,
+            metadata,
+        })
+    }
+}
 
 /// A non-negative integer column; a negative value is a corrupt row of
 /// `table`, a column that cannot be read is `failed`'s database error.

@@ -9,9 +9,10 @@ use uuid::Uuid;
 
 use super::rows::{corrupt, micros_column, u64_column};
 use super::{db, to_i64, SqliteStore};
-use crate::error::{EventRef, StoreError};
-use crate::event::{decode_window, parse_stored, Checkpoint, RecordedEvent};
+use crate::error::StoreError;
+use crate::event::{decode_window, Checkpoint, RecordedEvent};
 use crate::port::log::{EventLog, LogFilter};
+use crate::store::sql::rows::StoredRow;
 use crate::wake::Wakeups;
 
 /// A window of the log as one JSON array of rows (see the statement's
@@ -123,35 +124,22 @@ fn window_event(row: WindowRow, table: &str) -> Result<RecordedEvent, StoreError
     let transaction_id = unsigned(transaction_id, "transaction id")?;
     let sequence = unsigned(sequence, "sequence")?;
     let event_id = uuid(&event_id)?;
-    let (payload, metadata) = parse_stored(&payload, metadata.as_deref(), || {
-        (
-            EventRef {
-                aggregate_type: aggregate_type.clone(),
-                aggregate_id: aggregate_id.clone(),
-                sequence,
-                position: Some(position),
-                event_type: event_type.clone(),
-                event_version: event_version.clone(),
-            },
-            event_id,
-            transaction_id,
-        )
-    })?;
-    Ok(RecordedEvent {
+    StoredRow {
         event_id,
+        transaction_id,
+        position,
         aggregate_type,
         aggregate_id,
         sequence,
-        position,
-        transaction_id,
-        recorded_at: micros_column(recorded_at, table)?,
         event_type,
         event_version,
-        payload,
-        metadata,
+        payload: &payload,
+        metadata: metadata.as_deref(),
+        recorded_at: micros_column(recorded_at, table)?,
         correlation_id: optional_uuid(correlation_id)?,
         causation_id: optional_uuid(causation_id)?,
-    })
+    }
+    .decode()
 }
 
 #[async_trait]

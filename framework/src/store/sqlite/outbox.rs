@@ -24,7 +24,6 @@ use super::rows::{corrupt, micros_column, u64_column};
 use super::{db, to_i64, SqliteStore};
 use crate::error::{ConfigError, StoreError};
 use crate::event::Checkpoint;
-use crate::names::Identifier;
 use crate::port::outbox::{
     OutboxMessage, OutboxMessageRecord, OutboxSettings, OutboxStore, OutboxTable, Pending,
 };
@@ -43,24 +42,8 @@ impl OutboxStore for SqliteStore {
     type Outbox = SqliteOutbox;
 
     async fn open_outbox(&self, settings: &OutboxSettings) -> Result<SqliteOutbox, StoreError> {
-        let name = settings
-            .events_table
-            .as_deref()
-            .unwrap_or(self.events_table());
-        let events = Identifier::parse(name, "events table")?;
-        if name != self.events_table() {
-            return Err(ConfigError::Invalid {
-                setting: "outbox events table",
-                reason: format!(
-                    "the outbox was given the events table `{events}`, which is not the store's \
-                     (`{}`)",
-                    self.events_table()
-                ),
-            }
-            .into());
-        }
-        let table = events.derived("outbox", "outbox table")?;
-        let sql = Queries::new(&table.quoted());
+        let table = settings.outbox_table(self.events_table())?;
+        let sql = Queries::new(|sql| sql.trim().replace("{outbox}", &table.quoted()));
         let exists: bool = sqlx::query_scalar(&sql.table_exists)
             .bind(table.to_string())
             .fetch_one(self.pool())
@@ -212,29 +195,15 @@ impl OutboxTable<SqliteStore> for SqliteOutbox {
     async fn listen(&self, _wake: &(dyn Fn() + Send + Sync), _stop: &CancellationToken) {}
 }
 
-/// The outbox statements, one `.sql` file each under `queries/outbox/`,
-/// rendered with the outbox table's name.
-#[derive(Debug)]
-struct Queries {
-    table_exists: String,
-    enqueue: String,
-    read: String,
-    mark_delivered: String,
-    cleanup: String,
-    pending: String,
-}
-
-impl Queries {
-    fn new(outbox: &str) -> Self {
-        let render = |sql: &str| sql.trim().replace("{outbox}", outbox);
-        Queries {
-            table_exists: render(include_str!("queries/outbox/table_exists.sql")),
-            enqueue: render(include_str!("queries/outbox/enqueue.sql")),
-            read: render(include_str!("queries/outbox/read.sql")),
-            mark_delivered: render(include_str!("queries/outbox/mark_delivered.sql")),
-            cleanup: render(include_str!("queries/outbox/cleanup.sql")),
-            pending: render(include_str!("queries/outbox/pending.sql")),
-        }
+crate::store::sql::statements::sql_statements! {
+    /// The outbox statements, one `.sql` file each under `queries/outbox/`.
+    struct Queries in "queries/outbox/" {
+        table_exists,
+        enqueue,
+        read,
+        mark_delivered,
+        cleanup,
+        pending,
     }
 }
 
@@ -271,20 +240,7 @@ mod tests {
 
     #[test]
     fn every_outbox_statement_is_rendered() {
-        let queries = Queries::new("\"events_outbox\"");
-        for (name, sql) in [
-            ("table_exists", &queries.table_exists),
-            ("enqueue", &queries.enqueue),
-            ("read", &queries.read),
-            ("mark_delivered", &queries.mark_delivered),
-            ("cleanup", &queries.cleanup),
-            ("pending", &queries.pending),
-        ] {
-            assert!(!sql.is_empty(), "statement `{name}` missing");
-            assert!(
-                !sql.contains("{outbox}"),
-                "statement `{name}` has an unrendered placeholder: {sql}"
-            );
-        }
+        let queries = Queries::new(|sql| sql.trim().replace("{outbox}", "\"events_outbox\""));
+        crate::store::sql::statements::assert_rendered(queries.statements(), &[]);
     }
 }

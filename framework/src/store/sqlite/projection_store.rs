@@ -28,8 +28,8 @@ use super::{classify, db, to_i64, SqliteStore};
 use crate::error::{ConfigError, ErrorKind, EventRef, StoreError};
 use crate::event::Checkpoint;
 use crate::port::projections::{
-    Checkpoints, DeadLetter, DeadLetters, Inbox, Lease, Leases, NewDeadLetter, ProjectionState,
-    UnitError, UnitId, UnitRecord,
+    same_partitions, Checkpoints, DeadLetter, DeadLetters, Inbox, Lease, Leases, NewDeadLetter,
+    ProjectionState, UnitError, UnitId, UnitRecord,
 };
 use crate::wake::Wakeups;
 
@@ -250,14 +250,7 @@ impl Checkpoints for SqliteStore {
                     db("reading a projection's partitions")(error)
                 }
             })?;
-        if let Some(other) = stored.iter().find(|&&n| n != i64::from(partitions)) {
-            return Err(ConfigError::PartitionCount {
-                name: name.to_owned(),
-                stored: other.to_string(),
-                configured: partitions,
-            }
-            .into());
-        }
+        same_partitions(name, stored, partitions)?;
         sqlx::query(&self.inner.queries.register)
             .bind(name)
             .bind(i64::from(partitions))

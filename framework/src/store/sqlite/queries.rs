@@ -10,84 +10,66 @@ use std::sync::{Arc, Mutex};
 use super::rows::COLUMNS;
 use super::schema::Tables;
 
-/// The statements, rendered for one store's tables.
+crate::store::sql::statements::sql_statements! {
+    /// The statements, rendered for one store's tables.
+    pub(super) struct Statements in "queries/" {
+        version,
+        read_stream,
+        load,
+        save_snapshot,
+        head,
+        outcome,
+        outcome_insert,
+        outcome_prune,
+        partition_counts,
+        register,
+        node_heartbeat,
+        live_nodes,
+        claim,
+        lease,
+        renew,
+        renewed,
+        give_up,
+        free_node_leases,
+        delete_node,
+        release,
+        save_checkpoint,
+        set_state,
+        units,
+        reset,
+        set_paused,
+        restart_leases,
+        restart,
+        park,
+        dead_letters,
+        take_dead_letter,
+        note_dead_letter_failure,
+        discard_dead_letter,
+        inbox_claim,
+    }
+}
+
+/// The statements, and those rendered per call or on first use.
 #[derive(Debug)]
 pub(super) struct Queries {
-    pub(super) version: String,
-    pub(super) read_stream: String,
-    pub(super) load: String,
-    pub(super) save_snapshot: String,
-    pub(super) head: String,
-    pub(super) outcome: String,
-    pub(super) outcome_insert: String,
-    pub(super) outcome_prune: String,
-    pub(super) partition_counts: String,
-    pub(super) register: String,
-    pub(super) node_heartbeat: String,
-    pub(super) live_nodes: String,
-    pub(super) claim: String,
-    pub(super) lease: String,
-    pub(super) renew: String,
-    pub(super) renewed: String,
-    pub(super) give_up: String,
-    pub(super) free_node_leases: String,
-    pub(super) delete_node: String,
-    pub(super) release: String,
-    pub(super) save_checkpoint: String,
-    pub(super) set_state: String,
-    pub(super) units: String,
-    pub(super) reset: String,
-    pub(super) set_paused: String,
-    pub(super) restart_leases: String,
-    pub(super) restart: String,
-    pub(super) park: String,
-    pub(super) dead_letters: String,
-    pub(super) take_dead_letter: String,
-    pub(super) note_dead_letter_failure: String,
-    pub(super) discard_dead_letter: String,
-    pub(super) inbox_claim: String,
+    files: Statements,
     /// One `INSERT` per count of events, rendered when first used.
     inserts: Mutex<HashMap<usize, Arc<str>>>,
     tables: Tables,
 }
 
+impl std::ops::Deref for Queries {
+    type Target = Statements;
+
+    fn deref(&self) -> &Statements {
+        &self.files
+    }
+}
+
 impl Queries {
     pub(super) fn new(tables: &Tables) -> Self {
-        let render = |sql: &str| tables.render(&sql.replace("{columns}", COLUMNS));
         Queries {
-            version: render(include_str!("queries/version.sql")),
-            read_stream: render(include_str!("queries/read_stream.sql")),
-            load: render(include_str!("queries/load.sql")),
-            save_snapshot: render(include_str!("queries/save_snapshot.sql")),
-            head: render(include_str!("queries/head.sql")),
-            outcome: render(include_str!("queries/outcome.sql")),
-            outcome_insert: render(include_str!("queries/outcome_insert.sql")),
-            outcome_prune: render(include_str!("queries/outcome_prune.sql")),
-            partition_counts: render(include_str!("queries/partition_counts.sql")),
-            register: render(include_str!("queries/register.sql")),
-            node_heartbeat: render(include_str!("queries/node_heartbeat.sql")),
-            live_nodes: render(include_str!("queries/live_nodes.sql")),
-            claim: render(include_str!("queries/claim.sql")),
-            lease: render(include_str!("queries/lease.sql")),
-            renew: render(include_str!("queries/renew.sql")),
-            renewed: render(include_str!("queries/renewed.sql")),
-            give_up: render(include_str!("queries/give_up.sql")),
-            free_node_leases: render(include_str!("queries/free_node_leases.sql")),
-            delete_node: render(include_str!("queries/delete_node.sql")),
-            release: render(include_str!("queries/release.sql")),
-            save_checkpoint: render(include_str!("queries/save_checkpoint.sql")),
-            set_state: render(include_str!("queries/set_state.sql")),
-            units: render(include_str!("queries/units.sql")),
-            reset: render(include_str!("queries/reset.sql")),
-            set_paused: render(include_str!("queries/set_paused.sql")),
-            restart_leases: render(include_str!("queries/restart_leases.sql")),
-            restart: render(include_str!("queries/restart.sql")),
-            park: render(include_str!("queries/park.sql")),
-            dead_letters: render(include_str!("queries/dead_letters.sql")),
-            take_dead_letter: render(include_str!("queries/take_dead_letter.sql")),
-            note_dead_letter_failure: render(include_str!("queries/note_dead_letter_failure.sql")),
-            discard_dead_letter: render(include_str!("queries/discard_dead_letter.sql")),
-            inbox_claim: render(include_str!("queries/inbox_claim.sql")),
+            files: Statements::new(|sql| tables.render(&sql.replace("{columns}", COLUMNS))),
             inserts: Mutex::new(HashMap::new()),
             tables: tables.clone(),
         }
@@ -121,59 +103,7 @@ mod tests {
     fn every_statement_is_rendered() {
         let tables = Tables::new("events").expect("tables");
         let queries = Queries::new(&tables);
-        let statements = [
-            ("version", &queries.version),
-            ("read_stream", &queries.read_stream),
-            ("load", &queries.load),
-            ("save_snapshot", &queries.save_snapshot),
-            ("head", &queries.head),
-            ("outcome", &queries.outcome),
-            ("outcome_insert", &queries.outcome_insert),
-            ("outcome_prune", &queries.outcome_prune),
-            ("partition_counts", &queries.partition_counts),
-            ("register", &queries.register),
-            ("node_heartbeat", &queries.node_heartbeat),
-            ("live_nodes", &queries.live_nodes),
-            ("claim", &queries.claim),
-            ("lease", &queries.lease),
-            ("renew", &queries.renew),
-            ("renewed", &queries.renewed),
-            ("give_up", &queries.give_up),
-            ("free_node_leases", &queries.free_node_leases),
-            ("delete_node", &queries.delete_node),
-            ("release", &queries.release),
-            ("save_checkpoint", &queries.save_checkpoint),
-            ("set_state", &queries.set_state),
-            ("units", &queries.units),
-            ("reset", &queries.reset),
-            ("set_paused", &queries.set_paused),
-            ("restart_leases", &queries.restart_leases),
-            ("restart", &queries.restart),
-            ("park", &queries.park),
-            ("dead_letters", &queries.dead_letters),
-            ("take_dead_letter", &queries.take_dead_letter),
-            (
-                "note_dead_letter_failure",
-                &queries.note_dead_letter_failure,
-            ),
-            ("discard_dead_letter", &queries.discard_dead_letter),
-            ("inbox_claim", &queries.inbox_claim),
-        ];
-        for (name, sql) in statements {
-            assert!(!sql.is_empty(), "statement `{name}` is empty");
-            for placeholder in [
-                "{events}",
-                "{projections}",
-                "{leases}",
-                "{nodes}",
-                "{columns}",
-            ] {
-                assert!(
-                    !sql.contains(placeholder),
-                    "statement `{name}` still holds {placeholder}"
-                );
-            }
-        }
+        crate::store::sql::statements::assert_rendered(queries.statements(), &[]);
         assert!(queries.claim.contains("\"events_projections\""));
         assert!(queries.units.contains("error_kind"));
     }

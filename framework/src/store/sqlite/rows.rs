@@ -6,8 +6,9 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use super::db;
-use crate::error::{EventRef, StoreError};
-use crate::event::{parse_stored, RecordedEvent};
+use crate::error::StoreError;
+use crate::event::RecordedEvent;
+use crate::store::sql::rows::StoredRow;
 
 /// The columns every event read selects, in `decode_event`'s names.
 pub(super) const COLUMNS: &str = "e.position, e.transaction_id, e.aggregate_type, e.aggregate_id, \
@@ -40,42 +41,29 @@ pub(super) fn decode_event(row: &SqliteRow, table: &str) -> Result<RecordedEvent
     let metadata: Option<&str> = row
         .try_get("metadata")
         .map_err(db("decoding an event row"))?;
-    let (payload, metadata) = parse_stored(payload, metadata, || {
-        (
-            EventRef {
-                aggregate_type: aggregate_type.clone(),
-                aggregate_id: aggregate_id.clone(),
-                sequence,
-                position: Some(position),
-                event_type: event_type.clone(),
-                event_version: event_version.clone(),
-            },
-            event_id,
-            transaction_id,
-        )
-    })?;
     let recorded_at: i64 = row
         .try_get("recorded_at")
         .map_err(db("decoding an event row"))?;
-    Ok(RecordedEvent {
+    StoredRow {
         event_id,
+        transaction_id,
+        position,
         aggregate_type,
         aggregate_id,
         sequence,
-        position,
-        transaction_id,
-        recorded_at: micros_column(recorded_at, table)?,
         event_type,
         event_version,
         payload,
         metadata,
+        recorded_at: micros_column(recorded_at, table)?,
         correlation_id: row
             .try_get("correlation_id")
             .map_err(db("decoding an event row"))?,
         causation_id: row
             .try_get("causation_id")
             .map_err(db("decoding an event row"))?,
-    })
+    }
+    .decode()
 }
 
 /// A non-negative integer column.

@@ -5,13 +5,14 @@ use sqlx::SqlitePool;
 
 use crate::error::StoreError;
 use crate::names::Identifier;
+use crate::store::sql::statements::Placeholders;
 
 /// The store's tables, validated and quoted for SQL.
 #[derive(Debug, Clone)]
 pub(super) struct Tables {
     /// The events table as configured (unquoted).
     pub(super) events: String,
-    replacements: Vec<(&'static str, String)>,
+    placeholders: Placeholders,
 }
 
 impl Tables {
@@ -49,17 +50,13 @@ impl Tables {
         replacements.push(("{events}", events.quoted()));
         Ok(Tables {
             events: events_table.to_owned(),
-            replacements,
+            placeholders: Placeholders::new(replacements),
         })
     }
 
     /// `sql` with the table placeholders replaced.
     pub(super) fn render(&self, sql: &str) -> String {
-        self.replacements
-            .iter()
-            .fold(sql.to_owned(), |sql, (placeholder, value)| {
-                sql.replace(placeholder, value)
-            })
+        self.placeholders.render(sql)
     }
 
     /// The unquoted name of a companion table (`projections`, `leases`, ...).
