@@ -413,6 +413,41 @@ pub struct AppendRequest {
     pub events: Vec<NewEvent>,
 }
 
+/// A stream's new events as recorded, sequences following
+/// `expected_version`; `place(index)` gives each its position, transaction
+/// id and time (the backend's answer). Every backend's last step of an
+/// append.
+pub(crate) fn recorded_events<E>(
+    aggregate_type: &str,
+    aggregate_id: &str,
+    expected_version: u64,
+    events: Vec<NewEvent>,
+    mut place: impl FnMut(usize) -> Result<(u64, u64, DateTime<Utc>), E>,
+) -> Result<Vec<RecordedEvent>, E> {
+    events
+        .into_iter()
+        .enumerate()
+        .map(|(i, event)| {
+            let (position, transaction_id, recorded_at) = place(i)?;
+            Ok(RecordedEvent {
+                event_id: event.event_id,
+                aggregate_type: aggregate_type.to_owned(),
+                aggregate_id: aggregate_id.to_owned(),
+                sequence: expected_version + i as u64 + 1,
+                position,
+                transaction_id,
+                recorded_at,
+                event_type: event.event_type,
+                event_version: event.event_version,
+                payload: event.payload,
+                metadata: event.metadata,
+                correlation_id: event.correlation_id,
+                causation_id: event.causation_id,
+            })
+        })
+        .collect()
+}
+
 impl AppendRequest {
     pub(crate) fn validate(&self) -> Result<(), StoreError> {
         let invalid = |reason: &str| StoreError::InvalidAppend {

@@ -8,6 +8,7 @@
 //! classification, how it begins a write transaction); this module holds
 //! no SQL and names neither backend.
 
+pub(crate) mod errors;
 pub(crate) mod rows;
 pub(crate) mod statements;
 pub(crate) mod transactions;

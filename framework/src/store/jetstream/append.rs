@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::error::{ErrorKind, StoreError};
-use crate::event::{AppendRequest, RecordedEvent, Snapshot};
+use crate::event::{recorded_events, AppendRequest, RecordedEvent, Snapshot};
 use crate::port::events::{EventStore, LoadedStream};
 
 use super::codec::*;
@@ -355,25 +355,12 @@ impl JetStreamStore {
             .appended(partition, &stream_token(aggregate_type), seq);
         self.inner.wake.wake();
         self.signal_other_nodes();
-        Ok(request
-            .events
-            .into_iter()
-            .enumerate()
-            .map(|(index, event)| RecordedEvent {
-                event_id: event.event_id,
-                aggregate_type: aggregate_type.clone(),
-                aggregate_id: aggregate_id.clone(),
-                sequence: request.expected_version + 1 + index as u64,
-                position: position(seq, partition, index),
-                transaction_id: seq,
-                recorded_at,
-                event_type: event.event_type,
-                event_version: event.event_version,
-                payload: event.payload,
-                metadata: event.metadata,
-                correlation_id: event.correlation_id,
-                causation_id: event.causation_id,
-            })
-            .collect())
+        recorded_events(
+            aggregate_type,
+            aggregate_id,
+            request.expected_version,
+            request.events,
+            |i| Ok((position(seq, partition, i), seq, recorded_at)),
+        )
     }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 
 use crate::error::StoreError;
-use crate::event::{AppendRequest, Checkpoint, RecordedEvent, Snapshot};
+use crate::event::{recorded_events, AppendRequest, Checkpoint, RecordedEvent, Snapshot};
 use crate::outcome::CommandOutcome;
 use crate::port::projections::{DeadLetter, ProjectionState, UnitId};
 use crate::wake::WakeSignal;
@@ -130,26 +130,23 @@ impl State {
         let transaction_id = self.transactions;
         let log_len = self.log.len();
         let recorded_at = Utc::now();
-        request
-            .events
-            .into_iter()
-            .enumerate()
-            .map(|(offset, event)| RecordedEvent {
-                event_id: event.event_id,
-                aggregate_type: request.aggregate_type.clone(),
-                aggregate_id: request.aggregate_id.clone(),
-                sequence: request.expected_version + offset as u64 + 1,
-                position: (log_len + offset) as u64 + 1,
-                transaction_id,
-                recorded_at,
-                event_type: event.event_type,
-                event_version: event.event_version,
-                payload: event.payload,
-                metadata: event.metadata,
-                correlation_id: event.correlation_id,
-                causation_id: event.causation_id,
-            })
-            .collect()
+        let placed = recorded_events(
+            &request.aggregate_type,
+            &request.aggregate_id,
+            request.expected_version,
+            request.events,
+            |i| {
+                Ok::<_, std::convert::Infallible>((
+                    (log_len + i) as u64 + 1,
+                    transaction_id,
+                    recorded_at,
+                ))
+            },
+        );
+        match placed {
+            Ok(events) => events,
+            Err(never) => match never {},
+        }
     }
 
     /// Appends recorded events to the log and to their streams.

@@ -9,9 +9,10 @@ use sqlx::Row;
 use super::rows::corrupt;
 use super::{pg_error, to_i64, txid_column, u64_column, PostgresStore};
 use crate::error::StoreError;
-use crate::event::{AppendRequest, RecordedEvent, Snapshot};
+use crate::event::{recorded_events, AppendRequest, RecordedEvent, Snapshot};
 use crate::outcome::CommandOutcome;
-use crate::port::events::{EventStore, LoadedStream, StreamEvent};
+use crate::port::events::{EventStore, LoadedStream};
+use crate::store::sql::rows::loaded_stream;
 
 impl PostgresStore {
     pub(super) async fn append_on(
@@ -124,37 +125,17 @@ impl PostgresStore {
                     .map_err(|e| pg_error("reading appended rows", e))?,
             ));
         }
-        let AppendRequest {
-            aggregate_type,
-            aggregate_id,
-            expected_version,
-            events,
-        } = request;
-        events
-            .into_iter()
-            .zip(written)
-            .enumerate()
-            .map(|(i, (event, slot))| {
-                let (position, transaction_id, recorded_at) = slot.ok_or_else(|| {
+        recorded_events(
+            &request.aggregate_type,
+            &request.aggregate_id,
+            request.expected_version,
+            request.events,
+            |i| {
+                written[i].ok_or_else(|| {
                     corrupt(&self.inner.events_table, "append returned too few rows")
-                })?;
-                Ok(RecordedEvent {
-                    event_id: event.event_id,
-                    aggregate_type: aggregate_type.clone(),
-                    aggregate_id: aggregate_id.clone(),
-                    sequence: expected_version + i as u64 + 1,
-                    position,
-                    transaction_id,
-                    recorded_at,
-                    event_type: event.event_type,
-                    event_version: event.event_version,
-                    payload: event.payload,
-                    metadata: event.metadata,
-                    correlation_id: event.correlation_id,
-                    causation_id: event.causation_id,
                 })
-            })
-            .collect()
+            },
+        )
     }
 
     /// Says why the append guard refused a write.
@@ -245,35 +226,14 @@ impl EventStore for PostgresStore {
             .await
             .map_err(|e| pg_error("loading a stream", e))?;
         let table = &self.inner.events_table;
-        let get = |e| pg_error("loading a stream", e);
-        let mut loaded = LoadedStream::default();
-        loaded.events.reserve(rows.len());
-        for row in &rows {
-            let kind: i32 = row.try_get("kind").map_err(get)?;
-            let sequence = u64_column(row, "sequence", table)?;
-            let payload: String = row.try_get("payload").map_err(get)?;
-            if kind == 0 {
-                let state = serde_json::from_str(&payload).map_err(|e| StoreError::Corrupt {
-                    table: table.clone(),
-                    what: format!("snapshot of {aggregate_type} `{aggregate_id}` is not JSON: {e}"),
-                })?;
-                loaded.snapshot = Some(Snapshot {
-                    aggregate_type: aggregate_type.to_owned(),
-                    aggregate_id: aggregate_id.to_owned(),
-                    version: sequence,
-                    state,
-                });
-            } else {
-                loaded.events.push(StreamEvent {
-                    sequence,
-                    position: u64_column(row, "position", table)?,
-                    event_type: row.try_get("event_type").map_err(get)?,
-                    event_version: row.try_get("event_version").map_err(get)?,
-                    payload,
-                });
-            }
-        }
-        Ok(loaded)
+        loaded_stream(
+            &rows,
+            aggregate_type,
+            aggregate_id,
+            table,
+            || table.clone(),
+            |e| pg_error("loading a stream", e),
+        )
     }
 
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {

@@ -2,6 +2,7 @@
 //! driver's errors, so the core never reads a SQLSTATE.
 
 use crate::error::{ErrorKind, StoreError};
+use crate::store::sql::errors::classify_driver;
 
 /// Maps a sqlx error to [`StoreError::Database`] naming the operation.
 pub(crate) fn db(operation: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
@@ -29,23 +30,7 @@ pub(crate) use crate::store::sql::to_i64;
 /// - data: everything else: constraint violations (`23*`), bad values
 ///   (`22*`), errors raised by triggers, rows that do not decode.
 pub(crate) fn classify(error: &sqlx::Error) -> ErrorKind {
-    match error {
-        sqlx::Error::Io(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed
-        | sqlx::Error::Protocol(_)
-        | sqlx::Error::Tls(_) => ErrorKind::Transient,
-        sqlx::Error::Configuration(_)
-        | sqlx::Error::ColumnNotFound(_)
-        | sqlx::Error::ColumnIndexOutOfBounds { .. }
-        | sqlx::Error::TypeNotFound { .. }
-        | sqlx::Error::Migrate(_) => ErrorKind::Infrastructure,
-        sqlx::Error::Database(db) => db
-            .code()
-            .map_or(ErrorKind::Data, |code| classify_sqlstate(&code)),
-        _ => ErrorKind::Data,
-    }
+    classify_driver(error, ErrorKind::Transient, classify_sqlstate)
 }
 
 /// Whose fault a PostgreSQL error is, by its SQLSTATE (see [`classify`]).

@@ -6,7 +6,8 @@ use sqlx::{ColumnIndex, Decode, Row, Type};
 use uuid::Uuid;
 
 use crate::error::{EventRef, StoreError};
-use crate::event::{Metadata, RecordedEvent};
+use crate::event::{Metadata, RecordedEvent, Snapshot};
+use crate::port::events::{LoadedStream, StreamEvent};
 
 /// An event row's columns as a SQL backend reads them (each its own way),
 /// payload and metadata still their stored JSON text.
@@ -93,4 +94,54 @@ pub(crate) fn corrupt(table: &str, what: &str) -> StoreError {
         table: table.to_owned(),
         what: what.to_owned(),
     }
+}
+
+/// A stream from the rows of a backend's `load` statement: the snapshot row
+/// (`kind` 0) when there is one, then the events after it (`kind` 1), each
+/// row `kind, sequence, position, event_type, event_version, payload`.
+/// A snapshot that is not JSON is a corrupt row of `snapshots_table()`.
+pub(crate) fn loaded_stream<R>(
+    rows: &[R],
+    aggregate_type: &str,
+    aggregate_id: &str,
+    events_table: &str,
+    snapshots_table: impl Fn() -> String,
+    failed: impl Fn(sqlx::Error) -> StoreError,
+) -> Result<LoadedStream, StoreError>
+where
+    R: Row,
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+    &'static str: ColumnIndex<R>,
+{
+    let mut loaded = LoadedStream::default();
+    loaded.events.reserve(rows.len());
+    for row in rows {
+        let kind: i64 = row.try_get("kind").map_err(&failed)?;
+        let sequence = u64_column(row, "sequence", events_table, &failed)?;
+        let payload: String = row.try_get("payload").map_err(&failed)?;
+        if kind == 0 {
+            let state = serde_json::from_str(&payload).map_err(|e| {
+                corrupt(
+                    &snapshots_table(),
+                    &format!("snapshot of {aggregate_type} `{aggregate_id}` is not JSON: {e}"),
+                )
+            })?;
+            loaded.snapshot = Some(Snapshot {
+                aggregate_type: aggregate_type.to_owned(),
+                aggregate_id: aggregate_id.to_owned(),
+                version: sequence,
+                state,
+            });
+        } else {
+            loaded.events.push(StreamEvent {
+                sequence,
+                position: u64_column(row, "position", events_table, &failed)?,
+                event_type: row.try_get("event_type").map_err(&failed)?,
+                event_version: row.try_get("event_version").map_err(&failed)?,
+                payload,
+            });
+        }
+    }
+    Ok(loaded)
 }

@@ -5,13 +5,14 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::{Row, SqliteConnection};
 
-use super::rows::{corrupt, decode_event, time_text, u64_column};
+use super::rows::{corrupt, decode_event, time_text};
 use super::{db, sqlite_error, to_i64, SqliteStore};
 use crate::error::StoreError;
-use crate::event::{AppendRequest, RecordedEvent, Snapshot};
+use crate::event::{recorded_events, AppendRequest, RecordedEvent, Snapshot};
 use crate::outcome::CommandOutcome;
-use crate::port::events::{EventStore, LoadedStream, StreamEvent};
+use crate::port::events::{EventStore, LoadedStream};
 use crate::port::log::partition_hash;
+use crate::store::sql::rows::loaded_stream;
 
 /// Events per INSERT statement: 8 bound values each, far below SQLite's
 /// limit of 32,766 variables per statement.
@@ -170,26 +171,16 @@ impl SqliteStore {
             done += chunk.len();
         }
         let transaction_id = transaction_id.unwrap_or_default();
-        let mut written = Vec::with_capacity(events.len());
-        for (i, event) in events.into_iter().enumerate() {
-            let first = first_positions[i / CHUNK];
-            written.push(RecordedEvent {
-                event_id: event.event_id,
-                aggregate_type: aggregate_type.clone(),
-                aggregate_id: aggregate_id.clone(),
-                sequence: expected_version + i as u64 + 1,
-                position: first + (i % CHUNK) as u64,
-                transaction_id,
-                recorded_at,
-                event_type: event.event_type,
-                event_version: event.event_version,
-                payload: event.payload,
-                metadata: event.metadata,
-                correlation_id: event.correlation_id,
-                causation_id: event.causation_id,
-            });
-        }
-        Ok(written)
+        recorded_events(
+            &aggregate_type,
+            &aggregate_id,
+            expected_version,
+            events,
+            |i| {
+                let first = first_positions[i / CHUNK];
+                Ok((first + (i % CHUNK) as u64, transaction_id, recorded_at))
+            },
+        )
     }
 
     /// Counts an append made inside a caller's transaction (see
@@ -278,36 +269,14 @@ impl EventStore for SqliteStore {
         }
         .map_err(db("loading a stream"))?;
         drop(loader);
-        let mut loaded = LoadedStream::default();
-        loaded.events.reserve(rows.len());
-        for row in &rows {
-            let kind: i64 = row.try_get("kind").map_err(db("loading a stream"))?;
-            let sequence = u64_column(row, "sequence", table)?;
-            let payload: String = row.try_get("payload").map_err(db("loading a stream"))?;
-            if kind == 0 {
-                let state = serde_json::from_str(&payload).map_err(|e| StoreError::Corrupt {
-                    table: self.inner.tables.companion("snapshots"),
-                    what: format!("snapshot of {aggregate_type} `{aggregate_id}` is not JSON: {e}"),
-                })?;
-                loaded.snapshot = Some(Snapshot {
-                    aggregate_type: aggregate_type.to_owned(),
-                    aggregate_id: aggregate_id.to_owned(),
-                    version: sequence,
-                    state,
-                });
-            } else {
-                loaded.events.push(StreamEvent {
-                    sequence,
-                    position: u64_column(row, "position", table)?,
-                    event_type: row.try_get("event_type").map_err(db("loading a stream"))?,
-                    event_version: row
-                        .try_get("event_version")
-                        .map_err(db("loading a stream"))?,
-                    payload,
-                });
-            }
-        }
-        Ok(loaded)
+        loaded_stream(
+            &rows,
+            aggregate_type,
+            aggregate_id,
+            table,
+            || self.inner.tables.companion("snapshots"),
+            |e| sqlite_error("loading a stream", e),
+        )
     }
 
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {

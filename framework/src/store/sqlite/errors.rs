@@ -1,6 +1,7 @@
 //! SQLite errors as Outflow errors, classified by SQLite's result codes.
 
 use crate::error::{ErrorKind, StoreError};
+use crate::store::sql::errors::classify_driver;
 
 /// Maps a sqlx error to [`StoreError::Database`] naming the operation.
 pub(crate) fn db(operation: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
@@ -24,22 +25,9 @@ pub(crate) use crate::store::sql::to_i64;
 ///   configuration errors;
 /// - data: constraint violations, type mismatches, and everything else.
 pub(crate) fn classify(error: &sqlx::Error) -> ErrorKind {
-    match error {
-        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => {
-            ErrorKind::Transient
-        }
-        sqlx::Error::Io(_) => ErrorKind::Infrastructure,
-        sqlx::Error::Configuration(_)
-        | sqlx::Error::ColumnNotFound(_)
-        | sqlx::Error::ColumnIndexOutOfBounds { .. }
-        | sqlx::Error::TypeNotFound { .. }
-        | sqlx::Error::Migrate(_) => ErrorKind::Infrastructure,
-        sqlx::Error::Database(db) => db
-            .code()
-            .and_then(|code| code.parse::<i32>().ok())
-            .map_or(ErrorKind::Data, classify_code),
-        _ => ErrorKind::Data,
-    }
+    classify_driver(error, ErrorKind::Infrastructure, |code| {
+        code.parse::<i32>().map_or(ErrorKind::Data, classify_code)
+    })
 }
 
 /// Whose fault a SQLite result code (primary or extended) is.
