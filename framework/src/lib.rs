@@ -74,6 +74,7 @@
 
 mod backoff;
 pub mod command;
+pub mod copy;
 pub mod delivery;
 pub mod error;
 pub mod event;

@@ -189,7 +189,7 @@ impl EventStore for JetStreamStore {
         // A retry after an unanswered attempt is safe: the version slot's
         // message id makes a stored copy answer for it.
         let writer = rand::random::<u64>();
-        self.patiently(|| self.append_once(request.clone(), writer))
+        self.patiently(|| self.append_once(request.clone(), writer, None))
             .await
     }
 
@@ -255,10 +255,22 @@ impl EventStore for JetStreamStore {
 }
 
 impl JetStreamStore {
+    /// Appends at a given time: what a copy of another log writes.
+    pub(crate) async fn append_recorded_at(
+        &self,
+        request: AppendRequest,
+        recorded_at: DateTime<Utc>,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let writer = rand::random::<u64>();
+        self.patiently(|| self.append_once(request.clone(), writer, Some(recorded_at)))
+            .await
+    }
+
     pub(super) async fn append_once(
         &self,
         request: AppendRequest,
         writer: u64,
+        at: Option<DateTime<Utc>>,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         request.validate()?;
         if request.events.is_empty() {
@@ -292,7 +304,7 @@ impl JetStreamStore {
                 seq
             }
         };
-        let recorded_at = Utc::now();
+        let recorded_at = at.unwrap_or_else(Utc::now);
         let mut events = Vec::with_capacity(request.events.len());
         for event in &request.events {
             let payload = serde_json::value::to_raw_value(&event.payload).map_err(|source| {

@@ -12,6 +12,29 @@ use uuid::Uuid;
 
 use super::state::*;
 
+impl MemoryStore {
+    /// Appends at a given time: what a copy of another log writes.
+    pub(crate) fn append_recorded_at(
+        &self,
+        request: AppendRequest,
+        recorded_at: DateTime<Utc>,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        request.validate()?;
+        if request.events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let written = {
+            let mut state = self.state();
+            state.check_version(&request)?;
+            let written = state.recorded_at(request, recorded_at);
+            state.push(written.clone());
+            written
+        };
+        self.inner.wake.wake();
+        Ok(written)
+    }
+}
+
 #[async_trait]
 impl EventStore for MemoryStore {
     async fn append(&self, request: AppendRequest) -> Result<Vec<RecordedEvent>, StoreError> {

@@ -126,10 +126,19 @@ impl State {
     /// The request's events as they will stand at the end of the log, under
     /// a new transaction id (not yet in the log: see [`push`](Self::push)).
     pub(super) fn recorded(&mut self, request: AppendRequest) -> Vec<RecordedEvent> {
+        self.recorded_at(request, Utc::now())
+    }
+
+    /// [`recorded`](Self::recorded) at a given time (a copied log keeps its
+    /// events' times).
+    pub(super) fn recorded_at(
+        &mut self,
+        request: AppendRequest,
+        recorded_at: DateTime<Utc>,
+    ) -> Vec<RecordedEvent> {
         self.transactions += 1;
         let transaction_id = self.transactions;
         let log_len = self.log.len();
-        let recorded_at = Utc::now();
         let placed = recorded_events(
             &request.aggregate_type,
             &request.aggregate_id,

@@ -20,6 +20,32 @@ impl PostgresStore {
         connection: &mut PgConnection,
         request: AppendRequest,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.append_on_at(connection, request, None).await
+    }
+
+    /// Appends inside `tx` at a given time: what a copy of another log
+    /// writes (its events keep their times).
+    pub(crate) async fn append_copied_in(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+        request: AppendRequest,
+        at: DateTime<Utc>,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let written = self.append_on_at(tx, request, Some(at)).await?;
+        if !written.is_empty() {
+            self.appended_in_transaction();
+        }
+        Ok(written)
+    }
+
+    /// Appends on `connection`; the events' time is the statement's, or
+    /// `at`.
+    async fn append_on_at(
+        &self,
+        connection: &mut PgConnection,
+        request: AppendRequest,
+        at: Option<DateTime<Utc>>,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
         request.validate()?;
         if request.events.is_empty() {
             return Ok(Vec::new());
@@ -61,6 +87,7 @@ impl PostgresStore {
                 .bind(ids[0])
                 .bind(correlations[0])
                 .bind(causations[0])
+                .bind(at)
                 .fetch_all(&mut *connection)
                 .await
         } else {
@@ -75,6 +102,7 @@ impl PostgresStore {
                 .bind(&ids)
                 .bind(&correlations)
                 .bind(&causations)
+                .bind(at)
                 .fetch_all(&mut *connection)
                 .await
         };

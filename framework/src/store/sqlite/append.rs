@@ -69,15 +69,39 @@ fn insert_statement(rows: usize) -> String {
 }
 
 impl SqliteStore {
+    pub(super) async fn append_on(
+        &self,
+        connection: &mut SqliteConnection,
+        request: AppendRequest,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.append_on_at(connection, request, None).await
+    }
+
+    /// Appends inside `tx` at a given time: what a copy of another log
+    /// writes (its events keep their times).
+    pub(crate) async fn append_copied_in(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+        request: AppendRequest,
+        at: DateTime<Utc>,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let written = self.append_on_at(tx, request, Some(at)).await?;
+        if !written.is_empty() {
+            self.appended_in_transaction();
+        }
+        Ok(written)
+    }
+
     /// Appends on a connection inside a write transaction (or, for an
     /// append of at most [`CHUNK`] events, on the writer outside any: one
     /// statement is its own transaction). Each statement checks the stream's
     /// version and numbers its events after the highest position; the write
     /// lock keeps both true until commit.
-    pub(super) async fn append_on(
+    pub(super) async fn append_on_at(
         &self,
         connection: &mut SqliteConnection,
         request: AppendRequest,
+        at: Option<DateTime<Utc>>,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         request.validate()?;
         if request.events.is_empty() {
@@ -86,7 +110,7 @@ impl SqliteStore {
         let table = &self.inner.tables.events;
         // Stored in microseconds: what the append returns is what the log
         // will say.
-        let recorded_micros = Utc::now().timestamp_micros();
+        let recorded_micros = at.unwrap_or_else(Utc::now).timestamp_micros();
         let recorded_at = DateTime::from_timestamp_micros(recorded_micros).unwrap_or_default();
         let hash = i64::from(partition_hash(&request.aggregate_id));
         let AppendRequest {

@@ -1,0 +1,206 @@
+//! `outflow`: operate an Outflow event store from a shell, against its URL
+//! (`sqlite://FILE`, `postgres://…`, `nats://…`), without the application's
+//! code: see the projections' state, pause and resume them, list and
+//! discard dead letters, browse and follow the log, apply migrations, and
+//! copy the log from one backend to another.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod copy;
+mod events;
+mod store;
+mod units;
+
+/// Operate an Outflow event store from a shell.
+#[derive(Debug, Parser)]
+#[command(
+    name = "outflow",
+    version,
+    after_help = "STORES: sqlite://FILE, postgres://USER:PASSWORD@HOST:PORT/DB, nats://HOST:PORT\n\
+                  (JetStream stores keep their projections' checkpoints in the read models' \
+                  SQL database: give that URL to status, pause, resume, dead-letters, discard).\n\n\
+                  EXIT CODES: 0 done; 1 failed (the message says why); 2 bad arguments; \
+                  3 refused: a copy whose target differs from its source.\n\n\
+                  EXAMPLES:\n  \
+                  outflow status sqlite://bank.db\n  \
+                  outflow events sqlite://bank.db --stream account/a-1 --json\n  \
+                  outflow events postgres://app@db/bank --follow\n  \
+                  outflow copy --from sqlite://bank.db --to postgres://app@db/bank\n  \
+                  outflow pause postgres://app@db/bank balances"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// JSON output (one document, or JSON lines for lists) for scripts.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(flatten)]
+    options: store::StoreOptions,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Every projection's units: state, checkpoint, events behind, parked,
+    /// owner, last error.
+    Status {
+        /// The store (PostgreSQL or SQLite).
+        url: String,
+    },
+    /// Pauses a projection on every node (after their current batch).
+    Pause {
+        /// The store (PostgreSQL or SQLite).
+        url: String,
+        /// The projection.
+        projection: String,
+    },
+    /// Resumes a paused projection.
+    Resume {
+        /// The store (PostgreSQL or SQLite).
+        url: String,
+        /// The projection.
+        projection: String,
+    },
+    /// A projection's dead letters: the events it parked, with their errors.
+    DeadLetters {
+        /// The store (PostgreSQL or SQLite).
+        url: String,
+        /// The projection.
+        projection: String,
+    },
+    /// Discards a dead letter (its event stays skipped).
+    Discard {
+        /// The store (PostgreSQL or SQLite).
+        url: String,
+        /// The dead letter's id (see `dead-letters`).
+        id: u64,
+    },
+    /// Browses the log, a stream or a correlation; `--follow` tails it.
+    Events(events::EventsArgs),
+    /// Applies the store's migrations (creates its tables or streams; turns
+    /// a postgres-es database into an Outflow one in place).
+    Migrate {
+        /// The store.
+        url: String,
+    },
+    /// Copies the log into another store: resumable after a kill (run the
+    /// same command again), idempotent, verified by count and checksum.
+    Copy(copy::CopyArgs),
+}
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// For people.
+    Text,
+    /// For scripts.
+    Json,
+}
+
+/// A refusal that is not a failure of the tool: exit code 3.
+#[derive(Debug)]
+pub struct Refused(pub String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// Waits for Ctrl-C (SIGINT) or SIGTERM.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// A progress bar on standard error (hidden when it is not a terminal).
+pub fn progress_bar(what: &str) -> indicatif::ProgressBar {
+    let bar =
+        indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg} [{bar:40}] {pos}/{len} events ({per_sec}, {eta} left)",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what.to_owned());
+    bar
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let output = if cli.json { Output::Json } else { Output::Text };
+    let options = &cli.options;
+    match cli.command {
+        Command::Status { url } => units::status(&url, options, output).await,
+        Command::Pause { url, projection } => {
+            units::set_paused(&url, &projection, true, options).await
+        }
+        Command::Resume { url, projection } => {
+            units::set_paused(&url, &projection, false, options).await
+        }
+        Command::DeadLetters { url, projection } => {
+            units::dead_letters(&url, &projection, options, output).await
+        }
+        Command::Discard { url, id } => units::discard(&url, id, options).await,
+        Command::Events(args) => events::run(args, options, output).await,
+        Command::Migrate { url } => {
+            let shown = store::Location::parse(&url)?.shown();
+            store::Store::open(&url, options, store::Access::Create).await?;
+            println!("{shown}: migrations applied");
+            Ok(())
+        }
+        Command::Copy(args) => copy::run(args, options, output).await,
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("outflow: {}", chain(&error));
+            if error.downcast_ref::<Refused>().is_some() {
+                ExitCode::from(3)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+/// An error with its causes, each once (a cause whose text the previous
+/// one already ends with is not repeated).
+fn chain(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let part = cause.to_string();
+        if text.ends_with(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
+}

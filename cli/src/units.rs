@@ -1,0 +1,247 @@
+//! `outflow status`, `pause`, `resume`, `dead-letters`, `discard`: the
+//! projections' units as the store records them, and the operator's actions
+//! that need no projection code. The running nodes see a pause or a resume
+//! at their next look at the store (within the lease's renewal).
+
+use anyhow::bail;
+use outflow::store::projections::{Checkpoints, DeadLetters, UnitRecord};
+use outflow::{Checkpoint, EventLog, LogFilter, PostgresStore, SqliteStore};
+use serde_json::json;
+
+use crate::store::{Access, Store, StoreOptions};
+
+/// After every event (what a count up to the end of the log needs).
+const END: Checkpoint = Checkpoint::new(i64::MAX as u64, i64::MAX as u64);
+use crate::Output;
+
+/// A store that keeps projections' units: PostgreSQL or SQLite.
+async fn units_store(url: &str, options: &StoreOptions) -> anyhow::Result<UnitsStore> {
+    match Store::open(url, options, Access::Existing).await? {
+        Store::Postgres(s) => Ok(UnitsStore::Postgres(s)),
+        Store::Sqlite(s) => Ok(UnitsStore::Sqlite(s)),
+        Store::JetStream(_) => bail!(
+            "a JetStream store keeps its projections' checkpoints in the read models' SQL \
+             database: give that database's URL"
+        ),
+    }
+}
+
+enum UnitsStore {
+    Postgres(PostgresStore),
+    Sqlite(SqliteStore),
+}
+
+macro_rules! with_units {
+    ($store:expr, $s:ident => $body:expr) => {
+        match $store {
+            UnitsStore::Postgres($s) => $body,
+            UnitsStore::Sqlite($s) => $body,
+        }
+    };
+}
+
+/// `outflow status`: every unit, with the events after its checkpoint.
+pub async fn status(url: &str, options: &StoreOptions, output: Output) -> anyhow::Result<()> {
+    let store = units_store(url, options).await?;
+    with_units!(&store, s => print_status(s, output).await)
+}
+
+async fn print_status<S: Checkpoints + DeadLetters + EventLog>(
+    store: &S,
+    output: Output,
+) -> anyhow::Result<()> {
+    let units = store.units(None).await?;
+    let head = store.head().await?;
+    let mut rows = Vec::with_capacity(units.len());
+    for unit in &units {
+        let behind = store
+            .count_events(&LogFilter::all(), unit.checkpoint, END, 10_000_000)
+            .await?;
+        let parked = store
+            .dead_letters(&unit.unit.projection)
+            .await?
+            .into_iter()
+            .filter(|d| d.unit.partition == unit.unit.partition)
+            .count();
+        rows.push((unit, behind, parked));
+    }
+    match output {
+        Output::Json => {
+            let units: Vec<_> = rows
+                .iter()
+                .map(|(u, behind, parked)| unit_json(u, *behind, *parked))
+                .collect();
+            println!("{}", json!({"head": head.position, "units": units}));
+        }
+        Output::Text => {
+            if rows.is_empty() {
+                println!("no projections registered (no node has run one yet)");
+                return Ok(());
+            }
+            println!(
+                "{:<20} {:>4} {:<10} {:>6} {:>9} {:>8} {:>6} {:<16}  last error",
+                "projection", "part", "state", "paused", "position", "behind", "parked", "owner"
+            );
+            for (u, behind, parked) in &rows {
+                let error = match (&u.last_error, u.error_kind) {
+                    (Some(e), Some(kind)) => format!("{kind}: {e}"),
+                    (Some(e), None) => e.clone(),
+                    (None, _) => "-".to_owned(),
+                };
+                println!(
+                    "{:<20} {:>4} {:<10} {:>6} {:>9} {:>8} {:>6} {:<16}  {}",
+                    u.unit.projection,
+                    u.unit.partition,
+                    u.state.to_string(),
+                    if u.paused { "yes" } else { "no" },
+                    u.checkpoint.position,
+                    behind,
+                    parked,
+                    match (&u.owner, u.lease_valid) {
+                        (Some(owner), true) => owner.clone(),
+                        (Some(owner), false) => format!("({owner}, lapsed)"),
+                        (None, _) => "-".to_owned(),
+                    },
+                    error
+                );
+            }
+            println!(
+                "(behind: events of any type after the checkpoint; the projection may filter them)"
+            );
+        }
+    }
+    Ok(())
+}
+
+fn unit_json(u: &UnitRecord, behind: u64, parked: usize) -> serde_json::Value {
+    json!({
+        "projection": u.unit.projection,
+        "partition": u.unit.partition,
+        "partitions": u.partitions,
+        "state": u.state.to_string(),
+        "paused": u.paused,
+        "checkpoint": {"transaction_id": u.checkpoint.transaction_id, "position": u.checkpoint.position},
+        "events_behind": behind,
+        "parked": parked,
+        "owner": u.owner,
+        "lease_valid": u.lease_valid,
+        "epoch": u.epoch,
+        "processed": u.processed,
+        "rebuild_total": u.rebuild_total,
+        "last_error": u.last_error,
+        "error_kind": u.error_kind.map(|k| k.to_string()),
+        "updated_at": u.updated_at.to_rfc3339(),
+    })
+}
+
+/// `outflow pause` / `outflow resume`.
+pub async fn set_paused(
+    url: &str,
+    projection: &str,
+    paused: bool,
+    options: &StoreOptions,
+) -> anyhow::Result<()> {
+    let store = units_store(url, options).await?;
+    with_units!(&store, s => {
+        known(s, projection).await?;
+        s.set_paused(projection, paused).await?;
+    });
+    println!(
+        "{projection}: {}",
+        if paused {
+            "paused (its nodes stop after their current batch)"
+        } else {
+            "resumed"
+        }
+    );
+    Ok(())
+}
+
+/// Fails unless `projection` has units in the store.
+async fn known<S: Checkpoints>(store: &S, projection: &str) -> anyhow::Result<()> {
+    if store.units(Some(projection)).await?.is_empty() {
+        let names: std::collections::BTreeSet<String> = store
+            .units(None)
+            .await?
+            .into_iter()
+            .map(|u| u.unit.projection)
+            .collect();
+        bail!(
+            "no projection `{projection}` in this store; it has {}",
+            if names.is_empty() {
+                "none".to_owned()
+            } else {
+                names.into_iter().collect::<Vec<_>>().join(", ")
+            }
+        );
+    }
+    Ok(())
+}
+
+/// `outflow dead-letters`.
+pub async fn dead_letters(
+    url: &str,
+    projection: &str,
+    options: &StoreOptions,
+    output: Output,
+) -> anyhow::Result<()> {
+    let store = units_store(url, options).await?;
+    let letters = with_units!(&store, s => {
+        known(s, projection).await?;
+        s.dead_letters(projection).await?
+    });
+    match output {
+        Output::Json => {
+            for d in &letters {
+                println!(
+                    "{}",
+                    json!({
+                        "id": d.id,
+                        "projection": d.unit.projection,
+                        "partition": d.unit.partition,
+                        "event_id": d.event_id,
+                        "position": d.checkpoint.position,
+                        "aggregate_type": d.event.aggregate_type,
+                        "aggregate_id": d.event.aggregate_id,
+                        "sequence": d.event.sequence,
+                        "event_type": d.event.event_type,
+                        "error": d.error,
+                        "attempts": d.attempts,
+                        "first_failed_at": d.first_failed_at.to_rfc3339(),
+                        "last_failed_at": d.last_failed_at.to_rfc3339(),
+                    })
+                );
+            }
+        }
+        Output::Text => {
+            if letters.is_empty() {
+                println!("{projection}: no dead letters");
+            }
+            for d in &letters {
+                println!(
+                    "#{} position {} {}/{} seq {} {} ({} attempts): {}",
+                    d.id,
+                    d.checkpoint.position,
+                    d.event.aggregate_type,
+                    d.event.aggregate_id,
+                    d.event.sequence,
+                    d.event.event_type,
+                    d.attempts,
+                    d.error
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `outflow discard`: drops a dead letter; its event stays skipped.
+pub async fn discard(url: &str, id: u64, options: &StoreOptions) -> anyhow::Result<()> {
+    let store = units_store(url, options).await?;
+    let gone = with_units!(&store, s => s.discard_dead_letter(id).await?);
+    if !gone {
+        bail!("no dead letter #{id}");
+    }
+    println!("dead letter #{id} discarded");
+    Ok(())
+}
