@@ -63,96 +63,17 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::StoreError;
 use crate::event::{AppendRequest, Checkpoint, NewEvent, RecordedEvent};
 use chrono::{DateTime, Utc};
 
-use crate::port::events::EventStore;
-#[cfg(any(feature = "postgres", feature = "sqlite"))]
-use crate::port::events::Transactional;
+pub use crate::port::events::CopyTarget;
 use crate::port::log::{EventLog, LogFilter};
 
 /// How many events a copy reads and appends at a time, unless told.
 pub const DEFAULT_BATCH: usize = 1_000;
-
-/// A backend a log can be copied into: it appends events at the times the
-/// source recorded them. A backend with transactions appends a batch in
-/// one transaction of its own; others append its groups one by one.
-#[async_trait]
-pub trait CopyTarget: EventStore + EventLog {
-    /// Appends `groups` in order, each request's events recorded at its
-    /// time. An error leaves the target as if none had been appended, where
-    /// the backend has transactions, or with those before the failing one
-    /// appended, where it has not.
-    ///
-    /// # Errors
-    ///
-    /// As [`EventStore::append`].
-    async fn append_batch(
-        &self,
-        groups: &[(AppendRequest, DateTime<Utc>)],
-    ) -> Result<(), StoreError>;
-}
-
-#[async_trait]
-impl CopyTarget for crate::store::memory::MemoryStore {
-    async fn append_batch(
-        &self,
-        groups: &[(AppendRequest, DateTime<Utc>)],
-    ) -> Result<(), StoreError> {
-        for (request, at) in groups {
-            self.append_recorded_at(request.clone(), *at)?;
-        }
-        Ok(())
-    }
-}
-
-#[cfg(feature = "postgres")]
-#[async_trait]
-impl CopyTarget for crate::store::postgres::PostgresStore {
-    async fn append_batch(
-        &self,
-        groups: &[(AppendRequest, DateTime<Utc>)],
-    ) -> Result<(), StoreError> {
-        let mut tx = self.begin().await?;
-        for (request, at) in groups {
-            self.append_copied_in(&mut tx, request.clone(), *at).await?;
-        }
-        self.commit(tx).await
-    }
-}
-
-#[cfg(feature = "sqlite")]
-#[async_trait]
-impl CopyTarget for crate::store::sqlite::SqliteStore {
-    async fn append_batch(
-        &self,
-        groups: &[(AppendRequest, DateTime<Utc>)],
-    ) -> Result<(), StoreError> {
-        let mut tx = self.begin().await?;
-        for (request, at) in groups {
-            self.append_copied_in(&mut tx, request.clone(), *at).await?;
-        }
-        self.commit(tx).await
-    }
-}
-
-#[cfg(feature = "nats")]
-#[async_trait]
-impl CopyTarget for crate::store::jetstream::JetStreamStore {
-    async fn append_batch(
-        &self,
-        groups: &[(AppendRequest, DateTime<Utc>)],
-    ) -> Result<(), StoreError> {
-        for (request, at) in groups {
-            self.append_recorded_at(request.clone(), *at).await?;
-        }
-        Ok(())
-    }
-}
 
 /// What went wrong in a copy.
 #[derive(Debug, thiserror::Error)]

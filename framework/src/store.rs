@@ -15,7 +15,8 @@
 
 pub use crate::port::backend::Backend;
 pub use crate::port::events::{
-    read_stream, AppendInTransaction, EventStore, LoadedStream, StreamEvent, Transactional,
+    read_stream, AppendInTransaction, CopyTarget, EventStore, LoadedStream, StreamEvent,
+    Transactional,
 };
 pub use crate::port::projections;
 pub use crate::port::projections::{

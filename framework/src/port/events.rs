@@ -336,3 +336,23 @@ pub trait AppendInTransaction: EventStore + Transactional {
         Ok(())
     }
 }
+
+/// A backend a log can be copied into ([`crate::copy`]): it appends events
+/// at the times the source recorded them. A backend with transactions
+/// appends a batch in one transaction of its own; others append its groups
+/// one by one.
+#[async_trait]
+pub trait CopyTarget: EventStore + crate::port::log::EventLog {
+    /// Appends `groups` in order, each request's events recorded at its
+    /// time. An error leaves the target as if none had been appended, where
+    /// the backend has transactions, or with those before the failing one
+    /// appended, where it has not.
+    ///
+    /// # Errors
+    ///
+    /// As [`EventStore::append`].
+    async fn append_batch(
+        &self,
+        groups: &[(AppendRequest, DateTime<Utc>)],
+    ) -> Result<(), StoreError>;
+}

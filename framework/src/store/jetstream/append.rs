@@ -376,3 +376,17 @@ impl JetStreamStore {
         )
     }
 }
+
+#[async_trait]
+impl crate::port::events::CopyTarget for JetStreamStore {
+    /// Group by group: JetStream has no transaction across messages.
+    async fn append_batch(
+        &self,
+        groups: &[(AppendRequest, DateTime<Utc>)],
+    ) -> Result<(), StoreError> {
+        for (request, at) in groups {
+            self.append_recorded_at(request.clone(), *at).await?;
+        }
+        Ok(())
+    }
+}

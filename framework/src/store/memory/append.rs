@@ -236,3 +236,16 @@ impl AppendInTransaction for MemoryStore {
         Ok(())
     }
 }
+
+#[async_trait]
+impl crate::port::events::CopyTarget for MemoryStore {
+    async fn append_batch(
+        &self,
+        groups: &[(AppendRequest, DateTime<Utc>)],
+    ) -> Result<(), StoreError> {
+        for (request, at) in groups {
+            self.append_recorded_at(request.clone(), *at)?;
+        }
+        Ok(())
+    }
+}

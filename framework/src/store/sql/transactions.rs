@@ -1,7 +1,7 @@
-//! `Transactional` and `AppendInTransaction` for a SQL backend: a write
+//! `Transactional`, `AppendInTransaction` and `CopyTarget` for a SQL backend: a write
 //! transaction of the driver, committed and then readers woken, and appends
 //! inside it counted for that wake-up. The backend provides `begin_write`,
-//! `append_on`, `claim_on`, `appended_in_transaction`, `appends_committed`
+//! `append_on`, `append_copied_in`, `claim_on`, `appended_in_transaction`, `appends_committed`
 //! and its error helpers `db` and `classify`.
 
 /// Implements `Transactional` (with `Transaction = sqlx::Transaction<'static,
@@ -69,6 +69,22 @@ macro_rules! sql_transactions {
             ) -> Result<(), $crate::error::StoreError> {
                 self.claim_on(tx, aggregate_type, aggregate_id, command_id, version)
                     .await
+            }
+        }
+
+        #[async_trait::async_trait]
+        impl $crate::port::events::CopyTarget for $store {
+            /// One transaction of its own per batch.
+            async fn append_batch(
+                &self,
+                groups: &[($crate::event::AppendRequest, chrono::DateTime<chrono::Utc>)],
+            ) -> Result<(), $crate::error::StoreError> {
+                use $crate::port::events::Transactional;
+                let mut tx = self.begin().await?;
+                for (request, at) in groups {
+                    self.append_copied_in(&mut tx, request.clone(), *at).await?;
+                }
+                self.commit(tx).await
             }
         }
     };
