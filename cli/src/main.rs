@@ -5,6 +5,7 @@
 //! copy the log from one backend to another.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -48,12 +49,17 @@ enum Command {
         /// The store (PostgreSQL or SQLite).
         url: String,
     },
-    /// Pauses a projection on every node (after their current batch).
+    /// Pauses a projection on every node, and waits until the nodes holding
+    /// it have paused.
     Pause {
         /// The store (PostgreSQL or SQLite).
         url: String,
         /// The projection.
         projection: String,
+        /// How long to wait for the nodes holding it to follow (they see
+        /// the flag at their next heartbeat).
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        wait: Duration,
     },
     /// Resumes a paused projection.
     Resume {
@@ -61,6 +67,10 @@ enum Command {
         url: String,
         /// The projection.
         projection: String,
+        /// How long to wait for the nodes holding it to follow (they see
+        /// the flag at their next heartbeat).
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        wait: Duration,
     },
     /// A projection's dead letters: the events it parked, with their errors.
     DeadLetters {
@@ -87,6 +97,25 @@ enum Command {
     /// Copies the log into another store: resumable after a kill (run the
     /// same command again), idempotent, verified by count and checksum.
     Copy(copy::CopyArgs),
+}
+
+/// `30s`, `500ms`, `2m`, or seconds alone.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration (30s, 500ms, 2m)"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        _ => return Err(format!("`{text}`: the unit is ms, s or m")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("`{text}`: {e}"))
 }
 
 /// How results are printed.
@@ -151,12 +180,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let options = &cli.options;
     match cli.command {
         Command::Status { url } => units::status(&url, options, output).await,
-        Command::Pause { url, projection } => {
-            units::set_paused(&url, &projection, true, options).await
-        }
-        Command::Resume { url, projection } => {
-            units::set_paused(&url, &projection, false, options).await
-        }
+        Command::Pause {
+            url,
+            projection,
+            wait,
+        } => units::set_paused(&url, &projection, true, wait, options).await,
+        Command::Resume {
+            url,
+            projection,
+            wait,
+        } => units::set_paused(&url, &projection, false, wait, options).await,
         Command::DeadLetters { url, projection } => {
             units::dead_letters(&url, &projection, options, output).await
         }
@@ -203,4 +236,19 @@ fn chain(error: &anyhow::Error) -> String {
         text.push_str(&part);
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_as_an_operator_writes_them() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+        assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
 }

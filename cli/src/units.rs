@@ -4,7 +4,9 @@
 //! at their next look at the store (within the lease's renewal).
 
 use anyhow::bail;
-use outflow::store::projections::{Checkpoints, DeadLetters, UnitRecord};
+use std::time::Duration;
+
+use outflow::store::projections::{Checkpoints, DeadLetters, ProjectionState, UnitRecord};
 use outflow::{Checkpoint, EventLog, LogFilter, PostgresStore, SqliteStore};
 use serde_json::json;
 
@@ -134,27 +136,69 @@ fn unit_json(u: &UnitRecord, behind: u64, parked: usize) -> serde_json::Value {
     })
 }
 
-/// `outflow pause` / `outflow resume`.
+/// `outflow pause` / `outflow resume`: sets the flag, then waits (up to
+/// `wait`) until every unit a node holds says it paused (or no longer says
+/// so): a node learns of the flag at its next heartbeat.
 pub async fn set_paused(
     url: &str,
     projection: &str,
     paused: bool,
+    wait: Duration,
     options: &StoreOptions,
 ) -> anyhow::Result<()> {
     let store = units_store(url, options).await?;
-    with_units!(&store, s => {
+    let held = with_units!(&store, s => {
         known(s, projection).await?;
         s.set_paused(projection, paused).await?;
+        settle(s, projection, paused, wait).await?
     });
-    println!(
-        "{projection}: {}",
-        if paused {
-            "paused (its nodes stop after their current batch)"
-        } else {
-            "resumed"
-        }
-    );
+    let done = if paused { "paused" } else { "resumed" };
+    if held == 0 {
+        println!(
+            "{projection}: {done} (no node holds it now; a node that starts follows the flag)"
+        );
+    } else {
+        println!("{projection}: {done} on the {held} unit(s) nodes hold");
+    }
     Ok(())
+}
+
+/// Waits until each held unit's recorded state agrees with `paused`;
+/// returns how many units nodes hold.
+async fn settle<S: Checkpoints>(
+    store: &S,
+    projection: &str,
+    paused: bool,
+    wait: Duration,
+) -> anyhow::Result<usize> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let units = store.units(Some(projection)).await?;
+        let held: Vec<&UnitRecord> = units.iter().filter(|u| u.lease_valid).collect();
+        let waiting: Vec<String> = held
+            .iter()
+            .filter(|u| (u.state == ProjectionState::Paused) != paused)
+            .map(|u| {
+                format!(
+                    "partition {} on {}",
+                    u.unit.partition,
+                    u.owner.as_deref().unwrap_or("?")
+                )
+            })
+            .collect();
+        if waiting.is_empty() {
+            return Ok(held.len());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "the flag is set, but after {wait:?} {} still {} (a node sees the flag at its \
+                 next heartbeat: is it stuck in a long batch?)",
+                waiting.join(", "),
+                if paused { "runs" } else { "is paused" }
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Fails unless `projection` has units in the store.
