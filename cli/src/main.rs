@@ -22,14 +22,17 @@ mod units;
     after_help = "STORES: sqlite://FILE, postgres://USER:PASSWORD@HOST:PORT/DB, nats://HOST:PORT\n\
                   (JetStream stores keep their projections' checkpoints in the read models' \
                   SQL database: give that URL to status, pause, resume, dead-letters, discard).\n\n\
-                  EXIT CODES: 0 done; 1 failed (the message says why); 2 bad arguments; \
+                  EXIT CODES: 0 done; 1 failed (the message says why: a retried event that \
+                  failed again, no node running the projection, …); 2 bad arguments; \
                   3 refused: a copy whose target differs from its source.\n\n\
                   EXAMPLES:\n  \
                   outflow status sqlite://bank.db\n  \
                   outflow events sqlite://bank.db --stream account/a-1 --json\n  \
                   outflow events postgres://app@db/bank --follow\n  \
                   outflow copy --from sqlite://bank.db --to postgres://app@db/bank\n  \
-                  outflow pause postgres://app@db/bank balances"
+                  outflow pause postgres://app@db/bank balances\n  \
+                  outflow rebuild postgres://app@db/bank balances\n  \
+                  outflow retry postgres://app@db/bank balances --all"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -70,6 +73,36 @@ enum Command {
         /// How long to wait for the nodes holding it to follow (they see
         /// the flag at their next heartbeat).
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        wait: Duration,
+    },
+    /// Asks the nodes running a projection to rebuild it (reset, replay the
+    /// log), and shows the replay until it caught up.
+    Rebuild {
+        /// The store (PostgreSQL or SQLite).
+        url: String,
+        /// The projection.
+        projection: String,
+        /// How long to wait for a node to start it.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        wait: Duration,
+        /// Return once the rebuild started.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Asks the nodes running a projection to retry dead letters (by id, or
+    /// --all), and says which were handled and which failed again.
+    Retry {
+        /// The store (PostgreSQL or SQLite).
+        url: String,
+        /// The projection.
+        projection: String,
+        /// The dead letters' ids (see `dead-letters`).
+        ids: Vec<u64>,
+        /// Every dead letter of the projection.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+        /// How long to wait for the nodes to retry them.
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
         wait: Duration,
     },
     /// A projection's dead letters: the events it parked, with their errors.
@@ -194,6 +227,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             units::dead_letters(&url, &projection, options, output).await
         }
         Command::Discard { url, id } => units::discard(&url, id, options).await,
+        Command::Rebuild {
+            url,
+            projection,
+            wait,
+            detach,
+        } => units::rebuild(&url, &projection, wait, detach, options, output).await,
+        Command::Retry {
+            url,
+            projection,
+            ids,
+            all,
+            wait,
+        } => units::retry(&url, &projection, &ids, all, wait, options, output).await,
         Command::Events(args) => events::run(args, options, output).await,
         Command::Migrate { url } => {
             let shown = store::Location::parse(&url)?.shown();

@@ -289,3 +289,217 @@ pub async fn discard(url: &str, id: u64, options: &StoreOptions) -> anyhow::Resu
     println!("dead letter #{id} discarded");
     Ok(())
 }
+
+/// Fails unless a node holds a unit of `projection` now: what a request
+/// that needs the projection's code waits for.
+fn running_somewhere(units: &[UnitRecord], projection: &str, what: &str) -> anyhow::Result<()> {
+    if units.iter().any(|u| u.lease_valid) {
+        return Ok(());
+    }
+    bail!(
+        "no node is running `{projection}` (no unit of it has a live lease): {what} needs the \
+         projection's code; start the application, or do it from there"
+    )
+}
+
+/// `outflow rebuild`: asks the nodes running the projection to rebuild it,
+/// waits until one started, then shows the replay until it caught up (or
+/// returns at once with `detach`).
+pub async fn rebuild(
+    url: &str,
+    projection: &str,
+    wait: Duration,
+    detach: bool,
+    options: &StoreOptions,
+    output: Output,
+) -> anyhow::Result<()> {
+    let store = units_store(url, options).await?;
+    with_units!(&store, s => rebuild_on(s, projection, wait, detach, output).await)
+}
+
+async fn rebuild_on<S: Checkpoints>(
+    store: &S,
+    projection: &str,
+    wait: Duration,
+    detach: bool,
+    output: Output,
+) -> anyhow::Result<()> {
+    known(store, projection).await?;
+    running_somewhere(
+        &store.units(Some(projection)).await?,
+        projection,
+        "a rebuild",
+    )?;
+    store.request_rebuild(projection).await?;
+    let deadline = tokio::time::Instant::now() + wait;
+    while store
+        .rebuild_requests()
+        .await?
+        .iter()
+        .any(|n| n == projection)
+    {
+        if tokio::time::Instant::now() >= deadline {
+            // Withdrawn, so that it does not start later unasked.
+            let mut tx = store.begin().await?;
+            store.take_rebuild_request(&mut tx, projection).await?;
+            store.commit(tx).await?;
+            bail!(
+                "no node started the rebuild of `{projection}` within {wait:?} (the node holding \
+                 its first partition serves it at its next heartbeat); the request is withdrawn"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if output == Output::Text {
+        println!("{projection}: rebuild started");
+    }
+    if detach {
+        return Ok(());
+    }
+    let bar = (output == Output::Text).then(|| crate::progress_bar("replaying"));
+    let (done, total) = loop {
+        let units = store.units(Some(projection)).await?;
+        let total: u64 = units.iter().filter_map(|u| u.rebuild_total).sum();
+        let done: u64 = units.iter().map(|u| u.processed).sum::<u64>().min(total);
+        if let Some(bar) = &bar {
+            bar.set_length(total);
+            bar.set_position(done);
+        }
+        if done >= total {
+            break (done, total);
+        }
+        if let Some(stopped) = units.iter().find(|u| u.state == ProjectionState::Stopped) {
+            bail!(
+                "the rebuild of `{projection}` stopped at position {}: {}",
+                stopped.checkpoint.position,
+                stopped
+                    .last_error
+                    .as_deref()
+                    .unwrap_or("(no error recorded)")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    match output {
+        Output::Json => println!(
+            "{}",
+            json!({"projection": projection, "replayed": done, "total": total})
+        ),
+        Output::Text => println!("{projection}: rebuilt, {done} events replayed"),
+    }
+    Ok(())
+}
+
+/// `outflow retry`: asks the nodes running the projection to retry dead
+/// letters, and reports each: handled (gone) or failed again (its error).
+pub async fn retry(
+    url: &str,
+    projection: &str,
+    ids: &[u64],
+    all: bool,
+    wait: Duration,
+    options: &StoreOptions,
+    output: Output,
+) -> anyhow::Result<()> {
+    let store = units_store(url, options).await?;
+    with_units!(&store, s => retry_on(s, projection, ids, all, wait, output).await)
+}
+
+async fn retry_on<S: Checkpoints + DeadLetters>(
+    store: &S,
+    projection: &str,
+    ids: &[u64],
+    all: bool,
+    wait: Duration,
+    output: Output,
+) -> anyhow::Result<()> {
+    known(store, projection).await?;
+    let letters = store.dead_letters(projection).await?;
+    let chosen: Vec<_> = if all {
+        letters.clone()
+    } else {
+        if ids.is_empty() {
+            bail!("name the dead letters to retry (their ids, see `dead-letters`), or --all");
+        }
+        let mut chosen = Vec::new();
+        for id in ids {
+            match letters.iter().find(|d| d.id == *id) {
+                Some(d) => chosen.push(d.clone()),
+                None => bail!("`{projection}` has no dead letter #{id}"),
+            }
+        }
+        chosen
+    };
+    if chosen.is_empty() {
+        println!("{projection}: no dead letters");
+        return Ok(());
+    }
+    let units = store.units(Some(projection)).await?;
+    for d in &chosen {
+        let held = units.iter().any(|u| u.unit == d.unit && u.lease_valid);
+        if !held {
+            bail!(
+                "no node holds partition {} of `{projection}`, which parked #{}: a retry needs \
+                 the projection's code; start the application",
+                d.unit.partition,
+                d.id
+            );
+        }
+    }
+    for d in &chosen {
+        store.request_retry(d.id).await?;
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut pending: Vec<_> = chosen;
+    let mut handled = Vec::new();
+    let mut failed = Vec::new();
+    while !pending.is_empty() {
+        let now = store.dead_letters(projection).await?;
+        pending.retain(|d| match now.iter().find(|n| n.id == d.id) {
+            None => {
+                handled.push(d.id);
+                false
+            }
+            Some(n) if n.attempts > d.attempts => {
+                failed.push((d.id, n.error.clone()));
+                false
+            }
+            Some(_) => true,
+        });
+        if pending.is_empty() {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let ids: Vec<String> = pending.iter().map(|d| format!("#{}", d.id)).collect();
+            bail!(
+                "no node retried {} within {wait:?} (the node holding the unit serves a retry at its next heartbeat)",
+                ids.join(", ")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    match output {
+        Output::Json => println!(
+            "{}",
+            json!({
+                "handled": handled,
+                "failed": failed.iter().map(|(id, e)| json!({"id": id, "error": e})).collect::<Vec<_>>(),
+            })
+        ),
+        Output::Text => {
+            for id in &handled {
+                println!("#{id}: handled, no longer parked");
+            }
+            for (id, error) in &failed {
+                println!("#{id}: failed again: {error}");
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!("{} of the retried dead letters failed again", failed.len());
+    }
+    Ok(())
+}

@@ -102,34 +102,6 @@ async fn append(
     written.last().cloned().expect("one event at least")
 }
 
-/// `outflow status --json`'s unit of `ledger`.
-fn ledger_status(dir: &Path, url: &str) -> Value {
-    let status: Value =
-        serde_json::from_str(&stdout_of(&outflow(dir, &["status", url, "--json"]))).expect("JSON");
-    status["units"]
-        .as_array()
-        .and_then(|units| {
-            units
-                .iter()
-                .find(|u| u["projection"] == json!("ledger"))
-                .cloned()
-        })
-        .unwrap_or(Value::Null)
-}
-
-/// Polls `outflow status` until `ledger`'s unit satisfies `probe` (60 s).
-async fn until_status(dir: &Path, url: &str, what: &str, probe: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let unit = ledger_status(dir, url);
-        if probe(&unit) {
-            return unit;
-        }
-        assert!(Instant::now() < deadline, "never: {what}; last {unit}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_pause_resume_dead_letters_discard_and_events_beside_a_running_node() {
     let dir = TestDir::new("cli_operate");
@@ -167,9 +139,15 @@ async fn status_pause_resume_dead_letters_discard_and_events_beside_a_running_no
     let _ = last;
 
     // Status: the unit, caught up, one event parked, owned by the runner.
-    let unit = until_status(&dir.path, &url, "caught up with one parked", |u| {
-        u["events_behind"] == json!(0) && u["parked"] == json!(1) && u["state"] == json!("live")
-    })
+    let unit = until_status_of(
+        &dir.path,
+        &url,
+        "ledger",
+        "caught up with one parked",
+        |u| {
+            u["events_behind"] == json!(0) && u["parked"] == json!(1) && u["state"] == json!("live")
+        },
+    )
     .await;
     assert_eq!(unit["events_behind"], json!(0), "{unit}");
     assert_eq!(unit["parked"], json!(1), "{unit}");
@@ -203,13 +181,13 @@ async fn status_pause_resume_dead_letters_discard_and_events_beside_a_running_no
         "{said}"
     );
     let paused_at = append(&store, "a-3", 0, vec![deposit(30, None)]).await;
-    let unit = ledger_status(&dir.path, &url);
+    let unit = unit_status(&dir.path, &url, "ledger");
     assert_eq!(unit["paused"], json!(true), "{unit}");
     assert_eq!(unit["state"], json!("paused"), "{unit}");
     // Nothing applied while paused: the event stays behind.
     tokio::time::timeout(Duration::from_secs(1), async {
         loop {
-            let unit = ledger_status(&dir.path, &url);
+            let unit = unit_status(&dir.path, &url, "ledger");
             assert_eq!(
                 unit["events_behind"],
                 json!(1),
@@ -227,7 +205,7 @@ async fn status_pause_resume_dead_letters_discard_and_events_beside_a_running_no
         .wait_for(paused_at.checkpoint(), &["ledger"], Duration::from_secs(60))
         .await
         .expect("caught up after the resume");
-    let unit = ledger_status(&dir.path, &url);
+    let unit = unit_status(&dir.path, &url, "ledger");
     assert_eq!(unit["paused"], json!(false), "{unit}");
     assert_eq!(unit["events_behind"], json!(0), "{unit}");
 
@@ -318,4 +296,179 @@ fn the_mistakes_a_user_makes_most_fail_at_once_and_say_what_to_do() {
     // Bad arguments are exit code 2, with the usage.
     let output = outflow(&dir.path, &["copy", "--from", "sqlite://a.db"]);
     assert_eq!(output.status.code(), Some(2));
+}
+
+/// Counts events into a table of the store's file; refuses 666 while broken.
+struct Tally {
+    broken: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[async_trait]
+impl Projection<SqliteStore> for Tally {
+    fn name(&self) -> &str {
+        "tally"
+    }
+
+    async fn setup(
+        &self,
+        tx: &mut <SqliteStore as outflow::Transactional>::Transaction,
+    ) -> Result<(), HandlerError> {
+        outflow::sqlx::query("CREATE TABLE IF NOT EXISTS tally (event_id TEXT PRIMARY KEY)")
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    async fn reset(
+        &self,
+        tx: &mut <SqliteStore as outflow::Transactional>::Transaction,
+    ) -> Result<(), HandlerError> {
+        outflow::sqlx::query("DELETE FROM tally")
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        events: &[RecordedEvent],
+        tx: &mut <SqliteStore as outflow::Transactional>::Transaction,
+    ) -> Result<(), HandlerError> {
+        for event in events {
+            if event.payload["Deposited"]["amount"] == json!(666)
+                && self.broken.load(std::sync::atomic::Ordering::SeqCst)
+            {
+                return Err(HandlerError::data("666 is refused"));
+            }
+            outflow::sqlx::query("INSERT INTO tally (event_id) VALUES (?1)")
+                .bind(event.event_id.to_string())
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+async fn tallied(store: &SqliteStore) -> i64 {
+    outflow::sqlx::query_scalar("SELECT COUNT(*) FROM tally")
+        .fetch_one(store.readers())
+        .await
+        .expect("count the tally")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_and_retry_are_asked_of_the_running_node_and_refused_without_one() {
+    let dir = TestDir::new("cli_requests");
+    let path = dir.file("bank.db");
+    let store = SqliteStore::open(&path).await.expect("store");
+    let url = format!("sqlite://{}", path.display());
+    for i in 0..50u64 {
+        append(&store, &format!("a-{i}"), 0, vec![deposit(i + 1, None)]).await;
+    }
+    append(&store, "poison", 0, vec![deposit(666, None)]).await;
+    let broken = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let runner = ProjectionRunner::builder(store.clone())
+        .heartbeat_interval(Duration::from_millis(200))
+        .lease_ttl(Duration::from_secs(5))
+        .projection(
+            ProjectionOptions::new(Tally {
+                broken: broken.clone(),
+            })
+            .retry(RetryPolicy {
+                max_attempts: 1,
+                initial_backoff: Duration::from_millis(10),
+                max_backoff: Duration::from_millis(20),
+            })
+            .on_error(OnError::Park),
+        )
+        .build()
+        .expect("runner");
+    let (shutdown, handle) = outflow_tests::start_runner(&runner);
+    let unit = until_status_of(
+        &dir.path,
+        &url,
+        "tally",
+        "caught up, the poison parked",
+        |u| u["events_behind"] == json!(0) && u["parked"] == json!(1),
+    )
+    .await;
+    assert!(unit["owner"].is_string(), "{unit}");
+    assert_eq!(tallied(&store).await, 50);
+
+    // Still broken: the retry is made by the node and fails again (exit 1).
+    let output = outflow(&dir.path, &["retry", &url, "tally", "--all"]);
+    let message = failure_of(&output);
+    assert!(message.contains("failed again"), "{message}");
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert!(said.contains("failed again: 666 is refused"), "{said}");
+
+    // Fixed: retried by the node, handled, no longer parked.
+    broken.store(false, std::sync::atomic::Ordering::SeqCst);
+    let said = stdout_of(&outflow(
+        &dir.path,
+        &["retry", &url, "tally", "--all", "--json"],
+    ));
+    let result: Value = serde_json::from_str(said.trim()).expect("JSON");
+    assert_eq!(
+        result["handled"].as_array().map(Vec::len),
+        Some(1),
+        "{result}"
+    );
+    assert_eq!(tallied(&store).await, 51);
+    let letters = stdout_of(&outflow(
+        &dir.path,
+        &["dead-letters", &url, "tally", "--json"],
+    ));
+    assert!(letters.trim().is_empty(), "{letters}");
+
+    // Rebuilt by the node: the table reset and replayed, every event once.
+    let said = stdout_of(&outflow(&dir.path, &["rebuild", &url, "tally"]));
+    assert!(
+        said.contains("tally: rebuilt, 51 events replayed"),
+        "{said}"
+    );
+    assert_eq!(tallied(&store).await, 51);
+    let unit = unit_status(&dir.path, &url, "tally");
+    assert_eq!(unit["rebuild_total"], json!(51), "{unit}");
+
+    // No node: refused at once, nothing asked.
+    outflow_tests::stop_runner(shutdown, handle).await;
+    let message = failure_of(&outflow(&dir.path, &["rebuild", &url, "tally"]));
+    assert!(message.contains("no node is running `tally`"), "{message}");
+    let message = failure_of(&outflow(&dir.path, &["retry", &url, "tally", "7"]));
+    assert!(message.contains("no dead letter #7"), "{message}");
+}
+
+/// `outflow status --json`'s unit of `projection`.
+fn unit_status(dir: &Path, url: &str, projection: &str) -> Value {
+    let status: Value =
+        serde_json::from_str(&stdout_of(&outflow(dir, &["status", url, "--json"]))).expect("JSON");
+    status["units"]
+        .as_array()
+        .and_then(|units| {
+            units
+                .iter()
+                .find(|u| u["projection"] == json!(projection))
+                .cloned()
+        })
+        .unwrap_or(Value::Null)
+}
+
+/// Polls `outflow status` until `projection`'s unit satisfies `probe`.
+async fn until_status_of(
+    dir: &Path,
+    url: &str,
+    projection: &str,
+    what: &str,
+    probe: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let unit = unit_status(dir, url, projection);
+        if probe(&unit) {
+            return unit;
+        }
+        assert!(Instant::now() < deadline, "never: {what}; last {unit}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -297,6 +297,47 @@ pub trait Checkpoints: Transactional + Clone {
     /// [`StoreError::Database`].
     async fn restart_projection(&self, name: &str) -> Result<(), StoreError>;
 
+    /// Asks the nodes running projection `name` to rebuild it: what a process
+    /// without the projection's code (the `outflow` command) does. A node
+    /// that runs it takes the request ([`take_rebuild_request`]) in the
+    /// transaction that resets it. `false` when no unit of `name` is
+    /// registered. The default keeps no requests.
+    ///
+    /// [`take_rebuild_request`]: Self::take_rebuild_request
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Config`] where the store keeps no requests;
+    /// [`StoreError::Database`].
+    async fn request_rebuild(&self, name: &str) -> Result<bool, StoreError> {
+        let _ = name;
+        Err(no_requests())
+    }
+
+    /// The projections a rebuild is asked of. The default: none.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Database`].
+    async fn rebuild_requests(&self) -> Result<Vec<String>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    /// Clears the rebuild asked of `name` inside `tx`: `true` when there was
+    /// one to take (of two nodes that try, one gets it). The default: `true`.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Database`].
+    async fn take_rebuild_request(
+        &self,
+        tx: &mut Self::Transaction,
+        name: &str,
+    ) -> Result<bool, StoreError> {
+        let _ = (tx, name);
+        Ok(true)
+    }
+
     /// Wakes waiters of [`checkpoint_wakeups`](Self::checkpoint_wakeups) here
     /// and on other nodes after checkpoints moved.
     fn signal_checkpoints(&self);
@@ -439,6 +480,41 @@ pub trait DeadLetters: Transactional {
     ///
     /// [`StoreError::Database`].
     async fn discard_dead_letter(&self, id: u64) -> Result<bool, StoreError>;
+
+    /// Asks the nodes running its projection to retry dead letter `id` (a
+    /// process without the projection's code asks; a node retries it as
+    /// `ProjectionRunner::retry_dead_letter` does, and the attempt serves
+    /// the request). `false` if it does not exist. The default keeps no
+    /// requests.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Config`] where the store keeps no requests;
+    /// [`StoreError::Database`].
+    async fn request_retry(&self, id: u64) -> Result<bool, StoreError> {
+        let _ = id;
+        Err(no_requests())
+    }
+
+    /// The dead letters a retry is asked of, as (the unit that parked it,
+    /// its id), oldest first. The default: none.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Database`].
+    async fn retry_requests(&self) -> Result<Vec<(UnitId, u64)>, StoreError> {
+        Ok(Vec::new())
+    }
+}
+
+/// What a store that keeps no operators' requests answers a request.
+fn no_requests() -> StoreError {
+    crate::error::ConfigError::Invalid {
+        setting: "operators' requests",
+        reason: "this store keeps no requests: run the operation where the projection's code is"
+            .to_owned(),
+    }
+    .into()
 }
 
 /// The inbox: which messages a handler has already handled, recorded in the

@@ -234,6 +234,25 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
         &self,
         name: &str,
     ) -> Result<watch::Receiver<RebuildProgress>, StoreError> {
+        match self.rebuild_taking(name, false).await? {
+            Some(progress) => Ok(progress),
+            // Not reached: without a request to take, the reset always runs.
+            None => Err(StoreError::Config(ConfigError::Invalid {
+                setting: "rebuild",
+                reason: format!("the rebuild of `{name}` did not start"),
+            })),
+        }
+    }
+
+    /// [`rebuild`](Self::rebuild); with `take_request`, only if the rebuild an
+    /// operator asked for through the store is still there to take (in the
+    /// reset's transaction: of two nodes, one rebuilds). `None` when it was
+    /// not.
+    pub(super) async fn rebuild_taking(
+        &self,
+        name: &str,
+        take_request: bool,
+    ) -> Result<Option<watch::Receiver<RebuildProgress>>, StoreError> {
         let registered = self.registered(name)?.clone();
         let store = &self.shared.store;
         store
@@ -256,6 +275,9 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
                 .await?
         };
         let mut tx = store.begin().await?;
+        if take_request && !store.take_rebuild_request(&mut tx, name).await? {
+            return Ok(None);
+        }
         store.reset_projection(&mut tx, name, total).await?;
         registered
             .projection
@@ -309,7 +331,7 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
                 }
             }
         });
-        Ok(receiver)
+        Ok(Some(receiver))
     }
 
     /// Pauses a projection on every node (within one heartbeat).

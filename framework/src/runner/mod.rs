@@ -49,6 +49,7 @@ use crate::projection::{OnError, Projection, ProjectionOptions, RetryPolicy};
 
 mod admin;
 mod node;
+mod requests;
 mod status;
 mod wait;
 mod worker;

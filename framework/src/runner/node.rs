@@ -89,6 +89,7 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
         let mut tasks: JoinSet<UnitId> = JoinSet::new();
         let mut running: HashMap<UnitId, Running> = HashMap::new();
         let mut warned_about = None;
+        let serving = super::requests::Serving::default();
         // Cancelled at shutdown when draining: units stop once caught up.
         let draining = CancellationToken::new();
         loop {
@@ -115,6 +116,8 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
                     {
                         tracing::warn!(node = %shared.node_id, error = %crate::error::error_chain(&error), "claiming units failed");
                     }
+                    let held = running.keys().cloned().collect();
+                    self.serve_requests(&held, &serving).await;
                 }
                 Err(error) => {
                     tracing::warn!(node = %shared.node_id, error = %crate::error::error_chain(&error), "heartbeat failed");

@@ -31,6 +31,7 @@ use crate::error::StoreError;
 use crate::wake::WakeSignal;
 
 mod append;
+mod dead_letters;
 #[cfg(feature = "nats")]
 mod dead_messages;
 mod errors;

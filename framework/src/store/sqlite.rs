@@ -43,6 +43,7 @@ use crate::error::StoreError;
 use crate::wake::WakeSignal;
 
 mod append;
+mod dead_letters;
 mod errors;
 mod log;
 mod outbox;

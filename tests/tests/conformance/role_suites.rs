@@ -539,10 +539,99 @@ async fn suite_transactions<S: Backend>(store: S) {
     );
 }
 
+/// Operators' requests (a rebuild, a retry) made through the store by a
+/// process without the projection's code: asked, listed, taken once in the
+/// transaction that serves them, and kept when that transaction rolls back.
+async fn suite_requests<S: Backend>(store: S) {
+    assert!(
+        !store.request_rebuild("nobody").await.expect("request"),
+        "no rebuild is asked of an unknown projection"
+    );
+    store.register_projection("rq", 2).await.expect("register");
+    assert!(store.rebuild_requests().await.expect("list").is_empty());
+    assert!(store.request_rebuild("rq").await.expect("request"));
+    assert!(store.request_rebuild("rq").await.expect("asked twice"));
+    assert_eq!(
+        store.rebuild_requests().await.expect("list"),
+        vec!["rq".to_owned()]
+    );
+
+    // Taken in a transaction that rolls back: still asked.
+    let mut tx = store.begin().await.expect("begin");
+    assert!(store
+        .take_rebuild_request(&mut tx, "rq")
+        .await
+        .expect("take"));
+    drop(tx);
+    assert_eq!(
+        store.rebuild_requests().await.expect("list"),
+        vec!["rq".to_owned()]
+    );
+    // Taken and committed: gone; a second taker finds nothing.
+    let mut tx = store.begin().await.expect("begin");
+    assert!(store
+        .take_rebuild_request(&mut tx, "rq")
+        .await
+        .expect("take"));
+    store.commit(tx).await.expect("commit");
+    assert!(store.rebuild_requests().await.expect("list").is_empty());
+    let mut tx = store.begin().await.expect("begin");
+    assert!(!store
+        .take_rebuild_request(&mut tx, "rq")
+        .await
+        .expect("take"));
+    drop(tx);
+
+    // A retry: asked of a dead letter, listed with the unit that parked it,
+    // served by an attempt that fails (noted) or by taking it.
+    let u = unit("rq", 1);
+    let event = one_event(&store, "rq-1").await;
+    let mut tx = store.begin().await.expect("begin");
+    store
+        .park(
+            &mut tx,
+            NewDeadLetter {
+                unit: &u,
+                event: &event,
+                error: "bad".into(),
+                attempts: 1,
+                first_failed_at: event.recorded_at,
+            },
+        )
+        .await
+        .expect("park");
+    store.commit(tx).await.expect("commit");
+    let id = letters(&store, "rq").await[0].id;
+    assert!(!store.request_retry(id + 1000).await.expect("request"));
+    assert!(store.retry_requests().await.expect("list").is_empty());
+    assert!(store.request_retry(id).await.expect("request"));
+    assert_eq!(
+        store.retry_requests().await.expect("list"),
+        vec![(u.clone(), id)]
+    );
+    store
+        .note_dead_letter_failure(id, "still bad")
+        .await
+        .expect("note");
+    assert!(
+        store.retry_requests().await.expect("list").is_empty(),
+        "a failed attempt serves the request"
+    );
+    assert!(store.request_retry(id).await.expect("request"));
+    let mut tx = store.begin().await.expect("begin");
+    store.take_dead_letter(&mut tx, id).await.expect("take");
+    store.commit(tx).await.expect("commit");
+    assert!(
+        store.retry_requests().await.expect("list").is_empty(),
+        "a dead letter handled is no longer asked of"
+    );
+}
+
 on_every_backend! {
     suite_leases: memory_leases, postgres_leases, sqlite_leases;
     suite_checkpoints: memory_checkpoints, postgres_checkpoints, sqlite_checkpoints;
     suite_dead_letters: memory_dead_letters, postgres_dead_letters, sqlite_dead_letters;
     suite_inbox: memory_inbox, postgres_inbox, sqlite_inbox;
     suite_transactions: memory_transactions, postgres_transactions, sqlite_transactions;
+    suite_requests: memory_requests, postgres_requests, sqlite_requests;
 }

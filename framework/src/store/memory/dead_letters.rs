@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use chrono::Utc;
 
 use crate::error::StoreError;
-use crate::port::projections::{DeadLetter, DeadLetters, Inbox, NewDeadLetter};
+use crate::port::projections::{DeadLetter, DeadLetters, Inbox, NewDeadLetter, UnitId};
 
 use super::state::*;
 
@@ -45,15 +45,19 @@ impl DeadLetters for MemoryStore {
         tx: &mut MemoryTransaction,
         id: u64,
     ) -> Result<Option<DeadLetter>, StoreError> {
-        let found = self.state().dead_letters.get(&id).cloned();
+        let mut state = self.state();
+        let found = state.dead_letters.get(&id).cloned();
         if found.is_some() {
+            state.retry_requests.remove(&id);
             tx.ops.push(PendingOp::RemoveDeadLetter(id));
         }
         Ok(found)
     }
 
     async fn note_dead_letter_failure(&self, id: u64, error: &str) -> Result<(), StoreError> {
-        if let Some(d) = self.state().dead_letters.get_mut(&id) {
+        let mut state = self.state();
+        state.retry_requests.remove(&id);
+        if let Some(d) = state.dead_letters.get_mut(&id) {
             d.attempts += 1;
             d.error = error.to_owned();
             d.last_failed_at = Utc::now();
@@ -62,7 +66,30 @@ impl DeadLetters for MemoryStore {
     }
 
     async fn discard_dead_letter(&self, id: u64) -> Result<bool, StoreError> {
-        Ok(self.state().dead_letters.remove(&id).is_some())
+        let mut state = self.state();
+        state.retry_requests.remove(&id);
+        Ok(state.dead_letters.remove(&id).is_some())
+    }
+
+    async fn request_retry(&self, id: u64) -> Result<bool, StoreError> {
+        let mut state = self.state();
+        let known = state.dead_letters.contains_key(&id);
+        if known {
+            state.retry_requests.insert(id);
+        }
+        Ok(known)
+    }
+
+    async fn retry_requests(&self) -> Result<Vec<(UnitId, u64)>, StoreError> {
+        let state = self.state();
+        Ok(state
+            .retry_requests
+            .iter()
+            .filter_map(|id| {
+                let d = state.dead_letters.get(id)?;
+                Some((d.unit.clone(), *id))
+            })
+            .collect())
     }
 }
 

@@ -56,6 +56,10 @@ pub(super) struct State {
     pub(super) next_dead_letter: u64,
     pub(super) inbox: HashSet<(String, String)>,
     pub(super) outcomes: HashMap<(String, String, Uuid), CommandOutcome>,
+    /// Projections a rebuild is asked of (`Checkpoints::request_rebuild`).
+    pub(super) rebuild_requests: std::collections::BTreeSet<String>,
+    /// Dead letters a retry is asked of (`DeadLetters::request_retry`).
+    pub(super) retry_requests: std::collections::BTreeSet<u64>,
 }
 
 impl State {
@@ -192,6 +196,7 @@ pub(super) enum PendingOp {
     },
     Inbox(String, String),
     RemoveDeadLetter(u64),
+    TakeRebuildRequest(String),
     Append {
         events: Vec<RecordedEvent>,
         log_len: usize,

@@ -47,6 +47,18 @@ impl Transactional for MemoryStore {
             if let PendingOp::Claim { key, .. } = op {
                 state.check_unclaimed(key)?;
             }
+            // Another transaction took the request first (the database's
+            // second taker finds no row; here its commit fails).
+            if let PendingOp::TakeRebuildRequest(name) = op {
+                if !state.rebuild_requests.contains(name) {
+                    return Err(StoreError::Conflict {
+                        aggregate_type: "rebuild request".into(),
+                        aggregate_id: name.clone(),
+                        expected: 1,
+                        actual: Some(0),
+                    });
+                }
+            }
             if let PendingOp::Checkpoint {
                 unit, epoch, from, ..
             } = op
@@ -111,6 +123,9 @@ impl Transactional for MemoryStore {
                     state.push(events);
                 }
                 PendingOp::Claim { key, version } => state.claim(key, version),
+                PendingOp::TakeRebuildRequest(name) => {
+                    state.rebuild_requests.remove(&name);
+                }
             }
         }
         drop(state);

@@ -159,6 +159,37 @@ impl Checkpoints for MemoryStore {
         Ok(())
     }
 
+    async fn request_rebuild(&self, name: &str) -> Result<bool, StoreError> {
+        let known = {
+            let mut state = self.state();
+            let known = state.units.keys().any(|unit| unit.projection == name);
+            if known {
+                state.rebuild_requests.insert(name.to_owned());
+            }
+            known
+        };
+        self.signal_checkpoints();
+        Ok(known)
+    }
+
+    async fn rebuild_requests(&self) -> Result<Vec<String>, StoreError> {
+        Ok(self.state().rebuild_requests.iter().cloned().collect())
+    }
+
+    /// Taken at commit; of two transactions that took it, the second fails
+    /// its commit.
+    async fn take_rebuild_request(
+        &self,
+        tx: &mut Self::Transaction,
+        name: &str,
+    ) -> Result<bool, StoreError> {
+        if !self.state().rebuild_requests.contains(name) {
+            return Ok(false);
+        }
+        tx.ops.push(PendingOp::TakeRebuildRequest(name.to_owned()));
+        Ok(true)
+    }
+
     async fn restart_projection(&self, name: &str) -> Result<(), StoreError> {
         {
             let mut state = self.state();

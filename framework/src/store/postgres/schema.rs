@@ -44,6 +44,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "the kind of a unit's last error",
         include_str!("migrations/007_error_kinds.sql"),
     ),
+    (
+        8,
+        "operators' requests: rebuilds and retries",
+        include_str!("migrations/008_requests.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serializes concurrent migrations.

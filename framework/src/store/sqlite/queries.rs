@@ -46,6 +46,11 @@ crate::store::sql::statements::sql_statements! {
         note_dead_letter_failure,
         discard_dead_letter,
         inbox_claim,
+        request_rebuild,
+        rebuild_requests,
+        take_rebuild_request,
+        request_retry,
+        retry_requests,
     }
 }
 

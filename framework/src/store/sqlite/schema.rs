@@ -87,6 +87,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "the kind of a unit's last error",
         include_str!("migrations/004_error_kinds.sql"),
     ),
+    (
+        5,
+        "operators' requests: rebuilds and retries",
+        include_str!("migrations/005_requests.sql"),
+    ),
 ];
 
 /// Applies the pending migrations in one write transaction (`BEGIN

@@ -1,0 +1,4 @@
+-- Takes the rebuild asked of projection ?1, inside the transaction that
+-- resets it: of two nodes, the second finds nothing to take.
+UPDATE {projections} SET rebuild_requested_at = NULL
+WHERE projection = ?1 AND rebuild_requested_at IS NOT NULL
