@@ -1,8 +1,9 @@
 //! `outflow`: operate an Outflow event store from a shell, against its URL
 //! (`sqlite://FILE`, `postgres://…`, `nats://…`), without the application's
-//! code: see the projections' state, pause and resume them, list and
-//! discard dead letters, browse and follow the log, apply migrations, and
-//! copy the log from one backend to another.
+//! code: see the projections' state, pause and resume them, ask the running
+//! nodes to rebuild them or retry dead letters, list and discard dead
+//! letters, browse and follow the log, apply migrations, and copy the log
+//! from one backend to another.
 
 use std::process::ExitCode;
 use std::time::Duration;

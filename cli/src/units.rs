@@ -1,7 +1,8 @@
-//! `outflow status`, `pause`, `resume`, `dead-letters`, `discard`: the
-//! projections' units as the store records them, and the operator's actions
-//! that need no projection code. The running nodes see a pause or a resume
-//! at their next look at the store (within the lease's renewal).
+//! `outflow status`, `pause`, `resume`, `rebuild`, `retry`, `dead-letters`,
+//! `discard`: the projections' units as the store records them, and the
+//! operator's actions. Those that need the projection's code (a rebuild, a
+//! retry) are asked of the running nodes through the store; the nodes see
+//! them, and a pause or a resume, at their next heartbeat.
 
 use anyhow::bail;
 use std::time::Duration;

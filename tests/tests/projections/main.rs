@@ -4,6 +4,7 @@
 //! Each module is one file's suite; run one with
 //! `cargo test -p outflow-tests --test projections <module>::`.
 
+mod admin_console;
 mod lease_fence;
 mod operators_elsewhere;
 mod projection_admin;

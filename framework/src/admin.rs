@@ -1,0 +1,193 @@
+//! The operators' console any service mounts (feature `admin`): a JSON API
+//! and a page over a [`ProjectionRunner`] — status of every unit with its
+//! lag and error, plots of lag and throughput over the last hour, rebuilds
+//! with live progress, pause, resume, restart, dead letters retried or
+//! discarded, and a browser of the log (by stream, position, correlation,
+//! and a live tail).
+//!
+//! **Off unless configured**: with no token and no authorization hook,
+//! every route answers `403 disabled`. A caller is a [`Principal`] with a
+//! [`Role`]: readers see, operators also act. Actions are `POST` with a
+//! bearer token in the `Authorization` header (no cookies, so no cross-site
+//! request can act); payloads are hidden from readers unless allowed; every
+//! action is logged (target `outflow::admin`) with who did it.
+//!
+//! ```no_run
+//! # async fn mount(runner: outflow::runner::ProjectionRunner<outflow::PostgresStore>) {
+//! let admin = outflow::admin::Admin::new(runner)
+//!     .operator_token(std::env::var("ADMIN_TOKEN").unwrap_or_default())
+//!     .router();
+//! let app: axum::Router = axum::Router::new().nest("/admin", admin);
+//! # let _ = app;
+//! # }
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::HeaderMap;
+use axum::routing::{get, post};
+use axum::Router;
+
+use crate::port::events::EventStore;
+use crate::port::projections::ProjectionStore;
+use crate::runner::ProjectionRunner;
+
+mod api;
+mod auth;
+mod events;
+mod samples;
+
+pub use auth::{Principal, Role};
+
+/// Decides who a request comes from, from its headers (`None`: nobody
+/// known, answered `401`).
+pub type Authorizer = Arc<dyn Fn(&HeaderMap) -> Option<Principal> + Send + Sync>;
+
+/// The console over one runner: configure, then [`router`](Self::router).
+pub struct Admin<S: ProjectionStore> {
+    runner: ProjectionRunner<S>,
+    tokens: Vec<(String, Principal)>,
+    authorizer: Option<Authorizer>,
+    events: Option<Arc<dyn EventStore>>,
+    payloads_for_readers: bool,
+    sample_every: Duration,
+}
+
+impl<S: ProjectionStore> std::fmt::Debug for Admin<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin")
+            .field("runner", &self.runner)
+            .field("tokens", &self.tokens.len())
+            .field("authorizer", &self.authorizer.is_some())
+            .field("payloads_for_readers", &self.payloads_for_readers)
+            .finish()
+    }
+}
+
+/// What the handlers share.
+pub(crate) struct Inner<S: ProjectionStore> {
+    pub(crate) runner: ProjectionRunner<S>,
+    pub(crate) tokens: Vec<(String, Principal)>,
+    pub(crate) authorizer: Option<Authorizer>,
+    pub(crate) events: Option<Arc<dyn EventStore>>,
+    pub(crate) payloads_for_readers: bool,
+    pub(crate) samples: samples::Samples,
+}
+
+impl<S: ProjectionStore> Admin<S> {
+    /// A console over `runner`, off until a token or a hook is given.
+    pub fn new(runner: ProjectionRunner<S>) -> Self {
+        Admin {
+            runner,
+            tokens: Vec::new(),
+            authorizer: None,
+            events: None,
+            payloads_for_readers: false,
+            sample_every: Duration::from_secs(10),
+        }
+    }
+
+    /// A bearer token that may act (an empty token is ignored, so an unset
+    /// variable leaves the console off).
+    pub fn operator_token(mut self, token: impl Into<String>) -> Self {
+        let token = token.into();
+        if !token.is_empty() {
+            self.tokens
+                .push((token, Principal::new("operator token", Role::Operator)));
+        }
+        self
+    }
+
+    /// A bearer token that may only look (empty: ignored).
+    pub fn reader_token(mut self, token: impl Into<String>) -> Self {
+        let token = token.into();
+        if !token.is_empty() {
+            self.tokens
+                .push((token, Principal::new("reader token", Role::Reader)));
+        }
+        self
+    }
+
+    /// The service's own check instead of tokens: who the headers say the
+    /// caller is (a session, a header set by a proxy that authenticated).
+    pub fn authorize(
+        mut self,
+        hook: impl Fn(&HeaderMap) -> Option<Principal> + Send + Sync + 'static,
+    ) -> Self {
+        self.authorizer = Some(Arc::new(hook));
+        self
+    }
+
+    /// The event store, so the browser reads one stream directly (without
+    /// it, a stream is found by reading its type's events in the log).
+    pub fn events(mut self, store: impl EventStore) -> Self {
+        self.events = Some(Arc::new(store));
+        self
+    }
+
+    /// Whether readers see payloads and metadata (default: hidden; operators
+    /// always see them).
+    pub fn payloads_for_readers(mut self, allowed: bool) -> Self {
+        self.payloads_for_readers = allowed;
+        self
+    }
+
+    /// How often the plots' figures are taken (default 10 s; an hour of
+    /// them is kept).
+    pub fn sample_every(mut self, every: Duration) -> Self {
+        self.sample_every = every.max(Duration::from_millis(100));
+        self
+    }
+
+    /// The routes, to nest under a path of the service's choosing. Call it
+    /// inside a Tokio runtime: it starts the task that takes the plots'
+    /// figures (it ends when the router is dropped).
+    pub fn router(self) -> Router {
+        let inner = Arc::new(Inner {
+            runner: self.runner,
+            tokens: self.tokens,
+            authorizer: self.authorizer,
+            events: self.events,
+            payloads_for_readers: self.payloads_for_readers,
+            samples: samples::Samples::default(),
+        });
+        samples::start(Arc::downgrade(&inner), self.sample_every);
+        Router::new()
+            .route("/", get(api::page::<S>))
+            .route("/api/whoami", get(api::whoami::<S>))
+            .route("/api/status", get(api::status::<S>))
+            .route("/api/samples", get(api::samples::<S>))
+            .route("/api/events", get(events::browse::<S>))
+            .route("/api/tail", get(events::tail::<S>))
+            .route(
+                "/api/projections/{name}/dead-letters",
+                get(api::dead_letters::<S>),
+            )
+            .route(
+                "/api/projections/{name}/rebuild",
+                post(api::rebuild::<S>).get(api::rebuild_progress::<S>),
+            )
+            .route("/api/projections/{name}/pause", post(api::pause::<S>))
+            .route("/api/projections/{name}/resume", post(api::resume::<S>))
+            .route("/api/projections/{name}/restart", post(api::restart::<S>))
+            .route(
+                "/api/projections/{name}/dead-letters/retry",
+                post(api::retry_all::<S>),
+            )
+            .route(
+                "/api/projections/{name}/dead-letters/discard",
+                post(api::discard_all::<S>),
+            )
+            .route(
+                "/api/projections/{name}/dead-letters/{id}/retry",
+                post(api::retry::<S>),
+            )
+            .route(
+                "/api/projections/{name}/dead-letters/{id}/discard",
+                post(api::discard::<S>),
+            )
+            .fallback(api::not_found)
+            .with_state(inner)
+    }
+}
