@@ -29,6 +29,11 @@ pub use state::{ApiState, MAX_BODY, MAX_ID};
 
 /// The routes, on `state`.
 pub fn router<S: AppStore>(state: ApiState<S>) -> Router {
+    // The operators' console (`/admin`), from the framework: the same token.
+    let console = outflow::admin::Admin::new(state.app.runner.clone())
+        .operator_token(state.admin_token.clone().unwrap_or_default())
+        .events(state.app.store.clone())
+        .router();
     Router::new()
         .route("/", get(page))
         .route("/metrics", get(metrics::<S>))
@@ -66,4 +71,5 @@ pub fn router<S: AppStore>(state: ApiState<S>) -> Router {
         })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(Arc::new(state))
+        .nest("/admin", console)
 }

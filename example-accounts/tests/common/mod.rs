@@ -11,6 +11,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 pub mod client;
+pub mod webdriver;
 
 use outflow::sqlx::postgres::PgConnectOptions;
 use outflow::sqlx::{ConnectOptions, Connection};

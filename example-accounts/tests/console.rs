@@ -1,0 +1,170 @@
+//! The operators' console (`/admin`, from the framework) in a real browser:
+//! headless Chromium, driven through ChromeDriver, signs in with the
+//! operator's token, sees the projections, rebuilds `balances` and watches
+//! its progress to the end, and browses an account's stream. A screenshot
+//! is kept in `target/test-artifacts/`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::webdriver::*;
+use common::{Backend, Database, Server};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_signs_in_rebuilds_and_browses_in_a_browser() {
+    for binary in [CHROMIUM, CHROMEDRIVER] {
+        assert!(
+            Path::new(binary).exists(),
+            "{binary} is missing: install Debian's `chromium` and `chromium-driver` \
+             (scripts/test.sh does, when run as root with apt-get)"
+        );
+    }
+    let db = Database::new(Backend::Sqlite, "console").await;
+    let server = Server::start(&db.url, &[("OUTFLOW_ADMIN_TOKEN", "secret")]);
+    if let Err(error) = scenario(&server).await {
+        panic!("{error}\n\n--- the server's log ---\n{}", server.log());
+    }
+}
+
+async fn scenario(server: &Server) -> Outcome<()> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .map_err(|e| format!("build the HTTP client: {e}"))?;
+    let opened = api(
+        &http,
+        server,
+        "/api/accounts",
+        json!({ "owner": "Console" }),
+        StatusCode::CREATED,
+    )
+    .await?;
+    let account = opened["account_id"]
+        .as_str()
+        .ok_or_else(|| format!("no account_id in {opened}"))?
+        .to_owned();
+    for amount in [100, 200] {
+        api(
+            &http,
+            server,
+            &format!("/api/accounts/{account}/deposits"),
+            json!({ "amount": amount }),
+            StatusCode::OK,
+        )
+        .await?;
+    }
+    std::fs::create_dir_all(ARTIFACTS).map_err(|e| format!("create {ARTIFACTS}: {e}"))?;
+    let driver = ChromeDriver::start(
+        &http,
+        &Path::new(ARTIFACTS).join("chromedriver-console.log"),
+    )
+    .await?;
+    let browser = driver.new_session(&http).await?;
+    let outcome = on_the_console(&browser, server, &account).await;
+    let ended = browser.delete().await;
+    outcome.and(ended)
+}
+
+/// Runs `script` until it returns something truthy, for up to [`PAGE_WAIT`].
+async fn until(browser: &Session<'_>, what: &str, script: &str) -> Outcome<Value> {
+    let deadline = Instant::now() + PAGE_WAIT;
+    loop {
+        let seen = browser.script(script, json!([])).await?;
+        if !(seen.is_null() || seen == json!(false)) {
+            return Ok(seen);
+        }
+        if Instant::now() > deadline {
+            let page = browser
+                .script("return document.body.innerText", json!([]))
+                .await?;
+            return Err(format!(
+                "the console did not show {what} within {PAGE_WAIT:?}; it shows:\n{}",
+                page.as_str().unwrap_or_default()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn on_the_console(browser: &Session<'_>, server: &Server, account: &str) -> Outcome<()> {
+    browser
+        .post("url", json!({ "url": server.url("/admin") }))
+        .await?;
+    browser
+        .script(
+            "document.getElementById('token').value = 'secret';
+             document.querySelector('#login button').click();",
+            json!([]),
+        )
+        .await?;
+    until(
+        browser,
+        "the operator signed in and the projections listed",
+        "const who = document.getElementById('who').textContent;
+         const rows = document.querySelectorAll('#units tbody tr[data-projection=\"balances\"]');
+         return who.includes('operator') && rows.length > 0;",
+    )
+    .await?;
+
+    // A rebuild, its progress to the end.
+    browser
+        .script(
+            "document.querySelector('tr[data-projection=\"balances\"] button[data-action=\"rebuild\"]').click();",
+            json!([]),
+        )
+        .await?;
+    let shown = until(
+        browser,
+        "the rebuild of balances done",
+        "const row = document.getElementById('rebuild-balances');
+         return row && row.dataset.done === 'true' ? row.textContent : null;",
+    )
+    .await?;
+    let text = shown.as_str().unwrap_or_default();
+    if !text.contains("done") {
+        return Err(format!("the rebuild's row says {text:?}"));
+    }
+
+    // The account's stream, with its payloads (an operator sees them).
+    browser
+        .script(
+            "document.getElementById('q-stream').value = 'account/' + arguments[0];
+             document.querySelector('#browse button[type=submit]').click();",
+            json!([account]),
+        )
+        .await?;
+    let events = until(
+        browser,
+        "the account's three events",
+        "const events = Array.from(document.querySelectorAll('#events .event'), e => e.textContent);
+         return events.length >= 3 ? events : null;",
+    )
+    .await?;
+    let listed = events.to_string();
+    for expected in ["AccountOpened", "Deposited", "\\\"amount\\\":200"] {
+        if !listed.contains(expected) {
+            return Err(format!("the stream lacks {expected}: {listed}"));
+        }
+    }
+
+    let png = decode_base64(
+        browser
+            .get("screenshot")
+            .await?
+            .as_str()
+            .ok_or("the screenshot is not a string")?,
+    )?;
+    let file = PathBuf::from(ARTIFACTS).join("console.png");
+    std::fs::write(&file, &png).map_err(|e| format!("write {}: {e}", file.display()))?;
+    if !png.starts_with(PNG_SIGNATURE) || png.len() <= 1000 {
+        return Err(format!(
+            "the screenshot ({} bytes) is not a PNG of a page",
+            png.len()
+        ));
+    }
+    Ok(())
+}
