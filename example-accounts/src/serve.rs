@@ -21,6 +21,17 @@ pub async fn run<S: AppStore>(app: Arc<App<S>>, bind: SocketAddr) -> anyhow::Res
         tracing::info!("OUTFLOW_ADMIN_TOKEN is not set: the operator endpoints are disabled");
     }
 
+    // The mail stand-in refuses these domains (comma-separated): a welcome
+    // e-mail to one is parked, for an operator to retry or discard.
+    for domain in std::env::var("OUTFLOW_REFUSE_MAIL")
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+    {
+        app.mail.refuse(domain);
+    }
+
     let shutdown = CancellationToken::new();
     let projections = tokio::spawn({
         let runner = app.runner.clone();

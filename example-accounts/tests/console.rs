@@ -1,8 +1,10 @@
 //! The operators' console (`/admin`, from the framework) in a real browser:
 //! headless Chromium, driven through ChromeDriver, signs in with the
 //! operator's token, sees the projections, rebuilds `balances` and watches
-//! its progress to the end, and browses an account's stream. A screenshot
-//! is kept in `target/test-artifacts/`.
+//! its progress to the end, retries a parked welcome e-mail (the mail
+//! stand-in still refuses it: it fails again, one more attempt counted) and
+//! discards it, and browses an account's stream. A screenshot is kept in
+//! `target/test-artifacts/`.
 
 mod common;
 
@@ -24,7 +26,13 @@ async fn the_console_signs_in_rebuilds_and_browses_in_a_browser() {
         );
     }
     let db = Database::new(Backend::Sqlite, "console").await;
-    let server = Server::start(&db.url, &[("OUTFLOW_ADMIN_TOKEN", "secret")]);
+    let server = Server::start(
+        &db.url,
+        &[
+            ("OUTFLOW_ADMIN_TOKEN", "secret"),
+            ("OUTFLOW_REFUSE_MAIL", "bounce.example"),
+        ],
+    );
     if let Err(error) = scenario(&server).await {
         panic!("{error}\n\n--- the server's log ---\n{}", server.log());
     }
@@ -57,6 +65,15 @@ async fn scenario(server: &Server) -> Outcome<()> {
         )
         .await?;
     }
+    // A welcome e-mail the mail stand-in refuses: parked.
+    api(
+        &http,
+        server,
+        "/api/users",
+        json!({ "name": "Eve", "email": "eve@bounce.example" }),
+        StatusCode::CREATED,
+    )
+    .await?;
     std::fs::create_dir_all(ARTIFACTS).map_err(|e| format!("create {ARTIFACTS}: {e}"))?;
     let driver = ChromeDriver::start(
         &http,
@@ -71,9 +88,19 @@ async fn scenario(server: &Server) -> Outcome<()> {
 
 /// Runs `script` until it returns something truthy, for up to [`PAGE_WAIT`].
 async fn until(browser: &Session<'_>, what: &str, script: &str) -> Outcome<Value> {
+    until_with(browser, what, script, json!([])).await
+}
+
+/// [`until`], the script given `args` (`arguments[i]`).
+async fn until_with(
+    browser: &Session<'_>,
+    what: &str,
+    script: &str,
+    args: Value,
+) -> Outcome<Value> {
     let deadline = Instant::now() + PAGE_WAIT;
     loop {
-        let seen = browser.script(script, json!([])).await?;
+        let seen = browser.script(script, args.clone()).await?;
         if !(seen.is_null() || seen == json!(false)) {
             return Ok(seen);
         }
@@ -128,6 +155,53 @@ async fn on_the_console(browser: &Session<'_>, server: &Server, account: &str) -
     if !text.contains("done") {
         return Err(format!("the rebuild's row says {text:?}"));
     }
+
+    // The parked e-mail: retried (refused again: one more attempt), then
+    // discarded.
+    let attempts = until(
+        browser,
+        "the parked welcome e-mail",
+        "const row = document.querySelector('#letters tr.letter');
+         return row ? row.textContent : null;",
+    )
+    .await?;
+    let before = attempts.as_str().unwrap_or_default().to_owned();
+    if !before.contains("welcome") && !before.contains("User") {
+        return Err(format!("the dead letter is not the e-mail's: {before}"));
+    }
+    browser
+        .script(
+            "document.querySelector('#letters tr.letter button[data-action=\"retry\"]').click();",
+            json!([]),
+        )
+        .await?;
+    until_with(
+        browser,
+        "the retry refused again, its attempts counted",
+        "const error = document.getElementById('error').textContent;
+         const row = document.querySelector('#letters tr.letter');
+         return error.includes('failed_again') && row && row.textContent !== arguments[0];",
+        json!([before]),
+    )
+    .await
+    .map_err(|e| {
+        format!(
+            "{e}
+(before the retry: {before})"
+        )
+    })?;
+    browser
+        .script(
+            "document.querySelector('#letters tr.letter button[data-action=\"discard\"]').click();",
+            json!([]),
+        )
+        .await?;
+    until(
+        browser,
+        "no dead letter left",
+        "return document.querySelectorAll('#letters tr.letter').length === 0;",
+    )
+    .await?;
 
     // The account's stream, with its payloads (an operator sees them).
     browser

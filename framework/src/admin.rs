@@ -140,8 +140,9 @@ impl<S: ProjectionStore> Admin<S> {
         self
     }
 
-    /// The routes, to nest under a path of the service's choosing. Call it
-    /// inside a Tokio runtime: it starts the task that takes the plots'
+    /// The routes, to nest under a path of the service's choosing (the page
+    /// answers at that path itself, `/admin` rather than `/admin/`). Built
+    /// inside a Tokio runtime, it starts the task that takes the plots'
     /// figures (it ends when the router is dropped).
     pub fn router(self) -> Router {
         let inner = Arc::new(Inner {

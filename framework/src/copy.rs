@@ -372,7 +372,7 @@ where
             .read_stream(
                 &first.aggregate_type,
                 &first.aggregate_id,
-                first.sequence - 1,
+                first.sequence.saturating_sub(1),
                 group.len(),
             )
             .await
@@ -441,7 +441,7 @@ fn request(group: &[RecordedEvent]) -> AppendRequest {
     AppendRequest {
         aggregate_type: first.aggregate_type.clone(),
         aggregate_id: first.aggregate_id.clone(),
-        expected_version: first.sequence - 1,
+        expected_version: first.sequence.saturating_sub(1),
         events: group
             .iter()
             .map(|event| NewEvent {

@@ -73,9 +73,15 @@ impl Samples {
     }
 }
 
-/// Takes a sample every `every` while the console exists.
+/// Takes a sample every `every` while the console exists (outside a Tokio
+/// runtime there is nothing to run it on: the plots stay empty, and a
+/// warning says why).
 pub(crate) fn start<S: ProjectionStore>(inner: Weak<Inner<S>>, every: Duration) {
-    tokio::spawn(async move {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        tracing::warn!(target: "outflow::admin", "the console's router was built outside a Tokio runtime: no samples for the plots");
+        return;
+    };
+    runtime.spawn(async move {
         loop {
             let Some(console) = inner.upgrade() else {
                 return;

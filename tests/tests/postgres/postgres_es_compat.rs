@@ -528,10 +528,11 @@ async fn migrating_twice_changes_nothing() {
             })
             .collect();
     // One row per migration (events log, projection tables, outbox, dead
-    // messages, leases, command outcomes, error kinds), each once.
+    // messages, leases, command outcomes, error kinds, operators'
+    // requests), each once.
     assert_eq!(
         ledger,
-        (1..=7)
+        (1..=8)
             .map(|v| ("events".to_owned(), v))
             .collect::<Vec<_>>()
     );
