@@ -47,6 +47,10 @@
 //!   `nats`) is an event store and log on NATS JetStream, with read models
 //!   in one of the others. Errors say whose fault they are ([`ErrorKind`]),
 //!   as classified by the backend that raised them.
+//! - **Operations**: the console any service mounts (`outflow::admin`,
+//!   feature `admin`: an axum router with a JSON API and a page), copying a
+//!   log between backends ([`copy`]), and the `outflow` command of the
+//!   workspace's `cli` crate, which does both from a shell.
 //!
 //! # The book
 //!
