@@ -200,12 +200,24 @@ async fn run_case(plans: Vec<Vec<Plan>>, steps: Vec<Step>) -> Result<(), TestCas
             }
         }
     }
-    // Everything has ended: the reader catches up.
+    // Everything has ended: the reader catches up. Another test's open
+    // transaction on this shared server holds every reader back for a
+    // while (whatever the database): wait until as many events as were
+    // committed came, then read on until nothing more does — a reader that
+    // lost one still fails below after 60 s, one that repeats or invents
+    // one fails on the comparison.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         let batch = store.read_log(cursor, &filter, 1000).await.expect("read");
-        let Some(last) = batch.last() else { break };
-        cursor = last.checkpoint();
-        read.extend(batch);
+        if let Some(last) = batch.last() {
+            cursor = last.checkpoint();
+            read.extend(batch);
+            continue;
+        }
+        if read.len() >= committed.len() || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 
     let ids: Vec<Uuid> = read.iter().map(|e| e.event_id).collect();
