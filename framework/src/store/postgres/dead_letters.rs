@@ -149,16 +149,7 @@ impl DeadLetters for PostgresStore {
                 .fetch_all(&self.inner.pool)
                 .await
                 .map_err(db("reading the retries asked for"))?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|(projection, partition, id)| {
-                let unit = UnitId {
-                    projection,
-                    partition: u32::try_from(partition).ok()?,
-                };
-                Some((unit, u64::try_from(id).ok()?))
-            })
-            .collect())
+        crate::store::sql::rows::retry_requests(rows, "dead letters")
     }
 }
 

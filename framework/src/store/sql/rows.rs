@@ -145,3 +145,26 @@ where
     }
     Ok(loaded)
 }
+
+/// The retries asked for, from `(projection, partition, id)` rows of the
+/// dead-letters table `table`; a negative or oversized value is a corrupt
+/// row, not one to skip.
+pub(crate) fn retry_requests(
+    rows: Vec<(String, i64, i64)>,
+    table: &str,
+) -> Result<Vec<(crate::port::projections::UnitId, u64)>, StoreError> {
+    rows.into_iter()
+        .map(|(projection, partition, id)| {
+            let partition = u32::try_from(partition)
+                .map_err(|_| corrupt(table, &format!("partition {partition} out of range")))?;
+            let id = u64::try_from(id).map_err(|_| corrupt(table, &format!("negative id {id}")))?;
+            Ok((
+                crate::port::projections::UnitId {
+                    projection,
+                    partition,
+                },
+                id,
+            ))
+        })
+        .collect()
+}
