@@ -106,6 +106,7 @@ pub mod relay;
 pub mod runner;
 pub mod store;
 pub mod telemetry;
+pub mod trace;
 pub mod upcast;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 #[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "sqlite"))))]

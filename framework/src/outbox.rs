@@ -385,9 +385,10 @@ impl<S: OutboxStore> Outbox<S> {
     pub async fn enqueue(
         &self,
         connection: &mut <S::Database as sqlx::Database>::Connection,
-        message: OutboxMessage,
+        mut message: OutboxMessage,
     ) -> Result<Uuid, StoreError> {
         self.validate(&message)?;
+        crate::trace::stamp_headers(&mut message.headers);
         let headers =
             serde_json::to_string(&message.headers).map_err(|source| StoreError::Serialize {
                 what: "outbox message headers",
@@ -641,7 +642,7 @@ impl<S: OutboxStore> Outbox<S> {
             let deleted = self.cleanup_batch(retention).await?;
             if deleted > 0 {
                 tracing::debug!(deleted, table = %self.table(), "outbox cleanup");
-                metrics::counter!("outflow_outbox_deleted_total").increment(deleted);
+                metrics::counter!("outflow_outbox_deleted_total", "outbox" => self.table().to_owned()).increment(deleted);
             }
             if deleted == 0 {
                 return Ok(false);

@@ -92,6 +92,7 @@ use std::marker::PhantomData;
 use async_trait::async_trait;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tracing::Instrument;
 
 use crate::command::CommandContext;
 use crate::error::StoreError;
@@ -247,15 +248,33 @@ where
             };
             for event in events {
                 let commands = self.manager.react(&mut state, event)?;
-                for (i, command) in commands.into_iter().enumerate() {
-                    let context = CommandContext::reacting_to(
-                        event,
-                        &format!("{}/{id}/{i}", self.manager.name()),
-                    )
-                    .with_metadata("process", self.manager.name())
-                    .with_metadata("process_id", id.clone());
-                    self.manager.dispatch(command, context).await?;
+                if commands.is_empty() {
+                    continue;
                 }
+                // The step continues the trace of the event that caused it:
+                // the commands it dispatches are children of that trace.
+                let step = tracing::info_span!(
+                    "outflow.process.step",
+                    process = self.manager.name(),
+                    process_id = %id,
+                    event_id = %event.event_id,
+                    commands = commands.len(),
+                );
+                crate::trace::follow(&step, event);
+                async {
+                    for (i, command) in commands.into_iter().enumerate() {
+                        let context = CommandContext::reacting_to(
+                            event,
+                            &format!("{}/{id}/{i}", self.manager.name()),
+                        )
+                        .with_metadata("process", self.manager.name())
+                        .with_metadata("process_id", id.clone());
+                        self.manager.dispatch(command, context).await?;
+                    }
+                    Ok::<(), HandlerError>(())
+                }
+                .instrument(step)
+                .await?;
             }
         }
         Ok(())

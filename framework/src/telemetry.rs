@@ -13,6 +13,10 @@
 //! | `outflow_projection_parked_total` | counter | `projection` | events parked as dead letters |
 //! | `outflow_projection_position` | gauge | `projection` | global position of the last checkpoint committed |
 //! | `outflow_projection_lag_positions` | gauge | `projection` | positions between the log's head and the checkpoint |
+//! | `outflow_projection_lag_events` | gauge | `projection` | committed events still to handle (from status, every 15 s by default) |
+//! | `outflow_projection_lag_seconds` | gauge | `projection` | age of the oldest committed event still to handle (from status) |
+//! | `outflow_projection_dead_letters` | gauge | `projection` | events parked and not yet retried or discarded (from status) |
+//! | `outflow_projection_rebuild_progress` | gauge | `projection` | share of a running rebuild replayed, 0 to 1 (1 when none runs) |
 //! | `outflow_log_held_back_seconds` | gauge | | age of the open transaction that committed events wait behind (0: none) |
 //! | `outflow_relay_published_total` | counter | `relay` | events the JetStream relay published |
 //! | `outflow_consumer_parked_total` | counter | `consumer` | JetStream messages parked |
@@ -20,8 +24,20 @@
 //! | `outflow_outbox_delivery_failures_total` | counter | `outbox` | failed outbox deliveries |
 //! | `outflow_outbox_deliver_seconds` | histogram | `outbox` | time to deliver one outbox batch |
 //! | `outflow_outbox_deleted_total` | counter | `outbox` | delivered outbox rows cleaned up |
+//! | `outflow_outbox_pending` | gauge | `outbox` | committed messages not yet delivered (from the outbox's status, every 15 s while a relay runs) |
+//! | `outflow_outbox_oldest_pending_seconds` | gauge | `outbox` | age of the oldest of them (0: none) |
+//!
+//! The status gauges are set by each runner node for the units it holds
+//! (see [`ProjectionRunnerBuilder::status_metrics_every`](crate::runner::ProjectionRunnerBuilder::status_metrics_every)),
+//! so a sum over nodes is the whole; [`record_status`] sets them from any
+//! status you read yourself.
+
+use std::collections::BTreeMap;
 
 use metrics::Unit;
+
+use crate::outbox::OutboxStatus;
+use crate::runner::ProjectionStatus;
 
 /// What kind of metric it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,6 +102,30 @@ pub const METRICS: &[(&str, MetricKind, Unit, &str)] = &[
         "Positions between the readable head of the log and a projection's checkpoint.",
     ),
     (
+        "outflow_projection_lag_events",
+        MetricKind::Gauge,
+        Unit::Count,
+        "Committed events a projection still has to handle, as its status counted them.",
+    ),
+    (
+        "outflow_projection_lag_seconds",
+        MetricKind::Gauge,
+        Unit::Seconds,
+        "Age of the oldest committed event a projection still has to handle.",
+    ),
+    (
+        "outflow_projection_dead_letters",
+        MetricKind::Gauge,
+        Unit::Count,
+        "Events a projection parked that were not yet retried or discarded.",
+    ),
+    (
+        "outflow_projection_rebuild_progress",
+        MetricKind::Gauge,
+        Unit::Percent,
+        "Share of a running rebuild replayed, from 0 to 1 (1 when none runs).",
+    ),
+    (
         "outflow_log_held_back_seconds",
         MetricKind::Gauge,
         Unit::Seconds,
@@ -126,6 +166,18 @@ pub const METRICS: &[(&str, MetricKind, Unit, &str)] = &[
         MetricKind::Counter,
         Unit::Count,
         "Delivered outbox rows removed by the cleanup.",
+    ),
+    (
+        "outflow_outbox_pending",
+        MetricKind::Gauge,
+        Unit::Count,
+        "Committed outbox messages not yet delivered.",
+    ),
+    (
+        "outflow_outbox_oldest_pending_seconds",
+        MetricKind::Gauge,
+        Unit::Seconds,
+        "Age of the oldest outbox message not yet delivered (0 when none).",
     ),
 ];
 
@@ -194,4 +246,79 @@ mod tests {
             );
         }
     }
+}
+
+/// What one projection's units add up to, for its gauges.
+#[derive(Debug, Default)]
+struct Summed {
+    lag_events: u64,
+    lag_seconds: f64,
+    dead_letters: u64,
+    rebuild_done: u64,
+    rebuild_total: u64,
+}
+
+/// Sets the status gauges (`outflow_projection_lag_events`,
+/// `outflow_projection_lag_seconds`, `outflow_projection_dead_letters`,
+/// `outflow_projection_rebuild_progress`) from `units`, summed per
+/// projection (the lag in time is the largest of its units'). Returns the
+/// projections it set.
+///
+/// ```no_run
+/// # async fn demo(runner: outflow::ProjectionRunner<outflow::PostgresStore>) -> Result<(), outflow::StoreError> {
+/// outflow::telemetry::record_status(&runner.status().await?);
+/// # Ok(()) }
+/// ```
+pub fn record_status<'a>(units: impl IntoIterator<Item = &'a ProjectionStatus>) -> Vec<String> {
+    let mut sums: BTreeMap<&str, Summed> = BTreeMap::new();
+    for unit in units {
+        let sum = sums.entry(&unit.projection).or_default();
+        sum.lag_events += unit.lag_events;
+        sum.lag_seconds = sum.lag_seconds.max(unit.lag.as_secs_f64());
+        sum.dead_letters += unit.parked as u64;
+        if let Some(rebuild) = &unit.rebuild {
+            sum.rebuild_done += rebuild.done.min(rebuild.total);
+            sum.rebuild_total += rebuild.total;
+        }
+    }
+    for (projection, sum) in &sums {
+        let projection = projection.to_string();
+        let progress = if sum.rebuild_total == 0 {
+            1.0
+        } else {
+            sum.rebuild_done as f64 / sum.rebuild_total as f64
+        };
+        metrics::gauge!("outflow_projection_lag_events", "projection" => projection.clone())
+            .set(sum.lag_events as f64);
+        metrics::gauge!("outflow_projection_lag_seconds", "projection" => projection.clone())
+            .set(sum.lag_seconds);
+        metrics::gauge!("outflow_projection_dead_letters", "projection" => projection.clone())
+            .set(sum.dead_letters as f64);
+        metrics::gauge!("outflow_projection_rebuild_progress", "projection" => projection)
+            .set(progress);
+    }
+    sums.into_keys().map(str::to_owned).collect()
+}
+
+/// Sets the status gauges of `projection` to "nothing to do here" (no lag,
+/// no dead letters, no rebuild): for a node that no longer holds any of its
+/// units.
+pub fn clear_status(projection: &str) {
+    let projection = projection.to_owned();
+    metrics::gauge!("outflow_projection_lag_events", "projection" => projection.clone()).set(0.0);
+    metrics::gauge!("outflow_projection_lag_seconds", "projection" => projection.clone()).set(0.0);
+    metrics::gauge!("outflow_projection_dead_letters", "projection" => projection.clone()).set(0.0);
+    metrics::gauge!("outflow_projection_rebuild_progress", "projection" => projection).set(1.0);
+}
+
+/// Sets `outflow_outbox_pending` and `outflow_outbox_oldest_pending_seconds`
+/// of the outbox `table` from its status.
+pub fn record_outbox_status(table: &str, status: &OutboxStatus) {
+    let table = table.to_owned();
+    metrics::gauge!("outflow_outbox_pending", "outbox" => table.clone()).set(status.pending as f64);
+    metrics::gauge!("outflow_outbox_oldest_pending_seconds", "outbox" => table).set(
+        status
+            .oldest_pending_age
+            .map_or(0.0, |age| age.as_secs_f64()),
+    );
 }

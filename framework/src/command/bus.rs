@@ -142,9 +142,10 @@ where
         once: bool,
     ) -> Result<Committed<A>, CommandError<A::Error>> {
         let span = tracing::info_span!(
-            "command",
+            "outflow.command",
             aggregate_type = A::TYPE,
             aggregate_id,
+            command_id = %context.command_id,
             outcome = tracing::field::Empty,
             events = tracing::field::Empty,
         );
@@ -303,6 +304,7 @@ where
                 event.event_id = event_id_of(context.command_id, i);
             }
             event.metadata = context.metadata.clone();
+            crate::trace::stamp(&mut event.metadata);
             event.correlation_id = Some(context.correlation_id);
             event.causation_id = Some(context.causation_id);
             events.push(event);

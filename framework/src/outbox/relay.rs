@@ -25,6 +25,9 @@ use crate::port::projections::{Lease, ProjectionState};
 use crate::projection::RetryPolicy;
 use crate::wake::Recheck;
 
+/// How often a running relay reads the outbox's status for its gauges.
+const STATUS_METRICS_EVERY: Duration = Duration::from_secs(15);
+
 /// How long one cleanup round may run before the relay delivers again.
 const CLEANUP_BUDGET: Duration = Duration::from_millis(500);
 
@@ -323,7 +326,24 @@ impl<S: OutboxStore> OutboxRelay<S> {
             self.work(&shutdown).await;
             stop_listening.cancel();
         };
-        tokio::join!(listen, work.instrument(span));
+        let gauges = async {
+            // The pending count for the gauges, while the relay runs.
+            loop {
+                match shared.outbox.status().await {
+                    Ok(status) => {
+                        crate::telemetry::record_outbox_status(shared.outbox.table(), &status)
+                    }
+                    Err(error) => {
+                        tracing::debug!(error = %crate::error::error_chain(&error), "reading the outbox's status for its gauges failed");
+                    }
+                }
+                tokio::select! {
+                    _ = stop_listening.cancelled() => return,
+                    _ = tokio::time::sleep(STATUS_METRICS_EVERY) => {}
+                }
+            }
+        };
+        tokio::join!(listen, work.instrument(span), gauges);
         Ok(())
     }
 
@@ -531,7 +551,7 @@ impl<S: OutboxStore> OutboxRelay<S> {
             if let Some(last) = batch.last() {
                 cursor = last.checkpoint();
             }
-            metrics::counter!("outflow_outbox_delivered_total").increment(batch.len() as u64);
+            metrics::counter!("outflow_outbox_delivered_total", "outbox" => shared.outbox.table().to_owned()).increment(batch.len() as u64);
             tracing::debug!(messages = batch.len(), %cursor, "outbox batch delivered");
             let next = if batch.len() >= shared.batch_size {
                 ProjectionState::CatchingUp
@@ -559,22 +579,29 @@ impl<S: OutboxStore> OutboxRelay<S> {
             return Sent::Stop(exit);
         }
         let started = Instant::now();
+        let span = tracing::info_span!(
+            parent: None,
+            "outflow.outbox.deliver",
+            table = %shared.outbox.table(),
+            messages = batch.len(),
+        );
+        crate::trace::link_carriers(&span, batch.iter().map(|message| &message.headers));
         let result = tokio::select! {
             // A relay that lost its lease stops delivering at once: the new
             // holder delivers this batch again.
             _ = held.lost.cancelled() => return Sent::Stop(Exit::Lost),
-            result = shared.sink.deliver(batch) => result,
+            result = shared.sink.deliver(batch).instrument(span) => result,
         };
         match result {
             Ok(()) => {
                 *attempts = 0;
-                metrics::histogram!("outflow_outbox_deliver_seconds")
+                metrics::histogram!("outflow_outbox_deliver_seconds", "outbox" => shared.outbox.table().to_owned())
                     .record(started.elapsed().as_secs_f64());
                 Sent::Delivered
             }
             Err(error) => {
                 *attempts += 1;
-                metrics::counter!("outflow_outbox_delivery_failures_total").increment(1);
+                metrics::counter!("outflow_outbox_delivery_failures_total", "outbox" => shared.outbox.table().to_owned()).increment(1);
                 tracing::warn!(
                     attempts = *attempts,
                     messages = batch.len(),

@@ -11,6 +11,7 @@ use async_nats::jetstream::Context;
 use async_trait::async_trait;
 use futures::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::{headers, RelayError};
 use crate::error::{error_chain, StoreError};
@@ -465,6 +466,20 @@ impl<S: ProjectionStore> JetStreamConsumer<S> {
 
     /// Every message of the batch in one transaction.
     async fn handle_together(&self, batch: &[Delivery]) -> Result<(), HandlerError> {
+        let span = tracing::info_span!(
+            parent: None,
+            "outflow.consumer.handle",
+            consumer = %self.name,
+            messages = batch.len(),
+        );
+        crate::trace::link_carriers(
+            &span,
+            batch.iter().map(|delivery| &delivery.message.headers),
+        );
+        self.handle_together_in(batch).instrument(span).await
+    }
+
+    async fn handle_together_in(&self, batch: &[Delivery]) -> Result<(), HandlerError> {
         let mut tx = self.store.begin().await?;
         for delivery in batch {
             if self
@@ -480,6 +495,19 @@ impl<S: ProjectionStore> JetStreamConsumer<S> {
     }
 
     async fn handle_one(&self, message: &ReceivedMessage) -> Result<(), HandlerError> {
+        // One message continues the trace its event was written in.
+        let span = tracing::info_span!(
+            parent: None,
+            "outflow.consumer.handle",
+            consumer = %self.name,
+            messages = 1,
+            message_id = %message.message_id,
+        );
+        crate::trace::follow_carrier(&span, &message.headers);
+        self.handle_one_in(message).instrument(span).await
+    }
+
+    async fn handle_one_in(&self, message: &ReceivedMessage) -> Result<(), HandlerError> {
         let mut tx = self.store.begin().await?;
         if !self
             .store

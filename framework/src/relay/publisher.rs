@@ -178,6 +178,13 @@ impl JetStreamRelay {
         if let Some(id) = event.causation_id {
             put(headers::CAUSATION_ID, &id.to_string())?;
         }
+        // The W3C trace context under its standard names too, so any
+        // subscriber's tracing continues the event's trace.
+        for name in [crate::trace::TRACEPARENT, crate::trace::TRACESTATE] {
+            if let Some(value) = event.metadata.get(name) {
+                put(name, value)?;
+            }
+        }
         if !event.metadata.is_empty() {
             // Sorted, so equal metadata gives equal headers.
             let sorted: std::collections::BTreeMap<_, _> = event.metadata.iter().collect();

@@ -48,6 +48,7 @@ use crate::port::projections::ProjectionStore;
 use crate::projection::{OnError, Projection, ProjectionOptions, RetryPolicy};
 
 mod admin;
+mod gauges;
 mod node;
 mod requests;
 mod status;
@@ -96,6 +97,8 @@ struct Shared<S: ProjectionStore> {
     /// How long a shutdown lets owned units catch up first (see
     /// [`ProjectionRunnerBuilder::drain_on_shutdown`]).
     drain: Option<Duration>,
+    /// How often the status gauges are exported (zero: never).
+    status_metrics: Duration,
     projections: HashMap<String, Arc<Registered<S>>>,
     /// Renamed event types, applied to every event read.
     aliases: crate::upcast::EventAliases,
@@ -134,6 +137,7 @@ pub struct ProjectionRunnerBuilder<S: ProjectionStore> {
     lease_ttl: Duration,
     heartbeat: Duration,
     drain: Option<Duration>,
+    status_metrics: Duration,
     projections: Vec<ProjectionOptions<S>>,
     aliases: crate::upcast::EventAliases,
 }
@@ -189,6 +193,18 @@ impl<S: ProjectionStore> ProjectionRunnerBuilder<S> {
     /// finishes the batch it is committing and stops.
     pub fn drain_on_shutdown(mut self, bound: Duration) -> Self {
         self.drain = Some(bound);
+        self
+    }
+
+    /// How often this node reads the status and sets the status gauges
+    /// (`outflow_projection_lag_events`, `outflow_projection_lag_seconds`,
+    /// `outflow_projection_dead_letters`,
+    /// `outflow_projection_rebuild_progress`; see [`crate::telemetry`]) for
+    /// the units it holds (default 15 s; `Duration::ZERO` turns them off).
+    /// Each reading counts the lag as [`status`](ProjectionRunner::status)
+    /// does, apart from the heartbeat.
+    pub fn status_metrics_every(mut self, interval: Duration) -> Self {
+        self.status_metrics = interval;
         self
     }
 
@@ -273,6 +289,7 @@ impl<S: ProjectionStore> ProjectionRunnerBuilder<S> {
                 lease_ttl: self.lease_ttl,
                 heartbeat: self.heartbeat,
                 drain: self.drain,
+                status_metrics: self.status_metrics,
                 projections,
                 aliases: self.aliases,
                 view: wait::SharedView::default(),
@@ -306,6 +323,7 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
             lease_ttl: Duration::from_secs(5),
             heartbeat: Duration::from_secs(1),
             drain: None,
+            status_metrics: Duration::from_secs(15),
             projections: Vec::new(),
         }
     }

@@ -51,7 +51,13 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
     /// ([`ConfigError::SetupHook`]); other errors the backend blames on the
     /// infrastructure while registering after about ten attempts.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), StoreError> {
-        let result = self.run_node(shutdown).await;
+        let gauges_stop = CancellationToken::new();
+        let node = async {
+            let result = self.run_node(shutdown).await;
+            gauges_stop.cancel();
+            result
+        };
+        let (result, ()) = tokio::join!(node, self.export_status_gauges(&gauges_stop));
         if let Err(error) = &result {
             tracing::error!(node = %self.shared.node_id, error = %crate::error::error_chain(error), "projection runner stopped");
         }

@@ -256,12 +256,18 @@ impl<S: ProjectionStore> UnitWorker<S> {
                 })),
             });
         }
+        // A trace of its own (not a child of the unit's long-lived span),
+        // linked to the trace of each event it handles.
         let batch = tracing::info_span!(
-            "batch",
+            parent: None,
+            "outflow.projection.batch",
+            projection = %self.lease.unit.projection,
+            partition = self.lease.unit.partition,
             events = events.len(),
             from = %cursor.checkpoint,
             to = %target
         );
+        crate::trace::link(&batch, &events);
         match self
             .process(&events, cursor.checkpoint, target, true)
             .instrument(batch)
