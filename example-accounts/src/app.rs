@@ -22,6 +22,7 @@ use outflow::{
     ProjectionStore, RecordedEvent, SqliteStore, StoreError,
 };
 use serde::Serialize;
+use tracing::Instrument;
 
 use crate::transfer::{Transfer, TransferProcess};
 use crate::user::{User, UserEvent};
@@ -258,6 +259,25 @@ struct WelcomeEmails<S> {
     mail: MailServer,
 }
 
+impl<S: AppStore> WelcomeEmails<S> {
+    async fn send_welcome(&self, event: &RecordedEvent) -> Result<(), HandlerError> {
+        let UserEvent::UserSignedUp { name, email } = event.decode_payload::<User>()?;
+        if self.mail.refuses(&email) {
+            return Err(HandlerError::msg(format!(
+                "the mail server refused mail to {email}"
+            )));
+        }
+        let sent = SentEmail {
+            key: event.event_id.to_string(),
+            to: email,
+            subject: "Welcome to Outflow Bank".to_owned(),
+        };
+        let body = format!("Hello {name}, your account at Outflow Bank is ready.");
+        self.store.send_email(&sent, &body).await?;
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl<S: AppStore> Projection<S> for WelcomeEmails<S> {
     fn name(&self) -> &str {
@@ -270,19 +290,10 @@ impl<S: AppStore> Projection<S> for WelcomeEmails<S> {
 
     async fn effects(&self, events: &[RecordedEvent]) -> Result<(), HandlerError> {
         for event in events {
-            let UserEvent::UserSignedUp { name, email } = event.decode_payload::<User>()?;
-            if self.mail.refuses(&email) {
-                return Err(HandlerError::msg(format!(
-                    "the mail server refused mail to {email}"
-                )));
-            }
-            let sent = SentEmail {
-                key: event.event_id.to_string(),
-                to: email,
-                subject: "Welcome to Outflow Bank".to_owned(),
-            };
-            let body = format!("Hello {name}, your account at Outflow Bank is ready.");
-            self.store.send_email(&sent, &body).await?;
+            // Each e-mail continues the trace of the sign-up that caused it.
+            let span = tracing::info_span!("welcome_email", user = %event.aggregate_id);
+            outflow::trace::follow(&span, event);
+            self.send_welcome(event).instrument(span).await?;
         }
         Ok(())
     }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::Router;
+use tracing::Instrument;
 
 use crate::app::AppStore;
 
@@ -72,4 +73,32 @@ pub fn router<S: AppStore>(state: ApiState<S>) -> Router {
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(Arc::new(state))
         .nest("/admin", console)
+        .layer(axum::middleware::from_fn(trace_request))
+}
+
+/// One span per request, continuing the caller's trace when it sends a
+/// W3C `traceparent` header: the commands the request runs are its
+/// children, and their events carry the trace on (see `outflow::trace`).
+async fn trace_request(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let span = tracing::info_span!(
+        "http.request",
+        method = %request.method(),
+        path = %request.uri().path(),
+        status = tracing::field::Empty,
+    );
+    let context: std::collections::BTreeMap<String, String> =
+        [outflow::trace::TRACEPARENT, outflow::trace::TRACESTATE]
+            .into_iter()
+            .filter_map(|name| {
+                let value = request.headers().get(name)?.to_str().ok()?;
+                Some((name.to_owned(), value.to_owned()))
+            })
+            .collect();
+    outflow::trace::follow_carrier(&span, &context);
+    let response = next.run(request).instrument(span.clone()).await;
+    span.record("status", response.status().as_u16());
+    response
 }

@@ -6,6 +6,7 @@
 mod demo;
 mod operate;
 mod serve;
+mod traces;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -72,20 +73,18 @@ async fn main() -> anyhow::Result<()> {
         Some(Command::Serve { .. }) => "info",
         _ => "warn",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let url = cli.database_url.as_str();
+    let provider = traces::init(default_filter)?;
+    let result = open_and_run(&cli.database_url, cli.command).await;
+    traces::shutdown(provider);
+    result
+}
+
+async fn open_and_run(url: &str, command: Option<Command>) -> anyhow::Result<()> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let store = PostgresStore::connect(url)
             .await
             .context("connecting to PostgreSQL")?;
-        let result = run(store.clone(), cli.command).await;
+        let result = run(store.clone(), command).await;
         store.pool().close().await;
         result
     } else {
@@ -96,7 +95,7 @@ async fn main() -> anyhow::Result<()> {
         let store = SqliteStore::open(path)
             .await
             .with_context(|| format!("opening {path}"))?;
-        let result = run(store.clone(), cli.command).await;
+        let result = run(store.clone(), command).await;
         // Leaves one file: the last connection folds the WAL into it.
         store.close().await;
         result

@@ -50,7 +50,9 @@
 //! - **Operations**: the console any service mounts (`outflow::admin`,
 //!   feature `admin`: an axum router with a JSON API and a page), copying a
 //!   log between backends ([`copy`]), and the `outflow` command of the
-//!   workspace's `cli` crate, which does both from a shell.
+//!   workspace's `cli` crate, which does both from a shell; metrics
+//!   ([`telemetry`]) and traces that follow an event from its command to
+//!   every reaction ([`trace`], OpenTelemetry with feature `opentelemetry`).
 //!
 //! # The book
 //!

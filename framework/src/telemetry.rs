@@ -265,7 +265,7 @@ struct Summed {
 /// projections it set.
 ///
 /// ```no_run
-/// # async fn demo(runner: outflow::ProjectionRunner<outflow::PostgresStore>) -> Result<(), outflow::StoreError> {
+/// # async fn demo(runner: outflow::runner::ProjectionRunner<outflow::PostgresStore>) -> Result<(), outflow::StoreError> {
 /// outflow::telemetry::record_status(&runner.status().await?);
 /// # Ok(()) }
 /// ```
