@@ -229,9 +229,18 @@ impl<S: AppStore> InlineHandler<User, S> for EmailReservation {
 #[derive(Debug, Clone, Default)]
 pub struct MailServer {
     refused: Arc<Mutex<HashSet<String>>>,
+    /// A file listing more refused domains (one per line), read at every
+    /// e-mail: editing it changes the answer of a running server.
+    refused_file: Arc<Mutex<Option<std::path::PathBuf>>>,
 }
 
 impl MailServer {
+    /// Also refuses the domains listed in `path` (one per line; a missing
+    /// file lists none), read again for every e-mail.
+    pub fn refuse_listed_in(&self, path: impl Into<std::path::PathBuf>) {
+        *self.refused_file.lock().unwrap_or_else(|e| e.into_inner()) = Some(path.into());
+    }
+
     /// Refuses mail to `domain` from now on.
     pub fn refuse(&self, domain: &str) {
         self.lock().insert(domain.to_lowercase());
@@ -243,8 +252,25 @@ impl MailServer {
     }
 
     fn refuses(&self, address: &str) -> bool {
-        let domain = address.rsplit('@').next().unwrap_or_default();
-        self.lock().contains(domain)
+        let domain = address
+            .rsplit('@')
+            .next()
+            .unwrap_or_default()
+            .to_lowercase();
+        if self.lock().contains(&domain) {
+            return true;
+        }
+        let file = self
+            .refused_file
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        file.and_then(|path| std::fs::read_to_string(path).ok())
+            .is_some_and(|listed| {
+                listed
+                    .lines()
+                    .any(|line| line.trim().eq_ignore_ascii_case(&domain))
+            })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
@@ -386,7 +412,14 @@ impl<S: AppStore> App<S> {
             initial_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_millis(500),
         };
+        // The status gauges at `/metrics` (lag, dead letters, a rebuild's
+        // progress) are read every 15 s, or as often as this asks.
+        let status_metrics = std::env::var("OUTFLOW_STATUS_METRICS_MS")
+            .ok()
+            .and_then(|ms| ms.parse().ok())
+            .map_or(Duration::from_secs(15), Duration::from_millis);
         let runner = ProjectionRunner::builder(store.clone())
+            .status_metrics_every(status_metrics)
             .projection(ProjectionOptions::new(balances.clone()))
             .projection(ProjectionOptions::new(statements.clone()))
             .projection(ProjectionOptions::new(directory.clone()))

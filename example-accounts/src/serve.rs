@@ -31,6 +31,11 @@ pub async fn run<S: AppStore>(app: Arc<App<S>>, bind: SocketAddr) -> anyhow::Res
     {
         app.mail.refuse(domain);
     }
+    // And those listed in this file, read at every e-mail (edit it to let
+    // a parked e-mail through on its retry).
+    if let Some(path) = std::env::var_os("OUTFLOW_REFUSE_MAIL_FILE") {
+        app.mail.refuse_listed_in(path);
+    }
 
     let shutdown = CancellationToken::new();
     let projections = tokio::spawn({

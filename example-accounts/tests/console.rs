@@ -3,7 +3,8 @@
 //! operator's token, sees the projections, rebuilds `balances` and watches
 //! its progress to the end, retries a parked welcome e-mail (the mail
 //! stand-in still refuses it: it fails again, one more attempt counted) and
-//! discards it, and browses an account's stream. A screenshot is kept in
+//! discards it, retries another once the mail server accepts its domain
+//! again (delivered, the dead letter gone), and browses an account's stream. A screenshot is kept in
 //! `target/test-artifacts/`.
 
 mod common;
@@ -26,19 +27,28 @@ async fn the_console_signs_in_rebuilds_and_browses_in_a_browser() {
         );
     }
     let db = Database::new(Backend::Sqlite, "console").await;
+    std::fs::create_dir_all(ARTIFACTS).expect("the artifacts directory");
+    let flaky = PathBuf::from(ARTIFACTS).join(format!("refused-{}.txt", std::process::id()));
+    std::fs::write(&flaky, "flaky.example\n").expect("the refusal list");
     let server = Server::start(
         &db.url,
         &[
             ("OUTFLOW_ADMIN_TOKEN", "secret"),
             ("OUTFLOW_REFUSE_MAIL", "bounce.example"),
+            (
+                "OUTFLOW_REFUSE_MAIL_FILE",
+                flaky.to_str().expect("a UTF-8 path"),
+            ),
         ],
     );
-    if let Err(error) = scenario(&server).await {
+    let result = scenario(&server, &flaky).await;
+    let _ = std::fs::remove_file(&flaky);
+    if let Err(error) = result {
         panic!("{error}\n\n--- the server's log ---\n{}", server.log());
     }
 }
 
-async fn scenario(server: &Server) -> Outcome<()> {
+async fn scenario(server: &Server, flaky: &Path) -> Outcome<()> {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()
@@ -81,7 +91,7 @@ async fn scenario(server: &Server) -> Outcome<()> {
     )
     .await?;
     let browser = driver.new_session(&http).await?;
-    let outcome = on_the_console(&browser, server, &account).await;
+    let outcome = on_the_console(&browser, &http, server, &account, flaky).await;
     let ended = browser.delete().await;
     outcome.and(ended)
 }
@@ -117,7 +127,13 @@ async fn until_with(
     }
 }
 
-async fn on_the_console(browser: &Session<'_>, server: &Server, account: &str) -> Outcome<()> {
+async fn on_the_console(
+    browser: &Session<'_>,
+    http: &reqwest::Client,
+    server: &Server,
+    account: &str,
+    flaky: &Path,
+) -> Outcome<()> {
     browser
         .post("url", json!({ "url": server.url("/admin") }))
         .await?;
@@ -202,6 +218,56 @@ async fn on_the_console(browser: &Session<'_>, server: &Server, account: &str) -
         "return document.querySelectorAll('#letters tr.letter').length === 0;",
     )
     .await?;
+
+    // Another parked e-mail, to a domain the mail server refuses for a
+    // while: once it accepts again, a retry from the page delivers it.
+    api(
+        http,
+        server,
+        "/api/users",
+        json!({ "name": "Fay", "email": "fay@flaky.example" }),
+        StatusCode::CREATED,
+    )
+    .await?;
+    until(
+        browser,
+        "Fay's parked welcome e-mail",
+        "return document.querySelectorAll('#letters tr.letter').length === 1;",
+    )
+    .await?;
+    std::fs::write(flaky, "").map_err(|e| format!("empty {}: {e}", flaky.display()))?;
+    browser
+        .script(
+            "document.getElementById('error').textContent = '';
+             document.querySelector('#letters tr.letter button[data-action=\"retry\"]').click();",
+            json!([]),
+        )
+        .await?;
+    until(
+        browser,
+        "the retried e-mail delivered and its dead letter gone",
+        "return document.querySelectorAll('#letters tr.letter').length === 0
+             && !document.getElementById('error').textContent.includes('failed');",
+    )
+    .await?;
+    let deadline = Instant::now() + PAGE_WAIT;
+    loop {
+        let emails = http
+            .get(server.url("/api/emails"))
+            .send()
+            .await
+            .map_err(|e| format!("GET /api/emails: {e}"))?
+            .text()
+            .await
+            .map_err(|e| format!("GET /api/emails: {e}"))?;
+        if emails.contains("fay@flaky.example") {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("no e-mail to Fay after the retry: {emails}"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // The account's stream, with its payloads (an operator sees them).
     browser

@@ -174,11 +174,50 @@ pub(super) async fn strong_consistency(backend: Backend) {
 }
 
 pub(super) async fn metrics_and_projections(backend: Backend) {
-    let (_db, server) = start(backend, "http_metrics", &[("OUTFLOW_ADMIN_TOKEN", TOKEN)]).await;
+    let (_db, server) = start(
+        backend,
+        "http_metrics",
+        &[
+            ("OUTFLOW_ADMIN_TOKEN", TOKEN),
+            ("OUTFLOW_REFUSE_MAIL", "refused.example"),
+            ("OUTFLOW_STATUS_METRICS_MS", "200"),
+        ],
+    )
+    .await;
     let api = Api::new(&server);
     // A command, so that the command counter has a series.
     let account = api.open("Counter").await;
     api.deposit(&account, 10).await;
+    // A welcome e-mail the mail server refuses: parked.
+    api.sign_up("Mallory", "mallory@refused.example").await;
+
+    // What the console shows is exported too: the parked e-mail, each
+    // projection's lag and (no rebuild running) a progress of 1.
+    let metric = |text: &str, name: &str, projection: &str| -> Option<f64> {
+        text.lines()
+            .find(|line| {
+                line.starts_with(&format!("{name}{{"))
+                    && line.contains(&format!("projection=\"{projection}\""))
+            })
+            .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let text = api.get("/metrics").await.text;
+        let parked = metric(&text, "outflow_projection_dead_letters", "welcome_emails");
+        let lag = metric(&text, "outflow_projection_lag_events", "balances");
+        let progress = metric(&text, "outflow_projection_rebuild_progress", "balances");
+        if parked == Some(1.0) && lag == Some(0.0) && progress == Some(1.0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the status gauges never showed the parked e-mail, no lag and no rebuild \
+             (parked {parked:?}, lag {lag:?}, progress {progress:?}):\n{text}\nserver log:\n{}",
+            server.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 
     let reply = api.get("/metrics").await;
     api.expect(&reply, 200, "GET /metrics");
