@@ -52,6 +52,7 @@ pub struct Admin<S: ProjectionStore> {
     events: Option<Arc<dyn EventStore>>,
     payloads_for_readers: bool,
     sample_every: Duration,
+    outbox: Option<OutboxWatch>,
 }
 
 impl<S: ProjectionStore> std::fmt::Debug for Admin<S> {
@@ -61,6 +62,7 @@ impl<S: ProjectionStore> std::fmt::Debug for Admin<S> {
             .field("tokens", &self.tokens.len())
             .field("authorizer", &self.authorizer.is_some())
             .field("payloads_for_readers", &self.payloads_for_readers)
+            .field("outbox", &self.outbox.as_ref().map(|o| o.table.as_str()))
             .finish()
     }
 }
@@ -73,6 +75,21 @@ pub(crate) struct Inner<S: ProjectionStore> {
     pub(crate) events: Option<Arc<dyn EventStore>>,
     pub(crate) payloads_for_readers: bool,
     pub(crate) samples: samples::Samples,
+    pub(crate) outbox: Option<OutboxWatch>,
+}
+
+/// How the console reads an outbox's status, whatever its store.
+#[derive(Clone)]
+pub(crate) struct OutboxWatch {
+    pub(crate) table: String,
+    #[allow(clippy::type_complexity)]
+    pub(crate) status: Arc<
+        dyn Fn() -> futures::future::BoxFuture<
+                'static,
+                Result<crate::outbox::OutboxStatus, crate::error::StoreError>,
+            > + Send
+            + Sync,
+    >,
 }
 
 impl<S: ProjectionStore> Admin<S> {
@@ -85,6 +102,7 @@ impl<S: ProjectionStore> Admin<S> {
             events: None,
             payloads_for_readers: false,
             sample_every: Duration::from_secs(10),
+            outbox: None,
         }
     }
 
@@ -133,6 +151,24 @@ impl<S: ProjectionStore> Admin<S> {
         self
     }
 
+    /// An outbox to watch: its backlog (pending, oldest) and deliveries per
+    /// second are plotted and shown.
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    pub fn outbox<O: crate::outbox::OutboxStore>(
+        mut self,
+        outbox: crate::outbox::Outbox<O>,
+    ) -> Self {
+        let table = outbox.table().to_owned();
+        self.outbox = Some(OutboxWatch {
+            table,
+            status: Arc::new(move || {
+                let outbox = outbox.clone();
+                Box::pin(async move { outbox.status().await })
+            }),
+        });
+        self
+    }
+
     /// How often the plots' figures are taken (default 10 s; an hour of
     /// them is kept).
     pub fn sample_every(mut self, every: Duration) -> Self {
@@ -152,6 +188,7 @@ impl<S: ProjectionStore> Admin<S> {
             events: self.events,
             payloads_for_readers: self.payloads_for_readers,
             samples: samples::Samples::default(),
+            outbox: self.outbox,
         });
         samples::start(Arc::downgrade(&inner), self.sample_every);
         Router::new()
@@ -159,6 +196,7 @@ impl<S: ProjectionStore> Admin<S> {
             .route("/api/whoami", get(api::whoami::<S>))
             .route("/api/status", get(api::status::<S>))
             .route("/api/samples", get(api::samples::<S>))
+            .route("/api/activity", get(api::activity::<S>))
             .route("/api/events", get(events::browse::<S>))
             .route("/api/tail", get(events::tail::<S>))
             .route(

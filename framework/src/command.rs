@@ -21,3 +21,4 @@ pub use builder::CommandBusBuilder;
 pub use bus::CommandBus;
 pub use context::{CommandContext, Committed};
 pub use inline::InlineHandler;
+pub(crate) use report::command_counts;

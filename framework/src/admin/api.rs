@@ -169,6 +169,17 @@ pub(crate) async fn samples<S: ProjectionStore>(
     Ok(Json(inner.samples.json()))
 }
 
+pub(crate) async fn activity<S: ProjectionStore>(
+    State(inner): Shared<S>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    inner.allow(&headers, Role::Reader)?;
+    Ok(Json(json!({
+        "outbox": inner.outbox.as_ref().map(|outbox| outbox.table.clone()),
+        "samples": inner.samples.activity_json(),
+    })))
+}
+
 pub(crate) async fn dead_letters<S: ProjectionStore>(
     State(inner): Shared<S>,
     Path(name): Path<String>,

@@ -1,7 +1,8 @@
 //! The plots' figures, kept in memory: every few seconds each projection's
-//! lag (events and time) and its events handled so far, for the last hour.
-//! No external service: the page draws them; a restarted process starts
-//! with an empty hour.
+//! lag (events and time) and its events handled so far, and this process's
+//! commands, conflicts and (when the console has it) outbox backlog, for
+//! the last hour. No external service: the page draws them; a restarted
+//! process starts with an empty hour.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Mutex, Weak};
@@ -22,10 +23,29 @@ struct Sample {
     processed: u64,
 }
 
-/// Samples per projection, oldest first, an hour at most.
+/// One look at this process: its commands and conflicts so far, and the
+/// outbox's backlog.
+#[derive(Debug, Clone, Copy)]
+struct Activity {
+    at: DateTime<Utc>,
+    commands: u64,
+    conflicts: u64,
+    outbox_pending: Option<u64>,
+    outbox_oldest_ms: Option<u64>,
+    outbox_delivered: Option<u64>,
+}
+
+/// Samples per projection, and of the process, oldest first, an hour at
+/// most.
 #[derive(Debug, Default)]
 pub(crate) struct Samples {
     by_projection: Mutex<BTreeMap<String, VecDeque<Sample>>>,
+    activity: Mutex<VecDeque<Activity>>,
+}
+
+/// `(later - earlier) / seconds between`, when both exist and it grew.
+fn rate(later: u64, earlier: u64, seconds: f64) -> Option<f64> {
+    (seconds > 0.0 && later >= earlier).then(|| (later - earlier) as f64 / seconds)
 }
 
 impl Samples {
@@ -39,6 +59,46 @@ impl Samples {
         while series.front().is_some_and(|s| s.at < hour_ago) {
             series.pop_front();
         }
+    }
+
+    fn push_activity(&self, sample: Activity) {
+        let Ok(mut series) = self.activity.lock() else {
+            return;
+        };
+        series.push_back(sample);
+        let hour_ago = sample.at - chrono::Duration::hours(1);
+        while series.front().is_some_and(|s| s.at < hour_ago) {
+            series.pop_front();
+        }
+    }
+
+    /// `[{at, commands_per_second, conflicts_per_second, outbox_pending,
+    /// outbox_oldest_ms, outbox_delivered_per_second}]`, oldest first; the
+    /// rates are over the time since the sample before (none for the
+    /// first).
+    pub(crate) fn activity_json(&self) -> Value {
+        let Ok(series) = self.activity.lock() else {
+            return json!([]);
+        };
+        let mut points = Vec::with_capacity(series.len());
+        let mut before: Option<&Activity> = None;
+        for sample in series.iter() {
+            let seconds = before.map_or(0.0, |b| {
+                (sample.at - b.at).num_milliseconds() as f64 / 1000.0
+            });
+            points.push(json!({
+                "at": sample.at.to_rfc3339(),
+                "commands_per_second": before.and_then(|b| rate(sample.commands, b.commands, seconds)),
+                "conflicts_per_second": before.and_then(|b| rate(sample.conflicts, b.conflicts, seconds)),
+                "outbox_pending": sample.outbox_pending,
+                "outbox_oldest_ms": sample.outbox_oldest_ms,
+                "outbox_delivered_per_second": before.and_then(|b| {
+                    rate(sample.outbox_delivered?, b.outbox_delivered?, seconds)
+                }),
+            }));
+            before = Some(sample);
+        }
+        Value::Array(points)
     }
 
     /// `{projection: [{at, lag_events, lag_ms, processed, events_per_second}]}`;
@@ -104,6 +164,27 @@ pub(crate) fn start<S: ProjectionStore>(inner: Weak<Inner<S>>, every: Duration) 
                     console.samples.push(projection, sample);
                 }
             }
+            let (commands, conflicts) = crate::command::command_counts();
+            let mut activity = Activity {
+                at: Utc::now(),
+                commands,
+                conflicts,
+                outbox_pending: None,
+                outbox_oldest_ms: None,
+                outbox_delivered: None,
+            };
+            if let Some(outbox) = &console.outbox {
+                if let Ok(status) = (outbox.status)().await {
+                    activity.outbox_pending = Some(status.pending);
+                    activity.outbox_oldest_ms = Some(
+                        status
+                            .oldest_pending_age
+                            .map_or(0, |age| age.as_millis() as u64),
+                    );
+                    activity.outbox_delivered = Some(status.delivered);
+                }
+            }
+            console.samples.push_activity(activity);
             drop(console);
             tokio::time::sleep(every).await;
         }

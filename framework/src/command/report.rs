@@ -4,12 +4,26 @@
 //! says whether someone should look (a refusal or a lost race is routine; a
 //! failure is not).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use cqrs_es::Aggregate;
 
 use super::context::Committed;
 use crate::error::{error_chain, CommandError, ErrorKind};
+
+/// Commands run in this process, and those that lost a race: what the
+/// console plots as commands/s and conflicts/s.
+static COMMANDS: AtomicU64 = AtomicU64::new(0);
+static CONFLICTS: AtomicU64 = AtomicU64::new(0);
+
+/// `(commands run, conflicts)` in this process so far.
+pub(crate) fn command_counts() -> (u64, u64) {
+    (
+        COMMANDS.load(Ordering::Relaxed),
+        CONFLICTS.load(Ordering::Relaxed),
+    )
+}
 
 /// Reports the end of one command run under `span`, started at `started`.
 pub(super) fn report<A: Aggregate>(
@@ -25,6 +39,7 @@ pub(super) fn report<A: Aggregate>(
         Err(_) => "failed",
     };
     span.record("outcome", outcome);
+    COMMANDS.fetch_add(1, Ordering::Relaxed);
     if let Ok(committed) = result {
         span.record("events", committed.events.len());
     }
@@ -46,6 +61,7 @@ pub(super) fn report<A: Aggregate>(
                 tracing::debug!(parent: span, error = %error_chain(error), "command refused by an inline handler");
             }
             _ if error.is_conflict() => {
+                CONFLICTS.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("outflow_command_conflicts_total", "aggregate_type" => A::TYPE)
                     .increment(1);
                 tracing::debug!(parent: span, error = %error_chain(error), "command lost a concurrency race");

@@ -508,3 +508,70 @@ async fn the_services_own_check_decides_who_may_do_what() {
         StatusCode::UNAUTHORIZED
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_plots_commands_and_the_outbox_backlog() {
+    use outflow::doc_fixture::{Counter, CounterCommand};
+    use outflow::outbox::{Outbox, OutboxMessage};
+    use outflow::CommandBus;
+
+    let dir = common::TestDir::new("admin_activity");
+    let store = dir.sqlite().await;
+    let outbox = Outbox::new(&store).await.expect("outbox");
+    // Five messages no relay delivers: the backlog.
+    for n in 0..5 {
+        outbox
+            .send(OutboxMessage::new("k", "test.pending", json!({ "n": n })))
+            .await
+            .expect("send");
+    }
+    let runner = ProjectionRunner::builder(store.clone())
+        .build()
+        .expect("runner");
+    let console = Client {
+        base: serve(
+            Admin::new(runner)
+                .reader_token("read-secret")
+                .outbox(outbox.clone())
+                .sample_every(Duration::from_millis(100))
+                .router(),
+        )
+        .await,
+        http: reqwest::Client::new(),
+    };
+    let reader = Some("read-secret");
+    let counters = CommandBus::<Counter, _>::new(store.clone(), ());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // Commands keep running while the samples are taken.
+        for i in 0..10 {
+            counters
+                .execute(&format!("c-{i}"), CounterCommand::Increment { by: 1 })
+                .await
+                .expect("increment");
+        }
+        let (status, activity) = console.get("/api/activity", reader).await;
+        assert_eq!(status, StatusCode::OK, "{activity}");
+        assert_eq!(activity["outbox"], json!("events_outbox"), "{activity}");
+        let samples = activity["samples"].as_array().cloned().unwrap_or_default();
+        let commanded = samples
+            .iter()
+            .any(|s| s["commands_per_second"].as_f64().is_some_and(|r| r > 0.0));
+        let last = samples.last().cloned().unwrap_or(Value::Null);
+        if commanded && last["outbox_pending"] == json!(5) {
+            assert!(last["outbox_oldest_ms"].is_u64(), "{last}");
+            assert!(last["conflicts_per_second"].is_f64(), "{last}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no commands/s or outbox backlog in the samples: {activity}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Readers only: the figures need no operator.
+    assert_eq!(
+        console.get("/api/activity", None).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+}
