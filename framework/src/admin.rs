@@ -53,6 +53,8 @@ pub struct Admin<S: ProjectionStore> {
     payloads_for_readers: bool,
     sample_every: Duration,
     outbox: Option<OutboxWatch>,
+    #[cfg(feature = "nats")]
+    jetstream: Option<crate::store::jetstream::JetStreamStore>,
 }
 
 impl<S: ProjectionStore> std::fmt::Debug for Admin<S> {
@@ -76,6 +78,8 @@ pub(crate) struct Inner<S: ProjectionStore> {
     pub(crate) payloads_for_readers: bool,
     pub(crate) samples: samples::Samples,
     pub(crate) outbox: Option<OutboxWatch>,
+    #[cfg(feature = "nats")]
+    pub(crate) jetstream: Option<crate::store::jetstream::JetStreamStore>,
 }
 
 /// How the console reads an outbox's status, whatever its store.
@@ -103,6 +107,8 @@ impl<S: ProjectionStore> Admin<S> {
             payloads_for_readers: false,
             sample_every: Duration::from_secs(10),
             outbox: None,
+            #[cfg(feature = "nats")]
+            jetstream: None,
         }
     }
 
@@ -169,6 +175,15 @@ impl<S: ProjectionStore> Admin<S> {
         self
     }
 
+    /// The JetStream store whose partitions to show: each partition's
+    /// stream, the server leading it, its replicas and how far behind they
+    /// are, at `/api/partitions` and on the page.
+    #[cfg(feature = "nats")]
+    pub fn jetstream(mut self, store: crate::store::jetstream::JetStreamStore) -> Self {
+        self.jetstream = Some(store);
+        self
+    }
+
     /// How often the plots' figures are taken (default 10 s; an hour of
     /// them is kept).
     pub fn sample_every(mut self, every: Duration) -> Self {
@@ -189,6 +204,8 @@ impl<S: ProjectionStore> Admin<S> {
             payloads_for_readers: self.payloads_for_readers,
             samples: samples::Samples::default(),
             outbox: self.outbox,
+            #[cfg(feature = "nats")]
+            jetstream: self.jetstream,
         });
         samples::start(Arc::downgrade(&inner), self.sample_every);
         Router::new()
@@ -197,6 +214,7 @@ impl<S: ProjectionStore> Admin<S> {
             .route("/api/status", get(api::status::<S>))
             .route("/api/samples", get(api::samples::<S>))
             .route("/api/activity", get(api::activity::<S>))
+            .route("/api/partitions", get(api::partitions::<S>))
             .route("/api/events", get(events::browse::<S>))
             .route("/api/tail", get(events::tail::<S>))
             .route(

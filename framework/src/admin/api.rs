@@ -180,6 +180,21 @@ pub(crate) async fn activity<S: ProjectionStore>(
     })))
 }
 
+/// The JetStream partitions and their leaders, when the console has the
+/// store (`{"partitions": null}` otherwise).
+pub(crate) async fn partitions<S: ProjectionStore>(
+    State(inner): Shared<S>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    inner.allow(&headers, Role::Reader)?;
+    #[cfg(feature = "nats")]
+    if let Some(store) = &inner.jetstream {
+        let partitions = store.partitions_info().await?;
+        return Ok(Json(json!({ "partitions": partitions })));
+    }
+    Ok(Json(json!({ "partitions": null })))
+}
+
 pub(crate) async fn dead_letters<S: ProjectionStore>(
     State(inner): Shared<S>,
     Path(name): Path<String>,

@@ -135,5 +135,6 @@ mod state;
 mod tests;
 
 pub use builder::JetStreamStoreBuilder;
+pub use cluster::{PartitionInfo, ReplicaInfo};
 pub use codec::{stream_token, MAX_EVENTS_PER_APPEND, MAX_PARTITIONS};
 pub use state::JetStreamStore;

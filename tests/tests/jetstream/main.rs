@@ -4,6 +4,7 @@
 //! Each module is one file's suite; run one with
 //! `cargo test -p outflow-tests --test jetstream <module>::`.
 
+mod console_partitions;
 mod jetstream_cluster;
 mod jetstream_store;
 mod nats_cluster_harness;

@@ -9,6 +9,40 @@ use crate::error::{ErrorKind, StoreError};
 use super::errors::*;
 use super::state::*;
 
+/// One partition's stream as the cluster reports it
+/// ([`JetStreamStore::partitions_info`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct PartitionInfo {
+    /// The partition's index.
+    pub partition: u32,
+    /// Its stream's name.
+    pub stream: String,
+    /// Whether the stream answered within the timeout.
+    pub answered: bool,
+    /// The server leading it, if one does.
+    pub leader: Option<String>,
+    /// Its other replicas.
+    pub replicas: Vec<ReplicaInfo>,
+    /// Messages its stream holds: one per append, whatever the number of
+    /// events the append wrote.
+    pub messages: u64,
+}
+
+/// A replica of a partition's stream that is not its leader.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct ReplicaInfo {
+    /// The server holding it.
+    pub server: String,
+    /// Whether it is caught up with the leader.
+    pub current: bool,
+    /// Whether its server is offline.
+    pub offline: bool,
+    /// Operations it is behind the leader.
+    pub lag: u64,
+}
+
 impl JetStreamStore {
     /// The server leading each partition's stream now, by partition:
     /// `None` for a stream without a leader (electing one, or most of its
@@ -36,6 +70,65 @@ impl JetStreamStore {
                 Ok(info) => Ok(info.cluster.and_then(|c| c.leader)),
                 Err(error) if error.is_unavailable() => Ok(None),
                 Err(error) => Err(error),
+            })
+            .collect()
+    }
+
+    /// Each partition's stream with its leader, its other replicas and its
+    /// message count, as the cluster reports them now (asked at once, like
+    /// [`leaders`](Self::leaders)); a stream that does not answer within
+    /// the timeout is listed without a leader and with `answered: false`.
+    ///
+    /// # Errors
+    ///
+    /// As [`leaders`](Self::leaders).
+    pub async fn partitions_info(&self) -> Result<Vec<PartitionInfo>, StoreError> {
+        let asked = self.inner.streams.iter().map(|stream| {
+            self.patiently(|| async {
+                stream
+                    .get_info()
+                    .await
+                    .map_err(|e| nats_error("read a stream's state", e))
+            })
+        });
+        futures::future::join_all(asked)
+            .await
+            .into_iter()
+            .enumerate()
+            .map(|(partition, answer)| {
+                let partition = partition as u32;
+                let stream = self.stream_name(partition).unwrap_or_default().to_owned();
+                match answer {
+                    Ok(info) => {
+                        let cluster = info.cluster.unwrap_or_default();
+                        Ok(PartitionInfo {
+                            partition,
+                            stream,
+                            answered: true,
+                            leader: cluster.leader,
+                            replicas: cluster
+                                .replicas
+                                .into_iter()
+                                .map(|peer| ReplicaInfo {
+                                    server: peer.name,
+                                    current: peer.current,
+                                    offline: peer.offline,
+                                    lag: peer.lag.unwrap_or(0),
+                                })
+                                .collect(),
+                            messages: info.state.messages,
+                        })
+                    }
+                    Err(error) if error.is_unavailable() => Ok(PartitionInfo {
+                        partition,
+                        stream,
+                        answered: false,
+                        leader: None,
+                        replicas: Vec::new(),
+                        messages: 0,
+                    }),
+                    Err(error) => Err(error),
+                }
             })
             .collect()
     }
