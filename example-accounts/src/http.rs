@@ -55,12 +55,6 @@ pub fn router<S: AppStore>(state: ApiState<S>) -> Router {
         .route("/api/transfers/{id}", get(get_transfer::<S>))
         .route("/api/emails", get(list_emails::<S>))
         .route("/api/projections", get(projections::<S>))
-        .route("/api/projections/{name}/rebuild", post(rebuild::<S>))
-        .route("/api/projections/{name}/pause", post(pause::<S>))
-        .route("/api/projections/{name}/resume", post(resume::<S>))
-        .route("/api/dead-letters", get(dead_letters::<S>))
-        .route("/api/dead-letters/{id}/retry", post(retry::<S>))
-        .route("/api/dead-letters/{id}/discard", post(discard::<S>))
         .route("/api/events", get(events::<S>))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .method_not_allowed_fallback(|| async {

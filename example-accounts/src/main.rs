@@ -1,10 +1,10 @@
-//! `example-accounts`: a small bank on Outflow — a scripted demo, an HTTP
-//! API with a live page, and the operator's commands for its projections.
+//! `example-accounts`: a small bank on Outflow — a scripted demo, and an
+//! HTTP API with a live page and the operators' console (`/admin`); the
+//! workspace's `outflow` command does an operator's work from a shell.
 //! Runs on SQLite (`accounts.db` in the working directory) unless given a
 //! `postgres://` URL. See `docs/src/example.md`.
 
 mod demo;
-mod operate;
 mod serve;
 mod traces;
 
@@ -42,27 +42,6 @@ enum Command {
         /// The address to listen on.
         #[arg(long, default_value = "127.0.0.1:8080")]
         bind: SocketAddr,
-    },
-    /// Looks after the projections.
-    #[command(subcommand)]
-    Projections(Projections),
-}
-
-#[derive(Debug, Subcommand)]
-enum Projections {
-    /// Each projection's state, position and lag.
-    Status,
-    /// Replays the whole log into one projection.
-    Rebuild {
-        /// The projection.
-        name: String,
-    },
-    /// The parked events.
-    DeadLetters,
-    /// Retries one parked event.
-    Retry {
-        /// The dead letter's id.
-        id: u64,
     },
 }
 
@@ -107,9 +86,5 @@ async fn run<S: AppStore>(store: S, command: Option<Command>) -> anyhow::Result<
     match command.unwrap_or(Command::Demo) {
         Command::Demo => demo::run(app).await,
         Command::Serve { bind } => serve::run(app, bind).await,
-        Command::Projections(Projections::Status) => operate::status(&app).await,
-        Command::Projections(Projections::Rebuild { name }) => operate::rebuild(&app, &name).await,
-        Command::Projections(Projections::DeadLetters) => operate::dead_letters(&app).await,
-        Command::Projections(Projections::Retry { id }) => operate::retry(&app, id).await,
     }
 }

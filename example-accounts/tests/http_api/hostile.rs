@@ -161,27 +161,28 @@ pub(super) async fn hostile_input(backend: Backend) {
     let reply = api.get("/api/accounts?consistency=sometimes").await;
     api.expect_error(&reply, 400, "an unknown consistency");
 
-    // Operators' routes: authorization before anything is parsed.
-    let reply = api.post_empty("/api/dead-letters/abc/retry", None).await;
+    // The console's routes: authorization before anything is parsed.
+    let letters = "/admin/api/projections/welcome_emails/dead-letters";
+    let reply = api.post_empty(&format!("{letters}/abc/retry"), None).await;
     api.expect_error(&reply, 401, "a bad dead-letter id without a token");
     let reply = api
-        .post_empty("/api/dead-letters/abc/discard", Some("Bearer wrong"))
+        .post_empty(&format!("{letters}/abc/discard"), Some("Bearer wrong"))
         .await;
-    api.expect_error(&reply, 403, "a bad dead-letter id with a wrong token");
+    api.expect_error(&reply, 401, "a bad dead-letter id with a wrong token");
     let authorized = format!("Bearer {TOKEN}");
     let reply = api
-        .post_empty("/api/dead-letters/abc/retry", Some(&authorized))
+        .post_empty(&format!("{letters}/abc/retry"), Some(&authorized))
         .await;
     api.expect_error(&reply, 400, "a non-numeric dead-letter id");
     let reply = api
         .post_empty(
-            "/api/dead-letters/99999999999999999999999/discard",
+            &format!("{letters}/99999999999999999999999/discard"),
             Some(&authorized),
         )
         .await;
     api.expect_error(&reply, 400, "a dead-letter id past u64");
     let reply = api
-        .post_empty("/api/projections/nope/rebuild", Some(&authorized))
+        .post_empty("/admin/api/projections/nope/rebuild", Some(&authorized))
         .await;
     api.expect_error(&reply, 404, "an unknown projection");
 
@@ -217,7 +218,7 @@ pub(super) async fn hostile_input(backend: Backend) {
         let reply = api
             .send(
                 api.client
-                    .get(server.url("/api/dead-letters"))
+                    .get(server.url(letters))
                     .header(AUTHORIZATION, &authorized),
                 "dead letters",
             )
@@ -230,8 +231,8 @@ pub(super) async fn hostile_input(backend: Backend) {
             .filter(|l| l["aggregate_id"] == "user-raw-nul")
             .collect();
         assert!(
-            parked.iter().any(|l| l["projection"] == "welcome_emails"),
-            "the bad sign-up was not parked: {letters}"
+            !parked.is_empty(),
+            "the bad sign-up's welcome e-mail was not parked: {letters}"
         );
     }
 }

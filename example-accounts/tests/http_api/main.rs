@@ -12,9 +12,10 @@
 //!   a duplicate address 409, every error is JSON and never a 5xx, a refused
 //!   command writes nothing, and a transfer to an unknown account loses no
 //!   money;
-//! - `operator_endpoints`: the operator endpoints need the bearer token (401
-//!   without, 403 with a wrong one) and are disabled (403 `disabled`) when the
-//!   server has no token;
+//! - `operator_endpoints`: the operators' console at `/admin` needs the
+//!   bearer token (401 without or with a wrong one), is off (403 `disabled`)
+//!   when the server has no token, and rebuilds with it; the example's own
+//!   operator routes are gone (404);
 //! - `concurrent_withdrawals`: 50 racing withdrawals never overdraw the
 //!   account and the statement holds exactly the accepted ones;
 //! - `strong_consistency`: a strong read right after a deposit always sees it;
