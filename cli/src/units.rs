@@ -55,17 +55,28 @@ async fn print_status<S: Checkpoints + DeadLetters + EventLog>(
 ) -> anyhow::Result<()> {
     let units = store.units(None).await?;
     let head = store.head().await?;
+    // Parked events per (projection, partition): one read per projection,
+    // not one per unit.
+    let mut parked_in: std::collections::HashMap<(String, u32), usize> =
+        std::collections::HashMap::new();
+    let projections: std::collections::BTreeSet<&str> =
+        units.iter().map(|u| u.unit.projection.as_str()).collect();
+    for projection in projections {
+        for letter in store.dead_letters(projection).await? {
+            *parked_in
+                .entry((projection.to_owned(), letter.unit.partition))
+                .or_default() += 1;
+        }
+    }
     let mut rows = Vec::with_capacity(units.len());
     for unit in &units {
         let behind = store
             .count_events(&LogFilter::all(), unit.checkpoint, END, 10_000_000)
             .await?;
-        let parked = store
-            .dead_letters(&unit.unit.projection)
-            .await?
-            .into_iter()
-            .filter(|d| d.unit.partition == unit.unit.partition)
-            .count();
+        let parked = parked_in
+            .get(&(unit.unit.projection.clone(), unit.unit.partition))
+            .copied()
+            .unwrap_or(0);
         rows.push((unit, behind, parked));
     }
     match output {

@@ -4,7 +4,9 @@
 //! its progress to the end, retries a parked welcome e-mail (the mail
 //! stand-in still refuses it: it fails again, one more attempt counted) and
 //! discards it, retries another once the mail server accepts its domain
-//! again (delivered, the dead letter gone), and browses an account's stream. A screenshot is kept in
+//! again (delivered, the dead letter gone), browses an account's stream, and
+//! follows a transfer's correlation id from its credit to the whole chain
+//! (request, debit, credit, completion), metadata shown. A screenshot is kept in
 //! `target/test-artifacts/`.
 
 mod common;
@@ -290,6 +292,85 @@ async fn on_the_console(
             return Err(format!("the stream lacks {expected}: {listed}"));
         }
     }
+
+    // A transfer's whole chain from its correlation id: the request, the
+    // debit and the credit the process dispatched, the completion — each
+    // event with its metadata (the process that caused it).
+    let second = api(
+        http,
+        server,
+        "/api/accounts",
+        json!({ "owner": "Second" }),
+        StatusCode::CREATED,
+    )
+    .await?;
+    let second = second["account_id"]
+        .as_str()
+        .ok_or_else(|| format!("no account_id in {second}"))?
+        .to_owned();
+    let transfer = api(
+        http,
+        server,
+        "/api/transfers",
+        json!({ "from": account, "to": second, "amount": 50 }),
+        StatusCode::ACCEPTED,
+    )
+    .await?;
+    let transfer = transfer["transfer_id"]
+        .as_str()
+        .ok_or_else(|| format!("no transfer_id in {transfer}"))?
+        .to_owned();
+    let deadline = Instant::now() + PAGE_WAIT;
+    loop {
+        let status: Value = http
+            .get(server.url(&format!("/api/transfers/{transfer}")))
+            .send()
+            .await
+            .map_err(|e| format!("GET the transfer: {e}"))?
+            .json()
+            .await
+            .unwrap_or(Value::Null);
+        if status["status"] == "completed" {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("the transfer did not complete: {status}"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    browser
+        .script(
+            "document.getElementById('q-stream').value = 'account/' + arguments[0];
+             document.querySelector('#browse button[type=submit]').click();",
+            json!([second]),
+        )
+        .await?;
+    let credit = until(
+        browser,
+        "the credit, with the process in its metadata",
+        "const credit = Array.from(document.querySelectorAll('#events .event'))
+             .find(e => e.textContent.includes('TransferredIn'));
+         const meta = credit && credit.querySelector('pre.metadata');
+         return meta && meta.textContent.includes('process: transfer_process') ? meta.textContent : null;",
+    )
+    .await?;
+    browser
+        .script(
+            "Array.from(document.querySelectorAll('#events .event'))
+                 .find(e => e.textContent.includes('TransferredIn'))
+                 .querySelector('a').click();",
+            json!([]),
+        )
+        .await?;
+    until(
+        browser,
+        "the transfer's chain: request, debit, credit, completion",
+        "const seen = Array.from(document.querySelectorAll('#events .event'), e => e.textContent).join(' ');
+         return ['TransferRequested', 'TransferredOut', 'TransferredIn', 'TransferCompleted']
+             .every(t => seen.includes(t)) && !seen.includes('AccountOpened');",
+    )
+    .await
+    .map_err(|e| format!("{e}\n(the credit's metadata: {credit})"))?;
 
     let png = decode_base64(
         browser

@@ -82,7 +82,15 @@ pub(crate) struct Inner<S: ProjectionStore> {
     pub(crate) jetstream: Option<crate::store::jetstream::JetStreamStore>,
 }
 
-/// How the console reads an outbox's status, whatever its store.
+/// What the console plots of an outbox.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct OutboxFigures {
+    pub(crate) pending: u64,
+    pub(crate) oldest: Option<Duration>,
+    pub(crate) delivered: u64,
+}
+
+/// How the console reads an outbox's figures, whatever its store.
 #[derive(Clone)]
 pub(crate) struct OutboxWatch {
     pub(crate) table: String,
@@ -90,7 +98,7 @@ pub(crate) struct OutboxWatch {
     pub(crate) status: Arc<
         dyn Fn() -> futures::future::BoxFuture<
                 'static,
-                Result<crate::outbox::OutboxStatus, crate::error::StoreError>,
+                Result<OutboxFigures, crate::error::StoreError>,
             > + Send
             + Sync,
     >,
@@ -169,7 +177,14 @@ impl<S: ProjectionStore> Admin<S> {
             table,
             status: Arc::new(move || {
                 let outbox = outbox.clone();
-                Box::pin(async move { outbox.status().await })
+                Box::pin(async move {
+                    let status = outbox.status().await?;
+                    Ok(OutboxFigures {
+                        pending: status.pending,
+                        oldest: status.oldest_pending_age,
+                        delivered: status.delivered,
+                    })
+                })
             }),
         });
         self

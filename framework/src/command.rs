@@ -21,4 +21,5 @@ pub use builder::CommandBusBuilder;
 pub use bus::CommandBus;
 pub use context::{CommandContext, Committed};
 pub use inline::InlineHandler;
+#[cfg(feature = "admin")]
 pub(crate) use report::command_counts;

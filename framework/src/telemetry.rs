@@ -36,6 +36,7 @@ use std::collections::BTreeMap;
 
 use metrics::Unit;
 
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
 use crate::outbox::OutboxStatus;
 use crate::runner::ProjectionStatus;
 
@@ -313,6 +314,7 @@ pub fn clear_status(projection: &str) {
 
 /// Sets `outflow_outbox_pending` and `outflow_outbox_oldest_pending_seconds`
 /// of the outbox `table` from its status.
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
 pub fn record_outbox_status(table: &str, status: &OutboxStatus) {
     let table = table.to_owned();
     metrics::gauge!("outflow_outbox_pending", "outbox" => table.clone()).set(status.pending as f64);

@@ -273,6 +273,7 @@ pub(crate) fn stamp(metadata: &mut HashMap<String, String>) {
 }
 
 /// [`stamp`] for an outbox message's headers.
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
 pub(crate) fn stamp_headers(headers: &mut BTreeMap<String, String>) {
     if let Some((parent, state)) = otel::current() {
         headers.insert(TRACEPARENT.to_owned(), parent.to_string());

@@ -176,11 +176,8 @@ pub(crate) fn start<S: ProjectionStore>(inner: Weak<Inner<S>>, every: Duration) 
             if let Some(outbox) = &console.outbox {
                 if let Ok(status) = (outbox.status)().await {
                     activity.outbox_pending = Some(status.pending);
-                    activity.outbox_oldest_ms = Some(
-                        status
-                            .oldest_pending_age
-                            .map_or(0, |age| age.as_millis() as u64),
-                    );
+                    activity.outbox_oldest_ms =
+                        Some(status.oldest.map_or(0, |age| age.as_millis() as u64));
                     activity.outbox_delivered = Some(status.delivered);
                 }
             }

@@ -18,6 +18,7 @@ static COMMANDS: AtomicU64 = AtomicU64::new(0);
 static CONFLICTS: AtomicU64 = AtomicU64::new(0);
 
 /// `(commands run, conflicts)` in this process so far.
+#[cfg(feature = "admin")]
 pub(crate) fn command_counts() -> (u64, u64) {
     (
         COMMANDS.load(Ordering::Relaxed),
