@@ -8,6 +8,7 @@
 mod bad_input;
 mod bad_stored_data;
 mod commit_cut;
+mod console_outage;
 mod database_restart;
 mod long_transaction;
 mod lost_ack;
