@@ -12,6 +12,7 @@ pub mod nats_cluster;
 pub mod outbox;
 pub mod own_postgres;
 pub mod totals;
+pub mod traces;
 
 use std::time::Duration;
 

@@ -134,3 +134,15 @@ impl Drop for OwnPostgres {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Connects a store to `url`, retrying (10 s at most) while the server
+/// starts.
+pub async fn connect(url: &str) -> outflow::PostgresStore {
+    for _ in 0..100 {
+        if let Ok(store) = outflow::PostgresStore::connect(url).await {
+            return store;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("cannot connect to the test's own server at {url}");
+}

@@ -10,19 +10,8 @@ use std::time::{Duration, Instant};
 
 use outflow::admin::Admin;
 use outflow::runner::ProjectionRunner;
-use outflow::PostgresStore;
 use reqwest::StatusCode;
 use serde_json::Value;
-
-async fn connect(url: &str) -> PostgresStore {
-    for _ in 0..100 {
-        if let Ok(store) = PostgresStore::connect(url).await {
-            return store;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("cannot connect to the test's own server");
-}
 
 async fn get(http: &reqwest::Client, url: &str) -> (StatusCode, Value) {
     let response = http
@@ -58,7 +47,7 @@ async fn until(http: &reqwest::Client, base: &str, path: &str, wanted: StatusCod
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_answers_503_while_the_database_is_down_and_recovers() {
     let server = common::own_postgres::OwnPostgres::start_new();
-    let store = connect(&server.url()).await;
+    let store = common::own_postgres::connect(&server.url()).await;
     let runner = ProjectionRunner::builder(store.clone())
         .build()
         .expect("runner");

@@ -24,9 +24,7 @@ use outflow::outbox::{Outbox, OutboxMessage, OutboxRelay};
 use outflow::projection::{ProjectionOptions, RetryPolicy};
 use outflow::relay::{ensure_stream, JetStreamOutboxSink, JetStreamRelay};
 use outflow::runner::ProjectionRunner;
-use outflow::{
-    Checkpoint, CommandBus, CommandError, EventLog, LogFilter, PostgresStore, RecordedEvent,
-};
+use outflow::{Checkpoint, CommandBus, CommandError, EventLog, LogFilter, RecordedEvent};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -51,21 +49,10 @@ struct Outcomes {
 /// outcome is unknown, and attempts refused before their commit.
 type Enqueued = (Vec<Uuid>, HashSet<Uuid>, usize);
 
-/// Connects, retrying while the server starts.
-async fn connect(url: &str) -> PostgresStore {
-    for _ in 0..100 {
-        if let Ok(store) = PostgresStore::connect(url).await {
-            return store;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("cannot connect to the test's own server");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restarts_lose_nothing_and_apply_nothing_twice() {
     let server = common::own_postgres::OwnPostgres::start_new();
-    let store = connect(&server.url()).await;
+    let store = common::own_postgres::connect(&server.url()).await;
     let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
     let stream = format!("RESTART_{suffix}");
     let prefix = format!("restart_{suffix}");

@@ -3,7 +3,7 @@
 //! trace context is stored in its events, the transfer process's steps and
 //! the commands they dispatch continue that trace, the projection batches
 //! that handled the events are linked to it, and the welcome e-mail (an
-//! effect) continues the sign-up's trace — on a real SQLite file.
+//! effect) continues the sign-up's trace — on PostgreSQL.
 
 use outflow_tests as common;
 
@@ -14,13 +14,12 @@ use example_accounts::app::{self, App};
 use example_accounts::transfer::TransferCommand;
 use example_accounts::user::UserCommand;
 use example_accounts::{BankAccount, BankCommand};
-use opentelemetry::trace::{SpanId, TraceId, TracerProvider as _};
-use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
+use opentelemetry::trace::{SpanId, TraceId};
+use opentelemetry_sdk::trace::SpanData;
 use outflow::cqrs_es::Aggregate;
 use outflow::trace::TraceParent;
 use outflow::{EventLog, LogFilter, RecordedEvent};
 use tracing::Instrument;
-use tracing_subscriber::layer::SubscriberExt;
 
 fn trace_id(parent: &TraceParent) -> TraceId {
     TraceId::from_bytes(parent.trace_id)
@@ -48,18 +47,12 @@ fn attribute(span: &SpanData, key: &str) -> Option<String> {
 
 #[tokio::test]
 async fn a_trace_follows_a_transfer_from_the_request_to_every_step_and_projection() {
-    let exporter = InMemorySpanExporter::default();
-    let provider = SdkTracerProvider::builder()
-        .with_simple_exporter(exporter.clone())
-        .build();
-    let subscriber = tracing_subscriber::registry()
-        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("outflow-tests")));
     // This test's thread only (a current-thread runtime: the runner's tasks
     // run here too); the other tests of the binary are not traced.
-    let _traced = tracing::subscriber::set_default(subscriber);
+    let traced = common::traces::Traced::install();
 
-    let dir = common::TestDir::new("traces");
-    let bank = App::new(dir.sqlite().await).await.expect("the app");
+    let db = common::TestDb::new("traces").await;
+    let bank = App::new(db.store().await).await.expect("the app");
     let (shutdown, running) = common::start_runner(&bank.runner);
 
     let request = tracing::info_span!("request");
@@ -148,8 +141,7 @@ async fn a_trace_follows_a_transfer_from_the_request_to_every_step_and_projectio
         .await
         .expect("every projection caught up");
     common::stop_runner(shutdown, running).await;
-    provider.force_flush().expect("flush");
-    let spans = exporter.get_finished_spans().expect("spans");
+    let spans = traced.spans();
 
     // 1. Every event written in the request carries the request's trace,
     //    under the span of the command that wrote it.
@@ -193,7 +185,23 @@ async fn a_trace_follows_a_transfer_from_the_request_to_every_step_and_projectio
     let step = spans
         .iter()
         .find(|s| s.span_context.span_id() == credit_command.parent_span_id)
-        .expect("the credit command's parent span");
+        .unwrap_or_else(|| {
+            panic!(
+                "the credit command's parent span {:?} is not among the spans:\n{}",
+                credit_command.parent_span_id,
+                spans
+                    .iter()
+                    .map(|s| format!(
+                        "{} {:?} parent {:?} {:?}",
+                        s.name,
+                        s.span_context.span_id(),
+                        s.parent_span_id,
+                        s.attributes
+                    ))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
+        });
     assert_eq!(step.name, "outflow.process.step");
     assert_eq!(
         attribute(step, "process").as_deref(),

@@ -55,23 +55,12 @@ impl JetStreamStore {
     /// [`StoreError::Database`] when a stream's state cannot be read for
     /// another reason than an unanswered request (a stream deleted, say).
     pub async fn leaders(&self) -> Result<Vec<Option<String>>, StoreError> {
-        let asked = self.inner.streams.iter().map(|stream| {
-            self.patiently(|| async {
-                stream
-                    .get_info()
-                    .await
-                    .map_err(|e| nats_error("read a stream's leader", e))
-            })
-        });
-        futures::future::join_all(asked)
-            .await
+        Ok(self
+            .partitions_info()
+            .await?
             .into_iter()
-            .map(|answer| match answer {
-                Ok(info) => Ok(info.cluster.and_then(|c| c.leader)),
-                Err(error) if error.is_unavailable() => Ok(None),
-                Err(error) => Err(error),
-            })
-            .collect()
+            .map(|partition| partition.leader)
+            .collect())
     }
 
     /// Each partition's stream with its leader, its other replicas and its

@@ -4,23 +4,15 @@
 
 use super::*;
 
-use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
-use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
+use opentelemetry::trace::TraceContextExt;
 use outflow::trace::{TraceParent, TRACEPARENT};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::layer::SubscriberExt;
 
 #[tokio::test]
 async fn a_message_carries_its_trace_and_its_delivery_links_to_it() {
-    let exporter = InMemorySpanExporter::default();
-    let provider = SdkTracerProvider::builder()
-        .with_simple_exporter(exporter.clone())
-        .build();
-    let subscriber = tracing_subscriber::registry()
-        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("outflow-tests")));
     // This thread only: a current-thread runtime runs the relay here too.
-    let _traced = tracing::subscriber::set_default(subscriber);
+    let traced = common::traces::Traced::install();
 
     let dir = common::TestDir::new("outbox-traces");
     let store = dir.sqlite().await;
@@ -50,7 +42,6 @@ async fn a_message_carries_its_trace_and_its_delivery_links_to_it() {
     let running = Running::start(relay(&outbox, "node-a", Recorder::new("node-a", &log)));
     until_delivered(&log, &sent).await;
     running.stop().await;
-    provider.force_flush().expect("flush");
 
     let delivered: Vec<OutboxMessageRecord> = log
         .lock()
@@ -63,7 +54,7 @@ async fn a_message_carries_its_trace_and_its_delivery_links_to_it() {
         assert_eq!(parent.trace_id, root.trace_id().to_bytes());
         assert_eq!(parent.span_id, root.span_id().to_bytes());
     }
-    let spans = exporter.get_finished_spans().expect("spans");
+    let spans = traced.spans();
     let deliveries: Vec<_> = spans
         .iter()
         .filter(|s| s.name == "outflow.outbox.deliver")
