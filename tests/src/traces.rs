@@ -2,6 +2,13 @@
 //! `tracing-opentelemetry`, installed for the current thread only (run the
 //! test on a current-thread runtime, so the tasks it spawns are traced too,
 //! and the other tests of the binary are not).
+//!
+//! Installed this way, a span whose last handle is dropped on another
+//! thread never closes its parent: the registry closes a parent through
+//! that thread's default subscriber, which is not this one. SQLite's driver
+//! drops span handles on its connection threads, so a traced test whose
+//! spans must all end runs on PostgreSQL (a service installs its subscriber
+//! for every thread, and is not affected).
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
