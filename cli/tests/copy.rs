@@ -418,3 +418,73 @@ async fn postgres_to_a_partitioned_jetstream_store_and_back() {
     assert_eq!(again["copied"], json!(0));
     assert_eq!(again["source"], again["target"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_whose_target_server_stops_fails_saying_so_and_resumes_once_it_is_back() {
+    let dir = TestDir::new("copy_target_stops");
+    let source_path = dir.file("source.db");
+    let source = SqliteStore::open(&source_path).await.expect("source");
+    let total = fill(&source, 20, 3_000).await;
+    let server = outflow_tests::own_postgres::OwnPostgres::start_new();
+    let target = outflow_tests::own_postgres::connect(&server.url()).await;
+    let (from, to) = (sqlite_url(&source_path), server.url());
+    let state = dir.file("copy.json");
+    let state_arg = state.display().to_string();
+    let args = [
+        "copy", "--from", &from, "--to", &to, "--batch", "7", "--state", &state_arg, "--json",
+    ];
+
+    // The copy makes progress, then waits behind a lock on the target's
+    // events table (held on purpose): it cannot finish before the server
+    // stops under it.
+    let mut child = spawn(&dir.path, &args);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while state_copied(&state) < 100 {
+        assert!(
+            child.try_wait().expect("poll the copy").is_none(),
+            "the copy ended before the server stopped"
+        );
+        assert!(Instant::now() < deadline, "no progress");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut lock = target.pool().begin().await.expect("a transaction");
+    sqlx::query("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("lock the events table");
+    assert!(
+        child.try_wait().expect("poll the copy").is_none(),
+        "the copy ended before the server stopped"
+    );
+    let copied_before = state_copied(&state);
+    server.pg_ctl("stop");
+    drop(lock);
+    target.pool().close().await;
+
+    let output = wait_output(&mut child, Duration::from_secs(120));
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "a copy whose target stopped fails with exit code 1: {}{}",
+        text(&output.stdout),
+        text(&output.stderr)
+    );
+    let said = text(&output.stderr).to_lowercase();
+    assert!(
+        said.contains("target") || said.contains("postgres") || said.contains("connect"),
+        "the error says what failed: {said}"
+    );
+    assert!(
+        state_copied(&state) >= copied_before,
+        "the state never goes back"
+    );
+
+    // The server is back: the same command resumes and verifies.
+    server.pg_ctl("start");
+    let finished = report(&outflow(&dir.path, &args));
+    assert_eq!(finished["resumed"], json!(true), "{finished}");
+    assert_eq!(finished["source"], finished["target"], "{finished}");
+    assert_eq!(finished["source"]["events"], json!(total));
+    let target = outflow_tests::own_postgres::connect(&server.url()).await;
+    assert_same_log(&source, &target, true).await;
+}
