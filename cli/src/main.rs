@@ -90,6 +90,20 @@ enum Command {
         #[arg(long)]
         detach: bool,
     },
+    /// Moves a projection to a checkpoint, its read model kept: the running
+    /// nodes handle the events after it (again, or never for those skipped)
+    /// from their next heartbeat. For idempotent projections and effects,
+    /// or a read model repaired by hand; `rebuild` starts over instead.
+    Reset {
+        /// The store (PostgreSQL or SQLite).
+        url: String,
+        /// The projection.
+        projection: String,
+        /// The checkpoint, TRANSACTION.POSITION (`outflow events --json`
+        /// shows each event's), or `start`.
+        #[arg(long)]
+        to: String,
+    },
     /// Asks the nodes running a projection to retry dead letters (by id, or
     /// --all), and says which were handled and which failed again.
     Retry {
@@ -234,6 +248,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             wait,
             detach,
         } => units::rebuild(&url, &projection, wait, detach, options, output).await,
+        Command::Reset {
+            url,
+            projection,
+            to,
+        } => units::reset(&url, &projection, &to, options, output).await,
         Command::Retry {
             url,
             projection,

@@ -214,6 +214,69 @@ async fn settle<S: Checkpoints>(
 }
 
 /// Fails unless `projection` has units in the store.
+/// `reset`: moves every unit of `projection` to the checkpoint `to`.
+pub async fn reset(
+    url: &str,
+    projection: &str,
+    to: &str,
+    options: &StoreOptions,
+    output: Output,
+) -> anyhow::Result<()> {
+    let to = checkpoint_of(to)?;
+    let store = units_store(url, options).await?;
+    with_units!(&store, s => reset_on(s, projection, to, output).await)
+}
+
+/// `TRANSACTION.POSITION`, or `start`.
+fn checkpoint_of(text: &str) -> anyhow::Result<Checkpoint> {
+    if text.trim().eq_ignore_ascii_case("start") {
+        return Ok(Checkpoint::START);
+    }
+    match text.trim().split_once('.') {
+        Some((tx, position)) => match (tx.parse(), position.parse()) {
+            (Ok(tx), Ok(position)) => Ok(Checkpoint::new(tx, position)),
+            _ => bail!("--to is TRANSACTION.POSITION (as `outflow events --json` shows) or `start`, not `{text}`"),
+        },
+        None => bail!("--to is TRANSACTION.POSITION (as `outflow events --json` shows) or `start`, not `{text}`"),
+    }
+}
+
+async fn reset_on<S: Checkpoints + DeadLetters + EventLog>(
+    store: &S,
+    projection: &str,
+    to: Checkpoint,
+    output: Output,
+) -> anyhow::Result<()> {
+    known(store, projection).await?;
+    let head = store.committed_head().await?;
+    if to > head {
+        bail!("checkpoint {to} is past the log's head {head}");
+    }
+    let left = store
+        .count_events(&LogFilter::all(), to, END, i64::MAX as u64)
+        .await?;
+    let mut tx = store.begin().await?;
+    store
+        .reset_projection_to(&mut tx, projection, to, left)
+        .await?;
+    store.commit(tx).await?;
+    store.signal_checkpoints();
+    match output {
+        Output::Json => println!(
+            "{}",
+            json!({
+                "projection": projection,
+                "to": format!("{}.{}", to.transaction_id, to.position),
+                "events": left,
+            })
+        ),
+        Output::Text => println!(
+            "{projection}: reset to {to}; {left} events after it (the running nodes take it up at their next heartbeat)"
+        ),
+    }
+    Ok(())
+}
+
 async fn known<S: Checkpoints>(store: &S, projection: &str) -> anyhow::Result<()> {
     if store.units(Some(projection)).await?.is_empty() {
         let names: std::collections::BTreeSet<String> = store

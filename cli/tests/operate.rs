@@ -431,6 +431,40 @@ async fn rebuild_and_retry_are_asked_of_the_running_node_and_refused_without_one
     let unit = unit_status(&dir.path, &url, "tally");
     assert_eq!(unit["rebuild_total"], json!(51), "{unit}");
 
+    // The read model emptied by hand, then the projection reset to the
+    // start (no hook runs): the running node takes the units up from there
+    // and fills it again.
+    outflow::sqlx::query("DELETE FROM tally")
+        .execute(store.writer())
+        .await
+        .expect("empty the tally");
+    let said = stdout_of(&outflow(
+        &dir.path,
+        &["reset", &url, "tally", "--to", "start", "--json"],
+    ));
+    let reset: Value = serde_json::from_str(said.trim()).expect("JSON");
+    assert_eq!(reset["events"], json!(51), "{reset}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while tallied(&store).await < 51 {
+        assert!(Instant::now() < deadline, "the reset was not taken up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    until_status_of(&dir.path, &url, "tally", "caught up after the reset", |u| {
+        u["events_behind"] == json!(0)
+    })
+    .await;
+    assert_eq!(tallied(&store).await, 51);
+    let message = failure_of(&outflow(
+        &dir.path,
+        &["reset", &url, "tally", "--to", "soon"],
+    ));
+    assert!(message.contains("TRANSACTION.POSITION"), "{message}");
+    let message = failure_of(&outflow(
+        &dir.path,
+        &["reset", &url, "tally", "--to", "999999.999999"],
+    ));
+    assert!(message.contains("past the log's head"), "{message}");
+
     // No node: refused at once, nothing asked.
     outflow_tests::stop_runner(shutdown, handle).await;
     let message = failure_of(&outflow(&dir.path, &["rebuild", &url, "tally"]));

@@ -243,6 +243,7 @@ impl<S: ProjectionStore> Admin<S> {
             .route("/api/projections/{name}/pause", post(api::pause::<S>))
             .route("/api/projections/{name}/resume", post(api::resume::<S>))
             .route("/api/projections/{name}/restart", post(api::restart::<S>))
+            .route("/api/projections/{name}/reset", post(api::reset::<S>))
             .route(
                 "/api/projections/{name}/dead-letters/retry",
                 post(api::retry_all::<S>),

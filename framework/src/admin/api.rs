@@ -5,7 +5,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
@@ -57,6 +57,9 @@ impl From<StoreError> for ApiError {
                 "unknown_projection",
                 format!("no projection `{name}` in this runner"),
             ),
+            StoreError::Config(ConfigError::Invalid { reason, .. }) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", reason.clone())
+            }
             _ => {
                 tracing::warn!(target: "outflow::admin", error = %crate::error::error_chain(&error), "a console request failed");
                 ApiError::new(
@@ -113,6 +116,7 @@ fn unit_json(s: &ProjectionStatus) -> Value {
         "state": s.state.to_string(),
         "paused": s.paused,
         "position": s.checkpoint.position,
+        "checkpoint": format!("{}.{}", s.checkpoint.transaction_id, s.checkpoint.position),
         "owner": s.owner,
         "epoch": s.epoch,
         "lag_events": s.lag_events,
@@ -313,6 +317,34 @@ macro_rules! simple_action {
             Ok(Json(json!({"projection": name, "done": $what})))
         }
     };
+}
+
+/// `?to=TRANSACTION.POSITION` of a reset.
+#[derive(Debug, serde::Deserialize)]
+pub(crate) struct ResetQuery {
+    to: Option<String>,
+}
+
+/// Moves a projection to a checkpoint (`?to=`), its read model kept.
+pub(crate) async fn reset<S: ProjectionStore>(
+    State(inner): Shared<S>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    Query(query): Query<ResetQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let who = inner.allow(&headers, Role::Operator)?;
+    let Some(to) = &query.to else {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            "`to` is required: TRANSACTION.POSITION (0.0 for the start)",
+        ));
+    };
+    let to = super::events::checkpoint_named("to", to)?;
+    let left = inner.runner.reset_to(&name, to).await?;
+    let to = format!("{}.{}", to.transaction_id, to.position);
+    logged(&who, "reset", &name, &format!("to {to}"));
+    Ok(Json(json!({"projection": name, "to": to, "events": left})))
 }
 
 simple_action!(pause, pause, "pause");

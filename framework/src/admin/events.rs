@@ -37,6 +37,9 @@ pub(crate) struct Browse {
     aggregate_type: Option<String>,
     /// Events after this checkpoint (`TRANSACTION.POSITION`, as `next` gives).
     after: Option<String>,
+    /// Events up to this checkpoint, inclusive (with `after`: a range of
+    /// positions).
+    to: Option<String>,
     /// One correlation.
     correlation: Option<uuid::Uuid>,
     /// At most this many (default 100, at most 1,000).
@@ -47,15 +50,20 @@ fn bad(message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "bad_query", message)
 }
 
-/// `TRANSACTION.POSITION`.
+/// `TRANSACTION.POSITION`, for `after`.
 fn checkpoint_of(text: &str) -> Result<Checkpoint, ApiError> {
+    checkpoint_named("after", text)
+}
+
+/// `TRANSACTION.POSITION`, for the query parameter `name`.
+pub(crate) fn checkpoint_named(name: &str, text: &str) -> Result<Checkpoint, ApiError> {
     let (tx, position) = text
         .split_once('.')
-        .ok_or_else(|| bad(format!("`after` is TRANSACTION.POSITION, not `{text}`")))?;
+        .ok_or_else(|| bad(format!("`{name}` is TRANSACTION.POSITION, not `{text}`")))?;
     match (tx.parse(), position.parse()) {
         (Ok(tx), Ok(position)) => Ok(Checkpoint::new(tx, position)),
         _ => Err(bad(format!(
-            "`after` is TRANSACTION.POSITION, not `{text}`"
+            "`{name}` is TRANSACTION.POSITION, not `{text}`"
         ))),
     }
 }
@@ -130,6 +138,10 @@ pub(crate) async fn browse<S: ProjectionStore>(
         Some(text) => checkpoint_of(text)?,
         None => Checkpoint::START,
     };
+    let to = match &query.to {
+        Some(text) => Some(checkpoint_named("to", text)?),
+        None => None,
+    };
     let mut found = Vec::new();
     // Reads until a page is full, or the log's end; a filter that matches
     // few events reads at most a bounded number of windows per request.
@@ -148,7 +160,11 @@ pub(crate) async fn browse<S: ProjectionStore>(
             windows += 1;
             let Some(last) = events.last() else { break };
             from = last.checkpoint();
+            let past_end = to.is_some_and(|to| from > to);
             for event in events {
+                if to.is_some_and(|to| event.checkpoint() > to) {
+                    break;
+                }
                 let wanted = stream.is_none_or(|(_, id)| event.aggregate_id == id)
                     && query
                         .correlation
@@ -163,6 +179,11 @@ pub(crate) async fn browse<S: ProjectionStore>(
                     }
                 }
             }
+            if past_end {
+                // The range ends in this window: nothing after it is wanted.
+                from = to.unwrap_or(from);
+                break;
+            }
             if windows >= 200 {
                 after = from;
                 break 'reading;
@@ -170,7 +191,8 @@ pub(crate) async fn browse<S: ProjectionStore>(
         }
         after = from;
     }
-    let next = (found.len() >= limit || windows >= 200)
+    let ended = to.is_some_and(|to| after >= to);
+    let next = (!ended && (found.len() >= limit || windows >= 200))
         .then(|| format!("{}.{}", after.transaction_id, after.position));
     Ok(Json(json!({
         "events": found.iter().map(|e| event_json(e, payloads)).collect::<Vec<_>>(),

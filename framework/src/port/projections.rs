@@ -283,6 +283,32 @@ pub trait Checkpoints: Transactional + Clone {
         rebuild_total: u64,
     ) -> Result<(), StoreError>;
 
+    /// Moves every unit of a projection to `to` inside `tx`, as
+    /// [`reset_projection`](Self::reset_projection) moves them to the start
+    /// (epoch bumped, counters cleared, `rebuild_total` recorded as what is
+    /// left to replay, stopped units restarted). The default supports the
+    /// start only.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Database`]; [`ConfigError::Invalid`](crate::error::ConfigError::Invalid)
+    /// for another checkpoint than the start from a store that cannot.
+    async fn reset_projection_to(
+        &self,
+        tx: &mut Self::Transaction,
+        name: &str,
+        to: Checkpoint,
+        rebuild_total: u64,
+    ) -> Result<(), StoreError> {
+        if to == Checkpoint::START {
+            return self.reset_projection(tx, name, rebuild_total).await;
+        }
+        Err(StoreError::Config(crate::error::ConfigError::Invalid {
+            setting: "reset",
+            reason: "this store resets projections to the start of the log only".to_owned(),
+        }))
+    }
+
     /// Pauses or resumes every unit of a projection.
     ///
     /// # Errors

@@ -334,6 +334,70 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
         Ok(Some(receiver))
     }
 
+    /// Moves a projection to checkpoint `to` on every node (within one
+    /// heartbeat): its units are set there under a new epoch — their owners
+    /// let go and claim them again — and it handles the events after `to`:
+    /// again, for those it had handled (`to` behind it), never, for those
+    /// it skips (`to` ahead of it). Unlike a [`rebuild`](Self::rebuild), the
+    /// read model stays as it is and no hook runs: for a projection whose
+    /// effects are idempotent (replay a range after a fix), or whose read
+    /// model an operator repaired by hand (skip a range). Returns the events
+    /// left to handle, which [`status`](Self::status) shows as the reset's
+    /// progress.
+    ///
+    /// ```no_run
+    /// # async fn demo(runner: outflow::runner::ProjectionRunner<outflow::PostgresStore>) -> Result<(), outflow::StoreError> {
+    /// use outflow::Checkpoint;
+    /// // Send the e-mails of everything after transaction 812, position 4310 again.
+    /// let again = runner.reset_to("welcome_emails", Checkpoint::new(812, 4310)).await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::UnknownProjection`]; [`ConfigError::Invalid`] for a
+    /// checkpoint past the log's head, or other than the start on a log
+    /// ordered per partition (each partition has its own checkpoints);
+    /// [`StoreError`] when the reset fails (nothing is changed then).
+    pub async fn reset_to(&self, name: &str, to: Checkpoint) -> Result<u64, StoreError> {
+        let registered = self.registered(name)?.clone();
+        let store = &self.shared.store;
+        let log = &self.shared.log;
+        if to != Checkpoint::START {
+            if log.partitions() > 1 {
+                return Err(ConfigError::Invalid {
+                    setting: "reset",
+                    reason: format!(
+                        "the log is ordered per partition: `{name}` can be reset to the start only (rebuild it, or move its units one by one)"
+                    ),
+                }
+                .into());
+            }
+            let head = log.committed_head().await?;
+            if to > head {
+                return Err(ConfigError::Invalid {
+                    setting: "reset",
+                    reason: format!("checkpoint {to} is past the log's head {head}"),
+                }
+                .into());
+            }
+        }
+        store
+            .register_projection(&registered.name, registered.partitions)
+            .await?;
+        let left = log
+            .count_events(&registered.filter, to, END, i64::MAX as u64)
+            .await?;
+        let mut tx = store.begin().await?;
+        store.reset_projection_to(&mut tx, name, to, left).await?;
+        store.commit(tx).await?;
+        self.shared.view.forget();
+        store.signal_checkpoints();
+        self.shared.poke.notify_one();
+        tracing::info!(projection = name, checkpoint = %to, events = left, "projection reset to a checkpoint");
+        Ok(left)
+    }
+
     /// Pauses a projection on every node (within one heartbeat).
     ///
     /// # Errors

@@ -331,9 +331,37 @@ async fn the_console_shows_acts_and_browses_for_those_allowed() {
         )
         .await;
     assert_eq!(second["events"][0]["position"], json!(11), "{second}");
+    // A range of positions: after the fifth event, to the eighth.
+    let events = first["events"].as_array().cloned().unwrap_or_default();
+    let checkpoint = |e: &Value| format!("{}.{}", e["transaction_id"], e["position"]);
+    let (_, range) = console
+        .get(
+            &format!(
+                "/api/events?after={}&to={}",
+                checkpoint(&events[4]),
+                checkpoint(&events[7])
+            ),
+            op,
+        )
+        .await;
+    let positions: Vec<Value> = range["events"]
+        .as_array()
+        .map(|e| e.iter().map(|e| e["position"].clone()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        positions,
+        vec![
+            events[5]["position"].clone(),
+            events[6]["position"].clone(),
+            events[7]["position"].clone()
+        ],
+        "{range}"
+    );
+    assert_eq!(range["next"], Value::Null, "a range ends: {range}");
     for bad in [
         "/api/events?stream=nonsense",
         "/api/events?after=1",
+        "/api/events?to=soon",
         "/api/events?correlation=xyz",
         "/api/events?limit=-3",
     ] {

@@ -192,6 +192,7 @@ pub(super) enum PendingOp {
     Park(Box<DeadLetter>),
     Reset {
         name: String,
+        to: Checkpoint,
         total: u64,
     },
     Inbox(String, String),

@@ -4,7 +4,6 @@ use async_trait::async_trait;
 use chrono::Utc;
 
 use crate::error::StoreError;
-use crate::event::Checkpoint;
 use crate::port::events::Transactional;
 use crate::port::projections::ProjectionState;
 
@@ -99,10 +98,10 @@ impl Transactional for MemoryStore {
                     dead_letter.id = id;
                     state.dead_letters.insert(id, dead_letter);
                 }
-                PendingOp::Reset { name, total } => {
+                PendingOp::Reset { name, to, total } => {
                     for (unit, u) in state.units.iter_mut() {
                         if unit.projection == name {
-                            u.checkpoint = Checkpoint::START;
+                            u.checkpoint = to;
                             u.epoch += 1;
                             u.processed = 0;
                             u.rebuild_total = Some(total);

@@ -139,8 +139,20 @@ impl Checkpoints for MemoryStore {
         name: &str,
         rebuild_total: u64,
     ) -> Result<(), StoreError> {
+        self.reset_projection_to(tx, name, Checkpoint::START, rebuild_total)
+            .await
+    }
+
+    async fn reset_projection_to(
+        &self,
+        tx: &mut MemoryTransaction,
+        name: &str,
+        to: Checkpoint,
+        rebuild_total: u64,
+    ) -> Result<(), StoreError> {
         tx.ops.push(PendingOp::Reset {
             name: name.to_owned(),
+            to,
             total: rebuild_total,
         });
         Ok(())

@@ -221,9 +221,22 @@ impl Checkpoints for PostgresStore {
         name: &str,
         rebuild_total: u64,
     ) -> Result<(), StoreError> {
+        self.reset_projection_to(tx, name, Checkpoint::START, rebuild_total)
+            .await
+    }
+
+    async fn reset_projection_to(
+        &self,
+        tx: &mut Self::Transaction,
+        name: &str,
+        to: Checkpoint,
+        rebuild_total: u64,
+    ) -> Result<(), StoreError> {
         sqlx::query(&self.inner.projection_sql.reset)
             .bind(name)
             .bind(to_i64(rebuild_total))
+            .bind(to.transaction_id.to_string())
+            .bind(to_i64(to.position))
             .execute(&mut **tx)
             .await
             .map_err(db("resetting a projection"))?;

@@ -293,10 +293,23 @@ impl Checkpoints for SqliteStore {
         name: &str,
         rebuild_total: u64,
     ) -> Result<(), StoreError> {
+        self.reset_projection_to(tx, name, Checkpoint::START, rebuild_total)
+            .await
+    }
+
+    async fn reset_projection_to(
+        &self,
+        tx: &mut Self::Transaction,
+        name: &str,
+        to: Checkpoint,
+        rebuild_total: u64,
+    ) -> Result<(), StoreError> {
         sqlx::query(&self.inner.queries.reset)
             .bind(name)
             .bind(to_i64(rebuild_total))
             .bind(time_text(Utc::now()))
+            .bind(to_i64(to.transaction_id))
+            .bind(to_i64(to.position))
             .execute(&mut **tx)
             .await
             .map_err(db("resetting a projection"))?;

@@ -33,6 +33,7 @@ use uuid::Uuid;
 mod connections_and_inbox;
 mod memory_store;
 mod rebuild_and_pause;
+mod reset_to;
 
 const WAIT: Duration = Duration::from_secs(60);
 
