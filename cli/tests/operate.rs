@@ -15,6 +15,7 @@ use outflow::async_trait;
 use outflow::projection::{HandlerError, OnError, Projection, ProjectionOptions, RetryPolicy};
 use outflow::runner::ProjectionRunner;
 use outflow::{AppendRequest, EventStore, NewEvent, RecordedEvent, SqliteStore};
+use outflow_tests::tally::{tallied, Tally};
 use outflow_tests::TestDir;
 use serde_json::{json, Value};
 
@@ -296,64 +297,6 @@ fn the_mistakes_a_user_makes_most_fail_at_once_and_say_what_to_do() {
     // Bad arguments are exit code 2, with the usage.
     let output = outflow(&dir.path, &["copy", "--from", "sqlite://a.db"]);
     assert_eq!(output.status.code(), Some(2));
-}
-
-/// Counts events into a table of the store's file; refuses 666 while broken.
-struct Tally {
-    broken: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-#[async_trait]
-impl Projection<SqliteStore> for Tally {
-    fn name(&self) -> &str {
-        "tally"
-    }
-
-    async fn setup(
-        &self,
-        tx: &mut <SqliteStore as outflow::Transactional>::Transaction,
-    ) -> Result<(), HandlerError> {
-        outflow::sqlx::query("CREATE TABLE IF NOT EXISTS tally (event_id TEXT PRIMARY KEY)")
-            .execute(&mut **tx)
-            .await?;
-        Ok(())
-    }
-
-    async fn reset(
-        &self,
-        tx: &mut <SqliteStore as outflow::Transactional>::Transaction,
-    ) -> Result<(), HandlerError> {
-        outflow::sqlx::query("DELETE FROM tally")
-            .execute(&mut **tx)
-            .await?;
-        Ok(())
-    }
-
-    async fn handle(
-        &self,
-        events: &[RecordedEvent],
-        tx: &mut <SqliteStore as outflow::Transactional>::Transaction,
-    ) -> Result<(), HandlerError> {
-        for event in events {
-            if event.payload["Deposited"]["amount"] == json!(666)
-                && self.broken.load(std::sync::atomic::Ordering::SeqCst)
-            {
-                return Err(HandlerError::data("666 is refused"));
-            }
-            outflow::sqlx::query("INSERT INTO tally (event_id) VALUES (?1)")
-                .bind(event.event_id.to_string())
-                .execute(&mut **tx)
-                .await?;
-        }
-        Ok(())
-    }
-}
-
-async fn tallied(store: &SqliteStore) -> i64 {
-    outflow::sqlx::query_scalar("SELECT COUNT(*) FROM tally")
-        .fetch_one(store.readers())
-        .await
-        .expect("count the tally")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

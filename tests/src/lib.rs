@@ -11,6 +11,7 @@ pub mod nats;
 pub mod nats_cluster;
 pub mod outbox;
 pub mod own_postgres;
+pub mod tally;
 pub mod totals;
 pub mod traces;
 

@@ -8,67 +8,18 @@
 
 use outflow_tests as common;
 
+use common::tally::{tallied, Tally};
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use outflow::admin::{Admin, Principal, Role};
-use outflow::projection::{HandlerError, OnError, Projection, ProjectionOptions, RetryPolicy};
+use outflow::projection::{OnError, ProjectionOptions, RetryPolicy};
 use outflow::runner::ProjectionRunner;
-use outflow::{async_trait, AppendRequest, EventStore, NewEvent, RecordedEvent, SqliteStore};
+use outflow::{AppendRequest, EventStore, NewEvent, RecordedEvent, SqliteStore};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-
-/// Counts events in a table; refuses 666 while broken.
-struct Tally {
-    broken: Arc<AtomicBool>,
-}
-
-#[async_trait]
-impl Projection<SqliteStore> for Tally {
-    fn name(&self) -> &str {
-        "tally"
-    }
-
-    async fn setup(
-        &self,
-        tx: &mut <SqliteStore as outflow::Transactional>::Transaction,
-    ) -> Result<(), HandlerError> {
-        outflow::sqlx::query("CREATE TABLE IF NOT EXISTS tally (event_id TEXT PRIMARY KEY)")
-            .execute(&mut **tx)
-            .await?;
-        Ok(())
-    }
-
-    async fn reset(
-        &self,
-        tx: &mut <SqliteStore as outflow::Transactional>::Transaction,
-    ) -> Result<(), HandlerError> {
-        outflow::sqlx::query("DELETE FROM tally")
-            .execute(&mut **tx)
-            .await?;
-        Ok(())
-    }
-
-    async fn handle(
-        &self,
-        events: &[RecordedEvent],
-        tx: &mut <SqliteStore as outflow::Transactional>::Transaction,
-    ) -> Result<(), HandlerError> {
-        for event in events {
-            if event.payload["Deposited"]["amount"] == json!(666)
-                && self.broken.load(Ordering::SeqCst)
-            {
-                return Err(HandlerError::data("666 is refused"));
-            }
-            outflow::sqlx::query("INSERT INTO tally (event_id) VALUES (?1)")
-                .bind(event.event_id.to_string())
-                .execute(&mut **tx)
-                .await?;
-        }
-        Ok(())
-    }
-}
 
 fn deposit(amount: u64, correlation: Option<uuid::Uuid>) -> NewEvent {
     NewEvent {
@@ -189,13 +140,6 @@ impl Client {
             }
         }
     }
-}
-
-async fn tallied(store: &SqliteStore) -> i64 {
-    outflow::sqlx::query_scalar("SELECT COUNT(*) FROM tally")
-        .fetch_one(store.readers())
-        .await
-        .expect("count")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
