@@ -18,7 +18,7 @@ pub async fn run<S: AppStore>(app: Arc<App<S>>, bind: SocketAddr) -> anyhow::Res
         .ok()
         .filter(|token| !token.is_empty());
     if admin_token.is_none() {
-        tracing::info!("OUTFLOW_ADMIN_TOKEN is not set: the operator endpoints are disabled");
+        tracing::info!("OUTFLOW_ADMIN_TOKEN is not set: the operators' console at /admin is off");
     }
 
     // The mail stand-in refuses these domains (comma-separated): a welcome

@@ -24,7 +24,7 @@ pub(super) const STRONG_WAIT: Duration = Duration::from_secs(5);
 pub struct ApiState<S: AppStore> {
     /// The application.
     pub app: Arc<App<S>>,
-    /// The operators' token; `None` disables the operator endpoints.
+    /// The operators' token; `None` turns the console at `/admin` off.
     pub admin_token: Option<String>,
     /// Renders `/metrics`.
     pub metrics: Option<PrometheusHandle>,
