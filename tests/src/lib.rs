@@ -354,3 +354,18 @@ pub async fn jetstream_store(
         .await
         .expect("a JetStream store")
 }
+
+/// Serves `router` (an operators' console) under `/admin` on a free
+/// loopback port, for as long as the runtime runs; returns its base URL
+/// (`http://127.0.0.1:PORT/admin`).
+pub async fn serve_console(router: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a loopback port");
+    let address = listener.local_addr().expect("its address");
+    let app = axum::Router::new().nest("/admin", router);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{address}/admin")
+}

@@ -297,14 +297,17 @@ where
         context: &CommandContext,
         ids_from_command: bool,
     ) -> Result<(Vec<Envelope<A>>, Option<Vec<RecordedEvent>>), CommandError<A::Error>> {
+        // The command's metadata with its span's trace context, looked up
+        // once for all its events.
+        let mut metadata = context.metadata.clone();
+        crate::trace::stamp(&mut metadata);
         let mut events = Vec::with_capacity(payloads.len());
         for (i, payload) in payloads.iter().enumerate() {
             let mut event = NewEvent::from_event::<A>(aggregate_id, payload)?;
             if ids_from_command {
                 event.event_id = event_id_of(context.command_id, i);
             }
-            event.metadata = context.metadata.clone();
-            crate::trace::stamp(&mut event.metadata);
+            event.metadata = metadata.clone();
             event.correlation_id = Some(context.correlation_id);
             event.causation_id = Some(context.causation_id);
             events.push(event);

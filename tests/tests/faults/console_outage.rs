@@ -55,13 +55,7 @@ async fn the_console_answers_503_while_the_database_is_down_and_recovers() {
         .operator_token("op")
         .events(store.clone())
         .router();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let base = format!("http://{}/admin", listener.local_addr().expect("address"));
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, axum::Router::new().nest("/admin", console)).await;
-    });
+    let base = common::serve_console(console).await;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()

@@ -33,19 +33,13 @@ async fn the_console_lists_each_partition_with_its_leader_and_replicas() {
         .build()
         .expect("runner");
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let address = listener.local_addr().expect("address");
     let console = Admin::new(runner)
         .reader_token("read-secret")
         .jetstream(store.clone())
         .router();
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, axum::Router::new().nest("/admin", console)).await;
-    });
+    let base = common::serve_console(console).await;
     let answer: Value = reqwest::Client::new()
-        .get(format!("http://{address}/admin/api/partitions"))
+        .get(format!("{base}/api/partitions"))
         .bearer_auth("read-secret")
         .send()
         .await

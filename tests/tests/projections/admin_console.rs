@@ -52,19 +52,6 @@ async fn append(store: &SqliteStore, kind: &str, id: &str, events: Vec<NewEvent>
         .expect("an event")
 }
 
-/// Serves `router` under `/admin` on a free loopback port.
-async fn serve(router: axum::Router) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let address = listener.local_addr().expect("address");
-    let app = axum::Router::new().nest("/admin", router);
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    format!("http://{address}/admin")
-}
-
 struct Client {
     base: String,
     http: reqwest::Client,
@@ -188,7 +175,7 @@ async fn the_console_shows_acts_and_browses_for_those_allowed() {
 
     // Off unless configured.
     let off = Client {
-        base: serve(Admin::new(runner.clone()).operator_token("").router()).await,
+        base: common::serve_console(Admin::new(runner.clone()).operator_token("").router()).await,
         http: reqwest::Client::new(),
     };
     let (status, body) = off.get("/api/status", Some("anything")).await;
@@ -199,7 +186,7 @@ async fn the_console_shows_acts_and_browses_for_those_allowed() {
     assert_eq!(off.get("", None).await.0, StatusCode::FORBIDDEN);
 
     let console = Client {
-        base: serve(
+        base: common::serve_console(
             Admin::new(runner.clone())
                 .operator_token("op-secret")
                 .reader_token("read-secret")
@@ -440,7 +427,7 @@ async fn the_services_own_check_decides_who_may_do_what() {
         .build()
         .expect("runner");
     let console = Client {
-        base: serve(
+        base: common::serve_console(
             Admin::new(runner)
                 .authorize(
                     |headers| match headers.get("x-user").and_then(|v| v.to_str().ok()) {
@@ -501,7 +488,7 @@ async fn the_console_plots_commands_and_the_outbox_backlog() {
         .build()
         .expect("runner");
     let console = Client {
-        base: serve(
+        base: common::serve_console(
             Admin::new(runner)
                 .reader_token("read-secret")
                 .outbox(outbox.clone())

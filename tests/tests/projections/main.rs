@@ -12,4 +12,3 @@ mod projection_catch_up;
 mod projection_errors;
 mod projection_nodes;
 mod projection_views;
-mod traces;

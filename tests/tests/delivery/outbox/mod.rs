@@ -30,7 +30,6 @@ use uuid::Uuid;
 mod suites;
 use suites::*;
 mod postgres;
-mod traces;
 
 /// What the suites need of a backend besides the outbox: plain SQL for the
 /// application's own rows and for looking at the tables.

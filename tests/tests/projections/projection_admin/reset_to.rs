@@ -139,13 +139,7 @@ async fn resets<S: outflow::Backend>(store: S) {
     let console = outflow::admin::Admin::new(runner.clone())
         .operator_token("op")
         .router();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let base = format!("http://{}/admin", listener.local_addr().expect("address"));
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, axum::Router::new().nest("/admin", console)).await;
-    });
+    let base = common::serve_console(console).await;
     let http = reqwest::Client::new();
     let post = |query: String| {
         let request = http

@@ -2,7 +2,10 @@
 //! the current span's `traceparent` at `enqueue`, and the relay's delivery
 //! span links to it (an in-memory OpenTelemetry exporter, a SQLite file).
 
-use super::*;
+use outflow_tests as common;
+
+use common::outbox::{message, relay, send, until_delivered, Log, Recorder, Running};
+use outflow::outbox::{Outbox, OutboxMessageRecord};
 
 use opentelemetry::trace::TraceContextExt;
 use outflow::trace::{TraceParent, TRACEPARENT};
