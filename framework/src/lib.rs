@@ -108,6 +108,9 @@ pub mod relay;
 pub mod runner;
 pub mod store;
 pub mod telemetry;
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "sqlite"))))]
+pub mod timer;
 pub mod trace;
 pub mod upcast;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]

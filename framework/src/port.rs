@@ -17,4 +17,6 @@ pub mod messages;
 pub mod outbox;
 pub mod projections;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub mod timers;
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
 pub mod views;

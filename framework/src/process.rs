@@ -88,6 +88,7 @@
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::de::DeserializeOwned;
@@ -95,11 +96,13 @@ use serde::Serialize;
 use tracing::Instrument;
 
 use crate::command::CommandContext;
-use crate::error::StoreError;
+use crate::error::{ConfigError, StoreError};
 use crate::event::RecordedEvent;
 use crate::names::Identifier;
+use crate::port::events::Transactional;
 use crate::port::log::LogFilter;
 use crate::projection::{HandlerError, Projection};
+use crate::timer::{ApplyTimers, TimerChange, TimerStore, Timers};
 use crate::view::ViewStore;
 
 /// A process that reacts to events of several aggregates by issuing
@@ -137,6 +140,49 @@ pub trait ProcessManager: Send + Sync + 'static {
         event: &RecordedEvent,
     ) -> Result<Vec<Self::Command>, HandlerError>;
 
+    /// The timers this step schedules, reschedules or cancels (default:
+    /// none), from the process's `state` after [`react`](Self::react)
+    /// folded `event` into it. Applied in the batch's transaction, with the
+    /// states and the checkpoint, each [caused by](crate::timer::Timer::caused_by)
+    /// `event` and carrying the process's name and id as metadata: a timer
+    /// exists exactly when the step that scheduled it committed, and a
+    /// replayed step (a crash, a rebuild) neither schedules it twice nor
+    /// revives it after it fired or was cancelled. Give the process its
+    /// timers with [`Process::with_timers`]. Must be deterministic, as
+    /// `react`: use [`Timer::after`](crate::timer::Timer::after) (the
+    /// database's clock), not the node's clock.
+    ///
+    /// ```
+    /// # use outflow::RecordedEvent;
+    /// # use outflow::timer::{Timer, TimerChange};
+    /// # use outflow::doc_fixture::{Counter, CounterCommand};
+    /// # use std::time::Duration;
+    /// # struct State { open: bool }
+    /// # fn timers(state: &State, event: &RecordedEvent) -> Result<Vec<TimerChange>, outflow::HandlerError> {
+    /// let key = format!("expire/{}", event.aggregate_id);
+    /// Ok(vec![if state.open {
+    ///     TimerChange::Schedule(
+    ///         Timer::command::<Counter>(key, &event.aggregate_id, &CounterCommand::Increment { by: 1 })?
+    ///             .after(Duration::from_secs(60)),
+    ///     )
+    /// } else {
+    ///     TimerChange::Cancel(key)
+    /// }])
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// Any [`HandlerError`], as `react`'s.
+    fn timers(
+        &self,
+        state: &Self::State,
+        event: &RecordedEvent,
+    ) -> Result<Vec<TimerChange>, HandlerError> {
+        let _ = (state, event);
+        Ok(Vec::new())
+    }
+
     /// Sends one command, at least once, with no transaction open. The
     /// context carries the command id to send it with (pass it to
     /// [`CommandBus::execute_once`](crate::CommandBus::execute_once)), the
@@ -157,14 +203,16 @@ pub trait ProcessManager: Send + Sync + 'static {
 /// Runs a [`ProcessManager`] as a projection, its states in a view table;
 /// hand it to a [`ProjectionRunner`](crate::runner::ProjectionRunner) with
 /// [`ProjectionOptions::new`](crate::projection::ProjectionOptions::new).
-pub struct Process<P, S> {
+pub struct Process<P, S: Transactional> {
     manager: P,
     store: S,
     /// The state table, quoted for SQL.
     table: String,
+    /// Where the steps' timers go.
+    timers: Option<Arc<dyn ApplyTimers<S::Transaction>>>,
 }
 
-impl<P: ProcessManager, S> std::fmt::Debug for Process<P, S> {
+impl<P: ProcessManager, S: Transactional> std::fmt::Debug for Process<P, S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Process")
             .field("name", &self.manager.name())
@@ -185,7 +233,20 @@ impl<P: ProcessManager, S: ViewStore> Process<P, S> {
             manager,
             store: store.clone(),
             table: Identifier::parse(table, "process table")?.quoted(),
+            timers: None,
         })
+    }
+
+    /// Gives the process the timers its steps schedule
+    /// ([`ProcessManager::timers`]): the same database as the process's
+    /// states, so they commit in the batch's transaction.
+    pub fn with_timers<T>(mut self, timers: Timers<T>) -> Self
+    where
+        T: TimerStore,
+        Timers<T>: ApplyTimers<S::Transaction>,
+    {
+        self.timers = Some(Arc::new(timers));
+        self
     }
 
     /// A handle to read the processes' states from anywhere in the
@@ -297,6 +358,7 @@ where
             .map(|(id, version, payload)| (id, (version, payload)))
             .collect();
         let mut documents = Vec::with_capacity(groups.len());
+        let mut scheduled = None;
         for (id, events) in groups {
             let (mut version, mut state) = match stored.remove(&id) {
                 Some((version, payload)) => (version, self.decode(&id, &payload)?),
@@ -305,10 +367,41 @@ where
             for event in events {
                 self.manager.react(&mut state, event)?;
                 version += 1;
+                let changes = self.manager.timers(&state, event)?;
+                if changes.is_empty() {
+                    continue;
+                }
+                let Some(timers) = &self.timers else {
+                    return Err(HandlerError::from(StoreError::Config(
+                        ConfigError::Invalid {
+                            setting: "process timers",
+                            reason: format!(
+                                "process `{}` schedules timers but was given none: \
+                             Process::with_timers",
+                                self.manager.name()
+                            ),
+                        },
+                    )));
+                };
+                let metadata = [
+                    ("process", self.manager.name()),
+                    ("process_id", id.as_str()),
+                ];
+                timers.apply(tx, changes, event, &metadata).await?;
+                scheduled = Some(timers.clone());
             }
             documents.push((id, version, serde_json::to_string(&state)?));
         }
         S::save_documents(tx, &self.table, &documents).await?;
+        if let Some(timers) = scheduled {
+            // The batch commits right after this: a scheduler in this
+            // process then reads the new timers at once rather than at its
+            // next poll.
+            tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                timers.wake();
+            });
+        }
         Ok(())
     }
 

@@ -26,6 +26,12 @@
 //! | `outflow_outbox_deleted_total` | counter | `outbox` | delivered outbox rows cleaned up |
 //! | `outflow_outbox_pending` | gauge | `outbox` | committed messages not yet delivered (from the outbox's status, every 15 s while a relay runs) |
 //! | `outflow_outbox_oldest_pending_seconds` | gauge | `outbox` | age of the oldest of them (0: none) |
+//! | `outflow_timers_fired_total` | counter | `timers`, `outcome` | attempts to fire a timer; `outcome` is `fired`, `refused`, `failed` or `retry` |
+//! | `outflow_timer_lateness_seconds` | histogram | `timers` | how long after its due time a timer fired |
+//! | `outflow_timers_pending` | gauge | `timers` | timers not yet fired or cancelled (from the timers' status, every 15 s on the leading scheduler) |
+//! | `outflow_timers_late` | gauge | `timers` | pending timers overdue by more than 5 s |
+//! | `outflow_timers_oldest_overdue_seconds` | gauge | `timers` | how long ago the earliest pending timer fell due (0: none due) |
+//! | `outflow_timers_refused` | gauge | `timers` | kept timers whose command was refused |
 //!
 //! The status gauges are set by each runner node for the units it holds
 //! (see [`ProjectionRunnerBuilder::status_metrics_every`](crate::runner::ProjectionRunnerBuilder::status_metrics_every)),
@@ -180,6 +186,42 @@ pub const METRICS: &[(&str, MetricKind, Unit, &str)] = &[
         Unit::Seconds,
         "Age of the oldest outbox message not yet delivered (0 when none).",
     ),
+    (
+        "outflow_timers_fired_total",
+        MetricKind::Counter,
+        Unit::Count,
+        "Attempts to fire a timer, by outcome (fired, refused, failed, retry).",
+    ),
+    (
+        "outflow_timer_lateness_seconds",
+        MetricKind::Histogram,
+        Unit::Seconds,
+        "How long after its due time a timer fired.",
+    ),
+    (
+        "outflow_timers_pending",
+        MetricKind::Gauge,
+        Unit::Count,
+        "Timers scheduled and not yet fired or cancelled.",
+    ),
+    (
+        "outflow_timers_late",
+        MetricKind::Gauge,
+        Unit::Count,
+        "Pending timers overdue by more than 5 seconds.",
+    ),
+    (
+        "outflow_timers_oldest_overdue_seconds",
+        MetricKind::Gauge,
+        Unit::Seconds,
+        "How long ago the earliest pending timer fell due (0 when none is due).",
+    ),
+    (
+        "outflow_timers_refused",
+        MetricKind::Gauge,
+        Unit::Count,
+        "Kept timers whose command was refused.",
+    ),
 ];
 
 /// Describes every metric of [`METRICS`] to the installed recorder. Call it
@@ -310,6 +352,20 @@ pub fn clear_status(projection: &str) {
     metrics::gauge!("outflow_projection_lag_seconds", "projection" => projection.clone()).set(0.0);
     metrics::gauge!("outflow_projection_dead_letters", "projection" => projection.clone()).set(0.0);
     metrics::gauge!("outflow_projection_rebuild_progress", "projection" => projection).set(1.0);
+}
+
+/// Sets the timer gauges (`outflow_timers_pending`, `outflow_timers_late`,
+/// `outflow_timers_oldest_overdue_seconds`, `outflow_timers_refused`) from
+/// a status of the timers.
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub fn record_timer_status(status: &crate::timer::TimerStatus) {
+    let table = status.table.clone();
+    let counts = &status.counts;
+    metrics::gauge!("outflow_timers_pending", "timers" => table.clone()).set(counts.pending as f64);
+    metrics::gauge!("outflow_timers_late", "timers" => table.clone()).set(counts.late as f64);
+    metrics::gauge!("outflow_timers_oldest_overdue_seconds", "timers" => table.clone())
+        .set(counts.oldest_overdue.map_or(0.0, |age| age.as_secs_f64()));
+    metrics::gauge!("outflow_timers_refused", "timers" => table).set(counts.refused as f64);
 }
 
 /// Sets `outflow_outbox_pending` and `outflow_outbox_oldest_pending_seconds`

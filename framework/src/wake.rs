@@ -62,6 +62,12 @@ pub(crate) struct WakeSignal {
     sender: watch::Sender<u64>,
 }
 
+impl Default for WakeSignal {
+    fn default() -> Self {
+        WakeSignal::new()
+    }
+}
+
 impl WakeSignal {
     pub(crate) fn new() -> Self {
         WakeSignal {

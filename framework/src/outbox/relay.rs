@@ -10,7 +10,7 @@
 //! cursor after another took over.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
@@ -19,9 +19,9 @@ use tracing::Instrument;
 use super::{Outbox, OutboxMessageRecord, OutboxSink, OutboxStore};
 use crate::error::{ConfigError, StoreError};
 use crate::event::Checkpoint;
-use crate::lease::{check_timing, register, Holder, RecordedState, Renewed};
+use crate::lease::{check_timing, keep_lease, register, Held, Holder, RecordedState};
 use crate::port::log::Wakeups;
-use crate::port::projections::{Lease, ProjectionState};
+use crate::port::projections::ProjectionState;
 use crate::projection::RetryPolicy;
 use crate::wake::Recheck;
 
@@ -234,32 +234,6 @@ enum Sent {
     Stop(Exit),
 }
 
-/// The lease as the heartbeat keeps it.
-struct Held {
-    lease: Lease,
-    /// Until when the lease is surely valid: the start of the last successful
-    /// renewal (or claim) plus the time to live.
-    valid_until: Mutex<Instant>,
-    /// Cancelled when the lease is lost.
-    lost: CancellationToken,
-}
-
-impl Held {
-    fn valid_until(&self) -> Instant {
-        match self.valid_until.lock() {
-            Ok(guard) => *guard,
-            Err(poisoned) => *poisoned.into_inner(),
-        }
-    }
-
-    fn extend(&self, until: Instant) {
-        match self.valid_until.lock() {
-            Ok(mut guard) => *guard = until,
-            Err(poisoned) => *poisoned.into_inner() = until,
-        }
-    }
-}
-
 impl<S: OutboxStore> OutboxRelay<S> {
     /// A builder for a relay delivering `outbox`'s messages to `sink`.
     pub fn builder(outbox: Outbox<S>, sink: impl OutboxSink) -> OutboxRelayBuilder<S> {
@@ -362,11 +336,7 @@ impl<S: OutboxStore> OutboxRelay<S> {
             match holder.claim(store, unit).await {
                 Ok(Some(lease)) => {
                     tracing::info!(epoch = lease.epoch, cursor = %lease.checkpoint, "outbox relay leads");
-                    let held = Held {
-                        lease,
-                        valid_until: Mutex::new(started + shared.lease_ttl),
-                        lost: CancellationToken::new(),
-                    };
+                    let held = Held::new(lease, started, shared.lease_ttl);
                     let exit = self.lead(&mut holder, &held, shutdown, &mut wakeups).await;
                     match exit {
                         Exit::Shutdown => {
@@ -401,7 +371,14 @@ impl<S: OutboxStore> OutboxRelay<S> {
         wakeups: &mut Wakeups,
     ) -> Exit {
         let done = CancellationToken::new();
-        let renew = self.keep_lease(holder, held, &done);
+        let renew = keep_lease(
+            holder,
+            self.shared.outbox.store(),
+            held,
+            (self.shared.lease_ttl, self.shared.heartbeat),
+            &done,
+            "outbox",
+        );
         let deliver = async {
             let exit = self.deliver(held, shutdown, wakeups).await;
             done.cancel();
@@ -409,41 +386,6 @@ impl<S: OutboxStore> OutboxRelay<S> {
         };
         let ((), exit) = tokio::join!(renew, deliver);
         exit
-    }
-
-    /// Renews the lease every heartbeat; cancels `held.lost` when it is gone.
-    async fn keep_lease(&self, holder: &mut Holder, held: &Held, done: &CancellationToken) {
-        let shared = &self.shared;
-        let store = shared.outbox.store();
-        loop {
-            tokio::select! {
-                _ = done.cancelled() => return,
-                _ = tokio::time::sleep(shared.heartbeat) => {}
-            }
-            let started = Instant::now();
-            let renewed = tokio::time::timeout(
-                shared.lease_ttl,
-                holder.renew(store, std::iter::once(&held.lease)),
-            )
-            .await;
-            match renewed {
-                Ok(Ok((outcomes, _))) => match outcomes.first() {
-                    Some((_, Renewed::Held(_))) => held.extend(started + shared.lease_ttl),
-                    _ => {
-                        held.lost.cancel();
-                        return;
-                    }
-                },
-                Ok(Err(error)) => {
-                    tracing::warn!(error = %crate::error::error_chain(&error), "renewing the outbox lease failed")
-                }
-                Err(_) => tracing::warn!("renewing the outbox lease timed out"),
-            }
-            if Instant::now() >= held.valid_until() {
-                held.lost.cancel();
-                return;
-            }
-        }
     }
 
     /// Reads, delivers and records batches, retrying forever.

@@ -107,6 +107,21 @@ struct Shared<S: ProjectionStore> {
     /// Wakes the node loop for a heartbeat now (after a reset or restart
     /// made here), instead of at the next interval.
     poke: tokio::sync::Notify,
+    /// Timer schedulers run on this node, under its id and lease timing.
+    schedulers: Vec<Arc<dyn Leader>>,
+}
+
+/// A single-leader loop a runner hosts (a timer scheduler).
+#[async_trait::async_trait]
+pub(crate) trait Leader: Send + Sync {
+    /// Runs under `node_id` with the runner's lease timing until `shutdown`.
+    async fn run_as(
+        &self,
+        node_id: &str,
+        lease_ttl: Duration,
+        heartbeat: Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Result<(), StoreError>;
 }
 
 struct Registered<S: ProjectionStore> {
@@ -140,6 +155,7 @@ pub struct ProjectionRunnerBuilder<S: ProjectionStore> {
     status_metrics: Duration,
     projections: Vec<ProjectionOptions<S>>,
     aliases: crate::upcast::EventAliases,
+    schedulers: Vec<Arc<dyn Leader>>,
 }
 
 impl<S: ProjectionStore> std::fmt::Debug for ProjectionRunnerBuilder<S> {
@@ -222,6 +238,20 @@ impl<S: ProjectionStore> ProjectionRunnerBuilder<S> {
         self
     }
 
+    /// Runs a [timer scheduler](crate::timer::Scheduler) on this node, under
+    /// the runner's node id, lease time to live and heartbeat: the node
+    /// holding the timers' lease fires them; when it dies, another node's
+    /// runner takes the lease within the failover time, as it takes the
+    /// node's projection units.
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    pub fn scheduler<T: crate::timer::TimerStore>(
+        mut self,
+        scheduler: crate::timer::Scheduler<T>,
+    ) -> Self {
+        self.schedulers.push(Arc::new(scheduler));
+        self
+    }
+
     /// The runner.
     ///
     /// # Errors
@@ -294,6 +324,7 @@ impl<S: ProjectionStore> ProjectionRunnerBuilder<S> {
                 aliases: self.aliases,
                 view: wait::SharedView::default(),
                 poke: tokio::sync::Notify::new(),
+                schedulers: self.schedulers,
             }),
         })
     }
@@ -325,6 +356,7 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
             drain: None,
             status_metrics: Duration::from_secs(15),
             projections: Vec::new(),
+            schedulers: Vec::new(),
         }
     }
 

@@ -52,12 +52,26 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
     /// infrastructure while registering after about ten attempts.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), StoreError> {
         let gauges_stop = CancellationToken::new();
+        // The schedulers stop with the node, whether it was asked to or not.
+        let leaders_stop = shutdown.child_token();
         let node = async {
             let result = self.run_node(shutdown).await;
             gauges_stop.cancel();
+            leaders_stop.cancel();
             result
         };
-        let (result, ()) = tokio::join!(node, self.export_status_gauges(&gauges_stop));
+        let shared = &self.shared;
+        let leaders = futures::future::join_all(shared.schedulers.iter().map(|leader| {
+            leader.run_as(
+                &shared.node_id,
+                shared.lease_ttl,
+                shared.heartbeat,
+                leaders_stop.clone(),
+            )
+        }));
+        let (result, (), led) =
+            tokio::join!(node, self.export_status_gauges(&gauges_stop), leaders);
+        let result = result.and(led.into_iter().collect::<Result<Vec<()>, _>>().map(drop));
         if let Err(error) = &result {
             tracing::error!(node = %self.shared.node_id, error = %crate::error::error_chain(error), "projection runner stopped");
         }

@@ -43,6 +43,7 @@ mod outcomes;
 mod projection_store;
 mod rows;
 mod schema;
+mod timers;
 mod views;
 
 #[cfg(feature = "nats")]
@@ -85,6 +86,7 @@ struct Inner {
     notify: Option<mpsc::Sender<()>>,
     notify_checkpoints: Option<mpsc::Sender<()>>,
     projection_sql: projection_store::Queries,
+    timer_sql: timers::TimerQueries,
     /// Appends made inside callers' transactions, and how many of them a
     /// commit has woken readers for.
     append_wakes: crate::store::sql::wakes::AppendWakes,
@@ -236,6 +238,7 @@ impl PostgresStoreBuilder {
             migrate(&self.pool, &names).await?;
         }
         let projection_sql = projection_store::Queries::new(|sql| names.render(sql));
+        let timer_sql = timers::TimerQueries::new(|sql| names.render(sql));
         let shutdown = CancellationToken::new();
         let instance = uuid::Uuid::new_v4().simple().to_string();
         let notifier = |channel: &String| {
@@ -264,6 +267,7 @@ impl PostgresStoreBuilder {
                 notify,
                 notify_checkpoints,
                 projection_sql,
+                timer_sql,
                 append_wakes: Default::default(),
                 listener_started: OnceLock::new(),
                 group: group::Group::default(),

@@ -11,6 +11,7 @@
 pub(crate) mod errors;
 pub(crate) mod rows;
 pub(crate) mod statements;
+pub(crate) mod timers;
 pub(crate) mod transactions;
 pub(crate) mod wakes;
 

@@ -52,6 +52,7 @@ mod projection_store;
 mod queries;
 mod rows;
 mod schema;
+mod timers;
 mod views;
 
 pub(crate) use errors::{classify, db, sqlite_error, to_i64};

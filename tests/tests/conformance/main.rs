@@ -18,5 +18,6 @@ mod runner_conformance;
 mod snapshots;
 mod split_backends;
 mod store_behaviour;
+mod timers;
 mod transfer_property;
 mod wake_stress;

@@ -49,6 +49,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "operators' requests: rebuilds and retries",
         include_str!("migrations/008_requests.sql"),
     ),
+    (
+        9,
+        "durable timers",
+        include_str!("migrations/009_timers.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serializes concurrent migrations.
@@ -91,6 +96,9 @@ impl Names {
             .quoted();
         let outcomes = events.derived("outcomes", "outcomes table")?.quoted();
         let outcomes_idx = unqualified(events.derived("oc_idx", "outcomes index name")?);
+        let timers = events.derived("timers", "timers table")?.quoted();
+        let timers_due_idx = unqualified(events.derived("tm_due_idx", "timers index name")?);
+        let timers_finished_idx = unqualified(events.derived("tm_done_idx", "timers index name")?);
         let replacements = vec![
             (
                 "{columns}",
@@ -106,6 +114,15 @@ impl Names {
             ("{leases}", leases),
             ("{outcomes_recorded_idx}", outcomes_idx),
             ("{outcomes}", outcomes),
+            (
+                "{timer_columns}",
+                include_str!("queries/timers/columns.sql")
+                    .trim_end()
+                    .to_owned(),
+            ),
+            ("{timers_due_idx}", timers_due_idx),
+            ("{timers_finished_idx}", timers_finished_idx),
+            ("{timers}", timers),
             ("{dead_letters}", dead_letters),
             ("{projections}", projections),
             ("{nodes}", nodes),

@@ -61,6 +61,8 @@ pub(super) struct Queries {
     /// One `INSERT` per count of events, rendered when first used.
     inserts: Mutex<HashMap<usize, Arc<str>>>,
     tables: Tables,
+    /// The timers' statements.
+    pub(super) timers: super::timers::TimerQueries,
 }
 
 impl std::ops::Deref for Queries {
@@ -77,6 +79,12 @@ impl Queries {
             files: Statements::new(|sql| tables.render(&sql.replace("{columns}", COLUMNS))),
             inserts: Mutex::new(HashMap::new()),
             tables: tables.clone(),
+            timers: super::timers::TimerQueries::new(|sql| {
+                tables.render(&sql.replace(
+                    "{timer_columns}",
+                    include_str!("queries/timers/columns.sql").trim_end(),
+                ))
+            }),
         }
     }
 

@@ -36,6 +36,13 @@ impl Tables {
             ("{outcomes}", "outcomes", "outcomes table"),
             ("{outcomes_idx}", "outcomes_idx", "outcomes index"),
             ("{outbox}", "outbox", "outbox table"),
+            ("{timers_due_idx}", "timers_due_idx", "timers index"),
+            (
+                "{timers_finished_idx}",
+                "timers_finished_idx",
+                "timers index",
+            ),
+            ("{timers}", "timers", "timers table"),
             ("{events_type_idx}", "type_idx", "events type index"),
             ("{events_stream_idx}", "stream_idx", "events stream index"),
             (
@@ -91,6 +98,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         5,
         "operators' requests: rebuilds and retries",
         include_str!("migrations/005_requests.sql"),
+    ),
+    (
+        6,
+        "durable timers",
+        include_str!("migrations/006_timers.sql"),
     ),
 ];
 

@@ -1,0 +1,1 @@
+SELECT {timer_columns} FROM {timers} WHERE key = $1

@@ -1,0 +1,2 @@
+UPDATE {timers} SET state = ?3, last_error = ?4, finished_at = ?5
+WHERE key = ?1 AND command_id = ?2 AND state = 'pending'
