@@ -298,6 +298,82 @@ impl Holder {
     }
 }
 
+/// A lease as a single-leader loop (the outbox relay, the timer scheduler)
+/// keeps it while it works.
+pub(crate) struct Held {
+    pub(crate) lease: Lease,
+    /// Until when the lease is surely valid: the start of the last successful
+    /// renewal (or claim) plus the time to live.
+    valid_until: std::sync::Mutex<Instant>,
+    /// Cancelled when the lease is lost.
+    pub(crate) lost: CancellationToken,
+}
+
+impl Held {
+    /// A lease claimed at `claimed` (before the claim was sent).
+    pub(crate) fn new(lease: Lease, claimed: Instant, ttl: Duration) -> Self {
+        Held {
+            lease,
+            valid_until: std::sync::Mutex::new(claimed + ttl),
+            lost: CancellationToken::new(),
+        }
+    }
+
+    pub(crate) fn valid_until(&self) -> Instant {
+        match self.valid_until.lock() {
+            Ok(guard) => *guard,
+            Err(poisoned) => *poisoned.into_inner(),
+        }
+    }
+
+    fn extend(&self, until: Instant) {
+        match self.valid_until.lock() {
+            Ok(mut guard) => *guard = until,
+            Err(poisoned) => *poisoned.into_inner() = until,
+        }
+    }
+}
+
+/// Renews `held` every heartbeat until `done`; cancels `held.lost` (and
+/// returns) once it is gone: taken by another node, or not renewed within
+/// its time to live. `timing` is (time to live, heartbeat); `what` names
+/// the loop in the logs.
+pub(crate) async fn keep_lease<L: Leases + ?Sized>(
+    holder: &mut Holder,
+    store: &L,
+    held: &Held,
+    (ttl, heartbeat): (Duration, Duration),
+    done: &CancellationToken,
+    what: &str,
+) {
+    loop {
+        tokio::select! {
+            _ = done.cancelled() => return,
+            _ = tokio::time::sleep(heartbeat) => {}
+        }
+        let started = Instant::now();
+        let renewed =
+            tokio::time::timeout(ttl, holder.renew(store, std::iter::once(&held.lease))).await;
+        match renewed {
+            Ok(Ok((outcomes, _))) => match outcomes.first() {
+                Some((_, Renewed::Held(_))) => held.extend(started + ttl),
+                _ => {
+                    held.lost.cancel();
+                    return;
+                }
+            },
+            Ok(Err(error)) => {
+                tracing::warn!(error = %crate::error::error_chain(&error), "renewing the {what} lease failed")
+            }
+            Err(_) => tracing::warn!("renewing the {what} lease timed out"),
+        }
+        if Instant::now() >= held.valid_until() {
+            held.lost.cancel();
+            return;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -389,81 +465,5 @@ mod tests {
         assert_eq!(balance(3, &live, &owned, "a"), Balance::ClaimUpTo(2));
         assert_eq!(balance(3, &live, &owned, "b"), Balance::Keep);
         assert_eq!(settle(3, &live, owned), [1, 2]);
-    }
-}
-
-/// A lease as a single-leader loop (the outbox relay, the timer scheduler)
-/// keeps it while it works.
-pub(crate) struct Held {
-    pub(crate) lease: Lease,
-    /// Until when the lease is surely valid: the start of the last successful
-    /// renewal (or claim) plus the time to live.
-    valid_until: std::sync::Mutex<Instant>,
-    /// Cancelled when the lease is lost.
-    pub(crate) lost: CancellationToken,
-}
-
-impl Held {
-    /// A lease claimed at `claimed` (before the claim was sent).
-    pub(crate) fn new(lease: Lease, claimed: Instant, ttl: Duration) -> Self {
-        Held {
-            lease,
-            valid_until: std::sync::Mutex::new(claimed + ttl),
-            lost: CancellationToken::new(),
-        }
-    }
-
-    pub(crate) fn valid_until(&self) -> Instant {
-        match self.valid_until.lock() {
-            Ok(guard) => *guard,
-            Err(poisoned) => *poisoned.into_inner(),
-        }
-    }
-
-    fn extend(&self, until: Instant) {
-        match self.valid_until.lock() {
-            Ok(mut guard) => *guard = until,
-            Err(poisoned) => *poisoned.into_inner() = until,
-        }
-    }
-}
-
-/// Renews `held` every heartbeat until `done`; cancels `held.lost` (and
-/// returns) once it is gone: taken by another node, or not renewed within
-/// its time to live. `timing` is (time to live, heartbeat); `what` names
-/// the loop in the logs.
-pub(crate) async fn keep_lease<L: Leases + ?Sized>(
-    holder: &mut Holder,
-    store: &L,
-    held: &Held,
-    (ttl, heartbeat): (Duration, Duration),
-    done: &CancellationToken,
-    what: &str,
-) {
-    loop {
-        tokio::select! {
-            _ = done.cancelled() => return,
-            _ = tokio::time::sleep(heartbeat) => {}
-        }
-        let started = Instant::now();
-        let renewed =
-            tokio::time::timeout(ttl, holder.renew(store, std::iter::once(&held.lease))).await;
-        match renewed {
-            Ok(Ok((outcomes, _))) => match outcomes.first() {
-                Some((_, Renewed::Held(_))) => held.extend(started + ttl),
-                _ => {
-                    held.lost.cancel();
-                    return;
-                }
-            },
-            Ok(Err(error)) => {
-                tracing::warn!(error = %crate::error::error_chain(&error), "renewing the {what} lease failed")
-            }
-            Err(_) => tracing::warn!("renewing the {what} lease timed out"),
-        }
-        if Instant::now() >= held.valid_until() {
-            held.lost.cancel();
-            return;
-        }
     }
 }

@@ -645,7 +645,7 @@ where
     // not replace the timer its later deposit set, nor its cancel touch it.
     let mut progress = runner.rebuild("bonus").await.expect("rebuild");
     common::eventually("the rebuild ends", WAIT, || {
-        let done = progress.borrow_and_update().clone();
+        let done = *progress.borrow_and_update();
         async move {
             if done.total > 0 && done.done >= done.total {
                 Ok(())

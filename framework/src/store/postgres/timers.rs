@@ -323,3 +323,16 @@ impl TimerStore for PostgresStore {
         Ok(done.rows_affected())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_timer_statement_is_rendered() {
+        let names = super::super::schema::Names::new("events", None).expect("names");
+        let queries = TimerQueries::new(|sql| names.render(sql));
+        crate::store::sql::statements::assert_rendered(queries.statements(), &[]);
+        assert!(queries.due.contains("\"events_timers\""));
+    }
+}

@@ -320,3 +320,15 @@ impl TimerStore for SqliteStore {
         Ok(done.rows_affected())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_timer_statement_is_rendered() {
+        let tables = super::super::schema::Tables::new("events").expect("tables");
+        let queries = super::super::queries::Queries::new(&tables);
+        let queries = &queries.timers;
+        crate::store::sql::statements::assert_rendered(queries.statements(), &[]);
+        assert!(queries.due.contains("\"events_timers\""));
+    }
+}
