@@ -16,6 +16,7 @@ use outflow::pubsub::EventBus;
 use outflow::runner::{ProjectionRunner, RetryError};
 use outflow::sqlx;
 use outflow::store::projections::DeadLetter;
+use outflow::timer::{Clock, Timers};
 use outflow::view::{ViewProjection, ViewQuery, ViewStore};
 use outflow::{
     async_trait, AppendInTransaction, CommandBus, Envelope, HandlerError, LogFilter, PostgresStore,
@@ -75,6 +76,7 @@ pub struct SentEmail {
 #[async_trait]
 pub trait AppStore:
     ProjectionStore
+    + outflow::timer::TimerStore
     + ViewStore
     + AppendInTransaction
     + outflow::EventStore
@@ -98,6 +100,12 @@ pub trait AppStore:
 
     /// The e-mails sent, oldest first.
     async fn sent_emails(&self) -> Result<Vec<SentEmail>, StoreError>;
+
+    /// `process` with `timers` (its deadlines commit with its batches).
+    fn with_timers<P: outflow::process::ProcessManager>(
+        process: Process<P, Self>,
+        timers: Timers<Self>,
+    ) -> Process<P, Self>;
 }
 
 const CREATE_RESERVATIONS: &str = "CREATE TABLE IF NOT EXISTS email_reservations (
@@ -185,6 +193,13 @@ macro_rules! app_store {
                     .into_iter()
                     .map(|(key, to, subject)| SentEmail { key, to, subject })
                     .collect())
+            }
+
+            fn with_timers<P: outflow::process::ProcessManager>(
+                process: Process<P, Self>,
+                timers: Timers<Self>,
+            ) -> Process<P, Self> {
+                process.with_timers(timers)
             }
         }
     };
@@ -357,6 +372,27 @@ pub struct App<S: AppStore> {
     pub feed: EventBus,
     /// The mail server stand-in.
     pub mail: MailServer,
+    /// The timers (transfer deadlines).
+    pub timers: Timers<S>,
+}
+
+/// What the application can be told.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// How long a transfer may take before it is cancelled and its debit
+    /// refunded (default 60 s).
+    pub transfer_timeout: Duration,
+    /// The clock the deadlines are due by (tests move it forward).
+    pub clock: Clock,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            transfer_timeout: Duration::from_secs(60),
+            clock: Clock::new(),
+        }
+    }
 }
 
 impl<S: AppStore> std::fmt::Debug for App<S> {
@@ -373,7 +409,17 @@ impl<S: AppStore> App<S> {
     ///
     /// [`StoreError`] when the tables cannot be created.
     pub async fn new(store: S) -> Result<Self, StoreError> {
+        Self::with_settings(store, Settings::default()).await
+    }
+
+    /// Wires the application on `store` with `settings`.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the tables cannot be created.
+    pub async fn with_settings(store: S, settings: Settings) -> Result<Self, StoreError> {
         store.create_tables().await?;
+        let timers = Timers::with_clock(&store, settings.clock.clone()).await?;
         let feed = EventBus::new(256);
         let accounts = Arc::new(
             CommandBus::<BankAccount, _>::builder(store.clone(), ())
@@ -402,10 +448,15 @@ impl<S: AppStore> App<S> {
         let mail = MailServer::default();
         // ANCHOR: wiring
         let process = Process::new(
-            TransferProcess::new(accounts.clone(), transfers.clone()),
+            TransferProcess::new(accounts.clone(), transfers.clone())
+                .with_deadline(settings.transfer_timeout),
             &store,
             "transfer_processes",
         )?;
+        let process = S::with_timers(process, timers.clone());
+        // The node that holds the timers' lease sends each transfer's
+        // `TimeOut` when its deadline passes.
+        let scheduler = timers.scheduler().command(transfers.clone()).build()?;
         // ANCHOR_END: wiring
         let quick = RetryPolicy {
             max_attempts: 3,
@@ -436,6 +487,7 @@ impl<S: AppStore> App<S> {
                 max_attempts: 10,
                 ..quick
             }))
+            .scheduler(scheduler)
             .build()?;
         // The read models' tables exist before the first query.
         runner.setup().await?;
@@ -451,6 +503,7 @@ impl<S: AppStore> App<S> {
             runner,
             feed,
             mail,
+            timers,
         })
     }
 }

@@ -34,6 +34,7 @@ pub fn router<S: AppStore>(state: ApiState<S>) -> Router {
     let console = outflow::admin::Admin::new(state.app.runner.clone())
         .operator_token(state.admin_token.clone().unwrap_or_default())
         .events(state.app.store.clone())
+        .timers(state.app.timers.clone())
         .router();
     Router::new()
         .route("/", get(page))

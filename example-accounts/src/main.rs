@@ -10,10 +10,11 @@ mod traces;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use example_accounts::app::{App, AppStore};
+use example_accounts::app::{App, AppStore, Settings};
 use outflow::{PostgresStore, SqliteStore};
 
 /// A bank on Outflow: users, accounts, transfers, read models.
@@ -28,6 +29,17 @@ struct Cli {
         global = true
     )]
     database_url: String,
+
+    /// How long a transfer may take before it is cancelled and its debit
+    /// refunded: `250ms`, `30s`, `5m`, `1h` (a bare number is seconds).
+    #[arg(
+        long,
+        env = "OUTFLOW_TRANSFER_TIMEOUT",
+        default_value = "60s",
+        value_parser = parse_duration,
+        global = true
+    )]
+    transfer_timeout: Duration,
 
     #[command(subcommand)]
     command: Option<Command>,
@@ -53,17 +65,25 @@ async fn main() -> anyhow::Result<()> {
         _ => "warn",
     };
     let provider = traces::init(default_filter)?;
-    let result = open_and_run(&cli.database_url, cli.command).await;
+    let settings = Settings {
+        transfer_timeout: cli.transfer_timeout,
+        ..Settings::default()
+    };
+    let result = open_and_run(&cli.database_url, settings, cli.command).await;
     traces::shutdown(provider);
     result
 }
 
-async fn open_and_run(url: &str, command: Option<Command>) -> anyhow::Result<()> {
+async fn open_and_run(
+    url: &str,
+    settings: Settings,
+    command: Option<Command>,
+) -> anyhow::Result<()> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let store = PostgresStore::connect(url)
             .await
             .context("connecting to PostgreSQL")?;
-        let result = run(store.clone(), command).await;
+        let result = run(store.clone(), settings, command).await;
         store.pool().close().await;
         result
     } else {
@@ -74,17 +94,48 @@ async fn open_and_run(url: &str, command: Option<Command>) -> anyhow::Result<()>
         let store = SqliteStore::open(path)
             .await
             .with_context(|| format!("opening {path}"))?;
-        let result = run(store.clone(), command).await;
+        let result = run(store.clone(), settings, command).await;
         // Leaves one file: the last connection folds the WAL into it.
         store.close().await;
         result
     }
 }
 
-async fn run<S: AppStore>(store: S, command: Option<Command>) -> anyhow::Result<()> {
-    let app = Arc::new(App::new(store).await.context("starting the application")?);
+async fn run<S: AppStore>(
+    store: S,
+    settings: Settings,
+    command: Option<Command>,
+) -> anyhow::Result<()> {
+    let app = Arc::new(
+        App::with_settings(store, settings)
+            .await
+            .context("starting the application")?,
+    );
     match command.unwrap_or(Command::Demo) {
         Command::Demo => demo::run(app).await,
         Command::Serve { bind } => serve::run(app, bind).await,
     }
+}
+
+/// A duration as `250ms`, `30s`, `5m` or `1h`; a bare number is seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration (say 250ms, 30s, 5m or 1h)"))?;
+    let seconds = match unit.trim() {
+        "ms" => number / 1000.0,
+        "" | "s" => number,
+        "m" => number * 60.0,
+        "h" => number * 3600.0,
+        other => return Err(format!("unknown unit `{other}` (use ms, s, m or h)")),
+    };
+    Duration::try_from_secs_f64(seconds)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("`{text}` is not a positive duration"))
 }

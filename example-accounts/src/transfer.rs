@@ -13,12 +13,24 @@
 //! Every command is sent with `execute_once` and a command id derived from
 //! the event it answers, so a step replayed after a crash does not move the
 //! money twice.
+//!
+//! **The deadline.** `TransferRequested` schedules a timer
+//! (`transfer/<id>/deadline`, in the batch's transaction): a transfer still
+//! open when it falls due receives `TimeOut`. The transfer aggregate decides
+//! between the timeout and the credit: the credit starts with
+//! `StartCredit`, refused once the transfer timed out, and `TimeOut` is
+//! refused once the credit started or the transfer ended. So exactly one
+//! wins — the money arrives, or the transfer times out and the debited
+//! money is refunded (`TransferTimedOut ──▶ Refund ──▶ Refunded ──▶
+//! Compensate`), never both.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use outflow::cqrs_es::event_sink::EventSink;
 use outflow::cqrs_es::{Aggregate, DomainEvent};
 use outflow::process::ProcessManager;
+use outflow::timer::{Timer, TimerChange};
 use outflow::{async_trait, RecordedEvent};
 use outflow::{CommandBus, CommandContext, CommandError, EventStore, HandlerError, LogFilter};
 use serde::{Deserialize, Serialize};
@@ -32,6 +44,12 @@ pub struct Transfer {
     pub requested: bool,
     /// Whether it ended (completed, failed or compensated).
     pub ended: bool,
+    /// Whether the credit started: too late to time out.
+    #[serde(default)]
+    pub credit_started: bool,
+    /// Whether it timed out: too late to credit.
+    #[serde(default)]
+    pub timed_out: bool,
 }
 
 /// What may be asked of a transfer.
@@ -60,6 +78,11 @@ pub enum TransferCommand {
     Complete,
     /// The money went back to the source.
     Compensate,
+    /// The credit is about to be sent: refused once the transfer timed out.
+    StartCredit,
+    /// The deadline passed: refused once the credit started or the
+    /// transfer ended.
+    TimeOut,
 }
 
 /// What happened to a transfer.
@@ -88,6 +111,10 @@ pub enum TransferEvent {
     TransferCompleted,
     /// The money went back to the source.
     TransferCompensated,
+    /// The credit started: the transfer no longer times out.
+    TransferCreditStarted,
+    /// The deadline passed before the credit started: the money goes back.
+    TransferTimedOut,
 }
 
 impl DomainEvent for TransferEvent {
@@ -98,6 +125,8 @@ impl DomainEvent for TransferEvent {
             TransferEvent::TransferCreditFailed { .. } => "TransferCreditFailed",
             TransferEvent::TransferCompleted => "TransferCompleted",
             TransferEvent::TransferCompensated => "TransferCompensated",
+            TransferEvent::TransferCreditStarted => "TransferCreditStarted",
+            TransferEvent::TransferTimedOut => "TransferTimedOut",
         }
         .to_owned()
     }
@@ -125,6 +154,12 @@ pub enum TransferError {
     /// Source and target are the same account.
     #[error("a transfer needs two different accounts")]
     SameAccount,
+    /// `StartCredit` after the deadline passed.
+    #[error("the transfer timed out")]
+    TimedOut,
+    /// `TimeOut` once the credit started.
+    #[error("the credit already started")]
+    CreditUnderway,
 }
 
 impl Aggregate for Transfer {
@@ -161,6 +196,12 @@ impl Aggregate for Transfer {
             return Err(TransferError::Ended);
         }
         let event = match command {
+            TransferCommand::StartCredit if self.timed_out => return Err(TransferError::TimedOut),
+            TransferCommand::StartCredit => TransferEvent::TransferCreditStarted,
+            TransferCommand::TimeOut if self.credit_started => {
+                return Err(TransferError::CreditUnderway)
+            }
+            TransferCommand::TimeOut => TransferEvent::TransferTimedOut,
             TransferCommand::FailDebit { reason } => TransferEvent::TransferFailed { reason },
             TransferCommand::FailCredit { reason } => {
                 TransferEvent::TransferCreditFailed { reason }
@@ -177,6 +218,8 @@ impl Aggregate for Transfer {
         match event {
             TransferEvent::TransferRequested { .. } => self.requested = true,
             TransferEvent::TransferCreditFailed { .. } => {}
+            TransferEvent::TransferCreditStarted => self.credit_started = true,
+            TransferEvent::TransferTimedOut => self.timed_out = true,
             TransferEvent::TransferFailed { .. }
             | TransferEvent::TransferCompleted
             | TransferEvent::TransferCompensated => self.ended = true,
@@ -213,6 +256,9 @@ pub struct TransferState {
     pub to: String,
     /// Cents.
     pub amount: i64,
+    /// Whether the transfer timed out.
+    #[serde(default)]
+    pub timed_out: bool,
 }
 
 /// What the transfer process sends.
@@ -235,6 +281,7 @@ pub enum TransferStep {
 pub struct TransferProcess<S: EventStore> {
     accounts: Arc<CommandBus<BankAccount, S>>,
     transfers: Arc<CommandBus<Transfer, S>>,
+    timeout: Option<Duration>,
 }
 
 impl<S: EventStore> std::fmt::Debug for TransferProcess<S> {
@@ -244,7 +291,8 @@ impl<S: EventStore> std::fmt::Debug for TransferProcess<S> {
 }
 
 impl<S: EventStore> TransferProcess<S> {
-    /// The process, sending commands through these buses.
+    /// The process, sending commands through these buses, with no
+    /// deadline.
     pub fn new(
         accounts: Arc<CommandBus<BankAccount, S>>,
         transfers: Arc<CommandBus<Transfer, S>>,
@@ -252,7 +300,21 @@ impl<S: EventStore> TransferProcess<S> {
         TransferProcess {
             accounts,
             transfers,
+            timeout: None,
         }
+    }
+
+    /// A transfer not completed within `timeout` of its request times out
+    /// (see the [module documentation](self)); the process then needs its
+    /// timers ([`Process::with_timers`](outflow::process::Process::with_timers)).
+    pub fn with_deadline(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// The key of a transfer's deadline timer.
+    pub fn deadline_key(transfer_id: &str) -> String {
+        format!("transfer/{transfer_id}/deadline")
     }
 }
 
@@ -301,6 +363,7 @@ impl<S: EventStore> ProcessManager for TransferProcess<S> {
             "TransferCreditFailed",
             "TransferCompleted",
             "TransferCompensated",
+            "TransferTimedOut",
             "TransferredOut",
             "TransferredIn",
             "Refunded",
@@ -334,9 +397,22 @@ impl<S: EventStore> ProcessManager for TransferProcess<S> {
                         from,
                         to,
                         amount,
+                        timed_out: false,
                     };
                     Some(TransferStep::Debit)
                 }
+                TransferEvent::TransferTimedOut => {
+                    state.timed_out = true;
+                    // Debited and the credit refused to start: refund. (Still
+                    // debiting: the refund follows the debit's event.)
+                    if state.step == Step::Crediting {
+                        state.step = Step::Refunding;
+                        Some(TransferStep::Refund)
+                    } else {
+                        None
+                    }
+                }
+                TransferEvent::TransferCreditStarted => None,
                 TransferEvent::TransferCreditFailed { .. } => {
                     state.step = Step::Refunding;
                     Some(TransferStep::Refund)
@@ -350,6 +426,10 @@ impl<S: EventStore> ProcessManager for TransferProcess<S> {
             }
         } else {
             match event.decode_payload::<BankAccount>()? {
+                BankEvent::TransferredOut { .. } if state.timed_out => {
+                    state.step = Step::Refunding;
+                    Some(TransferStep::Refund)
+                }
                 BankEvent::TransferredOut { .. } => {
                     state.step = Step::Crediting;
                     Some(TransferStep::Credit)
@@ -374,6 +454,41 @@ impl<S: EventStore> ProcessManager for TransferProcess<S> {
             })
             .into_iter()
             .collect())
+    }
+
+    fn timers(
+        &self,
+        _state: &TransferState,
+        event: &RecordedEvent,
+    ) -> Result<Vec<TimerChange>, HandlerError> {
+        let Some(timeout) = self.timeout else {
+            return Ok(Vec::new());
+        };
+        if event.aggregate_type != Transfer::TYPE {
+            return Ok(Vec::new());
+        }
+        let key = Self::deadline_key(&event.aggregate_id);
+        Ok(match event.event_type.as_str() {
+            // Due `timeout` after the request was recorded: the same
+            // instant however late (or often) this step runs.
+            "TransferRequested" => {
+                let due = event.recorded_at
+                    + chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX);
+                vec![TimerChange::Schedule(
+                    Timer::command::<Transfer>(
+                        key,
+                        &event.aggregate_id,
+                        &TransferCommand::TimeOut,
+                    )?
+                    .at(due),
+                )]
+            }
+            // Ended, or past the point of no return: the deadline goes.
+            "TransferFailed" | "TransferCompleted" | "TransferCompensated" => {
+                vec![TimerChange::Cancel(key)]
+            }
+            _ => Vec::new(),
+        })
     }
 
     async fn dispatch(&self, order: Order, context: CommandContext) -> Result<(), HandlerError> {
@@ -405,6 +520,13 @@ impl<S: EventStore> ProcessManager for TransferProcess<S> {
                 }
             }
             TransferStep::Credit => {
+                // The transfer decides: the credit starts, or the deadline
+                // passed first and the refund follows its event.
+                if let Some(reason) = self.start_credit(&transfer_id, &context).await? {
+                    tracing::info!(%transfer_id, %reason, "the credit did not start");
+                    halt_point("done", name, &transfer_id).await;
+                    return Ok(());
+                }
                 let credit = account(|transfer_id, amount| BankCommand::TransferIn {
                     transfer_id,
                     amount,
@@ -475,6 +597,29 @@ impl<S: EventStore> TransferProcess<S> {
                 Ok(_) => return Ok(None),
                 // Refused now or, on a replay, when first sent: the same
                 // refusal either way (`execute_once` remembers it).
+                Err(error) if error.is_refusal() => return Ok(error.refusal_message()),
+                Err(error) if error.is_conflict() && attempt < ATTEMPTS => attempt += 1,
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+
+    /// Starts the credit on the transfer, once; the reason when the
+    /// transfer refuses (it timed out).
+    async fn start_credit(
+        &self,
+        transfer_id: &str,
+        context: &CommandContext,
+    ) -> Result<Option<String>, HandlerError> {
+        let context = context.follow_up("start-credit");
+        let mut attempt = 1;
+        loop {
+            match self
+                .transfers
+                .execute_once(transfer_id, TransferCommand::StartCredit, context.clone())
+                .await
+            {
+                Ok(_) => return Ok(None),
                 Err(error) if error.is_refusal() => return Ok(error.refusal_message()),
                 Err(error) if error.is_conflict() && attempt < ATTEMPTS => attempt += 1,
                 Err(error) => return Err(error.into()),

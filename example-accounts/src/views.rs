@@ -99,7 +99,8 @@ pub struct TransferStatus {
     pub to: String,
     /// Cents.
     pub amount: i64,
-    /// `requested`, `completed`, `failed`, `compensating` or `compensated`.
+    /// `requested`, `crediting`, `completed`, `failed`, `compensating` or
+    /// `compensated`.
     pub status: String,
     /// Why it failed or was compensated.
     pub reason: Option<String>,
@@ -124,6 +125,11 @@ impl View<Transfer> for TransferStatus {
             }
             TransferEvent::TransferCompleted => self.status = "completed".to_owned(),
             TransferEvent::TransferCompensated => self.status = "compensated".to_owned(),
+            TransferEvent::TransferCreditStarted => self.status = "crediting".to_owned(),
+            TransferEvent::TransferTimedOut => {
+                self.status = "compensating".to_owned();
+                self.reason = Some("not completed in time".to_owned());
+            }
         }
     }
 }

@@ -37,6 +37,8 @@ mod api;
 mod auth;
 mod events;
 mod samples;
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+mod timers;
 
 pub use auth::{Principal, Role};
 
@@ -53,6 +55,8 @@ pub struct Admin<S: ProjectionStore> {
     payloads_for_readers: bool,
     sample_every: Duration,
     outbox: Option<OutboxWatch>,
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    timers: Option<Arc<dyn timers::TimerOps>>,
     #[cfg(feature = "nats")]
     jetstream: Option<crate::store::jetstream::JetStreamStore>,
 }
@@ -78,6 +82,8 @@ pub(crate) struct Inner<S: ProjectionStore> {
     pub(crate) payloads_for_readers: bool,
     pub(crate) samples: samples::Samples,
     pub(crate) outbox: Option<OutboxWatch>,
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    pub(crate) timers: Option<Arc<dyn timers::TimerOps>>,
     #[cfg(feature = "nats")]
     pub(crate) jetstream: Option<crate::store::jetstream::JetStreamStore>,
 }
@@ -115,6 +121,8 @@ impl<S: ProjectionStore> Admin<S> {
             payloads_for_readers: false,
             sample_every: Duration::from_secs(10),
             outbox: None,
+            #[cfg(any(feature = "postgres", feature = "sqlite"))]
+            timers: None,
             #[cfg(feature = "nats")]
             jetstream: None,
         }
@@ -190,6 +198,15 @@ impl<S: ProjectionStore> Admin<S> {
         self
     }
 
+    /// The timers to show (counts, pending and refused timers by key and
+    /// due time, at `/api/timers`) and let operators retry or cancel
+    /// (`POST /api/timers/retry?key=…`, `POST /api/timers/cancel?key=…`).
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    pub fn timers<T: crate::timer::TimerStore>(mut self, timers: crate::timer::Timers<T>) -> Self {
+        self.timers = Some(Arc::new(timers));
+        self
+    }
+
     /// The JetStream store whose partitions to show: each partition's
     /// stream, the server leading it, its replicas and how far behind they
     /// are, at `/api/partitions` and on the page.
@@ -219,11 +236,19 @@ impl<S: ProjectionStore> Admin<S> {
             payloads_for_readers: self.payloads_for_readers,
             samples: samples::Samples::default(),
             outbox: self.outbox,
+            #[cfg(any(feature = "postgres", feature = "sqlite"))]
+            timers: self.timers,
             #[cfg(feature = "nats")]
             jetstream: self.jetstream,
         });
         samples::start(Arc::downgrade(&inner), self.sample_every);
-        Router::new()
+        let router = Router::new();
+        #[cfg(any(feature = "postgres", feature = "sqlite"))]
+        let router = router
+            .route("/api/timers", get(timers::list::<S>))
+            .route("/api/timers/retry", post(timers::retry::<S>))
+            .route("/api/timers/cancel", post(timers::cancel::<S>));
+        router
             .route("/", get(api::page::<S>))
             .route("/api/whoami", get(api::whoami::<S>))
             .route("/api/status", get(api::status::<S>))

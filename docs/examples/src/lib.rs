@@ -20,3 +20,4 @@ pub mod projections;
 pub mod quickstart;
 #[cfg(feature = "nats")]
 pub mod relay;
+pub mod time;

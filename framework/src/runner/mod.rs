@@ -238,8 +238,9 @@ impl<S: ProjectionStore> ProjectionRunnerBuilder<S> {
         self
     }
 
-    /// Runs a [timer scheduler](crate::timer::Scheduler) on this node, under
-    /// the runner's node id, lease time to live and heartbeat: the node
+    /// Runs a [timer scheduler](crate::timer::Scheduler) on this node, with
+    /// the runner's lease time to live and heartbeat, its lease held as
+    /// `<node id>:timers`: the node
     /// holding the timers' lease fires them; when it dies, another node's
     /// runner takes the lease within the failover time, as it takes the
     /// node's projection units.

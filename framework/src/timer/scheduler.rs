@@ -246,8 +246,10 @@ impl<S: TimerStore> SchedulerBuilder<S> {
         self
     }
 
-    /// A name for this node (default: a random one). Ignored inside a
-    /// projection runner, which uses its own.
+    /// A name for this node (default: a random one), unique among the
+    /// schedulers and other lease holders (runners, relays) sharing the
+    /// store. Inside a projection runner the scheduler holds its lease as
+    /// `<runner's node id>:timers`.
     pub fn node_id(mut self, id: impl Into<String>) -> Self {
         self.node_id = Some(id.into());
         self
@@ -765,6 +767,10 @@ impl<S: TimerStore> crate::runner::Leader for Scheduler<S> {
         heartbeat: Duration,
         shutdown: CancellationToken,
     ) -> Result<(), StoreError> {
-        Scheduler::run_as(self, node_id, lease_ttl, heartbeat, shutdown).await
+        // A holder of its own: the runner's node renews (and gives up as
+        // strays) every lease held under its id that is not one of its
+        // projection units.
+        let holder = format!("{node_id}:timers");
+        Scheduler::run_as(self, &holder, lease_ttl, heartbeat, shutdown).await
     }
 }

@@ -691,6 +691,14 @@ where
     let status = timers.status().await.expect("status");
     assert_eq!(status.counts.pending, 0, "{status:?}");
     assert_eq!(balances().await, [101, 7, 13]);
+    // The runner's node holds the timers' lease under a name of its own
+    // (its projection leases' renewals leave it alone).
+    let node = format!("{}:timers", runner.node_id());
+    assert_eq!(
+        status.scheduler.as_deref(),
+        Some(node.as_str()),
+        "{status:?}"
+    );
     common::stop_runner(shutdown, running).await;
 }
 
