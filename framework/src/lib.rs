@@ -142,6 +142,8 @@ pub use store::{
     Transactional,
 };
 
+/// The time types events and timers use.
+pub use chrono;
 /// Re-exports of `cqrs-es` so applications need one dependency.
 pub use cqrs_es;
 

@@ -218,6 +218,26 @@ impl Timer {
         self
     }
 
+    /// [`caused_by`](Self::caused_by) for an event as an
+    /// [inline handler](crate::command::InlineHandler) gets it.
+    pub fn caused_by_envelope<A: Aggregate>(self, event: &crate::event::Envelope<A>) -> Self {
+        self.caused(event.event_id, event.correlation_id, event.checkpoint())
+    }
+
+    fn caused(
+        mut self,
+        event_id: Uuid,
+        correlation_id: Option<Uuid>,
+        at: crate::event::Checkpoint,
+    ) -> Self {
+        let id = Uuid::new_v5(&event_id, format!("timer:{}", self.timer.key).as_bytes());
+        self.timer.command_id = id;
+        self.timer.correlation_id = correlation_id.unwrap_or(event_id);
+        self.timer.causation_id = event_id;
+        self.timer.source = Some(at);
+        self
+    }
+
     /// Adds a metadata entry to what it sends.
     pub fn with_metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.timer.metadata.insert(key.into(), value.into());
@@ -486,6 +506,16 @@ impl<S: TimerStore> Timers<S> {
             .store
             .cancel_timer(connection, key, Some(event.checkpoint()))
             .await
+    }
+
+    /// A write transaction of the store's, to schedule in (on SQLite, its
+    /// writer connection).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Database`].
+    pub async fn begin(&self) -> Result<sqlx::Transaction<'static, S::Database>, StoreError> {
+        self.inner.store.begin_timers().await
     }
 
     /// Schedules `timer` in a transaction of its own, and wakes the

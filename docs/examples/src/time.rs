@@ -305,7 +305,8 @@ impl InlineHandler<Order, SqliteStore> for DeadlineInline {
                 OrderEvent::OrderPlaced => {
                     let release =
                         Timer::command::<Order>(key, &event.aggregate_id, &OrderCommand::Release)?
-                            .after(PAYMENT_WINDOW);
+                            .after(PAYMENT_WINDOW)
+                            .caused_by_envelope(event);
                     self.timers.schedule(tx, release).await?;
                 }
                 OrderEvent::OrderPaid => {

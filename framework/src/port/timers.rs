@@ -275,6 +275,10 @@ pub trait TimerStore: Checkpoints + Leases + std::fmt::Debug {
         limit: usize,
     ) -> Result<DueWindow, StoreError>;
 
+    /// Which of `keys` are still pending, with their command ids (checked
+    /// just before a due batch fires).
+    async fn still_pending(&self, keys: &[String]) -> Result<Vec<(String, Uuid)>, StoreError>;
+
     /// Records how firing ended, if the key's timer is still pending with
     /// `command_id`; whether it was. In the caller's transaction when one is
     /// given (a message enqueued with it).

@@ -574,6 +574,27 @@ impl<S: TimerStore> Scheduler<S> {
                 }
             }
             if !due.is_empty() {
+                // A cancel or a reschedule committed since the window was
+                // read wins: only what is still pending, as read, fires.
+                let keys: Vec<String> = due.iter().map(|w| w.timer.key.clone()).collect();
+                let still: HashMap<String, uuid::Uuid> = match store.still_pending(&keys).await {
+                    Ok(still) => still.into_iter().collect(),
+                    Err(error) => {
+                        tracing::warn!(error = %crate::error::error_chain(&error), "checking due timers failed");
+                        read_due = true;
+                        let wait = outage.next_delay();
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return Exit::Shutdown,
+                            _ = held.lost.cancelled() => return Exit::Lost,
+                            _ = tokio::time::sleep(wait) => {}
+                        }
+                        continue;
+                    }
+                };
+                let due: Vec<Waiting> = due
+                    .into_iter()
+                    .filter(|w| still.get(&w.timer.key) == Some(&w.timer.command_id))
+                    .collect();
                 let failures = self.fire_all(due, shutdown, held).await;
                 let mut error = None;
                 for (key, outcome) in failures {

@@ -460,6 +460,84 @@ async fn fails_over_on_sqlite() {
     fails_over(dir.sqlite().await).await;
 }
 
+/// A cancel committed after the scheduler read its window, before the
+/// timer fell due, wins: the scheduler checks a due batch again before it
+/// fires it.
+async fn a_late_cancel_wins<T: TimerStore + EventStore>(store: T) {
+    let timers = Timers::new(&store).await.expect("timers");
+    let bus = Arc::new(CommandBus::<BankAccount, _>::new(store.clone(), ()));
+    bus.execute(
+        "lc",
+        BankCommand::Open {
+            owner: "Lee".into(),
+        },
+    )
+    .await
+    .expect("open");
+    // A poll far away: the window read when these commit is the one the
+    // scheduler keeps.
+    let scheduler = timers
+        .scheduler()
+        .command(bus.clone())
+        .poll_interval(Duration::from_secs(60))
+        .horizon(Duration::from_secs(60))
+        .build()
+        .expect("scheduler");
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move { scheduler.run(shutdown).await }
+    });
+    common::eventually("the scheduler leads", WAIT, || async {
+        match timers.status().await {
+            Ok(status) if status.scheduler.is_some() => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let mut tx = timers.begin().await.expect("begin");
+    for (key, amount, after) in [("now", 1, 0), ("cancelled", 10, 3), ("later", 100, 4)] {
+        timers
+            .schedule(
+                &mut tx,
+                deposit(key, "lc", amount).after(Duration::from_secs(after)),
+            )
+            .await
+            .expect("schedule");
+    }
+    timers.commit(tx).await.expect("commit");
+    // `now` fired: the window holding all three was read.
+    wait_state(&timers, "now", TimerState::Fired).await;
+    // Cancelled behind the scheduler's back (no wake-up, no new read).
+    let mut tx = timers.begin().await.expect("begin");
+    assert!(timers.cancel(&mut tx, "cancelled").await.expect("cancel"));
+    tx.commit().await.expect("commit");
+    wait_state(&timers, "later", TimerState::Fired).await;
+    assert_eq!(
+        state_of(&timers, "cancelled").await,
+        Some(TimerState::Cancelled)
+    );
+    assert_eq!(
+        balance(&bus, "lc").await,
+        101,
+        "the cancelled deposit was not sent"
+    );
+    shutdown.cancel();
+    running.await.expect("task").expect("ran");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_cancel_wins_on_postgres() {
+    let db = common::TestDb::new("timers_late_cancel_pg").await;
+    a_late_cancel_wins(db.store().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_cancel_wins_on_sqlite() {
+    let dir = common::TestDir::new("timers_late_cancel_sqlite");
+    a_late_cancel_wins(dir.sqlite().await).await;
+}
+
 /// Gives every opened account a bonus an hour later, unless it withdraws
 /// first; a deposit after a withdrawal arms the bonus again (the same key,
 /// scheduled by a later event).

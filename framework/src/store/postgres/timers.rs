@@ -27,6 +27,7 @@ crate::store::sql::statements::sql_statements! {
         due,
         finish,
         attempt,
+        still_pending,
         get,
         list,
         counts,
@@ -208,6 +209,14 @@ impl TimerStore for PostgresStore {
             }
         }
         Ok(DueWindow { now, timers })
+    }
+
+    async fn still_pending(&self, keys: &[String]) -> Result<Vec<(String, Uuid)>, StoreError> {
+        sqlx::query_as(&self.inner.timer_sql.still_pending)
+            .bind(keys)
+            .fetch_all(self.pool())
+            .await
+            .map_err(db("checking due timers"))
     }
 
     async fn finish_timer(

@@ -33,6 +33,7 @@ crate::store::sql::statements::sql_statements! {
         due,
         finish,
         attempt,
+        still_pending,
         get,
         list,
         counts,
@@ -200,6 +201,20 @@ impl TimerStore for SqliteStore {
             now: micros_column(now, "timers")?,
             timers: rows.iter().map(timer_row).collect::<Result<_, _>>()?,
         })
+    }
+
+    async fn still_pending(&self, keys: &[String]) -> Result<Vec<(String, Uuid)>, StoreError> {
+        let keys = serde_json::to_string(keys).map_err(|source| StoreError::Serialize {
+            what: "timer keys",
+            aggregate_type: "timers".to_owned(),
+            aggregate_id: String::new(),
+            source,
+        })?;
+        sqlx::query_as(&self.timer_sql().still_pending)
+            .bind(keys)
+            .fetch_all(self.pool())
+            .await
+            .map_err(db("checking due timers"))
     }
 
     async fn finish_timer(

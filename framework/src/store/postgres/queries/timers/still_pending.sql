@@ -1,0 +1,3 @@
+-- Which of a due batch are still pending (a cancel or reschedule may have
+-- committed since the window was read), with their command ids.
+SELECT key, command_id FROM {timers} WHERE key = ANY($1) AND state = 'pending'
