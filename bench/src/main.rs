@@ -5,6 +5,7 @@
 //! ```text
 //! outflow-bench [--quick] [--out docs/benchmarks.md]   # all scenarios
 //! outflow-bench rebuild-child URL batch|view            # one rebuild, in a child process
+//! outflow-bench timers [--quick]                        # the durable timers' section alone
 //! ```
 
 use std::fmt::Write as _;
@@ -20,6 +21,7 @@ mod scenarios;
 mod setup;
 mod single;
 mod stats;
+mod timers;
 
 use copying::*;
 use jetstream::*;
@@ -29,12 +31,30 @@ use scenarios::*;
 use setup::*;
 use single::*;
 use stats::*;
+use timers::*;
 
 #[tokio::main]
 async fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if single_scenario(&args).await? {
         return Ok(());
+    }
+    if args.first().map(String::as_str) == Some("timers") {
+        // outflow-bench timers [--quick]: the timers' section alone.
+        let url = std::env::var("DATABASE_URL").context("DATABASE_URL is not set")?;
+        let server = Server {
+            admin: url.parse()?,
+            counter: Default::default(),
+        };
+        let size = Size::new(args.iter().any(|a| a == "--quick"));
+        print!("{}", timer_section(&timer_scenarios(&server, &size).await?));
+        return Ok(());
+    }
+    if args.first().map(String::as_str) == Some("timers-child") {
+        let (Some(url), Some(pending), Some(due)) = (args.get(1), args.get(2), args.get(3)) else {
+            bail!("usage: outflow-bench timers-child URL PENDING DUE");
+        };
+        return pending_child(url, pending.parse()?, due.parse()?).await;
     }
     if args.first().map(String::as_str) == Some("rebuild-child") {
         let (Some(url), Some(kind)) = (args.get(1), args.get(2)) else {
@@ -120,6 +140,9 @@ async fn main() -> Result<()> {
     eprintln!("7b/7 log copies between backends");
     let copies = log_copies(&server, &size).await?;
 
+    eprintln!("7c/7 durable timers");
+    let timer_figures = timer_scenarios(&server, &size).await?;
+
     let facts = server_facts(&server).await?;
     let mut md = String::new();
     let _ = writeln!(md, "# Benchmarks\n");
@@ -173,7 +196,7 @@ async fn main() -> Result<()> {
         .iter()
         .find(|(p, c, cache, _)| *p == 4 && *c == 16 && !*cache)
         .map_or(0.0, |(_, _, _, r)| r.per_second);
-    let targets: [(&str, &str, String, bool); 12] = [
+    let targets: [(&str, &str, String, bool); 13] = [
         (
             "commands, 1 client, no cache, vs the better postgres-es",
             "≥ 1.50×",
@@ -239,6 +262,12 @@ async fn main() -> Result<()> {
             "≥ 1.00×",
             ratio(js16, o16.per_second),
             js16 >= o16.per_second,
+        ),
+        (
+            "timers: lateness p99 at 1,000 timers/s",
+            "< 1 s",
+            format!("{:.0} ms", timer_figures.steady.p99_ms),
+            timer_figures.steady.p99_ms < 1000.0,
         ),
         (
             "rebuild, peak RSS (any run)",
@@ -496,6 +525,7 @@ async fn main() -> Result<()> {
         size.pgbench_seconds
     );
     md.push_str(&copies);
+    md.push_str(&timer_section(&timer_figures));
     md.push_str(READING);
     let _ = writeln!(
         md,

@@ -279,6 +279,11 @@ pub trait TimerStore: Checkpoints + Leases + std::fmt::Debug {
     /// just before a due batch fires).
     async fn still_pending(&self, keys: &[String]) -> Result<Vec<(String, Uuid)>, StoreError>;
 
+    /// Records how a batch of firings ended (key, command id, finish), each
+    /// if its timer is still pending with that command id, in one
+    /// transaction.
+    async fn finish_timers(&self, finished: &[(String, Uuid, Finish)]) -> Result<(), StoreError>;
+
     /// Records how firing ended, if the key's timer is still pending with
     /// `command_id`; whether it was. In the caller's transaction when one is
     /// given (a message enqueued with it).

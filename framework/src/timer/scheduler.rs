@@ -352,6 +352,14 @@ impl Drop for RunningGuard<'_> {
     }
 }
 
+/// How one firing went, before it is recorded.
+enum Attempt {
+    /// To record with the chunk (`None`: the target recorded it).
+    Done(Option<Finish>),
+    /// Not this time.
+    Retry(String),
+}
+
 /// A timer of the window, with the instant it falls due on this node's
 /// monotonic clock.
 struct Waiting {
@@ -670,32 +678,59 @@ impl<S: TimerStore> Scheduler<S> {
         }
     }
 
-    /// Fires `due` timers, several at once; each key with `None` when it
-    /// finished or `Some(error)` to try again. Stops starting new ones on
-    /// shutdown or when the lease is lost.
+    /// Fires `due` timers, `concurrency` at once, and records how each
+    /// such chunk ended in one statement (one commit); each key with `None`
+    /// when it finished or `Some(error)` to try again. Stops starting new
+    /// chunks on shutdown or when the lease is lost.
     async fn fire_all(
         &self,
         due: Vec<Waiting>,
         shutdown: &CancellationToken,
         held: &Held,
     ) -> Vec<(String, Option<String>)> {
-        futures::stream::iter(due)
-            .take_while(|_| {
-                futures::future::ready(!shutdown.is_cancelled() && !held.lost.is_cancelled())
-            })
-            .map(|waiting| async move {
-                let key = waiting.timer.key.clone();
-                let late = waiting.due.elapsed();
-                let outcome = self.fire_one(&waiting.timer, late).await;
-                (key, outcome)
-            })
-            .buffer_unordered(self.shared.settings.concurrency)
-            .collect()
-            .await
+        let store = self.shared.timers.store();
+        let concurrency = self.shared.settings.concurrency;
+        let mut outcomes = Vec::with_capacity(due.len());
+        let mut due = due.into_iter().peekable();
+        while due.peek().is_some() {
+            if shutdown.is_cancelled() || held.lost.is_cancelled() {
+                break;
+            }
+            let chunk: Vec<Waiting> = due.by_ref().take(concurrency).collect();
+            let attempts: Vec<(TimerRecord, Attempt)> = futures::stream::iter(chunk)
+                .map(|waiting| async move {
+                    let late = waiting.due.elapsed();
+                    let attempt = self.fire_one(&waiting.timer, late).await;
+                    (waiting.timer, attempt)
+                })
+                .buffer_unordered(concurrency)
+                .collect()
+                .await;
+            let mut finished = Vec::new();
+            for (timer, attempt) in attempts {
+                match attempt {
+                    Attempt::Done(Some(finish)) => {
+                        finished.push((timer.key, timer.command_id, finish));
+                    }
+                    Attempt::Done(None) => outcomes.push((timer.key, None)),
+                    Attempt::Retry(message) => outcomes.push((timer.key, Some(message))),
+                }
+            }
+            let recorded = store.finish_timers(&finished).await;
+            let error = recorded
+                .err()
+                .map(|error| crate::error::error_chain(&error).to_string());
+            if let Some(error) = &error {
+                // Sent, not recorded: fired again later, and recognized.
+                tracing::warn!(%error, "recording fired timers failed; they will fire again");
+            }
+            outcomes.extend(finished.into_iter().map(|(key, _, _)| (key, error.clone())));
+        }
+        outcomes
     }
 
-    /// Fires one timer and records how it ended.
-    async fn fire_one(&self, timer: &TimerRecord, late: Duration) -> Option<String> {
+    /// Fires one timer: what to record, or why to try again.
+    async fn fire_one(&self, timer: &TimerRecord, late: Duration) -> Attempt {
         let table = self.shared.timers.table();
         let store = self.shared.timers.store();
         let span = tracing::info_span!(
@@ -715,7 +750,7 @@ impl<S: TimerStore> Scheduler<S> {
             let _ = store
                 .note_timer_attempt(&timer.key, timer.command_id, &message)
                 .await;
-            return Some(message);
+            return Attempt::Retry(message);
         };
         let fired = target.fire(timer).instrument(span).await;
         let outcome = match &fired {
@@ -733,19 +768,12 @@ impl<S: TimerStore> Scheduler<S> {
                 if let Finish::Failed(reason) = &finish {
                     tracing::error!(timer = %timer.key, %reason, "a timer cannot fire: recorded as failed");
                 }
-                match store
-                    .finish_timer(None, &timer.key, timer.command_id, &finish)
-                    .await
-                {
-                    Ok(_) => None,
-                    // Sent, not recorded: fired again later, and recognized.
-                    Err(error) => Some(crate::error::error_chain(&error).to_string()),
-                }
+                Attempt::Done(Some(finish))
             }
             Fired::Recorded => {
                 metrics::histogram!("outflow_timer_lateness_seconds", "timers" => table.to_owned())
                     .record(late.as_secs_f64());
-                None
+                Attempt::Done(None)
             }
             Fired::Retry(message) => {
                 tracing::warn!(timer = %timer.key, error = %message, "firing a timer failed; it will be tried again");
@@ -755,7 +783,7 @@ impl<S: TimerStore> Scheduler<S> {
                 {
                     tracing::debug!(error = %crate::error::error_chain(&error), "recording a timer's failed attempt failed");
                 }
-                Some(message)
+                Attempt::Retry(message)
             }
         }
     }

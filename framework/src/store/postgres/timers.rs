@@ -26,6 +26,7 @@ crate::store::sql::statements::sql_statements! {
         cancel,
         due,
         finish,
+        finish_many,
         attempt,
         still_pending,
         get,
@@ -217,6 +218,32 @@ impl TimerStore for PostgresStore {
             .fetch_all(self.pool())
             .await
             .map_err(db("checking due timers"))
+    }
+
+    async fn finish_timers(&self, finished: &[(String, Uuid, Finish)]) -> Result<(), StoreError> {
+        if finished.is_empty() {
+            return Ok(());
+        }
+        let mut keys = Vec::with_capacity(finished.len());
+        let mut ids = Vec::with_capacity(finished.len());
+        let mut states = Vec::with_capacity(finished.len());
+        let mut notes = Vec::with_capacity(finished.len());
+        for (key, id, finish) in finished {
+            let (state, note) = finish_columns(finish);
+            keys.push(key.as_str());
+            ids.push(*id);
+            states.push(state.as_str());
+            notes.push(note);
+        }
+        sqlx::query(&self.inner.timer_sql.finish_many)
+            .bind(keys)
+            .bind(ids)
+            .bind(states)
+            .bind(notes)
+            .execute(self.pool())
+            .await
+            .map_err(db("recording fired timers"))?;
+        Ok(())
     }
 
     async fn finish_timer(

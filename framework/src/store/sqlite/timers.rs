@@ -217,6 +217,18 @@ impl TimerStore for SqliteStore {
             .map_err(db("checking due timers"))
     }
 
+    async fn finish_timers(&self, finished: &[(String, Uuid, Finish)]) -> Result<(), StoreError> {
+        if finished.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.begin_timers().await?;
+        for (key, id, finish) in finished {
+            self.finish_timer(Some(&mut tx), key, *id, finish).await?;
+        }
+        tx.commit().await.map_err(db("recording fired timers"))?;
+        Ok(())
+    }
+
     async fn finish_timer(
         &self,
         connection: Option<&mut SqliteConnection>,
