@@ -2,8 +2,8 @@
 //! (`sqlite://FILE`, `postgres://…`, `nats://…`), without the application's
 //! code: see the projections' state, pause and resume them, ask the running
 //! nodes to rebuild them or retry dead letters, list and discard dead
-//! letters, browse and follow the log, apply migrations, and copy the log
-//! from one backend to another.
+//! letters, browse and follow the log, see and act on durable timers, apply
+//! migrations, and copy the log from one backend to another.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 mod copy;
 mod events;
 mod store;
+mod timers;
 mod units;
 
 /// Operate an Outflow event store from a shell.
@@ -33,7 +34,8 @@ mod units;
                   outflow copy --from sqlite://bank.db --to postgres://app@db/bank\n  \
                   outflow pause postgres://app@db/bank balances\n  \
                   outflow rebuild postgres://app@db/bank balances\n  \
-                  outflow retry postgres://app@db/bank balances --all"
+                  outflow retry postgres://app@db/bank balances --all\n  \
+                  outflow timers postgres://app@db/bank --state refused"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -103,6 +105,30 @@ enum Command {
         /// shows each event's), or `start`.
         #[arg(long)]
         to: String,
+    },
+    /// The durable timers: counts (pending, overdue, late, fired, refused,
+    /// cancelled, failed), the node firing them, and the timers in one state
+    /// by due time; or an operator's retry of a refused or failed timer, or
+    /// cancel of a pending one.
+    Timers {
+        /// The store (PostgreSQL or SQLite).
+        url: String,
+        /// Which timers to list: pending, fired, refused, cancelled, failed
+        /// or all.
+        #[arg(long, default_value = "pending")]
+        state: String,
+        /// Only keys starting with this.
+        #[arg(long)]
+        prefix: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Fires this refused or failed timer again, now.
+        #[arg(long, conflicts_with = "cancel")]
+        retry: Option<String>,
+        /// Cancels this pending timer.
+        #[arg(long)]
+        cancel: Option<String>,
     },
     /// Asks the nodes running a projection to retry dead letters (by id, or
     /// --all), and says which were handled and which failed again.
@@ -253,6 +279,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             projection,
             to,
         } => units::reset(&url, &projection, &to, options, output).await,
+        Command::Timers {
+            url,
+            state,
+            prefix,
+            limit,
+            retry,
+            cancel,
+        } => {
+            let action = match (retry, cancel) {
+                (Some(key), _) => timers::Action::Retry(key),
+                (None, Some(key)) => timers::Action::Cancel(key),
+                (None, None) => timers::Action::List {
+                    state,
+                    prefix,
+                    limit,
+                },
+            };
+            timers::run(&url, action, options, output).await
+        }
         Command::Retry {
             url,
             projection,

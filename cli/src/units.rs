@@ -18,7 +18,7 @@ const END: Checkpoint = Checkpoint::new(i64::MAX as u64, i64::MAX as u64);
 use crate::Output;
 
 /// A store that keeps projections' units: PostgreSQL or SQLite.
-async fn units_store(url: &str, options: &StoreOptions) -> anyhow::Result<UnitsStore> {
+pub(crate) async fn units_store(url: &str, options: &StoreOptions) -> anyhow::Result<UnitsStore> {
     match Store::open(url, options, Access::Existing).await? {
         Store::Postgres(s) => Ok(UnitsStore::Postgres(s)),
         Store::Sqlite(s) => Ok(UnitsStore::Sqlite(s)),
@@ -29,12 +29,12 @@ async fn units_store(url: &str, options: &StoreOptions) -> anyhow::Result<UnitsS
     }
 }
 
-enum UnitsStore {
+pub(crate) enum UnitsStore {
     Postgres(PostgresStore),
     Sqlite(SqliteStore),
 }
 
-macro_rules! with_units {
+macro_rules! with_units_store {
     ($store:expr, $s:ident => $body:expr) => {
         match $store {
             UnitsStore::Postgres($s) => $body,
@@ -46,7 +46,7 @@ macro_rules! with_units {
 /// `outflow status`: every unit, with the events after its checkpoint.
 pub async fn status(url: &str, options: &StoreOptions, output: Output) -> anyhow::Result<()> {
     let store = units_store(url, options).await?;
-    with_units!(&store, s => print_status(s, output).await)
+    with_units_store!(&store, s => print_status(s, output).await)
 }
 
 async fn print_status<S: Checkpoints + DeadLetters + EventLog>(
@@ -159,7 +159,7 @@ pub async fn set_paused(
     options: &StoreOptions,
 ) -> anyhow::Result<()> {
     let store = units_store(url, options).await?;
-    let held = with_units!(&store, s => {
+    let held = with_units_store!(&store, s => {
         known(s, projection).await?;
         s.set_paused(projection, paused).await?;
         settle(s, projection, paused, wait).await?
@@ -224,7 +224,7 @@ pub async fn reset(
 ) -> anyhow::Result<()> {
     let to = checkpoint_of(to)?;
     let store = units_store(url, options).await?;
-    with_units!(&store, s => reset_on(s, projection, to, output).await)
+    with_units_store!(&store, s => reset_on(s, projection, to, output).await)
 }
 
 /// `TRANSACTION.POSITION`, or `start`.
@@ -305,7 +305,7 @@ pub async fn dead_letters(
     output: Output,
 ) -> anyhow::Result<()> {
     let store = units_store(url, options).await?;
-    let letters = with_units!(&store, s => {
+    let letters = with_units_store!(&store, s => {
         known(s, projection).await?;
         s.dead_letters(projection).await?
     });
@@ -357,7 +357,7 @@ pub async fn dead_letters(
 /// `outflow discard`: drops a dead letter; its event stays skipped.
 pub async fn discard(url: &str, id: u64, options: &StoreOptions) -> anyhow::Result<()> {
     let store = units_store(url, options).await?;
-    let gone = with_units!(&store, s => s.discard_dead_letter(id).await?);
+    let gone = with_units_store!(&store, s => s.discard_dead_letter(id).await?);
     if !gone {
         bail!("no dead letter #{id}");
     }
@@ -389,7 +389,7 @@ pub async fn rebuild(
     output: Output,
 ) -> anyhow::Result<()> {
     let store = units_store(url, options).await?;
-    with_units!(&store, s => rebuild_on(s, projection, wait, detach, output).await)
+    with_units_store!(&store, s => rebuild_on(s, projection, wait, detach, output).await)
 }
 
 async fn rebuild_on<S: Checkpoints>(
@@ -480,7 +480,7 @@ pub async fn retry(
     output: Output,
 ) -> anyhow::Result<()> {
     let store = units_store(url, options).await?;
-    with_units!(&store, s => retry_on(s, projection, ids, all, wait, output).await)
+    with_units_store!(&store, s => retry_on(s, projection, ids, all, wait, output).await)
 }
 
 async fn retry_on<S: Checkpoints + DeadLetters>(
@@ -578,3 +578,5 @@ async fn retry_on<S: Checkpoints + DeadLetters>(
     }
     Ok(())
 }
+
+pub(crate) use with_units_store;
