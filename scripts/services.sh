@@ -139,9 +139,23 @@ start_postgres() {
     if [ -n "${OUTFLOW_PG_STATEMENTS:-}" ]; then
         settings="$settings -c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track=all"
     fi
-    as_service_user "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
-        -o "-p $port -k $dir -c listen_addresses=127.0.0.1 $settings -c ssl=on -c ssl_cert_file=$dir/server.crt -c ssl_key_file=$dir/server.key" start >&2 \
-        || { cat "$dir/server.log" >&2; return 1; }
+    # A port nothing listened on a moment ago may still be taken when the
+    # server binds it (another program's socket): then try another one.
+    local tries
+    for tries in 1 2 3 4 5; do
+        if as_service_user "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
+            -o "-p $port -k $dir -c listen_addresses=127.0.0.1 $settings -c ssl=on -c ssl_cert_file=$dir/server.crt -c ssl_key_file=$dir/server.key" start >&2; then
+            break
+        fi
+        if [ "$tries" -lt 5 ] && grep -q "Address already in use" "$dir/server.log"; then
+            echo "port $port was taken; trying another" >&2
+            : >"$dir/server.log"
+            port=$(free_port)
+            continue
+        fi
+        cat "$dir/server.log" >&2
+        return 1
+    done
     local pid
     pid=$(head -n 1 "$dir/data/postmaster.pid")
     OUTFLOW_CLEANUPS+=("kill -INT $pid 2>/dev/null; for _ in \$(seq 1 100); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done; kill -KILL $pid 2>/dev/null")
