@@ -70,9 +70,17 @@ async fn print_status<S: Checkpoints + DeadLetters + EventLog>(
     }
     let mut rows = Vec::with_capacity(units.len());
     for unit in &units {
-        let behind = store
-            .count_events(&LogFilter::all(), unit.checkpoint, END, 10_000_000)
-            .await?;
+        // The outbox relay's and the timer scheduler's units hold a lease,
+        // not a place in the log: nothing is behind.
+        let behind = if is_log_reader(&unit.unit.projection) {
+            Some(
+                store
+                    .count_events(&LogFilter::all(), unit.checkpoint, END, 10_000_000)
+                    .await?,
+            )
+        } else {
+            None
+        };
         let parked = parked_in
             .get(&(unit.unit.projection.clone(), unit.unit.partition))
             .copied()
@@ -109,7 +117,7 @@ async fn print_status<S: Checkpoints + DeadLetters + EventLog>(
                     u.state.to_string(),
                     if u.paused { "yes" } else { "no" },
                     u.checkpoint.position,
-                    behind,
+                    behind.map_or_else(|| "-".to_owned(), |b| b.to_string()),
                     parked,
                     match (&u.owner, u.lease_valid) {
                         (Some(owner), true) => owner.clone(),
@@ -120,14 +128,22 @@ async fn print_status<S: Checkpoints + DeadLetters + EventLog>(
                 );
             }
             println!(
-                "(behind: events of any type after the checkpoint; the projection may filter them)"
+                "(behind: events of any type after the checkpoint; the projection may filter them. \
+                 outbox:… and timers:… are the outbox relay's and the timer scheduler's leases: \
+                 see `outflow timers` for the timers)"
             );
         }
     }
     Ok(())
 }
 
-fn unit_json(u: &UnitRecord, behind: u64, parked: usize) -> serde_json::Value {
+/// Whether a unit reads the log (a projection's), rather than holding the
+/// outbox relay's or the timer scheduler's lease.
+fn is_log_reader(name: &str) -> bool {
+    !(name.starts_with("outbox:") || name.starts_with("timers:"))
+}
+
+fn unit_json(u: &UnitRecord, behind: Option<u64>, parked: usize) -> serde_json::Value {
     json!({
         "projection": u.unit.projection,
         "partition": u.unit.partition,

@@ -352,6 +352,15 @@ impl Drop for RunningGuard<'_> {
     }
 }
 
+/// A key whose last attempt to fire failed.
+struct Retry {
+    /// When to try again; `None` once that time came.
+    at: Option<Instant>,
+    backoff: Backoff,
+    /// When it last failed.
+    failed: Instant,
+}
+
 /// How one firing went, before it is recorded.
 enum Attempt {
     /// To record with the chunk (`None`: the target recorded it).
@@ -502,8 +511,10 @@ impl<S: TimerStore> Scheduler<S> {
         let mut moves = timers.clock_moves(settings.poll_interval);
         let mut state = RecordedState::default();
         let mut window: VecDeque<Waiting> = VecDeque::new();
-        // Keys whose last attempt failed, and when to try again.
-        let mut retry_at: HashMap<String, (Instant, Backoff)> = HashMap::new();
+        // Keys whose last attempt failed: when to try again (`None` once
+        // that time came and the window was read for it), their backoff,
+        // and when they last failed.
+        let mut retry_at: HashMap<String, Retry> = HashMap::new();
         let mut read_due = true;
         let mut last_read = Instant::now();
         let mut outage = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
@@ -572,11 +583,26 @@ impl<S: TimerStore> Scheduler<S> {
                 }
             }
             let now = Instant::now();
+            // Housekeeping, also while timers keep falling due.
+            if next_cleanup <= now {
+                next_cleanup = now + settings.cleanup_interval;
+                self.cleanup().await;
+            }
+            if next_gauges <= now {
+                next_gauges = now + STATUS_METRICS_EVERY;
+                match timers.status().await {
+                    Ok(status) => crate::telemetry::record_timer_status(&status),
+                    Err(error) => {
+                        tracing::debug!(error = %crate::error::error_chain(&error), "reading the timers' status for the gauges failed")
+                    }
+                }
+            }
+            let now = Instant::now();
             let mut due = Vec::new();
             while window.front().is_some_and(|w| w.due <= now) {
                 if let Some(waiting) = window.pop_front() {
                     match retry_at.get(&waiting.timer.key) {
-                        Some((at, _)) if *at > now => {}
+                        Some(Retry { at: Some(at), .. }) if *at > now => {}
                         _ => due.push(waiting),
                     }
                 }
@@ -611,16 +637,16 @@ impl<S: TimerStore> Scheduler<S> {
                             retry_at.remove(&key);
                         }
                         Some(message) => {
-                            let entry = retry_at.entry(key).or_insert_with(|| {
-                                (
-                                    now,
-                                    Backoff::new(
-                                        Duration::from_millis(200),
-                                        Duration::from_secs(30),
-                                    ),
-                                )
+                            let entry = retry_at.entry(key).or_insert_with(|| Retry {
+                                at: None,
+                                backoff: Backoff::new(
+                                    Duration::from_millis(200),
+                                    Duration::from_secs(30),
+                                ),
+                                failed: now,
                             });
-                            entry.0 = Instant::now() + entry.1.next_delay();
+                            entry.failed = Instant::now();
+                            entry.at = Some(entry.failed + entry.backoff.next_delay());
                             error = Some(message);
                         }
                     }
@@ -635,22 +661,9 @@ impl<S: TimerStore> Scheduler<S> {
                 state.set(store, &held.lease, next, error).await;
                 continue;
             }
-            if next_cleanup <= now {
-                next_cleanup = now + settings.cleanup_interval;
-                self.cleanup().await;
-            }
-            if next_gauges <= now {
-                next_gauges = now + STATUS_METRICS_EVERY;
-                match timers.status().await {
-                    Ok(status) => crate::telemetry::record_timer_status(&status),
-                    Err(error) => {
-                        tracing::debug!(error = %crate::error::error_chain(&error), "reading the timers' status for the gauges failed")
-                    }
-                }
-            }
             // Nothing due now: wait for the next one, a retry, a signal or
             // the poll.
-            let next_retry = retry_at.values().map(|(at, _)| *at).min();
+            let next_retry = retry_at.values().filter_map(|r| r.at).min();
             let next = window
                 .front()
                 .map(|w| w.due)
@@ -669,12 +682,16 @@ impl<S: TimerStore> Scheduler<S> {
                 _ = moves.wait() => read_due = true,
                 _ = tokio::time::sleep(wait) => {}
             }
-            // A key whose retry time came is read again with the window.
+            // A key whose retry time came is read again with the window
+            // (once: it waits for its next failure to be timed again).
             let now = Instant::now();
-            if retry_at.values().any(|(at, _)| *at <= now) {
-                read_due = true;
+            for retry in retry_at.values_mut() {
+                if retry.at.is_some_and(|at| at <= now) {
+                    retry.at = None;
+                    read_due = true;
+                }
             }
-            retry_at.retain(|_, (at, _)| at.elapsed() < Duration::from_secs(3600));
+            retry_at.retain(|_, r| r.failed.elapsed() < Duration::from_secs(3600));
         }
     }
 
