@@ -201,6 +201,7 @@ impl Aggregate for Transfer {
             TransferCommand::TimeOut if self.credit_started => {
                 return Err(TransferError::CreditUnderway)
             }
+            TransferCommand::TimeOut if self.timed_out => return Err(TransferError::TimedOut),
             TransferCommand::TimeOut => TransferEvent::TransferTimedOut,
             TransferCommand::FailDebit { reason } => TransferEvent::TransferFailed { reason },
             TransferCommand::FailCredit { reason } => {
@@ -363,6 +364,7 @@ impl<S: EventStore> ProcessManager for TransferProcess<S> {
             "TransferCreditFailed",
             "TransferCompleted",
             "TransferCompensated",
+            "TransferCreditStarted",
             "TransferTimedOut",
             "TransferredOut",
             "TransferredIn",
@@ -472,8 +474,10 @@ impl<S: EventStore> ProcessManager for TransferProcess<S> {
             // Due `timeout` after the request was recorded: the same
             // instant however late (or often) this step runs.
             "TransferRequested" => {
-                let due = event.recorded_at
-                    + chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX);
+                let due = chrono::Duration::from_std(timeout)
+                    .ok()
+                    .and_then(|timeout| event.recorded_at.checked_add_signed(timeout))
+                    .ok_or_else(|| HandlerError::msg("the transfer timeout is out of range"))?;
                 vec![TimerChange::Schedule(
                     Timer::command::<Transfer>(
                         key,
@@ -483,10 +487,11 @@ impl<S: EventStore> ProcessManager for TransferProcess<S> {
                     .at(due),
                 )]
             }
-            // Ended, or past the point of no return: the deadline goes.
-            "TransferFailed" | "TransferCompleted" | "TransferCompensated" => {
-                vec![TimerChange::Cancel(key)]
-            }
+            // Past the point of no return, or ended: the deadline goes.
+            "TransferCreditStarted"
+            | "TransferFailed"
+            | "TransferCompleted"
+            | "TransferCompensated" => vec![TimerChange::Cancel(key)],
             _ => Vec::new(),
         })
     }

@@ -368,6 +368,20 @@ pub fn record_timer_status(status: &crate::timer::TimerStatus) {
     metrics::gauge!("outflow_timers_refused", "timers" => table).set(counts.refused as f64);
 }
 
+/// Sets the timer gauges of the timers `table` to zero (a scheduler that
+/// stops leading: the next leader sets them).
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub fn clear_timer_status(table: &str) {
+    for gauge in [
+        "outflow_timers_pending",
+        "outflow_timers_late",
+        "outflow_timers_oldest_overdue_seconds",
+        "outflow_timers_refused",
+    ] {
+        metrics::gauge!(gauge, "timers" => table.to_owned()).set(0.0);
+    }
+}
+
 /// Sets `outflow_outbox_pending` and `outflow_outbox_oldest_pending_seconds`
 /// of the outbox `table` from its status.
 #[cfg(any(feature = "postgres", feature = "sqlite"))]

@@ -15,7 +15,7 @@
 //! of the due-time index, and fires each when the **database's clock**
 //! passes its due time:
 //!
-//! - a command is sent with [`CommandBus::execute_once`] and the command id
+//! - a command is sent with [`CommandBus::execute_once`](crate::CommandBus::execute_once) and the command id
 //!   stored with the timer, then the timer is marked fired. A node that dies
 //!   between the two leaves the timer pending; the next leader sends the
 //!   command again, and `execute_once` recognizes it: **at least once fired,
@@ -469,6 +469,7 @@ impl<S: TimerStore> Timers<S> {
     ) -> Result<Scheduled, StoreError> {
         validate(&self.inner.table, &timer.timer.key, "key")?;
         validate(&self.inner.table, &timer.timer.target_id, "target id")?;
+        validate_due(&self.inner.table, &timer.timer)?;
         self.inner
             .store
             .schedule_timer(connection, &timer.timer, replace, self.inner.clock.offset())
@@ -663,6 +664,30 @@ fn validate(table: &str, value: &str, what: &'static str) -> Result<(), StoreErr
         aggregate_type: table.to_owned(),
         aggregate_id: value.chars().take(64).collect(),
         reason: format!("the timer's {what} {reason}"),
+    })
+}
+
+/// The latest due time a timer may have: the year 9999 (both databases
+/// store it; PostgreSQL's timestamps and SQLite's microseconds reach far
+/// beyond).
+const LATEST_DUE: i64 = 253_402_300_799_000_000;
+
+/// Refuses a due time no database stores: a delay or an instant past the
+/// year 9999, or an instant before 1970.
+fn validate_due(table: &str, timer: &NewTimer) -> Result<(), StoreError> {
+    let micros = match timer.due {
+        Due::At(at) => Some(at.timestamp_micros()).filter(|m| (0..=LATEST_DUE).contains(m)),
+        Due::After(after) => i64::try_from(after.as_micros())
+            .ok()
+            .filter(|m| *m <= LATEST_DUE - chrono::Utc::now().timestamp_micros()),
+    };
+    if micros.is_some() {
+        return Ok(());
+    }
+    Err(StoreError::InvalidAppend {
+        aggregate_type: table.to_owned(),
+        aggregate_id: timer.key.chars().take(64).collect(),
+        reason: "the timer's due time is out of range (before 1970 or after 9999)".to_owned(),
     })
 }
 

@@ -146,6 +146,8 @@ pub struct TimerRecord {
     pub scheduled_at: DateTime<Utc>,
     /// When it was fired, refused, cancelled or failed.
     pub finished_at: Option<DateTime<Utc>>,
+    /// After a failed attempt, when the next one may be made.
+    pub retry_at: Option<DateTime<Utc>>,
 }
 
 /// What a schedule did.
@@ -248,7 +250,9 @@ pub trait TimerStore: Checkpoints + Leases + std::fmt::Debug {
     /// Schedules `timer` in the caller's transaction. With `replace`, a
     /// pending timer of the key is replaced; without, it is kept. A timer of
     /// the key scheduled with the same command id, or from a later event,
-    /// is never replaced. `offset` is added to the database's clock.
+    /// is never replaced; one left as it was by an event's schedule records
+    /// that event as its latest cause. `offset` is added to the database's
+    /// clock.
     async fn schedule_timer(
         &self,
         connection: &mut <Self::Database as sqlx::Database>::Connection,
@@ -259,6 +263,8 @@ pub trait TimerStore: Checkpoints + Leases + std::fmt::Debug {
 
     /// Cancels the key's pending timer in the caller's transaction, unless
     /// a later event than `source` scheduled it; whether one was cancelled.
+    /// With a `source`, the timer records it as its latest cause (cancelled
+    /// or not), so a replay of an earlier event's schedule leaves it alone.
     async fn cancel_timer(
         &self,
         connection: &mut <Self::Database as sqlx::Database>::Connection,
@@ -295,12 +301,15 @@ pub trait TimerStore: Checkpoints + Leases + std::fmt::Debug {
         finish: &Finish,
     ) -> Result<bool, StoreError>;
 
-    /// Counts a failed attempt and its error on a pending timer.
+    /// Counts a failed attempt and its error on a pending timer, and puts
+    /// its next attempt `retry_in` after the database's clock (the window
+    /// skips it until then).
     async fn note_timer_attempt(
         &self,
         key: &str,
         command_id: Uuid,
         error: &str,
+        retry_in: Duration,
     ) -> Result<(), StoreError>;
 
     /// The timer of `key`, in any state.

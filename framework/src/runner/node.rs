@@ -61,13 +61,21 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
             result
         };
         let shared = &self.shared;
-        let leaders = futures::future::join_all(shared.schedulers.iter().map(|leader| {
-            leader.run_as(
-                &shared.node_id,
-                shared.lease_ttl,
-                shared.heartbeat,
-                leaders_stop.clone(),
-            )
+        let leaders = futures::future::join_all(shared.schedulers.iter().map(|leader| async {
+            let result = leader
+                .run_as(
+                    &shared.node_id,
+                    shared.lease_ttl,
+                    shared.heartbeat,
+                    leaders_stop.clone(),
+                )
+                .await;
+            // Said at once: the node keeps running its projections, but no
+            // timer fires until the cause is fixed and the node restarted.
+            if let Err(error) = &result {
+                tracing::error!(node = %shared.node_id, error = %crate::error::error_chain(error), "a timer scheduler of this node stopped");
+            }
+            result
         }));
         let (result, (), led) =
             tokio::join!(node, self.export_status_gauges(&gauges_stop), leaders);

@@ -352,15 +352,6 @@ impl Drop for RunningGuard<'_> {
     }
 }
 
-/// A key whose last attempt to fire failed.
-struct Retry {
-    /// When to try again; `None` once that time came.
-    at: Option<Instant>,
-    backoff: Backoff,
-    /// When it last failed.
-    failed: Instant,
-}
-
 /// How one firing went, before it is recorded.
 enum Attempt {
     /// To record with the chunk (`None`: the target recorded it).
@@ -372,8 +363,38 @@ enum Attempt {
 /// A timer of the window, with the instant it falls due on this node's
 /// monotonic clock.
 struct Waiting {
+    /// When to fire it: its due time, or its next attempt's.
     due: Instant,
+    /// How long after its due time that is.
+    retried_after: Duration,
     timer: TimerRecord,
+}
+
+impl Waiting {
+    /// `timer` as read when the database's clock said `now`, at `read_at`
+    /// on this node's.
+    fn new(timer: TimerRecord, now: chrono::DateTime<chrono::Utc>, read_at: Instant) -> Self {
+        let fire_at = timer.retry_at.unwrap_or(timer.due_at).max(timer.due_at);
+        let due = match (fire_at - now).to_std() {
+            Ok(ahead) => read_at + ahead,
+            // Overdue: it fell due this long ago.
+            Err(_) => (now - fire_at)
+                .to_std()
+                .ok()
+                .and_then(|ago| read_at.checked_sub(ago))
+                .unwrap_or(read_at),
+        };
+        Waiting {
+            due,
+            retried_after: (fire_at - timer.due_at).to_std().unwrap_or_default(),
+            timer,
+        }
+    }
+
+    /// How long after its due time it fires, if it fires now.
+    fn late(&self) -> Duration {
+        self.due.elapsed() + self.retried_after
+    }
 }
 
 impl<S: TimerStore> Scheduler<S> {
@@ -503,6 +524,14 @@ impl<S: TimerStore> Scheduler<S> {
 
     /// Fires due timers while the lease is held.
     async fn lead(&self, held: &Held, shutdown: &CancellationToken) -> Exit {
+        let exit = self.fire_while_held(held, shutdown).await;
+        // Gauges this node no longer keeps up to date would mislead: the
+        // next leader sets them.
+        crate::telemetry::clear_timer_status(self.shared.timers.table());
+        exit
+    }
+
+    async fn fire_while_held(&self, held: &Held, shutdown: &CancellationToken) -> Exit {
         let shared = &self.shared;
         let timers = &shared.timers;
         let store = timers.store();
@@ -511,10 +540,6 @@ impl<S: TimerStore> Scheduler<S> {
         let mut moves = timers.clock_moves(settings.poll_interval);
         let mut state = RecordedState::default();
         let mut window: VecDeque<Waiting> = VecDeque::new();
-        // Keys whose last attempt failed: when to try again (`None` once
-        // that time came and the window was read for it), their backoff,
-        // and when they last failed.
-        let mut retry_at: HashMap<String, Retry> = HashMap::new();
         let mut read_due = true;
         let mut last_read = Instant::now();
         let mut outage = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
@@ -547,18 +572,7 @@ impl<S: TimerStore> Scheduler<S> {
                         window = read
                             .timers
                             .into_iter()
-                            .map(|timer| {
-                                let due = match (timer.due_at - read.now).to_std() {
-                                    Ok(ahead) => at + ahead,
-                                    // Overdue: it fell due this long ago.
-                                    Err(_) => (read.now - timer.due_at)
-                                        .to_std()
-                                        .ok()
-                                        .and_then(|ago| at.checked_sub(ago))
-                                        .unwrap_or(at),
-                                };
-                                Waiting { due, timer }
-                            })
+                            .map(|timer| Waiting::new(timer, read.now, at))
                             .collect();
                     }
                     Err(error) => {
@@ -572,11 +586,8 @@ impl<S: TimerStore> Scheduler<S> {
                                 Some((error.kind(), message)),
                             )
                             .await;
-                        let wait = outage.next_delay();
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return Exit::Shutdown,
-                            _ = held.lost.cancelled() => return Exit::Lost,
-                            _ = tokio::time::sleep(wait) => {}
+                        if let Some(exit) = pause(outage.next_delay(), shutdown, held).await {
+                            return exit;
                         }
                         continue;
                     }
@@ -600,79 +611,42 @@ impl<S: TimerStore> Scheduler<S> {
             let now = Instant::now();
             let mut due = Vec::new();
             while window.front().is_some_and(|w| w.due <= now) {
-                if let Some(waiting) = window.pop_front() {
-                    match retry_at.get(&waiting.timer.key) {
-                        Some(Retry { at: Some(at), .. }) if *at > now => {}
-                        _ => due.push(waiting),
-                    }
-                }
+                due.extend(window.pop_front());
             }
             if !due.is_empty() {
-                // A cancel or a reschedule committed since the window was
-                // read wins: only what is still pending, as read, fires.
-                let keys: Vec<String> = due.iter().map(|w| w.timer.key.clone()).collect();
-                let still: HashMap<String, uuid::Uuid> = match store.still_pending(&keys).await {
-                    Ok(still) => still.into_iter().collect(),
-                    Err(error) => {
-                        tracing::warn!(error = %crate::error::error_chain(&error), "checking due timers failed");
-                        read_due = true;
-                        let wait = outage.next_delay();
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return Exit::Shutdown,
-                            _ = held.lost.cancelled() => return Exit::Lost,
-                            _ = tokio::time::sleep(wait) => {}
-                        }
-                        continue;
+                match self.fire_all(due, shutdown, held).await {
+                    Ok(None) => {
+                        state
+                            .set(store, &held.lease, ProjectionState::Live, None)
+                            .await;
                     }
-                };
-                let due: Vec<Waiting> = due
-                    .into_iter()
-                    .filter(|w| still.get(&w.timer.key) == Some(&w.timer.command_id))
-                    .collect();
-                let failures = self.fire_all(due, shutdown, held).await;
-                let mut error = None;
-                for (key, outcome) in failures {
-                    match outcome {
-                        None => {
-                            retry_at.remove(&key);
-                        }
-                        Some(message) => {
-                            let entry = retry_at.entry(key).or_insert_with(|| Retry {
-                                at: None,
-                                backoff: Backoff::new(
-                                    Duration::from_millis(200),
-                                    Duration::from_secs(30),
-                                ),
-                                failed: now,
-                            });
-                            entry.failed = Instant::now();
-                            entry.at = Some(entry.failed + entry.backoff.next_delay());
-                            error = Some(message);
+                    Ok(Some(failure)) => {
+                        state
+                            .set(
+                                store,
+                                &held.lease,
+                                ProjectionState::Retrying,
+                                Some((ErrorKind::Infrastructure, failure)),
+                            )
+                            .await;
+                    }
+                    Err(error) => {
+                        // The store did not answer the check or the record:
+                        // what was sent is recognized when it fires again.
+                        tracing::warn!(error = %crate::error::error_chain(&error), "checking or recording due timers failed");
+                        read_due = true;
+                        if let Some(exit) = pause(outage.next_delay(), shutdown, held).await {
+                            return exit;
                         }
                     }
                 }
-                let (next, error) = match error {
-                    Some(message) => (
-                        ProjectionState::Retrying,
-                        Some((ErrorKind::Infrastructure, message)),
-                    ),
-                    None => (ProjectionState::Live, None),
-                };
-                state.set(store, &held.lease, next, error).await;
                 continue;
             }
-            // Nothing due now: wait for the next one, a retry, a signal or
-            // the poll.
-            let next_retry = retry_at.values().filter_map(|r| r.at).min();
-            let next = window
+            // Nothing due now: wait for the next one, a signal or the poll.
+            let wait = window
                 .front()
-                .map(|w| w.due)
-                .into_iter()
-                .chain(next_retry)
-                .min();
-            let wait = next
-                .map_or(settings.poll_interval, |at| {
-                    at.saturating_duration_since(now)
+                .map_or(settings.poll_interval, |w| {
+                    w.due.saturating_duration_since(now)
                 })
                 .min(settings.poll_interval.saturating_sub(last_read.elapsed()));
             tokio::select! {
@@ -682,74 +656,78 @@ impl<S: TimerStore> Scheduler<S> {
                 _ = moves.wait() => read_due = true,
                 _ = tokio::time::sleep(wait) => {}
             }
-            // A key whose retry time came is read again with the window
-            // (once: it waits for its next failure to be timed again).
-            let now = Instant::now();
-            for retry in retry_at.values_mut() {
-                if retry.at.is_some_and(|at| at <= now) {
-                    retry.at = None;
-                    read_due = true;
-                }
-            }
-            retry_at.retain(|_, r| r.failed.elapsed() < Duration::from_secs(3600));
         }
     }
 
-    /// Fires `due` timers, `concurrency` at once, and records how each
-    /// such chunk ended in one statement (one commit); each key with `None`
-    /// when it finished or `Some(error)` to try again. Stops starting new
-    /// chunks on shutdown or when the lease is lost.
+    /// Fires `due` timers, `concurrency` at once: each such chunk is
+    /// checked against the table just before it fires (a cancel or a
+    /// reschedule committed since the window was read wins), and its
+    /// outcomes are recorded in one statement (one commit). A failed
+    /// attempt is noted on its timer with the time of the next one. Returns
+    /// the last failure of a target, if any. Stops starting new chunks on
+    /// shutdown, and abandons a chunk when the lease is lost (what it sent
+    /// is recognized when it fires again).
     async fn fire_all(
         &self,
         due: Vec<Waiting>,
         shutdown: &CancellationToken,
         held: &Held,
-    ) -> Vec<(String, Option<String>)> {
+    ) -> Result<Option<String>, StoreError> {
         let store = self.shared.timers.store();
         let concurrency = self.shared.settings.concurrency;
-        let mut outcomes = Vec::with_capacity(due.len());
+        let mut failure = None;
         let mut due = due.into_iter().peekable();
         while due.peek().is_some() {
             if shutdown.is_cancelled() || held.lost.is_cancelled() {
                 break;
             }
             let chunk: Vec<Waiting> = due.by_ref().take(concurrency).collect();
-            let attempts: Vec<(TimerRecord, Attempt)> = futures::stream::iter(chunk)
+            let keys: Vec<String> = chunk.iter().map(|w| w.timer.key.clone()).collect();
+            let still: HashMap<String, uuid::Uuid> =
+                store.still_pending(&keys).await?.into_iter().collect();
+            let chunk: Vec<Waiting> = chunk
+                .into_iter()
+                .filter(|w| still.get(&w.timer.key) == Some(&w.timer.command_id))
+                .collect();
+            let fire = futures::stream::iter(chunk)
                 .map(|waiting| async move {
-                    let late = waiting.due.elapsed();
-                    let attempt = self.fire_one(&waiting.timer, late).await;
+                    let attempt = self.fire_one(&waiting.timer, waiting.late()).await;
                     (waiting.timer, attempt)
                 })
                 .buffer_unordered(concurrency)
-                .collect()
-                .await;
+                .collect::<Vec<_>>();
+            let attempts = tokio::select! {
+                attempts = fire => attempts,
+                _ = held.lost.cancelled() => break,
+            };
             let mut finished = Vec::new();
             for (timer, attempt) in attempts {
                 match attempt {
                     Attempt::Done(Some(finish)) => {
                         finished.push((timer.key, timer.command_id, finish));
                     }
-                    Attempt::Done(None) => outcomes.push((timer.key, None)),
-                    Attempt::Retry(message) => outcomes.push((timer.key, Some(message))),
+                    Attempt::Done(None) => {}
+                    Attempt::Retry(message) => {
+                        let retry_in =
+                            self.shared.timers.clock().offset() + retry_delay(timer.attempts);
+                        if let Err(error) = store
+                            .note_timer_attempt(&timer.key, timer.command_id, &message, retry_in)
+                            .await
+                        {
+                            tracing::debug!(error = %crate::error::error_chain(&error), "recording a timer's failed attempt failed");
+                        }
+                        failure = Some(message);
+                    }
                 }
             }
-            let recorded = store.finish_timers(&finished).await;
-            let error = recorded
-                .err()
-                .map(|error| crate::error::error_chain(&error).to_string());
-            if let Some(error) = &error {
-                // Sent, not recorded: fired again later, and recognized.
-                tracing::warn!(%error, "recording fired timers failed; they will fire again");
-            }
-            outcomes.extend(finished.into_iter().map(|(key, _, _)| (key, error.clone())));
+            store.finish_timers(&finished).await?;
         }
-        outcomes
+        Ok(failure)
     }
 
     /// Fires one timer: what to record, or why to try again.
     async fn fire_one(&self, timer: &TimerRecord, late: Duration) -> Attempt {
         let table = self.shared.timers.table();
-        let store = self.shared.timers.store();
         let span = tracing::info_span!(
             "outflow.timer.fire",
             timer = %timer.key,
@@ -764,12 +742,16 @@ impl<S: TimerStore> Scheduler<S> {
                 timer.key, timer.target
             );
             tracing::error!(error = %message, "a timer cannot fire");
-            let _ = store
-                .note_timer_attempt(&timer.key, timer.command_id, &message)
-                .await;
             return Attempt::Retry(message);
         };
-        let fired = target.fire(timer).instrument(span).await;
+        let fired =
+            match tokio::time::timeout(FIRE_TIMEOUT, target.fire(timer).instrument(span)).await {
+                Ok(fired) => fired,
+                Err(_) => Fired::Retry(format!(
+                    "firing took longer than {} s (a lock, a stalled connection)",
+                    FIRE_TIMEOUT.as_secs()
+                )),
+            };
         let outcome = match &fired {
             Fired::Finish(Finish::Fired) | Fired::Recorded => "fired",
             Fired::Finish(Finish::Refused(_)) => "refused",
@@ -794,21 +776,16 @@ impl<S: TimerStore> Scheduler<S> {
             }
             Fired::Retry(message) => {
                 tracing::warn!(timer = %timer.key, error = %message, "firing a timer failed; it will be tried again");
-                if let Err(error) = store
-                    .note_timer_attempt(&timer.key, timer.command_id, &message)
-                    .await
-                {
-                    tracing::debug!(error = %crate::error::error_chain(&error), "recording a timer's failed attempt failed");
-                }
                 Attempt::Retry(message)
             }
         }
     }
 
-    /// Deletes timers finished longer ago than the retention.
+    /// Deletes timers finished longer ago than the retention, at most ten
+    /// statements a turn (the rest at the next cleanup).
     async fn cleanup(&self) {
         let store = self.shared.timers.store();
-        loop {
+        for _ in 0..10 {
             match store
                 .prune_timers(self.shared.settings.retention, 1000)
                 .await
@@ -821,6 +798,26 @@ impl<S: TimerStore> Scheduler<S> {
                 }
             }
         }
+    }
+}
+
+/// How long one firing may take before it counts as a failed attempt.
+const FIRE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The wait before the next attempt of a timer that failed `attempts`
+/// times before: 200 ms, doubling, at most 30 s.
+fn retry_delay(attempts: u32) -> Duration {
+    Duration::from_millis(200)
+        .saturating_mul(2u32.saturating_pow(attempts.min(10)))
+        .min(Duration::from_secs(30))
+}
+
+/// Waits `delay` unless the scheduler must stop first.
+async fn pause(delay: Duration, shutdown: &CancellationToken, held: &Held) -> Option<Exit> {
+    tokio::select! {
+        _ = shutdown.cancelled() => Some(Exit::Shutdown),
+        _ = held.lost.cancelled() => Some(Exit::Lost),
+        _ = tokio::time::sleep(delay) => None,
     }
 }
 

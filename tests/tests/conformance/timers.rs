@@ -164,7 +164,11 @@ where
     );
     assert_eq!(moved.state, TimerState::Pending);
 
-    // Bad keys are refused, typed.
+    // Bad keys and due times no database stores are refused, typed.
+    assert!(timers
+        .schedule_alone(deposit("far", "ta", 1).after(Duration::from_secs(u64::MAX / 4)))
+        .await
+        .is_err());
     let long = "k".repeat(600);
     assert!(timers
         .schedule_alone(deposit(&long, "ta", 1))
@@ -538,6 +542,75 @@ async fn a_late_cancel_wins_on_sqlite() {
     a_late_cancel_wins(dir.sqlite().await).await;
 }
 
+/// Timers whose target is missing wait for their next attempt in the
+/// table: a window full of them never keeps a timer behind them from
+/// firing.
+async fn failing_timers_do_not_block<T: TimerStore + EventStore>(store: T) {
+    let timers = Timers::new(&store).await.expect("timers");
+    let bus = Arc::new(CommandBus::<BankAccount, _>::new(store.clone(), ()));
+    bus.execute(
+        "ob",
+        BankCommand::Open {
+            owner: "Olga".into(),
+        },
+    )
+    .await
+    .expect("open");
+    let mut tx = timers.begin().await.expect("begin");
+    for i in 0..4 {
+        timers
+            .schedule(
+                &mut tx,
+                Timer::command::<Nobody>(format!("orphan/{i}"), "n", &"hi".to_owned())
+                    .expect("serialize"),
+            )
+            .await
+            .expect("schedule");
+    }
+    timers
+        .schedule(
+            &mut tx,
+            deposit("behind", "ob", 4).after(Duration::from_secs(1)),
+        )
+        .await
+        .expect("schedule");
+    timers.commit(tx).await.expect("commit");
+    let scheduler = timers
+        .scheduler()
+        .command(bus.clone())
+        .batch_size(2)
+        .poll_interval(Duration::from_millis(100))
+        .build()
+        .expect("scheduler");
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move { scheduler.run(shutdown).await }
+    });
+    wait_state(&timers, "behind", TimerState::Fired).await;
+    assert_eq!(balance(&bus, "ob").await, 4);
+    let orphan = timers.get("orphan/0").await.expect("get").expect("orphan");
+    assert_eq!(orphan.state, TimerState::Pending);
+    assert!(
+        orphan.attempts > 0 && orphan.retry_at.is_some(),
+        "{orphan:?}"
+    );
+    shutdown.cancel();
+    running.await.expect("task").expect("ran");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_timers_do_not_block_on_postgres() {
+    let db = common::TestDb::new("timers_orphans_pg").await;
+    failing_timers_do_not_block(db.store().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_timers_do_not_block_on_sqlite() {
+    let dir = common::TestDir::new("timers_orphans_sqlite");
+    failing_timers_do_not_block(dir.sqlite().await).await;
+}
+
 /// Gives every opened account a bonus an hour later, unless it withdraws
 /// first; a deposit after a withdrawal arms the bonus again (the same key,
 /// scheduled by a later event).
@@ -551,6 +624,8 @@ struct Waiting {
     withdrew: bool,
     /// Whether the last event armed the bonus.
     armed: bool,
+    /// Deposits seen.
+    deposits: u32,
 }
 
 #[async_trait]
@@ -583,10 +658,11 @@ impl<E: EventStore> ProcessManager for Bonus<E> {
             }
             "Withdrawn" => state.withdrew = true,
             _ if state.withdrew => {
+                state.deposits += 1;
                 state.withdrew = false;
                 state.armed = true;
             }
-            _ => {}
+            _ => state.deposits += 1,
         }
         Ok(Vec::new())
     }
@@ -597,9 +673,12 @@ impl<E: EventStore> ProcessManager for Bonus<E> {
         event: &RecordedEvent,
     ) -> Result<Vec<TimerChange>, HandlerError> {
         let key = format!("bonus/{}", event.aggregate_id);
+        // The first deposit schedules it again: kept (the key is pending),
+        // but the deposit is now its latest cause.
+        let first_deposit = event.event_type == "Deposited" && state.deposits == 1;
         Ok(if state.withdrew {
             vec![TimerChange::Cancel(key)]
-        } else if state.armed {
+        } else if state.armed || first_deposit {
             vec![TimerChange::Schedule(
                 Timer::command::<BankAccount>(
                     key,
@@ -660,6 +739,10 @@ where
             .await
             .expect("open");
     }
+    accounts
+        .execute("keeps", BankCommand::Deposit { amount: 10 })
+        .await
+        .expect("deposit");
     for id in ["spends", "comes_back"] {
         accounts
             .execute(id, BankCommand::Deposit { amount: 10 })
@@ -716,7 +799,7 @@ where
         }
         all
     };
-    assert_eq!(balances().await, [1, 7, 13]);
+    assert_eq!(balances().await, [11, 7, 13]);
 
     // Rebuild: every event handled again, in a new epoch. The schedule of
     // `comes_back`'s opening (an earlier event, another command id) must
@@ -768,7 +851,7 @@ where
     wait_state(&timers, "sentinel", TimerState::Fired).await;
     let status = timers.status().await.expect("status");
     assert_eq!(status.counts.pending, 0, "{status:?}");
-    assert_eq!(balances().await, [101, 7, 13]);
+    assert_eq!(balances().await, [111, 7, 13]);
     // The runner's node holds the timers' lease under a name of its own
     // (its projection leases' renewals leave it alone).
     let node = format!("{}:timers", runner.node_id());

@@ -29,6 +29,7 @@ crate::store::sql::statements::sql_statements! {
         finish_many,
         attempt,
         still_pending,
+        bump_source,
         get,
         list,
         counts,
@@ -39,6 +40,22 @@ crate::store::sql::statements::sql_statements! {
 }
 
 impl PostgresStore {
+    async fn bump_source(
+        &self,
+        connection: &mut PgConnection,
+        key: &str,
+        source: Checkpoint,
+    ) -> Result<(), StoreError> {
+        sqlx::query(&self.inner.timer_sql.bump_source)
+            .bind(key)
+            .bind(to_i64(source.transaction_id))
+            .bind(to_i64(source.position))
+            .execute(&mut *connection)
+            .await
+            .map_err(db("recording a timer's latest cause"))?;
+        Ok(())
+    }
+
     fn timers_table(&self) -> Result<String, StoreError> {
         Ok(
             crate::names::Identifier::parse(self.events_table(), "events table")?
@@ -90,6 +107,7 @@ impl PostgresStore {
                 .try_get("scheduled_at")
                 .map_err(db("decoding a timer"))?,
             finished_at: row.try_get("finished_at").map_err(db("decoding a timer"))?,
+            retry_at: row.try_get("retry_at").map_err(db("decoding a timer"))?,
             key,
         })
     }
@@ -154,7 +172,12 @@ impl TimerStore for PostgresStore {
             .await
             .map_err(db("scheduling a timer"))?;
         Ok(match row {
-            None => Scheduled::Unchanged,
+            None => {
+                if let Some(source) = timer.source {
+                    self.bump_source(connection, &timer.key, source).await?;
+                }
+                Scheduled::Unchanged
+            }
             Some(row) => {
                 if row
                     .try_get::<bool, _>("new")
@@ -181,6 +204,9 @@ impl TimerStore for PostgresStore {
             .execute(&mut *connection)
             .await
             .map_err(db("cancelling a timer"))?;
+        if let Some(source) = source {
+            self.bump_source(connection, key, source).await?;
+        }
         Ok(done.rows_affected() > 0)
     }
 
@@ -224,6 +250,10 @@ impl TimerStore for PostgresStore {
         if finished.is_empty() {
             return Ok(());
         }
+        // In key order: concurrent writers of the same keys lock them in
+        // one order.
+        let mut finished: Vec<&(String, Uuid, Finish)> = finished.iter().collect();
+        finished.sort_by(|a, b| a.0.cmp(&b.0));
         let mut keys = Vec::with_capacity(finished.len());
         let mut ids = Vec::with_capacity(finished.len());
         let mut states = Vec::with_capacity(finished.len());
@@ -272,11 +302,13 @@ impl TimerStore for PostgresStore {
         key: &str,
         command_id: Uuid,
         error: &str,
+        retry_in: Duration,
     ) -> Result<(), StoreError> {
         sqlx::query(&self.inner.timer_sql.attempt)
             .bind(key)
             .bind(command_id)
             .bind(error)
+            .bind(micros(retry_in))
             .execute(self.pool())
             .await
             .map_err(db("recording a timer's failed attempt"))?;

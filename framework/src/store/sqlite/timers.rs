@@ -34,6 +34,7 @@ crate::store::sql::statements::sql_statements! {
         finish,
         attempt,
         still_pending,
+        bump_source,
         get,
         list,
         counts,
@@ -49,6 +50,22 @@ fn now_micros(offset: Duration) -> i64 {
 }
 
 impl SqliteStore {
+    async fn bump_source(
+        &self,
+        connection: &mut SqliteConnection,
+        key: &str,
+        source: Checkpoint,
+    ) -> Result<(), StoreError> {
+        sqlx::query(&self.timer_sql().bump_source)
+            .bind(key)
+            .bind(to_i64(source.transaction_id))
+            .bind(to_i64(source.position))
+            .execute(&mut *connection)
+            .await
+            .map_err(db("recording a timer's latest cause"))?;
+        Ok(())
+    }
+
     fn timer_sql(&self) -> &TimerQueries {
         &self.inner.queries.timers
     }
@@ -73,6 +90,7 @@ fn timer_row(row: &SqliteRow) -> Result<TimerRecord, StoreError> {
         _ => None,
     };
     let finished_at: Option<i64> = row.try_get("finished_at").map_err(get())?;
+    let retry_at: Option<i64> = row.try_get("retry_at").map_err(get())?;
     Ok(TimerRecord {
         payload: serde_json::from_str(payload).map_err(|e| StoreError::Corrupt {
             table: table.to_owned(),
@@ -91,6 +109,9 @@ fn timer_row(row: &SqliteRow) -> Result<TimerRecord, StoreError> {
         last_error: row.try_get("last_error").map_err(get())?,
         scheduled_at: micros_column(row.try_get("scheduled_at").map_err(get())?, table)?,
         finished_at: finished_at
+            .map(|micros| micros_column(micros, table))
+            .transpose()?,
+        retry_at: retry_at
             .map(|micros| micros_column(micros, table))
             .transpose()?,
         key,
@@ -160,6 +181,11 @@ impl TimerStore for SqliteStore {
             .await
             .map_err(db("scheduling a timer"))?
             .is_some();
+        if !written {
+            if let Some(source) = timer.source {
+                self.bump_source(connection, &timer.key, source).await?;
+            }
+        }
         Ok(match (written, replaces_pending) {
             (false, _) => Scheduled::Unchanged,
             (true, false) => Scheduled::New,
@@ -181,6 +207,9 @@ impl TimerStore for SqliteStore {
             .execute(&mut *connection)
             .await
             .map_err(db("cancelling a timer"))?;
+        if let Some(source) = source {
+            self.bump_source(connection, key, source).await?;
+        }
         Ok(done.rows_affected() > 0)
     }
 
@@ -256,11 +285,13 @@ impl TimerStore for SqliteStore {
         key: &str,
         command_id: Uuid,
         error: &str,
+        retry_in: Duration,
     ) -> Result<(), StoreError> {
         sqlx::query(&self.timer_sql().attempt)
             .bind(key)
             .bind(command_id)
             .bind(error)
+            .bind(now_micros(retry_in))
             .execute(self.writer())
             .await
             .map_err(db("recording a timer's failed attempt"))?;

@@ -22,11 +22,14 @@ CREATE TABLE IF NOT EXISTS {timers} (
                    CHECK (state IN ('pending', 'fired', 'refused', 'cancelled', 'failed')),
     attempts       integer     NOT NULL DEFAULT 0,
     last_error     text,
+    retry_at       timestamptz,
     scheduled_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
     finished_at    timestamptz
 );
 
--- The scheduler's window: pending timers by due time, nothing else.
-CREATE INDEX IF NOT EXISTS {timers_due_idx} ON {timers} (due_at) WHERE state = 'pending';
+-- The scheduler's window: pending timers by when to fire them (their due
+-- time, or the time of their next attempt after a failed one), nothing else.
+CREATE INDEX IF NOT EXISTS {timers_due_idx} ON {timers} ((coalesce(retry_at, due_at)))
+    WHERE state = 'pending';
 -- The retention cleanup.
 CREATE INDEX IF NOT EXISTS {timers_finished_idx} ON {timers} (finished_at) WHERE state <> 'pending';

@@ -18,11 +18,14 @@ CREATE TABLE IF NOT EXISTS {timers} (
                    CHECK (state IN ('pending', 'fired', 'refused', 'cancelled', 'failed')),
     attempts       INTEGER NOT NULL DEFAULT 0,
     last_error     TEXT,
+    retry_at       INTEGER,
     scheduled_at   INTEGER NOT NULL,
     finished_at    INTEGER
 ) WITHOUT ROWID;
 
--- The scheduler's window: pending timers by due time, nothing else.
-CREATE INDEX IF NOT EXISTS {timers_due_idx} ON {timers} (due_at) WHERE state = 'pending';
+-- The scheduler's window: pending timers by when to fire them (their due
+-- time, or the time of their next attempt after a failed one), nothing else.
+CREATE INDEX IF NOT EXISTS {timers_due_idx} ON {timers} (coalesce(retry_at, due_at))
+    WHERE state = 'pending';
 -- The retention cleanup.
 CREATE INDEX IF NOT EXISTS {timers_finished_idx} ON {timers} (finished_at) WHERE state <> 'pending';

@@ -1,3 +1,3 @@
 key, target, target_id, payload::text AS payload, due_at, command_id, correlation_id,
 causation_id, metadata::text AS metadata, source_tx, source_pos, state, attempts, last_error,
-scheduled_at, finished_at
+scheduled_at, finished_at, retry_at

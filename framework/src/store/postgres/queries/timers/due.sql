@@ -5,7 +5,8 @@ FROM clock
 LEFT JOIN LATERAL (
     SELECT {timer_columns}
     FROM {timers}
-    WHERE state = 'pending' AND due_at <= clock.now + $2::bigint * interval '1 microsecond'
-    ORDER BY due_at
+    WHERE state = 'pending'
+      AND coalesce(retry_at, due_at) <= clock.now + $2::bigint * interval '1 microsecond'
+    ORDER BY coalesce(retry_at, due_at)
     LIMIT $3
 ) w ON true

@@ -13,6 +13,7 @@ ON CONFLICT (key) DO UPDATE SET
     correlation_id = EXCLUDED.correlation_id, causation_id = EXCLUDED.causation_id,
     metadata = EXCLUDED.metadata, source_tx = EXCLUDED.source_tx,
     source_pos = EXCLUDED.source_pos, state = 'pending', attempts = 0, last_error = NULL,
+    retry_at = NULL,
     scheduled_at = clock_timestamp(), finished_at = NULL
 WHERE t.command_id <> EXCLUDED.command_id
   AND ($13 OR t.state <> 'pending')

@@ -1,2 +1,4 @@
-UPDATE {timers} SET attempts = attempts + 1, last_error = ?3
+-- A failed attempt: counted, its error kept, the next one not before
+-- `retry_at` (the window skips the timer until then).
+UPDATE {timers} SET attempts = attempts + 1, last_error = ?3, retry_at = ?4
 WHERE key = ?1 AND command_id = ?2 AND state = 'pending'

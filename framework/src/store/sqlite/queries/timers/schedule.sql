@@ -9,6 +9,7 @@ ON CONFLICT (key) DO UPDATE SET
     correlation_id = excluded.correlation_id, causation_id = excluded.causation_id,
     metadata = excluded.metadata, source_tx = excluded.source_tx,
     source_pos = excluded.source_pos, state = 'pending', attempts = 0, last_error = NULL,
+    retry_at = NULL,
     scheduled_at = excluded.scheduled_at, finished_at = NULL
 WHERE t.command_id <> excluded.command_id
   AND (?12 OR t.state <> 'pending')
