@@ -44,8 +44,9 @@ use operations::*;
 const TOKEN: &str = "secret";
 
 /// A transfer's documented statuses.
-const TRANSFER_STATUSES: [&str; 5] = [
+const TRANSFER_STATUSES: [&str; 6] = [
     "requested",
+    "crediting",
     "compensating",
     "completed",
     "compensated",
