@@ -396,6 +396,39 @@ async fn timers_with_a_jetstream_store() {
     timers_behave(db.store().await, events).await;
 }
 
+/// The mistake a user makes most: timers on a database whose migrations
+/// did not run (the table dropped here) fail at once, naming the table and
+/// what to do, on both backends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_timers_table_is_named() {
+    let db = common::TestDb::new("timers_missing_pg").await;
+    let store = db.store().await;
+    sqlx::query("DROP TABLE events_timers")
+        .execute(store.pool())
+        .await
+        .expect("drop");
+    let error = Timers::new(&store).await.expect_err("no table");
+    let text = error.to_string();
+    assert!(
+        matches!(
+            error,
+            outflow::StoreError::Config(outflow::ConfigError::MissingTable { .. })
+        ) && text.contains("events_timers")
+            && text.contains("migrat"),
+        "{text}"
+    );
+
+    let dir = common::TestDir::new("timers_missing_sqlite");
+    let store = dir.sqlite().await;
+    sqlx::query("DROP TABLE events_timers")
+        .execute(store.writer())
+        .await
+        .expect("drop");
+    let error = Timers::new(&store).await.expect_err("no table");
+    let text = error.to_string();
+    assert!(text.contains("events_timers") && text.contains("migrat"), "{text}");
+}
+
 /// A leader that dies without giving its lease back: a standby scheduler
 /// takes the lease once it runs out and fires what is due.
 async fn fails_over<T: TimerStore + ProjectionStore + EventStore>(store: T) {
