@@ -10,7 +10,7 @@ pub struct Counter {
     pub value: i64,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum CounterCommand {
     Increment {
         by: i64,

@@ -426,7 +426,10 @@ async fn a_missing_timers_table_is_named() {
         .expect("drop");
     let error = Timers::new(&store).await.expect_err("no table");
     let text = error.to_string();
-    assert!(text.contains("events_timers") && text.contains("migrat"), "{text}");
+    assert!(
+        text.contains("events_timers") && text.contains("migrat"),
+        "{text}"
+    );
 }
 
 /// A leader that dies without giving its lease back: a standby scheduler
