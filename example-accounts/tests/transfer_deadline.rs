@@ -234,6 +234,24 @@ async fn the_console_shows_deadlines(backend: Backend) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // An operator's cancel of a timer that is no longer pending, a retry of
+    // one that was never refused, and a request without a key: refused,
+    // typed.
+    for (path, status, error) in [
+        (format!("cancel?key={key}"), 404, "unknown_timer"),
+        (format!("retry?key={key}"), 404, "unknown_timer"),
+        ("cancel".to_owned(), 400, "bad_query"),
+    ] {
+        let response = client
+            .post(format!("{}/admin/api/timers/{path}", server.base))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .expect("answers");
+        assert_eq!(response.status(), status, "{path}");
+        let body: serde_json::Value = response.json().await.expect("JSON");
+        assert_eq!(body["error"], error, "{path}: {body}");
+    }
     // Without a token the console refuses.
     let response = client
         .get(format!("{}/admin/api/timers", server.base))

@@ -540,13 +540,7 @@ impl<S: TimerStore> Timers<S> {
     pub async fn cancel_alone(&self, key: &str) -> Result<bool, StoreError> {
         let mut tx = self.inner.store.begin_timers().await?;
         let cancelled = self.cancel(&mut tx, key).await?;
-        tx.commit().await.map_err(|e| {
-            StoreError::database(
-                "committing a cancelled timer",
-                crate::ErrorKind::Infrastructure,
-                e,
-            )
-        })?;
+        self.commit(tx).await?;
         Ok(cancelled)
     }
 

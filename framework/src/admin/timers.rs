@@ -148,23 +148,43 @@ fn key_of(query: KeyQuery) -> Result<String, ApiError> {
     }
 }
 
+/// An operator's action on one timer: `act` says whether there was a
+/// timer to act on; `missing` says which there was not.
+async fn act_on<S: ProjectionStore>(
+    inner: &Inner<S>,
+    headers: &HeaderMap,
+    query: KeyQuery,
+    (action, state, missing): (&str, &str, &'static str),
+    act: impl for<'a> FnOnce(
+        &'a dyn TimerOps,
+        &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<bool, StoreError>>,
+) -> Result<Json<Value>, ApiError> {
+    let who = inner.allow(headers, Role::Operator)?;
+    let key = key_of(query)?;
+    if !act(ops(inner)?.as_ref(), &key).await? {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_timer",
+            missing,
+        ));
+    }
+    tracing::info!(target: "outflow::admin", who = %who.name, action, key = %key, "console action");
+    Ok(Json(json!({ "key": key, "state": state })))
+}
+
 /// Fires a refused or failed timer again, now.
 pub(crate) async fn retry<S: ProjectionStore>(
     State(inner): Shared<S>,
     headers: HeaderMap,
     Query(query): Query<KeyQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let who = inner.allow(&headers, Role::Operator)?;
-    let key = key_of(query)?;
-    if !ops(&inner)?.retry(&key).await? {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "unknown_timer",
-            "no refused or failed timer has this key",
-        ));
-    }
-    tracing::info!(target: "outflow::admin", who = %who.name, action = "retry timer", key = %key, "console action");
-    Ok(Json(json!({ "key": key, "state": "pending" })))
+    let what = (
+        "retry timer",
+        "pending",
+        "no refused or failed timer has this key",
+    );
+    act_on(&inner, &headers, query, what, |ops, key| ops.retry(key)).await
 }
 
 /// Cancels a pending timer.
@@ -173,15 +193,6 @@ pub(crate) async fn cancel<S: ProjectionStore>(
     headers: HeaderMap,
     Query(query): Query<KeyQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let who = inner.allow(&headers, Role::Operator)?;
-    let key = key_of(query)?;
-    if !ops(&inner)?.cancel(&key).await? {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "unknown_timer",
-            "no pending timer has this key",
-        ));
-    }
-    tracing::info!(target: "outflow::admin", who = %who.name, action = "cancel timer", key = %key, "console action");
-    Ok(Json(json!({ "key": key, "state": "cancelled" })))
+    let what = ("cancel timer", "cancelled", "no pending timer has this key");
+    act_on(&inner, &headers, query, what, |ops, key| ops.cancel(key)).await
 }

@@ -17,7 +17,9 @@ use crate::port::timers::{
     Due, DueWindow, Finish, NewTimer, Scheduled, TimerCounts, TimerQuery, TimerRecord, TimerState,
     TimerStore,
 };
-use crate::store::sql::timers::{decode_metadata, finish_columns, micros, timer_state};
+use crate::store::sql::timers::{
+    counts_from, decode_metadata, finish_columns, micros, source_columns, timer_state,
+};
 
 crate::store::sql::statements::sql_statements! {
     /// The timers' statements, one `.sql` file each under `queries/timers/`.
@@ -68,15 +70,10 @@ impl PostgresStore {
         let table = "timers";
         let decode = db("decoding a timer");
         let state: String = row.try_get("state").map_err(db("decoding a timer"))?;
-        let source = match (
-            row.try_get::<Option<i64>, _>("source_tx")
-                .map_err(db("decoding a timer"))?,
-            row.try_get::<Option<i64>, _>("source_pos")
-                .map_err(db("decoding a timer"))?,
-        ) {
-            (Some(tx), Some(pos)) => Some(Checkpoint::new(tx.max(0) as u64, pos.max(0) as u64)),
-            _ => None,
-        };
+        let source = source_columns(
+            row.try_get("source_tx").map_err(db("decoding a timer"))?,
+            row.try_get("source_pos").map_err(db("decoding a timer"))?,
+        );
         let payload: String = row.try_get("payload").map_err(db("decoding a timer"))?;
         let metadata: String = row.try_get("metadata").map_err(db("decoding a timer"))?;
         let key: String = row.try_get("key").map_err(decode)?;
@@ -355,19 +352,7 @@ impl TimerStore for PostgresStore {
         let now: DateTime<Utc> = row.try_get("clock_now").map_err(db("counting timers"))?;
         let next_due: Option<DateTime<Utc>> =
             row.try_get("next_due").map_err(db("counting timers"))?;
-        Ok(TimerCounts {
-            pending: count("pending")?,
-            overdue: count("overdue")?,
-            late: count("late")?,
-            oldest_overdue: next_due
-                .filter(|due| *due <= now)
-                .and_then(|due| (now - due).to_std().ok()),
-            next_due,
-            fired: count("fired")?,
-            refused: count("refused")?,
-            cancelled: count("cancelled")?,
-            failed: count("failed")?,
-        })
+        counts_from(now, next_due, count)
     }
 
     async fn retry_timer(&self, key: &str, offset: Duration) -> Result<bool, StoreError> {

@@ -2,9 +2,11 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
+
 use crate::error::StoreError;
-use crate::event::Metadata;
-use crate::port::timers::{Finish, TimerState};
+use crate::event::{Checkpoint, Metadata};
+use crate::port::timers::{Finish, TimerCounts, TimerState};
 
 /// A duration in whole microseconds, saturating.
 pub(crate) fn micros(duration: Duration) -> i64 {
@@ -44,4 +46,34 @@ pub(crate) fn finish_columns(finish: &Finish) -> (TimerState, Option<&str>) {
         Finish::Refused(reason) => (TimerState::Refused, Some(reason.as_str())),
         Finish::Failed(reason) => (TimerState::Failed, Some(reason.as_str())),
     }
+}
+
+/// The place in the log of a timer's latest cause, from its two columns.
+pub(crate) fn source_columns(tx: Option<i64>, pos: Option<i64>) -> Option<Checkpoint> {
+    match (tx, pos) {
+        (Some(tx), Some(pos)) => Some(Checkpoint::new(tx.max(0) as u64, pos.max(0) as u64)),
+        _ => None,
+    }
+}
+
+/// The counts from the counts statement's row: `count` reads one count
+/// column; `now` is the clock the statement counted by.
+pub(crate) fn counts_from(
+    now: DateTime<Utc>,
+    next_due: Option<DateTime<Utc>>,
+    count: impl Fn(&'static str) -> Result<u64, StoreError>,
+) -> Result<TimerCounts, StoreError> {
+    Ok(TimerCounts {
+        pending: count("pending")?,
+        overdue: count("overdue")?,
+        late: count("late")?,
+        oldest_overdue: next_due
+            .filter(|due| *due <= now)
+            .and_then(|due| (now - due).to_std().ok()),
+        next_due,
+        fired: count("fired")?,
+        refused: count("refused")?,
+        cancelled: count("cancelled")?,
+        failed: count("failed")?,
+    })
 }

@@ -21,7 +21,8 @@ use crate::port::timers::{
     TimerStore,
 };
 use crate::store::sql::timers::{
-    decode_metadata, encode_metadata, finish_columns, micros, timer_state,
+    counts_from, decode_metadata, encode_metadata, finish_columns, micros, source_columns,
+    timer_state,
 };
 
 crate::store::sql::statements::sql_statements! {
@@ -82,13 +83,10 @@ fn timer_row(row: &SqliteRow) -> Result<TimerRecord, StoreError> {
     let state: &str = row.try_get("state").map_err(get())?;
     let payload: &str = row.try_get("payload").map_err(get())?;
     let metadata: &str = row.try_get("metadata").map_err(get())?;
-    let source = match (
-        row.try_get::<Option<i64>, _>("source_tx").map_err(get())?,
-        row.try_get::<Option<i64>, _>("source_pos").map_err(get())?,
-    ) {
-        (Some(tx), Some(pos)) => Some(Checkpoint::new(tx.max(0) as u64, pos.max(0) as u64)),
-        _ => None,
-    };
+    let source = source_columns(
+        row.try_get("source_tx").map_err(get())?,
+        row.try_get("source_pos").map_err(get())?,
+    );
     let finished_at: Option<i64> = row.try_get("finished_at").map_err(get())?;
     let retry_at: Option<i64> = row.try_get("retry_at").map_err(get())?;
     Ok(TimerRecord {
@@ -342,19 +340,7 @@ impl TimerStore for SqliteStore {
             .map_err(db("counting timers"))?
             .map(|micros| micros_column(micros, "timers"))
             .transpose()?;
-        Ok(TimerCounts {
-            pending: count("pending")?,
-            overdue: count("overdue")?,
-            late: count("late")?,
-            oldest_overdue: next_due
-                .filter(|due| *due <= now)
-                .and_then(|due| (now - due).to_std().ok()),
-            next_due,
-            fired: count("fired")?,
-            refused: count("refused")?,
-            cancelled: count("cancelled")?,
-            failed: count("failed")?,
-        })
+        counts_from(now, next_due, count)
     }
 
     async fn retry_timer(&self, key: &str, offset: Duration) -> Result<bool, StoreError> {
