@@ -396,6 +396,25 @@ impl NewEvent {
             causation_id: None,
         })
     }
+
+    /// An event of type `event_type` (version `"1"`) with `payload`, a fresh
+    /// id and no metadata.
+    ///
+    /// ```
+    /// let event = outflow::NewEvent::new("Opened", serde_json::json!({"owner": "ann"}));
+    /// assert_eq!((event.event_type.as_str(), event.event_version.as_str()), ("Opened", "1"));
+    /// ```
+    pub fn new(event_type: impl Into<String>, payload: serde_json::Value) -> Self {
+        NewEvent {
+            event_id: Uuid::now_v7(),
+            event_type: event_type.into(),
+            event_version: "1".to_owned(),
+            payload,
+            metadata: Metadata::new(),
+            correlation_id: None,
+            causation_id: None,
+        }
+    }
 }
 
 /// The events of one command for one stream, with the version the writer
@@ -449,6 +468,27 @@ pub(crate) fn recorded_events<E>(
 }
 
 impl AppendRequest {
+    /// `events` for stream `aggregate_type`/`aggregate_id`, expected at
+    /// `expected_version`.
+    ///
+    /// ```
+    /// let request = outflow::AppendRequest::new("account", "a-1", 0, vec![]);
+    /// assert_eq!(request.expected_version, 0);
+    /// ```
+    pub fn new(
+        aggregate_type: impl Into<String>,
+        aggregate_id: impl Into<String>,
+        expected_version: u64,
+        events: Vec<NewEvent>,
+    ) -> Self {
+        AppendRequest {
+            aggregate_type: aggregate_type.into(),
+            aggregate_id: aggregate_id.into(),
+            expected_version,
+            events,
+        }
+    }
+
     pub(crate) fn validate(&self) -> Result<(), StoreError> {
         let invalid = |reason: &str| StoreError::InvalidAppend {
             aggregate_type: self.aggregate_type.clone(),

@@ -84,6 +84,7 @@ pub mod admin;
 mod backoff;
 pub mod command;
 pub mod copy;
+pub mod decision;
 pub mod delivery;
 pub mod error;
 pub mod event;
@@ -107,6 +108,7 @@ pub mod pubsub;
 pub mod relay;
 pub mod runner;
 pub mod store;
+pub mod tags;
 pub mod telemetry;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 #[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "sqlite"))))]

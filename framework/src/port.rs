@@ -9,6 +9,7 @@
 //! `outflow::outbox`), re-exported from here.
 
 pub mod backend;
+pub mod decisions;
 pub mod events;
 pub mod log;
 #[cfg(feature = "nats")]

@@ -14,6 +14,7 @@
 //! | projections | [`ProjectionStore`] = [`Checkpoints`] + [`Leases`] + [`DeadLetters`] + [`Inbox`] | 9 + 4 + 5 + 1 |
 
 pub use crate::port::backend::Backend;
+pub use crate::port::decisions::{AppendCondition, ConditionalAppend, QueryRead, ReadPosition};
 pub use crate::port::events::{
     read_stream, AppendInTransaction, CopyTarget, EventStore, LoadedStream, StreamEvent,
     Transactional,

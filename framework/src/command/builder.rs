@@ -160,6 +160,55 @@ where
                 self.inline = Some(Box::new(InlineHandlers {
                     store: self.store.clone(),
                     handlers: vec![handler],
+                    tagging: None,
+                }))
+            }
+        }
+        self
+    }
+}
+
+impl<A, S> CommandBusBuilder<A, S>
+where
+    A: Aggregate + 'static,
+    A::Event: crate::tags::Tagged,
+    S: crate::store::ConditionalAppend + Clone,
+{
+    /// Stores each event with its [tags](crate::tags::Tagged) and its
+    /// stream's tag ([`stream_tag`](crate::tags::stream_tag)), so
+    /// [decisions](crate::decision) can read this aggregate's events by
+    /// query and their conditions see its appends (each append then takes
+    /// a shared lock per tag on PostgreSQL, and writes one row per tag).
+    /// The events go through a transaction of the backend, as with
+    /// [`inline`](Self::inline) handlers.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use outflow::store::ConditionalAppend;
+    /// use outflow::tags::{Query, QueryItem, Tagged};
+    /// use outflow::{CommandBus, MemoryStore};
+    /// # use outflow::doc_fixture::{Counter, CounterCommand, CounterEvent};
+    /// # impl Tagged for CounterEvent { fn tags(&self) -> Vec<String> { vec!["counting".into()] } }
+    /// let store = MemoryStore::new();
+    /// let bus = CommandBus::<Counter, _>::builder(store.clone(), ()).tag_events().build();
+    /// bus.execute("c-1", CounterCommand::Increment { by: 1 }).await?;
+    /// let read = store.read_query(&Query::new().with(QueryItem::stream("counter", "c-1")), None).await?;
+    /// assert_eq!(read.events.len(), 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn tag_events(mut self) -> Self {
+        let tagging = Tagging {
+            tags: <A::Event as crate::tags::Tagged>::tags,
+            append: tagged_append::<S>,
+        };
+        match self.inline.as_mut() {
+            Some(inline) => inline.tag(tagging),
+            None => {
+                self.inline = Some(Box::new(InlineHandlers {
+                    store: self.store.clone(),
+                    handlers: Vec::new(),
+                    tagging: Some(tagging),
                 }))
             }
         }

@@ -78,11 +78,45 @@ pub(super) trait InlinePath<A: Aggregate, S>: Send + Sync {
     fn push(&mut self, handler: Box<dyn InlineHandler<A, S>>)
     where
         S: Transactional;
+
+    /// Appends the events with their tags from now on.
+    fn tag(&mut self, tagging: Tagging<A, S>)
+    where
+        S: Transactional;
+}
+
+/// The append of a transaction's events with their tags.
+pub(super) type TaggedAppendFn<S> = for<'a> fn(
+    &'a S,
+    &'a mut <S as Transactional>::Transaction,
+    AppendRequest,
+    Vec<Vec<String>>,
+) -> futures::future::BoxFuture<
+    'a,
+    Result<Vec<RecordedEvent>, crate::error::StoreError>,
+>;
+
+/// How a bus built with [`tag_events`](crate::CommandBusBuilder::tag_events)
+/// tags its events.
+pub(super) struct Tagging<A: Aggregate, S: Transactional> {
+    pub(super) tags: fn(&A::Event) -> Vec<String>,
+    pub(super) append: TaggedAppendFn<S>,
+}
+
+/// [`TaggedAppendFn`] for a backend with tags.
+pub(super) fn tagged_append<'a, S: crate::port::decisions::ConditionalAppend>(
+    store: &'a S,
+    tx: &'a mut S::Transaction,
+    request: AppendRequest,
+    tags: Vec<Vec<String>>,
+) -> futures::future::BoxFuture<'a, Result<Vec<RecordedEvent>, crate::error::StoreError>> {
+    Box::pin(store.append_tagged_in(tx, request, tags, None))
 }
 
 pub(super) struct InlineHandlers<A: Aggregate, S: AppendInTransaction> {
     pub(super) store: S,
     pub(super) handlers: Vec<Box<dyn InlineHandler<A, S>>>,
+    pub(super) tagging: Option<Tagging<A, S>>,
 }
 
 #[async_trait::async_trait]
@@ -101,7 +135,13 @@ where
         let mut tx = self.store.begin().await?;
         let key = (request.aggregate_type.clone(), request.aggregate_id.clone());
         let version = request.expected_version + request.events.len() as u64;
-        let recorded = self.store.append_in(&mut tx, request).await?;
+        let recorded = match &self.tagging {
+            Some(tagging) => {
+                let tags = payloads.iter().map(tagging.tags).collect();
+                (tagging.append)(&self.store, &mut tx, request, tags).await?
+            }
+            None => self.store.append_in(&mut tx, request).await?,
+        };
         if let Some(command_id) = claim {
             self.store
                 .claim_command_in(&mut tx, &key.0, &key.1, command_id, version)
@@ -127,5 +167,9 @@ where
 
     fn push(&mut self, handler: Box<dyn InlineHandler<A, S>>) {
         self.handlers.push(handler);
+    }
+
+    fn tag(&mut self, tagging: Tagging<A, S>) {
+        self.tagging = Some(tagging);
     }
 }

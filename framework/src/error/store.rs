@@ -40,6 +40,33 @@ pub enum StoreError {
         /// Aggregate id of the stream.
         aggregate_id: String,
     },
+    /// A [conditional append](crate::decision) found an event matching its
+    /// condition's query appended after the position its writer read: the
+    /// facts the decision was made on changed. Transient: read again and
+    /// decide again (a [`DecisionBus`](crate::decision::DecisionBus) does).
+    #[error("the append's condition failed: an event matching {query} was appended after {after}")]
+    ConditionFailed {
+        /// The condition's query, as text.
+        query: String,
+        /// Where the writer had read up to.
+        after: crate::event::Checkpoint,
+    },
+    /// A [`Query`](crate::tags::Query) or a tag that cannot be used (empty,
+    /// too long, too many).
+    #[error("invalid query or tags: {reason}")]
+    InvalidQuery {
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The backend cannot do what was asked, and says why (conditional
+    /// appends on a JetStream store).
+    #[error("{what} is not supported by this store: {reason}")]
+    Unsupported {
+        /// What was asked.
+        what: &'static str,
+        /// Why the backend cannot.
+        reason: &'static str,
+    },
     /// A configured name is not a valid SQL identifier.
     #[error("invalid {what} `{name}`: {reason}")]
     InvalidIdentifier {
@@ -182,12 +209,15 @@ impl StoreError {
         match self {
             StoreError::Conflict { .. }
             | StoreError::StaleTransaction { .. }
+            | StoreError::ConditionFailed { .. }
             | StoreError::Unavailable { .. } => ErrorKind::Transient,
             StoreError::Database { kind, .. } => *kind,
             StoreError::InvalidIdentifier { .. }
             | StoreError::Config(_)
+            | StoreError::Unsupported { .. }
             | StoreError::Migration { .. } => ErrorKind::Infrastructure,
             StoreError::InvalidAppend { .. }
+            | StoreError::InvalidQuery { .. }
             | StoreError::Deserialize { .. }
             | StoreError::Undecodable { .. }
             | StoreError::UnknownEventType { .. }
@@ -203,11 +233,14 @@ impl StoreError {
         self.kind().is_retryable()
     }
 
-    /// `true` when another writer appended to the stream first.
+    /// `true` when another writer appended to the stream first, or an
+    /// append's [condition](StoreError::ConditionFailed) failed.
     pub fn is_conflict(&self) -> bool {
         matches!(
             self,
-            StoreError::Conflict { .. } | StoreError::StaleTransaction { .. }
+            StoreError::Conflict { .. }
+                | StoreError::StaleTransaction { .. }
+                | StoreError::ConditionFailed { .. }
         )
     }
 

@@ -4,6 +4,7 @@
 
 mod append;
 mod dead_letters;
+mod decisions;
 mod log;
 mod state;
 mod transactions;

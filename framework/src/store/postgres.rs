@@ -44,6 +44,7 @@ mod projection_store;
 mod rows;
 mod schema;
 mod timers;
+mod decisions;
 mod views;
 
 #[cfg(feature = "nats")]
@@ -87,6 +88,10 @@ struct Inner {
     notify_checkpoints: Option<mpsc::Sender<()>>,
     projection_sql: projection_store::Queries,
     timer_sql: timers::TimerQueries,
+    /// The tags table, quoted: decisions' statements are built per query.
+    tags_table: String,
+    /// The events table, quoted.
+    events_sql: String,
     /// Appends made inside callers' transactions, and how many of them a
     /// commit has woken readers for.
     append_wakes: crate::store::sql::wakes::AppendWakes,
@@ -129,6 +134,8 @@ crate::store::sql::statements::sql_statements! {
         record_outcome,
         claim_command,
         prune_outcomes,
+        tag_locks,
+        append_tagged,
     }
 }
 
@@ -268,6 +275,8 @@ impl PostgresStoreBuilder {
                 notify_checkpoints,
                 projection_sql,
                 timer_sql,
+                tags_table: names.render("{tags}"),
+                events_sql: names.render("{events}"),
                 append_wakes: Default::default(),
                 listener_started: OnceLock::new(),
                 group: group::Group::default(),

@@ -53,6 +53,7 @@ mod queries;
 mod rows;
 mod schema;
 mod timers;
+mod decisions;
 mod views;
 
 pub(crate) use errors::{classify, db, sqlite_error, to_i64};

@@ -60,6 +60,9 @@ pub(super) struct State {
     pub(super) rebuild_requests: std::collections::BTreeSet<String>,
     /// Dead letters a retry is asked of (`DeadLetters::request_retry`).
     pub(super) retry_requests: std::collections::BTreeSet<u64>,
+    /// Tags of the events appended with tags, by event id (a rolled-back
+    /// append leaves an entry no event has).
+    pub(super) tags: HashMap<Uuid, Vec<String>>,
 }
 
 impl State {

@@ -54,6 +54,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "durable timers",
         include_str!("migrations/009_timers.sql"),
     ),
+    (
+        10,
+        "event tags",
+        include_str!("migrations/010_tags.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serializes concurrent migrations.
@@ -97,6 +102,7 @@ impl Names {
         let outcomes = events.derived("outcomes", "outcomes table")?.quoted();
         let outcomes_idx = unqualified(events.derived("oc_idx", "outcomes index name")?);
         let timers = events.derived("timers", "timers table")?.quoted();
+        let tags = events.derived("tags", "tags table")?.quoted();
         let timers_due_idx = unqualified(events.derived("tm_due_idx", "timers index name")?);
         let timers_finished_idx = unqualified(events.derived("tm_done_idx", "timers index name")?);
         let replacements = vec![
@@ -123,6 +129,7 @@ impl Names {
             ("{timers_due_idx}", timers_due_idx),
             ("{timers_finished_idx}", timers_finished_idx),
             ("{timers}", timers),
+            ("{tags}", tags),
             ("{dead_letters}", dead_letters),
             ("{projections}", projections),
             ("{nodes}", nodes),

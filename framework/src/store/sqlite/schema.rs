@@ -43,6 +43,7 @@ impl Tables {
                 "timers index",
             ),
             ("{timers}", "timers", "timers table"),
+            ("{tags}", "tags", "tags table"),
             ("{events_type_idx}", "type_idx", "events type index"),
             ("{events_stream_idx}", "stream_idx", "events stream index"),
             (
@@ -104,6 +105,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "durable timers",
         include_str!("migrations/006_timers.sql"),
     ),
+    (7, "event tags", include_str!("migrations/007_tags.sql")),
 ];
 
 /// Applies the pending migrations in one write transaction (`BEGIN

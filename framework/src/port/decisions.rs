@@ -1,0 +1,193 @@
+//! The port of decisions across aggregates: reading the events that match a
+//! [`Query`], and appending on condition that no event matching a query was
+//! appended after what was read.
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::error::StoreError;
+use crate::event::{AppendRequest, Checkpoint, RecordedEvent};
+use crate::port::events::AppendInTransaction;
+use crate::tags::Query;
+
+/// Where a read by query stood: an append conditional on it fails when an
+/// event matching the condition's query was appended that the read did not
+/// see.
+///
+/// From [`ConditionalAppend::read_query`] it names exactly what the read saw
+/// (on PostgreSQL the read's snapshot: an event committed late, by a
+/// transaction that was still open during the read, is not seen and
+/// therefore conflicts). [`ReadPosition::after`] builds one from a
+/// checkpoint of the [global log](crate::log): everything up to it counts
+/// as seen — right for a position reached by reading the log, whose reader
+/// never passes an event that commits late.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ReadPosition {
+    checkpoint: Checkpoint,
+    snapshot: Option<String>,
+}
+
+impl ReadPosition {
+    /// Everything in the log up to `checkpoint` (in log order) counts as
+    /// read.
+    ///
+    /// ```
+    /// use outflow::Checkpoint;
+    /// use outflow::store::ReadPosition;
+    /// let read = ReadPosition::after(Checkpoint::new(7, 10));
+    /// assert_eq!(read.checkpoint(), Checkpoint::new(7, 10));
+    /// ```
+    pub fn after(checkpoint: Checkpoint) -> Self {
+        ReadPosition {
+            checkpoint,
+            snapshot: None,
+        }
+    }
+
+    /// A position from a backend's read: the last matching event's
+    /// checkpoint and, on PostgreSQL, the read's snapshot.
+    pub(crate) fn read(checkpoint: Checkpoint, snapshot: Option<String>) -> Self {
+        ReadPosition {
+            checkpoint,
+            snapshot,
+        }
+    }
+
+    /// The checkpoint of the last matching event read ([`Checkpoint::START`]
+    /// when none matched), or the one given to [`after`](Self::after).
+    pub fn checkpoint(&self) -> Checkpoint {
+        self.checkpoint
+    }
+
+    /// The PostgreSQL snapshot of the read, as text, when it came from one.
+    pub(crate) fn snapshot(&self) -> Option<&str> {
+        self.snapshot.as_deref()
+    }
+}
+
+/// What [`ConditionalAppend::read_query`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueryRead {
+    /// The matching events, in log order.
+    pub events: Vec<RecordedEvent>,
+    /// What the read saw, for [`AppendCondition::new`].
+    pub position: ReadPosition,
+    /// The version of the stream named in the read (0 when it has no
+    /// event, or when no stream was named), read with the events.
+    pub stream_version: u64,
+}
+
+/// An append's condition: no event matching `query` appended after `after`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct AppendCondition {
+    /// The events that must not have changed.
+    pub query: Query,
+    /// What the writer read.
+    pub after: ReadPosition,
+}
+
+impl AppendCondition {
+    /// No event matching `query` after `after`.
+    pub fn new(query: Query, after: ReadPosition) -> Self {
+        AppendCondition { query, after }
+    }
+}
+
+/// A backend that stores events with tags, reads them by [`Query`], and
+/// appends on a condition — atomically, against every concurrent writer,
+/// including one whose transaction commits late (PostgreSQL and SQLite;
+/// the in-memory store for tests). A JetStream store does not implement it:
+/// see [`JetStreamStore::conditional_appends`](crate::JetStreamStore::conditional_appends).
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use outflow::tags::{Query, QueryItem};
+/// use outflow::store::{AppendCondition, ConditionalAppend};
+/// use outflow::{AppendRequest, MemoryStore, NewEvent};
+/// let store = MemoryStore::new();
+/// let query = Query::new().with(QueryItem::tags(["email:ann@example.com"]));
+/// let read = store.read_query(&query, None).await?;
+/// assert!(read.events.is_empty());
+/// let event = NewEvent::new("UserSignedUp", serde_json::json!({"email": "ann@example.com"}));
+/// let request = AppendRequest::new("user", "u-1", 0, vec![event.clone()]);
+/// let tags = vec![vec!["email:ann@example.com".to_owned()]];
+/// let condition = AppendCondition::new(query.clone(), read.position.clone());
+/// store.append_if(request, tags.clone(), Some(condition.clone())).await?;
+/// // A second sign-up decided on the same read is refused.
+/// let again = AppendRequest::new("user", "u-2", 0, vec![event]);
+/// let refused = store.append_if(again, tags, Some(condition)).await.unwrap_err();
+/// assert!(refused.is_conflict());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// # }).unwrap();
+/// ```
+#[async_trait]
+pub trait ConditionalAppend: AppendInTransaction {
+    /// The events matching `query`, in log order, with what the read saw;
+    /// with `stream` (`(aggregate type, aggregate id)`), that stream's
+    /// version read at the same moment.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::InvalidQuery`]; [`StoreError::Database`].
+    async fn read_query(
+        &self,
+        query: &Query,
+        stream: Option<(&str, &str)>,
+    ) -> Result<QueryRead, StoreError>;
+
+    /// Appends `request` inside `tx`, each event carrying its tags
+    /// (`tags[i]` for `request.events[i]`; missing entries are no tags)
+    /// and its stream's tag; with `condition`, only if no event matching
+    /// its query was appended after its position.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::ConditionFailed`] (retryable: read again and decide
+    /// again); as [`AppendInTransaction::append_in`];
+    /// [`StoreError::InvalidQuery`] for bad tags.
+    async fn append_tagged_in(
+        &self,
+        tx: &mut Self::Transaction,
+        request: AppendRequest,
+        tags: Vec<Vec<String>>,
+        condition: Option<&AppendCondition>,
+    ) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// [`append_tagged_in`](Self::append_tagged_in) in a transaction of its
+    /// own.
+    ///
+    /// # Errors
+    ///
+    /// As [`append_tagged_in`](Self::append_tagged_in).
+    async fn append_if(
+        &self,
+        request: AppendRequest,
+        tags: Vec<Vec<String>>,
+        condition: Option<AppendCondition>,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let mut tx = self.begin().await?;
+        let written = self
+            .append_tagged_in(&mut tx, request, tags, condition.as_ref())
+            .await?;
+        self.commit(tx).await?;
+        Ok(written)
+    }
+}
+
+/// Each event's tags with its stream's tag, normalized: what every backend
+/// stores.
+pub(crate) fn event_tags(
+    request: &AppendRequest,
+    mut tags: Vec<Vec<String>>,
+) -> Result<Vec<Vec<String>>, StoreError> {
+    tags.resize(request.events.len(), Vec::new());
+    tags.truncate(request.events.len());
+    let stream = crate::tags::stream_tag(&request.aggregate_type, &request.aggregate_id);
+    tags.into_iter()
+        .map(|mut list| {
+            list.push(stream.clone());
+            crate::tags::normalized_tags(list)
+                .map_err(|reason| StoreError::InvalidQuery { reason })
+        })
+        .collect()
+}

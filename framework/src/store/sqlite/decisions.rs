@@ -1,0 +1,279 @@
+//! Tags, reads by query and conditional appends on SQLite.
+//!
+//! A write transaction holds the file's write lock from its start (`BEGIN
+//! IMMEDIATE`), and positions are numbered under it: the condition is
+//! checked and the events written with no other writer in between, and an
+//! event the read did not see has a higher position than every event it
+//! saw.
+
+use async_trait::async_trait;
+use sqlx::sqlite::SqliteRow;
+use sqlx::{Row, SqliteConnection};
+
+use super::rows::{decode_event, COLUMNS};
+use super::{db, to_i64, SqliteStore};
+use crate::error::StoreError;
+use crate::event::{AppendRequest, Checkpoint, RecordedEvent};
+use crate::port::decisions::{
+    event_tags, AppendCondition, ConditionalAppend, QueryRead, ReadPosition,
+};
+use crate::tags::Query;
+
+/// Tag rows per INSERT statement (two values each).
+const TAG_CHUNK: usize = 400;
+
+/// A value bound to a built statement.
+enum Bind {
+    Text(String),
+    Int(i64),
+}
+
+/// Numbers `?N` parameters as a clause is built.
+struct Params {
+    next: usize,
+    binds: Vec<Bind>,
+}
+
+impl Params {
+    fn new(first: usize) -> Self {
+        Params {
+            next: first,
+            binds: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, bind: Bind) -> usize {
+        self.binds.push(bind);
+        self.next += 1;
+        self.next - 1
+    }
+
+    fn list(&mut self, values: &[String]) -> String {
+        values
+            .iter()
+            .map(|v| format!("?{}", self.push(Bind::Text(v.clone()))))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn bind<'q>(
+        self,
+        mut query: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
+    ) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
+        for bind in self.binds {
+            query = match bind {
+                Bind::Text(value) => query.bind(value),
+                Bind::Int(value) => query.bind(value),
+            };
+        }
+        query
+    }
+}
+
+impl SqliteStore {
+    /// `(item OR item ...)` over the events row `alias`; `0` (false) for an
+    /// empty query.
+    fn query_clause(&self, query: &Query, alias: &str, params: &mut Params) -> String {
+        if query.items.is_empty() {
+            return "0".to_owned();
+        }
+        let tags_table = self.inner.tables.render("{tags}");
+        let items: Vec<String> = query
+            .items
+            .iter()
+            .map(|item| {
+                let mut parts = Vec::new();
+                if !item.types.is_empty() {
+                    parts.push(format!(
+                        "{alias}.event_type IN ({})",
+                        params.list(&item.types)
+                    ));
+                }
+                let mut tags = item.tags.clone();
+                tags.sort();
+                tags.dedup();
+                if !tags.is_empty() {
+                    let count = tags.len();
+                    let list = params.list(&tags);
+                    parts.push(format!(
+                        "(SELECT count(*) FROM {tags_table} g WHERE g.position = {alias}.position \
+                         AND g.tag IN ({list})) = {count}"
+                    ));
+                }
+                if parts.is_empty() {
+                    "1".to_owned()
+                } else {
+                    format!("({})", parts.join(" AND "))
+                }
+            })
+            .collect();
+        format!("({})", items.join(" OR "))
+    }
+
+    /// Whether an event matching `condition` was appended after its read.
+    async fn condition_failed(
+        &self,
+        connection: &mut SqliteConnection,
+        condition: &AppendCondition,
+    ) -> Result<bool, StoreError> {
+        let mut params = Params::new(2);
+        let clause = self.query_clause(&condition.query, "c", &mut params);
+        let sql = self.inner.tables.render(&format!(
+            "SELECT EXISTS (SELECT 1 FROM {{events}} c WHERE c.position > ?1 AND {clause})"
+        ));
+        let query = sqlx::query_scalar::<_, i64>(&sql)
+            .bind(to_i64(condition.after.checkpoint().position));
+        let mut query = query;
+        for bind in params.binds {
+            query = match bind {
+                Bind::Text(value) => query.bind(value),
+                Bind::Int(value) => query.bind(value),
+            };
+        }
+        let found = query
+            .fetch_one(&mut *connection)
+            .await
+            .map_err(db("checking an append's condition"))?;
+        Ok(found != 0)
+    }
+
+    /// Writes each event's tags.
+    async fn insert_tags(
+        &self,
+        connection: &mut SqliteConnection,
+        written: &[RecordedEvent],
+        tags: &[Vec<String>],
+    ) -> Result<(), StoreError> {
+        let rows: Vec<(&str, i64)> = written
+            .iter()
+            .zip(tags)
+            .flat_map(|(event, list)| {
+                list.iter()
+                    .map(move |tag| (tag.as_str(), to_i64(event.position)))
+            })
+            .collect();
+        for chunk in rows.chunks(TAG_CHUNK) {
+            let values = (0..chunk.len())
+                .map(|i| format!("(?{}, ?{})", 2 * i + 1, 2 * i + 2))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = self.inner.tables.render(&format!(
+                "INSERT INTO {{tags}} (tag, position) VALUES {values}"
+            ));
+            let mut query = sqlx::query(&sql);
+            for (tag, position) in chunk {
+                query = query.bind(*tag).bind(*position);
+            }
+            query
+                .execute(&mut *connection)
+                .await
+                .map_err(db("writing events' tags"))?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ConditionalAppend for SqliteStore {
+    async fn read_query(
+        &self,
+        query: &Query,
+        stream: Option<(&str, &str)>,
+    ) -> Result<QueryRead, StoreError> {
+        query.validate()?;
+        let mut params = Params::new(3);
+        let matching = if query.is_empty() {
+            "SELECT NULL WHERE 0".to_owned()
+        } else {
+            let tags_table = self.inner.tables.render("{tags}");
+            query
+                .items
+                .iter()
+                .map(|item| {
+                    let one = Query::new().with(item.clone());
+                    let clause = self.query_clause(&one, "e", &mut params);
+                    match item.tags.iter().min() {
+                        Some(first) => {
+                            let n = params.push(Bind::Text(first.clone()));
+                            format!(
+                                "SELECT e.position FROM {tags_table} t \
+                                 JOIN {{events}} e ON e.position = t.position \
+                                 WHERE t.tag = ?{n} AND {clause}"
+                            )
+                        }
+                        None => format!("SELECT e.position FROM {{events}} e WHERE {clause}"),
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(" UNION ")
+        };
+        let sql = self.inner.tables.render(&format!(
+            "SELECT s.version, x.* \
+               FROM (SELECT COALESCE((SELECT v.sequence FROM {{events}} v \
+                                       WHERE v.aggregate_type = ?1 AND v.aggregate_id = ?2 \
+                                       ORDER BY v.sequence DESC LIMIT 1), 0) AS version) s \
+               LEFT JOIN (SELECT {COLUMNS} FROM {{events}} e \
+                           WHERE e.position IN ({matching})) x ON 1 \
+              ORDER BY x.position"
+        ));
+        let (stream_type, stream_id) = match stream {
+            Some((t, i)) => (Some(t.to_owned()), Some(i.to_owned())),
+            None => (None, None),
+        };
+        let rows: Vec<SqliteRow> = params
+            .bind(sqlx::query(&sql).bind(stream_type).bind(stream_id))
+            .fetch_all(&self.inner.readers)
+            .await
+            .map_err(db("reading events by query"))?;
+        let mut version = 0;
+        let mut events = Vec::with_capacity(rows.len());
+        for row in &rows {
+            version = row
+                .try_get::<i64, _>("version")
+                .map_err(db("reading events by query"))?;
+            let present: Option<i64> = row
+                .try_get("position")
+                .map_err(db("reading events by query"))?;
+            if present.is_some() {
+                events.push(decode_event(row, &self.inner.tables.events)?);
+            }
+        }
+        let checkpoint = events
+            .last()
+            .map_or(Checkpoint::START, RecordedEvent::checkpoint);
+        Ok(QueryRead {
+            events,
+            position: ReadPosition::read(checkpoint, None),
+            stream_version: u64::try_from(version).unwrap_or(0),
+        })
+    }
+
+    async fn append_tagged_in(
+        &self,
+        tx: &mut Self::Transaction,
+        request: AppendRequest,
+        tags: Vec<Vec<String>>,
+        condition: Option<&AppendCondition>,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        request.validate()?;
+        if let Some(condition) = condition {
+            condition.query.validate()?;
+        }
+        if request.events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tags = event_tags(&request, tags)?;
+        if let Some(condition) = condition {
+            if self.condition_failed(tx, condition).await? {
+                return Err(StoreError::ConditionFailed {
+                    query: condition.query.to_string(),
+                    after: condition.after.checkpoint(),
+                });
+            }
+        }
+        let written = self.append_on(tx, request).await?;
+        self.insert_tags(tx, &written, &tags).await?;
+        self.appended_in_transaction();
+        Ok(written)
+    }
+}
