@@ -174,7 +174,6 @@ pub trait DecisionHandler<S: Transactional>: Send + Sync + 'static {
 }
 
 /// What a decision wrote.
-#[derive(Debug, Clone)]
 pub struct Decided<D: Decision> {
     /// The events as recorded.
     pub events: Vec<RecordedEvent>,
@@ -186,6 +185,28 @@ pub struct Decided<D: Decision> {
     /// `true` when the command id had been decided before and nothing was
     /// decided again.
     pub repeated: bool,
+}
+
+impl<D: Decision> std::fmt::Debug for Decided<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decided")
+            .field("events", &self.events)
+            .field("payloads", &self.payloads)
+            .field("attempts", &self.attempts)
+            .field("repeated", &self.repeated)
+            .finish()
+    }
+}
+
+impl<D: Decision> Clone for Decided<D> {
+    fn clone(&self) -> Self {
+        Decided {
+            events: self.events.clone(),
+            payloads: self.payloads.clone(),
+            attempts: self.attempts,
+            repeated: self.repeated,
+        }
+    }
 }
 
 impl<D: Decision> Decided<D> {
@@ -590,7 +611,6 @@ fn fold<D: Decision>(events: &[RecordedEvent]) -> Result<D::State, StoreError> {
     }
     Ok(state)
 }
-
 
 /// A short random pause before deciding again, growing with the attempt.
 fn backoff(attempt: u32) -> Duration {

@@ -186,8 +186,7 @@ pub(crate) fn event_tags(
     tags.into_iter()
         .map(|mut list| {
             list.push(stream.clone());
-            crate::tags::normalized_tags(list)
-                .map_err(|reason| StoreError::InvalidQuery { reason })
+            crate::tags::normalized_tags(list).map_err(|reason| StoreError::InvalidQuery { reason })
         })
         .collect()
 }

@@ -34,6 +34,7 @@ mod append;
 mod dead_letters;
 #[cfg(feature = "nats")]
 mod dead_messages;
+mod decisions;
 mod errors;
 mod group;
 mod log;
@@ -44,7 +45,6 @@ mod projection_store;
 mod rows;
 mod schema;
 mod timers;
-mod decisions;
 mod views;
 
 #[cfg(feature = "nats")]

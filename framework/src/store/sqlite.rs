@@ -44,6 +44,7 @@ use crate::wake::WakeSignal;
 
 mod append;
 mod dead_letters;
+mod decisions;
 mod errors;
 mod log;
 mod outbox;
@@ -53,7 +54,6 @@ mod queries;
 mod rows;
 mod schema;
 mod timers;
-mod decisions;
 mod views;
 
 pub(crate) use errors::{classify, db, sqlite_error, to_i64};

@@ -11,6 +11,7 @@ mod cancelled_transactions;
 mod commands_once;
 mod contention;
 mod day_two_status;
+mod decisions;
 mod renames;
 mod restarts;
 mod role_suites;

@@ -8,6 +8,7 @@
 mod append_concurrency;
 mod committed_head;
 mod connection_exhaustion;
+mod decision_interleaving;
 mod group_append;
 mod log_ordering;
 mod log_property;

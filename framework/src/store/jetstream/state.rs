@@ -67,6 +67,26 @@ impl std::fmt::Debug for JetStreamStore {
 }
 
 impl JetStreamStore {
+    /// Whether this store offers [conditional
+    /// appends](crate::store::ConditionalAppend) for
+    /// [decisions](crate::decision): it does not, and this says why, for
+    /// code that picks its backend at run time (a
+    /// [`DecisionBus`](crate::decision::DecisionBus) over a JetStream store
+    /// does not compile).
+    ///
+    /// # Errors
+    ///
+    /// Always [`StoreError::Unsupported`](crate::StoreError::Unsupported).
+    pub fn conditional_appends(&self) -> Result<(), crate::StoreError> {
+        Err(crate::StoreError::Unsupported {
+            what: "a conditional append (decisions across aggregates)",
+            reason: "JetStream checks an expected last sequence per subject or per whole stream, \
+                     never \"no message matching these tags since\"; the coarse form it allows, \
+                     the whole partition as one boundary, would serialize every append of the \
+                     partition; use a PostgreSQL or SQLite store for decisions",
+        })
+    }
+
     /// The subjects' first tokens (see [`JetStreamStoreBuilder::prefix`](super::JetStreamStoreBuilder::prefix)).
     pub fn prefix(&self) -> &str {
         &self.inner.prefix

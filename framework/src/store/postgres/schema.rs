@@ -54,11 +54,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "durable timers",
         include_str!("migrations/009_timers.sql"),
     ),
-    (
-        10,
-        "event tags",
-        include_str!("migrations/010_tags.sql"),
-    ),
+    (10, "event tags", include_str!("migrations/010_tags.sql")),
 ];
 
 /// Key of the advisory lock that serializes concurrent migrations.

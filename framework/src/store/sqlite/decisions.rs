@@ -22,16 +22,10 @@ use crate::tags::Query;
 /// Tag rows per INSERT statement (two values each).
 const TAG_CHUNK: usize = 400;
 
-/// A value bound to a built statement.
-enum Bind {
-    Text(String),
-    Int(i64),
-}
-
 /// Numbers `?N` parameters as a clause is built.
 struct Params {
     next: usize,
-    binds: Vec<Bind>,
+    binds: Vec<String>,
 }
 
 impl Params {
@@ -42,7 +36,7 @@ impl Params {
         }
     }
 
-    fn push(&mut self, bind: Bind) -> usize {
+    fn push(&mut self, bind: String) -> usize {
         self.binds.push(bind);
         self.next += 1;
         self.next - 1
@@ -51,7 +45,7 @@ impl Params {
     fn list(&mut self, values: &[String]) -> String {
         values
             .iter()
-            .map(|v| format!("?{}", self.push(Bind::Text(v.clone()))))
+            .map(|v| format!("?{}", self.push(v.clone())))
             .collect::<Vec<_>>()
             .join(", ")
     }
@@ -61,10 +55,7 @@ impl Params {
         mut query: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
     ) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
         for bind in self.binds {
-            query = match bind {
-                Bind::Text(value) => query.bind(value),
-                Bind::Int(value) => query.bind(value),
-            };
+            query = query.bind(bind);
         }
         query
     }
@@ -121,14 +112,11 @@ impl SqliteStore {
         let sql = self.inner.tables.render(&format!(
             "SELECT EXISTS (SELECT 1 FROM {{events}} c WHERE c.position > ?1 AND {clause})"
         ));
-        let query = sqlx::query_scalar::<_, i64>(&sql)
-            .bind(to_i64(condition.after.checkpoint().position));
+        let query =
+            sqlx::query_scalar::<_, i64>(&sql).bind(to_i64(condition.after.checkpoint().position));
         let mut query = query;
         for bind in params.binds {
-            query = match bind {
-                Bind::Text(value) => query.bind(value),
-                Bind::Int(value) => query.bind(value),
-            };
+            query = query.bind(bind);
         }
         let found = query
             .fetch_one(&mut *connection)
@@ -194,7 +182,7 @@ impl ConditionalAppend for SqliteStore {
                     let clause = self.query_clause(&one, "e", &mut params);
                     match item.tags.iter().min() {
                         Some(first) => {
-                            let n = params.push(Bind::Text(first.clone()));
+                            let n = params.push(first.clone());
                             format!(
                                 "SELECT e.position FROM {tags_table} t \
                                  JOIN {{events}} e ON e.position = t.position \
