@@ -386,6 +386,7 @@ pub struct LogFilter {
     aggregate_types: Vec<String>,
     event_types: Vec<String>,
     partition: Option<Partition>,
+    query: Option<crate::tags::Query>,
 }
 
 /// One of `count` disjoint parts of the log, split by a hash of the
@@ -434,6 +435,7 @@ impl LogFilter {
             aggregate_types: types.into_iter().map(Into::into).collect(),
             event_types: Vec::new(),
             partition: None,
+            query: None,
         }
     }
 
@@ -468,18 +470,51 @@ impl LogFilter {
         &self.event_types
     }
 
-    /// `true` when the filter lets every event through.
-    pub fn is_all(&self) -> bool {
-        self.aggregate_types.is_empty() && self.event_types.is_empty() && self.partition.is_none()
+    /// The same filter, also requiring the events to match `query` (event
+    /// types and [tags](crate::tags)): what a projection of a
+    /// [decision](crate::decision)'s events filters on. The PostgreSQL,
+    /// SQLite and in-memory stores apply it in their reads; a JetStream
+    /// store refuses it ([`StoreError::Unsupported`](crate::StoreError::Unsupported)).
+    ///
+    /// ```
+    /// use outflow::tags::{Query, QueryItem};
+    /// let filter = outflow::LogFilter::all()
+    ///     .with_query(Query::new().with(QueryItem::tags(["course:7"])));
+    /// assert!(!filter.is_all() && filter.query().is_some());
+    /// ```
+    pub fn with_query(mut self, query: crate::tags::Query) -> Self {
+        self.query = Some(query);
+        self
     }
 
-    /// Whether `event` passes the filter.
+    /// The query the events must match, if any.
+    pub fn query(&self) -> Option<&crate::tags::Query> {
+        self.query.as_ref()
+    }
+
+    /// `true` when the filter lets every event through.
+    pub fn is_all(&self) -> bool {
+        self.aggregate_types.is_empty()
+            && self.event_types.is_empty()
+            && self.partition.is_none()
+            && self.query.is_none()
+    }
+
+    /// Whether `event` passes the filter. A recorded event does not carry
+    /// its tags: a [query](Self::with_query) is judged here on the event's
+    /// type alone (an item's tags are not checked); the stores check it in
+    /// full when they read.
     pub fn matches(&self, event: &RecordedEvent) -> bool {
         (self.aggregate_types.is_empty() || self.aggregate_types.contains(&event.aggregate_type))
             && (self.event_types.is_empty() || self.event_types.contains(&event.event_type))
             && self
                 .partition
                 .is_none_or(|p| p.contains(&event.aggregate_id))
+            && self.query.as_ref().is_none_or(|q| {
+                q.items
+                    .iter()
+                    .any(|i| i.types.is_empty() || i.types.contains(&event.event_type))
+            })
     }
 }
 

@@ -16,8 +16,8 @@ use outflow::decision::{Decision, DecisionBus, DecisionHandler, StreamId};
 use outflow::store::{AppendCondition, ConditionalAppend, ReadPosition};
 use outflow::tags::{Query, QueryItem, Tagged};
 use outflow::{
-    AppendRequest, CommandBus, CommandContext, CommandError, EventStore as _, HandlerError,
-    NewEvent, RecordedEvent, StoreError, Transactional,
+    AppendRequest, Checkpoint, CommandBus, CommandContext, CommandError, EventLog, HandlerError,
+    LogFilter, NewEvent, RecordedEvent, StoreError, Transactional,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -167,7 +167,7 @@ async fn subscribed<S: ConditionalAppend>(store: &S, query: &Query) -> Vec<(u32,
 /// Tags are stored with the events, a query selects by types and by every
 /// tag of an item, in log order, with the stream's tag added; untagged
 /// appends carry none.
-async fn tags_and_queries<S: ConditionalAppend + Clone>(store: S) {
+async fn tags_and_queries<S: ConditionalAppend + EventLog + Clone>(store: S) {
     store
         .append_if(
             request("a", 0, "Opened"),
@@ -234,6 +234,20 @@ async fn tags_and_queries<S: ConditionalAppend + Clone>(store: S) {
         .expect("read")
         .events
         .is_empty());
+
+    // The log, filtered by a query: what a projection of these events reads.
+    let filter = LogFilter::all().with_query(course(1));
+    let head = store.committed_head().await.expect("the head");
+    let logged = common::read_until(&store, Checkpoint::START, &filter, 2).await;
+    assert_eq!(ids(&logged), [("a".into(), 1), ("c".into(), 1)]);
+    let counted = store
+        .count_events(&filter, Checkpoint::START, head, 100)
+        .await
+        .expect("count");
+    assert_eq!(counted, 2);
+    let typed_filter = LogFilter::aggregate_types(["thing"]).with_query(typed.clone());
+    let logged = common::read_until(&store, Checkpoint::START, &typed_filter, 1).await;
+    assert_eq!(ids(&logged), [("a".into(), 2)]);
 
     // Bad tags and queries are refused, writing nothing.
     let bad = store

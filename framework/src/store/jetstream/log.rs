@@ -129,6 +129,12 @@ impl JetStreamStore {
         filter: &LogFilter,
         limit: usize,
     ) -> Result<Read, StoreError> {
+        if filter.query().is_some() {
+            return Err(StoreError::Unsupported {
+                what: "a log filter with a query of tags",
+                reason: "a JetStream store keeps no tags; filter on aggregate and event types",
+            });
+        }
         self.patiently(|| self.read_once(after, filter, limit))
             .await
     }

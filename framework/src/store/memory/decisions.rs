@@ -19,6 +19,16 @@ impl State {
         let tags = self.tags.get(&event.event_id).unwrap_or(&none);
         query.matches(&event.event_type, tags)
     }
+
+    /// Whether `event` passes `filter`, its query judged on the event's
+    /// tags.
+    pub(super) fn passes(
+        &self,
+        filter: &crate::port::log::LogFilter,
+        event: &RecordedEvent,
+    ) -> bool {
+        filter.matches(event) && filter.query().is_none_or(|q| self.matches(q, event))
+    }
 }
 
 #[async_trait]

@@ -24,7 +24,7 @@ impl EventLog for MemoryStore {
         let start = state.log.partition_point(|e| e.checkpoint() <= after);
         Ok(state.log[start..]
             .iter()
-            .filter(|e| filter.matches(e))
+            .filter(|e| state.passes(filter, e))
             .take(limit)
             .cloned()
             .collect())
@@ -53,7 +53,7 @@ impl EventLog for MemoryStore {
         Ok(state
             .log
             .iter()
-            .filter(|e| e.checkpoint() > after && e.checkpoint() <= upto && filter.matches(e))
+            .filter(|e| e.checkpoint() > after && e.checkpoint() <= upto && state.passes(filter, e))
             .take(usize::try_from(cap).unwrap_or(usize::MAX))
             .count() as u64)
     }
@@ -67,7 +67,7 @@ impl EventLog for MemoryStore {
         Ok(state
             .log
             .iter()
-            .find(|e| e.checkpoint() > after && filter.matches(e))
+            .find(|e| e.checkpoint() > after && state.passes(filter, e))
             .map(|e| e.recorded_at))
     }
 }

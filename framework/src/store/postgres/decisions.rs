@@ -25,13 +25,13 @@ use crate::port::decisions::{
 use crate::tags::{lock_key, Query};
 
 /// Numbers parameters as a clause is built.
-struct Params {
+pub(super) struct Params {
     next: usize,
-    binds: Vec<FilterBind>,
+    pub(super) binds: Vec<FilterBind>,
 }
 
 impl Params {
-    fn new(first: usize) -> Self {
+    pub(super) fn new(first: usize) -> Self {
         Params {
             next: first,
             binds: Vec::new(),
@@ -46,44 +46,8 @@ impl Params {
 }
 
 impl PostgresStore {
-    /// `(item or item ...)` over the events row `alias`: its type among the
-    /// item's, and each of the item's tags among its rows in the tags
-    /// table. `FALSE` for an empty query.
     fn query_clause(&self, query: &Query, alias: &str, params: &mut Params) -> String {
-        if query.items.is_empty() {
-            return "FALSE".to_owned();
-        }
-        let items: Vec<String> = query
-            .items
-            .iter()
-            .map(|item| {
-                let mut parts = Vec::new();
-                if !item.types.is_empty() {
-                    let n = params.push(FilterBind::Texts(item.types.clone()));
-                    parts.push(format!("{alias}.event_type = ANY(${n}::text[])"));
-                }
-                let mut tags = item.tags.clone();
-                tags.sort();
-                tags.dedup();
-                if !tags.is_empty() {
-                    let count = tags.len() as i64;
-                    let n = params.push(FilterBind::Texts(tags));
-                    let k = params.push(FilterBind::Int(count));
-                    parts.push(format!(
-                        "(SELECT count(*) FROM {tags} g WHERE g.tag = ANY(${n}::text[]) \
-                         AND g.transaction_id = {alias}.transaction_id \
-                         AND g.position = {alias}.position) = ${k}",
-                        tags = self.inner.tags_table
-                    ));
-                }
-                if parts.is_empty() {
-                    "TRUE".to_owned()
-                } else {
-                    format!("({})", parts.join(" AND "))
-                }
-            })
-            .collect();
-        format!("({})", items.join(" OR "))
+        query_clause(query, alias, &self.inner.tags_table, params)
     }
 
     /// The events matching one query item, as `(transaction_id, position)`
@@ -306,6 +270,51 @@ impl PostgresStore {
         row.try_get::<bool, _>("failed")
             .map_err(|e| pg_error("checking an append's condition", e))
     }
+}
+
+/// `(item or item ...)` over the events row `alias`: its type among the
+/// item's, and each of the item's tags among its rows in the tags
+/// table. `FALSE` for an empty query.
+pub(super) fn query_clause(
+    query: &Query,
+    alias: &str,
+    tags_table: &str,
+    params: &mut Params,
+) -> String {
+    if query.items.is_empty() {
+        return "FALSE".to_owned();
+    }
+    let items: Vec<String> = query
+        .items
+        .iter()
+        .map(|item| {
+            let mut parts = Vec::new();
+            if !item.types.is_empty() {
+                let n = params.push(FilterBind::Texts(item.types.clone()));
+                parts.push(format!("{alias}.event_type = ANY(${n}::text[])"));
+            }
+            let mut tags = item.tags.clone();
+            tags.sort();
+            tags.dedup();
+            if !tags.is_empty() {
+                let count = tags.len() as i64;
+                let n = params.push(FilterBind::Texts(tags));
+                let k = params.push(FilterBind::Int(count));
+                parts.push(format!(
+                    "(SELECT count(*) FROM {tags} g WHERE g.tag = ANY(${n}::text[]) \
+                     AND g.transaction_id = {alias}.transaction_id \
+                     AND g.position = {alias}.position) = ${k}",
+                    tags = tags_table
+                ));
+            }
+            if parts.is_empty() {
+                "TRUE".to_owned()
+            } else {
+                format!("({})", parts.join(" AND "))
+            }
+        })
+        .collect();
+    format!("({})", items.join(" OR "))
 }
 
 #[async_trait]

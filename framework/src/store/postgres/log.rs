@@ -22,7 +22,7 @@ impl EventLog for PostgresStore {
         filter: &LogFilter,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let (clause, binds) = filter_sql(filter, 4);
+        let (clause, binds) = filter_sql(filter, 4, &self.inner.tags_table);
         let sql = self.inner.sql.read_log.replace("{filter}", &clause);
         let query = sqlx::query(&sql)
             .bind(after.transaction_id.to_string())
@@ -44,7 +44,7 @@ impl EventLog for PostgresStore {
         filter: &LogFilter,
         limit: usize,
     ) -> Result<LogWindow, StoreError> {
-        let (clause, binds) = filter_sql(filter, 4);
+        let (clause, binds) = filter_sql(filter, 4, &self.inner.tags_table);
         let sql = self.inner.sql.read_window.replace("{filter}", &clause);
         let query = sqlx::query(&sql)
             .bind(after.transaction_id.to_string())
@@ -151,7 +151,7 @@ impl EventLog for PostgresStore {
         upto: Checkpoint,
         cap: u64,
     ) -> Result<u64, StoreError> {
-        let (clause, binds) = filter_sql(filter, 6);
+        let (clause, binds) = filter_sql(filter, 6, &self.inner.tags_table);
         let sql = self.inner.sql.count_events.replace("{filter}", &clause);
         let query = sqlx::query(&sql)
             .bind(after.transaction_id.to_string())
@@ -172,7 +172,7 @@ impl EventLog for PostgresStore {
         filter: &LogFilter,
         after: Checkpoint,
     ) -> Result<Option<DateTime<Utc>>, StoreError> {
-        let (clause, binds) = filter_sql(filter, 3);
+        let (clause, binds) = filter_sql(filter, 3, &self.inner.tags_table);
         let sql = self.inner.sql.first_pending.replace("{filter}", &clause);
         let query = sqlx::query(&sql)
             .bind(after.transaction_id.to_string())
@@ -219,7 +219,11 @@ pub(super) enum FilterBind {
 /// The `AND ...` conditions for a filter, numbering parameters from `first`.
 /// One aggregate type is compared with `=`, so the planner can walk the
 /// `(aggregate_type, transaction_id, position)` index in log order.
-pub(super) fn filter_sql(filter: &LogFilter, first: usize) -> (String, Vec<FilterBind>) {
+pub(super) fn filter_sql(
+    filter: &LogFilter,
+    first: usize,
+    tags_table: &str,
+) -> (String, Vec<FilterBind>) {
     let mut clause = String::new();
     let mut binds = Vec::new();
     let mut next = first;
@@ -252,6 +256,12 @@ pub(super) fn filter_sql(filter: &LogFilter, first: usize) -> (String, Vec<Filte
         clause.push_str(&format!(
             " AND mod(abs(hashtext(e.aggregate_id)::bigint), ${count}) = ${index}"
         ));
+    }
+    if let Some(query) = filter.query() {
+        let mut params = super::decisions::Params::new(next);
+        let matching = super::decisions::query_clause(query, "e", tags_table, &mut params);
+        binds.extend(params.binds);
+        clause.push_str(&format!(" AND {matching}"));
     }
     (clause, binds)
 }

@@ -23,13 +23,13 @@ use crate::tags::Query;
 const TAG_CHUNK: usize = 400;
 
 /// Numbers `?N` parameters as a clause is built.
-struct Params {
+pub(super) struct Params {
     next: usize,
-    binds: Vec<String>,
+    pub(super) binds: Vec<String>,
 }
 
 impl Params {
-    fn new(first: usize) -> Self {
+    pub(super) fn new(first: usize) -> Self {
         Params {
             next: first,
             binds: Vec::new(),
@@ -62,43 +62,8 @@ impl Params {
 }
 
 impl SqliteStore {
-    /// `(item OR item ...)` over the events row `alias`; `0` (false) for an
-    /// empty query.
     fn query_clause(&self, query: &Query, alias: &str, params: &mut Params) -> String {
-        if query.items.is_empty() {
-            return "0".to_owned();
-        }
-        let tags_table = self.inner.tables.render("{tags}");
-        let items: Vec<String> = query
-            .items
-            .iter()
-            .map(|item| {
-                let mut parts = Vec::new();
-                if !item.types.is_empty() {
-                    parts.push(format!(
-                        "{alias}.event_type IN ({})",
-                        params.list(&item.types)
-                    ));
-                }
-                let mut tags = item.tags.clone();
-                tags.sort();
-                tags.dedup();
-                if !tags.is_empty() {
-                    let count = tags.len();
-                    let list = params.list(&tags);
-                    parts.push(format!(
-                        "(SELECT count(*) FROM {tags_table} g WHERE g.position = {alias}.position \
-                         AND g.tag IN ({list})) = {count}"
-                    ));
-                }
-                if parts.is_empty() {
-                    "1".to_owned()
-                } else {
-                    format!("({})", parts.join(" AND "))
-                }
-            })
-            .collect();
-        format!("({})", items.join(" OR "))
+        query_clause(query, alias, &self.inner.tables.render("{tags}"), params)
     }
 
     /// Whether an event matching `condition` was appended after its read.
@@ -159,6 +124,49 @@ impl SqliteStore {
         }
         Ok(())
     }
+}
+
+/// `(item OR item ...)` over the events row `alias`; `0` (false) for an
+/// empty query.
+pub(super) fn query_clause(
+    query: &Query,
+    alias: &str,
+    tags_table: &str,
+    params: &mut Params,
+) -> String {
+    if query.items.is_empty() {
+        return "0".to_owned();
+    }
+    let items: Vec<String> = query
+        .items
+        .iter()
+        .map(|item| {
+            let mut parts = Vec::new();
+            if !item.types.is_empty() {
+                parts.push(format!(
+                    "{alias}.event_type IN ({})",
+                    params.list(&item.types)
+                ));
+            }
+            let mut tags = item.tags.clone();
+            tags.sort();
+            tags.dedup();
+            if !tags.is_empty() {
+                let count = tags.len();
+                let list = params.list(&tags);
+                parts.push(format!(
+                    "(SELECT count(*) FROM {tags_table} g WHERE g.position = {alias}.position \
+                     AND g.tag IN ({list})) = {count}"
+                ));
+            }
+            if parts.is_empty() {
+                "1".to_owned()
+            } else {
+                format!("({})", parts.join(" AND "))
+            }
+        })
+        .collect();
+    format!("({})", items.join(" OR "))
 }
 
 #[async_trait]

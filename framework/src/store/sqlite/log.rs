@@ -77,6 +77,13 @@ fn filter_sql(filter: &LogFilter, first: usize) -> (String, Vec<Bind>) {
             count + 1
         ));
     }
+    if let Some(query) = filter.query() {
+        // `{tags}` is rendered with the statement's other tables.
+        let mut params = super::decisions::Params::new(first + binds.len());
+        let matching = super::decisions::query_clause(query, "e", "{tags}", &mut params);
+        binds.extend(params.binds.into_iter().map(Bind::Text));
+        clause.push_str(&format!(" AND {matching}"));
+    }
     (clause, binds)
 }
 
