@@ -6,6 +6,7 @@
 //! outflow-bench [--quick] [--out docs/benchmarks.md]   # all scenarios
 //! outflow-bench rebuild-child URL batch|view            # one rebuild, in a child process
 //! outflow-bench timers [--quick]                        # the durable timers' section alone
+//! outflow-bench decisions [--quick]                     # the decisions' section alone
 //! ```
 
 use std::fmt::Write as _;
@@ -14,6 +15,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 mod copying;
+mod decisions;
 mod jetstream;
 mod reading;
 mod rebuild;
@@ -24,6 +26,7 @@ mod stats;
 mod timers;
 
 use copying::*;
+use decisions::*;
 use jetstream::*;
 use reading::*;
 use rebuild::*;
@@ -48,6 +51,20 @@ async fn main() -> Result<()> {
         };
         let size = Size::new(args.iter().any(|a| a == "--quick"));
         print!("{}", timer_section(&timer_scenarios(&server, &size).await?));
+        return Ok(());
+    }
+    if args.first().map(String::as_str) == Some("decisions") {
+        // outflow-bench decisions [--quick]: the decisions' section alone.
+        let url = std::env::var("DATABASE_URL").context("DATABASE_URL is not set")?;
+        let server = Server {
+            admin: url.parse()?,
+            counter: Default::default(),
+        };
+        let size = Size::new(args.iter().any(|a| a == "--quick"));
+        print!(
+            "{}",
+            decision_section(&decision_scenarios(&server, &size).await?)
+        );
         return Ok(());
     }
     if args.first().map(String::as_str) == Some("timers-child") {
@@ -142,6 +159,9 @@ async fn main() -> Result<()> {
 
     eprintln!("7c/7 durable timers");
     let timer_figures = timer_scenarios(&server, &size).await?;
+
+    eprintln!("7d/7 decisions across aggregates");
+    let decision_rows = decision_scenarios(&server, &size).await?;
 
     let facts = server_facts(&server).await?;
     let mut md = String::new();
@@ -526,6 +546,7 @@ async fn main() -> Result<()> {
     );
     md.push_str(&copies);
     md.push_str(&timer_section(&timer_figures));
+    md.push_str(&decision_section(&decision_rows));
     md.push_str(READING);
     let _ = writeln!(
         md,

@@ -32,6 +32,9 @@
 //! | `outflow_timers_late` | gauge | `timers` | pending timers overdue by more than 5 s |
 //! | `outflow_timers_oldest_overdue_seconds` | gauge | `timers` | how long ago the earliest pending timer fell due (0: none due) |
 //! | `outflow_timers_refused` | gauge | `timers` | kept timers whose command was refused |
+//! | `outflow_decisions_total` | counter | `decision`, `outcome` | decisions run; `outcome` is `committed`, `repeated`, `rejected`, `conflict` or `failed` |
+//! | `outflow_decision_seconds` | histogram | `decision` | time to read, decide and append, retries included |
+//! | `outflow_decision_conflicts_total` | counter | `decision` | reads and decisions run again after a lost race |
 //!
 //! The status gauges are set by each runner node for the units it holds
 //! (see [`ProjectionRunnerBuilder::status_metrics_every`](crate::runner::ProjectionRunnerBuilder::status_metrics_every)),
@@ -77,6 +80,24 @@ pub const METRICS: &[(&str, MetricKind, Unit, &str)] = &[
         MetricKind::Counter,
         Unit::Count,
         "Commands that lost an optimistic-concurrency race on their stream.",
+    ),
+    (
+        "outflow_decisions_total",
+        MetricKind::Counter,
+        Unit::Count,
+        "Decisions run, by decision and outcome (committed, repeated, rejected, conflict, failed).",
+    ),
+    (
+        "outflow_decision_seconds",
+        MetricKind::Histogram,
+        Unit::Seconds,
+        "Time to read a decision's events, decide and append on condition, retries included.",
+    ),
+    (
+        "outflow_decision_conflicts_total",
+        MetricKind::Counter,
+        Unit::Count,
+        "Decisions read and decided again after their condition or stream lost a race.",
     ),
     (
         "outflow_projection_events_total",

@@ -45,7 +45,8 @@ impl ReadPosition {
     }
 
     /// A position from a backend's read: the last matching event's
-    /// checkpoint and, on PostgreSQL, the read's snapshot.
+    /// checkpoint and what the backend needs to know what the read saw (on
+    /// PostgreSQL the read's snapshot, on SQLite the log's head).
     pub(crate) fn read(checkpoint: Checkpoint, snapshot: Option<String>) -> Self {
         ReadPosition {
             checkpoint,
@@ -59,7 +60,7 @@ impl ReadPosition {
         self.checkpoint
     }
 
-    /// The PostgreSQL snapshot of the read, as text, when it came from one.
+    /// What the backend recorded of the read, as text, when it came from one.
     pub(crate) fn snapshot(&self) -> Option<&str> {
         self.snapshot.as_deref()
     }

@@ -244,6 +244,88 @@ async fn a_condition_on_types_waits_for_plain_writers() {
     assert!(refused.is_conflict(), "{refused}");
 }
 
+/// A condition with an item of types alone and an item of tags, against a
+/// held writer of a tagged event: the decider takes the tag's key before
+/// the table, so the two never wait on each other in a circle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_condition_on_types_and_tags_waits_without_a_deadlock() {
+    let db = common::TestDb::new("decision_mixed").await;
+    let store = db.store().await;
+    let query = Query::new()
+        .with(QueryItem::types(["CourseDefined"]))
+        .with(QueryItem::tags(["course:1"]));
+    let mut held = store.begin().await.expect("begin");
+    store
+        .append_tagged_in(
+            &mut held,
+            request("held", "Subscribed"),
+            tagged("course:1"),
+            None,
+        )
+        .await
+        .expect("append in the held transaction");
+    let read = store.read_query(&query, None).await.expect("read");
+    let decider = {
+        let store = store.clone();
+        let condition = AppendCondition::new(query.clone(), read.position);
+        tokio::spawn(async move {
+            store
+                .append_if(
+                    request("decided", "CourseDefined"),
+                    tagged("course:1"),
+                    Some(condition),
+                )
+                .await
+        })
+    };
+    someone_waits_for(&store, "advisory").await;
+    store.commit(held).await.expect("commit the held writer");
+    let refused = decider
+        .await
+        .expect("the decider panicked")
+        .expect_err("the held event matches");
+    assert!(
+        matches!(refused, StoreError::ConditionFailed { .. }),
+        "{refused}"
+    );
+}
+
+/// A condition needs READ COMMITTED; in another isolation level it is
+/// refused, saying why, and writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_condition_in_a_repeatable_read_transaction_is_refused() {
+    let db = common::TestDb::new("decision_isolation").await;
+    let store = db.store().await;
+    let query = Query::new().with(QueryItem::tags(["course:1"]));
+    let read = store.read_query(&query, None).await.expect("read");
+    let mut tx = store.begin().await.expect("begin");
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut *tx)
+        .await
+        .expect("set the isolation level");
+    let refused = store
+        .append_tagged_in(
+            &mut tx,
+            request("decided", "Subscribed"),
+            tagged("course:1"),
+            Some(&AppendCondition::new(query.clone(), read.position)),
+        )
+        .await
+        .expect_err("not READ COMMITTED");
+    assert!(
+        matches!(refused, StoreError::Unsupported { .. }),
+        "{refused}"
+    );
+    assert!(refused.to_string().contains("READ COMMITTED"), "{refused}");
+    drop(tx);
+    assert!(store
+        .read_query(&query, None)
+        .await
+        .expect("read")
+        .events
+        .is_empty());
+}
+
 /// A transaction left open elsewhere on the server holds the log's readers
 /// back, but not decisions: they read and decide on what is committed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

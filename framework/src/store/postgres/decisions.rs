@@ -112,8 +112,12 @@ impl PostgresStore {
         )
     }
 
-    /// Takes the append's locks: its condition's keys exclusively (after
-    /// the table lock an item without tags needs), its events' tags shared.
+    /// Takes the append's locks: its condition's keys exclusively and its
+    /// events' tags shared, in key order; then, when an item of the
+    /// condition has no tags, the events table against every writer (after
+    /// the keys: a tagged writer takes its key before its insert needs the
+    /// table, so the other order could wait in a circle). A condition needs
+    /// READ COMMITTED: its check must see what committed while it waited.
     async fn lock_tags(
         &self,
         connection: &mut PgConnection,
@@ -122,6 +126,32 @@ impl PostgresStore {
     ) -> Result<(), StoreError> {
         let table = &self.inner.events_table;
         let mut keys: std::collections::BTreeMap<i64, bool> = std::collections::BTreeMap::new();
+        if let Some(condition) = condition {
+            for item in &condition.query.items {
+                if let Some(tag) = item.tags.iter().min() {
+                    keys.insert(lock_key(table, tag), true);
+                }
+            }
+        }
+        for tag in tags.iter().flatten() {
+            keys.entry(lock_key(table, tag)).or_insert(false);
+        }
+        if !keys.is_empty() || condition.is_some() {
+            let (keys, exclusive): (Vec<i64>, Vec<bool>) = keys.into_iter().unzip();
+            let isolation: String = sqlx::query_scalar(&self.inner.sql.tag_locks)
+                .bind(keys)
+                .bind(exclusive)
+                .fetch_one(&mut *connection)
+                .await
+                .map_err(|e| pg_error("locking an append's tags", e))?;
+            if condition.is_some() && isolation != "read committed" {
+                return Err(StoreError::Unsupported {
+                    what: "a conditional append in a repeatable read or serializable transaction",
+                    reason: "its check must see what other transactions committed while it waited \
+                             for their locks; run it in a READ COMMITTED transaction (the default)",
+                });
+            }
+        }
         if let Some(condition) = condition {
             if condition.query.items.iter().any(|i| i.tags.is_empty()) {
                 sqlx::query(&format!(
@@ -132,25 +162,7 @@ impl PostgresStore {
                 .await
                 .map_err(|e| pg_error("locking the events table for a condition", e))?;
             }
-            for item in &condition.query.items {
-                if let Some(tag) = item.tags.iter().min() {
-                    keys.insert(lock_key(table, tag), true);
-                }
-            }
         }
-        for tag in tags.iter().flatten() {
-            keys.entry(lock_key(table, tag)).or_insert(false);
-        }
-        if keys.is_empty() {
-            return Ok(());
-        }
-        let (keys, exclusive): (Vec<i64>, Vec<bool>) = keys.into_iter().unzip();
-        sqlx::query(&self.inner.sql.tag_locks)
-            .bind(keys)
-            .bind(exclusive)
-            .execute(&mut *connection)
-            .await
-            .map_err(|e| pg_error("locking an append's tags", e))?;
         Ok(())
     }
 

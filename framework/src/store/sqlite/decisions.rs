@@ -204,10 +204,12 @@ impl ConditionalAppend for SqliteStore {
                 .join(" UNION ")
         };
         let sql = self.inner.tables.render(&format!(
-            "SELECT s.version, x.* \
+            "SELECT s.version, s.head, x.* \
                FROM (SELECT COALESCE((SELECT v.sequence FROM {{events}} v \
                                        WHERE v.aggregate_type = ?1 AND v.aggregate_id = ?2 \
-                                       ORDER BY v.sequence DESC LIMIT 1), 0) AS version) s \
+                                       ORDER BY v.sequence DESC LIMIT 1), 0) AS version, \
+                            COALESCE((SELECT h.position FROM {{events}} h \
+                                       ORDER BY h.position DESC LIMIT 1), 0) AS head) s \
                LEFT JOIN (SELECT {COLUMNS} FROM {{events}} e \
                            WHERE e.position IN ({matching})) x ON 1 \
               ORDER BY x.position"
@@ -222,10 +224,14 @@ impl ConditionalAppend for SqliteStore {
             .await
             .map_err(db("reading events by query"))?;
         let mut version = 0;
+        let mut head = 0;
         let mut events = Vec::with_capacity(rows.len());
         for row in &rows {
             version = row
                 .try_get::<i64, _>("version")
+                .map_err(db("reading events by query"))?;
+            head = row
+                .try_get::<i64, _>("head")
                 .map_err(db("reading events by query"))?;
             let present: Option<i64> = row
                 .try_get("position")
@@ -239,7 +245,7 @@ impl ConditionalAppend for SqliteStore {
             .map_or(Checkpoint::START, RecordedEvent::checkpoint);
         Ok(QueryRead {
             events,
-            position: ReadPosition::read(checkpoint, None),
+            position: ReadPosition::read(checkpoint, Some(head.to_string())),
             stream_version: u64::try_from(version).unwrap_or(0),
         })
     }

@@ -4,10 +4,12 @@
 -- condition's keys exclusively; every append of tagged events holds its
 -- tags' keys shared. A condition's check therefore runs when no writer of a
 -- matching event is still in flight, and no such writer starts before it
--- commits.
-SELECT CASE WHEN k.exclusive THEN pg_advisory_xact_lock(k.key)::text
-            ELSE pg_advisory_xact_lock_shared(k.key)::text END
-  FROM (SELECT t.key, t.exclusive
-          FROM UNNEST($1::bigint[], $2::bool[]) AS t(key, exclusive)
-         ORDER BY t.key
-        OFFSET 0) k
+-- commits. Returns the transaction's isolation level, which a condition
+-- needs to be READ COMMITTED.
+SELECT current_setting('transaction_isolation') AS isolation
+  FROM (SELECT count(CASE WHEN k.exclusive THEN pg_advisory_xact_lock(k.key)::text
+                          ELSE pg_advisory_xact_lock_shared(k.key)::text END) AS taken
+          FROM (SELECT t.key, t.exclusive
+                  FROM UNNEST($1::bigint[], $2::bool[]) AS t(key, exclusive)
+                 ORDER BY t.key
+                OFFSET 0) k) locked

@@ -1,0 +1,237 @@
+//! Decisions across aggregates on PostgreSQL: plain appends with and
+//! without tags (what the tags cost a writer that opts in, and that an
+//! untagged append runs the statement it ran before), and decisions —
+//! read by query, decide, append on condition — at 1 and 16 clients,
+//! each client on its own tag (no contention) or all on one (every
+//! decision races every other).
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Result;
+use outflow::cqrs_es::DomainEvent;
+use outflow::decision::{Decision, DecisionBus, StreamId};
+use outflow::store::ConditionalAppend;
+use outflow::tags::{Query, QueryItem, Tagged};
+use outflow::{AppendRequest, EventStore, NewEvent, PostgresStore};
+use serde::{Deserialize, Serialize};
+
+use crate::setup::{pool, Server};
+use crate::stats::Size;
+
+/// One row of the section.
+pub(crate) struct DecisionRow {
+    pub(crate) what: &'static str,
+    pub(crate) clients: usize,
+    pub(crate) per_second: f64,
+    pub(crate) conflicts_per_commit: f64,
+}
+
+/// A counter of tickets per event: each decision reads its counter's
+/// events and appends the next ticket.
+struct Ticket;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+enum TicketEvent {
+    Issued { counter: usize, number: u64 },
+}
+
+impl DomainEvent for TicketEvent {
+    fn event_type(&self) -> String {
+        "Issued".into()
+    }
+    fn event_version(&self) -> String {
+        "1".into()
+    }
+}
+
+impl Tagged for TicketEvent {
+    fn tags(&self) -> Vec<String> {
+        let TicketEvent::Issued { counter, .. } = self;
+        vec![format!("counter:{counter}")]
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("never")]
+struct Never;
+
+impl Decision for Ticket {
+    type Command = (usize, String);
+    type Event = TicketEvent;
+    type State = u64;
+    type Error = Never;
+
+    fn query((counter, _): &(usize, String)) -> Query {
+        // Only the counter's latest tickets matter to the number; the
+        // query still names all of them, as a uniqueness rule would.
+        Query::new().with(QueryItem::tags([format!("counter:{counter}")]))
+    }
+    fn stream((_, id): &(usize, String)) -> StreamId {
+        StreamId::new("ticket", id.clone())
+    }
+    fn evolve(state: &mut u64, _: TicketEvent) {
+        *state += 1;
+    }
+    fn decide(issued: &u64, (counter, _): &(usize, String)) -> Result<Vec<TicketEvent>, Never> {
+        Ok(vec![TicketEvent::Issued {
+            counter: *counter,
+            number: issued + 1,
+        }])
+    }
+}
+
+async fn store(server: &Server, label: &str) -> Result<PostgresStore> {
+    let (options, _) = server.fresh_db(label).await?;
+    Ok(PostgresStore::builder(pool(&options, 20, false).await?)
+        .build()
+        .await?)
+}
+
+/// Runs `clients` tasks each doing `per_client` operations; returns the
+/// operations per second.
+async fn run<F, Fut>(clients: usize, per_client: usize, op: F) -> Result<f64>
+where
+    F: Fn(usize, usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<()>> + Send,
+{
+    let op = Arc::new(op);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for client in 0..clients {
+        let op = op.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..per_client {
+                op(client, i).await?;
+            }
+            Ok::<(), anyhow::Error>(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok((clients * per_client) as f64 / started.elapsed().as_secs_f64())
+}
+
+fn event() -> NewEvent {
+    NewEvent::new("Deposited", serde_json::json!({"Deposited": {"amount": 1}}))
+}
+
+pub(crate) async fn decision_scenarios(server: &Server, size: &Size) -> Result<Vec<DecisionRow>> {
+    let total = if size.quick { 400 } else { 4_000 };
+    let mut rows = Vec::new();
+    for clients in [1usize, 16] {
+        let per_client = total / clients;
+        // Plain appends, one event to a new stream each, without tags.
+        let plain = store(server, &format!("dp{clients}")).await?;
+        let rate = run(clients, per_client, move |c, i| {
+            let plain = plain.clone();
+            async move {
+                plain
+                    .append(AppendRequest::new(
+                        "a",
+                        format!("{c}-{i}"),
+                        0,
+                        vec![event()],
+                    ))
+                    .await?;
+                Ok(())
+            }
+        })
+        .await?;
+        rows.push(DecisionRow {
+            what: "plain append, no tags",
+            clients,
+            per_second: rate,
+            conflicts_per_commit: 0.0,
+        });
+        // The same with two tags each (and the stream's): the tags' rows
+        // and shared locks.
+        let tagged = store(server, &format!("dt{clients}")).await?;
+        let rate = run(clients, per_client, move |c, i| {
+            let tagged = tagged.clone();
+            async move {
+                tagged
+                    .append_if(
+                        AppendRequest::new("a", format!("{c}-{i}"), 0, vec![event()]),
+                        vec![vec![format!("client:{c}"), format!("item:{i}")]],
+                        None,
+                    )
+                    .await?;
+                Ok(())
+            }
+        })
+        .await?;
+        rows.push(DecisionRow {
+            what: "plain append, 2 tags",
+            clients,
+            per_second: rate,
+            conflicts_per_commit: 0.0,
+        });
+        for (what, shared) in [
+            ("decision, own tag per client", false),
+            ("decision, one tag for all", true),
+        ] {
+            if clients == 1 && shared {
+                continue;
+            }
+            let store = store(server, &format!("dd{clients}{}", u8::from(shared))).await?;
+            let bus = Arc::new(DecisionBus::<Ticket, _>::new(store).max_attempts(1_000));
+            let attempts = Arc::new(AtomicU64::new(0));
+            let counted = attempts.clone();
+            // Fewer decisions on one tag: each reads every ticket before it.
+            let per_client = if shared { per_client / 4 } else { per_client };
+            let rate = run(clients, per_client, move |c, i| {
+                let bus = bus.clone();
+                let counted = counted.clone();
+                async move {
+                    let counter = if shared { 0 } else { c };
+                    let done = bus.execute((counter, format!("{c}-{i}"))).await?;
+                    counted.fetch_add(u64::from(done.attempts), Ordering::Relaxed);
+                    Ok(())
+                }
+            })
+            .await?;
+            let commits = (clients * per_client) as f64;
+            rows.push(DecisionRow {
+                what,
+                clients,
+                per_second: rate,
+                conflicts_per_commit: (attempts.load(Ordering::Relaxed) as f64 - commits) / commits,
+            });
+        }
+    }
+    Ok(rows)
+}
+
+pub(crate) fn decision_section(rows: &[DecisionRow]) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "## Decisions across aggregates\n");
+    let _ = writeln!(
+        md,
+        "Appends and decisions on PostgreSQL, each row in a database of its own. A plain \
+         append writes one event to a new stream; with tags it also writes a row per tag \
+         (two, and the stream's) and takes a shared advisory lock per tag. An untagged append \
+         runs the same single statement as before tags existed and writes nothing to the \
+         tags table. A decision reads the events of its tag (with the stream's version), \
+         decides, and appends on condition in a transaction that locks the tag, checks and \
+         inserts in one statement, and claims the command id. With one tag for all \
+         clients every decision races every other: a lost race reads and decides again.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| operation | clients | per second | retries per commit |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|");
+    for row in rows {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.0} | {:.2} |",
+            row.what, row.clients, row.per_second, row.conflicts_per_commit
+        );
+    }
+    md.push('\n');
+    md
+}
