@@ -103,7 +103,8 @@ impl Decision for CourseDefinition {
     type Error = CourseError;
 
     fn query(command: &DefineCourse) -> Query {
-        Query::new().with(QueryItem::tags([course_tag(&command.course)]).with_types(["CourseDefined"]))
+        Query::new()
+            .with(QueryItem::tags([course_tag(&command.course)]).with_types(["CourseDefined"]))
     }
 
     fn stream(command: &DefineCourse) -> StreamId {
@@ -167,12 +168,17 @@ impl Decision for Subscription {
                 QueryItem::tags([course_tag(&command.course)])
                     .with_types(["CourseDefined", "StudentSubscribed"]),
             )
-            .with(QueryItem::tags([student_tag(&command.student)]).with_types(["StudentSubscribed"]))
+            .with(
+                QueryItem::tags([student_tag(&command.student)]).with_types(["StudentSubscribed"]),
+            )
     }
 
     /// A stream of the decision's own, one per subscription.
     fn stream(command: &SubscribeStudent) -> StreamId {
-        StreamId::new("subscription", format!("{}/{}", command.course, command.student))
+        StreamId::new(
+            "subscription",
+            format!("{}/{}", command.course, command.student),
+        )
     }
 
     fn evolve(state: &mut Enrolment, event: CourseEvent) {
@@ -184,22 +190,37 @@ impl Decision for Subscription {
         }
     }
 
-    fn decide(state: &Enrolment, command: &SubscribeStudent) -> Result<Vec<CourseEvent>, CourseError> {
+    fn decide(
+        state: &Enrolment,
+        command: &SubscribeStudent,
+    ) -> Result<Vec<CourseEvent>, CourseError> {
         let Some(capacity) = state.capacity else {
             return Err(CourseError::NoSuchCourse(command.course.clone()));
         };
         let (course, student) = (&command.course, &command.student);
-        if state.subscriptions.iter().any(|(c, s)| c == course && s == student) {
+        if state
+            .subscriptions
+            .iter()
+            .any(|(c, s)| c == course && s == student)
+        {
             return Err(CourseError::AlreadySubscribed);
         }
-        let in_course = state.subscriptions.iter().filter(|(c, _)| c == course).count();
+        let in_course = state
+            .subscriptions
+            .iter()
+            .filter(|(c, _)| c == course)
+            .count();
         if in_course >= capacity {
             return Err(CourseError::CourseFull {
                 course: course.clone(),
                 capacity,
             });
         }
-        let taken = state.subscriptions.iter().filter(|(_, s)| s == student).count();
+        let taken = state
+            .subscriptions
+            .iter()
+            .filter(|(_, s)| s == student)
+            .count();
         if taken >= COURSES_PER_STUDENT {
             return Err(CourseError::TooManyCourses {
                 student: student.clone(),
@@ -292,9 +313,10 @@ pub enum UserCommand {
     Rename { name: String },
 }
 
+/// `UserSignedUp` is written by the `SignUp` decision, into the user's
+/// stream; the aggregate writes the others.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum UserEvent {
-    /// Written by the `SignUp` decision, into the user's stream.
     UserSignedUp { name: String, email: String },
     UserRenamed { name: String },
 }
@@ -387,15 +409,14 @@ impl Aggregate for User {
 }
 // ANCHOR_END: user
 
-use outflow::cqrs_es::event_sink::EventSink;
-
 // ANCHOR: sign_up
 /// One user per e-mail address, decided on every sign-up with that address.
 #[derive(Debug)]
 pub struct SignUp;
 
 /// A sign-up, checked when it is made: its address is lower-cased and
-/// plausible, so its tag is valid before any query runs.
+/// plausible, and its user id short, so their tags are valid before any
+/// query runs.
 #[derive(Debug, Clone)]
 pub struct SignUpUser {
     user_id: String,
@@ -406,8 +427,11 @@ pub struct SignUpUser {
 impl SignUpUser {
     pub fn new(user_id: &str, name: &str, email: &str) -> Result<Self, SignUpError> {
         let (name, email) = (name.trim(), email.trim().to_lowercase());
-        if user_id.is_empty() || name.is_empty() {
-            return Err(SignUpError::Incomplete);
+        if user_id.is_empty() || user_id.len() > 64 || user_id.contains(char::is_control) {
+            return Err(SignUpError::InvalidUserId(user_id.to_owned()));
+        }
+        if name.is_empty() {
+            return Err(SignUpError::MissingName);
         }
         let plausible = email.len() <= 254
             && !email.chars().any(|c| c.is_control() || c.is_whitespace())
@@ -430,7 +454,8 @@ impl SignUpUser {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum SignUpError {
-    Incomplete,
+    InvalidUserId(String),
+    MissingName,
     InvalidEmail(String),
     EmailTaken(String),
     AlreadySignedUp,
@@ -439,7 +464,8 @@ pub enum SignUpError {
 impl std::fmt::Display for SignUpError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            SignUpError::Incomplete => f.write_str("a user id and a name are required"),
+            SignUpError::InvalidUserId(id) => write!(f, "`{id}` is not a user id"),
+            SignUpError::MissingName => f.write_str("a name is required"),
             SignUpError::InvalidEmail(email) => write!(f, "`{email}` is not an e-mail address"),
             SignUpError::EmailTaken(email) => write!(f, "the address {email} is already taken"),
             SignUpError::AlreadySignedUp => f.write_str("the user already signed up"),
@@ -475,8 +501,11 @@ impl Decision for SignUp {
         }
     }
 
-    fn decide(addresses: &Vec<String>, command: &SignUpUser) -> Result<Vec<UserEvent>, SignUpError> {
-        if addresses.iter().any(|a| *a == command.email) {
+    fn decide(
+        addresses: &Vec<String>,
+        command: &SignUpUser,
+    ) -> Result<Vec<UserEvent>, SignUpError> {
+        if addresses.contains(&command.email) {
             return Err(SignUpError::EmailTaken(command.email.clone()));
         }
         // Another address can only come from the user's own stream.

@@ -10,6 +10,7 @@
 
 pub mod backends;
 pub mod commands;
+pub mod decisions;
 pub mod delivery;
 pub mod from_cqrs_es;
 #[cfg(feature = "nats")]

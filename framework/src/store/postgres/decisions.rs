@@ -50,32 +50,48 @@ impl PostgresStore {
         query_clause(query, alias, &self.inner.tags_table, params)
     }
 
-    /// The events matching one query item, as `(transaction_id, position)`
-    /// rows: from the tags table's index when the item has tags.
+    /// The events matching each query item, as `(transaction_id, position)`
+    /// rows: an item with tags from the tags table alone (its first tag's
+    /// index range, the others probed by key, its types checked on the
+    /// event by key); an item without tags from the events table.
     fn item_rows(&self, query: &Query, params: &mut Params) -> String {
+        let tags = &self.inner.tags_table;
+        let events = self.events_sql();
         let selects: Vec<String> = query
             .items
             .iter()
             .map(|item| {
-                let one = Query::new().with(item.clone());
-                let clause = self.query_clause(&one, "e", params);
-                match item.tags.iter().min() {
-                    Some(first) => {
-                        let n = params.push(FilterBind::Text(first.clone()));
-                        format!(
-                            "SELECT e.transaction_id, e.position FROM {tags} t \
-                             JOIN {events} e ON e.transaction_id = t.transaction_id \
-                             AND e.position = t.position \
-                             WHERE t.tag = ${n} AND {clause}",
-                            tags = self.inner.tags_table,
-                            events = self.events_sql()
-                        )
-                    }
-                    None => format!(
-                        "SELECT e.transaction_id, e.position FROM {events} e WHERE {clause}",
-                        events = self.events_sql()
-                    ),
+                let mut item_tags = item.tags.clone();
+                item_tags.sort();
+                item_tags.dedup();
+                let Some((first, others)) = item_tags.split_first() else {
+                    let one = Query::new().with(item.clone());
+                    let clause = self.query_clause(&one, "e", params);
+                    return format!(
+                        "SELECT e.transaction_id, e.position FROM {events} e WHERE {clause}"
+                    );
+                };
+                let n = params.push(FilterBind::Text(first.clone()));
+                let mut select = format!(
+                    "SELECT t.transaction_id, t.position FROM {tags} t WHERE t.tag = ${n}"
+                );
+                if !others.is_empty() {
+                    let count = others.len() as i64;
+                    let o = params.push(FilterBind::Texts(others.to_vec()));
+                    let k = params.push(FilterBind::Int(count));
+                    select.push_str(&format!(
+                        " AND (SELECT count(*) FROM {tags} g WHERE g.tag = ANY(${o}::text[]) \
+                         AND g.transaction_id = t.transaction_id AND g.position = t.position) = ${k}"
+                    ));
                 }
+                if !item.types.is_empty() {
+                    let y = params.push(FilterBind::Texts(item.types.clone()));
+                    select.push_str(&format!(
+                        " AND EXISTS (SELECT 1 FROM {events} y WHERE y.transaction_id = t.transaction_id \
+                         AND y.position = t.position AND y.event_type = ANY(${y}::text[]))"
+                    ));
+                }
+                select
             })
             .collect();
         selects.join(" UNION ")
@@ -339,7 +355,7 @@ impl ConditionalAppend for PostgresStore {
         query.validate()?;
         let mut params = Params::new(3);
         let matching = if query.is_empty() {
-            "SELECT NULL::xid8, NULL::bigint WHERE FALSE".to_owned()
+            "SELECT NULL::xid8 AS transaction_id, NULL::bigint AS position WHERE FALSE".to_owned()
         } else {
             self.item_rows(query, &mut params)
         };
@@ -352,8 +368,9 @@ impl ConditionalAppend for PostgresStore {
                                        ORDER BY v.sequence DESC LIMIT 1), 0) AS version) s \
                LEFT JOIN LATERAL ( \
                     SELECT {columns}, e.transaction_id AS log_tx \
-                      FROM {events} e \
-                     WHERE (e.transaction_id, e.position) IN ({matching})) x ON TRUE \
+                      FROM ({matching}) m \
+                      JOIN {events} e ON e.transaction_id = m.transaction_id \
+                                     AND e.position = m.position) x ON TRUE \
               ORDER BY x.log_tx, x.position",
             columns = include_str!("queries/columns.sql").trim_end(),
         );
