@@ -1,15 +1,16 @@
 //! The application: its command buses, its projections and its queries, on
 //! whichever backend the user chose. Everything here is generic over the
-//! store; the few SQL statements of the application itself (the e-mail
-//! reservations and the sent e-mails) are in [`AppStore`], written once for
-//! both backends.
+//! store; the few SQL statements of the application itself (the sent
+//! e-mails) are in [`AppStore`], written once for both backends. A user's
+//! address is unique across users through a decision
+//! ([`crate::user::Registration`]), enforced by the event store itself.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use outflow::command::InlineHandler;
 use outflow::cqrs_es::Aggregate;
+use outflow::decision::DecisionBus;
 use outflow::process::Process;
 use outflow::projection::{OnError, Projection, ProjectionOptions, RetryPolicy};
 use outflow::pubsub::EventBus;
@@ -19,14 +20,14 @@ use outflow::store::projections::DeadLetter;
 use outflow::timer::{Clock, Timers};
 use outflow::view::{ViewProjection, ViewQuery, ViewStore};
 use outflow::{
-    async_trait, AppendInTransaction, CommandBus, Envelope, HandlerError, LogFilter, PostgresStore,
+    async_trait, AppendInTransaction, CommandBus, HandlerError, LogFilter, PostgresStore,
     ProjectionStore, RecordedEvent, SqliteStore, StoreError,
 };
 use serde::Serialize;
 use tracing::Instrument;
 
 use crate::transfer::{Transfer, TransferProcess};
-use crate::user::{User, UserEvent};
+use crate::user::{Registration, User, UserEvent};
 use crate::views::{Balance, Statement, TransferStatus, UserEntry};
 use crate::BankAccount;
 
@@ -53,11 +54,6 @@ pub const PROJECTIONS: [&str; 6] = [
     TRANSFER_PROCESS,
 ];
 
-/// A sign-up's address is already another user's.
-#[derive(Debug, thiserror::Error)]
-#[error("the address {0} is already taken")]
-pub struct EmailTaken(pub String);
-
 /// An e-mail the application "sent" (recorded in `sent_emails` in place of
 /// an SMTP server).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -79,6 +75,7 @@ pub trait AppStore:
     + outflow::timer::TimerStore
     + ViewStore
     + AppendInTransaction
+    + outflow::store::ConditionalAppend
     + outflow::EventStore
     + outflow::EventLog
     + Clone
@@ -86,14 +83,6 @@ pub trait AppStore:
 {
     /// Creates the application's tables if they are missing.
     async fn create_tables(&self) -> Result<(), StoreError>;
-
-    /// Reserves `email` for `user_id` inside the sign-up's transaction;
-    /// fails when another user holds it.
-    async fn reserve_email(
-        tx: &mut Self::Transaction,
-        email: &str,
-        user_id: &str,
-    ) -> Result<(), HandlerError>;
 
     /// Records an e-mail as sent, once per key.
     async fn send_email(&self, email: &SentEmail, body: &str) -> Result<(), StoreError>;
@@ -108,16 +97,12 @@ pub trait AppStore:
     ) -> Process<P, Self>;
 }
 
-const CREATE_RESERVATIONS: &str = "CREATE TABLE IF NOT EXISTS email_reservations (
-    email TEXT PRIMARY KEY,
-    user_id TEXT NOT NULL)";
 const CREATE_SENT: &str = "CREATE TABLE IF NOT EXISTS sent_emails (
     key TEXT PRIMARY KEY,
     recipient TEXT NOT NULL,
     subject TEXT NOT NULL,
     body TEXT NOT NULL,
     sent_at TEXT NOT NULL)";
-const RESERVE: &str = "INSERT INTO email_reservations (email, user_id) VALUES ($1, $2)";
 const SEND: &str = "INSERT INTO sent_emails (key, recipient, subject, body, sent_at) \
      VALUES ($1, $2, $3, $4, $5) ON CONFLICT (key) DO NOTHING";
 const SENT: &str = "SELECT key, recipient, subject FROM sent_emails ORDER BY sent_at, key";
@@ -143,32 +128,13 @@ macro_rules! app_store {
         #[async_trait]
         impl AppStore for $store {
             async fn create_tables(&self) -> Result<(), StoreError> {
-                for statement in [CREATE_RESERVATIONS, CREATE_SENT] {
+                for statement in [CREATE_SENT] {
                     sqlx::query(statement)
                         .execute(self.$pool())
                         .await
                         .map_err(app_error(self, "creating the application's tables"))?;
                 }
                 Ok(())
-            }
-
-            async fn reserve_email(
-                tx: &mut Self::Transaction,
-                email: &str,
-                user_id: &str,
-            ) -> Result<(), HandlerError> {
-                match sqlx::query(RESERVE)
-                    .bind(email)
-                    .bind(user_id)
-                    .execute(&mut **tx)
-                    .await
-                {
-                    Ok(_) => Ok(()),
-                    Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                        Err(HandlerError::data(EmailTaken(email.to_owned())))
-                    }
-                    Err(e) => Err(e.into()),
-                }
             }
 
             async fn send_email(&self, email: &SentEmail, body: &str) -> Result<(), StoreError> {
@@ -214,29 +180,6 @@ fn chrono_now() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     format!("{:020}.{:06}", now.as_secs(), now.subsec_micros())
-}
-
-/// Reserves a new user's address in the sign-up's transaction: a duplicate
-/// fails the command, atomically.
-struct EmailReservation;
-
-#[async_trait]
-impl<S: AppStore> InlineHandler<User, S> for EmailReservation {
-    fn name(&self) -> &str {
-        "email_reservation"
-    }
-
-    async fn handle(
-        &self,
-        events: &[Envelope<User>],
-        tx: &mut S::Transaction,
-    ) -> Result<(), HandlerError> {
-        for event in events {
-            let UserEvent::UserSignedUp { email, .. } = &event.payload;
-            S::reserve_email(tx, email, &event.aggregate_id).await?;
-        }
-        Ok(())
-    }
 }
 
 /// The stand-in for an SMTP server: it refuses mail to the domains it is
@@ -356,6 +299,8 @@ pub struct App<S: AppStore> {
     pub accounts: Arc<CommandBus<BankAccount, S>>,
     /// Users.
     pub users: Arc<CommandBus<User, S>>,
+    /// Sign-ups: the unique-address rule, decided across users.
+    pub sign_ups: Arc<DecisionBus<Registration, S>>,
     /// Transfers.
     pub transfers: Arc<CommandBus<Transfer, S>>,
     /// The projections.
@@ -430,10 +375,11 @@ impl<S: AppStore> App<S> {
         );
         let users = Arc::new(
             CommandBus::<User, _>::builder(store.clone(), ())
-                .inline(EmailReservation)
+                .tag_events()
                 .publish_to(feed.clone())
                 .build(),
         );
+        let sign_ups = Arc::new(DecisionBus::new(store.clone()).publish_to(feed.clone()));
         let transfers = Arc::new(
             CommandBus::<Transfer, _>::builder(store.clone(), ())
                 .publish_to(feed.clone())
@@ -499,6 +445,7 @@ impl<S: AppStore> App<S> {
             store,
             accounts,
             users,
+            sign_ups,
             transfers,
             runner,
             feed,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use example_accounts::app::{self, App, AppStore};
 use example_accounts::transfer::TransferCommand;
-use example_accounts::user::UserCommand;
+use example_accounts::user::Register;
 use example_accounts::{BankAccount, BankCommand, BankEvent};
 use outflow::{AppendRequest, CancellationToken, CommandError, NewEvent, StoreError};
 
@@ -66,7 +66,7 @@ async fn scenario<S: AppStore>(app: &App<S>) -> anyhow::Result<()> {
     let bouncing = "bounce.example";
     app.mail.refuse(bouncing);
 
-    println!("Sign-ups (the address is reserved in the sign-up's transaction):");
+    println!("Sign-ups (one address, one user: decided across users):");
     for (user, name, email) in [
         (id("user-ann"), "Ann", format!("ann-{run}@example.com")),
         (id("user-bob"), "Bob", format!("bob-{run}@example.com")),
@@ -78,18 +78,22 @@ async fn scenario<S: AppStore>(app: &App<S>) -> anyhow::Result<()> {
         (id("user-eve"), "Eve", format!("eve-{run}@{bouncing}")),
     ] {
         let label = format!("sign up {name} <{email}>");
-        report(
-            &label,
-            app.users
-                .execute(
-                    &user,
-                    UserCommand::SignUp {
-                        name: name.into(),
-                        email,
-                    },
-                )
-                .await,
-        )?;
+        let result = app
+            .sign_ups
+            .execute(Register {
+                user_id: user,
+                name: name.into(),
+                email,
+            })
+            .await;
+        match result {
+            Ok(done) => {
+                let at = done.checkpoint().map_or(0, |c| c.position);
+                println!("  {label:<46} ok: UserSignedUp at position {at}");
+            }
+            Err(CommandError::Rejected(reason)) => println!("  {label:<46} refused: {reason}"),
+            Err(other) => bail!("{label}: {}", outflow::error::error_chain(&other)),
+        }
     }
 
     println!("\nAccounts:");

@@ -1,12 +1,18 @@
 //! Users: sign-up with a unique e-mail address.
 //!
-//! The address is reserved by an inline handler in the sign-up's own
-//! transaction (see [`crate::app`]), so two users can never end up with the
-//! same address, however many sign-ups race: the second transaction fails
-//! on the reservation's unique key and writes nothing.
+//! A user is an aggregate; the rule that no two users share an address
+//! spans every user, so a sign-up is a [decision](outflow::decision):
+//! [`Registration`] reads the sign-ups tagged with the address (and the
+//! new user's own stream), decides, and appends the user's `UserSignedUp`
+//! on condition that no such event was appended since it read. Two
+//! sign-ups racing for one address can never both commit, however many
+//! race: the loser reads again and is refused with
+//! [`UserError::EmailTaken`].
 
 use outflow::cqrs_es::event_sink::EventSink;
 use outflow::cqrs_es::{Aggregate, DomainEvent};
+use outflow::decision::{Decision, StreamId};
+use outflow::tags::{Query, QueryItem, Tagged};
 use serde::{Deserialize, Serialize};
 
 /// A user of the bank.
@@ -72,6 +78,114 @@ pub enum UserError {
     /// A name with control characters.
     #[error("{0}")]
     InvalidName(String),
+    /// The address is another user's.
+    #[error("the address {0} is already taken")]
+    EmailTaken(String),
+}
+
+impl Tagged for UserEvent {
+    /// A sign-up carries its address, so the uniqueness rule finds it.
+    fn tags(&self) -> Vec<String> {
+        match self {
+            UserEvent::UserSignedUp { email, .. } => vec![email_tag(email)],
+        }
+    }
+}
+
+/// The tag of the events that hold `email` (lower-cased).
+pub fn email_tag(email: &str) -> String {
+    format!("email:{email}")
+}
+
+/// A user's name and address checked, the address lower-cased: the rules
+/// the aggregate and the sign-up decision share.
+///
+/// # Errors
+///
+/// [`UserError::MissingName`], [`UserError::InvalidName`],
+/// [`UserError::InvalidEmail`].
+pub fn checked(name: &str, email: &str) -> Result<(String, String), UserError> {
+    let name = name.trim().to_owned();
+    if name.is_empty() {
+        return Err(UserError::MissingName);
+    }
+    if let Err(reason) = crate::check_name("name", &name) {
+        return Err(UserError::InvalidName(reason));
+    }
+    let email = email.trim().to_lowercase();
+    if !valid_email(&email) {
+        // Quoted back short: the refusal may be shown or logged.
+        let shown: String = email
+            .chars()
+            .take(80)
+            .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+            .collect();
+        return Err(UserError::InvalidEmail(shown));
+    }
+    Ok((name, email))
+}
+
+/// Signs user `user_id` up (see [`Registration`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Register {
+    /// The new user's id.
+    pub user_id: String,
+    /// The user's name.
+    pub name: String,
+    /// The user's address, as typed.
+    pub email: String,
+}
+
+/// The sign-up, decided across users: the address must be no other
+/// user's, and the user must not have signed up yet.
+#[derive(Debug)]
+pub struct Registration;
+
+/// What a sign-up depends on: the sign-ups it read.
+#[derive(Debug, Default)]
+pub struct Registered {
+    /// The addresses of the sign-ups read (the one asked for, when taken,
+    /// and the user's own, when the user signed up before).
+    pub addresses: Vec<String>,
+}
+
+impl Decision for Registration {
+    type Command = Register;
+    type Event = UserEvent;
+    type State = Registered;
+    type Error = UserError;
+
+    fn query(command: &Register) -> Query {
+        let own = Query::new().with(QueryItem::stream(User::TYPE, &command.user_id));
+        // An address that is no address (refused by `decide`) is no tag.
+        match checked(&command.name, &command.email) {
+            Ok((_, email)) => {
+                own.with(QueryItem::tags([email_tag(&email)]).with_types(["UserSignedUp"]))
+            }
+            Err(_) => own,
+        }
+    }
+
+    fn stream(command: &Register) -> StreamId {
+        StreamId::new(User::TYPE, command.user_id.clone())
+    }
+
+    fn evolve(state: &mut Registered, event: UserEvent) {
+        let UserEvent::UserSignedUp { email, .. } = event;
+        state.addresses.push(email);
+    }
+
+    fn decide(state: &Registered, command: &Register) -> Result<Vec<UserEvent>, UserError> {
+        let (name, email) = checked(&command.name, &command.email)?;
+        if state.addresses.contains(&email) {
+            return Err(UserError::EmailTaken(email));
+        }
+        // Read, and not for this address: the user's own sign-up.
+        if !state.addresses.is_empty() {
+            return Err(UserError::AlreadySignedUp);
+        }
+        Ok(vec![UserEvent::UserSignedUp { name, email }])
+    }
 }
 
 impl Aggregate for User {
@@ -92,23 +206,7 @@ impl Aggregate for User {
                 if self.signed_up {
                     return Err(UserError::AlreadySignedUp);
                 }
-                let name = name.trim().to_owned();
-                if name.is_empty() {
-                    return Err(UserError::MissingName);
-                }
-                if let Err(reason) = crate::check_name("name", &name) {
-                    return Err(UserError::InvalidName(reason));
-                }
-                let email = email.trim().to_lowercase();
-                if !valid_email(&email) {
-                    // Quoted back short: the refusal may be shown or logged.
-                    let shown: String = email
-                        .chars()
-                        .take(80)
-                        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
-                        .collect();
-                    return Err(UserError::InvalidEmail(shown));
-                }
+                let (name, email) = checked(&name, &email)?;
                 sink.write(UserEvent::UserSignedUp { name, email }, self)
                     .await;
             }

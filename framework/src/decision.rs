@@ -230,6 +230,7 @@ pub struct DecisionBus<D: Decision, S: ConditionalAppend> {
     store: S,
     max_attempts: u32,
     handlers: Vec<Box<dyn DecisionHandler<S>>>,
+    publish: Option<crate::pubsub::EventBus>,
     decision: PhantomData<fn() -> D>,
 }
 
@@ -240,6 +241,7 @@ impl<D: Decision, S: ConditionalAppend + std::fmt::Debug> std::fmt::Debug for De
             .field("store", &self.store)
             .field("max_attempts", &self.max_attempts)
             .field("handlers", &self.handlers.len())
+            .field("publishes", &self.publish.is_some())
             .finish()
     }
 }
@@ -263,6 +265,7 @@ impl<D: Decision, S: ConditionalAppend> DecisionBus<D, S> {
             store,
             max_attempts: 16,
             handlers: Vec::new(),
+            publish: None,
             decision: PhantomData,
         }
     }
@@ -277,6 +280,15 @@ impl<D: Decision, S: ConditionalAppend> DecisionBus<D, S> {
     /// Adds a handler run in the append's transaction.
     pub fn inline(mut self, handler: impl DecisionHandler<S>) -> Self {
         self.handlers.push(Box::new(handler));
+        self
+    }
+
+    /// Publishes the events of each decision, once committed, to an
+    /// in-process [`EventBus`](crate::pubsub::EventBus) (as
+    /// [`CommandBusBuilder::publish_to`](crate::CommandBusBuilder::publish_to)
+    /// does for commands).
+    pub fn publish_to(mut self, bus: crate::pubsub::EventBus) -> Self {
+        self.publish = Some(bus);
         self
     }
 
@@ -499,6 +511,9 @@ impl<D: Decision, S: ConditionalAppend> DecisionBus<D, S> {
             }
         }
         self.store.commit(tx).await?;
+        if let Some(bus) = &self.publish {
+            bus.publish(written.iter().cloned());
+        }
         Ok(written)
     }
 

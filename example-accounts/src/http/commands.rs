@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use crate::app::AppStore;
 use crate::transfer::TransferCommand;
-use crate::user::UserCommand;
+use crate::user::Register;
 use crate::BankCommand;
 
 use super::errors::*;
@@ -61,18 +61,17 @@ pub(super) async fn sign_up<S: AppStore>(
     let user_id = new_id("user");
     let done = state
         .app
-        .users
-        .execute(
-            &user_id,
-            UserCommand::SignUp {
-                name: body.name,
-                email: body.email,
-            },
-        )
+        .sign_ups
+        .execute(Register {
+            user_id: user_id.clone(),
+            name: body.name,
+            email: body.email,
+        })
         .await?;
+    let position = done.checkpoint().map_or(0, |c| c.position);
     Ok((
         StatusCode::CREATED,
-        Json(json!({ "user_id": user_id, "position": position(&done) })),
+        Json(json!({ "user_id": user_id, "position": position })),
     ))
 }
 

@@ -8,7 +8,6 @@ use outflow::runner::WaitError;
 use outflow::{CommandError, ErrorKind, StoreError};
 use serde_json::json;
 
-use crate::app::EmailTaken;
 use crate::transfer::TransferError;
 use crate::user::UserError;
 use crate::BankError;
@@ -92,7 +91,9 @@ impl Refusal for BankError {
 impl Refusal for UserError {
     fn status(&self) -> (StatusCode, &'static str) {
         match self {
-            UserError::AlreadySignedUp => (StatusCode::CONFLICT, "conflict"),
+            UserError::AlreadySignedUp | UserError::EmailTaken(_) => {
+                (StatusCode::CONFLICT, "conflict")
+            }
             _ => (StatusCode::UNPROCESSABLE_ENTITY, "refused"),
         }
     }
@@ -119,11 +120,6 @@ impl<E: Refusal> From<CommandError<E>> for ApiError {
             // decodes into the error type.
             CommandError::Refused(refusal) => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "refused", refusal.message)
-            }
-            CommandError::Inline { error, .. }
-                if error.source().downcast_ref::<EmailTaken>().is_some() =>
-            {
-                ApiError::new(StatusCode::CONFLICT, "conflict", error.source().to_string())
             }
             CommandError::Store(error) => error.into(),
             other => ApiError::new(
