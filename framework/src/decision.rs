@@ -81,7 +81,7 @@
 use std::marker::PhantomData;
 use std::time::{Duration, Instant};
 
-use cqrs_es::DomainEvent;
+use cqrs_es::{Aggregate, DomainEvent};
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -92,7 +92,8 @@ use crate::outcome::{CommandOutcome, Refusal, RefusalRecord};
 use crate::port::decisions::{AppendCondition, ConditionalAppend};
 use crate::port::events::Transactional;
 
-use crate::tags::{Query, Tagged};
+use crate::port::log::{EventLog, LogFilter};
+use crate::tags::{stream_tag, Query, Tagged};
 
 /// The stream a decision appends its events to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -609,6 +610,96 @@ impl<D: Decision, S: ConditionalAppend> DecisionBus<D, S> {
             })),
         }
     }
+}
+
+/// Tags the events already in the log that `filter` selects: each gets the
+/// tags `tags` gives it and its stream's tag ([`stream_tag`](crate::tags::stream_tag));
+/// returns how many tags were new (a second run adds none). For events
+/// appended before their aggregate's bus was built with
+/// [`tag_events`](crate::CommandBusBuilder::tag_events): until they carry
+/// their tags, decisions do not see them.
+///
+/// Run it before the decisions that depend on those tags are deployed (or
+/// with their writers stopped): a decision that read before an event was
+/// tagged does not see it, and its condition does not either (the event
+/// was already in the log). It reads the log up to the head committed when
+/// it starts, waiting for events a transaction still holds back.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use outflow::decision::backfill_tags;
+/// use outflow::store::ConditionalAppend;
+/// use outflow::tags::{Query, QueryItem};
+/// use outflow::{CommandBus, LogFilter, MemoryStore};
+/// # use outflow::doc_fixture::{Counter, CounterCommand};
+/// let store = MemoryStore::new();
+/// let untagged = CommandBus::<Counter, _>::new(store.clone(), ());
+/// untagged.execute("c-1", CounterCommand::Increment { by: 1 }).await?;
+/// let added = backfill_tags(&store, LogFilter::aggregate_types(["counter"]), |_| Ok(vec!["counting".into()])).await?;
+/// assert_eq!(added, 2, "its own tag and its stream's");
+/// let read = store.read_query(&Query::new().with(QueryItem::tags(["counting"])), None).await?;
+/// assert_eq!(read.events.len(), 1);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// # }).unwrap();
+/// ```
+///
+/// # Errors
+///
+/// What `tags` returns; the store's errors.
+pub async fn backfill_tags<S, F>(store: &S, filter: LogFilter, tags: F) -> Result<u64, StoreError>
+where
+    S: ConditionalAppend + EventLog,
+    F: Fn(&RecordedEvent) -> Result<Vec<String>, StoreError>,
+{
+    const BATCH: usize = 500;
+    let until = store.committed_head().await?;
+    let mut after = Checkpoint::START;
+    let mut added = 0;
+    let mut waited = Instant::now();
+    while after < until {
+        let events = store.read_log(after, &filter, BATCH).await?;
+        let Some(last) = events.last() else {
+            // Nothing the filter selects is left before the head, once
+            // readers see up to it; until then an open transaction holds
+            // them back.
+            if store.head().await? >= until {
+                break;
+            }
+            if waited.elapsed() > Duration::from_secs(10) {
+                tracing::warn!(%until, %after, "backfilling tags: waiting for a transaction that holds the log back");
+                waited = Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        after = last.checkpoint();
+        let mut batch = Vec::with_capacity(events.len());
+        for event in &events {
+            let mut list = tags(event)?;
+            list.push(stream_tag(&event.aggregate_type, &event.aggregate_id));
+            batch.push((event.checkpoint(), list));
+        }
+        added += store.tag_existing(&batch).await?;
+    }
+    Ok(added)
+}
+
+/// [`backfill_tags`] for aggregate `A`'s events, with the tags its event
+/// type declares.
+///
+/// # Errors
+///
+/// A stored event that does not decode into `A::Event`; the store's errors.
+pub async fn backfill_aggregate_tags<A, S>(store: &S) -> Result<u64, StoreError>
+where
+    A: Aggregate,
+    A::Event: Tagged,
+    S: ConditionalAppend + EventLog,
+{
+    backfill_tags(store, LogFilter::aggregate_types([A::TYPE]), |event| {
+        Ok(event.decode_payload::<A>()?.tags())
+    })
+    .await
 }
 
 /// Folds the events read into a fresh state.

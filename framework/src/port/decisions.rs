@@ -154,6 +154,19 @@ pub trait ConditionalAppend: AppendInTransaction {
         condition: Option<&AppendCondition>,
     ) -> Result<Vec<RecordedEvent>, StoreError>;
 
+    /// Adds tags to events already in the log (`(checkpoint, tags)`: the
+    /// event at that checkpoint gets those tags; tags it already has are
+    /// kept once; a checkpoint with no event is skipped); returns how many
+    /// tags were new. What
+    /// [`backfill_tags`](crate::decision::backfill_tags) calls, for events
+    /// appended before their aggregate's bus tagged its events. Each tag's
+    /// shared lock is taken as for an append.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::InvalidQuery`] for bad tags; [`StoreError::Database`].
+    async fn tag_existing(&self, tags: &[(Checkpoint, Vec<String>)]) -> Result<u64, StoreError>;
+
     /// [`append_tagged_in`](Self::append_tagged_in) in a transaction of its
     /// own.
     ///

@@ -608,6 +608,51 @@ async fn aggregates_take_part<S: ConditionalAppend + Clone>(store: S) {
     assert_eq!(stream_taken.events[0].sequence, 2);
 }
 
+/// Events appended before their bus tagged them are invisible to decisions
+/// until backfilled; then they count, and a second backfill adds nothing.
+async fn backfilled_tags<S: ConditionalAppend + EventLog + Clone>(store: S) {
+    let untagged = CommandBus::<Member, _>::new(store.clone(), ());
+    untagged
+        .execute("m-1", "ann@example.com".into())
+        .await
+        .expect("joined before tags");
+    let join = DecisionBus::<Join, _>::new(store.clone());
+    let query = Join::query(&("m-9".into(), "ann@example.com".into()));
+    assert!(
+        store
+            .read_query(&query, None)
+            .await
+            .expect("read")
+            .events
+            .is_empty(),
+        "an untagged event is not found by its tags"
+    );
+    let added = outflow::decision::backfill_aggregate_tags::<Member, _>(&store)
+        .await
+        .expect("backfill");
+    assert_eq!(added, 2, "the address and the stream");
+    let taken = join
+        .execute(("m-2".into(), "ann@example.com".into()))
+        .await
+        .expect_err("the backfilled event counts");
+    assert!(matches!(taken.rejection(), Some(MemberError::Taken)));
+    let again = outflow::decision::backfill_aggregate_tags::<Member, _>(&store)
+        .await
+        .expect("backfill again");
+    assert_eq!(again, 0);
+    let read = store
+        .read_query(&Query::new().with(QueryItem::stream("member", "m-1")), None)
+        .await
+        .expect("read");
+    assert_eq!(read.events.len(), 1);
+    // Bad tags from the caller are refused.
+    let bad =
+        outflow::decision::backfill_tags(&store, LogFilter::all(), |_| Ok(vec![String::new()]))
+            .await
+            .expect_err("an empty tag");
+    assert!(matches!(bad, StoreError::InvalidQuery { .. }), "{bad}");
+}
+
 /// Eight racers per round subscribe students to courses at once: a course
 /// never holds more than its capacity, a student never more than the limit.
 async fn racing_decisions<S: ConditionalAppend + Clone>(store: S) {
@@ -678,6 +723,7 @@ common::on_every_backend! {
     decision_bus: decision_bus_on_memory, decision_bus_on_postgres, decision_bus_on_sqlite;
     aggregates_take_part: aggregates_on_memory, aggregates_on_postgres, aggregates_on_sqlite;
     racing_decisions: racing_on_memory, racing_on_postgres, racing_on_sqlite;
+    backfilled_tags: backfill_on_memory, backfill_on_postgres, backfill_on_sqlite;
 }
 
 #[tokio::test]

@@ -62,6 +62,35 @@ impl ConditionalAppend for MemoryStore {
         })
     }
 
+    async fn tag_existing(&self, tags: &[(Checkpoint, Vec<String>)]) -> Result<u64, StoreError> {
+        let mut lists = Vec::with_capacity(tags.len());
+        for (checkpoint, list) in tags {
+            let list = crate::tags::normalized_tags(list.clone())
+                .map_err(|reason| StoreError::InvalidQuery { reason })?;
+            lists.push((*checkpoint, list));
+        }
+        let mut state = self.state();
+        let mut added = 0;
+        for (checkpoint, list) in lists {
+            let Some(event_id) = state
+                .log
+                .iter()
+                .find(|e| e.checkpoint() == checkpoint)
+                .map(|e| e.event_id)
+            else {
+                continue;
+            };
+            let known = state.tags.entry(event_id).or_default();
+            for tag in list {
+                if !known.contains(&tag) {
+                    known.push(tag);
+                    added += 1;
+                }
+            }
+        }
+        Ok(added)
+    }
+
     async fn append_tagged_in(
         &self,
         tx: &mut MemoryTransaction,

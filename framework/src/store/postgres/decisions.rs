@@ -411,6 +411,47 @@ impl ConditionalAppend for PostgresStore {
         })
     }
 
+    async fn tag_existing(&self, tags: &[(Checkpoint, Vec<String>)]) -> Result<u64, StoreError> {
+        let mut lists = Vec::with_capacity(tags.len());
+        let mut tag_list = Vec::new();
+        let mut transactions = Vec::new();
+        let mut positions = Vec::new();
+        for (checkpoint, list) in tags {
+            let list = crate::tags::normalized_tags(list.clone())
+                .map_err(|reason| StoreError::InvalidQuery { reason })?;
+            for tag in &list {
+                tag_list.push(tag.clone());
+                transactions.push(checkpoint.transaction_id.to_string());
+                positions.push(to_i64(checkpoint.position));
+            }
+            lists.push(list);
+        }
+        if tag_list.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = crate::port::events::Transactional::begin(self).await?;
+        self.lock_tags(&mut tx, &lists, None).await?;
+        let sql = format!(
+            "INSERT INTO {tags} (tag, transaction_id, position) \
+             SELECT t.tag, t.tx::xid8, t.pos \
+               FROM UNNEST($1::text[], $2::text[], $3::bigint[]) AS t(tag, tx, pos) \
+              WHERE EXISTS (SELECT 1 FROM {events} e \
+                             WHERE e.transaction_id = t.tx::xid8 AND e.position = t.pos) \
+             ON CONFLICT DO NOTHING",
+            tags = self.inner.tags_table,
+            events = self.events_sql()
+        );
+        let done = sqlx::query(&sql)
+            .bind(&tag_list)
+            .bind(&transactions)
+            .bind(&positions)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| pg_error("tagging existing events", e))?;
+        crate::port::events::Transactional::commit(self, tx).await?;
+        Ok(done.rows_affected())
+    }
+
     async fn append_tagged_in(
         &self,
         tx: &mut Self::Transaction,

@@ -250,6 +250,45 @@ impl ConditionalAppend for SqliteStore {
         })
     }
 
+    async fn tag_existing(&self, tags: &[(Checkpoint, Vec<String>)]) -> Result<u64, StoreError> {
+        let mut rows: Vec<(String, i64)> = Vec::new();
+        for (checkpoint, list) in tags {
+            let list = crate::tags::normalized_tags(list.clone())
+                .map_err(|reason| StoreError::InvalidQuery { reason })?;
+            rows.extend(
+                list.into_iter()
+                    .map(|tag| (tag, to_i64(checkpoint.position))),
+            );
+        }
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = crate::port::events::Transactional::begin(self).await?;
+        let mut added = 0;
+        for chunk in rows.chunks(TAG_CHUNK) {
+            let values = (0..chunk.len())
+                .map(|i| format!("(?{}, ?{})", 2 * i + 1, 2 * i + 2))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = self.inner.tables.render(&format!(
+                "INSERT OR IGNORE INTO {{tags}} (tag, position) \
+                 SELECT v.column1, v.column2 FROM (VALUES {values}) v \
+                  WHERE EXISTS (SELECT 1 FROM {{events}} e WHERE e.position = v.column2)"
+            ));
+            let mut query = sqlx::query(&sql);
+            for (tag, position) in chunk {
+                query = query.bind(tag.as_str()).bind(*position);
+            }
+            added += query
+                .execute(&mut *tx)
+                .await
+                .map_err(db("tagging existing events"))?
+                .rows_affected();
+        }
+        crate::port::events::Transactional::commit(self, tx).await?;
+        Ok(added)
+    }
+
     async fn append_tagged_in(
         &self,
         tx: &mut Self::Transaction,
