@@ -145,6 +145,36 @@ pub(crate) async fn decision_scenarios(server: &Server, size: &Size) -> Result<V
             per_second: rate,
             conflicts_per_commit: 0.0,
         });
+        // The same beside a tags table of 200,000 rows: an untagged append
+        // never touches it.
+        let beside = store(server, &format!("dq{clients}")).await?;
+        sqlx::query(
+            "INSERT INTO events_tags (tag, transaction_id, position) \
+             SELECT 'bulk:' || i, '1'::xid8, i FROM generate_series(1, 200000) i",
+        )
+        .execute(beside.pool())
+        .await?;
+        let rate = run(clients, per_client, move |c, i| {
+            let beside = beside.clone();
+            async move {
+                beside
+                    .append(AppendRequest::new(
+                        "a",
+                        format!("{c}-{i}"),
+                        0,
+                        vec![event()],
+                    ))
+                    .await?;
+                Ok(())
+            }
+        })
+        .await?;
+        rows.push(DecisionRow {
+            what: "plain append, no tags, 200,000 tag rows in the table",
+            clients,
+            per_second: rate,
+            conflicts_per_commit: 0.0,
+        });
         // The same with two tags each (and the stream's): the tags' rows
         // and shared locks.
         let tagged = store(server, &format!("dt{clients}")).await?;

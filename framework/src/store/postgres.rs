@@ -435,8 +435,12 @@ mod tests {
     fn every_event_query_is_rendered() {
         let names = Names::new("events", None).expect("valid");
         let queries = Queries::new(|sql| names.render(sql));
-        // `{filter}` is a log filter's clause, given per call.
-        crate::store::sql::statements::assert_rendered(queries.statements(), &["filter"]);
+        // `{filter}` is a log filter's clause and `{condition}` an append's
+        // condition, given per call.
+        crate::store::sql::statements::assert_rendered(
+            queries.statements(),
+            &["filter", "condition"],
+        );
         assert!(queries.ids_ahead.contains("\"events\""));
     }
 }
