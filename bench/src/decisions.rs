@@ -122,6 +122,17 @@ pub(crate) async fn decision_scenarios(server: &Server, size: &Size) -> Result<V
     let mut rows = Vec::new();
     for clients in [1usize, 16] {
         let per_client = total / clients;
+        // Aggregate commands (load the account, decide, append), for scale.
+        let (system, _) = crate::setup::outflow_system(server, &format!("da{clients}")).await?;
+        let accounts = (size.accounts / 4).max(clients);
+        let deposits = (total / accounts).max(1);
+        let command = crate::scenarios::commands(&system, accounts, deposits, clients).await?;
+        rows.push(DecisionRow {
+            what: "aggregate command (load, decide, append)",
+            clients,
+            per_second: command.per_second,
+            conflicts_per_commit: 0.0,
+        });
         // Plain appends, one event to a new stream each, without tags.
         let plain = store(server, &format!("dp{clients}")).await?;
         let rate = run(clients, per_client, move |c, i| {

@@ -613,7 +613,7 @@ impl<D: Decision, S: ConditionalAppend> DecisionBus<D, S> {
 }
 
 /// Tags the events already in the log that `filter` selects: each gets the
-/// tags `tags` gives it and its stream's tag ([`stream_tag`](crate::tags::stream_tag));
+/// tags `tags` gives it and its stream's tag ([`stream_tag`]);
 /// returns how many tags were new (a second run adds none). For events
 /// appended before their aggregate's bus was built with
 /// [`tag_events`](crate::CommandBusBuilder::tag_events): until they carry

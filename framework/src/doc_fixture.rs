@@ -77,3 +77,11 @@ impl Aggregate for Counter {
         }
     }
 }
+
+/// The counter's events carry the tag `counting` (for the examples of
+/// [decisions](crate::decision) and [`tag_events`](crate::CommandBusBuilder::tag_events)).
+impl crate::tags::Tagged for CounterEvent {
+    fn tags(&self) -> Vec<String> {
+        vec!["counting".to_owned()]
+    }
+}

@@ -185,15 +185,16 @@ where
     /// ```
     /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
     /// use outflow::store::ConditionalAppend;
-    /// use outflow::tags::{Query, QueryItem, Tagged};
+    /// use outflow::tags::{Query, QueryItem};
     /// use outflow::{CommandBus, MemoryStore};
-    /// # use outflow::doc_fixture::{Counter, CounterCommand, CounterEvent};
-    /// # impl Tagged for CounterEvent { fn tags(&self) -> Vec<String> { vec!["counting".into()] } }
+    /// # use outflow::doc_fixture::{Counter, CounterCommand};
     /// let store = MemoryStore::new();
     /// let bus = CommandBus::<Counter, _>::builder(store.clone(), ()).tag_events().build();
     /// bus.execute("c-1", CounterCommand::Increment { by: 1 }).await?;
     /// let read = store.read_query(&Query::new().with(QueryItem::stream("counter", "c-1")), None).await?;
     /// assert_eq!(read.events.len(), 1);
+    /// let counting = store.read_query(&Query::new().with(QueryItem::tags(["counting"])), None).await?;
+    /// assert_eq!(counting.events.len(), 1, "the tag the event type declares");
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// # }).unwrap();
     /// ```
