@@ -388,9 +388,6 @@ impl<D: Decision, S: ConditionalAppend> DecisionBus<D, S> {
         context: &CommandContext,
     ) -> Result<Decided<D>, CommandError<D::Error>> {
         let command_id = context.command_id;
-        if let Some(done) = self.remembered(stream, command_id).await? {
-            return done;
-        }
         let query = D::query(command);
         let mut last_conflict = None;
         for attempt in 1..=self.max_attempts {
@@ -403,10 +400,21 @@ impl<D: Decision, S: ConditionalAppend> DecisionBus<D, S> {
                 }
                 tokio::time::sleep(backoff(attempt)).await;
             }
-            let read = self
+            let reading = self
                 .store
-                .read_query(&query, Some((&stream.aggregate_type, &stream.aggregate_id)))
-                .await?;
+                .read_query(&query, Some((&stream.aggregate_type, &stream.aggregate_id)));
+            let read = if attempt == 1 {
+                // The command id looked up beside the first read, on
+                // another connection: a command sent again gets its
+                // remembered answer for the price of one round trip.
+                let (remembered, read) = tokio::join!(self.remembered(stream, command_id), reading);
+                if let Some(done) = remembered? {
+                    return done;
+                }
+                read?
+            } else {
+                reading.await?
+            };
             let state = fold::<D>(&read.events)?;
             let payloads = match D::decide(&state, command) {
                 Ok(payloads) => payloads,
@@ -468,6 +476,10 @@ impl<D: Decision, S: ConditionalAppend> DecisionBus<D, S> {
                 }
                 Err(error) => return Err(error),
             }
+        }
+        // The last race may have been lost to this very command.
+        if let Some(done) = self.remembered(stream, command_id).await? {
+            return done;
         }
         Err(CommandError::Store(last_conflict.unwrap_or(
             StoreError::ConditionFailed {
@@ -656,14 +668,20 @@ where
     let mut after = Checkpoint::START;
     let mut added = 0;
     let mut waited = Instant::now();
+    // Set once readers see up to `until`: an empty read after that means
+    // nothing the filter selects is left.
+    let mut readable = false;
     while after < until {
         let events = store.read_log(after, &filter, BATCH).await?;
         let Some(last) = events.last() else {
-            // Nothing the filter selects is left before the head, once
-            // readers see up to it; until then an open transaction holds
-            // them back.
-            if store.head().await? >= until {
+            if readable {
                 break;
+            }
+            // Until readers see up to the head, an open transaction holds
+            // them back; once they do, read again before concluding.
+            if store.head().await? >= until {
+                readable = true;
+                continue;
             }
             if waited.elapsed() > Duration::from_secs(10) {
                 tracing::warn!(%until, %after, "backfilling tags: waiting for a transaction that holds the log back");
