@@ -90,6 +90,16 @@ pub trait AppStore:
     /// The e-mails sent, oldest first.
     async fn sent_emails(&self) -> Result<Vec<SentEmail>, StoreError>;
 
+    /// Deletes the e-mails sent to `to` (the mail server's copies of a
+    /// forgotten user's data: outside Outflow, erased by the application);
+    /// returns how many.
+    async fn erase_sent_emails(&self, to: &str) -> Result<u64, StoreError>;
+
+    /// Leaves no bytes of erased rows behind: on SQLite the write-ahead
+    /// log truncated (the file overwrites deleted rows itself), on
+    /// PostgreSQL the table vacuumed.
+    async fn scrub(&self) -> Result<(), StoreError>;
+
     /// `process` with `timers` (its deadlines commit with its batches).
     fn with_timers<P: outflow::process::ProcessManager>(
         process: Process<P, Self>,
@@ -106,6 +116,7 @@ const CREATE_SENT: &str = "CREATE TABLE IF NOT EXISTS sent_emails (
 const SEND: &str = "INSERT INTO sent_emails (key, recipient, subject, body, sent_at) \
      VALUES ($1, $2, $3, $4, $5) ON CONFLICT (key) DO NOTHING";
 const SENT: &str = "SELECT key, recipient, subject FROM sent_emails ORDER BY sent_at, key";
+const ERASE_SENT: &str = "DELETE FROM sent_emails WHERE recipient = $1";
 
 /// A driver error as the store classifies it: a value the database
 /// refuses (a NUL byte in text on PostgreSQL, SQLSTATE class 22) is the
@@ -124,7 +135,7 @@ fn app_error<'a, S: outflow::Transactional>(
 
 /// The same statements on both backends (`$n` parameters work on both).
 macro_rules! app_store {
-    ($store:ty, $pool:ident) => {
+    ($store:ty, $pool:ident, $scrub:path) => {
         #[async_trait]
         impl AppStore for $store {
             async fn create_tables(&self) -> Result<(), StoreError> {
@@ -161,6 +172,19 @@ macro_rules! app_store {
                     .collect())
             }
 
+            async fn erase_sent_emails(&self, to: &str) -> Result<u64, StoreError> {
+                let done = sqlx::query(ERASE_SENT)
+                    .bind(to)
+                    .execute(self.$pool())
+                    .await
+                    .map_err(app_error(self, "erasing sent e-mails"))?;
+                Ok(done.rows_affected())
+            }
+
+            async fn scrub(&self) -> Result<(), StoreError> {
+                $scrub(self).await
+            }
+
             fn with_timers<P: outflow::process::ProcessManager>(
                 process: Process<P, Self>,
                 timers: Timers<Self>,
@@ -171,8 +195,32 @@ macro_rules! app_store {
     };
 }
 
-app_store!(SqliteStore, writer);
-app_store!(PostgresStore, pool);
+app_store!(SqliteStore, writer, scrub_sqlite);
+app_store!(PostgresStore, pool, scrub_postgres);
+
+/// Checkpoints the write-ahead log into the file and truncates it, trying
+/// again while readers hold it (up to 10 s).
+async fn scrub_sqlite(store: &SqliteStore) -> Result<(), StoreError> {
+    for _ in 0..100 {
+        if store.truncate_wal().await? {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    Err(StoreError::Unsupported {
+        what: "truncating the write-ahead log",
+        reason: "readers kept it busy for 10 s",
+    })
+}
+
+/// Vacuums the sent e-mails, so the deleted rows leave the table's file.
+async fn scrub_postgres(store: &PostgresStore) -> Result<(), StoreError> {
+    sqlx::query("VACUUM sent_emails")
+        .execute(store.pool())
+        .await
+        .map_err(app_error(store, "vacuuming the sent e-mails"))?;
+    Ok(())
+}
 
 /// The time as RFC 3339 text with microseconds (sorts as text).
 fn chrono_now() -> String {
@@ -246,9 +294,16 @@ struct WelcomeEmails<S> {
 impl<S: AppStore> WelcomeEmails<S> {
     async fn send_welcome(&self, event: &RecordedEvent) -> Result<(), HandlerError> {
         let UserEvent::UserSignedUp { name, email } = event.decode_payload::<User>()?;
+        // A user forgotten since (a rebuild, a retry): nobody to write to.
+        let (Some(name), Some(email)) = (name.into_value(), email.into_value()) else {
+            return Ok(());
+        };
         if self.mail.refuses(&email) {
+            // The error is kept with the parked event: it names the user,
+            // not the address.
             return Err(HandlerError::msg(format!(
-                "the mail server refused mail to {email}"
+                "the mail server refused the address of user {}",
+                event.aggregate_id
             )));
         }
         let sent = SentEmail {
@@ -301,6 +356,8 @@ pub struct App<S: AppStore> {
     pub users: Arc<CommandBus<User, S>>,
     /// Sign-ups: the unique-address rule, decided across users.
     pub sign_ups: Arc<DecisionBus<Registration, S>>,
+    /// The users' keys: forgetting a user deletes theirs.
+    pub keys: outflow::personal::KeyRing,
     /// Transfers.
     pub transfers: Arc<CommandBus<Transfer, S>>,
     /// The projections.
@@ -437,7 +494,12 @@ impl<S: AppStore> App<S> {
             .build()?;
         // The read models' tables exist before the first query.
         runner.setup().await?;
+        let keys = outflow::EventStore::key_ring(&store).ok_or(StoreError::Unsupported {
+            what: "personal data",
+            reason: "the store keeps no keys",
+        })?;
         Ok(App {
+            keys,
             balances: balances.query(&store),
             statements: statements.query(&store),
             directory: directory.query(&store),

@@ -40,6 +40,7 @@ pub fn router<S: AppStore>(state: ApiState<S>) -> Router {
         .route("/", get(page))
         .route("/metrics", get(metrics::<S>))
         .route("/api/users", post(sign_up::<S>).get(list_users::<S>))
+        .route("/api/users/{id}", axum::routing::delete(forget_user::<S>))
         .route(
             "/api/accounts",
             post(open_account::<S>).get(list_accounts::<S>),

@@ -8,22 +8,31 @@
 //! sign-ups racing for one address can never both commit, however many
 //! race: the loser reads again and is refused with
 //! [`UserError::EmailTaken`].
+//!
+//! A user's name and address are personal data ([`Personal`]): stored
+//! sealed under the user's own key, they read as forgotten once an
+//! operator forgets the user (`DELETE /api/users/{id}`). The address is
+//! then free again: the sign-up decision counts a sign-up whose address
+//! reads as forgotten as no one's (its tag is a hash of the address, so
+//! the tags table holds no address either).
 
 use outflow::cqrs_es::event_sink::EventSink;
 use outflow::cqrs_es::{Aggregate, DomainEvent};
 use outflow::decision::{Decision, StreamId};
+use outflow::personal::Personal;
 use outflow::tags::{Query, QueryItem, Tagged};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 /// A user of the bank.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct User {
     /// Whether the user signed up.
     pub signed_up: bool,
-    /// The user's name.
-    pub name: String,
-    /// The user's e-mail address, lower-cased.
-    pub email: String,
+    /// The user's name (personal).
+    pub name: Personal<String>,
+    /// The user's e-mail address, lower-cased (personal).
+    pub email: Personal<String>,
 }
 
 /// What a client may ask of a user.
@@ -43,10 +52,10 @@ pub enum UserCommand {
 pub enum UserEvent {
     /// A user signed up.
     UserSignedUp {
-        /// The user's name.
-        name: String,
-        /// The user's e-mail address, lower-cased.
-        email: String,
+        /// The user's name (personal: sealed under the user's key).
+        name: Personal<String>,
+        /// The user's e-mail address, lower-cased (personal).
+        email: Personal<String>,
     },
 }
 
@@ -78,23 +87,33 @@ pub enum UserError {
     /// A name with control characters.
     #[error("{0}")]
     InvalidName(String),
-    /// The address is another user's.
-    #[error("the address {0} is already taken")]
-    EmailTaken(String),
+    /// The address is another user's. (It does not quote the address: a
+    /// refusal is remembered with the command's outcome, and the address
+    /// may be one a forgotten user had.)
+    #[error("the address is already taken")]
+    EmailTaken,
 }
 
 impl Tagged for UserEvent {
     /// A sign-up carries its address, so the uniqueness rule finds it.
     fn tags(&self) -> Vec<String> {
         match self {
-            UserEvent::UserSignedUp { email, .. } => vec![email_tag(email)],
+            UserEvent::UserSignedUp { email, .. } => email
+                .value()
+                .map(|email| email_tag(email))
+                .into_iter()
+                .collect(),
         }
     }
 }
 
-/// The tag of the events that hold `email` (lower-cased).
+/// The tag of the events that hold `email` (lower-cased): a SHA-256 of the
+/// address, so that the tags table holds no address. (A hash is not an
+/// erasure: whoever has an address can still tell it signed up once.)
 pub fn email_tag(email: &str) -> String {
-    format!("email:{email}")
+    let digest = Sha256::digest(format!("outflow-bank/email/{email}").as_bytes());
+    let hex: String = digest.iter().map(|byte| format!("{byte:02x}")).collect();
+    format!("email:{hex}")
 }
 
 /// A user's name and address checked, the address lower-cased: the rules
@@ -144,9 +163,10 @@ pub struct Registration;
 /// What a sign-up depends on: the sign-ups it read.
 #[derive(Debug, Default)]
 pub struct Registered {
-    /// The addresses of the sign-ups read (the one asked for, when taken,
-    /// and the user's own, when the user signed up before).
-    pub addresses: Vec<String>,
+    /// The sign-ups read (of the address asked for, and the user's own):
+    /// the user each belongs to, and its address — `None` once that user
+    /// was forgotten.
+    pub sign_ups: Vec<(Option<String>, Option<String>)>,
 }
 
 impl Decision for Registration {
@@ -172,19 +192,31 @@ impl Decision for Registration {
 
     fn evolve(state: &mut Registered, event: UserEvent) {
         let UserEvent::UserSignedUp { email, .. } = event;
-        state.addresses.push(email);
+        let user = email.subject().map(str::to_owned);
+        state.sign_ups.push((user, email.into_value()));
     }
 
     fn decide(state: &Registered, command: &Register) -> Result<Vec<UserEvent>, UserError> {
         let (name, email) = checked(&command.name, &command.email)?;
-        if state.addresses.contains(&email) {
-            return Err(UserError::EmailTaken(email));
+        if state
+            .sign_ups
+            .iter()
+            .any(|(_, address)| address.as_deref() == Some(email.as_str()))
+        {
+            return Err(UserError::EmailTaken);
         }
-        // Read, and not for this address: the user's own sign-up.
-        if !state.addresses.is_empty() {
+        // The user's own sign-up (a forgotten user's id is not given again);
+        // a sign-up with another address can only be the user's own.
+        let own = state.sign_ups.iter().any(|(user, address)| {
+            user.as_deref() == Some(command.user_id.as_str()) || address.is_some()
+        });
+        if own {
             return Err(UserError::AlreadySignedUp);
         }
-        Ok(vec![UserEvent::UserSignedUp { name, email }])
+        Ok(vec![UserEvent::UserSignedUp {
+            name: Personal::new(name),
+            email: Personal::new(email),
+        }])
     }
 }
 
@@ -207,8 +239,11 @@ impl Aggregate for User {
                     return Err(UserError::AlreadySignedUp);
                 }
                 let (name, email) = checked(&name, &email)?;
-                sink.write(UserEvent::UserSignedUp { name, email }, self)
-                    .await;
+                let event = UserEvent::UserSignedUp {
+                    name: Personal::new(name),
+                    email: Personal::new(email),
+                };
+                sink.write(event, self).await;
             }
         }
         Ok(())
@@ -261,8 +296,8 @@ mod tests {
                 email: "Ann@Example.COM".into(),
             })
             .then_expect_events(vec![UserEvent::UserSignedUp {
-                name: "Ann".into(),
-                email: "ann@example.com".into(),
+                name: Personal::new("Ann".into()),
+                email: Personal::new("ann@example.com".into()),
             }]);
     }
 

@@ -2,6 +2,7 @@
 //! in tables of the application's database (SQLite or PostgreSQL alike).
 
 use outflow::cqrs_es::{EventEnvelope, View};
+use outflow::personal::Personal;
 use serde::{Deserialize, Serialize};
 
 use crate::transfer::{Transfer, TransferEvent};
@@ -70,13 +71,14 @@ impl View<BankAccount> for Statement {
     }
 }
 
-/// A user in the directory (view `users`).
+/// A user in the directory (view `users`). Its fields are personal, as in
+/// the events: stored sealed, `null` in the API once the user is forgotten.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserEntry {
     /// The user's name.
-    pub name: String,
+    pub name: Personal<String>,
     /// The user's e-mail address.
-    pub email: String,
+    pub email: Personal<String>,
 }
 
 impl View<User> for UserEntry {

@@ -37,6 +37,7 @@ mod api;
 mod auth;
 mod events;
 mod samples;
+mod subjects;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 mod timers;
 
@@ -55,6 +56,7 @@ pub struct Admin<S: ProjectionStore> {
     payloads_for_readers: bool,
     sample_every: Duration,
     outbox: Option<OutboxWatch>,
+    keys: Option<crate::personal::KeyRing>,
     #[cfg(any(feature = "postgres", feature = "sqlite"))]
     timers: Option<Arc<dyn timers::TimerOps>>,
     #[cfg(feature = "nats")]
@@ -82,6 +84,7 @@ pub(crate) struct Inner<S: ProjectionStore> {
     pub(crate) payloads_for_readers: bool,
     pub(crate) samples: samples::Samples,
     pub(crate) outbox: Option<OutboxWatch>,
+    pub(crate) keys: Option<crate::personal::KeyRing>,
     #[cfg(any(feature = "postgres", feature = "sqlite"))]
     pub(crate) timers: Option<Arc<dyn timers::TimerOps>>,
     #[cfg(feature = "nats")]
@@ -121,6 +124,7 @@ impl<S: ProjectionStore> Admin<S> {
             payloads_for_readers: false,
             sample_every: Duration::from_secs(10),
             outbox: None,
+            keys: None,
             #[cfg(any(feature = "postgres", feature = "sqlite"))]
             timers: None,
             #[cfg(feature = "nats")]
@@ -161,8 +165,24 @@ impl<S: ProjectionStore> Admin<S> {
 
     /// The event store, so the browser reads one stream directly (without
     /// it, a stream is found by reading its type's events in the log).
+    ///
+    /// The store's key ring, if it has one, also lets operators forget a
+    /// data subject (see [`keys`](Self::keys)).
     pub fn events(mut self, store: impl EventStore) -> Self {
+        if self.keys.is_none() {
+            self.keys = store.key_ring();
+        }
         self.events = Some(Arc::new(store));
+        self
+    }
+
+    /// The key ring operators forget data subjects with:
+    /// `POST /api/subjects/forget?subject=…` (operators only) deletes the
+    /// subject's key, so its personal data reads as forgotten everywhere
+    /// (see [`crate::personal`]). Given [`events`](Self::events), the
+    /// console uses that store's ring unless told another here.
+    pub fn keys(mut self, ring: crate::personal::KeyRing) -> Self {
+        self.keys = Some(ring);
         self
     }
 
@@ -236,6 +256,7 @@ impl<S: ProjectionStore> Admin<S> {
             payloads_for_readers: self.payloads_for_readers,
             samples: samples::Samples::default(),
             outbox: self.outbox,
+            keys: self.keys,
             #[cfg(any(feature = "postgres", feature = "sqlite"))]
             timers: self.timers,
             #[cfg(feature = "nats")]
@@ -251,6 +272,7 @@ impl<S: ProjectionStore> Admin<S> {
         router
             .route("/", get(api::page::<S>))
             .route("/api/whoami", get(api::whoami::<S>))
+            .route("/api/subjects/forget", post(subjects::forget::<S>))
             .route("/api/status", get(api::status::<S>))
             .route("/api/samples", get(api::samples::<S>))
             .route("/api/activity", get(api::activity::<S>))

@@ -310,7 +310,7 @@ impl<D: Decision, S: ConditionalAppend> DecisionBus<D, S> {
         command: &D::Command,
     ) -> Result<(D::State, Vec<RecordedEvent>), StoreError> {
         let read = self.store.read_query(&D::query(command), None).await?;
-        let state = fold::<D>(&read.events)?;
+        let state = fold::<D>(self.store.key_ring(), &read.events).await?;
         Ok((state, read.events))
     }
 
@@ -415,7 +415,8 @@ impl<D: Decision, S: ConditionalAppend> DecisionBus<D, S> {
             } else {
                 reading.await?
             };
-            let state = fold::<D>(&read.events)?;
+            let ring = self.store.key_ring();
+            let state = fold::<D>(ring.clone(), &read.events).await?;
             let payloads = match D::decide(&state, command) {
                 Ok(payloads) => payloads,
                 Err(error) => {
@@ -431,14 +432,23 @@ impl<D: Decision, S: ConditionalAppend> DecisionBus<D, S> {
             }
             let mut events = Vec::with_capacity(payloads.len());
             let mut tags = Vec::with_capacity(payloads.len());
-            for (i, payload) in payloads.iter().enumerate() {
-                let value =
-                    serde_json::to_value(payload).map_err(|source| StoreError::Serialize {
-                        what: "event payload",
-                        aggregate_type: stream.aggregate_type.clone(),
-                        aggregate_id: stream.aggregate_id.clone(),
-                        source,
-                    })?;
+            // Personal values sealed under their subjects' keys (the
+            // stream's by default).
+            let values =
+                crate::personal::sealing(ring.as_ref(), Some(&stream.aggregate_id), true, || {
+                    payloads
+                        .iter()
+                        .map(serde_json::to_value)
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .await?
+                .map_err(|source| StoreError::Serialize {
+                    what: "event payload",
+                    aggregate_type: stream.aggregate_type.clone(),
+                    aggregate_id: stream.aggregate_id.clone(),
+                    source,
+                })?;
+            for ((i, payload), value) in payloads.iter().enumerate().zip(values) {
                 events.push(NewEvent {
                     event_id: event_id(command_id, i),
                     event_type: payload.event_type(),
@@ -720,17 +730,31 @@ where
     .await
 }
 
-/// Folds the events read into a fresh state.
-fn fold<D: Decision>(events: &[RecordedEvent]) -> Result<D::State, StoreError> {
+/// Folds the events read into a fresh state, their personal values opened
+/// with `ring`.
+async fn fold<D: Decision>(
+    ring: Option<crate::personal::KeyRing>,
+    events: &[RecordedEvent],
+) -> Result<D::State, StoreError> {
+    if let Some(ring) = &ring {
+        ring.prepare(events).await?;
+    }
+    let payloads = crate::personal::sealing(ring.as_ref(), None, false, || {
+        events
+            .iter()
+            .map(|event| {
+                <D::Event as serde::Deserialize>::deserialize(&event.payload).map_err(|source| {
+                    StoreError::Deserialize {
+                        event: Box::new(event.event_ref()),
+                        source,
+                    }
+                })
+            })
+            .collect::<Result<Vec<D::Event>, _>>()
+    })
+    .await??;
     let mut state = D::State::default();
-    for event in events {
-        let payload: D::Event =
-            serde_json::from_value(event.payload.clone()).map_err(|source| {
-                StoreError::Deserialize {
-                    event: Box::new(event.event_ref()),
-                    source,
-                }
-            })?;
+    for payload in payloads {
         D::evolve(&mut state, payload);
     }
     Ok(state)

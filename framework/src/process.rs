@@ -304,7 +304,10 @@ where
     async fn effects(&self, events: &[RecordedEvent]) -> Result<(), HandlerError> {
         for (id, events) in self.by_process(events) {
             let mut state = match self.store.view_payload(&self.table, &id).await? {
-                Some(payload) => self.decode(&id, &payload)?,
+                Some(payload) => {
+                    crate::personal::prepare_in_scope([payload.as_str()]).await?;
+                    self.decode(&id, &payload)?
+                }
                 None => P::State::default(),
             };
             for event in events {
@@ -357,6 +360,8 @@ where
             .into_iter()
             .map(|(id, version, payload)| (id, (version, payload)))
             .collect();
+        crate::personal::prepare_in_scope(stored.values().map(|(_, payload)| payload.as_str()))
+            .await?;
         let mut documents = Vec::with_capacity(groups.len());
         let mut scheduled = None;
         for (id, events) in groups {
@@ -390,7 +395,7 @@ where
                 timers.apply(tx, changes, event, &metadata).await?;
                 scheduled = Some(timers.clone());
             }
-            documents.push((id, version, serde_json::to_string(&state)?));
+            documents.push((id, version, crate::personal::seal_text(&state).await?));
         }
         S::save_documents(tx, &self.table, &documents).await?;
         if let Some(timers) = scheduled {
@@ -453,15 +458,21 @@ impl<T: DeserializeOwned, S: ViewStore> ProcessStates<T, S> {
     /// [`StoreError::Database`]; [`StoreError::Corrupt`] when the stored
     /// JSON does not fit the state type.
     pub async fn get(&self, process_id: &str) -> Result<Option<T>, StoreError> {
-        self.store
-            .view_payload(&self.table, process_id)
-            .await?
-            .map(|payload| {
-                serde_json::from_str(&payload).map_err(|e| StoreError::Corrupt {
-                    table: self.table.clone(),
-                    what: format!("the state of process `{process_id}` does not deserialize: {e}"),
-                })
-            })
-            .transpose()
+        let Some(payload) = self.store.view_payload(&self.table, process_id).await? else {
+            return Ok(None);
+        };
+        let ring = self.store.key_ring();
+        if let Some(ring) = &ring {
+            ring.prepare_texts([payload.as_str()]).await?;
+        }
+        crate::personal::sealing(ring.as_ref(), None, false, || {
+            serde_json::from_str(&payload)
+        })
+        .await?
+        .map(Some)
+        .map_err(|e| StoreError::Corrupt {
+            table: self.table.clone(),
+            what: format!("the state of process `{process_id}` does not deserialize: {e}"),
+        })
     }
 }

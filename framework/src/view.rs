@@ -261,13 +261,16 @@ where
         if keys.is_empty() {
             return Ok(());
         }
+        let read = S::documents_in(tx, &self.table, &keys).await?;
+        crate::personal::prepare_in_scope(read.iter().map(|(_, _, payload)| payload.as_str()))
+            .await?;
         let mut stored = Vec::new();
-        for (id, version, payload) in S::documents_in(tx, &self.table, &keys).await? {
+        for (id, version, payload) in read {
             stored.push((id, serde_json::from_str::<V>(&payload)?, version));
         }
         let mut documents = Vec::with_capacity(keys.len());
         for (id, view, version) in Self::fold(stored, &decoded) {
-            documents.push((id, version, serde_json::to_string(&view)?));
+            documents.push((id, version, crate::personal::seal_text(&view).await?));
         }
         S::save_documents(tx, &self.table, &documents).await?;
         Ok(())
@@ -332,15 +335,22 @@ where
     /// [`StoreError::Database`]; [`StoreError::Corrupt`] when the stored JSON
     /// does not fit `V`.
     pub async fn load(&self, view_id: &str) -> Result<Option<V>, StoreError> {
-        let payload = self.store.view_payload(&self.table, view_id).await?;
-        payload
-            .map(|payload| {
-                serde_json::from_str(&payload).map_err(|e| StoreError::Corrupt {
-                    table: self.table.clone(),
-                    what: format!("view `{view_id}` does not deserialize: {e}"),
-                })
-            })
-            .transpose()
+        let Some(payload) = self.store.view_payload(&self.table, view_id).await? else {
+            return Ok(None);
+        };
+        let ring = self.store.key_ring();
+        if let Some(ring) = &ring {
+            ring.prepare_texts([payload.as_str()]).await?;
+        }
+        crate::personal::sealing(ring.as_ref(), None, false, || {
+            serde_json::from_str(&payload)
+        })
+        .await?
+        .map(Some)
+        .map_err(|e| StoreError::Corrupt {
+            table: self.table.clone(),
+            what: format!("view `{view_id}` does not deserialize: {e}"),
+        })
     }
 
     /// Reads up to `limit` views in id order, starting after `after` when
@@ -356,15 +366,23 @@ where
         limit: usize,
     ) -> Result<Vec<(String, V)>, StoreError> {
         let rows = self.store.view_payloads(&self.table, after, limit).await?;
-        rows.into_iter()
-            .map(|(id, payload)| {
-                let view = serde_json::from_str(&payload).map_err(|e| StoreError::Corrupt {
-                    table: self.table.clone(),
-                    what: format!("view `{id}` does not deserialize: {e}"),
-                })?;
-                Ok((id, view))
-            })
-            .collect()
+        let ring = self.store.key_ring();
+        if let Some(ring) = &ring {
+            ring.prepare_texts(rows.iter().map(|(_, payload)| payload.as_str()))
+                .await?;
+        }
+        crate::personal::sealing(ring.as_ref(), None, false, || {
+            rows.iter()
+                .map(|(id, payload)| {
+                    let view = serde_json::from_str(payload).map_err(|e| StoreError::Corrupt {
+                        table: self.table.clone(),
+                        what: format!("view `{id}` does not deserialize: {e}"),
+                    })?;
+                    Ok((id.clone(), view))
+                })
+                .collect()
+        })
+        .await?
     }
 
     /// Reads one view once the projection has passed `checkpoint`

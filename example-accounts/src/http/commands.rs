@@ -75,6 +75,38 @@ pub(super) async fn sign_up<S: AppStore>(
     ))
 }
 
+/// Forgets a user (operators only: `Authorization: Bearer <token>`): the
+/// mail server's copies of their address erased, then their key deleted,
+/// so their name and address read as forgotten everywhere — events,
+/// snapshots, views, backups taken from now on. The address can be signed
+/// up with again.
+pub(super) async fn forget_user<S: AppStore>(
+    State(state): Shared<S>,
+    headers: axum::http::HeaderMap,
+    PathParam(user_id): PathParam,
+) -> Result<Json<Value>, ApiError> {
+    check_operator(&state, &headers)?;
+    check_id("user", &user_id)?;
+    let (user, _) = state.app.users.load(&user_id).await?;
+    if !user.signed_up {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such user",
+        ));
+    }
+    // Copies outside Outflow first: once the key is gone, the address
+    // they are found by is gone too. A failure here forgets nothing, and
+    // the request can be sent again.
+    if let Some(email) = user.email.value() {
+        state.app.store.erase_sent_emails(email).await?;
+        state.app.store.scrub().await?;
+    }
+    let forgotten = state.app.keys.forget(&user_id).await?;
+    tracing::info!(user = %user_id, newly = forgotten, "user forgotten");
+    Ok(Json(json!({ "user_id": user_id, "forgotten": true })))
+}
+
 pub(super) async fn open_account<S: AppStore>(
     State(state): Shared<S>,
     Body(body): Body<Open>,

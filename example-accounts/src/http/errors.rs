@@ -91,7 +91,7 @@ impl Refusal for BankError {
 impl Refusal for UserError {
     fn status(&self) -> (StatusCode, &'static str) {
         match self {
-            UserError::AlreadySignedUp | UserError::EmailTaken(_) => {
+            UserError::AlreadySignedUp | UserError::EmailTaken => {
                 (StatusCode::CONFLICT, "conflict")
             }
             _ => (StatusCode::UNPROCESSABLE_ENTITY, "refused"),

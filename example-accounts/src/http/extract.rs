@@ -111,3 +111,45 @@ pub(super) fn check_id(field: &str, id: &str) -> Result<(), ApiError> {
         ))
     }
 }
+
+/// The operators' token in `Authorization: Bearer …`, compared in constant
+/// time; a 401 without it, a 403 with another, a 404 when the server has
+/// no token (operators' routes are off, as the console is).
+pub(super) fn check_operator<S: crate::app::AppStore>(
+    state: &super::state::ApiState<S>,
+    headers: &axum::http::HeaderMap,
+) -> Result<(), ApiError> {
+    let Some(token) = &state.admin_token else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "operators' routes are off (no OUTFLOW_ADMIN_TOKEN)",
+        ));
+    };
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "));
+    let Some(given) = given else {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "an operator's token is required (Authorization: Bearer …)",
+        ));
+    };
+    let same = given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+            == 0;
+    if same {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "not an operator's token",
+        ))
+    }
+}

@@ -301,17 +301,24 @@ where
         // once for all its events.
         let mut metadata = context.metadata.clone();
         crate::trace::stamp(&mut metadata);
-        let mut events = Vec::with_capacity(payloads.len());
-        for (i, payload) in payloads.iter().enumerate() {
-            let mut event = NewEvent::from_event::<A>(aggregate_id, payload)?;
-            if ids_from_command {
-                event.event_id = event_id_of(context.command_id, i);
+        // Personal values are sealed under their subjects' keys (the
+        // stream's by default), made for new subjects.
+        let ring = self.store.key_ring();
+        let events = crate::personal::sealing(ring.as_ref(), Some(aggregate_id), true, || {
+            let mut events = Vec::with_capacity(payloads.len());
+            for (i, payload) in payloads.iter().enumerate() {
+                let mut event = NewEvent::from_event::<A>(aggregate_id, payload)?;
+                if ids_from_command {
+                    event.event_id = event_id_of(context.command_id, i);
+                }
+                event.metadata = metadata.clone();
+                event.correlation_id = Some(context.correlation_id);
+                event.causation_id = Some(context.causation_id);
+                events.push(event);
             }
-            event.metadata = metadata.clone();
-            event.correlation_id = Some(context.correlation_id);
-            event.causation_id = Some(context.causation_id);
-            events.push(event);
-        }
+            Ok::<_, crate::error::StoreError>(events)
+        })
+        .await??;
         let request = AppendRequest {
             aggregate_type: A::TYPE.to_owned(),
             aggregate_id: aggregate_id.to_owned(),

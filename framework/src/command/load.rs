@@ -22,40 +22,68 @@ where
     ///
     /// [`StoreError`](crate::StoreError) when reading fails or a stored event does not decode.
     pub async fn load(&self, aggregate_id: &str) -> Result<(A, u64), StoreError> {
+        let ring = self.store.key_ring();
         let mut loaded = self
             .store
             .load(A::TYPE, aggregate_id, self.snapshot_every.is_some())
             .await?;
+        // The keys of the personal values the stream holds, in one read.
+        if let Some(ring) = &ring {
+            let snapshot = loaded.snapshot.as_ref().map(|s| s.state.to_string());
+            let texts = snapshot.iter().map(String::as_str);
+            ring.prepare_texts(texts.chain(loaded.events.iter().map(|e| e.payload.as_str())))
+                .await?;
+        }
         let (mut aggregate, mut version) = match loaded.snapshot.take() {
-            Some(snapshot) => match serde_json::from_value::<A>(snapshot.state) {
-                Ok(aggregate) => (aggregate, snapshot.version),
-                Err(error) => {
-                    // A snapshot of an older shape of the aggregate: fold from the start.
-                    tracing::warn!(error = %crate::error::error_chain(&error),
-                        aggregate_type = A::TYPE,
-                        aggregate_id,
-                        version = snapshot.version,
-                        "snapshot does not deserialize, replaying all events"
-                    );
-                    loaded = self.store.load(A::TYPE, aggregate_id, false).await?;
-                    (A::default(), 0)
+            Some(snapshot) => {
+                match crate::personal::sealing(ring.as_ref(), Some(aggregate_id), false, || {
+                    A::deserialize(&snapshot.state)
+                })
+                .await?
+                {
+                    Ok(aggregate) => (aggregate, snapshot.version),
+                    Err(error) => {
+                        // A snapshot of an older shape of the aggregate: fold from the start.
+                        tracing::warn!(error = %crate::error::error_chain(&error),
+                            aggregate_type = A::TYPE,
+                            aggregate_id,
+                            version = snapshot.version,
+                            "snapshot does not deserialize, replaying all events"
+                        );
+                        loaded = self.store.load(A::TYPE, aggregate_id, false).await?;
+                        if let Some(ring) = &ring {
+                            ring.prepare_texts(loaded.events.iter().map(|e| e.payload.as_str()))
+                                .await?;
+                        }
+                        (A::default(), 0)
+                    }
                 }
-            },
+            }
             None => (A::default(), 0),
         };
-        for event in loaded.events {
-            if event.sequence != version + 1 {
-                return Err(StoreError::Corrupt {
-                    table: "events".to_owned(),
-                    what: format!(
-                        "stream {} `{aggregate_id}` jumps from version {version} to {}",
-                        A::TYPE,
-                        event.sequence
-                    ),
-                });
+        let events = crate::personal::sealing(ring.as_ref(), Some(aggregate_id), false, || {
+            let mut expected = version;
+            let mut events = Vec::with_capacity(loaded.events.len());
+            for event in &loaded.events {
+                if event.sequence != expected + 1 {
+                    return Err(StoreError::Corrupt {
+                        table: "events".to_owned(),
+                        what: format!(
+                            "stream {} `{aggregate_id}` jumps from version {expected} to {}",
+                            A::TYPE,
+                            event.sequence
+                        ),
+                    });
+                }
+                expected = event.sequence;
+                events.push(self.decode_stream_event(aggregate_id, event)?);
             }
-            version = event.sequence;
-            aggregate.apply(self.decode_stream_event(aggregate_id, event)?);
+            Ok(events)
+        })
+        .await??;
+        for event in events {
+            version += 1;
+            aggregate.apply(event);
         }
         Ok((aggregate, version))
     }
@@ -74,7 +102,7 @@ where
     pub(super) fn decode_stream_event(
         &self,
         aggregate_id: &str,
-        event: crate::port::events::StreamEvent,
+        event: &crate::port::events::StreamEvent,
     ) -> Result<A::Event, StoreError> {
         let event_ref = |event_type: &str, event_version: &str| EventRef {
             aggregate_type: A::TYPE.to_owned(),
@@ -113,10 +141,17 @@ where
 
     pub(super) async fn snapshot(&self, aggregate_id: &str, aggregate: &A, version: u64) {
         // (kept below the command path: a failed snapshot never fails a command)
-        let state = match serde_json::to_value(aggregate) {
+        let ring = self.store.key_ring();
+        let sealed = crate::personal::sealing(ring.as_ref(), Some(aggregate_id), true, || {
+            serde_json::to_value(aggregate).map_err(crate::error::BoxError::from)
+        })
+        .await
+        .map_err(crate::error::BoxError::from)
+        .and_then(|sealed| sealed);
+        let state = match sealed {
             Ok(state) => state,
             Err(error) => {
-                tracing::warn!(error = %crate::error::error_chain(&error),
+                tracing::warn!(error = %crate::error::error_chain(error.as_ref()),
                     aggregate_type = A::TYPE,
                     aggregate_id,
                     "snapshot not serializable"

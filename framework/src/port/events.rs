@@ -163,6 +163,14 @@ pub trait EventStore: Send + Sync + 'static {
         let _ = before;
         Ok(0)
     }
+
+    /// The ring that seals and opens the personal values of the events
+    /// this store keeps (see [`crate::personal`]). The default has none: a
+    /// personal value written to such a store fails, naming the missing key
+    /// store.
+    fn key_ring(&self) -> Option<crate::personal::KeyRing> {
+        None
+    }
 }
 
 /// [`EventStore::append_command`] for a backend whose append joins a
@@ -259,6 +267,9 @@ impl<S: EventStore + ?Sized> EventStore for std::sync::Arc<S> {
     }
     async fn prune_outcomes(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
         (**self).prune_outcomes(before).await
+    }
+    fn key_ring(&self) -> Option<crate::personal::KeyRing> {
+        (**self).key_ring()
     }
 }
 

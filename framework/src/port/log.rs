@@ -186,6 +186,13 @@ pub trait EventLog: Send + Sync + 'static {
     async fn oldest_open_transaction(&self) -> Result<Option<OldestTransaction>, StoreError> {
         Ok(None)
     }
+
+    /// The ring that opens the personal values of this log's events (see
+    /// [`crate::personal`]); the projection runner opens each batch with
+    /// it. The default has none.
+    fn key_ring(&self) -> Option<crate::personal::KeyRing> {
+        None
+    }
 }
 
 /// One look at the log by [`EventLog::read_window`]: the head and the next
@@ -369,6 +376,9 @@ impl<L: EventLog + ?Sized> EventLog for std::sync::Arc<L> {
     }
     async fn oldest_open_transaction(&self) -> Result<Option<OldestTransaction>, StoreError> {
         (**self).oldest_open_transaction().await
+    }
+    fn key_ring(&self) -> Option<crate::personal::KeyRing> {
+        (**self).key_ring()
     }
 }
 

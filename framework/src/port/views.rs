@@ -76,4 +76,11 @@ pub trait ViewStore: Checkpoints + DeadLetters + Clone {
     /// [`StoreError::Database`].
     #[doc(hidden)]
     async fn clear_documents(tx: &mut Self::Transaction, table: &str) -> Result<(), StoreError>;
+
+    /// The ring that opens the personal values of the views and states
+    /// read from this store outside the projection runner (a query); see
+    /// [`crate::personal`]. The default has none.
+    fn key_ring(&self) -> Option<crate::personal::KeyRing> {
+        None
+    }
 }

@@ -294,21 +294,33 @@ impl<S: ProjectionStore> UnitWorker<S> {
     ) -> Result<Outcome, HandlerError> {
         let store = &self.shared.store;
         let started = Instant::now();
-        if !events.is_empty() {
-            self.registered.projection.effects(events).await?;
+        // The handler opens the batch's personal values with their keys,
+        // read here in one go.
+        let ring = self.shared.log.key_ring();
+        if let Some(ring) = &ring {
+            ring.prepare(events).await?;
         }
-        let mut tx = store.begin().await?;
-        if !store
-            .save_checkpoint(&mut tx, &self.lease, from, to, events.len() as u64)
-            .await?
-        {
-            drop(tx);
+        let apply = async {
+            if !events.is_empty() {
+                self.registered.projection.effects(events).await?;
+            }
+            let mut tx = store.begin().await?;
+            if !store
+                .save_checkpoint(&mut tx, &self.lease, from, to, events.len() as u64)
+                .await?
+            {
+                drop(tx);
+                return Ok(false);
+            }
+            if !events.is_empty() {
+                self.registered.projection.handle(events, &mut tx).await?;
+            }
+            store.commit(tx).await?;
+            Ok::<_, HandlerError>(true)
+        };
+        if !crate::personal::in_scope(ring, apply).await? {
             return Ok(self.refused().await?);
         }
-        if !events.is_empty() {
-            self.registered.projection.handle(events, &mut tx).await?;
-        }
-        store.commit(tx).await?;
         store.signal_checkpoints();
         let name = self.registered.name.clone();
         if !events.is_empty() {

@@ -5,6 +5,7 @@
 mod append;
 mod dead_letters;
 mod decisions;
+mod keys;
 mod log;
 mod state;
 mod transactions;

@@ -37,6 +37,7 @@ mod dead_messages;
 mod decisions;
 mod errors;
 mod group;
+mod keys;
 mod log;
 mod notify;
 mod outbox;
@@ -88,6 +89,10 @@ struct Inner {
     notify_checkpoints: Option<mpsc::Sender<()>>,
     projection_sql: projection_store::Queries,
     timer_sql: timers::TimerQueries,
+    /// The keys' statements.
+    key_sql: keys::KeyQueries,
+    /// The ring over the keys table, made on first use.
+    key_ring: OnceLock<crate::personal::KeyRing>,
     /// The tags table, quoted: decisions' statements are built per query.
     tags_table: String,
     /// The events table, quoted.
@@ -246,6 +251,7 @@ impl PostgresStoreBuilder {
         }
         let projection_sql = projection_store::Queries::new(|sql| names.render(sql));
         let timer_sql = timers::TimerQueries::new(|sql| names.render(sql));
+        let key_sql = keys::KeyQueries::new(|sql| names.render(sql));
         let shutdown = CancellationToken::new();
         let instance = uuid::Uuid::new_v4().simple().to_string();
         let notifier = |channel: &String| {
@@ -275,6 +281,8 @@ impl PostgresStoreBuilder {
                 notify_checkpoints,
                 projection_sql,
                 timer_sql,
+                key_sql,
+                key_ring: OnceLock::new(),
                 tags_table: names.render("{tags}"),
                 events_sql: names.render("{events}"),
                 append_wakes: Default::default(),

@@ -46,6 +46,7 @@ mod append;
 mod dead_letters;
 mod decisions;
 mod errors;
+mod keys;
 mod log;
 mod outbox;
 mod outcomes;
@@ -119,6 +120,8 @@ struct Inner {
     /// Appends made inside callers' transactions, and how many of them a
     /// commit has woken readers for.
     append_wakes: crate::store::sql::wakes::AppendWakes,
+    /// The ring over the keys table, made on first use.
+    key_ring: std::sync::OnceLock<crate::personal::KeyRing>,
 }
 
 /// Builds a [`SqliteStore`].
@@ -212,7 +215,11 @@ impl SqliteStoreBuilder {
                 Synchronous::Normal => sqlx::sqlite::SqliteSynchronous::Normal,
             })
             .busy_timeout(self.busy_timeout)
-            .foreign_keys(false);
+            .foreign_keys(false)
+            // Deleted content is overwritten, not left in free space: a
+            // forgotten subject's key (and an application's erased rows)
+            // leave no bytes behind in the file.
+            .pragma("secure_delete", "ON");
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
@@ -259,6 +266,7 @@ impl SqliteStoreBuilder {
                 checkpoint_wake: WakeSignal::new(),
                 poll_interval: self.poll_interval,
                 append_wakes: Default::default(),
+                key_ring: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -302,6 +310,24 @@ impl SqliteStore {
     /// short statements only, or through the store's transactions).
     pub fn writer(&self) -> &SqlitePool {
         &self.inner.writer
+    }
+
+    /// Copies the write-ahead log into the file and truncates it to zero
+    /// bytes (`PRAGMA wal_checkpoint(TRUNCATE)`), waiting up to the busy
+    /// timeout for readers: afterwards the `-wal` file holds no copy of a
+    /// page as it was before a deletion (the store does it after forgetting
+    /// a subject; an application does it after erasing rows of its own).
+    /// Returns `false` when readers kept it from finishing (try again).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Database`].
+    pub async fn truncate_wal(&self) -> Result<bool, StoreError> {
+        let (busy, _, _): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
+            .fetch_one(&self.inner.writer)
+            .await
+            .map_err(db("checkpointing the write-ahead log"))?;
+        Ok(busy == 0)
     }
 
     /// The read-only connections, for queries of read models.

@@ -496,9 +496,9 @@ async fn table_names_are_validated_and_migrations_apply_once() {
         ledger,
         ["ledger", "other_events"]
             .into_iter()
-            .flat_map(|table| (1..=7).map(move |v| (table.to_owned(), v)))
+            .flat_map(|table| (1..=8).map(move |v| (table.to_owned(), v)))
             .collect::<Vec<_>>(),
-        "each migration once per events table: initial schema, outcomes, outbox, error kinds, operators' requests, timers, tags"
+        "each migration once per events table: initial schema, outcomes, outbox, error kinds, operators' requests, timers, tags, subjects' keys"
     );
     assert_eq!(whole_log(&again).await.len(), 1);
     assert!(whole_log(&other).await.is_empty());

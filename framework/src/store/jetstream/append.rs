@@ -185,6 +185,10 @@ impl JetStreamStore {
 
 #[async_trait]
 impl EventStore for JetStreamStore {
+    fn key_ring(&self) -> Option<crate::personal::KeyRing> {
+        JetStreamStore::key_ring(self)
+    }
+
     async fn append(&self, request: AppendRequest) -> Result<Vec<RecordedEvent>, StoreError> {
         // A retry after an unanswered attempt is safe: the version slot's
         // message id makes a stored copy answer for it.

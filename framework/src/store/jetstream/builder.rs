@@ -180,6 +180,7 @@ impl JetStreamStoreBuilder {
                 last_signal: std::sync::atomic::AtomicU64::new(0),
                 signal_pending: std::sync::atomic::AtomicBool::new(false),
                 started: std::time::Instant::now(),
+                key_ring: Mutex::new(None),
             }),
         };
         // Partition leaders spread over the cluster (JetStream may have put

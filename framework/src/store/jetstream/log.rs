@@ -311,6 +311,10 @@ impl JetStreamStore {
 
 #[async_trait]
 impl EventLog for JetStreamStore {
+    fn key_ring(&self) -> Option<crate::personal::KeyRing> {
+        JetStreamStore::key_ring(self)
+    }
+
     async fn read_log(
         &self,
         after: Checkpoint,

@@ -55,6 +55,8 @@ pub(super) struct Inner {
     /// Whether a signal is scheduled for the end of the current window.
     pub(super) signal_pending: std::sync::atomic::AtomicBool,
     pub(super) started: std::time::Instant,
+    /// The ring that seals and opens personal values, when given one.
+    pub(super) key_ring: Mutex<Option<crate::personal::KeyRing>>,
 }
 
 impl std::fmt::Debug for JetStreamStore {
@@ -67,6 +69,31 @@ impl std::fmt::Debug for JetStreamStore {
 }
 
 impl JetStreamStore {
+    /// Gives this store (and its clones) `ring` for the personal values of
+    /// its events (see [`crate::personal`]): a JetStream store keeps no
+    /// keys of its own. Keep them in the read-model database, which has a
+    /// keys table: `store.with_key_ring(read_models.key_ring())` with a
+    /// `PostgresStore` or `SqliteStore`, whose erasures are then recorded in
+    /// that database's log. Without a ring, a personal value written to
+    /// this store fails, naming the missing key store.
+    pub fn with_key_ring(self, ring: crate::personal::KeyRing) -> Self {
+        *self
+            .inner
+            .key_ring
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(ring);
+        self
+    }
+
+    /// The ring given with [`with_key_ring`](Self::with_key_ring), if any.
+    pub fn key_ring(&self) -> Option<crate::personal::KeyRing> {
+        self.inner
+            .key_ring
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
     /// Whether this store offers [conditional
     /// appends](crate::store::ConditionalAppend) for
     /// [decisions](crate::decision): it does not, and this says why, for

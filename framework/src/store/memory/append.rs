@@ -179,6 +179,10 @@ impl EventStore for MemoryStore {
             .retain(|_, outcome| outcome.recorded_at >= before);
         Ok((count - state.outcomes.len()) as u64)
     }
+
+    fn key_ring(&self) -> Option<crate::personal::KeyRing> {
+        Some(MemoryStore::key_ring(self))
+    }
 }
 
 #[async_trait]

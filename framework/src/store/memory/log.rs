@@ -70,4 +70,8 @@ impl EventLog for MemoryStore {
             .find(|e| e.checkpoint() > after && state.passes(filter, e))
             .map(|e| e.recorded_at))
     }
+
+    fn key_ring(&self) -> Option<crate::personal::KeyRing> {
+        Some(MemoryStore::key_ring(self))
+    }
 }

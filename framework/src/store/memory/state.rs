@@ -40,6 +40,10 @@ pub(super) struct Inner {
     pub(super) wake: WakeSignal,
     pub(super) checkpoint_wake: WakeSignal,
     pub(super) poll_interval: Duration,
+    /// The subjects' keys (see [`crate::personal`]).
+    pub(super) keys: crate::personal::MemoryKeyStore,
+    /// The ring over them, made on first use.
+    pub(super) key_ring: std::sync::OnceLock<crate::personal::KeyRing>,
 }
 
 #[derive(Debug, Default)]
@@ -227,6 +231,8 @@ impl MemoryStore {
                 wake: WakeSignal::new(),
                 checkpoint_wake: WakeSignal::new(),
                 poll_interval: Duration::from_millis(500),
+                keys: crate::personal::MemoryKeyStore::new(),
+                key_ring: std::sync::OnceLock::new(),
             }),
         }
     }

@@ -211,6 +211,10 @@ impl PostgresStore {
 
 #[async_trait]
 impl EventStore for PostgresStore {
+    fn key_ring(&self) -> Option<crate::personal::KeyRing> {
+        Some(PostgresStore::key_ring(self))
+    }
+
     /// Appends in one statement and transaction of its own, or, when
     /// other appends are in flight, with those waiting alongside it in one
     /// statement (each stream checked on its own; see the module `group`).

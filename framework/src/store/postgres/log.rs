@@ -16,6 +16,10 @@ use crate::wake::Wakeups;
 
 #[async_trait]
 impl EventLog for PostgresStore {
+    fn key_ring(&self) -> Option<crate::personal::KeyRing> {
+        Some(PostgresStore::key_ring(self))
+    }
+
     async fn read_log(
         &self,
         after: Checkpoint,

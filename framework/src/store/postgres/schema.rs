@@ -55,6 +55,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("migrations/009_timers.sql"),
     ),
     (10, "event tags", include_str!("migrations/010_tags.sql")),
+    (
+        11,
+        "data subjects' keys",
+        include_str!("migrations/011_keys.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serializes concurrent migrations.
@@ -99,6 +104,7 @@ impl Names {
         let outcomes_idx = unqualified(events.derived("oc_idx", "outcomes index name")?);
         let timers = events.derived("timers", "timers table")?.quoted();
         let tags = events.derived("tags", "tags table")?.quoted();
+        let keys = events.derived("keys", "keys table")?.quoted();
         let timers_due_idx = unqualified(events.derived("tm_due_idx", "timers index name")?);
         let timers_finished_idx = unqualified(events.derived("tm_done_idx", "timers index name")?);
         let replacements = vec![
@@ -126,6 +132,7 @@ impl Names {
             ("{timers_finished_idx}", timers_finished_idx),
             ("{timers}", timers),
             ("{tags}", tags),
+            ("{keys}", keys),
             ("{dead_letters}", dead_letters),
             ("{projections}", projections),
             ("{nodes}", nodes),

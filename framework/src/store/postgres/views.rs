@@ -79,6 +79,10 @@ async fn payload<'e>(
 
 #[async_trait]
 impl ViewStore for PostgresStore {
+    fn key_ring(&self) -> Option<crate::personal::KeyRing> {
+        Some(PostgresStore::key_ring(self))
+    }
+
     async fn view_payload(&self, table: &str, view_id: &str) -> Result<Option<String>, StoreError> {
         payload(self.pool(), table, view_id).await
     }

@@ -225,6 +225,10 @@ impl SqliteStore {
 
 #[async_trait]
 impl EventStore for SqliteStore {
+    fn key_ring(&self) -> Option<crate::personal::KeyRing> {
+        Some(SqliteStore::key_ring(self))
+    }
+
     async fn append(&self, request: AppendRequest) -> Result<Vec<RecordedEvent>, StoreError> {
         if request.events.is_empty() {
             request.validate()?;

@@ -151,6 +151,10 @@ fn window_event(row: WindowRow, table: &str) -> Result<RecordedEvent, StoreError
 
 #[async_trait]
 impl EventLog for SqliteStore {
+    fn key_ring(&self) -> Option<crate::personal::KeyRing> {
+        Some(SqliteStore::key_ring(self))
+    }
+
     async fn read_log(
         &self,
         after: Checkpoint,

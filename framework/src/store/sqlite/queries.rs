@@ -63,6 +63,8 @@ pub(super) struct Queries {
     tables: Tables,
     /// The timers' statements.
     pub(super) timers: super::timers::TimerQueries,
+    /// The keys' statements.
+    pub(super) keys: super::keys::KeyQueries,
 }
 
 impl std::ops::Deref for Queries {
@@ -85,6 +87,7 @@ impl Queries {
                     include_str!("queries/timers/columns.sql").trim_end(),
                 ))
             }),
+            keys: super::keys::KeyQueries::new(|sql| tables.render(sql)),
         }
     }
 

@@ -44,6 +44,7 @@ impl Tables {
             ),
             ("{timers}", "timers", "timers table"),
             ("{tags}", "tags", "tags table"),
+            ("{keys}", "keys", "keys table"),
             ("{events_type_idx}", "type_idx", "events type index"),
             ("{events_stream_idx}", "stream_idx", "events stream index"),
             (
@@ -106,6 +107,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("migrations/006_timers.sql"),
     ),
     (7, "event tags", include_str!("migrations/007_tags.sql")),
+    (
+        8,
+        "data subjects' keys",
+        include_str!("migrations/008_keys.sql"),
+    ),
 ];
 
 /// Applies the pending migrations in one write transaction (`BEGIN

@@ -10,6 +10,10 @@ use crate::port::views::ViewStore;
 
 #[async_trait]
 impl ViewStore for SqliteStore {
+    fn key_ring(&self) -> Option<crate::personal::KeyRing> {
+        Some(SqliteStore::key_ring(self))
+    }
+
     async fn view_payload(&self, table: &str, view_id: &str) -> Result<Option<String>, StoreError> {
         sqlx::query_scalar(&format!(
             "SELECT v.payload FROM {table} v WHERE v.view_id = ?1"

@@ -1,0 +1,154 @@
+//! The subjects' keys on PostgreSQL, in `<events table>_keys`; forgetting
+//! a subject records its erasure in the log in the same transaction.
+
+use std::sync::{Arc, Weak};
+
+use async_trait::async_trait;
+use sqlx::Row;
+
+use super::{db, Inner, PostgresStore};
+use crate::error::StoreError;
+use crate::personal::{KeyRing, KeyStore, SecretKey, SubjectKey};
+use crate::port::events::{AppendInTransaction, Transactional};
+
+crate::store::sql::statements::sql_statements! {
+    /// The keys' statements, one `.sql` file each under `queries/keys/`.
+    pub(super) struct KeyQueries in "queries/keys/" {
+        keys,
+        create,
+        get,
+        forget,
+        stream_version,
+        table,
+    }
+}
+
+/// The store's keys, holding the store weakly (its ring lives in it).
+struct StoreKeys(Weak<Inner>);
+
+impl StoreKeys {
+    fn store(&self) -> Result<PostgresStore, StoreError> {
+        self.0
+            .upgrade()
+            .map(|inner| PostgresStore { inner })
+            .ok_or(StoreError::Unsupported {
+                what: "reading keys",
+                reason: "the store was dropped",
+            })
+    }
+}
+
+fn subject_key(subject: &str, key: Option<Vec<u8>>) -> Result<SubjectKey, StoreError> {
+    match key {
+        None => Ok(SubjectKey::Forgotten),
+        Some(bytes) => {
+            let bytes = zeroize::Zeroizing::new(bytes);
+            SecretKey::from_bytes(&bytes)
+                .map(SubjectKey::Active)
+                .ok_or_else(|| StoreError::Corrupt {
+                    table: "keys".to_owned(),
+                    what: format!("the key of subject `{subject}` is not 32 bytes"),
+                })
+        }
+    }
+}
+
+#[async_trait]
+impl KeyStore for StoreKeys {
+    async fn keys(&self, subjects: &[String]) -> Result<Vec<(String, SubjectKey)>, StoreError> {
+        let store = self.store()?;
+        let rows = sqlx::query(&store.inner.key_sql.keys)
+            .bind(subjects)
+            .fetch_all(&store.inner.pool)
+            .await
+            .map_err(db("reading subjects' keys"))?;
+        rows.into_iter()
+            .map(|row| {
+                let subject: String = row.try_get(0).map_err(db("reading subjects' keys"))?;
+                let key: Option<Vec<u8>> = row.try_get(1).map_err(db("reading subjects' keys"))?;
+                let key = subject_key(&subject, key)?;
+                Ok((subject, key))
+            })
+            .collect()
+    }
+
+    async fn create(&self, subject: &str, key: SecretKey) -> Result<SubjectKey, StoreError> {
+        let store = self.store()?;
+        sqlx::query(&store.inner.key_sql.create)
+            .bind(subject)
+            .bind(&key.bytes()[..])
+            .execute(&store.inner.pool)
+            .await
+            .map_err(db("creating a subject's key"))?;
+        // What is kept now: this key, or the one a concurrent writer made.
+        let kept: Option<Vec<u8>> = sqlx::query_scalar(&store.inner.key_sql.get)
+            .bind(subject)
+            .fetch_one(&store.inner.pool)
+            .await
+            .map_err(db("reading a subject's key"))?;
+        subject_key(subject, kept)
+    }
+
+    async fn forget(&self, subject: &str) -> Result<bool, StoreError> {
+        let store = self.store()?;
+        let mut tx = store.begin().await?;
+        let forgotten = sqlx::query(&store.inner.key_sql.forget)
+            .bind(subject)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db("forgetting a subject"))?
+            .is_some();
+        if !forgotten {
+            return Ok(false);
+        }
+        let version: i64 = sqlx::query_scalar(&store.inner.key_sql.stream_version)
+            .bind(crate::personal::ERASURE_STREAM)
+            .bind(subject)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db("reading the erasure stream"))?;
+        let version = u64::try_from(version).unwrap_or(0);
+        store
+            .append_in(&mut tx, crate::personal::erasure(subject, version))
+            .await?;
+        store.commit(tx).await?;
+        // The row as it was (with the key) stays in the table's file until
+        // vacuumed: vacuum the (small) keys table now, best effort (an
+        // older snapshot still open elsewhere can keep it; autovacuum
+        // finishes it later).
+        let table = store.inner.key_sql.table.lines().last().unwrap_or_default();
+        let vacuum = format!("VACUUM {table}");
+        if let Err(error) = sqlx::query(&vacuum).execute(&store.inner.pool).await {
+            tracing::warn!(subject, error = %error,
+                "vacuuming the keys table after forgetting a subject failed");
+        }
+        Ok(true)
+    }
+}
+
+impl PostgresStore {
+    /// The ring that seals and opens this store's personal values, over
+    /// the keys table `<events table>_keys` (see [`crate::personal`]).
+    /// Forgetting a subject deletes its key and records a
+    /// `SubjectForgotten` event in one transaction.
+    pub fn key_ring(&self) -> KeyRing {
+        self.inner
+            .key_ring
+            .get_or_init(|| KeyRing::new(StoreKeys(Arc::downgrade(&self.inner))))
+            .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_statement_is_rendered() {
+        let names = super::super::schema::Names::new("events", None).expect("names");
+        let queries = KeyQueries::new(|sql| names.render(sql));
+        crate::store::sql::statements::assert_rendered(queries.statements(), &[]);
+        assert!(queries.forget.contains("\"events_keys\""));
+        assert!(queries.table.ends_with("\"events_keys\"\n"));
+    }
+}

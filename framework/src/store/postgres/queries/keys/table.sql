@@ -1,0 +1,2 @@
+-- The keys table, quoted (for VACUUM).
+{keys}
