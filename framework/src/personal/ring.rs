@@ -231,8 +231,9 @@ impl KeyRing {
 
     /// How long a key read from the store is used before it is read again
     /// (default 30 s): the longest a subject forgotten through another
-    /// process stays readable here. `Duration::ZERO` reads the key store
-    /// for every batch of values.
+    /// process stays readable here. With `Duration::ZERO` every batch of
+    /// values reads its keys again (a key just read serves its batch for
+    /// up to a second).
     pub fn cache_for(self, cache_for: Duration) -> Self {
         KeyRing {
             inner: Arc::new(Inner {

@@ -93,6 +93,8 @@ struct Inner {
     key_sql: keys::KeyQueries,
     /// The ring over the keys table, made on first use.
     key_ring: OnceLock<crate::personal::KeyRing>,
+    /// How long the ring caches a key.
+    keys_cached_for: Duration,
     /// The tags table, quoted: decisions' statements are built per query.
     tags_table: String,
     /// The events table, quoted.
@@ -174,6 +176,7 @@ pub struct PostgresStoreBuilder {
     notify_other_nodes: bool,
     notify_interval: Duration,
     poll_interval: Duration,
+    keys_cached_for: Duration,
 }
 
 impl PostgresStoreBuilder {
@@ -216,6 +219,14 @@ impl PostgresStoreBuilder {
     /// 500 ms). Covers lost notifications and writers outside Outflow.
     pub fn poll_interval(mut self, interval: Duration) -> Self {
         self.poll_interval = interval;
+        self
+    }
+
+    /// How long the store's [key ring](crate::personal::KeyRing) uses a
+    /// key it read before reading it again (default 30 s): the longest a
+    /// subject forgotten by another process stays readable in this one.
+    pub fn keys_cached_for(mut self, cached_for: Duration) -> Self {
+        self.keys_cached_for = cached_for;
         self
     }
 
@@ -283,6 +294,7 @@ impl PostgresStoreBuilder {
                 timer_sql,
                 key_sql,
                 key_ring: OnceLock::new(),
+                keys_cached_for: self.keys_cached_for,
                 tags_table: names.render("{tags}"),
                 events_sql: names.render("{events}"),
                 append_wakes: Default::default(),
@@ -358,6 +370,7 @@ impl PostgresStore {
             notify_other_nodes: true,
             notify_interval: Duration::from_millis(5),
             poll_interval: Duration::from_millis(500),
+            keys_cached_for: Duration::from_secs(30),
         }
     }
 

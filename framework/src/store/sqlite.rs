@@ -122,6 +122,8 @@ struct Inner {
     append_wakes: crate::store::sql::wakes::AppendWakes,
     /// The ring over the keys table, made on first use.
     key_ring: std::sync::OnceLock<crate::personal::KeyRing>,
+    /// How long the ring caches a key.
+    keys_cached_for: Duration,
 }
 
 /// Builds a [`SqliteStore`].
@@ -152,6 +154,7 @@ pub struct SqliteStoreBuilder {
     poll_interval: Duration,
     readers: u32,
     migrate: bool,
+    keys_cached_for: Duration,
 }
 
 impl SqliteStoreBuilder {
@@ -179,6 +182,14 @@ impl SqliteStoreBuilder {
     /// 100 ms). This process's commits wake them at once.
     pub fn poll_interval(mut self, interval: Duration) -> Self {
         self.poll_interval = interval;
+        self
+    }
+
+    /// How long the store's [key ring](crate::personal::KeyRing) uses a
+    /// key it read before reading it again (default 30 s): the longest a
+    /// subject forgotten by another process stays readable in this one.
+    pub fn keys_cached_for(mut self, cached_for: Duration) -> Self {
+        self.keys_cached_for = cached_for;
         self
     }
 
@@ -267,6 +278,7 @@ impl SqliteStoreBuilder {
                 poll_interval: self.poll_interval,
                 append_wakes: Default::default(),
                 key_ring: std::sync::OnceLock::new(),
+                keys_cached_for: self.keys_cached_for,
             }),
         })
     }
@@ -291,6 +303,7 @@ impl SqliteStore {
             synchronous: Synchronous::Full,
             busy_timeout: Duration::from_secs(5),
             poll_interval: Duration::from_millis(100),
+            keys_cached_for: Duration::from_secs(30),
             readers: 4,
             migrate: true,
         }

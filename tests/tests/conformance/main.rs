@@ -12,6 +12,7 @@ mod commands_once;
 mod contention;
 mod day_two_status;
 mod decisions;
+mod personal;
 mod renames;
 mod restarts;
 mod role_suites;

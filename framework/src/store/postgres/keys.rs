@@ -134,7 +134,10 @@ impl PostgresStore {
     pub fn key_ring(&self) -> KeyRing {
         self.inner
             .key_ring
-            .get_or_init(|| KeyRing::new(StoreKeys(Arc::downgrade(&self.inner))))
+            .get_or_init(|| {
+                KeyRing::new(StoreKeys(Arc::downgrade(&self.inner)))
+                    .cache_for(self.inner.keys_cached_for)
+            })
             .clone()
     }
 }

@@ -1,0 +1,656 @@
+//! Personal data on every backend: fields marked `Personal` are stored
+//! sealed under their subject's key (events, snapshots, views, process
+//! states), read as plaintext while the key exists and as forgotten once
+//! the subject is forgotten — by aggregates, projections and views, never
+//! as an error; the erasure is recorded in the log; a subject's first key
+//! is made once however many writers race for it; altered ciphertext is a
+//! typed error; a store without keys refuses personal data loudly; and a
+//! JetStream relay carries only ciphertext.
+
+use outflow_tests as common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use outflow::cqrs_es::event_sink::EventSink;
+use outflow::cqrs_es::{Aggregate, DomainEvent, EventEnvelope, View};
+use outflow::personal::{KeyRing, Personal, ERASURE_EVENT, ERASURE_STREAM};
+use outflow::projection::{OnError, Projection, ProjectionOptions};
+use outflow::runner::ProjectionRunner;
+use outflow::store::ProjectionStore;
+use outflow::view::{ViewProjection, ViewStore};
+use outflow::{
+    AppendRequest, Checkpoint, CommandBus, EventLog, EventStore, HandlerError, LogFilter, NewEvent,
+    RecordedEvent, StoreError,
+};
+use serde::{Deserialize, Serialize};
+
+// ---------------------------------------------------------------- the model
+
+/// A club member: a name of their own, and a note about them written by
+/// their sponsor, which belongs to the sponsor (another subject).
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+struct Member {
+    joined: bool,
+    name: Personal<String>,
+    sponsor_note: Personal<String>,
+    visits: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+enum MemberCommand {
+    Join {
+        name: String,
+        sponsor: String,
+        note: String,
+    },
+    Visit,
+    Rename {
+        name: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+enum MemberEvent {
+    Joined {
+        name: Personal<String>,
+        sponsor_note: Personal<String>,
+        plan: String,
+    },
+    Visited,
+    Renamed {
+        name: Personal<String>,
+    },
+}
+
+impl DomainEvent for MemberEvent {
+    fn event_type(&self) -> String {
+        match self {
+            MemberEvent::Joined { .. } => "Joined",
+            MemberEvent::Visited => "Visited",
+            MemberEvent::Renamed { .. } => "Renamed",
+        }
+        .to_owned()
+    }
+
+    fn event_version(&self) -> String {
+        "1".into()
+    }
+}
+
+#[derive(Debug, PartialEq, thiserror::Error)]
+#[error("refused")]
+struct Refused;
+
+impl Aggregate for Member {
+    const TYPE: &'static str = "member";
+    type Command = MemberCommand;
+    type Event = MemberEvent;
+    type Error = Refused;
+    type Services = ();
+
+    async fn handle(
+        &mut self,
+        command: MemberCommand,
+        _: &(),
+        sink: &EventSink<Self>,
+    ) -> Result<(), Refused> {
+        let event = match command {
+            MemberCommand::Join {
+                name,
+                sponsor,
+                note,
+            } => MemberEvent::Joined {
+                name: Personal::new(name),
+                sponsor_note: Personal::of(sponsor, note),
+                plan: "gold".into(),
+            },
+            MemberCommand::Visit => MemberEvent::Visited,
+            MemberCommand::Rename { name } => MemberEvent::Renamed {
+                name: Personal::new(name),
+            },
+        };
+        sink.write(event, self).await;
+        Ok(())
+    }
+
+    fn apply(&mut self, event: MemberEvent) {
+        match event {
+            MemberEvent::Joined {
+                name, sponsor_note, ..
+            } => {
+                self.joined = true;
+                self.name = name;
+                self.sponsor_note = sponsor_note;
+            }
+            MemberEvent::Visited => self.visits += 1,
+            MemberEvent::Renamed { name } => self.name = name,
+        }
+    }
+}
+
+fn marker() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..10].to_owned()
+}
+
+fn join(name: &str, sponsor: &str, note: &str) -> MemberCommand {
+    MemberCommand::Join {
+        name: name.into(),
+        sponsor: sponsor.into(),
+        note: note.into(),
+    }
+}
+
+async fn whole_log<S: EventLog>(store: &S, through: Option<Checkpoint>) -> Vec<RecordedEvent> {
+    // Up to `through` (readers may be held back a moment by transactions
+    // elsewhere on the server).
+    let head = through.expect("a checkpoint");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let log = store
+            .read_log(Checkpoint::START, &LogFilter::all(), 10_000)
+            .await
+            .expect("read the log");
+        if log.last().is_some_and(|e| e.checkpoint() >= head) {
+            return log;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the log stays behind {head}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn ring_of<S: EventStore>(store: &S) -> KeyRing {
+    EventStore::key_ring(store).expect("the store has a key ring")
+}
+
+/// A projection that records the names it decodes (`None`: forgotten).
+struct Names<S> {
+    name: String,
+    seen: Arc<Mutex<Vec<(String, Option<String>, Option<String>)>>>,
+    _store: std::marker::PhantomData<fn(S)>,
+}
+
+#[async_trait]
+impl<S: ProjectionStore> Projection<S> for Names<S> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn filter(&self) -> LogFilter {
+        LogFilter::aggregate_types([Member::TYPE]).with_event_types(["Joined"])
+    }
+
+    async fn handle(
+        &self,
+        events: &[RecordedEvent],
+        _tx: &mut S::Transaction,
+    ) -> Result<(), HandlerError> {
+        for event in events {
+            if let MemberEvent::Joined {
+                name, sponsor_note, ..
+            } = event.decode_payload::<Member>()?
+            {
+                self.seen.lock().expect("seen").push((
+                    event.aggregate_id.clone(),
+                    name.into_value(),
+                    sponsor_note.into_value(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs a fresh `Names` projection over the whole log and returns what it
+/// decoded.
+async fn names_now<S: ProjectionStore + EventLog>(
+    store: &S,
+) -> Vec<(String, Option<String>, Option<String>)> {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let name = format!("names_{}", marker());
+    let runner = ProjectionRunner::builder(store.clone())
+        .projection(
+            ProjectionOptions::new(Names::<S> {
+                name: name.clone(),
+                seen: seen.clone(),
+                _store: std::marker::PhantomData,
+            })
+            .on_error(OnError::Stop),
+        )
+        .build()
+        .expect("runner");
+    let head = store.head().await.expect("head");
+    let (stop, task) = common::start_runner(&runner);
+    runner
+        .wait_for(head, &[&name], Duration::from_secs(60))
+        .await
+        .expect("the projection reads everything");
+    common::stop_runner(stop, task).await;
+    let seen = seen.lock().expect("seen").clone();
+    seen
+}
+
+// ---------------------------------------------------------------- the suite
+
+async fn personal_data<S>(store: S)
+where
+    S: EventStore + EventLog + ProjectionStore + Clone,
+{
+    let run = marker();
+    let (name, note) = (format!("Alice Plain{run}"), format!("Kind note {run}"));
+    let sponsor = format!("sponsor-{run}");
+    let bus = CommandBus::<Member, _>::builder(store.clone(), ())
+        .snapshot_every(2)
+        .build();
+    bus.execute("m-1", join(&name, &sponsor, &note))
+        .await
+        .expect("join");
+    let visited = bus
+        .execute("m-1", MemberCommand::Visit)
+        .await
+        .expect("visit");
+
+    // Stored sealed: the log holds neither the name nor the note, and
+    // names both subjects.
+    let log = whole_log(&store, visited.checkpoint()).await;
+    let joined = log
+        .iter()
+        .find(|e| e.event_type == "Joined")
+        .expect("the join");
+    let text = joined.payload.to_string();
+    assert!(!text.contains(&name) && !text.contains(&note), "{text}");
+    assert!(
+        text.contains("$personal") && text.contains(&sponsor),
+        "{text}"
+    );
+    assert_eq!(
+        joined.payload["Joined"]["plan"], "gold",
+        "the rest stays plain"
+    );
+    // ... and so does the snapshot taken at version 2.
+    let loaded = store.load(Member::TYPE, "m-1", true).await.expect("load");
+    let snapshot = loaded.snapshot.expect("a snapshot").state.to_string();
+    assert!(
+        !snapshot.contains(&name) && snapshot.contains("$personal"),
+        "{snapshot}"
+    );
+
+    // Aggregates read the plaintext (from the snapshot, then the events).
+    let fresh = CommandBus::<Member, _>::builder(store.clone(), ())
+        .snapshot_every(2)
+        .build();
+    let (member, version) = fresh.load("m-1").await.expect("load");
+    assert_eq!(version, 2);
+    assert_eq!(member.name.value(), Some(&name));
+    assert_eq!(member.sponsor_note.value(), Some(&note));
+    assert_eq!(member.sponsor_note.subject(), Some(sponsor.as_str()));
+    // So do projections.
+    let seen = names_now(&store).await;
+    assert_eq!(
+        seen,
+        vec![("m-1".to_owned(), Some(name.clone()), Some(note.clone()))]
+    );
+
+    // Forgetting m-1: its name is forgotten, the sponsor's note is not.
+    let ring = ring_of(&store);
+    assert!(ring.forget("m-1").await.expect("forget"));
+    assert!(!ring.forget("m-1").await.expect("forget again"), "once");
+    let erasures = store
+        .read_stream(ERASURE_STREAM, "m-1", 0, 10)
+        .await
+        .expect("the erasure stream");
+    assert_eq!(erasures.len(), 1, "the erasure is recorded once");
+    assert_eq!(erasures[0].event_type, ERASURE_EVENT);
+    assert_eq!(erasures[0].payload, serde_json::json!({ "subject": "m-1" }));
+    let fresh = CommandBus::<Member, _>::new(store.clone(), ());
+    let (member, _) = fresh.load("m-1").await.expect("a forgotten load");
+    assert!(member.name.is_forgotten() && member.joined);
+    assert_eq!(member.sponsor_note.value(), Some(&note));
+    let seen = names_now(&store).await;
+    assert_eq!(
+        seen,
+        vec![("m-1".to_owned(), None, Some(note.clone()))],
+        "a projection reads the forgotten field as None, and parks nothing"
+    );
+
+    // New personal data of a forgotten subject is stored forgotten.
+    let renamed = format!("Renamed {run}");
+    let renaming = bus
+        .execute(
+            "m-1",
+            MemberCommand::Rename {
+                name: renamed.clone(),
+            },
+        )
+        .await
+        .expect("rename");
+    let log = whole_log(&store, renaming.checkpoint()).await;
+    let rename = log
+        .iter()
+        .find(|e| e.event_type == "Renamed")
+        .expect("the rename");
+    assert!(!rename.payload.to_string().contains(&renamed));
+    assert_eq!(
+        rename.payload["Renamed"]["name"]["$personal"]["forgotten"],
+        true
+    );
+    let (member, _) = fresh.load("m-1").await.expect("load");
+    assert!(member.name.is_forgotten());
+
+    // The first key of a subject is made once, however many race for it.
+    let shared = format!("race-{run}");
+    let mut racers = Vec::new();
+    for i in 0..8 {
+        let bus = CommandBus::<Member, _>::new(store.clone(), ());
+        let shared = shared.clone();
+        racers.push(tokio::spawn(async move {
+            bus.execute(
+                &format!("r-{i}"),
+                join(&format!("Racer {i}"), &shared, &format!("note {i}")),
+            )
+            .await
+            .map(|_| ())
+        }));
+    }
+    for racer in racers {
+        racer.await.expect("racer").expect("join");
+    }
+    for i in 0..8 {
+        let (member, _) = CommandBus::<Member, _>::new(store.clone(), ())
+            .load(&format!("r-{i}"))
+            .await
+            .expect("load");
+        assert_eq!(member.sponsor_note.value(), Some(&format!("note {i}")));
+    }
+
+    // Altered ciphertext is a typed error naming the event, not a panic.
+    let mut altered = joined.payload.clone();
+    let sealed = &mut altered["Joined"]["sponsor_note"]["$personal"]["c"];
+    // One character of the ciphertext changed (still base64).
+    let flipped: String = sealed
+        .as_str()
+        .expect("ciphertext")
+        .char_indices()
+        .map(|(i, c)| match (i, c) {
+            (4, 'A') => 'B',
+            (4, _) => 'A',
+            (_, c) => c,
+        })
+        .collect();
+    *sealed = serde_json::Value::String(flipped);
+    store
+        .append(AppendRequest::new(
+            Member::TYPE,
+            "m-altered",
+            0,
+            vec![NewEvent::new("Joined", altered)],
+        ))
+        .await
+        .expect("append");
+    match fresh.load("m-altered").await {
+        Err(StoreError::Deserialize { source, .. }) => {
+            assert!(source.to_string().contains("does not decrypt"), "{source}")
+        }
+        other => panic!("altered ciphertext loaded: {other:?}"),
+    }
+}
+
+common::on_every_backend! {
+    personal_data: personal_on_memory, personal_on_postgres, personal_on_sqlite;
+}
+
+// ------------------------------------------- views and rebuilds (SQL stores)
+
+/// A directory entry: personal, as in the events.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+struct Entry {
+    name: Personal<String>,
+    visits: u32,
+}
+
+impl View<Member> for Entry {
+    fn update(&mut self, event: &EventEnvelope<Member>) {
+        match &event.payload {
+            MemberEvent::Joined { name, .. } | MemberEvent::Renamed { name } => {
+                self.name = name.clone()
+            }
+            MemberEvent::Visited => self.visits += 1,
+        }
+    }
+}
+
+async fn views_forget<S>(store: S)
+where
+    S: EventStore + EventLog + ViewStore + ProjectionStore + Clone,
+{
+    let run = marker();
+    let name = format!("Viewed Person{run}");
+    let bus = CommandBus::<Member, _>::new(store.clone(), ());
+    for id in ["v-1", "v-2"] {
+        bus.execute(id, join(&format!("{name} {id}"), "club", "welcome"))
+            .await
+            .expect("join");
+        bus.execute(id, MemberCommand::Visit).await.expect("visit");
+    }
+    let projection =
+        ViewProjection::<Member, Entry>::new("directory", "directory").expect("projection");
+    let query = projection.query(&store);
+    let runner = ProjectionRunner::builder(store.clone())
+        .projection(ProjectionOptions::new(projection).on_error(OnError::Stop))
+        .build()
+        .expect("runner");
+    let (stop, task) = common::start_runner(&runner);
+    let head = store.head().await.expect("head");
+    runner
+        .wait_for(head, &["directory"], Duration::from_secs(60))
+        .await
+        .expect("the view catches up");
+    // Stored sealed, read in plaintext.
+    let stored = store
+        .view_payload("directory", "v-1")
+        .await
+        .expect("read")
+        .expect("a row");
+    assert!(
+        !stored.contains(&name) && stored.contains("$personal"),
+        "{stored}"
+    );
+    let entry = query.load("v-1").await.expect("load").expect("an entry");
+    assert_eq!(entry.name.value(), Some(&format!("{name} v-1")));
+    assert_eq!(entry.visits, 1);
+
+    ring_of(&store).forget("v-1").await.expect("forget");
+    // Without a rebuild the stored view already reads as forgotten...
+    let entry = query.load("v-1").await.expect("load").expect("an entry");
+    assert!(entry.name.is_forgotten());
+    // ... and a rebuild writes it forgotten, the other untouched.
+    let mut progress = runner.rebuild("directory").await.expect("rebuild");
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while !progress.borrow().is_complete() {
+            progress.changed().await.expect("progress");
+        }
+    })
+    .await
+    .expect("the rebuild finishes");
+    runner
+        .wait_for(head, &["directory"], Duration::from_secs(60))
+        .await
+        .expect("the view catches up again");
+    let stored = store
+        .view_payload("directory", "v-1")
+        .await
+        .expect("read")
+        .expect("a row");
+    assert!(
+        stored.contains("\"forgotten\":true") && !stored.contains("\"c\""),
+        "{stored}"
+    );
+    let listed = query.list(None, 10).await.expect("list");
+    assert_eq!(listed.len(), 2);
+    assert!(listed[0].1.name.is_forgotten());
+    assert_eq!(listed[1].1.name.value(), Some(&format!("{name} v-2")));
+    assert_eq!(listed[1].1.visits, 1);
+    common::stop_runner(stop, task).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_forget_on_postgres() {
+    let db = common::TestDb::new("views_forget").await;
+    views_forget(db.store().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_forget_on_sqlite() {
+    let dir = common::TestDir::new("views_forget");
+    views_forget(dir.sqlite().await).await;
+}
+
+/// Two processes on one database: a subject forgotten through one is read
+/// as forgotten by the other once its cache time is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_process_reads_forgotten_after_its_cache_time() {
+    let db = common::TestDb::new("keys_two_processes").await;
+    let first = db.store().await;
+    let second = outflow::PostgresStore::builder(db.pool(4).await)
+        .keys_cached_for(Duration::from_millis(200))
+        .build()
+        .await
+        .expect("a second store");
+    let bus = CommandBus::<Member, _>::new(first.clone(), ());
+    bus.execute("p-1", join("Two Places", "club", "hi"))
+        .await
+        .expect("join");
+    let other = CommandBus::<Member, _>::new(second.clone(), ());
+    let (member, _) = other.load("p-1").await.expect("load");
+    assert_eq!(member.name.value().map(String::as_str), Some("Two Places"));
+    first.key_ring().forget("p-1").await.expect("forget");
+    let other = Arc::new(other);
+    common::eventually(
+        "the other process reads the name as forgotten",
+        Duration::from_secs(30),
+        || {
+            let other = other.clone();
+            async move {
+                let (member, _) = other.load("p-1").await.map_err(|e| e.to_string())?;
+                if member.name.is_forgotten() {
+                    Ok(())
+                } else {
+                    Err("still readable".to_owned())
+                }
+            }
+        },
+    )
+    .await;
+}
+
+/// A store without keys refuses personal data with an error that says so;
+/// given a ring (kept in the read-model database), it seals like the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jetstream_store_takes_a_key_ring() {
+    let js = common::jetstream_store(&common::nats_url(), "personal", 1).await;
+    let bus = CommandBus::<Member, _>::new(js.clone(), ());
+    let refused = bus
+        .execute("j-1", join("No Keys", "club", "hi"))
+        .await
+        .expect_err("no key store");
+    let chain = outflow::error::error_chain(&refused);
+    assert!(chain.contains("without a key store"), "{chain}");
+
+    let db = common::TestDb::new("personal_jetstream").await;
+    let read_models = db.store().await;
+    let js = js.with_key_ring(read_models.key_ring());
+    let bus = CommandBus::<Member, _>::new(js.clone(), ());
+    let joined = bus
+        .execute("j-1", join("Jet Person", "club", "hi"))
+        .await
+        .expect("join");
+    let log = whole_log(&js, joined.checkpoint()).await;
+    assert!(!log[0].payload.to_string().contains("Jet Person"));
+    let (member, _) = CommandBus::<Member, _>::new(js.clone(), ())
+        .load("j-1")
+        .await
+        .expect("load");
+    assert_eq!(member.name.value().map(String::as_str), Some("Jet Person"));
+    read_models.key_ring().forget("j-1").await.expect("forget");
+    let (member, _) = CommandBus::<Member, _>::new(js.clone(), ())
+        .load("j-1")
+        .await
+        .expect("load");
+    assert!(member.name.is_forgotten());
+}
+
+/// A relay to JetStream publishes the stored payloads: ciphertext only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_stream_carries_only_ciphertext() {
+    use outflow::relay::{ensure_stream, JetStreamRelay};
+    let db = common::TestDb::new("personal_relay").await;
+    let store = db.store().await;
+    let run = marker();
+    let bus = CommandBus::<Member, _>::new(store.clone(), ());
+    for i in 0..3 {
+        bus.execute(
+            &format!("n-{i}"),
+            join(
+                &format!("Relayed Person{run} {i}"),
+                "club",
+                &format!("Relayed note{run}"),
+            ),
+        )
+        .await
+        .expect("join");
+    }
+    let js = common::nats::jetstream(&common::nats_url()).await;
+    let stream = format!("PERSONAL_{run}");
+    let prefix = format!("personal{run}");
+    ensure_stream(
+        &js,
+        &stream,
+        vec![format!("{prefix}.>")],
+        Duration::from_secs(120),
+    )
+    .await
+    .expect("stream");
+    let relay = JetStreamRelay::builder(js.clone(), "personal_relay")
+        .subject_prefix(prefix)
+        .build()
+        .expect("relay");
+    let runner = ProjectionRunner::builder(store.clone())
+        .projection(ProjectionOptions::new(relay).on_error(OnError::Stop))
+        .build()
+        .expect("runner");
+    let (stop, task) = common::start_runner(&runner);
+    let head = store.head().await.expect("head");
+    runner
+        .wait_for(head, &["personal_relay"], Duration::from_secs(60))
+        .await
+        .expect("relayed");
+    common::stop_runner(stop, task).await;
+    let messages = common::nats::read_stream(&js, &stream).await;
+    assert_eq!(messages.len(), 3);
+    for message in &messages {
+        let text = String::from_utf8_lossy(&message.payload);
+        assert!(text.contains("$personal"), "{text}");
+        assert!(!text.contains(&format!("Person{run}")), "{text}");
+        assert!(!text.contains(&format!("note{run}")), "{text}");
+    }
+    // A subscriber with the keys opens them; after forgetting, it reads
+    // the fields as forgotten.
+    let ring = store.key_ring();
+    let payload: serde_json::Value = serde_json::from_slice(&messages[0].payload).expect("JSON");
+    let opened: MemberEvent = ring.open(&payload).await.expect("open");
+    let MemberEvent::Joined { name, .. } = opened else {
+        panic!("a join")
+    };
+    let subject = name.subject().expect("a subject").to_owned();
+    assert!(name.value().is_some_and(|n| n.contains(&run)));
+    ring.forget(&subject).await.expect("forget");
+    let opened: MemberEvent = ring.open(&payload).await.expect("open");
+    let MemberEvent::Joined { name, .. } = opened else {
+        panic!("a join")
+    };
+    assert!(name.is_forgotten());
+}
