@@ -167,10 +167,13 @@ fn ring_of<S: EventStore>(store: &S) -> KeyRing {
     EventStore::key_ring(store).expect("the store has a key ring")
 }
 
+/// A member's id, name and sponsor's note as a projection decoded them.
+type Seen = (String, Option<String>, Option<String>);
+
 /// A projection that records the names it decodes (`None`: forgotten).
 struct Names<S> {
     name: String,
-    seen: Arc<Mutex<Vec<(String, Option<String>, Option<String>)>>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
     _store: std::marker::PhantomData<fn(S)>,
 }
 
@@ -209,7 +212,7 @@ impl<S: ProjectionStore> Projection<S> for Names<S> {
 /// decoded.
 async fn names_now<S: ProjectionStore + EventLog>(
     store: &S,
-) -> Vec<(String, Option<String>, Option<String>)> {
+) -> Vec<Seen> {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let name = format!("names_{}", marker());
     let runner = ProjectionRunner::builder(store.clone())
