@@ -7,6 +7,7 @@
 //! outflow-bench rebuild-child URL batch|view            # one rebuild, in a child process
 //! outflow-bench timers [--quick]                        # the durable timers' section alone
 //! outflow-bench decisions [--quick]                     # the decisions' section alone
+//! outflow-bench personal [--quick]                      # the personal data's section alone
 //! ```
 
 use std::fmt::Write as _;
@@ -17,6 +18,7 @@ use anyhow::{bail, Context, Result};
 mod copying;
 mod decisions;
 mod jetstream;
+mod personal;
 mod reading;
 mod rebuild;
 mod scenarios;
@@ -28,6 +30,7 @@ mod timers;
 use copying::*;
 use decisions::*;
 use jetstream::*;
+use personal::*;
 use reading::*;
 use rebuild::*;
 use scenarios::*;
@@ -64,6 +67,20 @@ async fn main() -> Result<()> {
         print!(
             "{}",
             decision_section(&decision_scenarios(&server, &size).await?)
+        );
+        return Ok(());
+    }
+    if args.first().map(String::as_str) == Some("personal") {
+        // outflow-bench personal [--quick]: the personal data's section alone.
+        let url = std::env::var("DATABASE_URL").context("DATABASE_URL is not set")?;
+        let server = Server {
+            admin: url.parse()?,
+            counter: Default::default(),
+        };
+        let size = Size::new(args.iter().any(|a| a == "--quick"));
+        print!(
+            "{}",
+            personal_section(&personal_scenarios(&server, &size).await?)
         );
         return Ok(());
     }
@@ -162,6 +179,8 @@ async fn main() -> Result<()> {
 
     eprintln!("7d/7 decisions across aggregates");
     let decision_rows = decision_scenarios(&server, &size).await?;
+    eprintln!("7e/7 personal data");
+    let personal_rows = personal_scenarios(&server, &size).await?;
 
     let facts = server_facts(&server).await?;
     let mut md = String::new();
@@ -547,6 +566,7 @@ async fn main() -> Result<()> {
     md.push_str(&copies);
     md.push_str(&timer_section(&timer_figures));
     md.push_str(&decision_section(&decision_rows));
+    md.push_str(&personal_section(&personal_rows));
     md.push_str(READING);
     let _ = writeln!(
         md,

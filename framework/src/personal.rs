@@ -20,13 +20,13 @@
 //!
 //! let store = MemoryStore::new();
 //! let keys = store.key_ring();
-//! let name = Personal::of("user-1", "Ann".to_owned());
+//! let name = Personal::of("user-1", "Ann Lindqvist".to_owned());
 //!
 //! // Stored, the field is ciphertext under user-1's key...
 //! let sealed = keys.seal(&name).await?;
-//! assert!(!sealed.to_string().contains("Ann"));
+//! assert!(!sealed.to_string().contains("Lindqvist"));
 //! let opened: Personal<String> = keys.open(&sealed).await?;
-//! assert_eq!(opened.value().map(String::as_str), Some("Ann"));
+//! assert_eq!(opened.value().map(String::as_str), Some("Ann Lindqvist"));
 //!
 //! // ...and once user-1 is forgotten, it reads as forgotten.
 //! keys.forget("user-1").await?;
@@ -97,5 +97,160 @@ pub(crate) fn erasure(subject: &str, version: u64) -> crate::event::AppendReques
             ERASURE_EVENT,
             serde_json::json!({ "subject": subject }),
         )],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Profile {
+        name: Personal<String>,
+        age: Personal<u32>,
+        plan: String,
+    }
+
+    fn ring() -> KeyRing {
+        KeyRing::new(MemoryKeyStore::new())
+    }
+
+    fn profile(subject: &str) -> Profile {
+        Profile {
+            name: Personal::of(subject, "Annabelle Quux".to_owned()),
+            age: Personal::of(subject, 98_765_432),
+            plan: "gold".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn seals_each_field_and_opens_it_again() {
+        let keys = ring();
+        let sealed = keys.seal(&profile("u-1")).await.expect("seal");
+        let text = sealed.to_string();
+        assert!(
+            !text.contains("Annabelle") && !text.contains("98765432"),
+            "{text}"
+        );
+        assert_eq!(sealed["plan"], "gold");
+        assert_eq!(sealed["name"]["$personal"]["s"], "u-1");
+        // A fresh nonce each time: equal values seal differently.
+        assert_ne!(
+            sealed["name"],
+            keys.seal(&profile("u-1")).await.expect("seal")["name"]
+        );
+        let opened: Profile = keys.open(&sealed).await.expect("open");
+        assert_eq!(opened, profile("u-1"));
+        assert_eq!(opened.name.subject(), Some("u-1"));
+    }
+
+    #[tokio::test]
+    async fn a_ciphertext_moved_to_another_subject_does_not_open() {
+        let keys = ring();
+        let mut sealed = keys.seal(&profile("u-1")).await.expect("seal");
+        keys.seal(&profile("u-2")).await.expect("a key for u-2");
+        sealed["name"]["$personal"]["s"] = json!("u-2");
+        let error = keys
+            .open::<Profile>(&sealed)
+            .await
+            .expect_err("bound to its subject");
+        assert!(error.to_string().contains("does not decrypt"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn forgotten_values_read_as_forgotten_and_write_as_marks() {
+        let keys = ring();
+        let sealed = keys.seal(&profile("u-1")).await.expect("seal");
+        assert!(keys.forget("u-1").await.expect("forget"));
+        let opened: Profile = keys.open(&sealed).await.expect("open");
+        assert!(opened.name.is_forgotten() && opened.age.is_forgotten());
+        assert_eq!(opened.name.subject(), Some("u-1"));
+        assert_eq!(opened.plan, "gold");
+        // Written again: a mark, no ciphertext, and no new key made.
+        let again = keys.seal(&opened).await.expect("seal");
+        assert_eq!(
+            again["name"],
+            json!({ "$personal": { "s": "u-1", "forgotten": true } })
+        );
+        let fresh = keys.seal(&profile("u-1")).await.expect("seal");
+        assert_eq!(fresh["age"]["$personal"]["forgotten"], true);
+        // A subject whose key never existed reads as forgotten too.
+        let elsewhere: Profile = ring().open(&sealed).await.expect("open");
+        assert!(elsewhere.name.is_forgotten());
+    }
+
+    #[tokio::test]
+    async fn plain_values_are_read_and_serialized_outside_a_scope() {
+        // Written before the field was marked, or an API's input.
+        let plain = json!({ "name": "Bo", "age": 7, "plan": "basic" });
+        let read: Profile = serde_json::from_value(plain.clone()).expect("plain");
+        assert_eq!(read.name.value().map(String::as_str), Some("Bo"));
+        assert_eq!(read.name.subject(), None);
+        assert_eq!(serde_json::to_value(&read).expect("plain"), plain);
+        // Forgotten, outside a scope: null, and null reads back forgotten.
+        let forgotten = Profile {
+            name: Personal::forgotten("u-1"),
+            age: Personal::forgotten("u-1"),
+            plan: "basic".into(),
+        };
+        let value = serde_json::to_value(&forgotten).expect("serialize");
+        assert_eq!(value["name"], serde_json::Value::Null);
+        let back: Profile = serde_json::from_value(value).expect("null");
+        assert!(back.name.is_forgotten());
+    }
+
+    #[tokio::test]
+    async fn sealed_values_need_a_scope_and_values_need_a_subject() {
+        let keys = ring();
+        let sealed = keys.seal(&profile("u-1")).await.expect("seal");
+        let outside = serde_json::from_value::<Profile>(sealed).expect_err("no scope");
+        assert!(
+            outside.to_string().contains("outside a key scope"),
+            "{outside}"
+        );
+        let nameless = Profile {
+            name: Personal::new("Ann".into()),
+            age: Personal::of("u-1", 1),
+            plan: String::new(),
+        };
+        let error = keys.seal(&nameless).await.expect_err("no subject");
+        assert!(
+            crate::error::error_chain(&error).contains("without a subject"),
+            "{error}"
+        );
+        let error = sealing(None, Some("u-1"), true, || serde_json::to_value(&nameless))
+            .await
+            .expect("no key store to read")
+            .expect_err("no key store");
+        assert!(error.to_string().contains("without a key store"), "{error}");
+    }
+
+    #[test]
+    fn subjects_are_found_in_stored_text_in_any_key_order() {
+        let mut found = Vec::new();
+        seal::subjects_in_text(
+            r#"{"a": {"$personal": {"c": "x}y", "k": 1, "n": "z", "s": "u-1"}}, "b": [{"$personal":{"s":"u \"2\"","k":1}}], "p": 3}"#,
+            &mut found,
+        );
+        assert_eq!(found, ["u-1", "u \"2\""]);
+        let mut found = Vec::new();
+        seal::subjects_in_text(r#"{"plain": "$personal"}"#, &mut found);
+        assert!(found.is_empty());
+    }
+
+    #[test]
+    fn debug_never_prints_the_value() {
+        let profile = profile("u-1");
+        let printed = format!("{profile:?} {:?}", SecretKey::generate());
+        assert!(
+            !printed.contains("Annabelle") && !printed.contains("98765432"),
+            "{printed}"
+        );
+        assert_eq!(format!("{}", profile.name), "Annabelle Quux");
+        assert_eq!(
+            format!("{}", Personal::<String>::forgotten("u")),
+            "(forgotten)"
+        );
     }
 }

@@ -368,12 +368,47 @@ pub(crate) fn subjects_in(value: &serde_json::Value, into: &mut Vec<String>) {
     }
 }
 
-/// The subjects of the sealed values in JSON text (parsed only when it
-/// holds a sealed value at all).
+/// The subjects of the sealed values in JSON text, found without parsing
+/// the whole text: after each `"$personal"`, the string value of its `"s"`
+/// (in whatever order the database printed the object's keys). Text it
+/// cannot read that way is parsed whole.
 pub(crate) fn subjects_in_text(text: &str, into: &mut Vec<String>) {
-    if text.contains("\"$personal\"") {
-        if let Ok(value) = serde_json::from_str::<serde_json::Value>(text) {
-            subjects_in(&value, into);
+    let mark = "\"$personal\"";
+    let mut rest = text;
+    while let Some(at) = rest.find(mark) {
+        rest = &rest[at + mark.len()..];
+        let Some(subject) = sealed_subject(rest) else {
+            if let Ok(value) = serde_json::from_str::<serde_json::Value>(text) {
+                subjects_in(&value, into);
+            }
+            return;
+        };
+        into.push(subject);
+    }
+}
+
+/// The subject of the sealed object that starts `text` (after its mark):
+/// `: {"k": 1, "s": "u-1", ...}`. `None` when it does not look like one.
+fn sealed_subject(text: &str) -> Option<String> {
+    let object = text.trim_start().strip_prefix(':')?.trim_start();
+    let object = object.strip_prefix('{')?;
+    // Key by key, each value read as JSON, until `s`.
+    let mut at = object;
+    loop {
+        at = at.trim_start();
+        let key_end = at.strip_prefix('"')?.find('"')? + 1;
+        let key = &at[1..key_end];
+        at = at[key_end + 1..]
+            .trim_start()
+            .strip_prefix(':')?
+            .trim_start();
+        let mut values = serde_json::Deserializer::from_str(at).into_iter::<serde_json::Value>();
+        let value = values.next()?.ok()?;
+        let used = values.byte_offset();
+        if key == "s" {
+            return value.as_str().map(str::to_owned);
         }
+        at = at[used..].trim_start();
+        at = at.strip_prefix(',')?;
     }
 }

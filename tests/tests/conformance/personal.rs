@@ -210,9 +210,7 @@ impl<S: ProjectionStore> Projection<S> for Names<S> {
 
 /// Runs a fresh `Names` projection over the whole log and returns what it
 /// decoded.
-async fn names_now<S: ProjectionStore + EventLog>(
-    store: &S,
-) -> Vec<Seen> {
+async fn names_now<S: ProjectionStore + EventLog>(store: &S) -> Vec<Seen> {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let name = format!("names_{}", marker());
     let runner = ProjectionRunner::builder(store.clone())

@@ -16,7 +16,6 @@ crate::store::sql::statements::sql_statements! {
     pub(super) struct KeyQueries in "queries/keys/" {
         keys,
         create,
-        get,
         forget,
         stream_version,
         table,
@@ -74,18 +73,13 @@ impl KeyStore for StoreKeys {
 
     async fn create(&self, subject: &str, key: SecretKey) -> Result<SubjectKey, StoreError> {
         let store = self.store()?;
-        sqlx::query(&store.inner.key_sql.create)
+        // What is kept now: this key, or the one a concurrent writer made.
+        let kept: Option<Vec<u8>> = sqlx::query_scalar(&store.inner.key_sql.create)
             .bind(subject)
             .bind(&key.bytes()[..])
-            .execute(&store.inner.pool)
-            .await
-            .map_err(db("creating a subject's key"))?;
-        // What is kept now: this key, or the one a concurrent writer made.
-        let kept: Option<Vec<u8>> = sqlx::query_scalar(&store.inner.key_sql.get)
-            .bind(subject)
             .fetch_one(&store.inner.pool)
             .await
-            .map_err(db("reading a subject's key"))?;
+            .map_err(db("creating a subject's key"))?;
         subject_key(subject, kept)
     }
 

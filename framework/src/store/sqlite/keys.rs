@@ -16,7 +16,6 @@ crate::store::sql::statements::sql_statements! {
     pub(in crate::store::sqlite) struct KeyQueries in "queries/keys/" {
         keys,
         create,
-        get,
         forget,
         stream_version,
     }
@@ -79,18 +78,13 @@ impl KeyStore for StoreKeys {
 
     async fn create(&self, subject: &str, key: SecretKey) -> Result<SubjectKey, StoreError> {
         let store = self.store()?;
-        sqlx::query(&store.inner.queries.keys.create)
+        // What is kept now: this key, or the one a concurrent writer made.
+        let kept: Option<Vec<u8>> = sqlx::query_scalar(&store.inner.queries.keys.create)
             .bind(subject)
             .bind(&key.bytes()[..])
-            .execute(&store.inner.writer)
-            .await
-            .map_err(db("creating a subject's key"))?;
-        // What is kept now: this key, or the one a concurrent writer made.
-        let kept: Option<Vec<u8>> = sqlx::query_scalar(&store.inner.queries.keys.get)
-            .bind(subject)
             .fetch_one(&store.inner.writer)
             .await
-            .map_err(db("reading a subject's key"))?;
+            .map_err(db("creating a subject's key"))?;
         subject_key(subject, kept)
     }
 

@@ -1,1 +1,0 @@
-SELECT key FROM {keys} WHERE subject = $1
