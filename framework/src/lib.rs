@@ -66,7 +66,9 @@
 //! projections, a broker, the outbox — guarantees, failure modes, a decision
 //! table), `outbox.md`, `relay.md`, `commands.md` (aggregates, tests,
 //! snapshots, upcasting, conflicts, context), `projections.md`,
-//! `process-managers.md`, `from-cqrs-es.md` (moving a cqrs-es / postgres-es
+//! `process-managers.md`, `time.md` (deadlines and scheduled commands),
+//! `decisions.md` (decisions across aggregates), `personal-data.md`
+//! (crypto-shredding: forgetting a person), `from-cqrs-es.md` (moving a cqrs-es / postgres-es
 //! application, code and database), `backends.md`, `event-store.md`,
 //! `postgres.md` (schema, migration, pool, TLS), `jetstream.md` (the NATS
 //! JetStream event store: guarantees, partitions, failures, a cluster, moving

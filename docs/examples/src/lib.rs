@@ -17,6 +17,7 @@ pub mod from_cqrs_es;
 pub mod jetstream;
 pub mod operations;
 pub mod outbox;
+pub mod personal;
 pub mod projections;
 pub mod quickstart;
 #[cfg(feature = "nats")]
