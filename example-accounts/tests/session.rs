@@ -28,7 +28,7 @@ fn demo(dir: &Path, database_url: Option<&str>) -> String {
 
 fn assert_demo_output(stdout: &str) {
     for expected in [
-        "refused: the address ann-",
+        "refused: the address is already taken",
         "refused: insufficient funds: balance 5000, requested 8000",
         "conflicted (the account is at 3)",
         "retried with the account reloaded: committed at version 4",

@@ -474,8 +474,28 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
             }));
         };
         let events = [event];
+        // The handler opens the event's personal values, as in a batch.
+        let ring = self.shared.log.key_ring();
+        if let Some(ring) = &ring {
+            ring.prepare(&events).await?;
+        }
+        crate::personal::in_scope(ring, self.retry_parked(&registered, id, &events)).await
+    }
+
+    /// [`retry_dead_letter`](Self::retry_dead_letter) once the event is read.
+    async fn retry_parked(
+        &self,
+        registered: &super::Registered<S>,
+        id: u64,
+        events: &[crate::event::RecordedEvent],
+    ) -> Result<(), RetryError> {
+        let store = &self.shared.store;
+        let not_found = || RetryError::NotFound {
+            projection: registered.name.clone(),
+            id,
+        };
         // The effects first, with no transaction open (as in a batch).
-        if let Err(error) = registered.projection.effects(&events).await {
+        if let Err(error) = registered.projection.effects(events).await {
             if let Err(note) = store.note_dead_letter_failure(id, &error.chain()).await {
                 tracing::warn!(error = %crate::error::error_chain(&note), "recording a failed retry failed");
             }
@@ -486,7 +506,7 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
         if store.take_dead_letter(&mut tx, id).await?.is_none() {
             return Err(not_found());
         }
-        let outcome = registered.projection.handle(&events, &mut tx).await;
+        let outcome = registered.projection.handle(events, &mut tx).await;
         match outcome {
             Ok(()) => {
                 store.commit(tx).await?;

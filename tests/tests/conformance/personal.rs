@@ -655,3 +655,54 @@ async fn a_relayed_stream_carries_only_ciphertext() {
     };
     assert!(name.is_forgotten());
 }
+
+/// The console's erasure: operators only, a subject required, idempotent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_forget_from_the_console() {
+    let dir = common::TestDir::new("console_forget");
+    let store = dir.sqlite().await;
+    let bus = CommandBus::<Member, _>::new(store.clone(), ());
+    bus.execute("c-1", join("Console Person", "club", "hi"))
+        .await
+        .expect("join");
+    let runner = ProjectionRunner::builder(store.clone())
+        .build()
+        .expect("runner");
+    let console = outflow::admin::Admin::new(runner)
+        .operator_token("op-secret")
+        .reader_token("read-secret")
+        .events(store.clone())
+        .router();
+    let base = common::serve_console(console).await;
+    let http = reqwest::Client::new();
+    let forget = |token: Option<&'static str>, query: &'static str| {
+        let mut request = http.post(format!("{base}/api/subjects/forget{query}"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        async move {
+            let response = request.send().await.expect("send");
+            let status = response.status().as_u16();
+            (
+                status,
+                response.json::<serde_json::Value>().await.expect("JSON"),
+            )
+        }
+    };
+    assert_eq!(forget(None, "?subject=c-1").await.0, 401);
+    assert_eq!(forget(Some("read-secret"), "?subject=c-1").await.0, 403);
+    assert_eq!(forget(Some("op-secret"), "").await.0, 400);
+    let (status, body) = forget(Some("op-secret"), "?subject=c-1").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        serde_json::json!({ "subject": "c-1", "forgotten": true })
+    );
+    let (_, body) = forget(Some("op-secret"), "?subject=c-1").await;
+    assert_eq!(body["forgotten"], false);
+    let (member, _) = CommandBus::<Member, _>::new(store.clone(), ())
+        .load("c-1")
+        .await
+        .expect("load");
+    assert!(member.name.is_forgotten());
+}
