@@ -706,3 +706,127 @@ async fn operators_forget_from_the_console() {
         .expect("load");
     assert!(member.name.is_forgotten());
 }
+
+/// A process manager keeps a member's name in its state: sealed in the
+/// states table, opened by `react` and by `ProcessStates::get`, forgotten
+/// with the member (without the process parking anything).
+struct Greeter;
+
+/// The greeter's state: whom it greets.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Greeting {
+    name: Personal<String>,
+    visits: u32,
+}
+
+#[async_trait]
+impl outflow::process::ProcessManager for Greeter {
+    type State = Greeting;
+    type Command = std::convert::Infallible;
+
+    fn name(&self) -> &str {
+        "greeter"
+    }
+
+    fn filter(&self) -> LogFilter {
+        LogFilter::aggregate_types([Member::TYPE])
+    }
+
+    fn process_id(&self, event: &RecordedEvent) -> Option<String> {
+        Some(event.aggregate_id.clone())
+    }
+
+    fn react(
+        &self,
+        state: &mut Greeting,
+        event: &RecordedEvent,
+    ) -> Result<Vec<std::convert::Infallible>, HandlerError> {
+        match event.decode_payload::<Member>()? {
+            MemberEvent::Joined { name, .. } | MemberEvent::Renamed { name } => state.name = name,
+            MemberEvent::Visited => state.visits += 1,
+        }
+        Ok(Vec::new())
+    }
+
+    async fn dispatch(
+        &self,
+        command: std::convert::Infallible,
+        _: outflow::CommandContext,
+    ) -> Result<(), HandlerError> {
+        match command {}
+    }
+}
+
+async fn processes_forget<S>(store: S)
+where
+    S: EventStore + EventLog + ViewStore + ProjectionStore + Clone,
+{
+    let bus = CommandBus::<Member, _>::new(store.clone(), ());
+    bus.execute("g-1", join("Greeted Person", "club", "hi"))
+        .await
+        .expect("join");
+    let process = outflow::process::Process::new(Greeter, &store, "greetings").expect("process");
+    let states = process.states();
+    let runner = ProjectionRunner::builder(store.clone())
+        .projection(ProjectionOptions::new(process).on_error(OnError::Stop))
+        .build()
+        .expect("runner");
+    let (stop, task) = common::start_runner(&runner);
+    let head = store.head().await.expect("head");
+    runner
+        .wait_for(head, &["greeter"], Duration::from_secs(60))
+        .await
+        .expect("the process catches up");
+    let stored = store
+        .view_payload("greetings", "g-1")
+        .await
+        .expect("read")
+        .expect("a state");
+    assert!(
+        !stored.contains("Greeted Person") && stored.contains("$personal"),
+        "{stored}"
+    );
+    let state = states.get("g-1").await.expect("get").expect("a state");
+    assert_eq!(
+        state.name.value().map(String::as_str),
+        Some("Greeted Person")
+    );
+
+    ring_of(&store).forget("g-1").await.expect("forget");
+    // The next event folds into a state whose name reads as forgotten.
+    let visited = bus
+        .execute("g-1", MemberCommand::Visit)
+        .await
+        .expect("visit");
+    runner
+        .wait_for(visited.checkpoint(), &["greeter"], Duration::from_secs(60))
+        .await
+        .expect("the process handles the visit");
+    let state = states.get("g-1").await.expect("get").expect("a state");
+    assert!(state.name.is_forgotten());
+    assert_eq!(state.visits, 1);
+    let stored = store
+        .view_payload("greetings", "g-1")
+        .await
+        .expect("read")
+        .expect("a state");
+    assert!(stored.contains("\"forgotten\":true"), "{stored}");
+    assert!(runner
+        .dead_letters("greeter")
+        .await
+        .expect("dead letters")
+        .is_empty());
+    common::stop_runner(stop, task).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_forget_on_postgres() {
+    let db = common::TestDb::new("processes_forget").await;
+    processes_forget(db.store().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_forget_on_sqlite() {
+    let dir = common::TestDir::new("processes_forget");
+    processes_forget(dir.sqlite().await).await;
+}
