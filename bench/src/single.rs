@@ -91,6 +91,12 @@ pub(crate) async fn single_scenario(args: &[String]) -> Result<bool> {
                 s1.per_second, s1.p50_ms, s1.p99_ms
             );
         }
+        let (sqlite, _) = sqlite_system("probe_c16").await?;
+        let s16 = commands(&sqlite, size.accounts, size.deposits, 16).await?;
+        println!(
+            "commands, 16 clients: {:.0}/s  p50 {:.2} ms  p99 {:.2} ms",
+            s16.per_second, s16.p50_ms, s16.p99_ms
+        );
         if std::env::var_os("OUTFLOW_BENCH_COMMANDS_ONLY").is_some() {
             let _ = std::fs::remove_dir_all(sqlite_dir());
             return Ok(true);

@@ -46,6 +46,7 @@ mod append;
 mod dead_letters;
 mod decisions;
 mod errors;
+mod group;
 mod keys;
 mod log;
 mod outbox;
@@ -124,6 +125,8 @@ struct Inner {
     key_ring: std::sync::OnceLock<crate::personal::KeyRing>,
     /// How long the ring caches a key.
     keys_cached_for: Duration,
+    /// The append being written and those waiting to go as a group.
+    group: group::Group,
 }
 
 /// Builds a [`SqliteStore`].
@@ -279,6 +282,7 @@ impl SqliteStoreBuilder {
                 append_wakes: Default::default(),
                 key_ring: std::sync::OnceLock::new(),
                 keys_cached_for: self.keys_cached_for,
+                group: group::Group::default(),
             }),
         })
     }

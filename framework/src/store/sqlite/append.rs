@@ -16,7 +16,7 @@ use crate::store::sql::rows::loaded_stream;
 
 /// Events per INSERT statement: 8 bound values each, far below SQLite's
 /// limit of 32,766 variables per statement.
-const CHUNK: usize = 256;
+pub(super) const CHUNK: usize = 256;
 /// The values bound once per statement, before each event's 8.
 const FIXED_PARAMETERS: usize = 7;
 
@@ -223,13 +223,13 @@ impl SqliteStore {
     }
 }
 
-#[async_trait]
-impl EventStore for SqliteStore {
-    fn key_ring(&self) -> Option<crate::personal::KeyRing> {
-        Some(SqliteStore::key_ring(self))
-    }
-
-    async fn append(&self, request: AppendRequest) -> Result<Vec<RecordedEvent>, StoreError> {
+impl SqliteStore {
+    /// One append with the writer to itself: one statement (its own
+    /// transaction) for up to [`CHUNK`] events, a transaction otherwise.
+    pub(super) async fn append_alone(
+        &self,
+        request: AppendRequest,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
         if request.events.is_empty() {
             request.validate()?;
             return Ok(Vec::new());
@@ -254,6 +254,20 @@ impl EventStore for SqliteStore {
         tx.commit().await.map_err(db("committing an append"))?;
         self.signal_commit();
         Ok(written)
+    }
+}
+
+#[async_trait]
+impl EventStore for SqliteStore {
+    fn key_ring(&self) -> Option<crate::personal::KeyRing> {
+        Some(SqliteStore::key_ring(self))
+    }
+
+    /// Appends at once when the writer is free; while it writes another
+    /// append, with the appends that arrive meanwhile, in one transaction
+    /// (see the group commit of this backend).
+    async fn append(&self, request: AppendRequest) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.append_grouped(request, None).await
     }
 
     async fn read_stream(
@@ -340,7 +354,7 @@ impl EventStore for SqliteStore {
         request: AppendRequest,
         command_id: uuid::Uuid,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        crate::port::events::append_claiming(self, request, command_id).await
+        self.append_grouped(request, Some(command_id)).await
     }
 
     async fn prune_outcomes(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
