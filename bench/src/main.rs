@@ -394,9 +394,9 @@ async fn main() -> Result<()> {
          last commits), the same workload, in the same run; the PostgreSQL store's figures \
          from above for comparison. A command is two statements on SQLite's thread (the \
          stream's load, and the append as one statement that is its own transaction); with \
-         `FULL` the append waits for SQLite's sync of its WAL. At 16 clients SQLite's one \
-         writer commits one append at a time, while PostgreSQL flushes concurrent commits \
-         together.\n\n\
+         `FULL` the append waits for SQLite's sync of its WAL. SQLite has one writer: \
+         appends that arrive while one is written wait and go together as one transaction \
+         with one sync (group commit), each still checked and answered on its own.\n\n\
          | scenario | SQLite cmd/s | PostgreSQL cmd/s | ratio | SQLite p50 / p99 ms |\n|---|---|---|---|---|"
     );
     for (label, sq, pg) in [
