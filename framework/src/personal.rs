@@ -226,6 +226,21 @@ mod tests {
         assert!(error.to_string().contains("without a key store"), "{error}");
     }
 
+    #[tokio::test]
+    async fn a_batch_opens_with_the_keys_loaded_for_it_however_old() {
+        let keys = ring().cache_for(std::time::Duration::ZERO);
+        let sealed = keys.seal(&profile("u-1")).await.expect("seal");
+        keys.prepare_values([&sealed]).await.expect("prepare");
+        // Older than the ring's cache time (and its one-second floor): a
+        // retrying read would fetch the key again, a batch uses it as is.
+        std::thread::sleep(std::time::Duration::from_millis(1_100));
+        let opened = keys
+            .scope(async { serde_json::from_value::<Profile>(sealed.clone()) })
+            .await
+            .expect("opened");
+        assert_eq!(opened, profile("u-1"));
+    }
+
     #[test]
     fn subjects_are_found_in_stored_text_in_any_key_order() {
         let mut found = Vec::new();

@@ -29,9 +29,9 @@ where
             .await?;
         // The keys of the personal values the stream holds, in one read.
         if let Some(ring) = &ring {
-            let snapshot = loaded.snapshot.as_ref().map(|s| s.state.to_string());
-            let texts = snapshot.iter().map(String::as_str);
-            ring.prepare_texts(texts.chain(loaded.events.iter().map(|e| e.payload.as_str())))
+            ring.prepare_values(loaded.snapshot.iter().map(|s| &s.state))
+                .await?;
+            ring.prepare_texts(loaded.events.iter().map(|e| e.payload.as_str()))
                 .await?;
         }
         let (mut aggregate, mut version) = match loaded.snapshot.take() {

@@ -122,7 +122,9 @@ impl Scope {
     pub(crate) fn lookup(&self, subject: &str, write: bool) -> Lookup {
         match &self.ring {
             None => Lookup::NoKeys,
-            Some(ring) => ring.lookup(subject, write),
+            // A scope that cannot fetch keys again (a batch's) uses what was
+            // loaded for it, however long its handler takes.
+            Some(ring) => ring.lookup(subject, write, !self.retries),
         }
     }
 
@@ -208,7 +210,15 @@ pub(crate) async fn sealing<R, E>(
         let result = SCOPE.sync_scope(scope.clone(), &mut f);
         let missing = scope.take_missing();
         match ring {
-            Some(ring) if !missing.is_empty() && attempt < ATTEMPTS => {
+            Some(ring) if !missing.is_empty() => {
+                if attempt >= ATTEMPTS {
+                    // Never hand back what was written with placeholders.
+                    return Err(StoreError::Unsupported {
+                        what: "sealing personal data",
+                        reason: "the subjects' keys could not be kept loaded (the key ring's \
+                                 cache keeps dropping them: raise its capacity or cache time)",
+                    });
+                }
                 ring.load(missing, create).await?;
             }
             _ => return Ok(result),
@@ -252,13 +262,14 @@ impl KeyRing {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn lookup(&self, subject: &str, write: bool) -> Lookup {
+    fn lookup(&self, subject: &str, write: bool, any_age: bool) -> Lookup {
         let cache = self.locked();
         let Some(cached) = cache.get(subject) else {
             return Lookup::Missing;
         };
         // A key just loaded for this batch is used even with a zero cache time.
-        let fresh = cached.at.elapsed() <= self.inner.cache_for.max(Duration::from_secs(1));
+        let fresh =
+            any_age || cached.at.elapsed() <= self.inner.cache_for.max(Duration::from_secs(1));
         match (&cached.state, fresh) {
             (_, false) => Lookup::Missing,
             (State::Active(key), true) => Lookup::Active(key.clone()),
@@ -285,7 +296,7 @@ impl KeyRing {
     async fn load(&self, mut subjects: Vec<String>, create: bool) -> Result<(), StoreError> {
         subjects.sort_unstable();
         subjects.dedup();
-        subjects.retain(|subject| matches!(self.lookup(subject, create), Lookup::Missing));
+        subjects.retain(|subject| matches!(self.lookup(subject, create, false), Lookup::Missing));
         if subjects.is_empty() {
             return Ok(());
         }
@@ -328,8 +339,20 @@ impl KeyRing {
         self.load(subjects, false).await
     }
 
+    /// As [`prepare`](Self::prepare), for stored JSON values (a snapshot).
+    pub(crate) async fn prepare_values<'a>(
+        &self,
+        values: impl IntoIterator<Item = &'a serde_json::Value>,
+    ) -> Result<(), StoreError> {
+        let mut subjects = Vec::new();
+        for value in values {
+            subjects_in(value, &mut subjects);
+        }
+        self.load(subjects, false).await
+    }
+
     /// As [`prepare`](Self::prepare), for stored JSON texts (a view's rows,
-    /// a snapshot).
+    /// a stream's events).
     pub(crate) async fn prepare_texts<'a>(
         &self,
         texts: impl IntoIterator<Item = &'a str>,
