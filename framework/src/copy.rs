@@ -338,6 +338,7 @@ where
     /// Appends one batch's groups: in one go when none is there yet, else
     /// group by group, skipping those the target already holds.
     async fn copy_batch(&self, events: &[RecordedEvent]) -> Result<(u64, u64), CopyError> {
+        self.copy_keys(events).await?;
         let groups = groups(events);
         let requests: Vec<(AppendRequest, DateTime<Utc>)> = groups
             .iter()
@@ -361,6 +362,32 @@ where
             }
         }
         Ok((copied, skipped))
+    }
+
+    /// The keys of the personal values in `events`, copied to the target's
+    /// key ring before the events (see [`crate::personal`]): a copied log's
+    /// personal values open at the target as at the source.
+    async fn copy_keys(&self, events: &[RecordedEvent]) -> Result<(), CopyError> {
+        let Some(from) = self.from.key_ring() else {
+            return Ok(());
+        };
+        let sealed = events
+            .iter()
+            .any(|event| crate::personal::holds_sealed(&event.payload));
+        if !sealed {
+            return Ok(());
+        }
+        let Some(to) = crate::port::events::EventStore::key_ring(self.to) else {
+            return Err(CopyError::Target(StoreError::Unsupported {
+                what: "copying personal data",
+                reason: "the target keeps no keys: give it a key ring, or its copied personal \
+                         values would never open",
+            }));
+        };
+        from.copy_keys(&to, events).await.map_err(|e| match e {
+            crate::personal::CopyKeysError::Source(e) => CopyError::Source(e),
+            crate::personal::CopyKeysError::Target(e) => CopyError::Target(e),
+        })
     }
 
     /// Succeeds when the target holds exactly `group`'s events at their

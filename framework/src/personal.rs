@@ -75,7 +75,7 @@ mod seal;
 
 pub use key_store::{KeyStore, MemoryKeyStore, SecretKey, SubjectKey};
 pub use ring::KeyRing;
-pub(crate) use ring::{in_scope, prepare_in_scope, seal_text, sealing};
+pub(crate) use ring::{in_scope, prepare_in_scope, seal_text, sealing, CopyKeysError};
 pub use seal::Personal;
 
 /// The aggregate type of the streams erasures are recorded in: forgetting
@@ -85,6 +85,13 @@ pub const ERASURE_STREAM: &str = "outflow.subject";
 
 /// The event type of a recorded erasure.
 pub const ERASURE_EVENT: &str = "SubjectForgotten";
+
+/// Whether `value` holds a sealed personal value.
+pub(crate) fn holds_sealed(value: &serde_json::Value) -> bool {
+    let mut subjects = Vec::new();
+    seal::subjects_in(value, &mut subjects);
+    !subjects.is_empty()
+}
 
 /// The append that records `subject`'s erasure, after `version` (the
 /// erasure stream's current version).

@@ -390,6 +390,62 @@ impl KeyRing {
         in_scope(Some(self.clone()), future).await
     }
 
+    /// Gives `to` the keys of the subjects whose sealed values `events`
+    /// hold, as this ring's store keeps them (a copy of a log to another
+    /// store). A subject forgotten here is left without a key there, which
+    /// reads as forgotten.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Corrupt`] when `to` keeps another key for a subject
+    /// (its events would not open); either store's errors.
+    pub(crate) async fn copy_keys(
+        &self,
+        to: &KeyRing,
+        events: &[RecordedEvent],
+    ) -> Result<(), CopyKeysError> {
+        let mut subjects = Vec::new();
+        for event in events {
+            subjects_in(&event.payload, &mut subjects);
+        }
+        subjects.sort_unstable();
+        subjects.dedup();
+        if subjects.is_empty() {
+            return Ok(());
+        }
+        let kept = self
+            .inner
+            .store
+            .keys(&subjects)
+            .await
+            .map_err(CopyKeysError::Source)?;
+        for (subject, key) in kept {
+            let SubjectKey::Active(key) = key else {
+                continue;
+            };
+            let bytes = *key.bytes();
+            match to
+                .inner
+                .store
+                .create(&subject, key)
+                .await
+                .map_err(CopyKeysError::Target)?
+            {
+                SubjectKey::Active(there) if there.bytes() != &bytes => {
+                    return Err(CopyKeysError::Target(StoreError::Corrupt {
+                        table: "keys".to_owned(),
+                        what: format!(
+                            "the target keeps another key for subject `{subject}`: its copied \
+                             values would not open"
+                        ),
+                    }))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     /// Forgets `subject`: deletes its key from the key store (which records
     /// the erasure), so every sealed value of the subject, wherever it was
     /// copied, reads as forgotten from now on; values written for it later
@@ -446,6 +502,13 @@ impl KeyRing {
                 what: e.to_string(),
             })
     }
+}
+
+/// Which side of a copy of keys failed.
+#[derive(Debug)]
+pub(crate) enum CopyKeysError {
+    Source(StoreError),
+    Target(StoreError),
 }
 
 fn state_of(key: SubjectKey) -> State {

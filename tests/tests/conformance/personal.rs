@@ -830,3 +830,46 @@ async fn processes_forget_on_sqlite() {
     let dir = common::TestDir::new("processes_forget");
     processes_forget(dir.sqlite().await).await;
 }
+
+/// A log copied to another backend takes its keys along: the copy's
+/// personal values open at the target; a subject forgotten at the source
+/// stays unreadable there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copied_log_takes_its_keys_along() {
+    let dir = common::TestDir::new("copy_keys");
+    let source = dir.sqlite().await;
+    let bus = CommandBus::<Member, _>::new(source.clone(), ());
+    for id in ["k-1", "k-2"] {
+        bus.execute(id, join(&format!("Copied {id}"), "club", "note"))
+            .await
+            .expect("join");
+    }
+    source.key_ring().forget("k-2").await.expect("forget");
+    let db = common::TestDb::new("copy_keys").await;
+    let target = db.store().await;
+    outflow::copy::LogCopy::new(&source, &target)
+        .run(|_| {})
+        .await
+        .expect("the copy");
+    let copied = CommandBus::<Member, _>::new(target.clone(), ());
+    let (member, _) = copied.load("k-1").await.expect("load");
+    assert_eq!(member.name.value().map(String::as_str), Some("Copied k-1"));
+    assert_eq!(
+        member.sponsor_note.value().map(String::as_str),
+        Some("note")
+    );
+    let (member, _) = copied.load("k-2").await.expect("load");
+    assert!(member.name.is_forgotten());
+
+    // A target that keeps no keys is refused, not filled with values that
+    // would never open.
+    let js = common::jetstream_store(&common::nats_url(), "copy_keys", 1).await;
+    let refused = outflow::copy::LogCopy::new(&source, &js)
+        .run(|_| {})
+        .await
+        .expect_err("no keys at the target");
+    assert!(
+        outflow::error::error_chain(&refused).contains("keeps no keys"),
+        "{refused}"
+    );
+}
