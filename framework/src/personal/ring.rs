@@ -423,7 +423,7 @@ impl KeyRing {
             let SubjectKey::Active(key) = key else {
                 continue;
             };
-            let bytes = *key.bytes();
+            let copied = key.clone();
             match to
                 .inner
                 .store
@@ -431,7 +431,7 @@ impl KeyRing {
                 .await
                 .map_err(CopyKeysError::Target)?
             {
-                SubjectKey::Active(there) if there.bytes() != &bytes => {
+                SubjectKey::Active(there) if there.bytes() != copied.bytes() => {
                     return Err(CopyKeysError::Target(StoreError::Corrupt {
                         table: "keys".to_owned(),
                         what: format!(

@@ -32,6 +32,7 @@ async fn acknowledged_appends_survive_sigkill() {
             .spawn()
             .expect("start the appender");
         let stdout = child.stdout.take().expect("stdout");
+        let (first, acked) = std::sync::mpsc::channel();
         let reader = std::thread::spawn(move || {
             let mut acks = Vec::new();
             for line in BufReader::new(stdout).lines() {
@@ -39,11 +40,16 @@ async fn acknowledged_appends_survive_sigkill() {
                 if let Some((id, version)) = line.split_once(' ') {
                     if let Ok(version) = version.parse::<u64>() {
                         acks.push((id.to_owned(), version));
+                        let _ = first.send(());
                     }
                 }
             }
             acks
         });
+        // The kill comes at a random moment after the first acknowledgement
+        // (a busy machine may take long to start the process).
+        let _ =
+            tokio::task::spawn_blocking(move || acked.recv_timeout(Duration::from_secs(60))).await;
         let lifetime = Duration::from_millis(rand::random_range(150..=600));
         tokio::time::sleep(lifetime).await;
         child.kill().expect("SIGKILL the appender");
