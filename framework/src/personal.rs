@@ -75,7 +75,7 @@ mod seal;
 
 pub use key_store::{KeyStore, MemoryKeyStore, SecretKey, SubjectKey};
 pub use ring::KeyRing;
-pub(crate) use ring::{in_scope, prepare_in_scope, seal_text, sealing, CopyKeysError};
+pub(crate) use ring::{in_scope, open_stored, prepare_in_scope, seal_text, sealing, CopyKeysError};
 pub use seal::Personal;
 
 /// The aggregate type of the streams erasures are recorded in: forgetting

@@ -462,10 +462,7 @@ impl<T: DeserializeOwned, S: ViewStore> ProcessStates<T, S> {
             return Ok(None);
         };
         let ring = self.store.key_ring();
-        if let Some(ring) = &ring {
-            ring.prepare_texts([payload.as_str()]).await?;
-        }
-        crate::personal::sealing(ring.as_ref(), None, false, || {
+        crate::personal::open_stored(ring.as_ref(), [payload.as_str()], || {
             serde_json::from_str(&payload)
         })
         .await?

@@ -339,10 +339,7 @@ where
             return Ok(None);
         };
         let ring = self.store.key_ring();
-        if let Some(ring) = &ring {
-            ring.prepare_texts([payload.as_str()]).await?;
-        }
-        crate::personal::sealing(ring.as_ref(), None, false, || {
+        crate::personal::open_stored(ring.as_ref(), [payload.as_str()], || {
             serde_json::from_str(&payload)
         })
         .await?
@@ -367,11 +364,8 @@ where
     ) -> Result<Vec<(String, V)>, StoreError> {
         let rows = self.store.view_payloads(&self.table, after, limit).await?;
         let ring = self.store.key_ring();
-        if let Some(ring) = &ring {
-            ring.prepare_texts(rows.iter().map(|(_, payload)| payload.as_str()))
-                .await?;
-        }
-        crate::personal::sealing(ring.as_ref(), None, false, || {
+        let texts = rows.iter().map(|(_, payload)| payload.as_str());
+        crate::personal::open_stored(ring.as_ref(), texts, || {
             rows.iter()
                 .map(|(id, payload)| {
                     let view = serde_json::from_str(payload).map_err(|e| StoreError::Corrupt {

@@ -157,6 +157,23 @@ pub(crate) fn current_ring() -> Option<Option<KeyRing>> {
     SCOPE.try_with(|scope| scope.ring.clone()).ok()
 }
 
+/// Reads stored JSON `texts` with `f` (which deserializes them), their
+/// sealed values opened with `ring` after one read of the keys they name.
+///
+/// # Errors
+///
+/// The key store's; `f`'s own result otherwise.
+pub(crate) async fn open_stored<'a, R, E>(
+    ring: Option<&KeyRing>,
+    texts: impl IntoIterator<Item = &'a str>,
+    f: impl FnMut() -> Result<R, E>,
+) -> Result<Result<R, E>, StoreError> {
+    if let Some(ring) = ring {
+        ring.prepare_texts(texts).await?;
+    }
+    sealing(ring, None, false, f).await
+}
+
 /// Serializes `value` to JSON text as stored, in the task's key scope
 /// (outside one: plain), fetching missing keys.
 pub(crate) async fn seal_text<T: Serialize + ?Sized>(value: &T) -> Result<String, StoreError> {
