@@ -224,7 +224,7 @@ async fn names_now<S: ProjectionStore + EventLog>(store: &S) -> Vec<Seen> {
         )
         .build()
         .expect("runner");
-    let head = store.head().await.expect("head");
+    let head = store.committed_head().await.expect("head");
     let (stop, task) = common::start_runner(&runner);
     runner
         .wait_for(head, &[&name], Duration::from_secs(60))
@@ -445,7 +445,7 @@ where
         .build()
         .expect("runner");
     let (stop, task) = common::start_runner(&runner);
-    let head = store.head().await.expect("head");
+    let head = store.committed_head().await.expect("head");
     runner
         .wait_for(head, &["directory"], Duration::from_secs(60))
         .await
@@ -624,7 +624,7 @@ async fn a_relayed_stream_carries_only_ciphertext() {
         .build()
         .expect("runner");
     let (stop, task) = common::start_runner(&runner);
-    let head = store.head().await.expect("head");
+    let head = store.committed_head().await.expect("head");
     runner
         .wait_for(head, &["personal_relay"], Duration::from_secs(60))
         .await
@@ -772,7 +772,7 @@ where
         .build()
         .expect("runner");
     let (stop, task) = common::start_runner(&runner);
-    let head = store.head().await.expect("head");
+    let head = store.committed_head().await.expect("head");
     runner
         .wait_for(head, &["greeter"], Duration::from_secs(60))
         .await

@@ -852,7 +852,7 @@ where
         }
     })
     .await;
-    let head = store.head().await.expect("head");
+    let head = store.committed_head().await.expect("head");
     runner
         .wait_for(head, &["bonus"], WAIT)
         .await
