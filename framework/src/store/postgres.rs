@@ -42,6 +42,7 @@ mod log;
 mod notify;
 mod outbox;
 mod outcomes;
+mod presence;
 mod projection_store;
 mod rows;
 mod schema;
@@ -105,6 +106,8 @@ struct Inner {
     listener_started: OnceLock<()>,
     /// Appends in flight and those waiting to go as a group.
     group: group::Group,
+    /// The presence locks of the nodes running on this store.
+    presences: presence::Presences,
     /// This store's id in its notifications, so its own listener skips them.
     instance: String,
     shutdown: CancellationToken,
@@ -300,6 +303,7 @@ impl PostgresStoreBuilder {
                 append_wakes: Default::default(),
                 listener_started: OnceLock::new(),
                 group: group::Group::default(),
+                presences: presence::Presences::default(),
                 instance,
                 shutdown,
             }),

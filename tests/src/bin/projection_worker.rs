@@ -3,7 +3,9 @@
 //! (a PostgreSQL URL, or `sqlite:<path>` for a SQLite file), split into the
 //! partition count given as the optional second (default 1),
 //! until it is killed. Its node id is `worker-<pid>`; its lease is short (1 s)
-//! so that another worker can take over soon after it dies.
+//! so that another worker can take over soon after it dies, unless
+//! `OUTFLOW_WORKER_LEASE_MS` (and `OUTFLOW_WORKER_HEARTBEAT_MS`, default
+//! 150) say otherwise.
 //!
 //! It prints nothing unless it fails, and exits by itself when its standard
 //! input closes, so that a test that dies does not leave it running.
@@ -71,8 +73,8 @@ where
 {
     let runner = match ProjectionRunner::builder(store)
         .node_id(format!("worker-{}", std::process::id()))
-        .lease_ttl(Duration::from_secs(1))
-        .heartbeat_interval(Duration::from_millis(150))
+        .lease_ttl(millis_from_env("OUTFLOW_WORKER_LEASE_MS", 1000))
+        .heartbeat_interval(millis_from_env("OUTFLOW_WORKER_HEARTBEAT_MS", 150))
         .projection(
             ProjectionOptions::new(projection)
                 .batch_size(20)
@@ -93,4 +95,14 @@ where
             ExitCode::FAILURE
         }
     }
+}
+
+/// A duration in milliseconds from the environment variable `name`, or
+/// `default` when it is unset or not a number.
+fn millis_from_env(name: &str, default: u64) -> Duration {
+    let millis = std::env::var(name)
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(default);
+    Duration::from_millis(millis)
 }

@@ -46,9 +46,24 @@ impl Worker {
 
     /// A worker running the projection in `partitions` partitions.
     fn spawn_with(url: &str, partitions: u32) -> Worker {
+        Worker::spawn_timed(
+            url,
+            partitions,
+            Duration::from_secs(1),
+            Duration::from_millis(150),
+        )
+    }
+
+    /// A worker whose lease lives `lease` and is renewed every `heartbeat`.
+    fn spawn_timed(url: &str, partitions: u32, lease: Duration, heartbeat: Duration) -> Worker {
         let child = Command::new(env!("CARGO_BIN_EXE_projection_worker"))
             .arg(url)
             .arg(partitions.to_string())
+            .env("OUTFLOW_WORKER_LEASE_MS", lease.as_millis().to_string())
+            .env(
+                "OUTFLOW_WORKER_HEARTBEAT_MS",
+                heartbeat.as_millis().to_string(),
+            )
             .env_remove("RUST_LOG")
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
@@ -67,6 +82,16 @@ impl Worker {
     fn kill(&mut self) {
         self.child.kill().expect("kill the worker");
         self.child.wait().expect("reap the worker");
+    }
+
+    /// Sends `signal` (`-STOP`, `-CONT`) to this worker, by its own PID.
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(signal)
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} {}", self.node);
     }
 }
 
@@ -312,8 +337,17 @@ async fn kill_workers_and_fold<S: Table>(store: S, url: &str, workers: usize) {
         .await
         .expect("the final worker catches up");
     last.kill();
+    assert_table_is_the_fold(&store, appended, head).await;
+    println!("done after {:?}", started.elapsed());
+}
 
-    let events: Vec<_> = outflow::log::read_log(&store, Checkpoint::START, account_events, 1000)
+/// The table equals a fresh fold of every account event in the log (each
+/// account's event count included, which would show an event applied twice
+/// or never), `appended` events in all, counted once by committed batches;
+/// nothing parked. `head` is the target the projection was waited for.
+async fn assert_table_is_the_fold<S: Table>(store: &S, appended: usize, head: Checkpoint) {
+    let account_events = LogFilter::aggregate_types(["account"]);
+    let events: Vec<_> = outflow::log::read_log(store, Checkpoint::START, account_events, 1000)
         .try_collect()
         .await
         .expect("read the log");
@@ -347,7 +381,7 @@ async fn kill_workers_and_fold<S: Table>(store: S, url: &str, workers: usize) {
         })
         .collect();
     let dead_letters = store.dead_letters(PROJECTION).await.expect("dead letters");
-    let final_unit = unit(&store).await.expect("the projection is registered");
+    let final_unit = unit(store).await.expect("the projection is registered");
     assert!(
         wrong.is_empty(),
         "account_balances differs from a fold of the log in {} of {} accounts:\n{}\n\
@@ -358,14 +392,13 @@ async fn kill_workers_and_fold<S: Table>(store: S, url: &str, workers: usize) {
     );
     assert_eq!(actual.len(), ACCOUNTS, "accounts in the table");
 
-    let unit = unit(&store).await.expect("the projection is registered");
+    let unit = unit(store).await.expect("the projection is registered");
     assert_eq!(
         unit.processed, appended as u64,
         "events counted by committed batches"
     );
     let dead_letters = store.dead_letters(PROJECTION).await.expect("dead letters");
     assert!(dead_letters.is_empty(), "parked: {dead_letters:#?}");
-    println!("done after {:?}", started.elapsed());
 }
 
 /// How many of the projection's units each live owner holds.
@@ -442,4 +475,236 @@ async fn the_replacement_of_a_killed_runner_gets_work() {
     for worker in &mut workers {
         assert!(worker.exited().is_none(), "{} exited", worker.node);
     }
+}
+
+/// A lease long enough that a takeover before it runs out can only come
+/// from finding the owner's process gone.
+const LONG_LEASE: Duration = Duration::from_secs(60);
+
+/// The projection's lease as the database sees it: its owner, when it
+/// ends, and whether that is still ahead of the database's clock.
+async fn lease_row(
+    store: &PostgresStore,
+) -> (Option<String>, Option<chrono::DateTime<chrono::Utc>>, bool) {
+    sqlx::query_as(
+        "SELECT owner, lease_until, COALESCE(lease_until > now(), false) FROM events_leases
+          WHERE projection = $1 AND partition = 0",
+    )
+    .bind(PROJECTION)
+    .fetch_one(store.pool())
+    .await
+    .expect("read the lease")
+}
+
+/// Waits until `node` owns the projection under a valid lease.
+async fn wait_for_owner(store: &PostgresStore, node: &str, what: &str) {
+    common::eventually(what, Duration::from_secs(30), || async {
+        let unit = unit(store).await;
+        match &unit {
+            Some(u) if u.lease_valid && u.owner.as_deref() == Some(node) => Ok(()),
+            _ => Err(format!("{unit:?}")),
+        }
+    })
+    .await;
+}
+
+/// Appends in the background until stopped; returns how many events.
+fn keep_appending(
+    store: &PostgresStore,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<usize> {
+    let store = store.clone();
+    tokio::spawn(async move {
+        let mut appender = Appender {
+            versions: vec![0; ACCOUNTS],
+            appended: 0,
+            round: 0,
+        };
+        for _ in 0..200 {
+            appender.append(&store, 5).await;
+        }
+        while !stop.is_cancelled() {
+            let count = 1 + appender.round % 3;
+            appender.append(&store, count).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        appender.appended
+    })
+}
+
+/// A node killed with SIGKILL loses its units at once: its session, and the
+/// presence lock it held, end with the process, and a waiting node claims
+/// the projection long before the dead node's 60 s lease would have run out
+/// (the database's clock says so, not the test's), five times in a row while
+/// events keep coming; the table then equals the fold of the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_node_is_replaced_before_its_lease_runs_out() {
+    let db = common::TestDb::new("presence_failover").await;
+    let url = database_url(&db.name);
+    let store = db.store().await;
+    Balances::create_table(store.pool())
+        .await
+        .expect("create account_balances");
+    let stop_appending = CancellationToken::new();
+    let appending = keep_appending(&store, stop_appending.clone());
+    let heartbeat = Duration::from_millis(200);
+    let mut owner = Worker::spawn_timed(&url, 1, LONG_LEASE, heartbeat);
+    wait_for_owner(&store, &owner.node, "the first worker owns the projection").await;
+    for round in 0..5 {
+        // A standby, idle while the owner lives (one unit, two nodes).
+        let standby = Worker::spawn_timed(&url, 1, LONG_LEASE, heartbeat);
+        common::eventually("the standby beats", Duration::from_secs(30), || async {
+            if nodes_alive(&store).await.contains(&standby.node) {
+                Ok(())
+            } else {
+                Err("not yet".to_owned())
+            }
+        })
+        .await;
+        let (held_by, lease_until, _) = lease_row(&store).await;
+        assert_eq!(
+            held_by.as_deref(),
+            Some(owner.node.as_str()),
+            "round {round}"
+        );
+        let lease_until = lease_until.expect("a lease");
+        owner.kill();
+        wait_for_owner(&store, &standby.node, "the standby takes over").await;
+        let before_expiry: bool = sqlx::query_scalar("SELECT now() < $1")
+            .bind(lease_until)
+            .fetch_one(store.pool())
+            .await
+            .expect("compare with the dead lease");
+        assert!(
+            before_expiry,
+            "round {round}: the standby took over only after the dead node's lease ({lease_until}) ran out"
+        );
+        assert!(
+            !nodes_alive(&store).await.contains(&owner.node),
+            "round {round}: the killed node still counts as alive"
+        );
+        owner = standby;
+    }
+    stop_appending.cancel();
+    let appended = appending.await.expect("the appender failed");
+    let head = store.last_written().await;
+    outflow::runner::wait_for(&store, head, &[PROJECTION], Duration::from_secs(60))
+        .await
+        .expect("the last standby catches up");
+    owner.kill();
+    assert_table_is_the_fold(&store, appended, head).await;
+}
+
+/// The nodes the database counts as alive: a recent beat, and no recorded
+/// presence lock that no session holds.
+async fn nodes_alive(store: &PostgresStore) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT n.node FROM events_nodes n
+          WHERE n.last_seen > now() - interval '5 seconds'
+            AND (n.presence IS NULL OR EXISTS (
+                SELECT 1 FROM pg_locks k
+                 WHERE k.locktype = 'advisory' AND k.granted AND k.objsubid = 1
+                   AND k.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                   AND k.classid = ((n.presence >> 32) & 4294967295)::oid
+                   AND k.objid = (n.presence & 4294967295)::oid))",
+    )
+    .fetch_all(store.pool())
+    .await
+    .expect("read the nodes")
+}
+
+/// A node that is only silent — stopped with SIGSTOP, its connections and
+/// its presence lock still open, as in a network partition — keeps its
+/// units until its lease runs out: the standby claims only after the
+/// stopped node's last lease has ended (by the database's clock). Woken
+/// again, the old owner finds its claim lost and does not take the
+/// projection back; the table equals the fold of the log. (The node is
+/// stopped between batches: a batch it froze in mid-transaction would keep
+/// its unit's row locked, and no one can claim it until the server ends
+/// that session, as in a real partition.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silent_node_keeps_its_units_until_its_lease_runs_out() {
+    let db = common::TestDb::new("presence_partition").await;
+    let url = database_url(&db.name);
+    let store = db.store().await;
+    Balances::create_table(store.pool())
+        .await
+        .expect("create account_balances");
+    let mut appender = Appender {
+        versions: vec![0; ACCOUNTS],
+        appended: 0,
+        round: 0,
+    };
+    for _ in 0..200 {
+        appender.append(&store, 5).await;
+    }
+    let (lease, heartbeat) = (Duration::from_secs(3), Duration::from_millis(200));
+    let silent = Worker::spawn_timed(&url, 1, lease, heartbeat);
+    wait_for_owner(&store, &silent.node, "the first worker owns the projection").await;
+    let standby = Worker::spawn_timed(&url, 1, lease, heartbeat);
+    common::eventually("the standby beats", Duration::from_secs(30), || async {
+        if nodes_alive(&store).await.contains(&standby.node) {
+            Ok(())
+        } else {
+            Err("not yet".to_owned())
+        }
+    })
+    .await;
+    let head = store.last_written().await;
+    outflow::runner::wait_for(&store, head, &[PROJECTION], Duration::from_secs(60))
+        .await
+        .expect("the first worker catches up");
+    silent.signal("-STOP");
+    // A stopped process renews nothing: its last lease is final once a
+    // renewal's time has passed without a change.
+    let mut last_lease = lease_row(&store).await.1;
+    loop {
+        tokio::time::sleep(heartbeat * 2).await;
+        let (_, until, _) = lease_row(&store).await;
+        if until == last_lease {
+            break;
+        }
+        last_lease = until;
+    }
+    let last_lease = last_lease.expect("a lease");
+    // Watched all along: the standby must not own it while that lease runs.
+    common::eventually(
+        "the standby takes over",
+        Duration::from_secs(30),
+        || async {
+            let (owner, early): (Option<String>, bool) = sqlx::query_as(
+            "SELECT owner, now() < $2 FROM events_leases WHERE projection = $1 AND partition = 0",
+        )
+        .bind(PROJECTION)
+        .bind(last_lease)
+        .fetch_one(store.pool())
+        .await
+        .expect("read the lease");
+            if owner.as_deref() == Some(standby.node.as_str()) {
+                assert!(
+                    !early,
+                    "the standby claimed before the silent node's lease ended at {last_lease}"
+                );
+                Ok(())
+            } else {
+                Err(format!("{owner:?}"))
+            }
+        },
+    )
+    .await;
+    silent.signal("-CONT");
+    for _ in 0..200 {
+        appender.append(&store, 2).await;
+    }
+    let head = store.last_written().await;
+    outflow::runner::wait_for(&store, head, &[PROJECTION], Duration::from_secs(60))
+        .await
+        .expect("the standby catches up");
+    let (held_by, _, valid) = lease_row(&store).await;
+    assert!(
+        valid && held_by.as_deref() == Some(standby.node.as_str()),
+        "the woken node took the projection back: {held_by:?}"
+    );
+    drop((silent, standby));
+    assert_table_is_the_fold(&store, appender.appended, head).await;
 }

@@ -529,10 +529,10 @@ async fn migrating_twice_changes_nothing() {
             .collect();
     // One row per migration (events log, projection tables, outbox, dead
     // messages, leases, command outcomes, error kinds, operators'
-    // requests, timers, tags, subjects' keys), each once.
+    // requests, timers, tags, subjects' keys, presence locks), each once.
     assert_eq!(
         ledger,
-        (1..=11)
+        (1..=12)
             .map(|v| ("events".to_owned(), v))
             .collect::<Vec<_>>()
     );

@@ -314,12 +314,30 @@ impl Checkpoints for PostgresStore {
 #[async_trait]
 impl Leases for PostgresStore {
     async fn node_heartbeat(&self, node: &str, ttl: Duration) -> Result<Vec<String>, StoreError> {
-        sqlx::query_scalar(&self.inner.projection_sql.node_heartbeat)
+        let key = self.inner.presences.key(&self.inner.pool, node).await;
+        let rows = sqlx::query(&self.inner.projection_sql.node_heartbeat)
             .bind(node)
             .bind(ttl.as_secs_f64())
+            .bind(key)
             .fetch_all(&self.inner.pool)
             .await
-            .map_err(db("recording a node heartbeat"))
+            .map_err(db("recording a node heartbeat"))?;
+        let mut live = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let name: String = row
+                .try_get("node")
+                .map_err(db("recording a node heartbeat"))?;
+            if name == node {
+                let present: bool = row
+                    .try_get("present")
+                    .map_err(db("recording a node heartbeat"))?;
+                if let (Some(key), false) = (key, present) {
+                    self.inner.presences.lost(node, key).await;
+                }
+            }
+            live.push(name);
+        }
+        Ok(live)
     }
 
     async fn claim(
@@ -382,12 +400,15 @@ impl Leases for PostgresStore {
     }
 
     async fn deregister(&self, node: &str) -> Result<(), StoreError> {
-        sqlx::query(&self.inner.projection_sql.deregister)
+        let deregistered = sqlx::query(&self.inner.projection_sql.deregister)
             .bind(node)
             .execute(&self.inner.pool)
             .await
-            .map_err(db("deregistering a node"))?;
-        Ok(())
+            .map_err(db("deregistering a node"));
+        // Let the lock go even when the row could not be deleted: the other
+        // nodes then find this one gone and take its units at once.
+        self.inner.presences.release(node).await;
+        deregistered.map(drop)
     }
 }
 

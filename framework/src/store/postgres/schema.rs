@@ -60,6 +60,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "data subjects' keys",
         include_str!("migrations/011_keys.sql"),
     ),
+    (
+        12,
+        "nodes' presence locks",
+        include_str!("migrations/012_presence.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serializes concurrent migrations.
@@ -108,6 +113,11 @@ impl Names {
         let timers_due_idx = unqualified(events.derived("tm_due_idx", "timers index name")?);
         let timers_finished_idx = unqualified(events.derived("tm_done_idx", "timers index name")?);
         let replacements = vec![
+            // Before `{nodes}`, which it names.
+            (
+                "{gone_nodes}",
+                query_fragment(include_str!("queries/gone_nodes.sql")),
+            ),
             (
                 "{columns}",
                 include_str!("queries/columns.sql").trim_end().to_owned(),

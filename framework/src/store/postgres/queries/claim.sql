@@ -5,6 +5,8 @@
 -- owner's attempt, and this one has not failed yet.
 -- A unit whose batch is in flight (its row is locked) is skipped, not waited
 -- for: the claim is tried again at the next heartbeat.
+-- A lease whose owner's presence lock is gone (its process ended) is free
+-- at once, whatever its time to live says.
 WITH unit AS (
     SELECT p.projection, p.partition,
            COALESCE(l.owner = $3 AND l.lease_until > now(), false) AS held
@@ -12,7 +14,8 @@ WITH unit AS (
       LEFT JOIN {leases} l ON l.projection = p.projection AND l.partition = p.partition
      WHERE p.projection = $1 AND p.partition = $2
        AND p.state <> 'stopped'
-       AND (l.owner IS NULL OR l.lease_until IS NULL OR l.lease_until < now() OR l.owner = $3)
+       AND (l.owner IS NULL OR l.lease_until IS NULL OR l.lease_until < now() OR l.owner = $3
+            OR l.owner IN {gone_nodes})
        FOR UPDATE OF p SKIP LOCKED
 ), claimed AS (
     UPDATE {projections} AS p

@@ -1,11 +1,27 @@
 -- Records this node as alive and returns every live node, this one included,
--- in id order (the fair share of units is computed from that order).
-WITH beat AS (
-    INSERT INTO {nodes} (node, last_seen) VALUES ($1, now())
-    ON CONFLICT (node) DO UPDATE SET last_seen = now()
-    RETURNING node
+-- in id order (the fair share of units is computed from that order). The
+-- node's presence key ($3) is recorded only while a session holds its lock;
+-- `present` tells the node whether it was. Another node whose recorded lock
+-- no session holds is not live, however recent its last beat.
+WITH mine AS (
+    SELECT $3::bigint AS key,
+           COALESCE($3::bigint IS NOT NULL AND EXISTS (
+               SELECT 1 FROM pg_catalog.pg_locks k
+                WHERE k.locktype = 'advisory' AND k.granted AND k.objsubid = 1
+                  AND k.database = (SELECT d.oid FROM pg_catalog.pg_database d
+                                     WHERE d.datname = current_database())
+                  AND k.classid = (($3::bigint >> 32) & 4294967295)::oid
+                  AND k.objid = ($3::bigint & 4294967295)::oid), false) AS held
+), beat AS (
+    INSERT INTO {nodes} (node, last_seen, presence)
+    SELECT $1, now(), CASE WHEN m.held THEN m.key END FROM mine m
+    ON CONFLICT (node) DO UPDATE SET last_seen = now(), presence = EXCLUDED.presence
+    RETURNING node, presence IS NOT NULL AS present
 )
-SELECT node FROM beat
+SELECT node, present FROM beat
 UNION
-SELECT n.node FROM {nodes} n WHERE n.last_seen > now() - make_interval(secs => $2)
+SELECT n.node, false FROM {nodes} n
+ WHERE n.last_seen > now() - make_interval(secs => $2)
+   AND n.node <> $1
+   AND n.node NOT IN {gone_nodes}
 ORDER BY 1

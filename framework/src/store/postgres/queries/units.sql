@@ -1,5 +1,5 @@
 SELECT p.projection, p.partition, p.partitions, p.transaction_id::text AS txid, p.position,
-       l.owner, COALESCE(l.lease_until >= now(), false) AS lease_valid, p.epoch, p.state,
+       l.owner, COALESCE(l.lease_until >= now() AND l.owner NOT IN {gone_nodes}, false) AS lease_valid, p.epoch, p.state,
        p.paused, p.last_error, p.error_kind, p.processed, p.rebuild_total, p.updated_at,
        d.transaction_id::text AS parked_txid, d.position AS parked_position
   FROM {projections} p
