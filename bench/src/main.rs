@@ -8,6 +8,8 @@
 //! outflow-bench timers [--quick]                        # the durable timers' section alone
 //! outflow-bench decisions [--quick]                     # the decisions' section alone
 //! outflow-bench personal [--quick]                      # the personal data's section alone
+//! outflow-bench failover [--quick]                      # the failover's section alone
+//! outflow-bench failover-child URL NODE                 # one failover node, in a child process
 //! ```
 
 use std::fmt::Write as _;
@@ -17,6 +19,7 @@ use anyhow::{bail, Context, Result};
 
 mod copying;
 mod decisions;
+mod failover;
 mod jetstream;
 mod personal;
 mod reading;
@@ -29,6 +32,7 @@ mod timers;
 
 use copying::*;
 use decisions::*;
+use failover::*;
 use jetstream::*;
 use personal::*;
 use reading::*;
@@ -83,6 +87,26 @@ async fn main() -> Result<()> {
             personal_section(&personal_scenarios(&server, &size).await?)
         );
         return Ok(());
+    }
+    if args.first().map(String::as_str) == Some("failover") {
+        // outflow-bench failover [--quick]: the failover's section alone.
+        let url = std::env::var("DATABASE_URL").context("DATABASE_URL is not set")?;
+        let server = Server {
+            admin: url.parse()?,
+            counter: Default::default(),
+        };
+        let size = Size::new(args.iter().any(|a| a == "--quick"));
+        print!(
+            "{}",
+            failover_section(&failover_scenarios(&server, &size).await?)
+        );
+        return Ok(());
+    }
+    if args.first().map(String::as_str) == Some("failover-child") {
+        let (Some(url), Some(node)) = (args.get(1), args.get(2)) else {
+            bail!("usage: outflow-bench failover-child URL NODE");
+        };
+        return failover_child(url, node).await;
     }
     if args.first().map(String::as_str) == Some("timers-child") {
         let (Some(url), Some(pending), Some(due)) = (args.get(1), args.get(2), args.get(3)) else {
@@ -181,6 +205,8 @@ async fn main() -> Result<()> {
     let decision_rows = decision_scenarios(&server, &size).await?;
     eprintln!("7e/7 personal data");
     let personal_rows = personal_scenarios(&server, &size).await?;
+    eprintln!("7f/7 failover");
+    let failover = failover_scenarios(&server, &size).await?;
 
     let facts = server_facts(&server).await?;
     let mut md = String::new();
@@ -235,7 +261,8 @@ async fn main() -> Result<()> {
         .iter()
         .find(|(p, c, cache, _)| *p == 4 && *c == 16 && !*cache)
         .map_or(0.0, |(_, _, _, r)| r.per_second);
-    let targets: [(&str, &str, String, bool); 13] = [
+    let (_, failover_max) = median_and_max(&failover.killed);
+    let targets: [(&str, &str, String, bool); 14] = [
         (
             "commands, 1 client, no cache, vs the better postgres-es",
             "≥ 1.50×",
@@ -307,6 +334,12 @@ async fn main() -> Result<()> {
             "< 1 s",
             format!("{:.0} ms", timer_figures.steady.p99_ms),
             timer_figures.steady.p99_ms < 1000.0,
+        ),
+        (
+            "failover after a SIGKILL of the owner, max over the kills",
+            "≤ 2 s",
+            format!("{failover_max:.2} s ({} kills)", failover.killed.len()),
+            !failover.killed.is_empty() && failover_max <= 2.0,
         ),
         (
             "rebuild, peak RSS (any run)",
@@ -567,6 +600,7 @@ async fn main() -> Result<()> {
     md.push_str(&timer_section(&timer_figures));
     md.push_str(&decision_section(&decision_rows));
     md.push_str(&personal_section(&personal_rows));
+    md.push_str(&failover_section(&failover));
     md.push_str(READING);
     let _ = writeln!(
         md,

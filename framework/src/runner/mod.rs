@@ -366,6 +366,29 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
         &self.shared.node_id
     }
 
+    /// How long a lease of this runner lives without a renewal (see
+    /// [`ProjectionRunnerBuilder::lease_ttl`]; 5 s by default).
+    ///
+    /// ```
+    /// use outflow::runner::ProjectionRunner;
+    /// use outflow::MemoryStore;
+    /// use std::time::Duration;
+    ///
+    /// let runner = ProjectionRunner::builder(MemoryStore::new()).build()?;
+    /// assert_eq!(runner.lease_ttl(), Duration::from_secs(5));
+    /// assert_eq!(runner.heartbeat_interval(), Duration::from_secs(1));
+    /// # Ok::<(), outflow::StoreError>(())
+    /// ```
+    pub fn lease_ttl(&self) -> Duration {
+        self.shared.lease_ttl
+    }
+
+    /// How often this runner renews its leases and claims its share (see
+    /// [`ProjectionRunnerBuilder::heartbeat_interval`]; 1 s by default).
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.shared.heartbeat
+    }
+
     /// The store read models and checkpoints live in.
     pub fn store(&self) -> &S {
         &self.shared.store
