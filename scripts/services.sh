@@ -10,7 +10,7 @@
 # NATS_URL and OUTFLOW_NATS_BIN (the `nats-server` binary, so a test can start
 # servers of its own); NATS_CLUSTER_URL (from `start_nats_cluster`, which
 # also sets OUTFLOW_NATS_BIN: the three client URLs of a JetStream cluster,
-# comma-separated).
+# comma-separated; OUTFLOW_NATS_CLUSTER_PIDS, their PIDs).
 
 OUTFLOW_CLEANUPS=()
 
@@ -390,5 +390,7 @@ CONF
     leader=$(grep -o '"leader": *"n[123]"' <<<"$jsz" | head -n 1 | grep -o 'n[123]')
     export NATS_CLUSTER_URL="nats://127.0.0.1:${client_ports[1]},nats://127.0.0.1:${client_ports[2]},nats://127.0.0.1:${client_ports[3]}"
     export OUTFLOW_NATS_BIN="$bin"
+    # The servers' own PIDs, for the benchmark's CPU accounting.
+    export OUTFLOW_NATS_CLUSTER_PIDS="${pids[1]},${pids[2]},${pids[3]}"
     echo "nats-server $("$bin" --version | awk '{print $2}') cluster outflow on $NATS_CLUSTER_URL (pids ${pids[*]}, meta leader $leader)" >&2
 }

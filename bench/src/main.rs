@@ -10,6 +10,8 @@
 //! outflow-bench personal [--quick]                      # the personal data's section alone
 //! outflow-bench failover [--quick]                      # the failover's section alone
 //! outflow-bench failover-child URL NODE                 # one failover node, in a child process
+//! outflow-bench scaling [--quick]                       # the scaling model's costs alone
+//! outflow-bench scaling-runner URL NAME NODE            # one runner process of the scaling runs
 //! ```
 
 use std::fmt::Write as _;
@@ -25,6 +27,7 @@ mod noise;
 mod personal;
 mod reading;
 mod rebuild;
+mod scaling;
 mod scenarios;
 mod setup;
 mod single;
@@ -39,6 +42,7 @@ use noise::*;
 use personal::*;
 use reading::*;
 use rebuild::*;
+use scaling::*;
 use scenarios::*;
 use setup::*;
 use single::*;
@@ -103,6 +107,26 @@ async fn main() -> Result<()> {
             failover_section(&failover_scenarios(&server, &size).await?)
         );
         return Ok(());
+    }
+    if args.first().map(String::as_str) == Some("scaling") {
+        // outflow-bench scaling [--quick]: the scaling model's costs alone.
+        let url = std::env::var("DATABASE_URL").context("DATABASE_URL is not set")?;
+        let server = Server {
+            admin: url.parse()?,
+            counter: Default::default(),
+        };
+        let size = Size::new(args.iter().any(|a| a == "--quick"));
+        print!(
+            "{}",
+            scaling_section(&scaling_scenarios(&server, &size).await?)
+        );
+        return Ok(());
+    }
+    if args.first().map(String::as_str) == Some("scaling-runner") {
+        let (Some(url), Some(name), Some(node)) = (args.get(1), args.get(2), args.get(3)) else {
+            bail!("usage: outflow-bench scaling-runner URL NAME NODE");
+        };
+        return scaling_runner_child(url, name, node).await;
     }
     if args.first().map(String::as_str) == Some("failover-child") {
         let (Some(url), Some(node)) = (args.get(1), args.get(2)) else {
@@ -264,6 +288,8 @@ async fn main() -> Result<()> {
     let personal_rows = personal_scenarios(&server, &size).await?;
     eprintln!("7f/7 failover");
     let failover = failover_scenarios(&server, &size).await?;
+    eprintln!("7g/7 costs for the scaling model");
+    let scaling = scaling_scenarios(&server, &size).await?;
 
     let rest = Window {
         before: floor.last(),
@@ -730,6 +756,7 @@ async fn main() -> Result<()> {
     md.push_str(&decision_section(&decision_rows));
     md.push_str(&personal_section(&personal_rows));
     md.push_str(&failover_section(&failover));
+    md.push_str(&scaling_section(&scaling));
     md.push_str(READING);
     let _ = writeln!(
         md,

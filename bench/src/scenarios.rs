@@ -27,12 +27,29 @@ pub(crate) async fn commands(
     deposits: usize,
     clients: usize,
 ) -> Result<Rate> {
+    let ids = open_accounts(system, accounts).await?;
+    deposit_load(system, &ids, deposits, clients).await
+}
+
+/// Opens `accounts` accounts; returns their ids.
+pub(crate) async fn open_accounts(system: &System, accounts: usize) -> Result<Vec<String>> {
     let ids: Vec<String> = (0..accounts).map(|i| format!("acc-{i:05}")).collect();
     for id in &ids {
         system
             .execute(id, BankCommand::Open { owner: id.clone() })
             .await?;
     }
+    Ok(ids)
+}
+
+/// `deposits` deposits into each of `ids`, from `clients` concurrent
+/// clients (each with its own accounts), timed.
+pub(crate) async fn deposit_load(
+    system: &System,
+    ids: &[String],
+    deposits: usize,
+    clients: usize,
+) -> Result<Rate> {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for client in 0..clients {
