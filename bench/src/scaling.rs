@@ -409,8 +409,8 @@ pub(crate) fn scaling_section(figures: &Scaling) -> String {
          (`/proc/<pid>/stat`: the whole PostgreSQL server; each of the three nats-servers, \
          busiest first), deposits without the aggregate cache, on this machine of {:.0} \
          cores where clients and servers share the cores. `busy` is the share of the \
-         machine's cores in use during the run. [The scaling model](src/scaling.md) is fed \
-         by these figures.\n\n\
+         machine's cores in use during the run. The book's chapter *Scaling to many \
+         machines* (`docs/src/scaling.md`) feeds its model with these figures.\n\n\
          | run | commands | cmd/s | busy | client ms/cmd | server ms/cmd | per server | WAL bytes/cmd | table bytes/event |\n\
          |---|---:|---:|---:|---:|---:|---|---:|---:|",
         figures.cores
