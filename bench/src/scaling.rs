@@ -220,7 +220,7 @@ async fn postgres_costs(server: &Server, size: &Size, clients: usize) -> Result<
 
 async fn jetstream_costs(size: &Size, partitions: u32) -> Result<CommandCost> {
     let pids = nats_pids()?;
-    let (system, _store) =
+    let (system, store) =
         jetstream_system(&format!("scaling_p{partitions}"), partitions, 0).await?;
     let (accounts, deposits) = if size.quick { (400, 5) } else { (2_000, 5) };
     let (cost, _) = measure(
@@ -239,6 +239,25 @@ async fn jetstream_costs(size: &Size, partitions: u32) -> Result<CommandCost> {
         },
     )
     .await?;
+    let mut cost = cost;
+    // Bytes per stored message, from the streams' own counts (one replica).
+    let urls = std::env::var("NATS_CLUSTER_URL").context("NATS_CLUSTER_URL is not set")?;
+    let client = async_nats::ConnectOptions::new()
+        .connect(urls.split(',').map(str::to_owned).collect::<Vec<_>>())
+        .await?;
+    let context = async_nats::jetstream::new(client);
+    let (mut bytes, mut messages) = (0u64, 0u64);
+    for partition in 0..partitions {
+        let name = store
+            .stream_name(partition)
+            .context("a partition without a stream")?
+            .to_owned();
+        let mut stream = context.get_stream(&name).await?;
+        let state = stream.info().await?.state.clone();
+        bytes += state.bytes;
+        messages += state.messages;
+    }
+    cost.row_bytes = Some(bytes as f64 / messages.max(1) as f64);
     Ok(cost)
 }
 
@@ -409,9 +428,11 @@ pub(crate) fn scaling_section(figures: &Scaling) -> String {
          (`/proc/<pid>/stat`: the whole PostgreSQL server; each of the three nats-servers, \
          busiest first), deposits without the aggregate cache, on this machine of {:.0} \
          cores where clients and servers share the cores. `busy` is the share of the \
-         machine's cores in use during the run. The book's chapter *Scaling to many \
+         machine's cores in use during the run; stored bytes are the events table's with its \
+         indexes per event (PostgreSQL), a stream's bytes per message (JetStream, one \
+         replica of three). The book's chapter *Scaling to many \
          machines* (`docs/src/scaling.md`) feeds its model with these figures.\n\n\
-         | run | commands | cmd/s | busy | client ms/cmd | server ms/cmd | per server | WAL bytes/cmd | table bytes/event |\n\
+         | run | commands | cmd/s | busy | client ms/cmd | server ms/cmd | per server | WAL bytes/cmd | stored bytes/event |\n\
          |---|---:|---:|---:|---:|---:|---|---:|---:|",
         figures.cores
     );
