@@ -1,11 +1,12 @@
 -- The nodes whose recorded presence lock no session holds any more: their
 -- process ended (its connections closed), so their leases count as expired.
+-- Asked of the lock manager for each recorded key rather than read from
+-- pg_locks (which copies the whole lock table under every partition's lock,
+-- a quarter of a millisecond on an idle server, and this runs with every
+-- read of the units): a shared transaction-level lock on the key is granted
+-- exactly when no session holds the node's exclusive session-level one. It
+-- is released when the statement's transaction ends; a key is never used
+-- again (each node draws a random one), so holding it a moment costs no one.
 (SELECT n.node FROM {nodes} n
   WHERE n.presence IS NOT NULL
-    AND NOT EXISTS (
-        SELECT 1 FROM pg_catalog.pg_locks k
-         WHERE k.locktype = 'advisory' AND k.granted AND k.objsubid = 1
-           AND k.database = (SELECT d.oid FROM pg_catalog.pg_database d
-                              WHERE d.datname = current_database())
-           AND k.classid = ((n.presence >> 32) & 4294967295)::oid
-           AND k.objid = (n.presence & 4294967295)::oid))
+    AND pg_catalog.pg_try_advisory_xact_lock_shared(n.presence))

@@ -4,14 +4,10 @@
 -- `present` tells the node whether it was. Another node whose recorded lock
 -- no session holds is not live, however recent its last beat.
 WITH mine AS (
+    -- Held when a shared lock on the key is refused: another session (the
+    -- node's presence connection) holds it exclusively.
     SELECT $3::bigint AS key,
-           COALESCE($3::bigint IS NOT NULL AND EXISTS (
-               SELECT 1 FROM pg_catalog.pg_locks k
-                WHERE k.locktype = 'advisory' AND k.granted AND k.objsubid = 1
-                  AND k.database = (SELECT d.oid FROM pg_catalog.pg_database d
-                                     WHERE d.datname = current_database())
-                  AND k.classid = (($3::bigint >> 32) & 4294967295)::oid
-                  AND k.objid = ($3::bigint & 4294967295)::oid), false) AS held
+           COALESCE(NOT pg_catalog.pg_try_advisory_xact_lock_shared($3::bigint), false) AS held
 ), beat AS (
     INSERT INTO {nodes} (node, last_seen, presence)
     SELECT $1, now(), CASE WHEN m.held THEN m.key END FROM mine m
