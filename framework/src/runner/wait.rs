@@ -15,7 +15,7 @@ use super::ProjectionRunner;
 use crate::error::{ErrorKind, EventRef, StoreError};
 use crate::event::Checkpoint;
 use crate::port::projections::{
-    Checkpoints, DeadLetters, ProjectionState, ProjectionStore, UnitRecord,
+    Checkpoints, DeadLetters, ProjectionState, ProjectionStore, UnitId, UnitRecord,
 };
 
 /// Why [`wait_for`] returned without the projections reaching the position.
@@ -174,6 +174,42 @@ impl SharedView {
     /// reset): waits read for themselves until the next refresh.
     pub(super) fn forget(&self) {
         self.units.send_replace(Arc::new(Vec::new()));
+    }
+
+    /// A batch of this node committed: `unit`'s checkpoint moved to `to`
+    /// under `epoch` (and, when it parked an event, the last parked one is
+    /// at `parked`). The view shows it at once, so that the node's waiters
+    /// need not wait for the refresh the commit also triggers. Only a record
+    /// of the same epoch is touched: a view older than the claim, or one
+    /// that a reset emptied, waits for its refresh. What it shows stays
+    /// what the store holds — the commit is done — so a wait that it
+    /// answers is answered as a read of the store would.
+    pub(super) fn committed(
+        &self,
+        unit: &UnitId,
+        epoch: u64,
+        to: Checkpoint,
+        parked: Option<Checkpoint>,
+    ) {
+        self.units.send_if_modified(|units| {
+            let Some(at) = units
+                .iter()
+                .position(|u| &u.unit == unit && u.epoch == epoch)
+            else {
+                return false;
+            };
+            let current = &units[at];
+            let parked_moves = parked.is_some_and(|p| current.last_parked.is_none_or(|l| l < p));
+            if current.checkpoint >= to && !parked_moves {
+                return false;
+            }
+            let record = &mut Arc::make_mut(units)[at];
+            record.checkpoint = record.checkpoint.max(to);
+            if parked_moves {
+                record.last_parked = parked;
+            }
+            true
+        });
     }
 }
 
@@ -533,7 +569,6 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::port::projections::UnitId;
 
     fn unit(name: &str, partition: u32, at: u64, state: ProjectionState) -> UnitRecord {
         UnitRecord {
@@ -555,6 +590,49 @@ mod tests {
             updated_at: chrono::Utc::now(),
             last_parked: None,
         }
+    }
+
+    #[test]
+    fn a_local_commit_shows_in_the_view_only_under_the_same_epoch() {
+        let view = SharedView::default();
+        let live = ProjectionState::Live;
+        view.units
+            .send_replace(Arc::new(vec![unit("p", 0, 5, live), unit("p", 1, 5, live)]));
+        let id = |partition| UnitId {
+            projection: "p".into(),
+            partition,
+        };
+        let shown = |partition: u32| {
+            view.units
+                .borrow()
+                .iter()
+                .find(|u| u.unit == id(partition))
+                .map(|u| (u.checkpoint, u.last_parked))
+        };
+        view.committed(&id(0), 1, Checkpoint::new(1, 9), None);
+        assert_eq!(shown(0), Some((Checkpoint::new(1, 9), None)));
+        assert_eq!(shown(1), Some((Checkpoint::new(1, 5), None)));
+        // Another epoch: the view is older than the claim, or newer.
+        view.committed(&id(1), 2, Checkpoint::new(1, 9), None);
+        assert_eq!(shown(1), Some((Checkpoint::new(1, 5), None)));
+        // Never backwards.
+        view.committed(&id(0), 1, Checkpoint::new(1, 7), None);
+        assert_eq!(shown(0), Some((Checkpoint::new(1, 9), None)));
+        // A park moves the last parked event with the checkpoint.
+        view.committed(
+            &id(0),
+            1,
+            Checkpoint::new(1, 10),
+            Some(Checkpoint::new(1, 10)),
+        );
+        assert_eq!(
+            shown(0),
+            Some((Checkpoint::new(1, 10), Some(Checkpoint::new(1, 10))))
+        );
+        // An emptied view (a reset) stays empty until its refresh.
+        view.forget();
+        view.committed(&id(0), 1, Checkpoint::new(1, 11), None);
+        assert!(view.units.borrow().is_empty());
     }
 
     #[test]

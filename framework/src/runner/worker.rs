@@ -322,6 +322,9 @@ impl<S: ProjectionStore> UnitWorker<S> {
             return Ok(self.refused().await?);
         }
         store.signal_checkpoints();
+        self.shared
+            .view
+            .committed(&self.lease.unit, self.lease.epoch, to, None);
         let name = self.registered.name.clone();
         if !events.is_empty() {
             metrics::counter!("outflow_projection_events_total", "projection" => name.clone())
@@ -397,6 +400,12 @@ impl<S: ProjectionStore> UnitWorker<S> {
                         tracing::warn!(event = %event.event_ref(), error = %error.chain(), "event parked");
                         metrics::counter!("outflow_projection_parked_total", "projection" => self.registered.name.clone()).increment(1);
                         store.signal_checkpoints();
+                        self.shared.view.committed(
+                            &self.lease.unit,
+                            self.lease.epoch,
+                            target,
+                            Some(event.checkpoint()),
+                        );
                     }
                     return outcome;
                 }
