@@ -45,13 +45,7 @@ pub(crate) async fn failover_child(url: &str, node: &str) -> Result<()> {
         .projection(ProjectionOptions::new(Balances::new()))
         .build()?;
     let shutdown = CancellationToken::new();
-    // The parent closes our standard input to stop us gracefully.
-    let on_close = shutdown.clone();
-    std::thread::spawn(move || {
-        let mut sink = Vec::new();
-        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
-        on_close.cancel();
-    });
+    cancel_when_stdin_closes(&shutdown);
     let result = runner.run(shutdown).await;
     Ok(result?)
 }

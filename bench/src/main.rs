@@ -55,71 +55,27 @@ async fn main() -> Result<()> {
     if single_scenario(&args).await? {
         return Ok(());
     }
-    if args.first().map(String::as_str) == Some("timers") {
-        // outflow-bench timers [--quick]: the timers' section alone.
+    // outflow-bench <section> [--quick]: one section of the report alone,
+    // printed.
+    let section = match args.first().map(String::as_str) {
+        Some(name @ ("timers" | "decisions" | "personal" | "failover" | "scaling")) => Some(name),
+        _ => None,
+    };
+    if let Some(name) = section {
         let url = std::env::var("DATABASE_URL").context("DATABASE_URL is not set")?;
         let server = Server {
             admin: url.parse()?,
             counter: Default::default(),
         };
         let size = Size::new(args.iter().any(|a| a == "--quick"));
-        print!("{}", timer_section(&timer_scenarios(&server, &size).await?));
-        return Ok(());
-    }
-    if args.first().map(String::as_str) == Some("decisions") {
-        // outflow-bench decisions [--quick]: the decisions' section alone.
-        let url = std::env::var("DATABASE_URL").context("DATABASE_URL is not set")?;
-        let server = Server {
-            admin: url.parse()?,
-            counter: Default::default(),
+        let md = match name {
+            "timers" => timer_section(&timer_scenarios(&server, &size).await?),
+            "decisions" => decision_section(&decision_scenarios(&server, &size).await?),
+            "personal" => personal_section(&personal_scenarios(&server, &size).await?),
+            "failover" => failover_section(&failover_scenarios(&server, &size).await?),
+            _ => scaling_section(&scaling_scenarios(&server, &size).await?),
         };
-        let size = Size::new(args.iter().any(|a| a == "--quick"));
-        print!(
-            "{}",
-            decision_section(&decision_scenarios(&server, &size).await?)
-        );
-        return Ok(());
-    }
-    if args.first().map(String::as_str) == Some("personal") {
-        // outflow-bench personal [--quick]: the personal data's section alone.
-        let url = std::env::var("DATABASE_URL").context("DATABASE_URL is not set")?;
-        let server = Server {
-            admin: url.parse()?,
-            counter: Default::default(),
-        };
-        let size = Size::new(args.iter().any(|a| a == "--quick"));
-        print!(
-            "{}",
-            personal_section(&personal_scenarios(&server, &size).await?)
-        );
-        return Ok(());
-    }
-    if args.first().map(String::as_str) == Some("failover") {
-        // outflow-bench failover [--quick]: the failover's section alone.
-        let url = std::env::var("DATABASE_URL").context("DATABASE_URL is not set")?;
-        let server = Server {
-            admin: url.parse()?,
-            counter: Default::default(),
-        };
-        let size = Size::new(args.iter().any(|a| a == "--quick"));
-        print!(
-            "{}",
-            failover_section(&failover_scenarios(&server, &size).await?)
-        );
-        return Ok(());
-    }
-    if args.first().map(String::as_str) == Some("scaling") {
-        // outflow-bench scaling [--quick]: the scaling model's costs alone.
-        let url = std::env::var("DATABASE_URL").context("DATABASE_URL is not set")?;
-        let server = Server {
-            admin: url.parse()?,
-            counter: Default::default(),
-        };
-        let size = Size::new(args.iter().any(|a| a == "--quick"));
-        print!(
-            "{}",
-            scaling_section(&scaling_scenarios(&server, &size).await?)
-        );
+        print!("{md}");
         return Ok(());
     }
     if args.first().map(String::as_str) == Some("scaling-runner") {

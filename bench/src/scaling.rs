@@ -278,12 +278,7 @@ pub(crate) async fn scaling_runner_child(url: &str, name: &str, node: &str) -> R
         )
         .build()?;
     let shutdown = CancellationToken::new();
-    let on_close = shutdown.clone();
-    std::thread::spawn(move || {
-        let mut sink = Vec::new();
-        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
-        on_close.cancel();
-    });
+    cancel_when_stdin_closes(&shutdown);
     Ok(runner.run(shutdown).await?)
 }
 

@@ -252,3 +252,14 @@ pub(crate) async fn seed_events(pool: &PgPool, events: usize, accounts: usize) -
     sqlx::query("ANALYZE events").execute(pool).await?;
     Ok(())
 }
+
+/// Cancels `token` when this process's standard input closes: how a parent
+/// stops a child process of the benchmark gracefully.
+pub(crate) fn cancel_when_stdin_closes(token: &tokio_util::sync::CancellationToken) {
+    let token = token.clone();
+    std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+        token.cancel();
+    });
+}
