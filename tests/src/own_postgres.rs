@@ -115,6 +115,15 @@ impl OwnPostgres {
         self.run("pg_ctl", &args);
     }
 
+    /// Stops the server as a crash would (`pg_ctl stop -m immediate`: no
+    /// checkpoint, no flush of what is not flushed yet), then starts it
+    /// again; it recovers from its WAL.
+    pub fn crash_and_start(&self) {
+        let data = self.data();
+        self.run("pg_ctl", &["-D", &data, "-m", "immediate", "-w", "stop"]);
+        self.pg_ctl("start");
+    }
+
     /// The cluster's connection URL.
     pub fn url(&self) -> String {
         format!(

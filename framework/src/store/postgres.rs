@@ -180,9 +180,36 @@ pub struct PostgresStoreBuilder {
     notify_interval: Duration,
     poll_interval: Duration,
     keys_cached_for: Duration,
+    synchronous_projection_commits: bool,
 }
 
 impl PostgresStoreBuilder {
+    /// Whether a projection's batch (or a park) waits at its commit for the server to flush it to disk
+    /// (default `true`). With `false` the batch's checkpoint statement sets
+    /// `synchronous_commit = off` for its own transaction (no extra round
+    /// trip): the commit returns before the flush, which halves the flushes
+    /// per command while a projection is live. Exactly-once still holds: a
+    /// crash of the server can lose the last batches' commits (up to three
+    /// times `wal_writer_delay`, 600 ms by default), but their read-model
+    /// writes and their checkpoint are lost together, and the runner applies
+    /// those events again. What is given up: a [`wait_for`](crate::runner::wait_for)
+    /// answered before such a crash may find its read model behind again for
+    /// a moment after the restart. Events and commands are not affected:
+    /// they always commit durably.
+    ///
+    /// ```no_run
+    /// # async fn demo(pool: sqlx::PgPool) -> Result<(), outflow::StoreError> {
+    /// let store = outflow::PostgresStore::builder(pool)
+    ///     .synchronous_projection_commits(false)
+    ///     .build()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn synchronous_projection_commits(mut self, synchronous: bool) -> Self {
+        self.synchronous_projection_commits = synchronous;
+        self
+    }
+
     /// The events table (default `events`, the `postgres-es` name); may be
     /// schema-qualified.
     pub fn events_table(mut self, name: impl Into<String>) -> Self {
@@ -263,7 +290,13 @@ impl PostgresStoreBuilder {
         if self.migrate {
             migrate(&self.pool, &names).await?;
         }
-        let projection_sql = projection_store::Queries::new(|sql| names.render(sql));
+        let mut projection_sql = projection_store::Queries::new(|sql| names.render(sql));
+        if !self.synchronous_projection_commits {
+            // A local setting: it ends with the batch's transaction.
+            projection_sql
+                .save_checkpoint
+                .push_str("\nRETURNING pg_catalog.set_config('synchronous_commit', 'off', true)");
+        }
         let timer_sql = timers::TimerQueries::new(|sql| names.render(sql));
         let key_sql = keys::KeyQueries::new(|sql| names.render(sql));
         let shutdown = CancellationToken::new();
@@ -375,6 +408,7 @@ impl PostgresStore {
             notify_interval: Duration::from_millis(5),
             poll_interval: Duration::from_millis(500),
             keys_cached_for: Duration::from_secs(30),
+            synchronous_projection_commits: true,
         }
     }
 

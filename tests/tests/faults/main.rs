@@ -5,6 +5,7 @@
 //! Each module is one file's suite; run one with
 //! `cargo test -p outflow-tests --test faults <module>::`.
 
+mod asynchronous_commits;
 mod bad_input;
 mod bad_stored_data;
 mod commit_cut;
