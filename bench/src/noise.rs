@@ -60,16 +60,15 @@ impl Floor {
         self.probes.len().saturating_sub(1)
     }
 
+    /// The rate of probe `index` (0 when there is none).
+    fn rate(&self, index: usize) -> f64 {
+        self.probes.get(index).map_or(0.0, |p| p.per_second)
+    }
+
     /// How much the floor moved across `window`: the difference of its two
     /// probes as a fraction of the larger.
     pub(crate) fn moved(&self, window: Window) -> f64 {
-        let (Some(a), Some(b)) = (
-            self.probes.get(window.before),
-            self.probes.get(window.after),
-        ) else {
-            return 0.0;
-        };
-        moved(a.per_second, b.per_second)
+        moved(self.rate(window.before), self.rate(window.after))
     }
 
     /// Whether `window` moved by more than [`TOLERANCE`].
@@ -79,8 +78,7 @@ impl Floor {
 
     /// The floor beside `window`: the mean of its two probes.
     pub(crate) fn beside(&self, window: Window) -> f64 {
-        let get = |i: usize| self.probes.get(i).map_or(0.0, |p| p.per_second);
-        (get(window.before) + get(window.after)) / 2.0
+        (self.rate(window.before) + self.rate(window.after)) / 2.0
     }
 
     /// How far the floor moved over the whole run (the lowest probe against
@@ -105,13 +103,12 @@ impl Floor {
         if !self.disturbed(window) {
             return String::new();
         }
-        let get = |i: usize| self.probes.get(i).map_or(0.0, |p| p.per_second);
         format!(
             "**Disturbed ({what}):** the machine's floor moved from {:.0} to {:.0} \
              single-row inserts/s ({:.0} %) while these rows were taken: compare them with \
              each other, not with other sections or runs.\n\n",
-            get(window.before),
-            get(window.after),
+            self.rate(window.before),
+            self.rate(window.after),
             100.0 * self.moved(window)
         )
     }

@@ -110,7 +110,8 @@ carry bind parameters), and a `BEGIN` folded into the first statement; left
 as the next step.
 
 **Latency at a steady rate.** The p50 is the command (one commit), then
-the projection's batch (one more commit) and the waiter's view refresh; the
+the projection's batch (one more commit), whose commit shows in the node's
+shared checkpoint view at once (the view's refresh follows it); the
 p99 is the tail of the flush on this shared disk and queueing for the two
 cores. It moves a lot with the server and the day: on the development
 server of this machine (`shared_buffers` 256 MB, otherwise the same), a

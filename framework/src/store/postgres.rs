@@ -184,8 +184,9 @@ pub struct PostgresStoreBuilder {
 }
 
 impl PostgresStoreBuilder {
-    /// Whether a projection's batch (or a park) waits at its commit for the server to flush it to disk
-    /// (default `true`). With `false` the batch's checkpoint statement sets
+    /// Whether a projection's batch (or a park) waits at its commit for the
+    /// server to flush it to disk (default `true`). With `false` the batch's
+    /// checkpoint statement sets
     /// `synchronous_commit = off` for its own transaction (no extra round
     /// trip): the commit returns before the flush, which halves the flushes
     /// per command while a projection is live. Exactly-once still holds: a
