@@ -96,7 +96,8 @@ postgres_bin_dir() {
 
 start_postgres() {
     local bin port dir
-    bin=$(postgres_bin_dir)
+    # An optional argument names another installation's bin directory.
+    bin=${1:-$(postgres_bin_dir)}
     if [ -z "$bin" ]; then
         apt_install postgresql postgresql-contrib || return 1
         bin=$(postgres_bin_dir)

@@ -23,7 +23,7 @@ use crate::stats::Size;
 
 /// One row of the section.
 pub(crate) struct DecisionRow {
-    pub(crate) what: &'static str,
+    pub(crate) what: String,
     pub(crate) clients: usize,
     pub(crate) per_second: f64,
     pub(crate) conflicts_per_commit: f64,
@@ -90,7 +90,7 @@ async fn store(server: &Server, label: &str) -> Result<PostgresStore> {
 
 /// Runs `clients` tasks each doing `per_client` operations; returns the
 /// operations per second.
-async fn run<F, Fut>(clients: usize, per_client: usize, op: F) -> Result<f64>
+pub(crate) async fn run<F, Fut>(clients: usize, per_client: usize, op: F) -> Result<f64>
 where
     F: Fn(usize, usize) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<()>> + Send,
@@ -128,7 +128,7 @@ pub(crate) async fn decision_scenarios(server: &Server, size: &Size) -> Result<V
         let deposits = (total / accounts).max(1);
         let command = crate::scenarios::commands(&system, accounts, deposits, clients).await?;
         rows.push(DecisionRow {
-            what: "aggregate command (load, decide, append)",
+            what: "aggregate command (load, decide, append)".to_owned(),
             clients,
             per_second: command.per_second,
             conflicts_per_commit: 0.0,
@@ -151,7 +151,7 @@ pub(crate) async fn decision_scenarios(server: &Server, size: &Size) -> Result<V
         })
         .await?;
         rows.push(DecisionRow {
-            what: "plain append, no tags",
+            what: "plain append, no tags".to_owned(),
             clients,
             per_second: rate,
             conflicts_per_commit: 0.0,
@@ -181,7 +181,7 @@ pub(crate) async fn decision_scenarios(server: &Server, size: &Size) -> Result<V
         })
         .await?;
         rows.push(DecisionRow {
-            what: "plain append, no tags, 200,000 tag rows in the table",
+            what: "plain append, no tags, 200,000 tag rows in the table".to_owned(),
             clients,
             per_second: rate,
             conflicts_per_commit: 0.0,
@@ -204,7 +204,7 @@ pub(crate) async fn decision_scenarios(server: &Server, size: &Size) -> Result<V
         })
         .await?;
         rows.push(DecisionRow {
-            what: "plain append, 2 tags",
+            what: "plain append, 2 tags".to_owned(),
             clients,
             per_second: rate,
             conflicts_per_commit: 0.0,
@@ -216,39 +216,55 @@ pub(crate) async fn decision_scenarios(server: &Server, size: &Size) -> Result<V
             if clients == 1 && shared {
                 continue;
             }
-            let store = store(server, &format!("dd{clients}{}", u8::from(shared))).await?;
-            let bus = Arc::new(DecisionBus::<Ticket, _>::new(store).max_attempts(1_000));
-            let attempts = Arc::new(AtomicU64::new(0));
-            let counted = attempts.clone();
-            let issued = Arc::new(AtomicU64::new(0));
-            let rate = run(clients, per_client, move |c, i| {
-                let bus = bus.clone();
-                let counted = counted.clone();
-                let issued = issued.clone();
-                async move {
-                    // 50 tickets per counter: a client's own counters, or
-                    // counters every client draws from at once.
-                    let counter = if shared {
-                        issued.fetch_add(1, Ordering::Relaxed) as usize / 50
-                    } else {
-                        c * 1_000_000 + i / 50
-                    };
-                    let done = bus.execute((counter, format!("{c}-{i}"))).await?;
-                    counted.fetch_add(u64::from(done.attempts), Ordering::Relaxed);
-                    Ok(())
-                }
-            })
-            .await?;
-            let commits = (clients * per_client) as f64;
+            let (rate, retries) = outflow_decisions(server, clients, per_client, shared).await?;
             rows.push(DecisionRow {
-                what,
+                what: what.to_owned(),
                 clients,
                 per_second: rate,
-                conflicts_per_commit: (attempts.load(Ordering::Relaxed) as f64 - commits) / commits,
+                conflicts_per_commit: retries,
             });
         }
     }
     Ok(rows)
+}
+
+/// `clients` tasks each making `per_client` decisions, on tags of their own
+/// or all on one tag at a time (`shared`), in a database of their own on
+/// `server`; the decisions per second and the retries per commit.
+pub(crate) async fn outflow_decisions(
+    server: &Server,
+    clients: usize,
+    per_client: usize,
+    shared: bool,
+) -> Result<(f64, f64)> {
+    let store = store(server, &format!("dd{clients}{}", u8::from(shared))).await?;
+    let bus = Arc::new(DecisionBus::<Ticket, _>::new(store).max_attempts(1_000));
+    let attempts = Arc::new(AtomicU64::new(0));
+    let counted = attempts.clone();
+    let issued = Arc::new(AtomicU64::new(0));
+    let rate = run(clients, per_client, move |c, i| {
+        let bus = bus.clone();
+        let counted = counted.clone();
+        let issued = issued.clone();
+        async move {
+            // 50 tickets per counter: a client's own counters, or
+            // counters every client draws from at once.
+            let counter = if shared {
+                issued.fetch_add(1, Ordering::Relaxed) as usize / 50
+            } else {
+                c * 1_000_000 + i / 50
+            };
+            let done = bus.execute((counter, format!("{c}-{i}"))).await?;
+            counted.fetch_add(u64::from(done.attempts), Ordering::Relaxed);
+            Ok(())
+        }
+    })
+    .await?;
+    let commits = (clients * per_client) as f64;
+    Ok((
+        rate,
+        (attempts.load(Ordering::Relaxed) as f64 - commits) / commits,
+    ))
 }
 
 pub(crate) fn decision_section(rows: &[DecisionRow]) -> String {

@@ -33,6 +33,7 @@ mod setup;
 mod single;
 mod stats;
 mod timers;
+mod versus_disintegrate;
 
 use copying::*;
 use decisions::*;
@@ -48,6 +49,7 @@ use setup::*;
 use single::*;
 use stats::*;
 use timers::*;
+use versus_disintegrate::*;
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -70,7 +72,11 @@ async fn main() -> Result<()> {
         let size = Size::new(args.iter().any(|a| a == "--quick"));
         let md = match name {
             "timers" => timer_section(&timer_scenarios(&server, &size).await?),
-            "decisions" => decision_section(&decision_scenarios(&server, &size).await?),
+            "decisions" => {
+                let mut md = decision_section(&decision_scenarios(&server, &size).await?);
+                md.push_str(&versus_section(&versus_scenarios(&size).await?));
+                md
+            }
             "personal" => personal_section(&personal_scenarios(&server, &size).await?),
             "failover" => failover_section(&failover_scenarios(&server, &size).await?),
             _ => scaling_section(&scaling_scenarios(&server, &size).await?),
@@ -215,8 +221,12 @@ async fn main() -> Result<()> {
     };
 
     eprintln!("5/7 append → visible latency");
-    let (l500, spent500) = visible_latency(&server, 500, size.steady_seconds).await?;
-    let (l2000, spent2000) = visible_latency(&server, 2000, size.steady_seconds).await?;
+    let (l500, spent500) =
+        visible_latency(&server, 500, size.steady_seconds, Flush::Waited).await?;
+    let (l500a, spent500a) =
+        visible_latency(&server, 500, size.steady_seconds, Flush::NotWaited).await?;
+    let (l2000, spent2000) =
+        visible_latency(&server, 2000, size.steady_seconds, Flush::Waited).await?;
 
     let visible = Window {
         before: floor.last(),
@@ -240,6 +250,8 @@ async fn main() -> Result<()> {
 
     eprintln!("7d/7 decisions across aggregates");
     let decision_rows = decision_scenarios(&server, &size).await?;
+    eprintln!("7e/7 decisions against disintegrate");
+    let versus = versus_scenarios(&size).await?;
     eprintln!("7e/7 personal data");
     let personal_rows = personal_scenarios(&server, &size).await?;
     eprintln!("7f/7 failover");
@@ -646,12 +658,21 @@ async fn main() -> Result<()> {
          balances; latency from sending the command until `wait_for` sees the projection past \
          it. Statements are counted by the server (`pg_stat_statements`, every statement \
          including `BEGIN` and `COMMIT`); a batch's are all but the command's two and the \
-         waiters'. CPU is the whole machine's (client and server) over the run, per command.\n\n\
+         waiters'. CPU is the whole machine's (client and server) over the run, per command. \
+         The row *without the WAL flush* runs the same load with \
+         `PostgresStoreBuilder::synchronous_projection_commits(false)`: each batch's own \
+         transaction commits without waiting for its WAL record to reach the disk (the \
+         commands' appends still wait).\n\n\
          | rate | achieved cmd/s | p50 ms | p99 ms | statements per command | batches | statements per batch | CPU ms per command |\n|---|---|---|---|---|---|---|---|",
         size.steady_seconds
     );
     for (label, l, spent) in [
         ("500 cmd/s", &l500, &spent500),
+        (
+            "500 cmd/s, batches commit without the WAL flush",
+            &l500a,
+            &spent500a,
+        ),
         ("2,000 cmd/s", &l2000, &spent2000),
     ] {
         let per_command = spent
@@ -710,6 +731,7 @@ async fn main() -> Result<()> {
     md.push_str(&copies);
     md.push_str(&timer_section(&timer_figures));
     md.push_str(&decision_section(&decision_rows));
+    md.push_str(&versus_section(&versus));
     md.push_str(&personal_section(&personal_rows));
     md.push_str(&failover_section(&failover));
     md.push_str(&scaling_section(&scaling));

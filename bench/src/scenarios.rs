@@ -134,9 +134,19 @@ pub(crate) async fn visible_latency(
     server: &Server,
     per_second: u32,
     seconds: u64,
+    flush: Flush,
 ) -> Result<(Rate, Spent)> {
-    let (total, _, _, spent) = visible_latency_split(server, per_second, seconds).await?;
+    let (total, _, _, spent) = visible_latency_split(server, per_second, seconds, flush).await?;
     Ok((total, spent))
+}
+
+/// Whether the projection's batches wait for the server's WAL flush at
+/// commit (the default) or not
+/// (`PostgresStoreBuilder::synchronous_projection_commits(false)`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Flush {
+    Waited,
+    NotWaited,
 }
 
 /// As [`visible_latency`], also split into the command and the wait.
@@ -144,8 +154,10 @@ pub(crate) async fn visible_latency_split(
     server: &Server,
     per_second: u32,
     seconds: u64,
+    flush: Flush,
 ) -> Result<(Rate, Rate, Rate, Spent)> {
-    let (system, store) = outflow_system(server, "latency").await?;
+    let (system, store) =
+        crate::setup::outflow_system_flush(server, "latency", flush == Flush::Waited).await?;
     let view = ViewProjection::<BankAccount, BalanceView>::new("balance_view", "balance_view")?;
     view.create_table(store.pool()).await?;
     let runner = ProjectionRunner::builder(store.clone())

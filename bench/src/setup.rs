@@ -122,8 +122,28 @@ pub(crate) async fn outflow_system_with(
     label: &str,
     cache: usize,
 ) -> Result<(System, PostgresStore)> {
+    outflow_system_built(server, label, cache, true).await
+}
+
+/// As [`outflow_system`], with projection batches that wait for the WAL
+/// flush at commit (`synchronous`) or not.
+pub(crate) async fn outflow_system_flush(
+    server: &Server,
+    label: &str,
+    synchronous: bool,
+) -> Result<(System, PostgresStore)> {
+    outflow_system_built(server, label, 0, synchronous).await
+}
+
+async fn outflow_system_built(
+    server: &Server,
+    label: &str,
+    cache: usize,
+    synchronous_projection_commits: bool,
+) -> Result<(System, PostgresStore)> {
     let (options, _) = server.fresh_db(label).await?;
     let store = PostgresStore::builder(pool(&options, 20, false).await?)
+        .synchronous_projection_commits(synchronous_projection_commits)
         .build()
         .await?;
     let bus = CommandBus::<BankAccount, _>::builder(store.clone(), ())

@@ -29,7 +29,15 @@ pub(crate) async fn single_scenario(args: &[String]) -> Result<bool> {
             admin: url.parse()?,
             counter: Default::default(),
         };
-        let (total, command, wait, spent) = visible_latency_split(&server, rate, seconds).await?;
+        // `--no-flush`: the projection's batches commit without waiting
+        // for the WAL flush.
+        let flush = if args.iter().any(|a| a == "--no-flush") {
+            Flush::NotWaited
+        } else {
+            Flush::Waited
+        };
+        let (total, command, wait, spent) =
+            visible_latency_split(&server, rate, seconds, flush).await?;
         for (label, r) in [("total", total), ("command", command), ("wait", wait)] {
             println!("{label:>8}: p50 {:.2} ms  p99 {:.2} ms", r.p50_ms, r.p99_ms);
         }
