@@ -299,3 +299,121 @@ pub(crate) fn decision_section(rows: &[DecisionRow]) -> String {
     md.push('\n');
     md
 }
+
+/// `outflow-bench decision-phases`: a decision's parts timed one after
+/// another at 1 client (1,000 of each, mean per call), printed: what a
+/// decision spends where, for the section's reading.
+pub(crate) async fn decision_phases(server: &Server) -> Result<()> {
+    use outflow::{AppendInTransaction, Transactional};
+    let n = 1000usize;
+    let store = store(server, "probe").await?;
+    let bus = DecisionBus::<Ticket, _>::new(store.clone());
+    let t = Instant::now();
+    for i in 0..n {
+        bus.execute((i / 50, format!("p-{i}"))).await?;
+    }
+    eprintln!(
+        "decision execute: {:.3} ms",
+        t.elapsed().as_secs_f64() * 1000.0 / n as f64
+    );
+    let q = Ticket::query(&(7usize, String::new()));
+    let t = Instant::now();
+    for i in 0..n {
+        store
+            .read_query(&q, Some(("ticket", &format!("p-{i}"))))
+            .await?;
+    }
+    eprintln!(
+        "read_query: {:.3} ms",
+        t.elapsed().as_secs_f64() * 1000.0 / n as f64
+    );
+    let empty = Ticket::query(&(999_999usize, String::new()));
+    let t = Instant::now();
+    for i in 0..n {
+        store
+            .read_query(&empty, Some(("ticket", &format!("p-{i}"))))
+            .await?;
+    }
+    eprintln!(
+        "read_query, no events: {:.3} ms",
+        t.elapsed().as_secs_f64() * 1000.0 / n as f64
+    );
+    let t = Instant::now();
+    for _ in 0..n {
+        store.read_stream("a", "a-0", 0, 1000).await?;
+    }
+    eprintln!(
+        "read_stream 0 events: {:.3} ms",
+        t.elapsed().as_secs_f64() * 1000.0 / n as f64
+    );
+    let t = Instant::now();
+    for i in 0..n {
+        store
+            .command_outcome("ticket", &format!("p-{i}"), uuid::Uuid::new_v4())
+            .await?;
+    }
+    eprintln!(
+        "command_outcome: {:.3} ms",
+        t.elapsed().as_secs_f64() * 1000.0 / n as f64
+    );
+    let t = Instant::now();
+    for i in 0..n {
+        let id = format!("p-{i}");
+        let (a, b) = tokio::join!(
+            store.command_outcome("ticket", &id, uuid::Uuid::new_v4()),
+            store.read_query(&q, Some(("ticket", &id)))
+        );
+        a?;
+        b?;
+    }
+    eprintln!(
+        "joined outcome+read: {:.3} ms",
+        t.elapsed().as_secs_f64() * 1000.0 / n as f64
+    );
+    let t = Instant::now();
+    for _ in 0..n {
+        let tx = store.begin().await?;
+        store.commit(tx).await?;
+    }
+    eprintln!(
+        "begin+commit (empty): {:.3} ms",
+        t.elapsed().as_secs_f64() * 1000.0 / n as f64
+    );
+    let t = Instant::now();
+    for i in 0..n {
+        let mut tx = store.begin().await?;
+        store
+            .claim_command_in(&mut tx, "x", &format!("x-{i}"), uuid::Uuid::new_v4(), 1)
+            .await?;
+        store.commit(tx).await?;
+    }
+    eprintln!(
+        "begin+claim+commit: {:.3} ms",
+        t.elapsed().as_secs_f64() * 1000.0 / n as f64
+    );
+    let t = Instant::now();
+    for i in 0..n {
+        store
+            .append_if(
+                AppendRequest::new("a", format!("t-{i}"), 0, vec![event()]),
+                vec![vec![format!("counter:{}", 100 + i / 50)]],
+                None,
+            )
+            .await?;
+    }
+    eprintln!(
+        "append_if tagged no condition: {:.3} ms",
+        t.elapsed().as_secs_f64() * 1000.0 / n as f64
+    );
+    let t = Instant::now();
+    for i in 0..n {
+        store
+            .append(AppendRequest::new("a", format!("u-{i}"), 0, vec![event()]))
+            .await?;
+    }
+    eprintln!(
+        "plain append: {:.3} ms",
+        t.elapsed().as_secs_f64() * 1000.0 / n as f64
+    );
+    Ok(())
+}

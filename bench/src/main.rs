@@ -7,6 +7,7 @@
 //! outflow-bench rebuild-child URL batch|view            # one rebuild, in a child process
 //! outflow-bench timers [--quick]                        # the durable timers' section alone
 //! outflow-bench decisions [--quick]                     # the decisions' section alone
+//! outflow-bench decision-phases                         # a decision's parts timed, 1 client
 //! outflow-bench personal [--quick]                      # the personal data's section alone
 //! outflow-bench failover [--quick]                      # the failover's section alone
 //! outflow-bench failover-child URL NODE                 # one failover node, in a child process
@@ -83,6 +84,14 @@ async fn main() -> Result<()> {
         };
         print!("{md}");
         return Ok(());
+    }
+    if args.first().map(String::as_str) == Some("decision-phases") {
+        let url = std::env::var("DATABASE_URL").context("DATABASE_URL is not set")?;
+        let server = Server {
+            admin: url.parse()?,
+            counter: Default::default(),
+        };
+        return decision_phases(&server).await;
     }
     if args.first().map(String::as_str) == Some("scaling-runner") {
         let (Some(url), Some(name), Some(node)) = (args.get(1), args.get(2), args.get(3)) else {

@@ -116,7 +116,42 @@ p99 is the tail of the flush on this shared disk and queueing for the two
 cores. It moves a lot with the server and the day: on the development
 server of this machine (`shared_buffers` 256 MB, otherwise the same), a
 separate run measured a p99 of 6.35 ms at 500 commands/s and 21 ms at 2,000;
-the targets count only this report's run.
+the targets count only this report's run. The row whose batches commit
+without the WAL flush (`synchronous_projection_commits(false)`, off by
+default) removes the second flush from the path: what is left is the
+command's own commit and the batch's round trips. It changes what a
+`wait_for` answer promises across a server crash (the read model may lose
+the last batches and apply them again from the log; the projections chapter
+says so), which is why it is an option and not the default.
+
+**Decisions against disintegrate.** At 1 client a decision is round trips
+and per-statement work on both sides: Outflow's is six in sequence (the read
+by query, beside the lookup of the command id on another connection;
+`BEGIN`; the tags' locks; the conditional insert with its tags' rows; the
+claim of the command id; `COMMIT`), disintegrate's seven (its load; `BEGIN`;
+`SET TRANSACTION ISOLATION LEVEL SERIALIZABLE`; its epoch's advisory locks;
+the check; the insert; `COMMIT`). Where Outflow's cost more,
+`outflow-bench decision-phases` times the parts one after another (1,000
+each, mean per call, four runs on a throwaway server with default settings):
+the read by query of a counter's 50 events 0.54–0.74 ms against 0.17 ms for a counter
+with none — an index probe of the events table per tag row and the event's
+decoding, where disintegrate keeps each domain id in a column of the event's
+own row; a tagged append without a condition 0.76–1.0 ms against 0.35–0.47
+for a plain one (the transaction, the locks, the tags' rows); the claim
+about 0.3 ms in its transaction. Planning counts
+too: forcing generic plans for the whole session (no planning after a
+statement's first calls) took a decision from 2.0–2.6 ms to 1.5–1.7 ms in
+the same probe — but a generic plan cannot see the read's snapshot bound, on
+which the conditional insert's check chooses its index range, and could scan
+the log on a large table, so the plan is left to the server. Folding the claim into the insert
+(one round trip less) and the tags into columns are the next steps; the
+tags' table is what lets a tag be added to events already written
+(`backfill_tags`) and an event carry any number of them. At 16 clients the
+order turns: disintegrate's serializable transactions abort on conflicts
+between decisions that share no counter (predicate locks on shared index
+pages: about two retries per commit with every client on counters of its
+own), where Outflow's locks are per tag and unrelated decisions commit side
+by side; on one counter both retry, disintegrate several times more often.
 
 **Rebuild** replays with one read of the log per batch; a bigger batch means
 fewer round trips and fewer checkpoint commits, at the cost of memory (one
