@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Benchmarks Outflow against postgres-es on one throwaway PostgreSQL server
-# (default settings, fsync on), and Outflow's JetStream store on a throwaway
-# 3-node JetStream cluster, and writes docs/benchmarks.md.
+# (default settings, fsync on), Outflow's JetStream store on a throwaway
+# 3-node JetStream cluster, and Outflow's decisions against disintegrate on a
+# second throwaway PostgreSQL server of version 16 or later; writes
+# docs/benchmarks.md.
 #
 #   scripts/bench.sh           the full run (under 20 minutes on 2 cores)
 #   scripts/bench.sh --quick   a smaller run (under 3 minutes once built)

@@ -259,7 +259,7 @@ async fn main() -> Result<()> {
 
     eprintln!("7d/7 decisions across aggregates");
     let decision_rows = decision_scenarios(&server, &size).await?;
-    eprintln!("7e/7 decisions against disintegrate");
+    eprintln!("7d/7 decisions against disintegrate");
     let versus = versus_scenarios(&size).await?;
     eprintln!("7e/7 personal data");
     let personal_rows = personal_scenarios(&server, &size).await?;
@@ -285,7 +285,8 @@ async fn main() -> Result<()> {
          cluster on this machine. postgres-es runs twice: with its own defaults (sqlx's \
          pool, which pings the server on each checkout) and tuned (no ping); ratios are \
          against the better of the two. Outflow uses `PostgresStore::connect`'s pool \
-         settings.\n",
+         settings. The decisions' comparison with disintegrate runs on a second throwaway \
+         server, PostgreSQL 16 or later, as its section says.\n",
         if size.quick { " --quick" } else { "" },
         started.elapsed().as_secs_f64()
     );
