@@ -149,7 +149,7 @@ tags' table is what lets a tag be added to events already written
 (`backfill_tags`) and an event carry any number of them. At 16 clients the
 order turns: disintegrate's serializable transactions abort on conflicts
 between decisions that share no counter (predicate locks on shared index
-pages: about two retries per commit with every client on counters of its
+pages: two to three retries per commit with every client on counters of its
 own), where Outflow's locks are per tag and unrelated decisions commit side
 by side; on one counter both retry, disintegrate several times more often.
 
