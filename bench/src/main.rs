@@ -336,7 +336,7 @@ async fn main() -> Result<()> {
         before: sixteen.before,
         after: jetstream.after,
     };
-    let targets: [(&str, &str, String, bool, Option<Window>); 18] = [
+    let targets: [(&str, &str, String, bool, Option<Window>); 19] = [
         (
             "commands, 1 client, no cache, vs the better postgres-es",
             "≥ 1.50×",
@@ -413,6 +413,16 @@ async fn main() -> Result<()> {
             ratio(js16, o16.per_second),
             js16 >= o16.per_second,
             Some(js_window),
+        ),
+        (
+            "SQLite (`synchronous = FULL`), 16 clients vs 1 client",
+            "≥ 3.00×",
+            ratio(s16.per_second, s1.per_second),
+            s16.per_second >= 3.0 * s1.per_second,
+            Some(Window {
+                before: one_client.before,
+                after: sixteen.after,
+            }),
         ),
         (
             "timers: lateness p99 at 1,000 timers/s",

@@ -460,7 +460,6 @@ impl<D: Decision, S: ConditionalAppend> DecisionBus<D, S> {
                 });
                 tags.push(payload.tags());
             }
-            let version = read.stream_version + events.len() as u64;
             let request = AppendRequest::new(
                 stream.aggregate_type.clone(),
                 stream.aggregate_id.clone(),
@@ -468,10 +467,7 @@ impl<D: Decision, S: ConditionalAppend> DecisionBus<D, S> {
                 events,
             );
             let condition = AppendCondition::new(query.clone(), read.position);
-            match self
-                .append(request, tags, &condition, stream, command_id, version)
-                .await
-            {
+            match self.append(request, tags, &condition, command_id).await {
                 Ok(written) => {
                     return Ok(Decided {
                         events: written,
@@ -506,23 +502,12 @@ impl<D: Decision, S: ConditionalAppend> DecisionBus<D, S> {
         request: AppendRequest,
         tags: Vec<Vec<String>>,
         condition: &AppendCondition,
-        stream: &StreamId,
         command_id: Uuid,
-        version: u64,
     ) -> Result<Vec<RecordedEvent>, CommandError<D::Error>> {
         let mut tx = self.store.begin().await?;
         let written = self
             .store
-            .append_tagged_in(&mut tx, request, tags, Some(condition))
-            .await?;
-        self.store
-            .claim_command_in(
-                &mut tx,
-                &stream.aggregate_type,
-                &stream.aggregate_id,
-                command_id,
-                version,
-            )
+            .append_tagged_claiming_in(&mut tx, request, tags, Some(condition), command_id)
             .await?;
         for handler in &self.handlers {
             if let Err(error) = handler.handle(&written, &mut tx).await {

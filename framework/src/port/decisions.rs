@@ -154,6 +154,34 @@ pub trait ConditionalAppend: AppendInTransaction {
         condition: Option<&AppendCondition>,
     ) -> Result<Vec<RecordedEvent>, StoreError>;
 
+    /// [`append_tagged_in`](Self::append_tagged_in), then
+    /// [`claim_command_in`](AppendInTransaction::claim_command_in) of
+    /// `command_id` at the version the append reaches, in `tx`: what a
+    /// decision commits. A backend may send both as one statement (the
+    /// default runs them one after the other).
+    ///
+    /// # Errors
+    ///
+    /// As [`append_tagged_in`](Self::append_tagged_in), and
+    /// [`StoreError::Conflict`] when an outcome for `command_id` is already
+    /// stored (the caller drops the transaction).
+    async fn append_tagged_claiming_in(
+        &self,
+        tx: &mut Self::Transaction,
+        request: AppendRequest,
+        tags: Vec<Vec<String>>,
+        condition: Option<&AppendCondition>,
+        command_id: uuid::Uuid,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let version = request.expected_version + request.events.len() as u64;
+        let (aggregate_type, aggregate_id) =
+            (request.aggregate_type.clone(), request.aggregate_id.clone());
+        let written = self.append_tagged_in(tx, request, tags, condition).await?;
+        self.claim_command_in(tx, &aggregate_type, &aggregate_id, command_id, version)
+            .await?;
+        Ok(written)
+    }
+
     /// Adds tags to events already in the log (`(checkpoint, tags)`: the
     /// event at that checkpoint gets those tags; tags it already has are
     /// kept once; a checkpoint with no event is skipped); returns how many

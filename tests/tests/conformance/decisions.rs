@@ -717,7 +717,87 @@ async fn racing_decisions<S: ConditionalAppend + Clone>(store: S) {
     );
 }
 
+/// A decision's append and its command id's claim commit together: a
+/// command id already claimed on the stream fails the second append with a
+/// conflict, and the transaction, dropped, leaves nothing of it; a claim
+/// is per stream.
+async fn claims_with_appends<S: ConditionalAppend + Clone>(store: S) {
+    let command = uuid::Uuid::new_v4();
+    let query = Query::new().with(QueryItem::tags(["claim:a"]));
+    let read = store.read_query(&query, None).await.expect("read");
+    let condition = AppendCondition::new(query.clone(), read.position);
+    let mut tx = store.begin().await.expect("begin");
+    let written = store
+        .append_tagged_claiming_in(
+            &mut tx,
+            AppendRequest::new("claim", "s-1", 0, vec![event("First")]),
+            vec![vec!["claim:a".into()]],
+            Some(&condition),
+            command,
+        )
+        .await
+        .expect("append and claim");
+    assert_eq!(written.len(), 1);
+    store.commit(tx).await.expect("commit");
+    let outcome = store
+        .command_outcome("claim", "s-1", command)
+        .await
+        .expect("outcome")
+        .expect("the claim is stored with the events");
+    assert_eq!(
+        outcome.version, 1,
+        "claimed at the version the append reached"
+    );
+
+    // The same command id on the same stream again: refused, nothing kept.
+    let read = store.read_query(&query, None).await.expect("read");
+    let condition = AppendCondition::new(query.clone(), read.position);
+    let mut tx = store.begin().await.expect("begin");
+    let again = store
+        .append_tagged_claiming_in(
+            &mut tx,
+            AppendRequest::new("claim", "s-1", 1, vec![event("Second")]),
+            vec![vec!["claim:a".into()]],
+            Some(&condition),
+            command,
+        )
+        .await;
+    match again {
+        Err(StoreError::Conflict { .. }) => drop(tx),
+        other => panic!("a claimed command id is a conflict, got {other:?}"),
+    }
+    let events = store
+        .read_stream("claim", "s-1", 0, 10)
+        .await
+        .expect("read the stream");
+    assert_eq!(events.len(), 1, "the refused append left nothing");
+    assert_eq!(
+        store
+            .read_query(&query, None)
+            .await
+            .expect("read")
+            .events
+            .len(),
+        1
+    );
+
+    // Another stream claims the same command id on its own.
+    let mut tx = store.begin().await.expect("begin");
+    store
+        .append_tagged_claiming_in(
+            &mut tx,
+            AppendRequest::new("claim", "s-2", 0, vec![event("First")]),
+            vec![vec!["claim:b".into()]],
+            None,
+            command,
+        )
+        .await
+        .expect("another stream");
+    store.commit(tx).await.expect("commit");
+}
+
 common::on_every_backend! {
+    claims_with_appends: claims_on_memory, claims_on_postgres, claims_on_sqlite;
     tags_and_queries: tags_on_memory, tags_on_postgres, tags_on_sqlite;
     conditions: conditions_on_memory, conditions_on_postgres, conditions_on_sqlite;
     decision_bus: decision_bus_on_memory, decision_bus_on_postgres, decision_bus_on_sqlite;

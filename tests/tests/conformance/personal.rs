@@ -4,7 +4,8 @@
 //! the subject is forgotten — by aggregates, projections and views, never
 //! as an error; the erasure is recorded in the log; a subject's first key
 //! is made once however many writers race for it; altered ciphertext is a
-//! typed error; a store without keys refuses personal data loudly; and a
+//! typed error; a store without keys refuses personal data loudly; a
+//! missing keys table is named with its migration, never parked; and a
 //! JetStream relay carries only ciphertext.
 
 use outflow_tests as common;
@@ -872,4 +873,186 @@ async fn a_copied_log_takes_its_keys_along() {
         outflow::error::error_chain(&refused).contains("keeps no keys"),
         "{refused}"
     );
+}
+
+/// A keys table that is missing (its migration not applied, on a store
+/// built with `migrate(false)`) is a set-up to fix, said as
+/// such: a command sealing personal data fails naming the table and the
+/// migration, and a projection over sealed events stops with that error in
+/// its status and in what `wait_for` returns — nothing is parked as if an
+/// event were at fault, and it goes on once the migrations are applied.
+/// `fresh` drops the table and opens another store on the same database
+/// without migrations (so its key ring has nothing cached); `repair`
+/// applies the migrations.
+async fn missing_keys_table<S, F, Fut, R, RFut>(store: S, fresh: F, repair: R)
+where
+    S: EventStore + EventLog + ProjectionStore + Clone,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = S>,
+    R: Fn() -> RFut,
+    RFut: std::future::Future<Output = ()>,
+{
+    let run = marker();
+    let bus = CommandBus::<Member, _>::new(store.clone(), ());
+    bus.execute("m-1", join(&format!("Ann{run}"), "s-1", "note"))
+        .await
+        .expect("join while the table exists");
+    let named = |error: &StoreError| {
+        matches!(
+            error,
+            StoreError::Config(outflow::ConfigError::MissingTable { table, hint })
+                if table == "events_keys" && hint.contains("migrat")
+        )
+    };
+
+    // Another process, started without the migrations, on a database
+    // whose keys table is gone.
+    let other = fresh().await;
+    let bus = CommandBus::<Member, _>::new(other.clone(), ());
+    match bus.execute("m-2", join("Bob", "s-2", "note")).await {
+        Err(outflow::CommandError::Store(error)) => {
+            assert!(
+                named(&error),
+                "the table and the migration are named: {error}"
+            )
+        }
+        other => panic!("a command sealing personal data must fail, got {other:?}"),
+    }
+
+    let name = format!("names_{run}");
+    let runner = ProjectionRunner::builder(other.clone())
+        .projection(ProjectionOptions::new(Names::<S> {
+            name: name.clone(),
+            seen: Arc::new(Mutex::new(Vec::new())),
+            _store: std::marker::PhantomData,
+        }))
+        .build()
+        .expect("runner");
+    let head = other.committed_head().await.expect("head");
+    let (stop, task) = common::start_runner(&runner);
+    let waited = runner
+        .wait_for(head, &[&name], Duration::from_secs(60))
+        .await
+        .expect_err("the projection cannot open the sealed event");
+    let said = format!("{waited}");
+    assert!(
+        said.contains("events_keys"),
+        "wait_for names the missing table: {said}"
+    );
+    let status = runner.status().await.expect("status");
+    let unit = status
+        .iter()
+        .find(|s| s.projection == name)
+        .expect("the projection's status");
+    let shown = format!("{unit:?}");
+    assert!(
+        shown.contains("events_keys"),
+        "the status names the missing table: {shown}"
+    );
+    assert!(
+        other
+            .dead_letters(&name)
+            .await
+            .expect("dead letters")
+            .is_empty(),
+        "nothing is parked for a missing table"
+    );
+
+    // The migrations applied, the projection goes on by itself (the key
+    // dropped with the table is gone: the name reads as forgotten).
+    // Until its next retry the status still shows the old error, and
+    // `wait_for` answers with it at once: ask again until it passes.
+    repair().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        match runner
+            .wait_for(head, &[&name], Duration::from_secs(60))
+            .await
+        {
+            Ok(()) => break,
+            Err(error) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(%error, "not yet past the missing table");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => panic!("the projection goes on once the table exists: {error}"),
+        }
+    }
+    common::stop_runner(stop, task).await;
+    assert!(
+        other
+            .dead_letters(&name)
+            .await
+            .expect("dead letters")
+            .is_empty(),
+        "nothing was parked on the way"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_keys_table_is_named_on_postgres() {
+    let db = common::TestDb::new("missing_keys").await;
+    let first = db.store().await;
+    missing_keys_table(
+        first,
+        || async {
+            let pool = db.pool(10).await;
+            // As if the keys' migration (11) had never been applied.
+            sqlx::query("DROP TABLE IF EXISTS events_keys")
+                .execute(&pool)
+                .await
+                .expect("drop the keys table");
+            sqlx::query(
+                "DELETE FROM outflow_migrations WHERE events_table = 'events' AND version = 11",
+            )
+            .execute(&pool)
+            .await
+            .expect("forget the keys' migration");
+            outflow::PostgresStore::builder(pool)
+                .migrate(false)
+                .build()
+                .await
+                .expect("a store without migrations")
+        },
+        || async {
+            outflow::PostgresStore::migrate(&db.pool(2).await, "events")
+                .await
+                .expect("apply the migrations");
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_keys_table_is_named_on_sqlite() {
+    let dir = common::TestDir::new("missing_keys");
+    let first = dir.sqlite().await;
+    let path = dir.file("events.db");
+    missing_keys_table(
+        first,
+        || async {
+            let store = outflow::SqliteStore::builder(&path)
+                .migrate(false)
+                .build()
+                .await
+                .expect("a store without migrations");
+            // As if the keys' migration (8) had never been applied.
+            sqlx::query("DROP TABLE IF EXISTS events_keys")
+                .execute(store.writer())
+                .await
+                .expect("drop the keys table");
+            sqlx::query(
+                "DELETE FROM outflow_migrations WHERE events_table = 'events' AND version = 8",
+            )
+            .execute(store.writer())
+            .await
+            .expect("forget the keys' migration");
+            store
+        },
+        || async {
+            outflow::SqliteStore::open(&path)
+                .await
+                .expect("apply the migrations");
+        },
+    )
+    .await;
 }

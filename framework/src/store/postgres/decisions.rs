@@ -183,13 +183,15 @@ impl PostgresStore {
     }
 
     /// Appends with tags and an optional condition on `connection`, inside
-    /// a transaction.
+    /// a transaction; with `claim`, claims that command id in the same
+    /// statement.
     async fn append_tagged_on(
         &self,
         connection: &mut PgConnection,
         request: AppendRequest,
         tags: Vec<Vec<String>>,
         condition: Option<&AppendCondition>,
+        claim: Option<uuid::Uuid>,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         request.validate()?;
         if let Some(condition) = condition {
@@ -232,7 +234,7 @@ impl PostgresStore {
                 tag_index.push(i as i64 + 1);
             }
         }
-        let mut params = Params::new(13);
+        let mut params = Params::new(14);
         let clause = match condition {
             Some(condition) => self.condition_clause(condition, &mut params),
             None => "TRUE".to_owned(),
@@ -250,7 +252,8 @@ impl PostgresStore {
             .bind(&correlations)
             .bind(&causations)
             .bind(&tag_list)
-            .bind(&tag_index);
+            .bind(&tag_index)
+            .bind(claim);
         let rows = match bind_filter(query, params.binds)
             .fetch_all(&mut *connection)
             .await
@@ -276,6 +279,25 @@ impl PostgresStore {
                 }
             }
             return Err(self.refusal(connection, request).await);
+        }
+        if claim.is_some() {
+            let claimed: i64 = rows
+                .first()
+                .map(|row| row.try_get("claimed"))
+                .transpose()
+                .map_err(|e| pg_error("claiming a command id", e))?
+                .unwrap_or(0);
+            if claimed == 0 {
+                // An outcome for this command is stored: the caller rolls
+                // back, as after claim_command.sql.
+                let version = request.expected_version + count as u64;
+                return Err(StoreError::Conflict {
+                    aggregate_type: request.aggregate_type,
+                    aggregate_id: request.aggregate_id,
+                    expected: version.saturating_sub(1),
+                    actual: None,
+                });
+            }
         }
         self.appended_in_transaction();
         self.recorded(request, &rows)
@@ -459,6 +481,38 @@ impl ConditionalAppend for PostgresStore {
         tags: Vec<Vec<String>>,
         condition: Option<&AppendCondition>,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        self.append_tagged_on(tx, request, tags, condition).await
+        self.append_tagged_on(tx, request, tags, condition, None)
+            .await
+    }
+
+    async fn append_tagged_claiming_in(
+        &self,
+        tx: &mut Self::Transaction,
+        request: AppendRequest,
+        tags: Vec<Vec<String>>,
+        condition: Option<&AppendCondition>,
+        command_id: uuid::Uuid,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        if request.events.is_empty() {
+            // Nothing to write: the claim alone, as the default does.
+            let (aggregate_type, aggregate_id) =
+                (request.aggregate_type.clone(), request.aggregate_id.clone());
+            let version = request.expected_version;
+            let written = self
+                .append_tagged_on(tx, request, tags, condition, None)
+                .await?;
+            crate::port::events::AppendInTransaction::claim_command_in(
+                self,
+                tx,
+                &aggregate_type,
+                &aggregate_id,
+                command_id,
+                version,
+            )
+            .await?;
+            return Ok(written);
+        }
+        self.append_tagged_on(tx, request, tags, condition, Some(command_id))
+            .await
     }
 }

@@ -6,8 +6,9 @@ use std::sync::{Arc, Weak};
 use async_trait::async_trait;
 use sqlx::Row;
 
+use super::errors::undefined_table;
 use super::{db, Inner, PostgresStore};
-use crate::error::StoreError;
+use crate::error::{ConfigError, StoreError};
 use crate::personal::{KeyRing, KeyStore, SecretKey, SubjectKey};
 use crate::port::events::{AppendInTransaction, Transactional};
 
@@ -37,6 +38,27 @@ impl StoreKeys {
     }
 }
 
+/// A driver error of the keys' statements: a missing keys table is named,
+/// with the migration that creates it (a set-up to fix, not a database
+/// fault).
+fn keys_error<'a>(
+    store: &'a PostgresStore,
+    operation: &'static str,
+) -> impl FnOnce(sqlx::Error) -> StoreError + 'a {
+    move |error| {
+        if undefined_table(&error) {
+            ConfigError::MissingTable {
+                table: format!("{}_keys", store.inner.events_table),
+                hint: "apply the store's migrations (PostgresStoreBuilder::migrate or \
+                       PostgresStore::migrate)",
+            }
+            .into()
+        } else {
+            db(operation)(error)
+        }
+    }
+}
+
 fn subject_key(subject: &str, key: Option<Vec<u8>>) -> Result<SubjectKey, StoreError> {
     match key {
         None => Ok(SubjectKey::Forgotten),
@@ -60,7 +82,7 @@ impl KeyStore for StoreKeys {
             .bind(subjects)
             .fetch_all(&store.inner.pool)
             .await
-            .map_err(db("reading subjects' keys"))?;
+            .map_err(keys_error(&store, "reading subjects' keys"))?;
         rows.into_iter()
             .map(|row| {
                 let subject: String = row.try_get(0).map_err(db("reading subjects' keys"))?;
@@ -79,7 +101,7 @@ impl KeyStore for StoreKeys {
             .bind(&key.bytes()[..])
             .fetch_one(&store.inner.pool)
             .await
-            .map_err(db("creating a subject's key"))?;
+            .map_err(keys_error(&store, "creating a subject's key"))?;
         subject_key(subject, kept)
     }
 
@@ -90,7 +112,7 @@ impl KeyStore for StoreKeys {
             .bind(subject)
             .fetch_optional(&mut *tx)
             .await
-            .map_err(db("forgetting a subject"))?
+            .map_err(keys_error(&store, "forgetting a subject"))?
             .is_some();
         if !forgotten {
             return Ok(false);
