@@ -277,8 +277,8 @@ pub(crate) fn decision_section(rows: &[DecisionRow]) -> String {
          (two, and the stream's) and takes a shared advisory lock per tag. An untagged append \
          runs the same single statement as before tags existed and writes nothing to the \
          tags table. A decision reads the events of its tag (with the stream's version), \
-         decides, and appends on condition in a transaction that locks the tag, checks and \
-         inserts in one statement, and claims the command id: numbered tickets, 50 to a \
+         decides, and appends on condition in a transaction that locks the tag, then checks, \
+         inserts and claims the command id in one statement: numbered tickets, 50 to a \
          tag (each decision reads at most 49 events). With every client on one tag at a \
          time, every decision races the 15 others: a lost race reads and decides again. \
          For comparison, an aggregate command (load, decide, append) is the first rows \

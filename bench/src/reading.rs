@@ -125,33 +125,36 @@ the last batches and apply them again from the log; the projections chapter
 says so), which is why it is an option and not the default.
 
 **Decisions against disintegrate.** At 1 client a decision is round trips
-and per-statement work on both sides: Outflow's is six in sequence (the read
-by query, beside the lookup of the command id on another connection;
-`BEGIN`; the tags' locks; the conditional insert with its tags' rows; the
-claim of the command id; `COMMIT`), disintegrate's seven (its load; `BEGIN`;
-`SET TRANSACTION ISOLATION LEVEL SERIALIZABLE`; its epoch's advisory locks;
-the check; the insert; `COMMIT`). Where Outflow's cost more,
-`outflow-bench decision-phases` times the parts one after another (1,000
-each, mean per call, four runs on a throwaway server with default settings):
-the read by query of a counter's 50 events 0.54–0.74 ms against 0.17 ms for a counter
-with none — an index probe of the events table per tag row and the event's
-decoding, where disintegrate keeps each domain id in a column of the event's
-own row; a tagged append without a condition 0.76–1.0 ms against 0.35–0.47
-for a plain one (the transaction, the locks, the tags' rows); the claim
-about 0.3 ms in its transaction. Planning counts
-too: forcing generic plans for the whole session (no planning after a
-statement's first calls) took a decision from 2.0–2.6 ms to 1.5–1.7 ms in
-the same probe — but a generic plan cannot see the read's snapshot bound, on
-which the conditional insert's check chooses its index range, and could scan
-the log on a large table, so the plan is left to the server. Folding the claim into the insert
-(one round trip less) and the tags into columns are the next steps; the
-tags' table is what lets a tag be added to events already written
-(`backfill_tags`) and an event carry any number of them. At 16 clients the
-order turns: disintegrate's serializable transactions abort on conflicts
-between decisions that share no counter (predicate locks on shared index
-pages: two to three retries per commit with every client on counters of its
-own), where Outflow's locks are per tag and unrelated decisions commit side
-by side; on one counter both retry, disintegrate several times more often.
+and per-statement work on both sides: Outflow's is five in sequence (the
+read by query, beside the lookup of the command id on another connection;
+`BEGIN`; the tags' locks; the conditional insert with its tags' rows and the
+claim of the command id, one statement; `COMMIT`), disintegrate's seven (its
+load; `BEGIN`; `SET TRANSACTION ISOLATION LEVEL SERIALIZABLE`; its epoch's
+advisory locks; the check; the insert; `COMMIT`). The claim had a round trip
+of its own before: folding it into the insert took the 1-client rate from
+about 600 to about 700 decisions/s (runs of the section before and after). Where Outflow's parts cost more, `outflow-bench decision-phases`
+times them one after another (1,000 each, mean per call, runs on a
+throwaway server with default settings): the read by query of a counter's 50
+events 0.54–0.74 ms against 0.17 ms for a counter with none — an index probe
+of the events table per tag row and the event's decoding, where disintegrate
+keeps each domain id in a column of the event's own row; a tagged append
+without a condition 0.76–1.0 ms against 0.35–0.47 for a plain one (the
+transaction, the locks, the tags' rows). Planning counts too: forcing
+generic plans for the whole session (no planning after a statement's first
+calls) took a decision from 1.7 to 1.25 ms — but a generic plan cannot see
+the read's snapshot bound, on which the conditional insert's check chooses
+its index range, and could scan the log on a large table, so the plan is
+left to the server. The next steps are a check driven by the tag's index
+(safe under a generic plan) and a server-side function that takes the locks
+and then checks and inserts under a fresh snapshot, which would drop
+`BEGIN`, `COMMIT` and a round trip; the tags' table is what lets a tag be
+added to events already written (`backfill_tags`) and an event carry any
+number of them. At 16 clients the order turns: disintegrate's serializable
+transactions abort on conflicts between decisions that share no counter
+(predicate locks on shared index pages: two to three retries per commit
+with every client on counters of its own), where Outflow's locks are per
+tag and unrelated decisions commit side by side; on one counter both retry,
+disintegrate several times more often.
 
 **Rebuild** replays with one read of the log per batch; a bigger batch means
 fewer round trips and fewer checkpoint commits, at the cost of memory (one
