@@ -4,6 +4,11 @@
 //! a fifth was taken while the machine changed under it (a neighbour's disk
 //! work, a slow fsync spell): its rows are flagged, and the 1-client rows,
 //! the ones that depend most on the commit, are taken again.
+//!
+//! Beside it, each probe times a fixed piece of CPU work in the benchmark's
+//! own process: a neighbour taking the cores (the rebuilds and the JSON
+//! paths are CPU-bound) slows it while the commit probe may not move. A
+//! window is disturbed when either moved by more than a fifth.
 
 use std::fmt::Write as _;
 
@@ -22,6 +27,39 @@ pub(crate) struct Probe {
     pub(crate) label: String,
     /// Single-row inserts per second on one connection.
     pub(crate) per_second: f64,
+    /// Milliseconds of the fixed CPU work ([`cpu_work_ms`]).
+    pub(crate) cpu_ms: f64,
+}
+
+/// Times a fixed piece of CPU work on one thread: 2,000 event-like JSON
+/// objects encoded and decoded ten times, five times over; the median of the five, in
+/// milliseconds.
+pub(crate) fn cpu_work_ms() -> f64 {
+    let events: Vec<serde_json::Value> = (0..2_000)
+        .map(|i| {
+            serde_json::json!({
+                "aggregate_id": format!("acc-{i:05}"),
+                "sequence": i,
+                "payload": {"Deposited": {"amount": i * 7, "note": "a steady deposit"}},
+                "metadata": {"user": "bench", "trace": format!("{i:032x}")},
+            })
+        })
+        .collect();
+    let document = serde_json::Value::Array(events);
+    let mut times: Vec<f64> = (0..5)
+        .map(|_| {
+            let started = std::time::Instant::now();
+            for _ in 0..10 {
+                let text = serde_json::to_string(&document).unwrap_or_default();
+                let back: serde_json::Value =
+                    serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+                std::hint::black_box(back);
+            }
+            started.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
 }
 
 /// The probes of one run, in order.
@@ -47,10 +85,14 @@ impl Floor {
     ) -> Result<usize> {
         let seconds = if size.quick { 2 } else { 5 };
         let per_second = pgbench(server, 1, seconds).await?;
-        eprintln!("   floor ({label}): {per_second:.0} single-row inserts/s");
+        let cpu_ms = tokio::task::spawn_blocking(cpu_work_ms).await?;
+        eprintln!(
+            "   floor ({label}): {per_second:.0} single-row inserts/s, CPU probe {cpu_ms:.1} ms"
+        );
         self.probes.push(Probe {
             label: label.to_owned(),
             per_second,
+            cpu_ms,
         });
         Ok(self.probes.len() - 1)
     }
@@ -65,10 +107,17 @@ impl Floor {
         self.probes.get(index).map_or(0.0, |p| p.per_second)
     }
 
+    /// The CPU probe's time at probe `index` (0 when there is none).
+    fn cpu(&self, index: usize) -> f64 {
+        self.probes.get(index).map_or(0.0, |p| p.cpu_ms)
+    }
+
     /// How much the floor moved across `window`: the difference of its two
-    /// probes as a fraction of the larger.
+    /// probes as a fraction of the larger, commit or CPU, whichever moved
+    /// more.
     pub(crate) fn moved(&self, window: Window) -> f64 {
         moved(self.rate(window.before), self.rate(window.after))
+            .max(moved(self.cpu(window.before), self.cpu(window.after)))
     }
 
     /// Whether `window` moved by more than [`TOLERANCE`].
@@ -82,19 +131,17 @@ impl Floor {
     }
 
     /// How far the floor moved over the whole run (the lowest probe against
-    /// the highest).
+    /// the highest), commit or CPU, whichever moved more.
     pub(crate) fn spread(&self) -> f64 {
-        let low = self
-            .probes
-            .iter()
-            .map(|p| p.per_second)
-            .fold(f64::INFINITY, f64::min);
-        let high = self.probes.iter().map(|p| p.per_second).fold(0.0, f64::max);
         if self.probes.is_empty() {
-            0.0
-        } else {
-            moved(low, high)
+            return 0.0;
         }
+        let spread_of = |value: fn(&Probe) -> f64| {
+            let low = self.probes.iter().map(value).fold(f64::INFINITY, f64::min);
+            let high = self.probes.iter().map(value).fold(0.0, f64::max);
+            moved(low, high)
+        };
+        spread_of(|p| p.per_second).max(spread_of(|p| p.cpu_ms))
     }
 
     /// A paragraph for a section's text when `window` was disturbed, else
@@ -105,10 +152,13 @@ impl Floor {
         }
         format!(
             "**Disturbed ({what}):** the machine's floor moved from {:.0} to {:.0} \
-             single-row inserts/s ({:.0} %) while these rows were taken: compare them with \
-             each other, not with other sections or runs.\n\n",
+             single-row inserts/s and its CPU probe from {:.1} to {:.1} ms ({:.0} %) while \
+             these rows were taken: compare them with each other, not with other sections \
+             or runs.\n\n",
             self.rate(window.before),
             self.rate(window.after),
+            self.cpu(window.before),
+            self.cpu(window.after),
             100.0 * self.moved(window)
         )
     }
@@ -133,21 +183,27 @@ impl Floor {
             md,
             "## The machine's floor during this run\n\n\
              pgbench's single-row insert on one connection (one durable commit each), \
-             taken at the start and the end of the run and between its sections. A \
-             section whose probes before and after differ by more than {:.0} % is flagged \
+             taken at the start and the end of the run and between its sections, each \
+             with a fixed piece of CPU work timed in the benchmark's process (2,000 \
+             event-like JSON objects encoded and decoded ten times, the median of five). A \
+             section whose probes before and after differ by more than {:.0} % (either \
+             figure) is flagged \
              where its rows are, and so is each target measured in it; the 1-client command \
              rows are taken again (up to three times) when the floor moved under them.\n\n\
-             | probe | inserts/s | vs the first |\n|---|---|---|",
+             | probe | inserts/s | vs the first | CPU probe ms | vs the first |\n|---|---|---|---|---|",
             100.0 * TOLERANCE
         );
         let first = self.probes.first().map_or(1.0, |p| p.per_second.max(1.0));
+        let first_cpu = self.probes.first().map_or(1.0, |p| p.cpu_ms.max(0.001));
         for probe in &self.probes {
             let _ = writeln!(
                 md,
-                "| {} | {:.0} | {:.2}× |",
+                "| {} | {:.0} | {:.2}× | {:.1} | {:.2}× |",
                 probe.label,
                 probe.per_second,
-                probe.per_second / first
+                probe.per_second / first,
+                probe.cpu_ms,
+                probe.cpu_ms / first_cpu
             );
         }
         let _ = writeln!(
@@ -190,6 +246,7 @@ mod tests {
                 .map(|(i, r)| Probe {
                     label: format!("p{i}"),
                     per_second: *r,
+                    cpu_ms: 100.0,
                 })
                 .collect(),
         }
@@ -221,10 +278,40 @@ mod tests {
     #[test]
     fn the_section_lists_every_probe_and_says_whether_the_run_was_quiet() {
         let quiet = floor(&[3000.0, 2900.0]).section(&[]);
-        assert!(quiet.contains("| p1 | 2900 | 0.97× |"), "{quiet}");
+        assert!(
+            quiet.contains("| p1 | 2900 | 0.97× | 100.0 | 1.00× |"),
+            "{quiet}"
+        );
         assert!(quiet.contains("a quiet run"), "{quiet}");
         let loud = floor(&[3000.0, 1000.0]).section(&["repeated once".to_owned()]);
         assert!(loud.contains("the run was disturbed"), "{loud}");
         assert!(loud.contains("repeated once"), "{loud}");
+    }
+
+    #[test]
+    fn a_window_is_disturbed_when_its_cpu_probe_moves_though_the_commit_does_not() {
+        let mut f = floor(&[3000.0, 3000.0, 3000.0]);
+        f.probes[2].cpu_ms = 140.0;
+        let quiet = Window {
+            before: 0,
+            after: 1,
+        };
+        let busy = Window {
+            before: 1,
+            after: 2,
+        };
+        assert!(!f.disturbed(quiet));
+        assert!(f.disturbed(busy), "{}", f.moved(busy));
+        assert!(f
+            .flag("x", busy)
+            .contains("its CPU probe from 100.0 to 140.0 ms (29 %)"));
+        assert!(f.section(&[]).contains("the run was disturbed"));
+    }
+
+    #[test]
+    fn the_cpu_probe_measures_something() {
+        let ms = cpu_work_ms();
+        eprintln!("CPU probe: {ms:.1} ms");
+        assert!(ms > 0.0 && ms.is_finite(), "{ms}");
     }
 }
