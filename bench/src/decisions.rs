@@ -284,9 +284,16 @@ pub(crate) fn decision_section(rows: &[DecisionRow]) -> String {
          For comparison, an aggregate command (load, decide, append) is the first rows \
          of this page.\n"
     );
+    md.push_str(&rows_table("operation", rows));
+    md
+}
+
+/// `rows` as a Markdown table whose first column is headed `first`.
+pub(crate) fn rows_table(first: &str, rows: &[DecisionRow]) -> String {
+    let mut md = String::new();
     let _ = writeln!(
         md,
-        "| operation | clients | per second | retries per commit |"
+        "| {first} | clients | per second | retries per commit |"
     );
     let _ = writeln!(md, "|---|---:|---:|---:|");
     for row in rows {

@@ -17,7 +17,7 @@ use disintegrate::{Decision, NoSnapshot, StateMutate, StateQuery as _};
 use disintegrate_postgres::PgEventStore;
 use serde::{Deserialize, Serialize};
 
-use crate::decisions::{outflow_decisions, run, DecisionRow};
+use crate::decisions::{outflow_decisions, rows_table, run, DecisionRow};
 use crate::setup::{pool, Server};
 use crate::stats::Size;
 
@@ -243,19 +243,7 @@ pub(crate) fn versus_section(versus: &Versus) -> String {
                  decision also appends to a stream of its own (checked against its version) and \
                  claims a command id, so a repeated command is answered, not applied twice.\n"
             );
-            let _ = writeln!(
-                md,
-                "| decision | clients | per second | retries per commit |"
-            );
-            let _ = writeln!(md, "|---|---:|---:|---:|");
-            for row in rows {
-                let _ = writeln!(
-                    md,
-                    "| {} | {} | {:.0} | {:.2} |",
-                    row.what, row.clients, row.per_second, row.conflicts_per_commit
-                );
-            }
-            md.push('\n');
+            md.push_str(&rows_table("decision", rows));
         }
     }
     md

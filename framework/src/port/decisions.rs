@@ -173,13 +173,7 @@ pub trait ConditionalAppend: AppendInTransaction {
         condition: Option<&AppendCondition>,
         command_id: uuid::Uuid,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let version = request.expected_version + request.events.len() as u64;
-        let (aggregate_type, aggregate_id) =
-            (request.aggregate_type.clone(), request.aggregate_id.clone());
-        let written = self.append_tagged_in(tx, request, tags, condition).await?;
-        self.claim_command_in(tx, &aggregate_type, &aggregate_id, command_id, version)
-            .await?;
-        Ok(written)
+        append_then_claim(self, tx, request, tags, condition, command_id).await
     }
 
     /// Adds tags to events already in the log (`(checkpoint, tags)`: the
@@ -231,4 +225,25 @@ pub(crate) fn event_tags(
             crate::tags::normalized_tags(list).map_err(|reason| StoreError::InvalidQuery { reason })
         })
         .collect()
+}
+
+/// [`ConditionalAppend::append_tagged_claiming_in`] as two calls: the
+/// append, then the claim at the version it reaches (the default, and what
+/// a backend that folds them falls back on).
+pub(crate) async fn append_then_claim<S: ConditionalAppend + ?Sized>(
+    store: &S,
+    tx: &mut S::Transaction,
+    request: AppendRequest,
+    tags: Vec<Vec<String>>,
+    condition: Option<&AppendCondition>,
+    command_id: uuid::Uuid,
+) -> Result<Vec<RecordedEvent>, StoreError> {
+    let version = request.expected_version + request.events.len() as u64;
+    let (aggregate_type, aggregate_id) =
+        (request.aggregate_type.clone(), request.aggregate_id.clone());
+    let written = store.append_tagged_in(tx, request, tags, condition).await?;
+    store
+        .claim_command_in(tx, &aggregate_type, &aggregate_id, command_id, version)
+        .await?;
+    Ok(written)
 }

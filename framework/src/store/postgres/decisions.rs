@@ -495,22 +495,10 @@ impl ConditionalAppend for PostgresStore {
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         if request.events.is_empty() {
             // Nothing to write: the claim alone, as the default does.
-            let (aggregate_type, aggregate_id) =
-                (request.aggregate_type.clone(), request.aggregate_id.clone());
-            let version = request.expected_version;
-            let written = self
-                .append_tagged_on(tx, request, tags, condition, None)
-                .await?;
-            crate::port::events::AppendInTransaction::claim_command_in(
-                self,
-                tx,
-                &aggregate_type,
-                &aggregate_id,
-                command_id,
-                version,
+            return crate::port::decisions::append_then_claim(
+                self, tx, request, tags, condition, command_id,
             )
-            .await?;
-            return Ok(written);
+            .await;
         }
         self.append_tagged_on(tx, request, tags, condition, Some(command_id))
             .await

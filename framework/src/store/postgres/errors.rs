@@ -46,6 +46,23 @@ pub(crate) fn classify_sqlstate(code: &str) -> ErrorKind {
     }
 }
 
+/// As [`db`], except that a missing table is named as a set-up to fix:
+/// [`ConfigError::MissingTable`](crate::error::ConfigError::MissingTable)
+/// with `table` and `hint` (how to create it).
+pub(crate) fn db_or_missing(
+    operation: &'static str,
+    table: String,
+    hint: &'static str,
+) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |error| {
+        if undefined_table(&error) {
+            crate::error::ConfigError::MissingTable { table, hint }.into()
+        } else {
+            db(operation)(error)
+        }
+    }
+}
+
 /// Whether the database said a table (or view) does not exist.
 pub(crate) fn undefined_table(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(e) if e.code().as_deref() == Some("42P01"))

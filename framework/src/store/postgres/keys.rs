@@ -6,9 +6,9 @@ use std::sync::{Arc, Weak};
 use async_trait::async_trait;
 use sqlx::Row;
 
-use super::errors::undefined_table;
+use super::errors::db_or_missing;
 use super::{db, Inner, PostgresStore};
-use crate::error::{ConfigError, StoreError};
+use crate::error::StoreError;
 use crate::personal::{KeyRing, KeyStore, SecretKey, SubjectKey};
 use crate::port::events::{AppendInTransaction, Transactional};
 
@@ -39,24 +39,16 @@ impl StoreKeys {
 }
 
 /// A driver error of the keys' statements: a missing keys table is named,
-/// with the migration that creates it (a set-up to fix, not a database
-/// fault).
-fn keys_error<'a>(
-    store: &'a PostgresStore,
+/// with the migration that creates it.
+fn keys_error(
+    store: &PostgresStore,
     operation: &'static str,
-) -> impl FnOnce(sqlx::Error) -> StoreError + 'a {
-    move |error| {
-        if undefined_table(&error) {
-            ConfigError::MissingTable {
-                table: format!("{}_keys", store.inner.events_table),
-                hint: "apply the store's migrations (PostgresStoreBuilder::migrate or \
-                       PostgresStore::migrate)",
-            }
-            .into()
-        } else {
-            db(operation)(error)
-        }
-    }
+) -> impl FnOnce(sqlx::Error) -> StoreError {
+    db_or_missing(
+        operation,
+        format!("{}_keys", store.inner.events_table),
+        "apply the store's migrations (PostgresStoreBuilder::migrate or PostgresStore::migrate)",
+    )
 }
 
 fn subject_key(subject: &str, key: Option<Vec<u8>>) -> Result<SubjectKey, StoreError> {

@@ -8,9 +8,9 @@ use async_trait::async_trait;
 use sqlx::postgres::PgRow;
 use sqlx::{Postgres, Row, Transaction};
 
-use super::errors::undefined_table;
+use super::errors::db_or_missing;
 use super::{classify, db, pg_error, to_i64, txid_column, u64_column, PostgresStore};
-use crate::error::{ConfigError, ErrorKind, StoreError};
+use crate::error::{ErrorKind, StoreError};
 use crate::event::Checkpoint;
 use crate::port::projections::{
     same_partitions, Checkpoints, Lease, Leases, ProjectionState, UnitError, UnitId, UnitRecord,
@@ -92,19 +92,13 @@ impl Checkpoints for PostgresStore {
             .bind(name)
             .fetch_all(&self.inner.pool)
             .await
-            .map_err(|error| {
-                if undefined_table(&error) {
-                    // Outflow's own tables were never created: say which.
-                    ConfigError::MissingTable {
-                        table: format!("{}_projections", self.inner.events_table),
-                        hint: "apply the store's migrations (PostgresStoreBuilder::migrate or \
-                               PostgresStore::migrate)",
-                    }
-                    .into()
-                } else {
-                    db("reading a projection's partitions")(error)
-                }
-            })?;
+            // Outflow's own tables were never created: say which.
+            .map_err(db_or_missing(
+                "reading a projection's partitions",
+                format!("{}_projections", self.inner.events_table),
+                "apply the store's migrations (PostgresStoreBuilder::migrate or \
+                 PostgresStore::migrate)",
+            ))?;
         same_partitions(name, stored.into_iter().map(i64::from), partitions)?;
         sqlx::query(&self.inner.projection_sql.register)
             .bind(name)

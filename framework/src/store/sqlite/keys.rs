@@ -6,9 +6,9 @@ use std::sync::{Arc, Weak};
 use async_trait::async_trait;
 use sqlx::Row;
 
-use super::errors::undefined_table;
+use super::errors::db_or_missing;
 use super::{db, Inner, SqliteStore};
-use crate::error::{ConfigError, StoreError};
+use crate::error::StoreError;
 use crate::personal::{KeyRing, KeyStore, SecretKey, SubjectKey};
 use crate::port::events::{AppendInTransaction, Transactional};
 
@@ -38,23 +38,16 @@ impl StoreKeys {
 }
 
 /// A driver error of the keys' statements: a missing keys table is named,
-/// with the migration that creates it (a set-up to fix, not a database
-/// fault).
-fn keys_error<'a>(
-    store: &'a SqliteStore,
+/// with the migration that creates it.
+fn keys_error(
+    store: &SqliteStore,
     operation: &'static str,
-) -> impl FnOnce(sqlx::Error) -> StoreError + 'a {
-    move |error| {
-        if undefined_table(&error) {
-            ConfigError::MissingTable {
-                table: store.inner.tables.companion("keys"),
-                hint: "apply the store's migrations (SqliteStoreBuilder::migrate)",
-            }
-            .into()
-        } else {
-            db(operation)(error)
-        }
-    }
+) -> impl FnOnce(sqlx::Error) -> StoreError {
+    db_or_missing(
+        operation,
+        store.inner.tables.companion("keys"),
+        "apply the store's migrations (SqliteStoreBuilder::migrate)",
+    )
 }
 
 fn subject_key(subject: &str, key: Option<Vec<u8>>) -> Result<SubjectKey, StoreError> {

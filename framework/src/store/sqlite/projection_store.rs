@@ -22,10 +22,10 @@ use chrono::Utc;
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, Sqlite};
 
-use super::errors::undefined_table;
+use super::errors::db_or_missing;
 use super::rows::{corrupt, time_column, time_text, u64_column};
 use super::{classify, db, to_i64, SqliteStore};
-use crate::error::{ConfigError, ErrorKind, StoreError};
+use crate::error::{ErrorKind, StoreError};
 use crate::event::Checkpoint;
 use crate::port::projections::{
     same_partitions, Checkpoints, Lease, Leases, ProjectionState, UnitError, UnitId, UnitRecord,
@@ -204,18 +204,12 @@ impl Checkpoints for SqliteStore {
             .bind(name)
             .fetch_all(&mut *tx)
             .await
-            .map_err(|error| {
-                if undefined_table(&error) {
-                    // Outflow's own tables were never created: say which.
-                    ConfigError::MissingTable {
-                        table: self.projections_table(),
-                        hint: "apply the store's migrations (SqliteStoreBuilder::migrate)",
-                    }
-                    .into()
-                } else {
-                    db("reading a projection's partitions")(error)
-                }
-            })?;
+            // Outflow's own tables were never created: say which.
+            .map_err(db_or_missing(
+                "reading a projection's partitions",
+                self.projections_table(),
+                "apply the store's migrations (SqliteStoreBuilder::migrate)",
+            ))?;
         same_partitions(name, stored, partitions)?;
         sqlx::query(&self.inner.queries.register)
             .bind(name)
